@@ -1,0 +1,238 @@
+"""The public functional API: argument validation, flattening, reductions and result types.
+
+Arguments are checked once here; backends receive flattened ``(N, d)`` inputs, a safe target, and
+flags saying which terms to compute (see :mod:`dropreg._dispatch`).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ._dispatch import resolve_backend
+from .reference import accumulation_dtype
+from .signs import draw_seed
+
+REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class LinearCrossEntropyOutput(NamedTuple):
+    """The three terms; scalars for ``"mean"``/``"sum"``, shape ``input.shape[:-1]`` for ``"none"``."""
+
+    ce: Tensor
+    explicit: Tensor
+    implicit: Tensor
+
+    @property
+    def loss(self) -> Tensor:
+        """``ce + explicit + implicit``: the training loss."""
+        return self.ce + self.explicit + self.implicit
+
+
+def default_coefficients(p: float) -> tuple[float, float]:
+    """MATH.md's defaults: ``explicit_coef = p / (2 (1-p))`` and ``implicit_coef = sqrt(p / (1-p))``."""
+    kappa = p / (1.0 - p)
+    return kappa / 2.0, math.sqrt(kappa)
+
+
+def _checking_values() -> bool:
+    # Value checks read tensor data (a host sync); they cannot run inside a torch.compile graph.
+    return not torch.compiler.is_compiling()
+
+
+def _check_float_tensor(name: str, value, ndim: Optional[int] = None) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or "
+                        f"float64), got dtype {value.dtype}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
+
+
+def _check_same_device_and_dtype(input: Tensor, others: dict) -> None:
+    for name, value in others.items():
+        if value is None:
+            continue
+        if value.device != input.device:
+            raise ValueError(f"{name}: expected a tensor on input's device {input.device}, "
+                             f"got device {value.device}")
+        if value.dtype != input.dtype:
+            raise TypeError(f"{name}: expected input's dtype {input.dtype}, got dtype {value.dtype}")
+
+
+def _check_head(input, linear_weight, linear_bias) -> tuple[int, int]:
+    _check_float_tensor("input", input)
+    if input.dim() < 1:
+        raise ValueError("input: expected shape (..., d), got a 0-D tensor")
+    _check_float_tensor("linear_weight", linear_weight, ndim=2)
+    vocab, dim = linear_weight.shape
+    if vocab < 1 or dim < 1:
+        raise ValueError(f"linear_weight: expected shape (V, d) with V >= 1 and d >= 1, "
+                         f"got {tuple(linear_weight.shape)}")
+    if input.shape[-1] != dim:
+        raise ValueError(f"input: expected last dimension d={dim} to match linear_weight of shape "
+                         f"{tuple(linear_weight.shape)}, got input shape {tuple(input.shape)}")
+    if linear_bias is not None:
+        _check_float_tensor("linear_bias", linear_bias)
+        if tuple(linear_bias.shape) != (vocab,):
+            raise ValueError(f"linear_bias: expected shape ({vocab},) to match linear_weight, "
+                             f"got {tuple(linear_bias.shape)}")
+    _check_same_device_and_dtype(input, {"linear_weight": linear_weight, "linear_bias": linear_bias})
+    return vocab, dim
+
+
+def _check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_target(target, input: Tensor, vocab: int, ignore_index: int) -> None:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target: expected an integer tensor of class indices (int64), got dtype {target.dtype}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"target: expected shape {tuple(input.shape[:-1])} (input.shape[:-1]), "
+                         f"got {tuple(target.shape)}")
+    if target.device != input.device:
+        raise ValueError(f"target: expected a tensor on input's device {input.device}, got {target.device}")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if _checking_values() and target.numel():
+        bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+        if bool(bad.any()):
+            raise ValueError(f"target: expected class indices in [0, {vocab}) or ignore_index={ignore_index}, "
+                             f"got {int(target[bad][0])}")
+
+
+def _check_probability(p) -> float:
+    if not isinstance(p, numbers.Real) or isinstance(p, bool):
+        raise TypeError(f"p: expected a float in [0, 1), got {p!r}")
+    if not (0.0 <= float(p) < 1.0):
+        raise ValueError(f"p: expected a drop probability in [0, 1), got {p!r}")
+    return float(p)
+
+
+def _check_coefficient(name: str, value, default: float) -> float:
+    if value is None:
+        return default
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a non-negative float or None, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}: expected a finite, non-negative float, got {value!r}")
+    return float(value)
+
+
+def _check_seed(seed) -> int:
+    if seed is None:
+        return draw_seed()
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed: expected an int in [0, 2**64) or None, got {seed!r}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed}")
+    return int(seed)
+
+
+def _flatten_signs(signs, input: Tensor) -> Tensor:
+    if not isinstance(signs, Tensor):
+        raise TypeError(f"signs: expected a torch.Tensor of +-1 or None, got {type(signs).__name__}")
+    if signs.device != input.device:
+        raise ValueError(f"signs: expected a tensor on input's device {input.device}, got {signs.device}")
+    if signs.dtype == torch.bool or signs.dtype.is_complex:
+        raise TypeError(f"signs: expected a real tensor of +-1 values, got dtype {signs.dtype}")
+    try:
+        expanded = signs.expand(input.shape)
+    except RuntimeError:
+        raise ValueError(f"signs: expected a shape broadcastable to input's {tuple(input.shape)}, "
+                         f"got {tuple(signs.shape)}") from None
+    if _checking_values() and signs.numel() and not bool(((signs == 1) | (signs == -1)).all()):
+        raise ValueError("signs: expected every value to be +1 or -1")
+    return expanded.reshape(-1, input.shape[-1])
+
+
+def _reduce(per_row: Tensor, valid: Tensor, n_valid: Tensor, reduction: str, shape, out_dtype) -> Tensor:
+    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+    if reduction == "none":
+        return per_row.reshape(shape).to(out_dtype)
+    total = per_row.sum()
+    if reduction == "mean":
+        total = total / n_valid  # n_valid >= 1: an all-ignored batch gives 0, not NaN
+    return total.to(out_dtype)
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Optional[Tensor] = None, p: float = 0.1,
+                         explicit: bool = True, implicit: bool = True,
+                         explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
+                         signs: Optional[Tensor] = None, seed: Optional[int] = None,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         backend: str = "auto") -> LinearCrossEntropyOutput:
+    """Cross entropy of ``input @ linear_weight.T + linear_bias`` plus dropout's explicit and implicit terms.
+
+    For each row ``h`` with target ``y`` (MATH.md): ``ce = lse(z) - z_y``,
+    ``explicit = explicit_coef * sum_j h_j^2 var_j`` and
+    ``implicit = implicit_coef * sum_j signs_j h_j (mu_j - W[y]_j)``, computed without materializing
+    the N x V logits (except by ``backend="reference"``).
+
+    Rows whose target is ``ignore_index`` contribute nothing to any term or gradient; ``"mean"``
+    divides by the number of other rows, and a batch whose rows are all ignored gives 0 (not NaN)
+    with zero gradients. ``signs=None`` takes signs from the Philox stream of :mod:`dropreg.signs`
+    keyed by ``seed`` (``seed=None`` draws one from torch's default generator).
+    Non-finite inputs propagate to non-finite outputs. Results come back in ``input``'s dtype;
+    accumulation is fp32 (fp64 for fp64 inputs).
+    """
+    vocab, dim = _check_head(input, linear_weight, linear_bias)
+    _check_target(target, input, vocab, ignore_index)
+    _check_reduction(reduction)
+    p = _check_probability(p)
+    default_explicit, default_implicit = default_coefficients(p)
+    explicit_coef = _check_coefficient("explicit_coef", explicit_coef, default_explicit)
+    implicit_coef = _check_coefficient("implicit_coef", implicit_coef, default_implicit)
+    need_explicit = bool(explicit) and explicit_coef != 0.0
+    need_implicit = bool(implicit) and implicit_coef != 0.0
+    flat_signs = _flatten_signs(signs, input) if signs is not None and need_implicit else None
+    seed = _check_seed(seed) if need_implicit and signs is None else 0
+    name, terms = resolve_backend(backend, input.device)
+
+    flat_target = target.reshape(-1).long()
+    valid = flat_target != ignore_index
+    safe_target = torch.where(valid, flat_target, torch.zeros_like(flat_target))
+    flat_input = torch.where(valid[:, None], input.reshape(-1, dim), torch.zeros((), dtype=input.dtype,
+                                                                                  device=input.device))
+    ce, quadratic, sign_term = terms(flat_input, linear_weight, linear_bias, safe_target, flat_signs, seed,
+                                     need_explicit, need_implicit)
+    n_valid = valid.sum().clamp(min=1).to(accumulation_dtype(input.dtype))
+    shape = input.shape[:-1]
+
+    def reduce(per_row):
+        return _reduce(per_row, valid, n_valid, reduction, shape, input.dtype)
+
+    zero = reduce(torch.zeros_like(ce))
+    return LinearCrossEntropyOutput(
+        ce=reduce(ce),
+        explicit=reduce(explicit_coef * quadratic) if need_explicit else zero,
+        implicit=reduce(implicit_coef * sign_term) if need_implicit else zero,
+    )
+
+
+def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None,
+                         reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Per row ``sum_j h_j^2 var_j``: the softmax-Hessian quadratic form, with no coefficient.
+
+    ``var_j`` is the variance of column j of ``linear_weight`` under the row's softmax
+    (``diag(W^T (diag(s) - s s^T) W)``). ``"mean"`` averages over all rows.
+    """
+    _check_head(input, linear_weight, linear_bias)
+    _check_reduction(reduction)
+    _, terms = resolve_backend(backend, input.device)
+    flat_input = input.reshape(-1, input.shape[-1])
+    dummy_target = torch.zeros(flat_input.shape[0], dtype=torch.long, device=input.device)
+    _, quadratic, _ = terms(flat_input, linear_weight, linear_bias, dummy_target, None, 0, True, False)
+    valid = torch.ones_like(dummy_target, dtype=torch.bool)
+    n_rows = torch.tensor(max(flat_input.shape[0], 1), dtype=quadratic.dtype, device=input.device)
+    return _reduce(quadratic, valid, n_rows, reduction, input.shape[:-1], input.dtype)

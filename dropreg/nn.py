@@ -1,0 +1,63 @@
+"""``nn.Module`` wrappers for training code."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._api import LinearCrossEntropyOutput, linear_cross_entropy
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """LM-head loss: cross entropy plus dropout's explicit and implicit regularizers, fused.
+
+    Call it with the hidden states that feed the LM head (un-dropped) and the head's weight::
+
+        loss_fn = dropreg.LinearCrossEntropyLoss(p=0.1, shift_labels=True)
+        out = loss_fn(hidden_states, model.lm_head.weight, labels)
+        out.loss.backward()
+
+    Like ``nn.Dropout``, the regularizers act in training mode only: in ``eval()`` mode the module
+    returns the plain cross entropy (explicit and implicit are zero) unless ``regularize_in_eval=True``.
+
+    ``shift_labels=True`` applies the causal-LM convention of Hugging Face models: position t is scored
+    against ``labels[..., t + 1]`` and the last position is ignored, so ``labels`` can be the input ids.
+    """
+
+    def __init__(self, p: float = 0.1, *, explicit: bool = True, implicit: bool = True,
+                 explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
+                 ignore_index: int = -100, reduction: str = "mean", shift_labels: bool = False,
+                 regularize_in_eval: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.p = p
+        self.explicit = explicit
+        self.implicit = implicit
+        self.explicit_coef = explicit_coef
+        self.implicit_coef = implicit_coef
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.shift_labels = shift_labels
+        self.regularize_in_eval = regularize_in_eval
+        self.backend = backend
+
+    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
+                linear_bias: Optional[Tensor] = None, *, signs: Optional[Tensor] = None,
+                seed: Optional[int] = None) -> LinearCrossEntropyOutput:
+        if self.shift_labels:
+            target = self._shift(target)
+        regularize = self.training or self.regularize_in_eval
+        return linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, p=self.p,
+            explicit=self.explicit and regularize, implicit=self.implicit and regularize,
+            explicit_coef=self.explicit_coef, implicit_coef=self.implicit_coef, signs=signs, seed=seed,
+            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+
+    def _shift(self, target: Tensor) -> Tensor:
+        if not isinstance(target, Tensor) or target.dim() < 1:
+            raise ValueError("target: shift_labels=True expects labels of shape (..., sequence)")
+        return torch.nn.functional.pad(target[..., 1:], (0, 1), value=self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return (f"p={self.p}, explicit={self.explicit}, implicit={self.implicit}, "
+                f"reduction={self.reduction!r}, shift_labels={self.shift_labels}, backend={self.backend!r}")

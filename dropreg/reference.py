@@ -1,0 +1,45 @@
+"""The ``"reference"`` backend: materialized logits, written straight from MATH.md.
+
+This is the readable definition of the three per-row terms. It allocates several N x V tensors, so it
+is meant for small problems and for checking the other backends; autograd provides its gradients.
+"""
+from __future__ import annotations
+
+import torch
+
+from .signs import philox_signs
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Every backend accumulates in fp32, or in fp64 when the inputs are fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
+    """Per-row ``(ce, quadratic, sign_term)`` with no coefficients applied.
+
+    ``quadratic = sum_j h_j^2 var_j`` and ``sign_term = sum_j sigma_j h_j (mu_j - W[y]_j)``.
+    Terms that are not needed come back as zeros.
+    """
+    acc = accumulation_dtype(input.dtype)
+    h, w = input.to(acc), weight.to(acc)
+    logits = h @ w.T
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    lse = torch.logsumexp(logits, dim=-1)
+    ce = lse - logits.gather(1, target[:, None]).squeeze(1)
+    zeros = torch.zeros_like(ce)
+    if not (need_explicit or need_implicit):
+        return ce, zeros, zeros
+    probs = torch.softmax(logits, dim=-1)
+    mu = probs @ w
+    quadratic = zeros
+    if need_explicit:
+        var = probs @ (w * w) - mu * mu
+        quadratic = (h * h * var).sum(-1)
+    sign_term = zeros
+    if need_implicit:
+        if signs is None:
+            signs = philox_signs(seed, h.shape[0], h.shape[1], device=h.device, dtype=acc)
+        sign_term = (signs.to(acc) * h * (mu - w[target])).sum(-1)
+    return ce, quadratic, sign_term
