@@ -1,0 +1,142 @@
+"""Shared helpers: make problems, run dropreg and the oracle, compare with justified tolerances."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import dropreg
+from oracle import oracle_rows
+
+TERMS = ("ce", "explicit", "implicit")
+
+
+@dataclass
+class Problem:
+    input: torch.Tensor  # float64 master copies; cast to the tested dtype when run
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    target: torch.Tensor
+    signs: torch.Tensor
+    kwargs: dict = field(default_factory=dict)
+
+
+def make_problem(lead=(5,), d=4, vocab=11, *, bias=True, logit_scale=1.0, ignore=(), dtype=torch.float64,
+                 p=0.1, **kwargs) -> Problem:
+    """W ~ N(0, 1/d) * logit_scale, h ~ N(0, 1): logit_scale 1 gives typical softmaxes, 30 peaked ones,
+    1e-3 flat ones and ~1e4 huge logits. Values are rounded to ``dtype`` so every path sees the same data."""
+    def rounded(t):
+        return t.to(dtype).to(torch.float64)
+
+    h = rounded(torch.randn(*lead, d, dtype=torch.float64))
+    w = rounded(torch.randn(vocab, d, dtype=torch.float64) * (logit_scale / d**0.5))
+    b = rounded(torch.randn(vocab, dtype=torch.float64) * logit_scale) if bias else None
+    target = torch.randint(0, vocab, lead)
+    flat = target.view(-1)
+    for i in ignore:
+        flat[i if i >= 0 else flat.numel() + i] = -100
+    signs = torch.randint(0, 2, (*lead, d)).double() * 2 - 1
+    return Problem(h, w, b, target, signs, dict(p=p, **kwargs))
+
+
+def _leaves(problem: Problem, dtype):
+    leaves = [problem.input.to(dtype), problem.weight.to(dtype)]
+    if problem.bias is not None:
+        leaves.append(problem.bias.to(dtype))
+    return [t.clone().requires_grad_() for t in leaves]
+
+
+def _terms_and_grads(terms, leaves, cotangent):
+    values, grads = {}, {}
+    for name, value in zip(TERMS, terms):
+        values[name] = value.detach().to(torch.float64)
+        if value.requires_grad:
+            g = torch.autograd.grad(value, leaves, cotangent.to(value.dtype) if value.dim() else None,
+                                    retain_graph=True, allow_unused=True)
+        else:
+            g = [None] * len(leaves)
+        grads[name] = [torch.zeros_like(leaf, dtype=torch.float64) if gi is None else gi.to(torch.float64)
+                       for gi, leaf in zip(g, leaves)]
+    return values, grads
+
+
+def run_dropreg(problem: Problem, dtype, backend, **overrides):
+    leaves = _leaves(problem, dtype)
+    kwargs = dict(problem.kwargs, **overrides)
+    kwargs.setdefault("signs", problem.signs.to(dtype))
+    out = dropreg.linear_cross_entropy(leaves[0], leaves[1], problem.target,
+                                       linear_bias=leaves[2] if len(leaves) == 3 else None,
+                                       backend=backend, **kwargs)
+    for name in TERMS:
+        assert getattr(out, name).dtype == dtype
+    cotangent = torch.randn(problem.target.shape, dtype=torch.float64)
+    return _terms_and_grads(tuple(out), leaves, cotangent), cotangent
+
+
+def run_oracle(problem: Problem, cotangent, **overrides):
+    kwargs = dict(problem.kwargs, **overrides)
+    leaves = _leaves(problem, torch.float64)
+    d = problem.input.shape[-1]
+    flat_target = problem.target.reshape(-1)
+    ce, quad, sign = oracle_rows(leaves[0].reshape(-1, d), leaves[1], leaves[2] if len(leaves) == 3 else None,
+                                 flat_target, problem.signs.reshape(-1, d))
+    coef_r, coef_i = dropreg.default_coefficients(kwargs.get("p", 0.1))
+    coef_r = kwargs.get("explicit_coef") if kwargs.get("explicit_coef") is not None else coef_r
+    coef_i = kwargs.get("implicit_coef") if kwargs.get("implicit_coef") is not None else coef_i
+    rows = [ce, coef_r * quad if kwargs.get("explicit", True) else 0 * quad,
+            coef_i * sign if kwargs.get("implicit", True) else 0 * sign]
+    reduction = kwargs.get("reduction", "mean")
+    n_valid = max(int((flat_target != -100).sum()), 1)
+    if reduction == "none":
+        terms = [r.reshape(problem.target.shape) for r in rows]
+    elif reduction == "sum":
+        terms = [r.sum() for r in rows]
+    else:
+        terms = [r.sum() / n_valid for r in rows]
+    return _terms_and_grads(terms, leaves, cotangent)
+
+
+EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23}
+
+
+def assert_close_to_oracle(ours, oracle, dtype, problem: Problem, factor=8.0):
+    """``|ours - oracle| <= factor * eps * (1 + max|z|) * scale`` per term and per gradient.
+
+    Rounding in a softmax-weighted sum is relative to the summands, not to the result: ``scale`` is the
+    largest oracle magnitude of that quantity plus, for the explicit term, MATH.md's cancellation size
+    ``coef * max_n sum_j q_j m2_j`` (``var = m2 - mu^2`` loses that much when the softmax is peaked),
+    plus 1 so that quantities that are exactly zero (V=1) still allow rounding-level noise.
+    Errors in ``z - lse`` grow with the logit magnitude, hence ``1 + max|z|``. ``factor`` covers the
+    accumulation length of the small problems used here; a wrong formula misses by O(1) relative.
+    """
+    eps = EPS[dtype]
+    h, w = problem.input.reshape(-1, problem.input.shape[-1]), problem.weight
+    logits = h @ w.T + (problem.bias if problem.bias is not None else 0)
+    probs = torch.softmax(logits, dim=-1)
+    cancel = float(((h * h) * (probs @ (w * w))).sum(-1).max()) if h.numel() else 0.0
+    coef_r = dropreg.default_coefficients(problem.kwargs.get("p", 0.1))[0]
+    coef_r = problem.kwargs.get("explicit_coef") or coef_r
+    z_scale = 1.0 + float(logits.abs().max()) if logits.numel() else 1.0
+    (ours_values, ours_grads), (oracle_values, oracle_grads) = ours, oracle
+    for name in TERMS:
+        extra = coef_r * cancel if name == "explicit" else 0.0
+        pairs = [(name, ours_values[name], oracle_values[name])]
+        pairs += [(f"d{name}/d{leaf}", a, b) for leaf, a, b in
+                  zip(("input", "weight", "bias"), ours_grads[name], oracle_grads[name])]
+        for label, a, b in pairs:
+            scale = (float(b.abs().max()) if b.numel() else 0.0) + extra * max(1.0, float(w.abs().max()))
+            tol = factor * eps * z_scale * (scale + 1.0)
+            err = float((a - b).abs().max()) if a.numel() else 0.0
+            assert err <= tol, f"{label}: max error {err:.3e} exceeds tolerance {tol:.3e} (scale {scale:.3e})"
+
+
+def max_relative_error(ours, oracle) -> float:
+    """Worst ``max|ours - oracle| / max|oracle|`` over values and gradients (for reporting)."""
+    (ov, og), (rv, rg) = ours, oracle
+    worst = 0.0
+    for name in TERMS:
+        for a, b in [(ov[name], rv[name])] + list(zip(og[name], rg[name])):
+            denom = float(b.abs().max()) if b.numel() else 0.0
+            if denom > 0:
+                worst = max(worst, float((a - b).abs().max()) / denom)
+    return worst

@@ -1,0 +1,45 @@
+"""The float64 oracle: dropout's terms from first principles with autograd, never from MATH.md's closed forms.
+
+For row n with loss ``l(h) = cross_entropy(W h + b, y)``:
+
+* the explicit quadratic form is ``sum_j h_j^2 * d^2 l / d h_j^2``, the diagonal of the Hessian that
+  ``torch.autograd.functional.hessian`` builds (``diag(W^T H_softmax W) = var``);
+* the implicit sign term is ``sum_j sigma_j h_j * d l / d h_j``, the gradient taken by autograd.
+
+Both are built with ``create_graph=True``, so gradients of the oracle w.r.t. input, weight and bias come
+from double backprop.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def oracle_rows(h, weight, bias, target, signs, ignore_index=-100):
+    """Per-row float64 ``(ce, quadratic, sign_term)``; ignored rows are 0.
+
+    ``h`` must require grad (the terms are derivatives w.r.t. it); the result is differentiable in h,
+    weight and bias.
+    """
+    ce_rows, quad_rows, sign_rows = [], [], []
+    zero = h.new_zeros(())
+    for n in range(h.shape[0]):
+        y = int(target[n])
+        if y == ignore_index:
+            ce_rows.append(zero), quad_rows.append(zero), sign_rows.append(zero)
+            continue
+
+        def row_loss(h_row, y=y):
+            logits = weight @ h_row
+            if bias is not None:
+                logits = logits + bias
+            return F.cross_entropy(logits[None], torch.tensor([y]))
+
+        h_row = h[n]
+        loss = row_loss(h_row)
+        (grad_h,) = torch.autograd.grad(loss, h_row, create_graph=True)
+        hessian = torch.autograd.functional.hessian(row_loss, h_row, create_graph=True)
+        ce_rows.append(loss)
+        quad_rows.append((h_row * h_row * hessian.diagonal()).sum())
+        sign_rows.append((signs[n] * h_row * grad_h).sum())
+    return torch.stack(ce_rows), torch.stack(quad_rows), torch.stack(sign_rows)
