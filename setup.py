@@ -1,0 +1,39 @@
+"""Builds dropreg. The C++ CPU kernels in csrc/ are compiled into ``dropreg._C`` when sources exist there.
+
+Install with ``pip install --no-build-isolation -e .`` after ``pip install torch==2.13.0``: this file
+imports torch, and build isolation would fetch a different (CUDA) torch.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def extension_modules():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    flags = ["-O3", "-fopenmp", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"]
+    ext = CppExtension("dropreg._C", sources, extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    name="dropreg",
+    version="0.1.0",
+    description="Dropout's explicit and implicit regularizers fused with the LM-head cross entropy",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dropreg", "dropreg.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.13"],
+    extras_require={"test": ["pytest", "hypothesis", "numpy"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,52 @@
+"""Run one fused forward+backward under an address-space cap; print a JSON line with the outcome.
+
+Usage: python memory_probe.py BACKEND N d V CAP_MIB. Used by test_memory.py in a subprocess, so the cap
+(``resource.setrlimit(RLIMIT_AS)``) binds only this process. The cap is set *after* torch, the inputs and
+the thread pools exist, as that much address space above the current size.
+"""
+import json
+import resource
+import sys
+import time
+
+import torch
+
+import dropreg
+
+
+def vm_size_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def main():
+    backend, n_rows, dim, vocab, cap_mib = sys.argv[1], *map(int, sys.argv[2:6])
+    torch.manual_seed(0)
+    h = torch.randn(n_rows, dim, requires_grad=True)
+    w = (torch.randn(vocab, dim) / dim**0.5).requires_grad_()
+    y = torch.randint(0, vocab, (n_rows,))
+    # Warm-up on a tiny problem: starts intra-op threads and their malloc arenas before the cap.
+    dropreg.linear_cross_entropy(h[:8], w[:64], y[:8] % 64, backend=backend, seed=0).loss.backward()
+    w.grad = h.grad = None
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cap = vm_size_bytes() + cap_mib * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    start = time.perf_counter()
+    try:
+        out = dropreg.linear_cross_entropy(h, w, y, backend=backend, seed=0)
+        out.loss.backward()
+        result = dict(ok=True, loss=out.loss.item(), grad_finite=bool(torch.isfinite(w.grad).all()))
+    except (RuntimeError, MemoryError) as error:
+        result = dict(ok=False, error=str(error).splitlines()[0][:200])
+    result.update(seconds=round(time.perf_counter() - start, 2),
+                  peak_rss_growth_mib=round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                                             - rss_before) / 2**20, 1),
+                  logits_mib=n_rows * vocab * 4 / 2**20, cap_mib=cap_mib)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

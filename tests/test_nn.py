@@ -1,0 +1,66 @@
+"""The nn.Module wrapper in training code."""
+import torch
+from torch import nn
+
+import dropreg
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=31, dim=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.body = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids):
+        return torch.tanh(self.body(self.embed(ids)))
+
+
+def test_module_matches_functional_and_trains():
+    model = TinyLM()
+    loss_fn = dropreg.LinearCrossEntropyLoss(p=0.2)
+    ids = torch.randint(0, 31, (4, 10))
+    hidden = model(ids)
+    out = loss_fn(hidden, model.lm_head.weight, ids, seed=3)
+    ref = dropreg.linear_cross_entropy(hidden, model.lm_head.weight, ids, p=0.2, seed=3)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    first = None
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = loss_fn(model(ids), model.lm_head.weight, ids).loss
+        loss.backward()
+        optimizer.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first
+
+
+def test_eval_mode_turns_regularizers_off_like_dropout():
+    loss_fn = dropreg.LinearCrossEntropyLoss(p=0.3)
+    h, w, y = torch.randn(6, 5), torch.randn(9, 5), torch.randint(0, 9, (6,))
+    train = loss_fn(h, w, y, seed=1)
+    assert train.explicit > 0
+    loss_fn.eval()
+    evaluated = loss_fn(h, w, y, seed=1)
+    assert evaluated.explicit == 0 and evaluated.implicit == 0
+    torch.testing.assert_close(evaluated.ce, train.ce)
+    loss_fn.regularize_in_eval = True
+    torch.testing.assert_close(loss_fn(h, w, y, seed=1).explicit, train.explicit)
+
+
+def test_shift_labels_follows_the_causal_lm_convention():
+    loss_fn = dropreg.LinearCrossEntropyLoss(p=0.1, shift_labels=True, reduction="none")
+    h, w = torch.randn(2, 5, 4), torch.randn(7, 4)
+    ids = torch.randint(0, 7, (2, 5))
+    out = loss_fn(h, w, ids, seed=0)
+    expected = dropreg.linear_cross_entropy(h[:, :-1], w, ids[:, 1:], p=0.1, reduction="none",
+                                            signs=dropreg.philox_signs(0, 10, 4).reshape(2, 5, 4)[:, :-1])
+    torch.testing.assert_close(out.ce[:, :-1], expected.ce)
+    torch.testing.assert_close(out.explicit[:, :-1], expected.explicit)
+    torch.testing.assert_close(out.implicit[:, :-1], expected.implicit)
+    assert torch.all(out.ce[:, -1] == 0)
+    assert "shift_labels=True" in repr(loss_fn)
