@@ -3,7 +3,7 @@
 Install with ``pip install --no-build-isolation -e .`` after ``pip install torch==2.13.0``: this file
 imports torch, and build isolation would fetch a different (CUDA) torch.
 """
-import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -12,13 +12,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def extension_modules():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    spec = importlib.util.spec_from_file_location("_build", os.path.join(HERE, "dropreg", "_build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    sources = [os.path.relpath(path, HERE) for path in build.sources()]
     if not sources:
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    flags = ["-O3", "-fopenmp", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"]
-    ext = CppExtension("dropreg._C", sources, extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])
+    ext = CppExtension("dropreg._C", sources, extra_compile_args={"cxx": build.CXX_FLAGS},
+                       extra_link_args=build.LINK_FLAGS)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -12,6 +12,9 @@ from typing import Callable
 
 import torch
 
+import warnings
+
+from . import cpu
 from .reference import reference_terms
 from .streamed import streamed_terms
 
@@ -20,7 +23,12 @@ BackendFn = Callable[..., tuple]
 _BACKENDS: dict[str, BackendFn] = {
     "reference": reference_terms,
     "torch": streamed_terms,
+    "cpu": cpu.cpu_terms,
 }
+
+# Backends that may be missing at run time (a build that failed): "auto" skips them, with a warning.
+_AVAILABILITY: dict[str, Callable[[], bool]] = {"cpu": cpu.is_available}
+_warned_unavailable: set[str] = set()
 
 # Fastest first, per device type; "auto" takes the first one that is registered.
 _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
@@ -38,11 +46,22 @@ def register_backend(name: str, fn: BackendFn) -> None:
     _BACKENDS[name] = fn
 
 
+def _usable(name: str) -> bool:
+    check = _AVAILABILITY.get(name)
+    if check is None or check():
+        return True
+    if name not in _warned_unavailable:
+        _warned_unavailable.add(name)
+        warnings.warn(f"dropreg: backend {name!r} is unavailable, backend='auto' falls back to a slower one. "
+                      f"Reason: {cpu.load_error()}", RuntimeWarning, stacklevel=3)
+    return False
+
+
 def resolve_backend(name: str, device: torch.device) -> tuple[str, BackendFn]:
     """``(name, fn)`` for ``backend=name``; ``"auto"`` picks the fastest registered one for ``device``."""
     if name == "auto":
         for candidate in _AUTO_PREFERENCE.get(device.type, _AUTO_FALLBACK):
-            if candidate in _BACKENDS:
+            if candidate in _BACKENDS and _usable(candidate):
                 return candidate, _BACKENDS[candidate]
         name = _AUTO_FALLBACK[0]
     try:

@@ -11,7 +11,8 @@ import dropreg.streamed  # noqa: E402
 
 # Every backend runs the whole oracle suite. "torch-small-tiles" is the streamed backend with 3-row
 # blocks and 5-entry vocabulary chunks, so row and vocabulary tails and the online merge are exercised.
-BACKENDS = ["reference", "torch", "torch-small-tiles"]
+# "cpu" is the C++ backend (its multi-tile paths are covered by tests/test_cpu_backend.py).
+BACKENDS = ["reference", "torch", "torch-small-tiles", "cpu"]
 STREAMED_BACKENDS = ["torch", "torch-small-tiles"]
 
 

@@ -1,0 +1,41 @@
+// Op schemas and CPU registrations. Fake (meta) kernels and autograd are registered in Python
+// (dropreg/cpu.py), as torch.library recommends for C++ ops.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "linear_ce_dropreg.h"
+#include "philox.h"
+
+namespace dropreg {
+
+at::Tensor philox_signs_op(int64_t seed, int64_t rows, int64_t dim) {
+  return philox_signs(static_cast<uint64_t>(seed), rows, dim, at::kFloat);
+}
+
+}  // namespace dropreg
+
+TORCH_LIBRARY(dropreg, m) {
+  m.def(
+      "linear_ce_forward(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? signs, int seed, "
+      "bool need_explicit, bool need_implicit) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_ce_backward(Tensor grad_ce, Tensor grad_quadratic, Tensor grad_sign_term, Tensor input, "
+      "Tensor weight, Tensor? bias, Tensor target, Tensor? signs, int seed, Tensor lse, Tensor mu, Tensor var, "
+      "bool need_explicit, bool need_implicit, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("philox_signs(int seed, int rows, int dim) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
+  m.impl("linear_ce_forward", &dropreg::linear_ce_forward);
+  m.impl("linear_ce_backward", &dropreg::linear_ce_backward);
+}
+
+TORCH_LIBRARY_IMPL(dropreg, CompositeExplicitAutograd, m) {
+  m.impl("philox_signs", &dropreg::philox_signs_op);
+}
+
+// Lets `import dropreg._C` load the library (and with it the registrations above).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

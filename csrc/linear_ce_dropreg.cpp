@@ -1,0 +1,301 @@
+// CPU forward and backward of the fused linear cross entropy with dropout's explicit and implicit terms.
+// MATH.md is the specification; the comments name its symbols.
+//
+// Forward: row blocks run in parallel; each streams vocabulary tiles with the online merge of
+// (max, L, A1 = sum e W, A2 = sum e W*W). Per tile: z = h W_t^T (1 RCd), e @ [W_t | W_t*W_t] (2 RCd).
+//
+// Backward: vocabulary tiles run in parallel, each thread owning its tiles. Owning the tiles makes
+// grad_weight and grad_bias race-free and lets each tile's grad_weight be finished once (the 2 W * (.)
+// term and the implicit target scatter) instead of once per row block; grad_input, which every tile
+// touches, goes to per-thread N x d partials summed at the end (N x d is small next to V x d, and
+// per-thread V x d copies of grad_weight would not be). Per tile and row block: z recompute (1 RCd),
+// [T | gR' q] @ [W_t | W_t*W_t]^T (2 RCd), G @ W_t (1 RCd), G^T H (1 RCd), S^T [T | gR' q] (2 RCd).
+// Forward + backward = 10 NVd multiply-adds, MATH.md's floor; switched-off terms drop their share.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "linear_ce_dropreg.h"
+#include "philox.h"
+#include "tile_loops.h"
+
+namespace dropreg {
+
+namespace {
+
+at::ScalarType accumulation_type(const Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Tensor signs_for(const c10::optional<Tensor>& signs, int64_t seed, int64_t rows, int64_t dim,
+                 at::ScalarType acc) {
+  if (signs.has_value() && signs->defined()) return signs->to(acc).contiguous();
+  return philox_signs(static_cast<uint64_t>(seed), rows, dim, acc);
+}
+
+int64_t forward_row_block(int64_t rows) {
+  // Enough blocks to keep every thread busy on small batches.
+  const int64_t per_thread = ceil_div(rows, std::max<int64_t>(1, at::get_num_threads()));
+  return std::max<int64_t>(1, std::min(kRowBlock, per_thread));
+}
+
+// lse (N) and the normalized moments [mu | m2] (N x k d), k = 0, 1 or 2.
+template <typename acc_t>
+void forward_statistics(const Tensor& h, const Tensor& weight, const Tensor& bias, int64_t k, Tensor& lse,
+                        Tensor& moments) {
+  const int64_t rows = h.size(0), dim = h.size(1), vocab = weight.size(0);
+  const int64_t row_block = forward_row_block(rows);
+  const auto opts = h.options();
+  const bool with_squares = k == 2;
+  acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  at::parallel_for(0, ceil_div(rows, row_block), 1, [&](int64_t block_begin, int64_t block_end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set again in each worker
+    Tensor logits_flat = at::empty({row_block * kVocabTile}, opts);
+    Tensor weight_flat = at::empty({kVocabTile * std::max<int64_t>(k, 1) * dim}, opts);
+    std::vector<acc_t> running_max(row_block), running_sum(row_block);
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t r0 = block * row_block, n = std::min(row_block, rows - r0);
+      const Tensor h_block = h.narrow(0, r0, n);
+      Tensor acc_moments = k ? moments.narrow(0, r0, n) : Tensor();
+      acc_t* moments_ptr = k ? acc_moments.data_ptr<acc_t>() : nullptr;
+      std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(running_sum.begin(), running_sum.end(), acc_t(0));
+      for (int64_t v0 = 0; v0 < vocab; v0 += kVocabTile) {
+        const int64_t cols = std::min(kVocabTile, vocab - v0);
+        const Tensor stacked = load_weight_tile(weight, v0, cols, weight_flat, with_squares);
+        Tensor logits = scratch_view(logits_flat, n, cols);
+        if (bias.defined()) {
+          at::addmm_out(logits, bias.narrow(0, v0, cols).unsqueeze(0).expand({n, cols}), h_block,
+                        stacked.narrow(1, 0, dim).t());
+        } else {
+          at::mm_out(logits, h_block, stacked.narrow(1, 0, dim).t());
+        }
+        acc_t* z = logits.data_ptr<acc_t>();
+        for (int64_t i = 0; i < n; ++i) {
+          acc_t* row = z + i * cols;
+          const acc_t new_max = nan_max(running_max[i], row_max(row, cols));
+          // All logits so far -inf: shift by 0, or exp(-inf - -inf) would be NaN.
+          const acc_t shift = new_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : new_max;
+          const acc_t rescale = std::exp(running_max[i] - shift);
+          running_sum[i] = running_sum[i] * rescale + exp_shifted_sum_inplace(row, cols, shift);
+          if (k && rescale != acc_t(1)) scale_inplace(moments_ptr + i * k * dim, k * dim, rescale);
+          running_max[i] = new_max;
+        }
+        if (k) acc_moments.addmm_(logits, stacked);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t m = running_max[i];
+        const acc_t shift = m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m;
+        lse_ptr[r0 + i] = shift + std::log(running_sum[i]);
+      }
+      if (k) {
+        Tensor sums = at::from_blob(running_sum.data(), {n, 1}, opts);
+        acc_moments.div_(sums);
+      }
+    }
+  });
+}
+
+struct BackwardRows {
+  Tensor h;           // N x d, accumulation dtype
+  Tensor left;        // N x k d: [T | gR' q] (or T); undefined when no modulation
+  Tensor row_offset;  // N: g_ce + the row constants of G (MATH.md, GEMM-friendly form)
+  Tensor g_ce;        // N
+  Tensor scatter;     // N x d: -gI' u, added to grad_weight at row y (undefined without implicit)
+  std::vector<int64_t> rows_by_target;  // row indices sorted by target, for the scatter
+  std::vector<int64_t> sorted_target;
+};
+
+template <typename acc_t>
+void backward_tiles(const BackwardRows& r, const Tensor& weight, const Tensor& bias, const Tensor& target,
+                    const Tensor& lse, int64_t k, bool want_h, bool want_w, bool want_b, Tensor& grad_h_partials,
+                    Tensor& grad_w, Tensor& grad_b) {
+  const int64_t rows = r.h.size(0), dim = r.h.size(1), vocab = weight.size(0);
+  const bool modulated = r.left.defined();
+  const bool with_squares = k == 2;
+  const auto opts = r.h.options();
+  const int64_t* y = target.data_ptr<int64_t>();
+  const acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  const acc_t* offset_ptr = (modulated ? r.row_offset : r.g_ce).data_ptr<acc_t>();
+  const acc_t* g_ce_ptr = r.g_ce.data_ptr<acc_t>();
+  at::parallel_for(0, ceil_div(vocab, kVocabTile), 1, [&](int64_t tile_begin, int64_t tile_end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set again in each worker
+    Tensor grad_h_part = want_h ? grad_h_partials[at::get_thread_num()] : Tensor();
+    Tensor probs_flat = at::empty({kRowBlock * kVocabTile}, opts);
+    Tensor grad_flat = at::empty({kRowBlock * kVocabTile}, opts);
+    Tensor weight_flat = at::empty({kVocabTile * std::max<int64_t>(k, 1) * dim}, opts);
+    Tensor acc_w = at::empty({kVocabTile, dim}, opts);
+    Tensor acc_spread = at::empty({kVocabTile, std::max<int64_t>(k, 1) * dim}, opts);
+    std::vector<acc_t> acc_b(kVocabTile);
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int64_t v0 = tile * kVocabTile, cols = std::min(kVocabTile, vocab - v0);
+      const Tensor stacked = load_weight_tile(weight, v0, cols, weight_flat, with_squares);
+      const Tensor w = stacked.narrow(1, 0, dim);
+      Tensor tile_w = acc_w.narrow(0, 0, cols).zero_();
+      Tensor tile_spread = acc_spread.narrow(0, 0, cols).zero_();
+      std::fill(acc_b.begin(), acc_b.end(), acc_t(0));
+      for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+        const int64_t n = std::min(kRowBlock, rows - r0);
+        const Tensor h_block = r.h.narrow(0, r0, n);
+        Tensor probs = scratch_view(probs_flat, n, cols);
+        Tensor grad = scratch_view(grad_flat, n, cols);
+        if (bias.defined()) {
+          at::addmm_out(probs, bias.narrow(0, v0, cols).unsqueeze(0).expand({n, cols}), h_block, w.t());
+        } else {
+          at::mm_out(probs, h_block, w.t());
+        }
+        Tensor left_block = modulated ? r.left.narrow(0, r0, n) : Tensor();
+        if (modulated) at::mm_out(grad, left_block, stacked.t());  // gR' (W*W)_v . q + W_v . T
+        acc_t* s = probs.data_ptr<acc_t>();
+        acc_t* g = grad.data_ptr<acc_t>();
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t row = r0 + i;
+          softmax_gradient_row(s + i * cols, g + i * cols, cols, lse_ptr[row], offset_ptr[row], modulated);
+          const int64_t t = y[row] - v0;
+          if (t >= 0 && t < cols) g[i * cols + t] -= g_ce_ptr[row];
+          if (want_b) {
+            for (int64_t j = 0; j < cols; ++j) acc_b[j] += g[i * cols + j];
+          }
+        }
+        if (want_h) grad_h_part.narrow(0, r0, n).addmm_(grad, w);
+        if (want_w) {
+          tile_w.addmm_(grad.t(), h_block);
+          if (modulated) tile_spread.addmm_(probs.t(), left_block);  // S^T [T | gR' q]
+        }
+      }
+      if (want_w) {
+        if (modulated) {
+          tile_w.add_(tile_spread.narrow(1, 0, dim));
+          if (with_squares) tile_w.addcmul_(w, tile_spread.narrow(1, dim, dim), 2);
+        }
+        if (r.scatter.defined()) {  // implicit term: -gI' u at each row's target
+          auto lo = std::lower_bound(r.sorted_target.begin(), r.sorted_target.end(), v0);
+          auto hi = std::lower_bound(lo, r.sorted_target.end(), v0 + cols);
+          acc_t* tile_w_ptr = tile_w.data_ptr<acc_t>();
+          const acc_t* scatter_ptr = r.scatter.data_ptr<acc_t>();
+          for (auto it = lo; it != hi; ++it) {
+            const acc_t* src = scatter_ptr + r.rows_by_target[it - r.sorted_target.begin()] * dim;
+            acc_t* dst = tile_w_ptr + (*it - v0) * dim;
+            for (int64_t j = 0; j < dim; ++j) dst[j] += src[j];
+          }
+        }
+        grad_w.narrow(0, v0, cols).copy_(tile_w);
+      }
+      if (want_b) {
+        acc_t* gb = grad_b.data_ptr<acc_t>();
+        std::copy(acc_b.begin(), acc_b.begin() + cols, gb + v0);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_ce_forward(
+    const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
+    const c10::optional<Tensor>& signs, int64_t seed, bool need_explicit, bool need_implicit) {
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
+              "dropreg::linear_ce_forward: input (N, d) and weight (V, d) expected");
+  RECORD_FUNCTION("dropreg::forward_stats", std::vector<c10::IValue>());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // autograd is registered in Python; internals untraced
+  const auto acc = accumulation_type(input);
+  const int64_t rows = input.size(0), dim = input.size(1);
+  const int64_t k = need_explicit ? 2 : (need_implicit ? 1 : 0);
+  const Tensor h = input.to(acc).contiguous();
+  const Tensor w = weight.contiguous();
+  const Tensor b = bias.has_value() && bias->defined() ? bias->to(acc).contiguous() : Tensor();
+  Tensor lse = at::empty({rows}, h.options());
+  Tensor moments = at::zeros({rows, k * dim}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "linear_ce_forward", [&] {
+    forward_statistics<scalar_t>(h, w, b, k, lse, moments);
+  });
+  const Tensor w_target = w.index_select(0, target).to(acc);
+  Tensor target_logit = (h * w_target).sum(1);
+  if (b.defined()) target_logit.add_(b.index_select(0, target));
+  Tensor ce = lse - target_logit;
+  Tensor quadratic = at::zeros_like(ce), sign_term = at::zeros_like(ce);
+  Tensor mu = k ? moments.narrow(1, 0, dim).contiguous() : at::empty({0, dim}, h.options());
+  Tensor var = at::empty({0, dim}, h.options());
+  if (need_explicit) {
+    var = moments.narrow(1, dim, dim) - mu * mu;
+    quadratic = (h * h * var).sum(1);
+  }
+  if (need_implicit) {
+    sign_term = (signs_for(signs, seed, rows, dim, acc) * h * (mu - w_target)).sum(1);
+  }
+  return {ce, quadratic, sign_term, lse, mu, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
+    const Tensor& grad_ce, const Tensor& grad_quadratic, const Tensor& grad_sign_term, const Tensor& input,
+    const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
+    const c10::optional<Tensor>& signs, int64_t seed, const Tensor& lse, const Tensor& mu, const Tensor& var,
+    bool need_explicit, bool need_implicit, std::array<bool, 3> output_mask) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool want_h = output_mask[0], want_w = output_mask[1], want_b = output_mask[2] && has_bias;
+  const auto acc = accumulation_type(input);
+  const int64_t rows = input.size(0), dim = input.size(1), vocab = weight.size(0);
+  const int64_t k = need_explicit ? 2 : (need_implicit ? 1 : 0);
+  const Tensor w = weight.contiguous();
+  const Tensor b = has_bias ? bias->to(acc).contiguous() : Tensor();
+
+  BackwardRows r;
+  r.h = input.to(acc).contiguous();
+  r.g_ce = grad_ce.to(acc).contiguous();
+  Tensor row_offset = r.g_ce.clone();
+  Tensor parts_t, g_q, g_r, g_i, sgn;
+  if (need_explicit) {  // T -= 2 gR' q mu;  offset += gR' (q . mu^2 - q . var)
+    g_r = grad_quadratic.to(acc).unsqueeze(1);
+    g_q = g_r * r.h * r.h;
+    parts_t = -2 * g_q * mu;
+    row_offset.add_((g_q * (mu * mu - var)).sum(1));
+  }
+  if (need_implicit) {  // T += gI' u;  offset -= gI' mu . u
+    g_i = grad_sign_term.to(acc).unsqueeze(1);
+    sgn = signs_for(signs, seed, rows, dim, acc);
+    const Tensor g_u = g_i * sgn * r.h;
+    parts_t = parts_t.defined() ? parts_t + g_u : g_u;
+    row_offset.sub_((mu * g_u).sum(1));
+    if (want_w) {
+      r.scatter = (-g_u).contiguous();
+      const Tensor target_cpu = target.contiguous();
+      const int64_t* y = target_cpu.data_ptr<int64_t>();
+      r.rows_by_target.resize(rows);
+      for (int64_t i = 0; i < rows; ++i) r.rows_by_target[i] = i;
+      std::stable_sort(r.rows_by_target.begin(), r.rows_by_target.end(),
+                       [&](int64_t a, int64_t c) { return y[a] < y[c]; });
+      r.sorted_target.resize(rows);
+      for (int64_t i = 0; i < rows; ++i) r.sorted_target[i] = y[r.rows_by_target[i]];
+    }
+  }
+  if (k) r.left = (need_explicit ? at::cat({parts_t, g_q}, 1) : parts_t).contiguous();
+  r.row_offset = row_offset.contiguous();
+
+  Tensor grad_h_partials = want_h ? at::zeros({at::get_num_threads(), rows, dim}, r.h.options()) : Tensor();
+  Tensor grad_w = want_w ? at::empty_like(w) : at::empty({0}, w.options());
+  Tensor grad_b_acc = want_b ? at::empty({vocab}, r.h.options()) : Tensor();
+  if (want_h || want_w || want_b) {
+    RECORD_FUNCTION("dropreg::backward_tiles", std::vector<c10::IValue>());
+    AT_DISPATCH_FLOATING_TYPES(acc, "linear_ce_backward", [&] {
+      backward_tiles<scalar_t>(r, w, b, target.contiguous(), lse.contiguous(), k, want_h, want_w, want_b,
+                               grad_h_partials, grad_w, grad_b_acc);
+    });
+  }
+  Tensor grad_h = at::empty({0}, input.options());
+  if (want_h) {
+    RECORD_FUNCTION("dropreg::grad_input", std::vector<c10::IValue>());
+    Tensor g = grad_h_partials.sum(0);
+    if (need_explicit) g.add_(2 * g_r * r.h * var);
+    if (need_implicit) g.add_(g_i * sgn * (mu - w.index_select(0, target).to(acc)));
+    grad_h = g.to(input.scalar_type());
+  }
+  Tensor grad_b = want_b ? grad_b_acc.to(bias->scalar_type()) : at::empty({0}, input.options());
+  return {grad_h, grad_w, grad_b};
+}
+
+}  // namespace dropreg

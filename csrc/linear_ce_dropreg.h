@@ -1,0 +1,24 @@
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <tuple>
+
+namespace dropreg {
+
+// Per-row (ce, quadratic, sign_term) plus the saved statistics (lse, mu, var) that backward needs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_forward(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, const c10::optional<at::Tensor>& signs, int64_t seed, bool need_explicit,
+    bool need_implicit);
+
+// (grad_input, grad_weight, grad_bias); an output not asked for in output_mask is an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
+    const at::Tensor& grad_ce, const at::Tensor& grad_quadratic, const at::Tensor& grad_sign_term,
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, const c10::optional<at::Tensor>& signs, int64_t seed, const at::Tensor& lse,
+    const at::Tensor& mu, const at::Tensor& var, bool need_explicit, bool need_implicit,
+    std::array<bool, 3> output_mask);
+
+}  // namespace dropreg

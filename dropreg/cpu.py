@@ -1,0 +1,120 @@
+"""The ``"cpu"`` backend: the C++ kernels of csrc/, registered as ``torch.ops.dropreg.*``.
+
+The library is ``dropreg._C``, built by ``pip install``. When it is missing (a plain checkout), it is
+JIT-built once with ``torch.utils.cpp_extension.load`` and cached under ``TORCH_EXTENSIONS_DIR``.
+This module adds the fake (meta) kernels and autograd for the C++ ops.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+
+from . import _build
+from .reference import accumulation_dtype
+
+_load_error: Optional[BaseException] = None
+_loaded = False
+
+
+class CpuBackendUnavailable(RuntimeError):
+    pass
+
+
+def load() -> None:
+    """Load the C++ ops, JIT-building them if needed. Raises CpuBackendUnavailable with the compiler output."""
+    global _loaded, _load_error
+    if _loaded:
+        return
+    if _load_error is not None:
+        raise CpuBackendUnavailable(str(_load_error)) from _load_error
+    try:
+        try:
+            from . import _C  # noqa: F401  (built by setup.py)
+        except ImportError:
+            from torch.utils.cpp_extension import load as jit_load
+
+            print("dropreg: building the C++ CPU kernels (one-time JIT build, cached by torch; "
+                  "`pip install --no-build-isolation -e .` builds them ahead of time)", file=sys.stderr)
+            jit_load(name="dropreg_cpu_kernels", sources=_build.sources(), extra_cflags=_build.CXX_FLAGS,
+                     extra_ldflags=_build.LINK_FLAGS, is_python_module=False, verbose=False)
+    except Exception as error:  # a failed build: keep the compiler output in the message
+        _load_error = error
+        raise CpuBackendUnavailable(f"dropreg: the C++ CPU kernels could not be built or loaded: {error}") from error
+    _register_python_kernels()
+    _loaded = True
+
+
+def is_available() -> bool:
+    try:
+        load()
+    except CpuBackendUnavailable:
+        return False
+    return True
+
+
+def load_error() -> Optional[BaseException]:
+    return _load_error
+
+
+def _int64_seed(seed: int) -> int:
+    # The schema's int is int64; the stream's key is the same 64 bits read as unsigned.
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _register_python_kernels() -> None:
+    forward_op = "dropreg::linear_ce_forward"
+    backward_op = "dropreg::linear_ce_backward"
+
+    @torch.library.register_fake(forward_op)
+    def _forward_fake(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
+        rows, dim = input.shape
+        acc = accumulation_dtype(input.dtype)
+        per_row = [input.new_empty((rows,), dtype=acc) for _ in range(4)]
+        mu = input.new_empty((rows if (need_explicit or need_implicit) else 0, dim), dtype=acc)
+        var = input.new_empty((rows if need_explicit else 0, dim), dtype=acc)
+        return (*per_row, mu, var)
+
+    @torch.library.register_fake(backward_op)
+    def _backward_fake(grad_ce, grad_quadratic, grad_sign_term, input, weight, bias, target, signs, seed, lse,
+                       mu, var, need_explicit, need_implicit, output_mask):
+        grad_h = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
+        grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
+        grad_b = torch.empty_like(bias) if (output_mask[2] and bias is not None) else input.new_empty((0,))
+        return grad_h, grad_w, grad_b
+
+    @torch.library.register_fake("dropreg::philox_signs")
+    def _signs_fake(seed, rows, dim):
+        return torch.empty((rows, dim), dtype=torch.float32)
+
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, target, signs, seed, need_explicit, need_implicit = inputs
+        _, _, _, lse, mu, var = output
+        ctx.save_for_backward(input, weight, bias, target, signs, lse, mu, var)
+        ctx.options = (seed, need_explicit, need_implicit, bias is not None)
+
+    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, _grad_lse, _grad_mu, _grad_var):
+        # lse, mu and var are saved statistics, not differentiable outputs: their gradients are ignored.
+        input, weight, bias, target, signs, lse, mu, var = ctx.saved_tensors
+        seed, need_explicit, need_implicit, has_bias = ctx.options
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+        grads = [torch.zeros_like(lse) if g is None else g.contiguous()
+                 for g in (grad_ce, grad_quadratic, grad_sign_term)]
+        grad_h, grad_w, grad_b = torch.ops.dropreg.linear_ce_backward(
+            *grads, input, weight, bias, target, signs, seed, lse, mu, var, need_explicit, need_implicit, mask)
+        return (grad_h if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
+                None, None, None, None, None)
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def cpu_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
+    """Per-row ``(ce, quadratic, sign_term)`` from the C++ kernels (see dropreg/_dispatch.py)."""
+    load()
+    if signs is not None:
+        signs = signs.to(accumulation_dtype(input.dtype)).contiguous()
+    out = torch.ops.dropreg.linear_ce_forward(
+        input.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+        target.contiguous(), signs, _int64_seed(seed), need_explicit, need_implicit)
+    return out[0], out[1], out[2]
