@@ -21,7 +21,7 @@ def run_probe(backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_streamed_backend_fits_under_cap(backend):
     result = run_probe(backend)
     assert result["ok"], result

@@ -1,0 +1,171 @@
+"""The C++ "cpu" backend: multi-tile paths, threads, determinism, the sign stream, op registration."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dropreg
+from dropreg import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"C++ kernels unavailable: {cpu.load_error()}")
+
+
+def _problem(n, d, v, dtype=torch.float64, bias=True):
+    h = torch.randn(n, d, dtype=dtype)
+    w = torch.randn(v, d, dtype=dtype) / d**0.5
+    b = torch.randn(v, dtype=dtype) if bias else None
+    y = torch.randint(0, v, (n,))
+    y[::7] = -100
+    return h, w, b, y
+
+
+def _values_and_grads(backend, h, w, b, y, **kwargs):
+    leaves = [t.clone().requires_grad_() for t in (h, w) + ((b,) if b is not None else ())]
+    out = dropreg.linear_cross_entropy(leaves[0], leaves[1], y, linear_bias=leaves[2] if b is not None else None,
+                                       backend=backend, **kwargs)
+    (out.ce + 2 * out.explicit + 3 * out.implicit).backward()
+    return [t.detach() for t in out] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("shape", [(300, 5, 549), (257, 3, 256), (1, 7, 1000), (513, 1, 700)])
+@pytest.mark.parametrize("options", [dict(), dict(explicit=False), dict(implicit=False),
+                                     dict(explicit=False, implicit=False)], ids=["all", "no-explicit",
+                                                                                "no-implicit", "ce-only"])
+def test_multi_tile_matches_reference(shape, options):
+    # Shapes cross the 256-row and 256-entry tile boundaries with tails; float64 makes the match tight.
+    h, w, b, y = _problem(*shape)
+    ours = _values_and_grads("cpu", h, w, b, y, p=0.3, seed=11, **options)
+    ref = _values_and_grads("reference", h, w, b, y, p=0.3, seed=11, **options)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_weight_and_input_only_grads():
+    h, w, b, y = _problem(40, 6, 300)
+    h.requires_grad_()
+    out = dropreg.linear_cross_entropy(h, w, y, linear_bias=b, backend="cpu", seed=1)
+    out.loss.backward()
+    h_ref = h.detach().clone().requires_grad_()
+    dropreg.linear_cross_entropy(h_ref, w, y, linear_bias=b, backend="reference", seed=1).loss.backward()
+    torch.testing.assert_close(h.grad, h_ref.grad)
+
+
+def _run_with_threads(threads, h, w, b, y):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _values_and_grads("cpu", h, w, b, y, p=0.2, seed=5)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_one_and_two_threads_agree_and_runs_are_bitwise_reproducible():
+    h, w, b, y = _problem(600, 16, 1500, dtype=torch.float32)
+    one = _run_with_threads(1, h, w, b, y)
+    two = _run_with_threads(2, h, w, b, y)
+    for a, c in zip(one, two):
+        torch.testing.assert_close(a, c, rtol=2e-5, atol=1e-6)
+    again = _run_with_threads(2, h, w, b, y)
+    for a, c in zip(two, again):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**40 + 12345, 2**64 - 1])
+def test_cpp_sign_stream_is_bit_identical_to_python(seed):
+    rows, dim = 7, 45  # 315 signs: three Philox counters, the last partly used
+    cpp = torch.ops.dropreg.philox_signs(seed - 2**64 if seed >= 2**63 else seed, rows, dim)
+    assert torch.equal(cpp, dropreg.philox_signs(seed, rows, dim))
+
+
+def test_seeded_implicit_term_matches_other_backends():
+    h, w, b, y = _problem(50, 9, 300)
+    for seed in (3, 2**63 + 7):
+        cpp = dropreg.linear_cross_entropy(h, w, y, linear_bias=b, seed=seed, backend="cpu", reduction="none")
+        ref = dropreg.linear_cross_entropy(h, w, y, linear_bias=b, seed=seed, backend="torch", reduction="none")
+        torch.testing.assert_close(cpp.implicit, ref.implicit, rtol=1e-12, atol=1e-14)
+
+
+def _op_args(dtype=torch.float32, explicit=True, implicit=True, bias=True, signs=False):
+    h, w, b, y = _problem(9, 4, 300, dtype=dtype, bias=bias)
+    y = y.clamp(min=0)
+    s = (torch.randint(0, 2, (9, 4)) * 2 - 1).to(dtype) if signs else None
+    return [h.requires_grad_(), w.requires_grad_(), b.requires_grad_() if b is not None else None, y, s, 123,
+            explicit, implicit]
+
+
+@pytest.mark.parametrize("config", [dict(), dict(explicit=False), dict(implicit=False, bias=False),
+                                    dict(explicit=False, implicit=False), dict(signs=True),
+                                    dict(dtype=torch.float64)])
+def test_opcheck(config):
+    args = _op_args(**config)
+    torch.library.opcheck(torch.ops.dropreg.linear_ce_forward.default, args)
+
+
+def test_opcheck_backward_op():
+    h, w, b, y, s, seed, ne, ni = _op_args()
+    out = torch.ops.dropreg.linear_ce_forward(h.detach(), w.detach(), b.detach(), y, s, seed, ne, ni)
+    grads = [torch.randn(9) for _ in range(3)]
+    args = [*grads, h.detach(), w.detach(), b.detach(), y, s, seed, out[3], out[4], out[5], ne, ni,
+            [True, True, True]]
+    torch.library.opcheck(torch.ops.dropreg.linear_ce_backward.default, args)
+
+
+class _TinyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 300)
+
+    def forward(self, x, y):
+        hidden = torch.tanh(self.body(x))
+        out = dropreg.linear_cross_entropy(hidden, self.head.weight, y, linear_bias=self.head.bias, p=0.2,
+                                           seed=7, backend="cpu")
+        return out.loss
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    model = _TinyModel()
+    x, y = torch.randn(4, 6, 8), torch.randint(0, 300, (4, 6))
+    y[0, 0] = -100
+    eager = model(x, y)
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x, y)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_auto_picks_cpu_for_cpu_tensors():
+    from dropreg._dispatch import resolve_backend
+    assert resolve_backend("auto", torch.device("cpu"))[0] == "cpu"
+
+
+def test_jit_build_failure_is_a_clear_error(tmp_path):
+    # A plain checkout whose C++ source does not compile: backend="cpu" must raise with the compiler
+    # output, and backend="auto" must fall back with a warning naming it (never silently).
+    script = f"""
+import sys, warnings, torch
+import dropreg, dropreg.cpu as cpu, dropreg._build as build
+build.sources = lambda: [{str(tmp_path / 'broken.cpp')!r}]
+sys.modules['dropreg._C'] = None  # pretend the prebuilt library is missing: import raises ImportError
+h, w, y = torch.randn(3, 2), torch.randn(5, 2), torch.tensor([0, 1, 2])
+try:
+    dropreg.linear_cross_entropy(h, w, y, backend='cpu', seed=0)
+    print('NO ERROR')
+except cpu.CpuBackendUnavailable as e:
+    print('ERROR:', 'this_is_not_cpp' in str(e))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    from dropreg._dispatch import resolve_backend
+    print('AUTO:', resolve_backend('auto', h.device)[0], any('unavailable' in str(c.message) for c in caught))
+"""
+    (tmp_path / "broken.cpp").write_text("this_is_not_cpp;\n")
+    env = dict(__import__("os").environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert "ERROR: True" in done.stdout, done.stdout + done.stderr
+    assert "AUTO: torch True" in done.stdout, done.stdout + done.stderr
+    assert "building the C++ CPU kernels" in done.stderr
