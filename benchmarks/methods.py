@@ -1,0 +1,137 @@
+"""The methods the benchmarks compare. Each builder returns ``(forward, forward_backward)`` closures.
+
+All regularized methods compute CE + explicit + implicit with p=0.1 (MATH.md's default coefficients)
+and reduction "mean"; ``F.linear_cross_entropy`` is CE only (what a regularizer-free run costs), and
+``gemm`` is one (N x d) @ (d x V) matmul, from which the 10-NVd floor is derived.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import dropreg
+
+P = 0.1
+EXPLICIT_COEF, IMPLICIT_COEF = dropreg.default_coefficients(P)
+
+
+def make_inputs(rows, dim, vocab, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(rows, dim, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=gen) / math.sqrt(dim)).to(device=device, dtype=dtype)
+    weight.requires_grad_()
+    target = torch.randint(0, vocab, (rows,), generator=gen).to(device)
+    signs = (torch.randint(0, 2, (rows, dim), generator=gen) * 2 - 1).to(device=device, dtype=dtype)
+    return hidden, weight, target, signs
+
+
+def _clear(*tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def _closures(loss_fn, hidden, weight):
+    def forward():
+        with torch.no_grad():
+            return loss_fn()
+
+    def forward_backward():
+        _clear(hidden, weight)
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    return forward, forward_backward
+
+
+def dropreg_method(backend):
+    def build(hidden, weight, target, signs):
+        return _closures(lambda: dropreg.linear_cross_entropy(hidden, weight, target, p=P, signs=signs,
+                                                              backend=backend).loss, hidden, weight)
+    return build
+
+
+def naive_loss(hidden, weight, target, signs):
+    """Materialized logits + autograd of MATH.md's formulas: what a plain PyTorch user writes."""
+    logits = hidden @ weight.T
+    ce = F.cross_entropy(logits, target)
+    probs = torch.softmax(logits, dim=-1)
+    mu = probs @ weight
+    var = probs @ (weight * weight) - mu * mu
+    explicit = EXPLICIT_COEF * (hidden * hidden * var).sum(-1).mean()
+    implicit = IMPLICIT_COEF * (signs * hidden * (mu - weight[target])).sum(-1).mean()
+    return ce + explicit + implicit
+
+
+def build_naive(hidden, weight, target, signs):
+    return _closures(lambda: naive_loss(hidden, weight, target, signs), hidden, weight)
+
+
+def build_naive_compiled(hidden, weight, target, signs):
+    compiled = torch.compile(naive_loss)
+    return _closures(lambda: compiled(hidden, weight, target, signs), hidden, weight)
+
+
+def paper_loss(hidden, weight, target, signs):
+    """The authors' approach: the explicit term from one label sampled from the softmax and double backprop
+    (``jreg_sample_logit``), the implicit term as a random-sign first-order Taylor term (``taylor_fo``)."""
+    rows = hidden.shape[0]
+    logits = hidden @ weight.T
+    ce = F.cross_entropy(logits, target)
+    sampled = torch.multinomial(torch.softmax(logits.detach().float(), dim=-1), 1).squeeze(1)
+    (grad_sampled,) = torch.autograd.grad(F.cross_entropy(logits, sampled, reduction="sum"), hidden,
+                                          create_graph=True)
+    explicit = EXPLICIT_COEF * (hidden * grad_sampled).pow(2).sum() / rows
+    (grad_target,) = torch.autograd.grad(ce * rows, hidden, create_graph=True)
+    implicit = IMPLICIT_COEF * (signs * hidden * grad_target).sum() / rows
+    return ce + explicit + implicit
+
+
+def build_paper(hidden, weight, target, signs):
+    def forward():  # the double-backprop terms need a graph even for the value
+        return paper_loss(hidden, weight, target, signs).detach()
+
+    def forward_backward():
+        _clear(hidden, weight)
+        loss = paper_loss(hidden, weight, target, signs)
+        loss.backward()
+        return loss
+
+    return forward, forward_backward
+
+
+def build_linear_cross_entropy(hidden, weight, target, signs):
+    return _closures(lambda: F.linear_cross_entropy(hidden, weight, target), hidden, weight)
+
+
+def build_gemm(hidden, weight, target, signs):
+    h, w_t = hidden.detach(), weight.detach().T.contiguous()
+
+    def matmul():
+        return h @ w_t
+
+    return matmul, None
+
+
+METHODS = {
+    "dropreg-cpu": dropreg_method("cpu"),
+    "dropreg-torch": dropreg_method("torch"),
+    "dropreg-triton": dropreg_method("triton"),
+    "naive": build_naive,
+    "naive-compiled": build_naive_compiled,
+    "paper": build_paper,
+    "F.linear_cross_entropy": build_linear_cross_entropy,
+    "gemm": build_gemm,
+}
+
+
+def available_methods(device: str):
+    from dropreg import cpu
+
+    names = [name for name in METHODS if not name.startswith("dropreg-")]
+    names[:0] = [f"dropreg-{b}" for b in ("cpu", "torch", "triton") if b in dropreg.available_backends()
+                 and not (b == "cpu" and (device != "cpu" or not cpu.is_available()))
+                 and not (b == "triton" and device != "cuda")]
+    return names
