@@ -1,0 +1,39 @@
+"""The benchmark harness runs end to end (its --quick mode), so it cannot rot."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_vocab_scaling_quick(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vocab_scaling.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("results.csv", "results.md", "time_vs_vocab.png", "memory_vs_vocab.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    methods = {r["method"] for r in rows}
+    assert {"dropreg-torch", "naive", "paper", "F.linear_cross_entropy", "gemm"} <= methods
+    for r in rows:
+        assert r["status"] == "ok", r
+        if r["method"] != "gemm":
+            assert float(r["floor_ratio"]) > 0 and float(r["peak_mib"]) >= 0
+    assert "V=4096: dropreg-" in done.stdout
+
+
+@pytest.mark.slow
+def test_profile_writes_a_trace_with_dropreg_phases(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vocab_scaling.py"), "--profile",
+                           "--rows", "64", "--dim", "16", "--profile-vocab", "2048", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    traces = list(tmp_path.glob("trace_*.json"))
+    assert len(traces) == 1
+    text = traces[0].read_text()
+    assert "dropreg::forward_stats" in text and "dropreg::backward_tiles" in text
