@@ -115,6 +115,49 @@ def build_gemm(hidden, weight, target, signs):
     return matmul, None
 
 
+def _second_pass(hidden, signs):
+    """A second "dropout pass" of the same hidden states: a fixed 10% perturbation."""
+    return (hidden.detach() * (1 + 0.1 * signs)).requires_grad_()
+
+
+def rdrop_dropreg_method(backend):
+    def build(hidden, weight, target, signs):
+        hidden2 = _second_pass(hidden, signs)
+        return _closures(lambda: dropreg.rdrop_linear_cross_entropy(hidden, hidden2, weight, target,
+                                                                    backend=backend).loss, hidden, weight)
+    return build
+
+
+def rdrop_naive_loss(hidden1, hidden2, weight, target, alpha=1.0):
+    """R-Drop as its authors write it: two materialized log-softmaxes and F.kl_div both ways."""
+    log_p1 = torch.log_softmax(hidden1 @ weight.T, dim=-1)
+    log_p2 = torch.log_softmax(hidden2 @ weight.T, dim=-1)
+    ce = F.nll_loss(log_p1, target) + F.nll_loss(log_p2, target)
+    kl = (F.kl_div(log_p1, log_p2.exp(), reduction="none").sum(-1)
+          + F.kl_div(log_p2, log_p1.exp(), reduction="none").sum(-1)).mean() / 2
+    return ce + alpha * kl
+
+
+def build_rdrop_naive(hidden, weight, target, signs):
+    hidden2 = _second_pass(hidden, signs)
+    return _closures(lambda: rdrop_naive_loss(hidden, hidden2, weight, target), hidden, weight)
+
+
+# Per family: its methods, and the multiply-adds (in units of N*V*d) of a fused forward and
+# forward+backward, which define the GEMM floor (MATH.md: 3 and 10 for dropreg, 2 and 8 for R-Drop).
+FLOOR_MULTIPLE = {
+    "dropreg": {"forward": 3, "forward_backward": 10},
+    "rdrop": {"forward": 2, "forward_backward": 8},
+}
+BASELINES = {"dropreg": ("naive", "paper"), "rdrop": ("rdrop-naive",)}
+
+RDROP_METHODS = {
+    "rdrop-dropreg-cpu": rdrop_dropreg_method("cpu"),
+    "rdrop-dropreg-torch": rdrop_dropreg_method("torch"),
+    "rdrop-dropreg-triton": rdrop_dropreg_method("triton"),
+    "rdrop-naive": build_rdrop_naive,
+}
+
 METHODS = {
     "dropreg-cpu": dropreg_method("cpu"),
     "dropreg-torch": dropreg_method("torch"),
@@ -127,11 +170,23 @@ METHODS = {
 }
 
 
-def available_methods(device: str):
+METHODS.update(RDROP_METHODS)
+
+
+def _backend_runs_here(backend: str, device: str) -> bool:
     from dropreg import cpu
 
-    names = [name for name in METHODS if not name.startswith("dropreg-")]
-    names[:0] = [f"dropreg-{b}" for b in ("cpu", "torch", "triton") if b in dropreg.available_backends()
-                 and not (b == "cpu" and (device != "cpu" or not cpu.is_available()))
-                 and not (b == "triton" and device != "cuda")]
-    return names
+    if backend not in dropreg.available_backends():
+        return False
+    if backend == "cpu":
+        return device == "cpu" and cpu.is_available()
+    return backend != "triton" or device == "cuda"
+
+
+def available_methods(device: str, family: str = "dropreg"):
+    """The family's methods that can run on ``device``, dropreg's own first, the GEMM floor last."""
+    prefix = "dropreg-" if family == "dropreg" else "rdrop-dropreg-"
+    ours = [f"{prefix}{b}" for b in ("cpu", "torch", "triton") if _backend_runs_here(b, device)]
+    if family == "rdrop":
+        return ours + ["rdrop-naive", "gemm"]
+    return ours + ["naive", "naive-compiled", "paper", "F.linear_cross_entropy", "gemm"]

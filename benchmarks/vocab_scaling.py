@@ -24,10 +24,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-FLOOR_MULTIPLE = {"forward": 3, "forward_backward": 10}
 DEFAULT_VOCABS = [1024, 4096, 16384, 32768, 65536, 131072, 262144]
 QUICK = dict(rows=64, dim=32, vocabs=[512, 4096], repeats=1)
-REGULARIZED_BASELINES = ("naive", "paper")
 
 
 def parse_args(argv=None):
@@ -36,6 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--dim", type=int, default=256, help="hidden size d (default 256)")
     parser.add_argument("--vocabs", type=lambda s: [int(v) for v in s.split(",")], default=DEFAULT_VOCABS,
                         help="comma-separated vocabulary sizes")
+    parser.add_argument("--family", default="dropreg", choices=["dropreg", "rdrop"],
+                        help="dropreg: CE + explicit + implicit; rdrop: R-Drop's CE pair + symmetric KL")
     parser.add_argument("--methods", type=lambda s: s.split(","), default=None,
                         help="comma-separated subset of methods (default: all available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -60,7 +60,7 @@ def parse_args(argv=None):
 
 def select_methods(args):
     from methods import available_methods
-    names = available_methods(args.device)
+    names = available_methods(args.device, args.family)
     if args.quick:
         names = [n for n in names if n != "naive-compiled"]  # compiling alone takes longer than --quick allows
     if args.methods:
@@ -107,17 +107,19 @@ def run_case(args, method, vocab, mode):
     return json.loads(lines[-1])
 
 
-def add_floor_ratios(results):
+def add_floor_ratios(results, family):
+    from methods import FLOOR_MULTIPLE
     gemm = {r["vocab"]: r["seconds"] for r in results if r["method"] == "gemm" and r.get("status") == "ok"}
     for r in results:
         if r.get("status") == "ok" and r["method"] != "gemm" and r["vocab"] in gemm:
-            r["floor_seconds"] = FLOOR_MULTIPLE[r["mode"]] * gemm[r["vocab"]]
+            r["floor_seconds"] = FLOOR_MULTIPLE[family][r["mode"]] * gemm[r["vocab"]]
             r["floor_ratio"] = r["seconds"] / r["floor_seconds"]
 
 
-def summaries(results, methods):
+def summaries(results, methods, family):
+    from methods import BASELINES
     lines = []
-    ours = [m for m in methods if m.startswith("dropreg-")]
+    ours = [m for m in methods if "dropreg-" in m]
     index = {(r["method"], r["vocab"], r["mode"]): r for r in results}
     for vocab in sorted({r["vocab"] for r in results}):
         for mine in ours:
@@ -125,7 +127,7 @@ def summaries(results, methods):
             if not mine_r or mine_r.get("status") != "ok":
                 continue
             parts = []
-            for other in REGULARIZED_BASELINES:
+            for other in BASELINES[family]:
                 r = index.get((other, vocab, "forward_backward"))
                 if r and r.get("status") == "ok":
                     parts.append(f"vs {other}: {r['seconds'] / mine_r['seconds']:.2f}x speed-up, "
@@ -155,7 +157,7 @@ def describe_run(args):
         pass
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu}, {os.cpu_count()} cores"
     return (f"{datetime.date.today().isoformat()}, commit {_git_commit()}, {device}, torch {torch.__version__}, "
-            f"N={args.rows}, d={args.dim}, {args.dtype}")
+            f"{args.family}, N={args.rows}, d={args.dim}, {args.dtype}")
 
 
 def write_outputs(args, results, methods, header):
@@ -167,6 +169,8 @@ def write_outputs(args, results, methods, header):
         writer.writeheader()
         writer.writerows(results)
     index = {(r["method"], r["vocab"], r["mode"]): r for r in results}
+    from methods import FLOOR_MULTIPLE
+    floor = FLOOR_MULTIPLE[args.family]["forward_backward"]
 
     def cell(r, key, fmt):
         if r is None:
@@ -182,12 +186,12 @@ def write_outputs(args, results, methods, header):
         for method in methods:
             fwd, both = index.get((method, vocab, "forward")), index.get((method, vocab, "forward_backward"))
             if method == "gemm":
-                lines.append(f"| {vocab} | gemm: one N×d×V matmul (floor = 10×) | {cell(fwd, 'seconds', '{:.4f}')} "
-                             "| | | |")
+                lines.append(f"| {vocab} | gemm: one N×d×V matmul (floor = {floor}×) | "
+                             f"{cell(fwd, 'seconds', '{:.4f}')} | | | |")
                 continue
             lines.append(f"| {vocab} | {method} | {cell(fwd, 'seconds', '{:.4f}')} | {cell(both, 'seconds', '{:.4f}')} "
                          f"| {cell(both, 'floor_ratio', '{:.2f}')} | {cell(both, 'peak_mib', '{:.1f}')} |")
-    lines += ["", *summaries(results, methods)]
+    lines += ["", *summaries(results, methods, args.family)]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(args, results, methods, header)
@@ -195,6 +199,7 @@ def write_outputs(args, results, methods, header):
 
 
 def plot(args, results, methods, header):
+    from methods import FLOOR_MULTIPLE
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -209,7 +214,9 @@ def plot(args, results, methods, header):
             if method == "gemm":
                 if key != "seconds" or not points:
                     continue
-                label, points = "GEMM floor (10 × N·d·V matmul)", [(v, 10 * s) for v, s in points]
+                multiple = FLOOR_MULTIPLE[args.family]["forward_backward"]
+                label = f"GEMM floor ({multiple} × N·d·V matmul)"
+                points = [(v, multiple * s) for v, s in points]
                 ax.plot(*zip(*points), "k--", label=label)
                 continue
             if points:
@@ -260,12 +267,12 @@ def main(argv=None):
         progress.step(f"V={vocab} {method} {mode}")
         results.append(run_case(args, method, vocab, mode))
     progress.close()
-    add_floor_ratios(results)
+    add_floor_ratios(results, args.family)
     header = describe_run(args)
     lines = write_outputs(args, results, methods, header)
     print("\n".join(lines))
     print(f"\nResults: {args.out}/results.csv, results.md, time_vs_vocab.png, memory_vs_vocab.png")
-    failed = [r for r in results if r["method"].startswith("dropreg-") and r.get("status") != "ok"]
+    failed = [r for r in results if "dropreg-" in r["method"] and r.get("status") != "ok"]
     return 1 if failed else 0
 
 

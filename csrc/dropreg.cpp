@@ -5,6 +5,7 @@
 
 #include "linear_ce_dropreg.h"
 #include "philox.h"
+#include "rdrop.h"
 
 namespace dropreg {
 
@@ -22,12 +23,21 @@ TORCH_LIBRARY(dropreg, m) {
       "linear_ce_backward(Tensor grad_ce, Tensor grad_quadratic, Tensor grad_sign_term, Tensor input, "
       "Tensor weight, Tensor? bias, Tensor target, Tensor? signs, int seed, Tensor lse, Tensor mu, Tensor var, "
       "bool need_explicit, bool need_implicit, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "rdrop_forward(Tensor input1, Tensor input2, Tensor weight, Tensor? bias, Tensor target) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "rdrop_backward(Tensor grad_ce1, Tensor grad_ce2, Tensor grad_kl, Tensor input1, Tensor input2, "
+      "Tensor weight, Tensor? bias, Tensor target, Tensor lse, Tensor expected_d, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("philox_signs(int seed, int rows, int dim) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
   m.impl("linear_ce_forward", &dropreg::linear_ce_forward);
   m.impl("linear_ce_backward", &dropreg::linear_ce_backward);
+  m.impl("rdrop_forward", &dropreg::rdrop_forward);
+  m.impl("rdrop_backward", &dropreg::rdrop_backward);
 }
 
 TORCH_LIBRARY_IMPL(dropreg, CompositeExplicitAutograd, m) {

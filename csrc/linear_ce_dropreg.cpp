@@ -12,8 +12,6 @@
 // [T | gR' q] @ [W_t | W_t*W_t]^T (2 RCd), G @ W_t (1 RCd), G^T H (1 RCd), S^T [T | gR' q] (2 RCd).
 // Forward + backward = 10 NVd multiply-adds, MATH.md's floor; switched-off terms drop their share.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>
@@ -27,20 +25,10 @@ namespace dropreg {
 
 namespace {
 
-at::ScalarType accumulation_type(const Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 Tensor signs_for(const c10::optional<Tensor>& signs, int64_t seed, int64_t rows, int64_t dim,
                  at::ScalarType acc) {
   if (signs.has_value() && signs->defined()) return signs->to(acc).contiguous();
   return philox_signs(static_cast<uint64_t>(seed), rows, dim, acc);
-}
-
-int64_t forward_row_block(int64_t rows) {
-  // Enough blocks to keep every thread busy on small batches.
-  const int64_t per_thread = ceil_div(rows, std::max<int64_t>(1, at::get_num_threads()));
-  return std::max<int64_t>(1, std::min(kRowBlock, per_thread));
 }
 
 // lse (N) and the normalized moments [mu | m2] (N x k d), k = 0, 1 or 2.
@@ -49,54 +37,37 @@ void forward_statistics(const Tensor& h, const Tensor& weight, const Tensor& bia
                         Tensor& moments) {
   const int64_t rows = h.size(0), dim = h.size(1), vocab = weight.size(0);
   const int64_t row_block = forward_row_block(rows);
-  const auto opts = h.options();
+  const int64_t width = k * dim;
   const bool with_squares = k == 2;
+  const auto opts = h.options();
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
-  at::parallel_for(0, ceil_div(rows, row_block), 1, [&](int64_t block_begin, int64_t block_end) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set again in each worker
+  parallel_blocks(rows, row_block, [&] {
     Tensor logits_flat = at::empty({row_block * kVocabTile}, opts);
     Tensor weight_flat = at::empty({kVocabTile * std::max<int64_t>(k, 1) * dim}, opts);
-    std::vector<acc_t> running_max(row_block), running_sum(row_block);
-    for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t r0 = block * row_block, n = std::min(row_block, rows - r0);
+    return [&, logits_flat, weight_flat](int64_t r0, int64_t n) {
       const Tensor h_block = h.narrow(0, r0, n);
       Tensor acc_moments = k ? moments.narrow(0, r0, n) : Tensor();
       acc_t* moments_ptr = k ? acc_moments.data_ptr<acc_t>() : nullptr;
-      std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<acc_t>::infinity());
-      std::fill(running_sum.begin(), running_sum.end(), acc_t(0));
+      std::vector<OnlineSoftmax<acc_t>> softmax(n);
       for (int64_t v0 = 0; v0 < vocab; v0 += kVocabTile) {
         const int64_t cols = std::min(kVocabTile, vocab - v0);
         const Tensor stacked = load_weight_tile(weight, v0, cols, weight_flat, with_squares);
         Tensor logits = scratch_view(logits_flat, n, cols);
-        if (bias.defined()) {
-          at::addmm_out(logits, bias.narrow(0, v0, cols).unsqueeze(0).expand({n, cols}), h_block,
-                        stacked.narrow(1, 0, dim).t());
-        } else {
-          at::mm_out(logits, h_block, stacked.narrow(1, 0, dim).t());
-        }
+        tile_logits(logits, h_block, stacked.narrow(1, 0, dim), bias, v0);
         acc_t* z = logits.data_ptr<acc_t>();
         for (int64_t i = 0; i < n; ++i) {
           acc_t* row = z + i * cols;
-          const acc_t new_max = nan_max(running_max[i], row_max(row, cols));
-          // All logits so far -inf: shift by 0, or exp(-inf - -inf) would be NaN.
-          const acc_t shift = new_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : new_max;
-          const acc_t rescale = std::exp(running_max[i] - shift);
-          running_sum[i] = running_sum[i] * rescale + exp_shifted_sum_inplace(row, cols, shift);
-          if (k && rescale != acc_t(1)) scale_inplace(moments_ptr + i * k * dim, k * dim, rescale);
-          running_max[i] = new_max;
+          const acc_t rescale = softmax[i].rescale_for(row_max(row, cols));
+          softmax[i].sum += exp_shifted_sum_inplace(row, cols, softmax[i].shift());
+          if (k && rescale != acc_t(1)) scale_inplace(moments_ptr + i * width, width, rescale);
         }
-        if (k) acc_moments.addmm_(logits, stacked);
+        if (k) acc_moments.addmm_(logits, stacked);  // e @ [W_t | W_t*W_t]
       }
       for (int64_t i = 0; i < n; ++i) {
-        const acc_t m = running_max[i];
-        const acc_t shift = m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m;
-        lse_ptr[r0 + i] = shift + std::log(running_sum[i]);
+        lse_ptr[r0 + i] = softmax[i].lse();
+        if (k) scale_inplace(moments_ptr + i * width, width, acc_t(1) / softmax[i].sum);
       }
-      if (k) {
-        Tensor sums = at::from_blob(running_sum.data(), {n, 1}, opts);
-        acc_moments.div_(sums);
-      }
-    }
+    };
   });
 }
 
@@ -122,32 +93,27 @@ void backward_tiles(const BackwardRows& r, const Tensor& weight, const Tensor& b
   const acc_t* lse_ptr = lse.data_ptr<acc_t>();
   const acc_t* offset_ptr = (modulated ? r.row_offset : r.g_ce).data_ptr<acc_t>();
   const acc_t* g_ce_ptr = r.g_ce.data_ptr<acc_t>();
-  at::parallel_for(0, ceil_div(vocab, kVocabTile), 1, [&](int64_t tile_begin, int64_t tile_end) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set again in each worker
-    Tensor grad_h_part = want_h ? grad_h_partials[at::get_thread_num()] : Tensor();
-    Tensor probs_flat = at::empty({kRowBlock * kVocabTile}, opts);
-    Tensor grad_flat = at::empty({kRowBlock * kVocabTile}, opts);
-    Tensor weight_flat = at::empty({kVocabTile * std::max<int64_t>(k, 1) * dim}, opts);
-    Tensor acc_w = at::empty({kVocabTile, dim}, opts);
-    Tensor acc_spread = at::empty({kVocabTile, std::max<int64_t>(k, 1) * dim}, opts);
-    std::vector<acc_t> acc_b(kVocabTile);
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-      const int64_t v0 = tile * kVocabTile, cols = std::min(kVocabTile, vocab - v0);
-      const Tensor stacked = load_weight_tile(weight, v0, cols, weight_flat, with_squares);
+  parallel_blocks(vocab, kVocabTile, [&] {
+    struct Scratch {
+      Tensor grad_h_part, probs_flat, grad_flat, weight_flat, acc_w, acc_spread;
+      std::vector<acc_t> acc_b;
+    };
+    Scratch t{want_h ? grad_h_partials[at::get_thread_num()] : Tensor(),
+              at::empty({kRowBlock * kVocabTile}, opts), at::empty({kRowBlock * kVocabTile}, opts),
+              at::empty({kVocabTile * std::max<int64_t>(k, 1) * dim}, opts), at::empty({kVocabTile, dim}, opts),
+              at::empty({kVocabTile, std::max<int64_t>(k, 1) * dim}, opts), std::vector<acc_t>(kVocabTile)};
+    return [&, t](int64_t v0, int64_t cols) mutable {
+      const Tensor stacked = load_weight_tile(weight, v0, cols, t.weight_flat, with_squares);
       const Tensor w = stacked.narrow(1, 0, dim);
-      Tensor tile_w = acc_w.narrow(0, 0, cols).zero_();
-      Tensor tile_spread = acc_spread.narrow(0, 0, cols).zero_();
-      std::fill(acc_b.begin(), acc_b.end(), acc_t(0));
+      Tensor tile_w = t.acc_w.narrow(0, 0, cols).zero_();
+      Tensor tile_spread = t.acc_spread.narrow(0, 0, cols).zero_();
+      std::fill(t.acc_b.begin(), t.acc_b.end(), acc_t(0));
       for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
         const int64_t n = std::min(kRowBlock, rows - r0);
         const Tensor h_block = r.h.narrow(0, r0, n);
-        Tensor probs = scratch_view(probs_flat, n, cols);
-        Tensor grad = scratch_view(grad_flat, n, cols);
-        if (bias.defined()) {
-          at::addmm_out(probs, bias.narrow(0, v0, cols).unsqueeze(0).expand({n, cols}), h_block, w.t());
-        } else {
-          at::mm_out(probs, h_block, w.t());
-        }
+        Tensor probs = scratch_view(t.probs_flat, n, cols);
+        Tensor grad = scratch_view(t.grad_flat, n, cols);
+        tile_logits(probs, h_block, w, bias, v0);
         Tensor left_block = modulated ? r.left.narrow(0, r0, n) : Tensor();
         if (modulated) at::mm_out(grad, left_block, stacked.t());  // gR' (W*W)_v . q + W_v . T
         acc_t* s = probs.data_ptr<acc_t>();
@@ -155,13 +121,10 @@ void backward_tiles(const BackwardRows& r, const Tensor& weight, const Tensor& b
         for (int64_t i = 0; i < n; ++i) {
           const int64_t row = r0 + i;
           softmax_gradient_row(s + i * cols, g + i * cols, cols, lse_ptr[row], offset_ptr[row], modulated);
-          const int64_t t = y[row] - v0;
-          if (t >= 0 && t < cols) g[i * cols + t] -= g_ce_ptr[row];
-          if (want_b) {
-            for (int64_t j = 0; j < cols; ++j) acc_b[j] += g[i * cols + j];
-          }
+          subtract_at_target(g + i * cols, y[row], v0, cols, g_ce_ptr[row]);
+          if (want_b) add_columns(t.acc_b.data(), g + i * cols, cols);
         }
-        if (want_h) grad_h_part.narrow(0, r0, n).addmm_(grad, w);
+        if (want_h) t.grad_h_part.narrow(0, r0, n).addmm_(grad, w);
         if (want_w) {
           tile_w.addmm_(grad.t(), h_block);
           if (modulated) tile_spread.addmm_(probs.t(), left_block);  // S^T [T | gR' q]
@@ -185,11 +148,8 @@ void backward_tiles(const BackwardRows& r, const Tensor& weight, const Tensor& b
         }
         grad_w.narrow(0, v0, cols).copy_(tile_w);
       }
-      if (want_b) {
-        acc_t* gb = grad_b.data_ptr<acc_t>();
-        std::copy(acc_b.begin(), acc_b.begin() + cols, gb + v0);
-      }
-    }
+      if (want_b) std::copy(t.acc_b.begin(), t.acc_b.begin() + cols, grad_b.data_ptr<acc_t>() + v0);
+    };
   });
 }
 
@@ -201,7 +161,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_ce_forward(
   TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
               "dropreg::linear_ce_forward: input (N, d) and weight (V, d) expected");
   RECORD_FUNCTION("dropreg::forward_stats", std::vector<c10::IValue>());
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // autograd is registered in Python; internals untraced
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // autograd is registered in Python
   const auto acc = accumulation_type(input);
   const int64_t rows = input.size(0), dim = input.size(1);
   const int64_t k = need_explicit ? 2 : (need_implicit ? 1 : 0);
@@ -214,9 +174,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_ce_forward(
     forward_statistics<scalar_t>(h, w, b, k, lse, moments);
   });
   const Tensor w_target = w.index_select(0, target).to(acc);
-  Tensor target_logit = (h * w_target).sum(1);
-  if (b.defined()) target_logit.add_(b.index_select(0, target));
-  Tensor ce = lse - target_logit;
+  Tensor ce = lse - target_logits(h, w, b, target);
   Tensor quadratic = at::zeros_like(ce), sign_term = at::zeros_like(ce);
   Tensor mu = k ? moments.narrow(1, 0, dim).contiguous() : at::empty({0, dim}, h.options());
   Tensor var = at::empty({0, dim}, h.options());

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
@@ -23,6 +25,45 @@ inline T nan_max(T a, T b) {
   if (std::isnan(a)) return a;
   if (std::isnan(b)) return b;
   return a > b ? a : b;
+}
+
+// Running max and sum of exp of one row's logits across vocabulary tiles: MATH.md's online merge.
+template <typename T>
+struct OnlineSoftmax {
+  T max = -std::numeric_limits<T>::infinity();
+  T sum = T(0);
+
+  // A row whose logits so far are all -inf shifts by 0: exp(-inf - -inf) would be NaN.
+  static T shift_of(T m) { return m == -std::numeric_limits<T>::infinity() ? T(0) : m; }
+  T shift() const { return shift_of(max); }
+  T lse() const { return shift() + std::log(sum); }
+
+  // Moves the running max to cover a new tile whose max is tile_max, rescales `sum`, and returns the
+  // factor that the caller's other accumulators must be rescaled by. NaN propagates.
+  T rescale_for(T tile_max) {
+    const T new_max = nan_max(max, tile_max);
+    const T factor = std::exp(max - shift_of(new_max));
+    sum *= factor;
+    max = new_max;
+    return factor;
+  }
+};
+
+// Splits [0, total) into blocks of `block` over the intra-op threads. make_worker() runs once per thread
+// and returns the callable worker(start, size) for one block, so each thread owns its scratch buffers
+// (and, for vocabulary tiles, the rows of grad_weight it writes).
+template <typename MakeWorker>
+void parallel_blocks(int64_t total, int64_t block, MakeWorker make_worker) {
+  at::parallel_for(0, ceil_div(total, block), 1, [&](int64_t begin, int64_t end) {
+    // The ops' autograd lives in Python; keep the internals off the autograd path. The guard is
+    // thread-local, so every worker sets it.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto worker = make_worker();
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t start = b * block;
+      worker(start, std::min(block, total - start));
+    }
+  });
 }
 
 // Largest of x[0..n); NaN if any element is NaN.
@@ -111,6 +152,45 @@ inline Tensor load_weight_tile(const Tensor& weight, int64_t v0, int64_t cols, c
     at::mul_out(squares, w, w);
   }
   return stacked;
+}
+
+// out = h_block @ w_tile^T (+ bias[v0 : v0 + cols]).
+inline void tile_logits(Tensor& out, const Tensor& h_block, const Tensor& w_tile, const Tensor& bias, int64_t v0) {
+  if (bias.defined()) {
+    const int64_t rows = h_block.size(0), cols = w_tile.size(0);
+    at::addmm_out(out, bias.narrow(0, v0, cols).unsqueeze(0).expand({rows, cols}), h_block, w_tile.t());
+  } else {
+    at::mm_out(out, h_block, w_tile.t());
+  }
+}
+
+// grad_row[target - v0] -= amount when the target lies in this tile of `cols` entries.
+template <typename T>
+inline void subtract_at_target(T* grad_row, int64_t target, int64_t v0, int64_t cols, T amount) {
+  const int64_t t = target - v0;
+  if (t >= 0 && t < cols) grad_row[t] -= amount;
+}
+
+template <typename T>
+inline void add_columns(T* column_sums, const T* row, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) column_sums[j] += row[j];
+}
+
+inline at::ScalarType accumulation_type(const Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// z_y = h . W[y] (+ b[y]) per row, in h's (accumulation) dtype.
+inline Tensor target_logits(const Tensor& h, const Tensor& weight, const Tensor& bias, const Tensor& target) {
+  Tensor logits = (h * weight.index_select(0, target).to(h.scalar_type())).sum(1);
+  if (bias.defined()) logits.add_(bias.index_select(0, target));
+  return logits;
+}
+
+// Row blocks for the row-parallel forward: enough blocks to keep every thread busy on small batches.
+inline int64_t forward_row_block(int64_t rows) {
+  const int64_t per_thread = ceil_div(rows, std::max<int64_t>(1, at::get_num_threads()));
+  return std::max<int64_t>(1, std::min(kRowBlock, per_thread));
 }
 
 }  // namespace dropreg

@@ -4,13 +4,15 @@ Public API::
 
     dropreg.linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, p=0.1, ...)
     dropreg.explicit_regularizer(input, linear_weight, *, linear_bias=None, reduction="mean")
-    dropreg.LinearCrossEntropyLoss(p=0.1, ...)      # nn.Module wrapper
+    dropreg.rdrop_linear_cross_entropy(input1, input2, linear_weight, target, *, alpha=1.0, ...)
+    dropreg.LinearCrossEntropyLoss(p=0.1, ...), dropreg.RDropLoss(alpha=1.0, ...)   # nn.Module wrappers
 
 The math is MATH.md (in the project's shared design folder); README.md lists the backends.
 """
-from ._api import LinearCrossEntropyOutput, default_coefficients, explicit_regularizer, linear_cross_entropy
+from ._api import (LinearCrossEntropyOutput, RDropOutput, default_coefficients, explicit_regularizer,
+                   linear_cross_entropy, rdrop_linear_cross_entropy)
 from ._dispatch import available_backends
-from .nn import LinearCrossEntropyLoss
+from .nn import LinearCrossEntropyLoss, RDropLoss
 from .signs import philox_signs
 
 __version__ = "0.1.0"
@@ -18,9 +20,12 @@ __version__ = "0.1.0"
 __all__ = [
     "LinearCrossEntropyLoss",
     "LinearCrossEntropyOutput",
+    "RDropLoss",
+    "RDropOutput",
     "available_backends",
     "default_coefficients",
     "explicit_regularizer",
     "linear_cross_entropy",
     "philox_signs",
+    "rdrop_linear_cross_entropy",
 ]

@@ -33,6 +33,15 @@ class LinearCrossEntropyOutput(NamedTuple):
         return self.ce + self.explicit + self.implicit
 
 
+class RDropOutput(NamedTuple):
+    """R-Drop terms; scalars for ``"mean"``/``"sum"``, shape ``target.shape`` for ``"none"``."""
+
+    ce1: Tensor
+    ce2: Tensor
+    kl: Tensor
+    loss: Tensor  # ce1 + ce2 + alpha * kl
+
+
 def default_coefficients(p: float) -> tuple[float, float]:
     """MATH.md's defaults: ``explicit_coef = p / (2 (1-p))`` and ``implicit_coef = sqrt(p / (1-p))``."""
     kappa = p / (1.0 - p)
@@ -54,36 +63,44 @@ def _check_float_tensor(name: str, value, ndim: Optional[int] = None) -> None:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
 
 
-def _check_same_device_and_dtype(input: Tensor, others: dict) -> None:
+def _check_same_device_and_dtype(input: Tensor, others: dict, input_name: str = "input") -> None:
     for name, value in others.items():
         if value is None:
             continue
         if value.device != input.device:
-            raise ValueError(f"{name}: expected a tensor on input's device {input.device}, "
+            raise ValueError(f"{name}: expected a tensor on {input_name}'s device {input.device}, "
                              f"got device {value.device}")
         if value.dtype != input.dtype:
-            raise TypeError(f"{name}: expected input's dtype {input.dtype}, got dtype {value.dtype}")
+            raise TypeError(f"{name}: expected {input_name}'s dtype {input.dtype}, got dtype {value.dtype}")
 
 
-def _check_head(input, linear_weight, linear_bias) -> tuple[int, int]:
-    _check_float_tensor("input", input)
+def _check_head(input, linear_weight, linear_bias, name: str = "input") -> tuple[int, int]:
+    _check_float_tensor(name, input)
     if input.dim() < 1:
-        raise ValueError("input: expected shape (..., d), got a 0-D tensor")
+        raise ValueError(f"{name}: expected shape (..., d), got a 0-D tensor")
     _check_float_tensor("linear_weight", linear_weight, ndim=2)
     vocab, dim = linear_weight.shape
     if vocab < 1 or dim < 1:
         raise ValueError(f"linear_weight: expected shape (V, d) with V >= 1 and d >= 1, "
                          f"got {tuple(linear_weight.shape)}")
     if input.shape[-1] != dim:
-        raise ValueError(f"input: expected last dimension d={dim} to match linear_weight of shape "
-                         f"{tuple(linear_weight.shape)}, got input shape {tuple(input.shape)}")
+        raise ValueError(f"{name}: expected last dimension d={dim} to match linear_weight of shape "
+                         f"{tuple(linear_weight.shape)}, got {name} shape {tuple(input.shape)}")
     if linear_bias is not None:
         _check_float_tensor("linear_bias", linear_bias)
         if tuple(linear_bias.shape) != (vocab,):
             raise ValueError(f"linear_bias: expected shape ({vocab},) to match linear_weight, "
                              f"got {tuple(linear_bias.shape)}")
-    _check_same_device_and_dtype(input, {"linear_weight": linear_weight, "linear_bias": linear_bias})
+    _check_same_device_and_dtype(input, {"linear_weight": linear_weight, "linear_bias": linear_bias}, name)
     return vocab, dim
+
+
+def _check_same_shape_device_dtype(name: str, value, reference_name: str, reference: Tensor) -> None:
+    _check_float_tensor(name, value)
+    if value.shape != reference.shape:
+        raise ValueError(f"{name}: expected {reference_name}'s shape {tuple(reference.shape)}, "
+                         f"got {tuple(value.shape)}")
+    _check_same_device_and_dtype(reference, {name: value}, reference_name)
 
 
 def _check_reduction(reduction) -> None:
@@ -91,16 +108,16 @@ def _check_reduction(reduction) -> None:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _check_target(target, input: Tensor, vocab: int, ignore_index: int) -> None:
+def _check_target(target, input: Tensor, vocab: int, ignore_index: int, input_name: str = "input") -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target: expected an integer tensor of class indices (int64), got dtype {target.dtype}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"target: expected shape {tuple(input.shape[:-1])} (input.shape[:-1]), "
+        raise ValueError(f"target: expected shape {tuple(input.shape[:-1])} ({input_name}.shape[:-1]), "
                          f"got {tuple(target.shape)}")
     if target.device != input.device:
-        raise ValueError(f"target: expected a tensor on input's device {input.device}, got {target.device}")
+        raise ValueError(f"target: expected a tensor on {input_name}'s device {input.device}, got {target.device}")
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
     if _checking_values() and target.numel():
@@ -155,14 +172,29 @@ def _flatten_signs(signs, input: Tensor) -> Tensor:
     return expanded.reshape(-1, input.shape[-1])
 
 
-def _reduce(per_row: Tensor, valid: Tensor, n_valid: Tensor, reduction: str, shape, out_dtype) -> Tensor:
-    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
-    if reduction == "none":
-        return per_row.reshape(shape).to(out_dtype)
-    total = per_row.sum()
-    if reduction == "mean":
-        total = total / n_valid  # n_valid >= 1: an all-ignored batch gives 0, not NaN
-    return total.to(out_dtype)
+class _IgnoredRows:
+    """Rows whose target is ignore_index: zeroed before a backend sees them, masked out of every term,
+    and not counted by "mean" (which divides by at least 1, so an all-ignored batch gives 0, not NaN)."""
+
+    def __init__(self, target: Tensor, ignore_index: int, dtype: torch.dtype):
+        self.shape = target.shape
+        flat = target.reshape(-1).long()
+        self.valid = flat != ignore_index
+        self.safe_target = torch.where(self.valid, flat, torch.zeros_like(flat))
+        self.count = self.valid.sum().clamp(min=1).to(accumulation_dtype(dtype))
+
+    def zero_ignored(self, input: Tensor) -> Tensor:
+        zero = torch.zeros((), dtype=input.dtype, device=input.device)
+        return torch.where(self.valid[:, None], input.reshape(-1, input.shape[-1]), zero)
+
+    def reducer(self, reduction: str, out_dtype: torch.dtype):
+        def reduce(per_row: Tensor) -> Tensor:
+            per_row = torch.where(self.valid, per_row, torch.zeros_like(per_row))
+            if reduction == "none":
+                return per_row.reshape(self.shape).to(out_dtype)
+            total = per_row.sum()
+            return (total / self.count if reduction == "mean" else total).to(out_dtype)
+        return reduce
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
@@ -197,21 +229,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     need_implicit = bool(implicit) and implicit_coef != 0.0
     flat_signs = _flatten_signs(signs, input) if signs is not None and need_implicit else None
     seed = _check_seed(seed) if need_implicit and signs is None else 0
-    name, terms = resolve_backend(backend, input.device)
+    _, implementation = resolve_backend(backend, input.device)
 
-    flat_target = target.reshape(-1).long()
-    valid = flat_target != ignore_index
-    safe_target = torch.where(valid, flat_target, torch.zeros_like(flat_target))
-    flat_input = torch.where(valid[:, None], input.reshape(-1, dim), torch.zeros((), dtype=input.dtype,
-                                                                                  device=input.device))
-    ce, quadratic, sign_term = terms(flat_input, linear_weight, linear_bias, safe_target, flat_signs, seed,
-                                     need_explicit, need_implicit)
-    n_valid = valid.sum().clamp(min=1).to(accumulation_dtype(input.dtype))
-    shape = input.shape[:-1]
-
-    def reduce(per_row):
-        return _reduce(per_row, valid, n_valid, reduction, shape, input.dtype)
-
+    rows = _IgnoredRows(target, ignore_index, input.dtype)
+    ce, quadratic, sign_term = implementation.linear_ce(
+        rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target, flat_signs, seed,
+        need_explicit, need_implicit)
+    reduce = rows.reducer(reduction, input.dtype)
     zero = reduce(torch.zeros_like(ce))
     return LinearCrossEntropyOutput(
         ce=reduce(ce),
@@ -229,10 +253,35 @@ def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: O
     """
     _check_head(input, linear_weight, linear_bias)
     _check_reduction(reduction)
-    _, terms = resolve_backend(backend, input.device)
-    flat_input = input.reshape(-1, input.shape[-1])
-    dummy_target = torch.zeros(flat_input.shape[0], dtype=torch.long, device=input.device)
-    _, quadratic, _ = terms(flat_input, linear_weight, linear_bias, dummy_target, None, 0, True, False)
-    valid = torch.ones_like(dummy_target, dtype=torch.bool)
-    n_rows = torch.tensor(max(flat_input.shape[0], 1), dtype=quadratic.dtype, device=input.device)
-    return _reduce(quadratic, valid, n_rows, reduction, input.shape[:-1], input.dtype)
+    _, implementation = resolve_backend(backend, input.device)
+    rows = _IgnoredRows(torch.zeros(input.shape[:-1], dtype=torch.long, device=input.device), -1, input.dtype)
+    _, quadratic, _ = implementation.linear_ce(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias,
+                                               rows.safe_target, None, 0, True, False)
+    return rows.reducer(reduction, input.dtype)(quadratic)
+
+
+def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Tensor, target: Tensor, *,
+                               linear_bias: Optional[Tensor] = None, alpha: float = 1.0,
+                               ignore_index: int = -100, reduction: str = "mean",
+                               backend: str = "auto") -> RDropOutput:
+    """R-Drop (Liang et al., 2021) on an LM head, fused: two cross entropies and the symmetric KL.
+
+    ``input1`` and ``input2`` are the head's inputs from two dropout passes over the same batch. Per token,
+    ``kl = (KL(p1||p2) + KL(p2||p1)) / 2`` and ``loss = ce1 + ce2 + alpha * kl``, the convention of the
+    R-Drop authors' translation criterion; for the other common one, ``(ce1 + ce2) / 2 + alpha * kl``,
+    use ``0.5 * (out.ce1 + out.ce2) + alpha * out.kl``. The KL is computed in one streamed pass as
+    ``sum_v (p1_v - p2_v)(z1_v - z2_v) / 2`` (MATH.md). Ignored rows, reductions, dtypes and errors
+    behave as in :func:`linear_cross_entropy`.
+    """
+    vocab, dim = _check_head(input1, linear_weight, linear_bias, name="input1")
+    _check_same_shape_device_dtype("input2", input2, "input1", input1)
+    _check_target(target, input1, vocab, ignore_index, input_name="input1")
+    _check_reduction(reduction)
+    alpha = _check_coefficient("alpha", alpha, 1.0)
+    _, implementation = resolve_backend(backend, input1.device)
+    rows = _IgnoredRows(target, ignore_index, input1.dtype)
+    ce1, ce2, kl = implementation.rdrop(rows.zero_ignored(input1), rows.zero_ignored(input2), linear_weight,
+                                        linear_bias, rows.safe_target)
+    reduce = rows.reducer(reduction, input1.dtype)
+    ce1, ce2, kl = reduce(ce1), reduce(ce2), reduce(kl)
+    return RDropOutput(ce1=ce1, ce2=ce2, kl=kl, loss=ce1 + ce2 + alpha * kl)

@@ -1,64 +1,73 @@
 """The one place that maps ``backend=`` and the tensors' device to an implementation.
 
-Every backend is a function with the signature of :func:`dropreg.reference.reference_terms`:
-``(input, weight, bias, target, signs, seed, need_explicit, need_implicit) -> (ce, quadratic, sign_term)``
-on flattened, validated arguments, returning per-row terms without coefficients. Ignored rows arrive
-with a zeroed input row and a valid dummy target; the caller masks their outputs.
-A new backend registers here and, by its name in ``tests/conftest.py``, gets the whole test suite.
+A backend provides one function per fused op, on flattened, validated arguments, returning per-row
+terms without coefficients (the caller applies coefficients, masks ignored rows and reduces):
+
+* ``linear_ce(input, weight, bias, target, signs, seed, need_explicit, need_implicit)
+  -> (ce, quadratic, sign_term)``, as :func:`dropreg.reference.reference_terms`;
+* ``rdrop(input1, input2, weight, bias, target) -> (ce1, ce2, kl)``, as
+  :func:`dropreg.reference.reference_rdrop`.
+
+Ignored rows arrive with zeroed input rows and a valid dummy target. A new backend registers here and,
+by its name in ``tests/conftest.py``, gets the whole test suite.
 """
 from __future__ import annotations
 
-from typing import Callable
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-import warnings
-
 from . import cpu
-from .reference import reference_terms
-from .streamed import streamed_terms
+from .reference import reference_rdrop, reference_terms
+from .streamed import streamed_rdrop, streamed_terms
 
-BackendFn = Callable[..., tuple]
 
-_BACKENDS: dict[str, BackendFn] = {
-    "reference": reference_terms,
-    "torch": streamed_terms,
-    "cpu": cpu.cpu_terms,
+@dataclass(frozen=True)
+class Backend:
+    linear_ce: Callable[..., tuple]
+    rdrop: Callable[..., tuple]
+    is_available: Callable[[], bool] = lambda: True
+    unavailable_reason: Callable[[], Optional[BaseException]] = lambda: None
+
+
+_BACKENDS: dict[str, Backend] = {
+    "reference": Backend(reference_terms, reference_rdrop),
+    "torch": Backend(streamed_terms, streamed_rdrop),
+    "cpu": Backend(cpu.cpu_terms, cpu.cpu_rdrop, cpu.is_available, cpu.load_error),
 }
 
-# Backends that may be missing at run time (a build that failed): "auto" skips them, with a warning.
-_AVAILABILITY: dict[str, Callable[[], bool]] = {"cpu": cpu.is_available}
-_warned_unavailable: set[str] = set()
-
-# Fastest first, per device type; "auto" takes the first one that is registered.
+# Fastest first, per device type; "auto" takes the first registered and available one.
 _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch"),
     "cuda": ("triton", "torch"),
 }
 _AUTO_FALLBACK = ("torch",)
+_warned_unavailable: set[str] = set()
 
 
 def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def register_backend(name: str, fn: BackendFn) -> None:
-    _BACKENDS[name] = fn
+def register_backend(name: str, backend: Backend) -> None:
+    _BACKENDS[name] = backend
 
 
 def _usable(name: str) -> bool:
-    check = _AVAILABILITY.get(name)
-    if check is None or check():
+    backend = _BACKENDS[name]
+    if backend.is_available():
         return True
-    if name not in _warned_unavailable:
+    if name not in _warned_unavailable:  # never fall back silently
         _warned_unavailable.add(name)
         warnings.warn(f"dropreg: backend {name!r} is unavailable, backend='auto' falls back to a slower one. "
-                      f"Reason: {cpu.load_error()}", RuntimeWarning, stacklevel=3)
+                      f"Reason: {backend.unavailable_reason()}", RuntimeWarning, stacklevel=4)
     return False
 
 
-def resolve_backend(name: str, device: torch.device) -> tuple[str, BackendFn]:
-    """``(name, fn)`` for ``backend=name``; ``"auto"`` picks the fastest registered one for ``device``."""
+def resolve_backend(name: str, device: torch.device) -> tuple[str, Backend]:
+    """``(name, backend)`` for ``backend=name``; ``"auto"`` picks the fastest usable one for ``device``."""
     if name == "auto":
         for candidate in _AUTO_PREFERENCE.get(device.type, _AUTO_FALLBACK):
             if candidate in _BACKENDS and _usable(candidate):

@@ -107,6 +107,38 @@ def _register_python_kernels() -> None:
                 None, None, None, None, None)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    _register_rdrop_kernels()
+
+
+def _register_rdrop_kernels() -> None:
+    @torch.library.register_fake("dropreg::rdrop_forward")
+    def _forward_fake(input1, input2, weight, bias, target):
+        rows = input1.shape[0]
+        acc = accumulation_dtype(input1.dtype)
+        per_row = [input1.new_empty((rows,), dtype=acc) for _ in range(3)]
+        return (*per_row, input1.new_empty((2, rows), dtype=acc), input1.new_empty((2, rows), dtype=acc))
+
+    @torch.library.register_fake("dropreg::rdrop_backward")
+    def _backward_fake(grad_ce1, grad_ce2, grad_kl, input1, input2, weight, bias, target, lse, expected_d,
+                       output_mask):
+        def grad_or_empty(wanted, like):
+            return torch.empty_like(like) if wanted and like is not None else input1.new_empty((0,))
+        return (grad_or_empty(output_mask[0], input1), grad_or_empty(output_mask[1], input2),
+                grad_or_empty(output_mask[2], weight), grad_or_empty(output_mask[3], bias))
+
+    def setup_context(ctx, inputs, output):
+        input1, input2, weight, bias, target = inputs
+        ctx.save_for_backward(input1, input2, weight, bias, target, output[3], output[4])
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_ce1, grad_ce2, grad_kl, _grad_lse, _grad_expected):
+        input1, input2, weight, bias, target, lse, expected_d = ctx.saved_tensors
+        mask = [*ctx.needs_input_grad[:3], ctx.has_bias and ctx.needs_input_grad[3]]
+        grads = [torch.zeros_like(lse[0]) if g is None else g.contiguous() for g in (grad_ce1, grad_ce2, grad_kl)]
+        out = torch.ops.dropreg.rdrop_backward(*grads, input1, input2, weight, bias, target, lse, expected_d, mask)
+        return (*(g if wanted else None for g, wanted in zip(out, mask)), None)
+
+    torch.library.register_autograd("dropreg::rdrop_forward", backward, setup_context=setup_context)
 
 
 def cpu_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
@@ -117,4 +149,12 @@ def cpu_terms(input, weight, bias, target, signs, seed, need_explicit, need_impl
     out = torch.ops.dropreg.linear_ce_forward(
         input.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
         target.contiguous(), signs, _int64_seed(seed), need_explicit, need_implicit)
+    return out[0], out[1], out[2]
+
+
+def cpu_rdrop(input1, input2, weight, bias, target):
+    """Per-row ``(ce1, ce2, kl)`` from the C++ kernels (see dropreg/_dispatch.py)."""
+    load()
+    out = torch.ops.dropreg.rdrop_forward(input1.contiguous(), input2.contiguous(), weight.contiguous(),
+                                          None if bias is None else bias.contiguous(), target.contiguous())
     return out[0], out[1], out[2]

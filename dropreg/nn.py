@@ -6,7 +6,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._api import LinearCrossEntropyOutput, linear_cross_entropy
+from ._api import LinearCrossEntropyOutput, RDropOutput, linear_cross_entropy, rdrop_linear_cross_entropy
+
+
+def shift_labels(target: Tensor, ignore_index: int) -> Tensor:
+    """Causal-LM labels: position t is scored against ``target[..., t + 1]``; the last position is ignored."""
+    if not isinstance(target, Tensor) or target.dim() < 1:
+        raise ValueError("target: shift_labels=True expects labels of shape (..., sequence)")
+    return torch.nn.functional.pad(target[..., 1:], (0, 1), value=ignore_index)
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -54,10 +61,41 @@ class LinearCrossEntropyLoss(nn.Module):
             ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
 
     def _shift(self, target: Tensor) -> Tensor:
-        if not isinstance(target, Tensor) or target.dim() < 1:
-            raise ValueError("target: shift_labels=True expects labels of shape (..., sequence)")
-        return torch.nn.functional.pad(target[..., 1:], (0, 1), value=self.ignore_index)
+        return shift_labels(target, self.ignore_index)
 
     def extra_repr(self) -> str:
         return (f"p={self.p}, explicit={self.explicit}, implicit={self.implicit}, "
                 f"reduction={self.reduction!r}, shift_labels={self.shift_labels}, backend={self.backend!r}")
+
+
+class RDropLoss(nn.Module):
+    """R-Drop loss on an LM head: ``ce1 + ce2 + alpha * kl`` from two dropout passes of the same batch.
+
+    ``kl`` is (KL(p1||p2) + KL(p2||p1)) / 2 per token, fused into one streamed pass over the vocabulary::
+
+        loss_fn = dropreg.RDropLoss(alpha=1.0, shift_labels=True)
+        hidden1, hidden2 = model(input_ids), model(input_ids)    # dropout on: two different masks
+        out = loss_fn(hidden1, hidden2, model.lm_head.weight, input_ids)
+        out.loss.backward()
+    """
+
+    def __init__(self, alpha: float = 1.0, *, ignore_index: int = -100, reduction: str = "mean",
+                 shift_labels: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.alpha = alpha
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.shift_labels = shift_labels
+        self.backend = backend
+
+    def forward(self, input1: Tensor, input2: Tensor, linear_weight: Tensor, target: Tensor,
+                linear_bias: Optional[Tensor] = None) -> RDropOutput:
+        if self.shift_labels:
+            target = shift_labels(target, self.ignore_index)
+        return rdrop_linear_cross_entropy(input1, input2, linear_weight, target, linear_bias=linear_bias,
+                                          alpha=self.alpha, ignore_index=self.ignore_index,
+                                          reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, reduction={self.reduction!r}, shift_labels={self.shift_labels}, "
+                f"backend={self.backend!r}")

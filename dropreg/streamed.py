@@ -43,6 +43,29 @@ def _chunk_logits(h, w, b):
     return h @ w.T if b is None else torch.addmm(b, h, w.T)
 
 
+class OnlineSoftmax:
+    """Per-row running max and sum of exp over vocabulary chunks: MATH.md's online merge."""
+
+    def __init__(self, rows, dtype, device):
+        self.max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
+        self.sum = torch.zeros(rows, dtype=dtype, device=device)
+
+    def absorb(self, logits):
+        """Exponentiate ``logits`` in place, shifted by the new running max, and add them to the sum.
+
+        Returns the per-row factor that rescales whatever was accumulated from earlier chunks."""
+        new_max = torch.maximum(self.max, logits.amax(dim=1))
+        shift = _logit_shift(new_max)
+        rescale = torch.exp(self.max - shift)
+        logits.sub_(shift[:, None]).exp_()
+        self.sum = self.sum * rescale + logits.sum(dim=1)
+        self.max = new_max
+        return rescale
+
+    def lse(self):
+        return _logit_shift(self.max) + self.sum.log()
+
+
 def forward_statistics(h, weight, bias, *, need_mean, need_second_moment, row_block, vocab_chunk):
     """Per-row ``lse``, and optionally ``mu = E_s[W]`` and ``m2 = E_s[W*W]``, in one streamed pass."""
     acc = accumulation_dtype(h.dtype)
@@ -53,25 +76,31 @@ def forward_statistics(h, weight, bias, *, need_mean, need_second_moment, row_bl
     moments = torch.zeros(n_rows, n_moments * dim, dtype=acc, device=h.device)
     for r0, r1 in _spans(n_rows, row_block):
         h_block = h[r0:r1].to(acc)
-        running_max = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=h.device)
-        running_sum = torch.zeros(r1 - r0, dtype=acc, device=h.device)
+        softmax = OnlineSoftmax(r1 - r0, acc, h.device)
         acc_moments = moments[r0:r1]
         for v0, v1 in _spans(vocab, vocab_chunk):
             w, stacked, b = _weight_chunk(weight, bias, v0, v1, acc, need_second_moment)
             exp_logits = _chunk_logits(h_block, w, b)
-            new_max = torch.maximum(running_max, exp_logits.amax(dim=1))
-            shift = _logit_shift(new_max)
-            rescale = torch.exp(running_max - shift)
-            exp_logits.sub_(shift[:, None]).exp_()
-            running_sum = running_sum * rescale + exp_logits.sum(dim=1)
+            rescale = softmax.absorb(exp_logits)
             if n_moments:
                 acc_moments.mul_(rescale[:, None]).addmm_(exp_logits, stacked)
-            running_max = new_max
-        lse[r0:r1] = _logit_shift(running_max) + running_sum.log()
-        acc_moments.div_(running_sum[:, None])
+        lse[r0:r1] = softmax.lse()
+        acc_moments.div_(softmax.sum[:, None])
     mean = moments[:, :dim] if need_mean else None
     second = moments[:, dim:] if need_second_moment else None
     return lse, mean, second
+
+
+def _target_logit(h, weight, bias, target, acc):
+    logit = (h * weight[target].to(acc)).sum(1)
+    return logit if bias is None else logit + bias[target].to(acc)
+
+
+def _subtract_at_target(g_logits, target, v0, v1, amount):
+    """g_logits[i, target[i] - v0] -= amount[i] for the rows whose target lies in [v0, v1)."""
+    in_chunk = (target >= v0) & (target < v1)
+    g_logits.scatter_add_(1, (target - v0).clamp(0, v1 - v0 - 1)[:, None],
+                          torch.where(in_chunk, -amount, torch.zeros_like(amount))[:, None])
 
 
 class StreamedTerms(torch.autograd.Function):
@@ -84,10 +113,7 @@ class StreamedTerms(torch.autograd.Function):
                 need_second_moment=need_explicit, row_block=row_block, vocab_chunk=vocab_chunk)
         hc = h.to(acc)
         w_target = weight[target].to(acc)
-        target_logit = (hc * w_target).sum(1)
-        if bias is not None:
-            target_logit = target_logit + bias[target].to(acc)
-        ce = lse - target_logit
+        ce = lse - _target_logit(hc, weight, bias, target, acc)
         quadratic = sign_term = torch.zeros_like(ce)
         var = None
         if need_explicit:
@@ -143,9 +169,7 @@ class StreamedTerms(torch.autograd.Function):
                         g_logits = (left @ stacked.T).add_(row_const[:, None]).mul_(probs)
                     else:
                         g_logits = probs * g_ce[:, None]
-                    in_chunk = (y >= v0) & (y < v1)
-                    g_logits.scatter_add_(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None],
-                                          torch.where(in_chunk, -g_ce, 0.0)[:, None])
+                    _subtract_at_target(g_logits, y, v0, v1, g_ce)
                 if want_h:
                     with record_function("dropreg::grad_input"):
                         grad_h_block.addmm_(g_logits, w)
@@ -196,3 +220,88 @@ def streamed_terms(input, weight, bias, target, signs, seed, need_explicit, need
         signs = None
     return StreamedTerms.apply(input, weight, bias, target, signs, need_explicit, need_implicit,
                                row_block or default_rows, vocab_chunk or default_chunk)
+
+
+class StreamedRDrop(torch.autograd.Function):
+    """R-Drop's per-row (ce1, ce2, kl) with kl = (KL(p1||p2) + KL(p2||p1)) / 2, streamed (MATH.md).
+
+    symKL = E_p1[D] - E_p2[D] with D = z1 - z2: two online softmaxes and one scalar accumulator each.
+    Forward 2 NVd (the two logit GEMMs); backward 6 NVd (recompute 2, grad_input 2, grad_weight 2).
+    """
+
+    @staticmethod
+    def forward(ctx, h1, h2, weight, bias, target, row_block, vocab_chunk):
+        acc = accumulation_dtype(h1.dtype)
+        n_rows, vocab = h1.shape[0], weight.shape[0]
+        lse = torch.empty(2, n_rows, dtype=acc, device=h1.device)
+        expected_d = torch.empty(2, n_rows, dtype=acc, device=h1.device)  # E_p1[D], E_p2[D]
+        with record_function("dropreg::rdrop_forward_stats"):
+            for r0, r1 in _spans(n_rows, row_block):
+                blocks = (h1[r0:r1].to(acc), h2[r0:r1].to(acc))
+                softmaxes = [OnlineSoftmax(r1 - r0, acc, h1.device) for _ in blocks]
+                weighted_d = [torch.zeros(r1 - r0, dtype=acc, device=h1.device) for _ in blocks]
+                for v0, v1 in _spans(vocab, vocab_chunk):
+                    w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
+                    logits = [_chunk_logits(h, w, b) for h in blocks]
+                    diff = logits[0] - logits[1]
+                    for i in range(2):
+                        rescale = softmaxes[i].absorb(logits[i])
+                        weighted_d[i] = weighted_d[i] * rescale + (logits[i] * diff).sum(1)
+                for i in range(2):
+                    lse[i, r0:r1] = softmaxes[i].lse()
+                    expected_d[i, r0:r1] = weighted_d[i] / softmaxes[i].sum
+        ce1 = lse[0] - _target_logit(h1.to(acc), weight, bias, target, acc)
+        ce2 = lse[1] - _target_logit(h2.to(acc), weight, bias, target, acc)
+        kl = 0.5 * (expected_d[0] - expected_d[1])
+        ctx.save_for_backward(h1, h2, weight, bias, target, lse, expected_d)
+        ctx.blocks = (row_block, vocab_chunk)
+        return ce1, ce2, kl
+
+    @staticmethod
+    def backward(ctx, grad_ce1, grad_ce2, grad_kl):
+        h1, h2, weight, bias, target, lse, expected_d = ctx.saved_tensors
+        row_block, vocab_chunk = ctx.blocks
+        want_h1, want_h2, want_w, want_b = ctx.needs_input_grad[:4]
+        acc = lse.dtype
+        n_rows, dim = h1.shape
+        vocab = weight.shape[0]
+        grad_h = torch.zeros(2, n_rows, dim, dtype=acc, device=h1.device)
+        grad_w = torch.zeros(vocab, dim, dtype=acc, device=h1.device) if want_w else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=h1.device) if want_b else None
+        for r0, r1 in _spans(n_rows, row_block):
+            y = target[r0:r1]
+            blocks = (h1[r0:r1].to(acc), h2[r0:r1].to(acc))
+            g_ce = (grad_ce1[r0:r1].to(acc), grad_ce2[r0:r1].to(acc))
+            half_kl = 0.5 * grad_kl[r0:r1].to(acc)[:, None]
+            for v0, v1 in _spans(vocab, vocab_chunk):
+                w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
+                with record_function("dropreg::rdrop_logit_gradient"):
+                    z1, z2 = (_chunk_logits(h, w, b) for h in blocks)
+                    diff = z1 - z2
+                    p1 = z1.sub_(lse[0, r0:r1, None]).exp_()
+                    p2 = z2.sub_(lse[1, r0:r1, None]).exp_()
+                    # d symKL/dz1 = p1 (D - E_p1 D) + p1 - p2;  d symKL/dz2 = -p2 (D - E_p2 D) - (p1 - p2)
+                    g1 = p1 * (g_ce[0][:, None] + half_kl * (diff - expected_d[0, r0:r1, None] + 1)) - half_kl * p2
+                    g2 = p2 * (g_ce[1][:, None] - half_kl * (diff - expected_d[1, r0:r1, None] - 1)) - half_kl * p1
+                    _subtract_at_target(g1, y, v0, v1, g_ce[0])
+                    _subtract_at_target(g2, y, v0, v1, g_ce[1])
+                with record_function("dropreg::grad_input"):
+                    if want_h1:
+                        grad_h[0, r0:r1].addmm_(g1, w)
+                    if want_h2:
+                        grad_h[1, r0:r1].addmm_(g2, w)
+                if want_w:
+                    with record_function("dropreg::grad_weight"):
+                        grad_w[v0:v1].addmm_(g1.T, blocks[0]).addmm_(g2.T, blocks[1])
+                if want_b:
+                    grad_b[v0:v1] += g1.sum(0) + g2.sum(0)
+        return (grad_h[0].to(h1.dtype) if want_h1 else None, grad_h[1].to(h2.dtype) if want_h2 else None,
+                None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def streamed_rdrop(input1, input2, weight, bias, target, *, row_block=None, vocab_chunk=None):
+    """Per-row ``(ce1, ce2, kl)``, as :func:`dropreg.reference.reference_rdrop`, streamed."""
+    default_rows, default_chunk = default_blocks(input1.shape[0], weight.shape[0])
+    return StreamedRDrop.apply(input1, input2, weight, bias, target, row_block or default_rows,
+                               vocab_chunk or default_chunk)

@@ -46,9 +46,9 @@ def _leaves(problem: Problem, dtype):
     return [t.clone().requires_grad_() for t in leaves]
 
 
-def _terms_and_grads(terms, leaves, cotangent):
+def _terms_and_grads(terms, leaves, cotangent, names=TERMS):
     values, grads = {}, {}
-    for name, value in zip(TERMS, terms):
+    for name, value in zip(names, terms):
         values[name] = value.detach().to(torch.float64)
         if value.requires_grad:
             g = torch.autograd.grad(value, leaves, cotangent.to(value.dtype) if value.dim() else None,
@@ -109,7 +109,6 @@ def assert_close_to_oracle(ours, oracle, dtype, problem: Problem, factor=8.0):
     Errors in ``z - lse`` grow with the logit magnitude, hence ``1 + max|z|``. ``factor`` covers the
     accumulation length of the small problems used here; a wrong formula misses by O(1) relative.
     """
-    eps = EPS[dtype]
     h, w = problem.input.reshape(-1, problem.input.shape[-1]), problem.weight
     logits = h @ w.T + (problem.bias if problem.bias is not None else 0)
     probs = torch.softmax(logits, dim=-1)
@@ -124,10 +123,15 @@ def assert_close_to_oracle(ours, oracle, dtype, problem: Problem, factor=8.0):
         pairs += [(f"d{name}/d{leaf}", a, b) for leaf, a, b in
                   zip(("input", "weight", "bias"), ours_grads[name], oracle_grads[name])]
         for label, a, b in pairs:
-            scale = (float(b.abs().max()) if b.numel() else 0.0) + extra * max(1.0, float(w.abs().max()))
-            tol = factor * eps * z_scale * (scale + 1.0)
-            err = float((a - b).abs().max()) if a.numel() else 0.0
-            assert err <= tol, f"{label}: max error {err:.3e} exceeds tolerance {tol:.3e} (scale {scale:.3e})"
+            assert_within_rounding(label, a, b, dtype, z_scale, extra * max(1.0, float(w.abs().max())), factor)
+
+
+def assert_within_rounding(label, ours, oracle, dtype, z_scale, extra=0.0, factor=8.0):
+    """``max|ours - oracle| <= factor * eps * z_scale * (max|oracle| + extra + 1)``."""
+    scale = (float(oracle.abs().max()) if oracle.numel() else 0.0) + extra
+    tol = factor * EPS[dtype] * z_scale * (scale + 1.0)
+    err = float((ours - oracle).abs().max()) if ours.numel() else 0.0
+    assert err <= tol, f"{label}: max error {err:.3e} exceeds tolerance {tol:.3e} (scale {scale:.3e})"
 
 
 def max_relative_error(ours, oracle) -> float:

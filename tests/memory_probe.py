@@ -1,6 +1,6 @@
 """Run one fused forward+backward under an address-space cap; print a JSON line with the outcome.
 
-Usage: python memory_probe.py BACKEND N d V CAP_MIB. Used by test_memory.py in a subprocess, so the cap
+Usage: python memory_probe.py OP BACKEND N d V CAP_MIB, OP being linear_ce or rdrop. Used by test_memory.py in a subprocess, so the cap
 (``resource.setrlimit(RLIMIT_AS)``) binds only this process. The cap is set *after* torch, the inputs and
 the thread pools exist, as that much address space above the current size.
 """
@@ -23,22 +23,30 @@ def vm_size_bytes() -> int:
 
 
 def main():
-    backend, n_rows, dim, vocab, cap_mib = sys.argv[1], *map(int, sys.argv[2:6])
+    op, backend, (n_rows, dim, vocab, cap_mib) = sys.argv[1], sys.argv[2], map(int, sys.argv[3:7])
     torch.manual_seed(0)
     h = torch.randn(n_rows, dim, requires_grad=True)
     w = (torch.randn(vocab, dim) / dim**0.5).requires_grad_()
     y = torch.randint(0, vocab, (n_rows,))
+    h2 = (h.detach() + 0.1 * torch.randn_like(h)).requires_grad_()
+
+    def loss(rows, vocab_rows, targets):
+        if op == "rdrop":
+            return dropreg.rdrop_linear_cross_entropy(h[:rows], h2[:rows], w[:vocab_rows], targets,
+                                                      backend=backend).loss
+        return dropreg.linear_cross_entropy(h[:rows], w[:vocab_rows], targets, backend=backend, seed=0).loss
+
     # Warm-up on a tiny problem: starts intra-op threads and their malloc arenas before the cap.
-    dropreg.linear_cross_entropy(h[:8], w[:64], y[:8] % 64, backend=backend, seed=0).loss.backward()
+    loss(8, 64, y[:8] % 64).backward()
     w.grad = h.grad = None
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cap = vm_size_bytes() + cap_mib * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     start = time.perf_counter()
     try:
-        out = dropreg.linear_cross_entropy(h, w, y, backend=backend, seed=0)
-        out.loss.backward()
-        result = dict(ok=True, loss=out.loss.item(), grad_finite=bool(torch.isfinite(w.grad).all()))
+        value = loss(n_rows, vocab, y)
+        value.backward()
+        result = dict(ok=True, loss=value.item(), grad_finite=bool(torch.isfinite(w.grad).all()))
     except (RuntimeError, MemoryError) as error:
         result = dict(ok=False, error=str(error).splitlines()[0][:200])
     result.update(seconds=round(time.perf_counter() - start, 2),

@@ -28,6 +28,18 @@ def test_vocab_scaling_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_vocab_scaling_quick_rdrop(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vocab_scaling.py"), "--quick",
+                           "--family", "rdrop", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"rdrop-dropreg-torch", "rdrop-naive", "gemm"} <= {r["method"] for r in rows}
+    assert all(r["status"] == "ok" for r in rows)
+    assert "(floor = 8×)" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
 def test_profile_writes_a_trace_with_dropreg_phases(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vocab_scaling.py"), "--profile",
                            "--rows", "64", "--dim", "16", "--profile-vocab", "2048", "--out", str(tmp_path)],

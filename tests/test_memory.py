@@ -12,8 +12,8 @@ PROBE = os.path.join(os.path.dirname(__file__), "memory_probe.py")
 CASE = ["4096", "64", "131072", "512"]
 
 
-def run_probe(backend):
-    done = subprocess.run([sys.executable, PROBE, backend, *CASE], capture_output=True, text=True, timeout=600)
+def run_probe(backend, op="linear_ce"):
+    done = subprocess.run([sys.executable, PROBE, op, backend, *CASE], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(backend, result)
@@ -21,17 +21,19 @@ def run_probe(backend):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("op", ["linear_ce", "rdrop"])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_streamed_backend_fits_under_cap(backend):
-    result = run_probe(backend)
+def test_streamed_backend_fits_under_cap(backend, op):
+    result = run_probe(backend, op)
     assert result["ok"], result
     assert result["grad_finite"]
     assert result["peak_rss_growth_mib"] < 256, result
 
 
 @pytest.mark.slow
-def test_reference_backend_fails_under_the_same_cap():
+@pytest.mark.parametrize("op", ["linear_ce", "rdrop"])
+def test_reference_backend_fails_under_the_same_cap(op):
     # Proves the cap bites: materializing the logits is impossible under it.
-    result = run_probe("reference")
+    result = run_probe("reference", op)
     assert not result["ok"], result
     assert "allocate" in result["error"], result

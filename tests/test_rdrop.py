@@ -1,0 +1,182 @@
+"""R-Drop's fused loss against the authors' formulation (F.kl_div on materialized log-softmaxes)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dropreg
+from checks import EPS, _terms_and_grads, assert_within_rounding
+
+NAMES = ("ce1", "ce2", "kl")
+
+
+def make_inputs(lead=(5,), d=4, vocab=11, bias=True, ignore=(), logit_scale=1.0, dtype=torch.float64,
+                close=False):
+    def rounded(t):
+        return t.to(dtype).to(torch.float64)
+    h1 = rounded(torch.randn(*lead, d, dtype=torch.float64))
+    noise = 0.01 if close else 1.0  # close: two dropout passes of one hidden state differ a little
+    h2 = rounded(h1 + noise * torch.randn_like(h1))
+    w = rounded(torch.randn(vocab, d, dtype=torch.float64) * logit_scale / d**0.5)
+    b = rounded(torch.randn(vocab, dtype=torch.float64)) if bias else None
+    y = torch.randint(0, vocab, lead)
+    for i in ignore:
+        y.view(-1)[i] = -100
+    return h1, h2, w, b, y
+
+
+def authors_terms(h1, h2, w, b, y, reduction):
+    """Float64 oracle the way the R-Drop authors compute it: kl_div both ways on log-softmaxes, halved."""
+    d = h1.shape[-1]
+    z1 = h1.reshape(-1, d) @ w.T + (0 if b is None else b)
+    z2 = h2.reshape(-1, d) @ w.T + (0 if b is None else b)
+    lp1, lp2 = F.log_softmax(z1, -1), F.log_softmax(z2, -1)
+    flat_y = y.reshape(-1)
+    valid = flat_y != -100
+    ce1 = F.cross_entropy(z1, flat_y, reduction="none")
+    ce2 = F.cross_entropy(z2, flat_y, reduction="none")
+    # The authors pass probabilities as the target; log_target=True is the same KL, and its gradient stays
+    # finite where a probability underflows to 0 (there the probability form's gradient is 0 * inf = NaN).
+    p_loss = F.kl_div(lp1, lp2, reduction="none", log_target=True).sum(-1)  # KL(p2 || p1)
+    q_loss = F.kl_div(lp2, lp1, reduction="none", log_target=True).sum(-1)  # KL(p1 || p2)
+    kl = torch.where(valid, (p_loss + q_loss) / 2, 0.0)
+    terms = [torch.where(valid, ce1, 0.0), torch.where(valid, ce2, 0.0), kl]
+    if reduction == "none":
+        return [t.reshape(y.shape) for t in terms], z1.detach()
+    total = [t.sum() for t in terms]
+    return ([t / max(int(valid.sum()), 1) for t in total] if reduction == "mean" else total), z1.detach()
+
+
+def compare(backend, dtype, inputs, reduction="mean", factor=8.0):
+    h1, h2, w, b, y = inputs
+    leaves64 = [t.clone().requires_grad_() for t in (h1, h2, w) + ((b,) if b is not None else ())]
+    oracle_terms, logits = authors_terms(*leaves64[:3], leaves64[3] if b is not None else None, y, reduction)
+    cotangent = torch.randn(y.shape, dtype=torch.float64)
+    oracle = _terms_and_grads(oracle_terms, leaves64, cotangent, NAMES)
+    leaves = [t.detach().to(dtype).requires_grad_() for t in leaves64]
+    out = dropreg.rdrop_linear_cross_entropy(leaves[0], leaves[1], leaves[2], y,
+                                             linear_bias=leaves[3] if b is not None else None,
+                                             reduction=reduction, backend=backend)
+    ours = _terms_and_grads(tuple(out)[:3], leaves, cotangent, NAMES)
+    z_scale = 1.0 + float(logits.abs().max()) if logits.numel() else 1.0
+    for name in NAMES:
+        assert_within_rounding(name, ours[0][name], oracle[0][name], dtype, z_scale, factor=factor)
+        for leaf, a, c in zip(("input1", "input2", "weight", "bias"), ours[1][name], oracle[1][name]):
+            assert_within_rounding(f"d{name}/d{leaf}", a, c, dtype, z_scale, factor=factor)
+    return out
+
+
+SHAPES = [dict(lead=(1,), d=1, vocab=1), dict(lead=(1,), d=1, vocab=9), dict(lead=(5,), d=3, vocab=17),
+          dict(lead=(2, 3), d=4, vocab=13), dict(lead=(7,), d=6, vocab=23, close=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_against_authors_oracle(backend, dtype, shape, bias):
+    compare(backend, dtype, make_inputs(**shape, bias=bias, dtype=dtype))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore", [(), (1, 4), (0, 1, 2, 3, 4, 5)], ids=["none", "some", "all"])
+def test_reductions_and_ignored_rows(backend, reduction, ignore):
+    out = compare(backend, torch.float64, make_inputs(lead=(6,), ignore=ignore), reduction=reduction)
+    if len(ignore) == 6:
+        assert all(torch.all(t == 0) for t in out)
+
+
+@pytest.mark.parametrize("logit_scale", [30.0, 1e4], ids=["peaked", "huge-logits"])
+def test_peaked_and_huge_logits(backend, logit_scale):
+    out = compare(backend, torch.float32, make_inputs(lead=(6,), d=5, vocab=19, logit_scale=logit_scale,
+                                                      dtype=torch.float32))
+    assert all(torch.isfinite(t).all() for t in out)
+
+
+def test_identical_inputs_give_zero_kl_and_zero_kl_gradients(backend):
+    h1, _, w, b, y = make_inputs(lead=(6,), d=5, vocab=40)
+    h = h1.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    out = dropreg.rdrop_linear_cross_entropy(h, h, w, y, linear_bias=b, backend=backend, reduction="none")
+    assert torch.all(out.kl == 0)
+    grads = torch.autograd.grad(out.kl.sum(), (h, w))
+    assert all(torch.all(g == 0) for g in grads)
+
+
+def test_swapping_inputs_leaves_kl_unchanged(backend):
+    h1, h2, w, b, y = make_inputs(lead=(8,), d=4, vocab=30)
+    a = dropreg.rdrop_linear_cross_entropy(h1, h2, w, y, linear_bias=b, backend=backend, reduction="none")
+    c = dropreg.rdrop_linear_cross_entropy(h2, h1, w, y, linear_bias=b, backend=backend, reduction="none")
+    torch.testing.assert_close(a.kl, c.kl, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.ce1, c.ce2)
+    assert torch.all(a.kl >= 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_beats_same_dtype(backend, dtype):
+    h1, h2, w, b, y = make_inputs(lead=(16,), d=32, vocab=37, dtype=dtype)
+    exact, _ = authors_terms(h1, h2, w, b, y, "mean")
+    same_dtype, _ = authors_terms(h1.to(dtype), h2.to(dtype), w.to(dtype), b.to(dtype), y, "mean")
+    ours = dropreg.rdrop_linear_cross_entropy(h1.to(dtype), h2.to(dtype), w.to(dtype), y, linear_bias=b.to(dtype),
+                                              backend=backend)
+    unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    for name, o, s, e in zip(NAMES, ours[:3], same_dtype, exact):
+        assert o.dtype == dtype
+        assert abs(float(o) - float(e)) <= abs(float(s) - float(e)) + unit * abs(float(e)) + 1e-6, name
+
+
+def test_gradcheck(backend):
+    h1, h2, w, b, y = make_inputs(lead=(4,), d=3, vocab=7, ignore=(2,))
+    leaves = [t.clone().requires_grad_() for t in (h1, h2, w, b)]
+
+    def fn(a, c, w, b):
+        out = dropreg.rdrop_linear_cross_entropy(a, c, w, y, linear_bias=b, alpha=0.7, reduction="none",
+                                                 backend=backend)
+        return out.ce1, out.ce2, out.kl, out.loss
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_loss_convention_and_alpha():
+    h1, h2, w, b, y = make_inputs()
+    out = dropreg.rdrop_linear_cross_entropy(h1, h2, w, y, linear_bias=b, alpha=4.0)
+    torch.testing.assert_close(out.loss, out.ce1 + out.ce2 + 4.0 * out.kl)
+
+
+@pytest.mark.parametrize("override,error,argument", [
+    (dict(input2=torch.randn(5, 3, dtype=torch.float64)), ValueError, "input2"),
+    (dict(input2=torch.randn(5, 4, dtype=torch.float32)), TypeError, "input2"),
+    (dict(input1=torch.randn(5, 3, dtype=torch.float64)), ValueError, "input1"),
+    (dict(alpha=-1.0), ValueError, "alpha"),
+    (dict(target=torch.full((5,), 11)), ValueError, "target"),
+    (dict(reduction="batchmean"), ValueError, "reduction"),
+    (dict(backend="gpu"), ValueError, "backend"),
+])
+def test_bad_input(override, error, argument):
+    h1, h2, w, b, y = make_inputs()
+    args = dict(input1=h1, input2=h2, linear_weight=w, target=y)
+    kwargs = {k: v for k, v in override.items() if k not in args}
+    args.update({k: v for k, v in override.items() if k in args})
+    with pytest.raises(error, match=rf"^{argument}:"):
+        dropreg.rdrop_linear_cross_entropy(args["input1"], args["input2"], args["linear_weight"], args["target"],
+                                           **kwargs)
+
+
+def test_training_step_from_the_readme():
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(50, 16)
+    body = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3))
+    lm_head = torch.nn.Linear(16, 50, bias=False)
+    params = [*embed.parameters(), *body.parameters(), *lm_head.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    loss_fn = dropreg.RDropLoss(alpha=1.0, shift_labels=True)
+    input_ids = torch.randint(0, 50, (4, 12))
+    losses = []
+    for _ in range(20):
+        hidden1 = body(embed(input_ids))  # dropout on: two passes, two masks
+        hidden2 = body(embed(input_ids))
+        out = loss_fn(hidden1, hidden2, lm_head.weight, input_ids)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+        assert out.kl > 0
+    assert losses[-1] < losses[0]
