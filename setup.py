@@ -36,7 +36,7 @@ setup(
     packages=find_packages(include=["dropreg", "dropreg.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.13"],
-    extras_require={"test": ["pytest", "hypothesis", "numpy"]},
+    extras_require={"test": ["pytest", "hypothesis", "numpy"], "benchmarks": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
