@@ -8,7 +8,7 @@ terms without coefficients (the caller applies coefficients, masks ignored rows 
 * ``rdrop(input1, input2, weight, bias, target) -> (ce1, ce2, kl)``, as
   :func:`dropreg.reference.reference_rdrop`.
 
-Ignored rows arrive with zeroed input rows and a valid dummy target. A new backend registers here and,
+Ignored rows arrive with zeroed input rows and a valid dummy target. A new backend is added to ``_BACKENDS`` here and,
 by its name in ``tests/conftest.py``, gets the whole test suite.
 """
 from __future__ import annotations
@@ -49,10 +49,6 @@ _warned_unavailable: set[str] = set()
 
 def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
-
-
-def register_backend(name: str, backend: Backend) -> None:
-    _BACKENDS[name] = backend
 
 
 def _usable(name: str) -> bool:

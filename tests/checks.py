@@ -132,15 +132,3 @@ def assert_within_rounding(label, ours, oracle, dtype, z_scale, extra=0.0, facto
     tol = factor * EPS[dtype] * z_scale * (scale + 1.0)
     err = float((ours - oracle).abs().max()) if ours.numel() else 0.0
     assert err <= tol, f"{label}: max error {err:.3e} exceeds tolerance {tol:.3e} (scale {scale:.3e})"
-
-
-def max_relative_error(ours, oracle) -> float:
-    """Worst ``max|ours - oracle| / max|oracle|`` over values and gradients (for reporting)."""
-    (ov, og), (rv, rg) = ours, oracle
-    worst = 0.0
-    for name in TERMS:
-        for a, b in [(ov[name], rv[name])] + list(zip(og[name], rg[name])):
-            denom = float(b.abs().max()) if b.numel() else 0.0
-            if denom > 0:
-                worst = max(worst, float((a - b).abs().max()) / denom)
-    return worst
