@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from . import cpu
+from . import triton as triton_backend
 from .reference import reference_rdrop, reference_terms
 from .streamed import streamed_rdrop, streamed_terms
 
@@ -36,6 +37,8 @@ _BACKENDS: dict[str, Backend] = {
     "reference": Backend(reference_terms, reference_rdrop),
     "torch": Backend(streamed_terms, streamed_rdrop),
     "cpu": Backend(cpu.cpu_terms, cpu.cpu_rdrop, cpu.is_available, cpu.load_error),
+    "triton": Backend(triton_backend.triton_terms, triton_backend.triton_rdrop, triton_backend.is_available,
+                      triton_backend.unavailable_reason),
 }
 
 # Fastest first, per device type; "auto" takes the first registered and available one.

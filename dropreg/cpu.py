@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from . import _build
+from ._op_autograd import int64_seed, register_linear_ce_autograd, register_rdrop_autograd
 from .reference import accumulation_dtype
 
 _load_error: Optional[BaseException] = None
@@ -58,16 +59,8 @@ def load_error() -> Optional[BaseException]:
     return _load_error
 
 
-def _int64_seed(seed: int) -> int:
-    # The schema's int is int64; the stream's key is the same 64 bits read as unsigned.
-    return seed - 2**64 if seed >= 2**63 else seed
-
-
 def _register_python_kernels() -> None:
-    forward_op = "dropreg::linear_ce_forward"
-    backward_op = "dropreg::linear_ce_backward"
-
-    @torch.library.register_fake(forward_op)
+    @torch.library.register_fake("dropreg::linear_ce_forward")
     def _forward_fake(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
         rows, dim = input.shape
         acc = accumulation_dtype(input.dtype)
@@ -76,7 +69,7 @@ def _register_python_kernels() -> None:
         var = input.new_empty((rows if need_explicit else 0, dim), dtype=acc)
         return (*per_row, mu, var)
 
-    @torch.library.register_fake(backward_op)
+    @torch.library.register_fake("dropreg::linear_ce_backward")
     def _backward_fake(grad_ce, grad_quadratic, grad_sign_term, input, weight, bias, target, signs, seed, lse,
                        mu, var, need_explicit, need_implicit, output_mask):
         grad_h = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
@@ -88,25 +81,7 @@ def _register_python_kernels() -> None:
     def _signs_fake(seed, rows, dim):
         return torch.empty((rows, dim), dtype=torch.float32)
 
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, target, signs, seed, need_explicit, need_implicit = inputs
-        _, _, _, lse, mu, var = output
-        ctx.save_for_backward(input, weight, bias, target, signs, lse, mu, var)
-        ctx.options = (seed, need_explicit, need_implicit, bias is not None)
-
-    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, _grad_lse, _grad_mu, _grad_var):
-        # lse, mu and var are saved statistics, not differentiable outputs: their gradients are ignored.
-        input, weight, bias, target, signs, lse, mu, var = ctx.saved_tensors
-        seed, need_explicit, need_implicit, has_bias = ctx.options
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
-        grads = [torch.zeros_like(lse) if g is None else g.contiguous()
-                 for g in (grad_ce, grad_quadratic, grad_sign_term)]
-        grad_h, grad_w, grad_b = torch.ops.dropreg.linear_ce_backward(
-            *grads, input, weight, bias, target, signs, seed, lse, mu, var, need_explicit, need_implicit, mask)
-        return (grad_h if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
-                None, None, None, None, None)
-
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    register_linear_ce_autograd("dropreg::linear_ce_forward", torch.ops.dropreg.linear_ce_backward)
     _register_rdrop_kernels()
 
 
@@ -126,19 +101,7 @@ def _register_rdrop_kernels() -> None:
         return (grad_or_empty(output_mask[0], input1), grad_or_empty(output_mask[1], input2),
                 grad_or_empty(output_mask[2], weight), grad_or_empty(output_mask[3], bias))
 
-    def setup_context(ctx, inputs, output):
-        input1, input2, weight, bias, target = inputs
-        ctx.save_for_backward(input1, input2, weight, bias, target, output[3], output[4])
-        ctx.has_bias = bias is not None
-
-    def backward(ctx, grad_ce1, grad_ce2, grad_kl, _grad_lse, _grad_expected):
-        input1, input2, weight, bias, target, lse, expected_d = ctx.saved_tensors
-        mask = [*ctx.needs_input_grad[:3], ctx.has_bias and ctx.needs_input_grad[3]]
-        grads = [torch.zeros_like(lse[0]) if g is None else g.contiguous() for g in (grad_ce1, grad_ce2, grad_kl)]
-        out = torch.ops.dropreg.rdrop_backward(*grads, input1, input2, weight, bias, target, lse, expected_d, mask)
-        return (*(g if wanted else None for g, wanted in zip(out, mask)), None)
-
-    torch.library.register_autograd("dropreg::rdrop_forward", backward, setup_context=setup_context)
+    register_rdrop_autograd("dropreg::rdrop_forward", torch.ops.dropreg.rdrop_backward)
 
 
 def cpu_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
@@ -148,7 +111,7 @@ def cpu_terms(input, weight, bias, target, signs, seed, need_explicit, need_impl
         signs = signs.to(accumulation_dtype(input.dtype)).contiguous()
     out = torch.ops.dropreg.linear_ce_forward(
         input.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-        target.contiguous(), signs, _int64_seed(seed), need_explicit, need_implicit)
+        target.contiguous(), signs, int64_seed(seed), need_explicit, need_implicit)
     return out[0], out[1], out[2]
 
 

@@ -1,0 +1,200 @@
+"""Triton backward of the fused linear cross entropy + dropout regularizers (MATH.md, "gradients").
+
+Two kernels, launched in this order by :func:`linear_ce_backward`:
+
+1. ``row_prep_kernel``: per row, the d-vectors of MATH.md's GEMM-friendly form, ``T = gI' u - 2 gR' q mu``
+   and ``gR' q``, the row constant of the logit gradient, the row-wise part of grad_input
+   (``2 gR' h var + gI' sigma (mu - W[y])``, written as grad_input's initial value) and the implicit
+   term's target scatter ``grad_W[y] -= gI' u`` (atomic adds). O(N d), no GEMM.
+2. ``logit_gradient_kernel``: grid (row blocks x vocabulary blocks). Recomputes z and, in the same K loop,
+   ``t = T W^T + (gR' q)(W*W)^T``; forms ``G = s (g_ce + c + t) - g_ce [v = y]`` in registers, then walks
+   d in BLOCK_K chunks: grad_input += G W, grad_W += G^T h + S^T T + 2 W * (S^T gR' q), grad_b += sum G.
+   Multiply-adds: 1 NVd (z) + 2 (t, explicit; 1 if implicit only) + 1 (grad_input) + 3 (grad_W:
+   1 for cross entropy alone) = 7 NVd with both terms, MATH.md's backward count; 3 NVd for cross entropy.
+
+Accumulation of grad_input and grad_W: fp32 atomic adds, as in Cut Cross-Entropy. Each (row block, vocab
+block) tile holds only its BLOCK_M x BLOCK_V logit gradient, so its contributions to the (N, d) and (V, d)
+gradients must be summed over vocabulary blocks and row blocks respectively. The alternatives were worse
+here: split + reduce needs a (splits, V, d) fp32 buffer (2 GiB per split at V=128k, d=4096), and a second
+kernel that owns grad_W per vocabulary block would recompute z and t (3 more NVd). Contention is kept low by
+the grouped tile order (``grouped_tile``): programs running together write GROUP_M row blocks and several
+vocabulary blocks, not one. Consequence: on a GPU the summation order, and so the last bits, vary between
+runs (the interpreter runs programs in order and is deterministic).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import (aligned_empty, dot_operand, dot_types, grouped_tile, logit_tile, philox_sign_block,
+                    tile_config)
+
+
+@triton.jit
+def row_prep_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mean_ptr, var_ptr, grad_ce_ptr, grad_quadratic_ptr,
+                    grad_sign_ptr, spread_out, scaled_q_out, row_const_out, grad_h_out, grad_w_out,
+                    seed, N, D, stride_h, stride_w, stride_t,
+                    NEED_EXPLICIT: tl.constexpr, NEED_IMPLICIT: tl.constexpr, HAS_SIGNS: tl.constexpr,
+                    WANT_H: tl.constexpr, WANT_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    ACC: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    target = tl.load(target_ptr + rows, mask=row_ok, other=0)
+    row_const = tl.load(grad_ce_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    g_r = tl.load(grad_quadratic_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    g_i = tl.load(grad_sign_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    for k0 in range(0, D, BLOCK_K):
+        dims = k0 + tl.arange(0, BLOCK_K)
+        in_bounds = row_ok[:, None] & (dims[None, :] < D)
+        at = rows[:, None] * D + dims[None, :]
+        h = tl.load(h_ptr + rows[:, None] * stride_h + dims[None, :], mask=in_bounds, other=0.0).to(ACC)
+        mean = tl.load(mean_ptr + at, mask=in_bounds, other=0.0)
+        spread = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+        grad_h = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+        if NEED_EXPLICIT:
+            var = tl.load(var_ptr + at, mask=in_bounds, other=0.0)
+            scaled_q = g_r * h * h
+            tl.store(scaled_q_out + rows[:, None] * stride_t + dims[None, :], scaled_q, mask=in_bounds)
+            spread -= 2.0 * scaled_q * mean
+            row_const += tl.sum(scaled_q * (mean * mean - var), axis=1)
+            grad_h += 2.0 * g_r * h * var
+        if NEED_IMPLICIT:
+            if HAS_SIGNS:
+                signs = tl.load(signs_ptr + at, mask=in_bounds, other=0.0).to(ACC)
+            else:
+                signs = philox_sign_block(seed, rows, dims, D).to(ACC)
+            scaled_u = g_i * signs * h
+            spread += scaled_u
+            row_const -= tl.sum(scaled_u * mean, axis=1)
+            w_target = tl.load(w_ptr + target[:, None] * stride_w + dims[None, :], mask=in_bounds, other=0.0)
+            grad_h += g_i * signs * (mean - w_target.to(ACC))
+            if WANT_W:
+                tl.atomic_add(grad_w_out + target[:, None] * D + dims[None, :], -scaled_u, mask=in_bounds,
+                              sem="relaxed")
+        tl.store(spread_out + rows[:, None] * stride_t + dims[None, :], spread, mask=in_bounds)
+        if WANT_H:
+            tl.store(grad_h_out + at, grad_h, mask=in_bounds)
+    tl.store(row_const_out + rows, row_const, mask=row_ok)
+
+
+@triton.jit
+def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr, row_const_ptr, spread_ptr,
+                          scaled_q_ptr, grad_h_out, grad_w_out, grad_b_out, N, V, D, stride_h, stride_w,
+                          stride_t,
+                          HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr, NEED_EXPLICIT: tl.constexpr,
+                          WANT_H: tl.constexpr, WANT_W: tl.constexpr, WANT_B: tl.constexpr, GROUP_M: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+                          OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    row_block, vocab_block = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
+    row0 = row_block * BLOCK_M
+    col0 = vocab_block * BLOCK_V
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, D], strides=[stride_h, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, D], strides=[stride_w, 1], block_shape=[BLOCK_V, BLOCK_K])
+    if MODULATED:
+        t_desc = tl.make_tensor_descriptor(spread_ptr, shape=[N, D], strides=[stride_t, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    if NEED_EXPLICIT:
+        q_desc = tl.make_tensor_descriptor(scaled_q_ptr, shape=[N, D], strides=[stride_t, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+
+    # z and t = T W^T + (gR' q)(W*W)^T in one K loop: each W tile is loaded once for both.
+    if MODULATED:
+        z = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
+        t = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
+        for k0 in range(0, D, BLOCK_K):
+            w = w_desc.load([col0, k0]).to(ACC)
+            w_op = dot_operand(w, OPERAND, COMPUTE)
+            h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE)
+            z = tl.dot(h, tl.trans(w_op), z, input_precision=PRECISION, out_dtype=ACC)
+            spread = dot_operand(t_desc.load([row0, k0]), OPERAND, COMPUTE)
+            t = tl.dot(spread, tl.trans(w_op), t, input_precision=PRECISION, out_dtype=ACC)
+            if NEED_EXPLICIT:
+                scaled_q = dot_operand(q_desc.load([row0, k0]), OPERAND, COMPUTE)
+                t = tl.dot(scaled_q, tl.trans(dot_operand(w * w, OPERAND, COMPUTE)), t, input_precision=PRECISION,
+                           out_dtype=ACC)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
+        z = tl.where(cols[None, :] < V, z, float("-inf"))
+    else:
+        z = logit_tile(h_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K,
+                       ACC, OPERAND, COMPUTE, PRECISION)
+
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g_ce = tl.load(grad_ce_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    # Rows past N load zeros, so their z - lse is just the bias, which may overflow exp: zero them.
+    probs = tl.where(row_ok[:, None], tl.exp(z - lse[:, None]), 0.0)
+    target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
+    at_target = cols[None, :] == target[:, None]
+    if MODULATED:
+        row_const = tl.load(row_const_ptr + rows, mask=row_ok, other=0.0)
+        grad_logits = probs * (row_const[:, None] + t)
+    else:
+        grad_logits = probs * g_ce[:, None]
+    grad_logits = tl.where(at_target, grad_logits - g_ce[:, None], grad_logits)
+    if WANT_B:
+        tl.atomic_add(grad_b_out + cols, tl.sum(grad_logits, axis=0), mask=cols < V, sem="relaxed")
+
+    g_op = dot_operand(grad_logits, OPERAND, COMPUTE)
+    probs_op = dot_operand(probs, OPERAND, COMPUTE)
+    for k0 in range(0, D, BLOCK_K):
+        dims = k0 + tl.arange(0, BLOCK_K)
+        w = w_desc.load([col0, k0]).to(ACC)
+        if WANT_H:
+            grad_h = tl.dot(g_op, dot_operand(w, OPERAND, COMPUTE), input_precision=PRECISION, out_dtype=ACC)
+            tl.atomic_add(grad_h_out + rows[:, None] * D + dims[None, :], grad_h,
+                          mask=row_ok[:, None] & (dims[None, :] < D), sem="relaxed")
+        if WANT_W:
+            h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE)
+            grad_w = tl.dot(tl.trans(g_op), h, input_precision=PRECISION, out_dtype=ACC)
+            if MODULATED:
+                spread = dot_operand(t_desc.load([row0, k0]), OPERAND, COMPUTE)
+                grad_w = tl.dot(tl.trans(probs_op), spread, grad_w, input_precision=PRECISION, out_dtype=ACC)
+            if NEED_EXPLICIT:
+                scaled_q = dot_operand(q_desc.load([row0, k0]), OPERAND, COMPUTE)
+                grad_w += 2.0 * w * tl.dot(tl.trans(probs_op), scaled_q, input_precision=PRECISION, out_dtype=ACC)
+            tl.atomic_add(grad_w_out + cols[:, None] * D + dims[None, :], grad_w,
+                          mask=(cols[:, None] < V) & (dims[None, :] < D), sem="relaxed")
+
+
+def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, input, weight, bias, target, signs, seed,
+                       lse, mean, var, need_explicit, need_implicit, want_h, want_w, want_b):
+    """Returns fp32 (fp64 for fp64 inputs) grad_input, grad_weight, grad_bias (None where not wanted)."""
+    n_rows, dim = input.shape
+    vocab = weight.shape[0]
+    types = dot_types(input.dtype)
+    acc = lse.dtype
+    device = input.device
+    modulated = need_explicit or need_implicit
+    grad_h = (torch.empty if modulated else torch.zeros)(n_rows, dim, dtype=acc, device=device) if want_h else None
+    grad_w = torch.zeros(vocab, dim, dtype=acc, device=device) if want_w else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
+    row_const = spread = scaled_q = grad_ce  # placeholders: never read unless MODULATED / NEED_EXPLICIT
+    if modulated:
+        # T and gR' q are dot operands read through tensor descriptors: rows 16-byte aligned.
+        spread = aligned_empty(n_rows, dim, acc, device)
+        scaled_q = aligned_empty(n_rows, dim, acc, device) if need_explicit else spread
+        row_const = torch.empty(n_rows, dtype=acc, device=device)
+        config = tile_config("row_terms", input.dtype)
+        launch(row_prep_kernel)[(triton.cdiv(n_rows, config.block_m),)](
+            input, weight, target, signs if signs is not None else mean, mean, var if need_explicit else mean,
+            grad_ce, grad_quadratic, grad_sign_term, spread, scaled_q, row_const,
+            grad_h if want_h else mean, grad_w if want_w else mean, seed, n_rows, dim, input.stride(0),
+            weight.stride(0), spread.stride(0), NEED_EXPLICIT=need_explicit, NEED_IMPLICIT=need_implicit,
+            HAS_SIGNS=signs is not None, WANT_H=want_h, WANT_W=want_w, BLOCK_M=config.block_m,
+            BLOCK_K=config.block_k, ACC=types.acc, num_warps=config.num_warps, num_stages=config.num_stages)
+    config = tile_config("logit_gradient", input.dtype)
+    grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)
+    launch(logit_gradient_kernel)[grid](
+        input, weight, bias if bias is not None else lse, target, lse, grad_ce, row_const, spread, scaled_q,
+        grad_h if want_h else lse, grad_w if want_w else lse, grad_b if want_b else lse, n_rows, vocab, dim,
+        input.stride(0), weight.stride(0), spread.stride(0) if modulated else dim, HAS_BIAS=bias is not None,
+        MODULATED=modulated,
+        NEED_EXPLICIT=need_explicit, WANT_H=want_h, WANT_W=want_w, WANT_B=want_b, GROUP_M=config.group_m,
+        BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k, ACC=types.acc,
+        OPERAND=types.operand, COMPUTE=types.compute, PRECISION=types.precision, num_warps=config.num_warps,
+        num_stages=config.num_stages)
+    return grad_h, grad_w, grad_b

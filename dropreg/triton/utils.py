@@ -1,0 +1,216 @@
+"""Helpers shared by every Triton kernel of dropreg (device side) and their launchers (host side).
+
+Device side: the logit tile ``z = h W^T + b`` over a K loop, the grouped tile order, the operand cast
+for ``tl.dot``, the target-logit pick and the Philox sign block. Host side: interpreter detection, the
+tile configurations (the only place block sizes, warps and stages are chosen, so the launcher and the
+compile report agree), descriptor-ready operands and the exact merge of per-vocabulary-split partials.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, when the kernels are defined: that is when Triton decides to interpret them.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# ---------------------------------------------------------------------------------------------------------
+# Device-side helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def dot_operand(x, OPERAND: tl.constexpr, COMPUTE: tl.constexpr):
+    """Round ``x`` to the tensor-core operand dtype. On a GPU ``COMPUTE == OPERAND``; under the
+    interpreter (whose bf16/fp16 ``tl.dot`` is wrong) ``COMPUTE`` is fp32, so the same rounding happens
+    but the product runs in fp32."""
+    return x.to(OPERAND).to(COMPUTE)
+
+
+@triton.jit
+def grouped_tile(pid, n_row_blocks, n_vocab_blocks, GROUP_M: tl.constexpr):
+    """Map a linear program id to (row block, vocabulary block), GROUP_M row blocks at a time.
+
+    Programs that run together then share GROUP_M row blocks and a few vocabulary blocks: operand tiles
+    are reused from L2, and the atomic adds into grad_input / grad_weight / moments are spread over
+    GROUP_M row blocks and as many vocabulary blocks instead of piling onto one row or one column block.
+    """
+    per_group = GROUP_M * n_vocab_blocks
+    group = pid // per_group
+    first_row_block = group * GROUP_M
+    group_rows = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
+    row_block = first_row_block + (pid % per_group) % group_rows
+    vocab_block = (pid % per_group) // group_rows
+    return row_block, vocab_block
+
+
+@triton.jit
+def logit_tile(h_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+               OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """``z[BLOCK_M, BLOCK_V] = h[row0:] @ W[col0:]^T (+ b)`` in ``ACC``; columns >= V are -inf."""
+    z = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
+    for k0 in range(0, D, BLOCK_K):
+        h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE)
+        w = dot_operand(w_desc.load([col0, k0]), OPERAND, COMPUTE)
+        z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION, out_dtype=ACC)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
+    return tl.where(cols[None, :] < V, z, float("-inf"))
+
+
+@triton.jit
+def pick_target(z, cols, target):
+    """Per row, ``z[row, target - col0]`` if the target lies in this tile's columns, else 0."""
+    return tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
+
+
+@triton.jit
+def philox_sign_block(seed, rows, cols, D):
+    """The +-1 signs of dropreg.signs for elements (rows x cols) of an (N, D) input, as fp32.
+
+    Element i = row * D + col uses Philox counter i // 128, word (i // 32) % 4 and bit i % 32; a set bit
+    is -1. The counter is 64-bit, so huge N * D stay on the same stream."""
+    flat = rows.to(tl.int64)[:, None] * D + cols.to(tl.int64)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, flat // 128)
+    which = (flat // 32) % 4
+    word = tl.where(which == 0, r0, tl.where(which == 1, r1, tl.where(which == 2, r2, r3)))
+    bit = (word.to(tl.uint32, bitcast=True) >> (flat % 32).to(tl.uint32)) & 1
+    return 1.0 - 2.0 * bit.to(tl.float32)
+
+
+@triton.jit
+def online_softmax_update(running_max, running_sum, z):
+    """Absorb a logit tile into (max, sum of exp); returns the new pair, the rescale factor and the
+    exp tile ``e^{z - new_max}`` (rows whose logits so far are all -inf keep a shift of 0)."""
+    new_max = tl.maximum(running_max, tl.max(z, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp(running_max - shift)
+    e = tl.exp(z - shift[:, None])
+    return new_max, running_sum * rescale + tl.sum(e, axis=1), rescale, e
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host-side helpers
+# ---------------------------------------------------------------------------------------------------------
+
+_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+              torch.float16: tl.float16}
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes and launch options of one kernel. ``block_k`` is also the d-chunk of the epilogue
+    GEMMs (one descriptor block shape per operand)."""
+    block_m: int
+    block_v: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+@dataclass(frozen=True)
+class DotTypes:
+    acc: object  # accumulation dtype (tl): fp32, or fp64 for fp64 inputs
+    operand: object  # what tl.dot operands are rounded to
+    compute: object  # what tl.dot runs in (== operand on a GPU; fp32 under the interpreter)
+    precision: Optional[str]  # tl.dot input_precision for fp32 operands: "tf32" or "ieee"
+
+
+# Per kernel: (bf16/fp16 config, fp32/fp64 config) for a GPU. Chosen for H100/A100 and checked by the
+# compile report (no spills, shared memory within the sm_80 limit). Under the interpreter a single small
+# config is used so that tiny test shapes still span several tiles in every dimension.
+GPU_CONFIGS: dict[str, tuple[TileConfig, TileConfig]] = {
+    "lse_partials": (TileConfig(128, 128, 64, 8, 3), TileConfig(64, 128, 32, 8, 3)),
+    "moments": (TileConfig(64, 128, 64, 8, 2), TileConfig(64, 64, 32, 4, 2)),
+    "logit_gradient": (TileConfig(64, 128, 64, 8, 2), TileConfig(64, 64, 32, 4, 2)),
+    "rdrop_partials": (TileConfig(64, 128, 64, 8, 3), TileConfig(64, 64, 32, 4, 3)),
+    "rdrop_gradient": (TileConfig(64, 128, 64, 8, 2), TileConfig(64, 64, 32, 4, 2)),
+    "row_terms": (TileConfig(16, 1, 256, 4, 1), TileConfig(16, 1, 256, 4, 1)),
+}
+INTERPRETER_CONFIG = TileConfig(16, 32, 16, 1, 1, group_m=2)
+INTERPRETER_ROW_CONFIG = TileConfig(8, 1, 16, 1, 1)
+INTERPRETER_VOCAB_SPLITS = 2  # split even tiny vocabularies so the exact merge is always exercised
+
+
+def tile_config(kernel: str, dtype: torch.dtype, interpreted: bool = INTERPRETED) -> TileConfig:
+    if interpreted:
+        return INTERPRETER_ROW_CONFIG if kernel == "row_terms" else INTERPRETER_CONFIG
+    low, high = GPU_CONFIGS[kernel]
+    return low if dtype in (torch.bfloat16, torch.float16) else high
+
+
+def dot_types(dtype: torch.dtype, interpreted: bool = INTERPRETED) -> DotTypes:
+    """bf16/fp16 inputs: tensor-core operands in that dtype, fp32 accumulation. fp32 inputs: tf32 when
+    ``torch.get_float32_matmul_precision()`` allows it ("high"/"medium"), else exact ieee fp32."""
+    operand = _TL_DTYPES[dtype]
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    compute = tl.float32 if interpreted and dtype in (torch.bfloat16, torch.float16) else operand
+    precision = None
+    if dtype == torch.float32:
+        precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return DotTypes(acc, operand, compute, precision)
+
+
+def vocab_splits(n_row_blocks: int, n_vocab_blocks: int, device: torch.device,
+                 interpreted: bool = INTERPRETED) -> int:
+    """How many vocabulary ranges the statistics pass runs in parallel: enough programs to fill the GPU
+    (4 per SM) when there are few row blocks, merged exactly afterwards."""
+    if interpreted:
+        return min(INTERPRETER_VOCAB_SPLITS, n_vocab_blocks)
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_vocab_blocks, triton.cdiv(programs, n_row_blocks)))
+
+
+def descriptor_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` (2-D) with unit inner stride, a 16-byte aligned base and row stride: what a tensor
+    descriptor (TMA) needs. Copies into a row-padded buffer only when ``t`` is not already so (odd d)."""
+    if t is None:
+        return None
+    if t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    buffer = aligned_empty(t.shape[0], t.shape[1], t.dtype, t.device)
+    buffer.copy_(t)
+    return buffer
+
+
+def aligned_empty(rows: int, dim: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialized (rows, dim) view whose row stride is a multiple of 16 bytes (descriptor-ready)."""
+    per_row = 16 // torch.empty((), dtype=dtype).element_size()
+    padded_dim = triton.cdiv(max(dim, 1), per_row) * per_row
+    return torch.empty(rows, padded_dim, dtype=dtype, device=device)[:, :dim]
+
+
+def merge_vocab_splits(max_parts: torch.Tensor, sum_parts: torch.Tensor, *weighted_parts: torch.Tensor):
+    """Exact merge of online-softmax partials from disjoint vocabulary ranges (MATH.md).
+
+    ``max_parts, sum_parts`` are (splits, N): each range's running max m_s and L_s = sum e^{z - m_s};
+    each of ``weighted_parts`` is (splits, N) with the same e^{z - m_s} weighting. Returns ``lse`` and
+    each weighted part divided by the total sum (a softmax expectation)."""
+    top = max_parts.amax(dim=0)
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    scale = torch.exp(max_parts - shift)
+    total = (sum_parts * scale).sum(dim=0)
+    expectations = [(part * scale).sum(dim=0) / total for part in weighted_parts]
+    return (shift + total.log(), *expectations)
+
+
+_allocator_set = False
+
+
+def prepare_device(device: torch.device) -> None:
+    """Tensor descriptors built inside a kernel need scratch memory from a Triton allocator on a GPU."""
+    global _allocator_set
+    if device.type != "cuda" or _allocator_set:
+        return
+
+    def allocate(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    triton.set_allocator(allocate)
+    _allocator_set = True
