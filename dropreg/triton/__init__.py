@@ -30,7 +30,9 @@ def _ops():
     global _import_error
     try:
         from . import ops
-    except ImportError as error:
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] != "triton":
+            raise  # a bug in dropreg, not a missing package
         _import_error = error
         raise TritonBackendUnavailable(f"dropreg: backend 'triton' needs the triton package: {error}") from error
     return ops

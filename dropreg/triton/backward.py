@@ -27,8 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (aligned_empty, dot_operand, dot_types, grouped_tile, logit_tile, philox_sign_block,
-                    tile_config)
+from .utils import aligned_empty, dot_operand, dot_types, grouped_tile, philox_sign_block, tile_config
 
 
 @triton.jit
@@ -85,7 +84,9 @@ def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr,
                           HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr, NEED_EXPLICIT: tl.constexpr,
                           WANT_H: tl.constexpr, WANT_W: tl.constexpr, WANT_B: tl.constexpr, GROUP_M: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-                          OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+                          OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                          ROUND_TF32: tl.constexpr, WIDE: tl.constexpr, WIDE_PRECISION: tl.constexpr,
+                          WIDE_ROUND_TF32: tl.constexpr):
     row_block, vocab_block = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
     row0 = row_block * BLOCK_M
     col0 = vocab_block * BLOCK_V
@@ -101,61 +102,63 @@ def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr,
         q_desc = tl.make_tensor_descriptor(scaled_q_ptr, shape=[N, D], strides=[stride_t, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
 
-    # z and t = T W^T + (gR' q)(W*W)^T in one K loop: each W tile is loaded once for both.
+    # z (narrow dots) and t = T W^T + (gR' q)(W*W)^T (wide dots) in one K loop: each W tile is loaded once.
+    z = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
     if MODULATED:
-        z = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
         t = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
-        for k0 in range(0, D, BLOCK_K):
-            w = w_desc.load([col0, k0]).to(ACC)
-            w_op = dot_operand(w, OPERAND, COMPUTE)
-            h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE)
-            z = tl.dot(h, tl.trans(w_op), z, input_precision=PRECISION, out_dtype=ACC)
-            spread = dot_operand(t_desc.load([row0, k0]), OPERAND, COMPUTE)
-            t = tl.dot(spread, tl.trans(w_op), t, input_precision=PRECISION, out_dtype=ACC)
+    for k0 in range(0, D, BLOCK_K):
+        w = w_desc.load([col0, k0])
+        h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32)
+        z = tl.dot(h, tl.trans(dot_operand(w, OPERAND, COMPUTE, ROUND_TF32)), z, input_precision=PRECISION,
+                   out_dtype=ACC)
+        if MODULATED:
+            w_wide = w.to(WIDE)
+            spread = dot_operand(t_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
+            t = tl.dot(spread, tl.trans(dot_operand(w_wide, WIDE, WIDE, WIDE_ROUND_TF32)), t,
+                       input_precision=WIDE_PRECISION, out_dtype=ACC)
             if NEED_EXPLICIT:
-                scaled_q = dot_operand(q_desc.load([row0, k0]), OPERAND, COMPUTE)
-                t = tl.dot(scaled_q, tl.trans(dot_operand(w * w, OPERAND, COMPUTE)), t, input_precision=PRECISION,
-                           out_dtype=ACC)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
-        z = tl.where(cols[None, :] < V, z, float("-inf"))
-    else:
-        z = logit_tile(h_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K,
-                       ACC, OPERAND, COMPUTE, PRECISION)
+                scaled_q = dot_operand(q_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
+                t = tl.dot(scaled_q, tl.trans(dot_operand(w_wide * w_wide, WIDE, WIDE, WIDE_ROUND_TF32)), t,
+                           input_precision=WIDE_PRECISION, out_dtype=ACC)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
+    z = tl.where(cols[None, :] < V, z, float("-inf"))
 
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g_ce = tl.load(grad_ce_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     # Rows past N load zeros, so their z - lse is just the bias, which may overflow exp: zero them.
     probs = tl.where(row_ok[:, None], tl.exp(z - lse[:, None]), 0.0)
     target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
-    at_target = cols[None, :] == target[:, None]
     if MODULATED:
         row_const = tl.load(row_const_ptr + rows, mask=row_ok, other=0.0)
         grad_logits = probs * (row_const[:, None] + t)
     else:
         grad_logits = probs * g_ce[:, None]
-    grad_logits = tl.where(at_target, grad_logits - g_ce[:, None], grad_logits)
+    grad_logits = tl.where(cols[None, :] == target[:, None], grad_logits - g_ce[:, None], grad_logits)
     if WANT_B:
         tl.atomic_add(grad_b_out + cols, tl.sum(grad_logits, axis=0), mask=cols < V, sem="relaxed")
 
-    g_op = dot_operand(grad_logits, OPERAND, COMPUTE)
-    probs_op = dot_operand(probs, OPERAND, COMPUTE)
+    g_op = dot_operand(grad_logits, OPERAND, COMPUTE, ROUND_TF32)
+    if MODULATED:
+        probs_wide = dot_operand(probs, WIDE, WIDE, WIDE_ROUND_TF32)
     for k0 in range(0, D, BLOCK_K):
         dims = k0 + tl.arange(0, BLOCK_K)
-        w = w_desc.load([col0, k0]).to(ACC)
+        w = w_desc.load([col0, k0])
         if WANT_H:
-            grad_h = tl.dot(g_op, dot_operand(w, OPERAND, COMPUTE), input_precision=PRECISION, out_dtype=ACC)
+            grad_h = tl.dot(g_op, dot_operand(w, OPERAND, COMPUTE, ROUND_TF32), input_precision=PRECISION,
+                            out_dtype=ACC)
             tl.atomic_add(grad_h_out + rows[:, None] * D + dims[None, :], grad_h,
                           mask=row_ok[:, None] & (dims[None, :] < D), sem="relaxed")
         if WANT_W:
-            h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE)
+            h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32)
             grad_w = tl.dot(tl.trans(g_op), h, input_precision=PRECISION, out_dtype=ACC)
             if MODULATED:
-                spread = dot_operand(t_desc.load([row0, k0]), OPERAND, COMPUTE)
-                grad_w = tl.dot(tl.trans(probs_op), spread, grad_w, input_precision=PRECISION, out_dtype=ACC)
+                spread = dot_operand(t_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
+                grad_w = tl.dot(tl.trans(probs_wide), spread, grad_w, input_precision=WIDE_PRECISION, out_dtype=ACC)
             if NEED_EXPLICIT:
-                scaled_q = dot_operand(q_desc.load([row0, k0]), OPERAND, COMPUTE)
-                grad_w += 2.0 * w * tl.dot(tl.trans(probs_op), scaled_q, input_precision=PRECISION, out_dtype=ACC)
+                scaled_q = dot_operand(q_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
+                grad_w += 2.0 * w.to(ACC) * tl.dot(tl.trans(probs_wide), scaled_q, input_precision=WIDE_PRECISION,
+                                                   out_dtype=ACC)
             tl.atomic_add(grad_w_out + cols[:, None] * D + dims[None, :], grad_w,
                           mask=(cols[:, None] < V) & (dims[None, :] < D), sem="relaxed")
 
@@ -194,7 +197,6 @@ def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, input, w
         input.stride(0), weight.stride(0), spread.stride(0) if modulated else dim, HAS_BIAS=bias is not None,
         MODULATED=modulated,
         NEED_EXPLICIT=need_explicit, WANT_H=want_h, WANT_W=want_w, WANT_B=want_b, GROUP_M=config.group_m,
-        BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k, ACC=types.acc,
-        OPERAND=types.operand, COMPUTE=types.compute, PRECISION=types.precision, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        num_stages=config.num_stages, **types.narrow_args(), **types.wide_args())
     return grad_h, grad_w, grad_b

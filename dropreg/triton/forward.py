@@ -36,7 +36,7 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, target_ptr, max_out, sum_out, targe
                         N, V, D, stride_h, stride_w, tiles_per_split,
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                         BLOCK_K: tl.constexpr, ACC: tl.constexpr, OPERAND: tl.constexpr, COMPUTE: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     row_block = tl.program_id(0)
     split = tl.program_id(1)
     h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, D], strides=[stride_h, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -53,7 +53,7 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, target_ptr, max_out, sum_out, targe
         col0 = tile * BLOCK_V
         cols = col0 + tl.arange(0, BLOCK_V)
         z = logit_tile(h_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K,
-                       ACC, OPERAND, COMPUTE, PRECISION)
+                       ACC, OPERAND, COMPUTE, PRECISION, ROUND_TF32)
         target_logit += pick_target(z, cols, target)
         running_max, running_sum, _, _ = online_softmax_update(running_max, running_sum, z)
     out = split * N + rows
@@ -63,10 +63,14 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, target_ptr, max_out, sum_out, targe
 
 
 @triton.jit
-def moments_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, mean_out, second_out, N, V, D, stride_h, stride_w,
+def moments_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, mass_out, mean_out, second_out, N, V, D, stride_h, stride_w,
                    HAS_BIAS: tl.constexpr, NEED_SECOND: tl.constexpr, GROUP_M: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-                   OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+                   OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
+                   WIDE: tl.constexpr, WIDE_PRECISION: tl.constexpr, WIDE_ROUND_TF32: tl.constexpr):
+    """Unnormalized A1 = s~ @ W, A2 = s~ @ (W*W) and the mass sum s~, where s~ is s rounded exactly as the
+    dot sees it: dividing by that mass (row_terms_kernel) keeps var = m2 - mu^2 the variance of one
+    distribution, so operand rounding cannot push it off by the cancellation in m2 - mu^2."""
     row_block, vocab_block = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
     h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, D], strides=[stride_h, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, D], strides=[stride_w, 1], block_shape=[BLOCK_V, BLOCK_K])
@@ -75,28 +79,35 @@ def moments_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, mean_out, second_out, N, V, D, 
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, BLOCK_V)
     z = logit_tile(h_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K,
-                   ACC, OPERAND, COMPUTE, PRECISION)
+                   ACC, OPERAND, COMPUTE, PRECISION, ROUND_TF32)
     lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
-    probs = dot_operand(tl.where((rows < N)[:, None], tl.exp(z - lse[:, None]), 0.0), OPERAND, COMPUTE)
+    # Rows past N load zeros, so their z - lse is just the bias, which may overflow exp: zero them.
+    probs = tl.where((rows < N)[:, None], tl.exp(z - lse[:, None]), 0.0)
+    probs = dot_operand(probs, WIDE, WIDE, WIDE_ROUND_TF32)
+    tl.atomic_add(mass_out + rows, tl.sum(probs, axis=1).to(ACC), mask=rows < N, sem="relaxed")
     for k0 in range(0, D, BLOCK_K):
         dims = k0 + tl.arange(0, BLOCK_K)
         out = rows[:, None] * D + dims[None, :]
         in_bounds = (rows[:, None] < N) & (dims[None, :] < D)
-        w = w_desc.load([col0, k0]).to(ACC)
-        mean = tl.dot(probs, dot_operand(w, OPERAND, COMPUTE), input_precision=PRECISION, out_dtype=ACC)
+        w = w_desc.load([col0, k0]).to(WIDE)
+        mean = tl.dot(probs, dot_operand(w, WIDE, WIDE, WIDE_ROUND_TF32), input_precision=WIDE_PRECISION,
+                      out_dtype=ACC)
         tl.atomic_add(mean_out + out, mean, mask=in_bounds, sem="relaxed")
         if NEED_SECOND:
-            second = tl.dot(probs, dot_operand(w * w, OPERAND, COMPUTE), input_precision=PRECISION, out_dtype=ACC)
+            second = tl.dot(probs, dot_operand(w * w, WIDE, WIDE, WIDE_ROUND_TF32), input_precision=WIDE_PRECISION,
+                            out_dtype=ACC)
             tl.atomic_add(second_out + out, second, mask=in_bounds, sem="relaxed")
 
 
 @triton.jit
-def row_terms_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mean_ptr, second_ptr, quadratic_out, sign_term_out,
-                     seed, N, D, stride_h, stride_w,
+def row_terms_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mass_ptr, mean_ptr, second_ptr, quadratic_out,
+                     sign_term_out, seed, N, D, stride_h, stride_w,
                      NEED_EXPLICIT: tl.constexpr, NEED_IMPLICIT: tl.constexpr, HAS_SIGNS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
-    """Per-row epilogue; overwrites the second moment with var = m2 - mu^2 (saved for backward)."""
+    """Per-row epilogue: normalizes A1, A2 by the mass into mu (in place) and var = m2 - mu^2 (in place of A2),
+    both saved for backward."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mass = tl.load(mass_ptr + rows, mask=rows < N, other=1.0)[:, None]
     target = tl.load(target_ptr + rows, mask=rows < N, other=0)
     quadratic = tl.zeros((BLOCK_M,), dtype=ACC)
     sign_term = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -105,9 +116,10 @@ def row_terms_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mean_ptr, second_ptr, 
         in_bounds = (rows[:, None] < N) & (dims[None, :] < D)
         at = rows[:, None] * D + dims[None, :]
         h = tl.load(h_ptr + rows[:, None] * stride_h + dims[None, :], mask=in_bounds, other=0.0).to(ACC)
-        mean = tl.load(mean_ptr + at, mask=in_bounds, other=0.0)
+        mean = tl.load(mean_ptr + at, mask=in_bounds, other=0.0) / mass
+        tl.store(mean_ptr + at, mean, mask=in_bounds)
         if NEED_EXPLICIT:
-            var = tl.load(second_ptr + at, mask=in_bounds, other=0.0) - mean * mean
+            var = tl.load(second_ptr + at, mask=in_bounds, other=0.0) / mass - mean * mean
             tl.store(second_ptr + at, var, mask=in_bounds)
             quadratic += tl.sum(h * h * var, axis=1)
         if NEED_IMPLICIT:
@@ -129,7 +141,6 @@ def linear_ce_forward(launch, input, weight, bias, target, signs: Optional[torch
     vocab = weight.shape[0]
     types = dot_types(input.dtype)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    dot_args = dict(ACC=types.acc, OPERAND=types.operand, COMPUTE=types.compute, PRECISION=types.precision)
     has_bias = bias is not None
     bias_arg = bias if has_bias else input  # never read when HAS_BIAS is False
 
@@ -143,7 +154,7 @@ def linear_ce_forward(launch, input, weight, bias, target, signs: Optional[torch
         input, weight, bias_arg, target, partials[0], partials[1], partials[2], n_rows, vocab, dim,
         input.stride(0), weight.stride(0), tiles_per_split, HAS_BIAS=has_bias, BLOCK_M=config.block_m,
         BLOCK_V=config.block_v, BLOCK_K=config.block_k, num_warps=config.num_warps,
-        num_stages=config.num_stages, **dot_args)
+        num_stages=config.num_stages, **types.narrow_args())
     (lse,) = merge_vocab_splits(partials[0], partials[1])
     ce = lse - partials[2].sum(dim=0)
 
@@ -155,15 +166,16 @@ def linear_ce_forward(launch, input, weight, bias, target, signs: Optional[torch
     if need_mean and n_rows:
         config = tile_config("moments", input.dtype)
         grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)
+        mass = torch.zeros(n_rows, dtype=acc, device=input.device)
         launch(moments_kernel)[grid](
-            input, weight, bias_arg, lse, mean, var if need_explicit else mean, n_rows, vocab, dim,
+            input, weight, bias_arg, lse, mass, mean, var if need_explicit else mean, n_rows, vocab, dim,
             input.stride(0), weight.stride(0), HAS_BIAS=has_bias, NEED_SECOND=need_explicit,
             GROUP_M=config.group_m, BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, num_stages=config.num_stages, **dot_args)
+            num_warps=config.num_warps, num_stages=config.num_stages, **types.narrow_args(), **types.wide_args())
         config = tile_config("row_terms", input.dtype)
         launch(row_terms_kernel)[(triton.cdiv(n_rows, config.block_m),)](
-            input, weight, target, signs if signs is not None else mean, mean, var if need_explicit else mean,
-            quadratic, sign_term, seed, n_rows, dim, input.stride(0), weight.stride(0),
+            input, weight, target, signs if signs is not None else mean, mass, mean,
+            var if need_explicit else mean, quadratic, sign_term, seed, n_rows, dim, input.stride(0), weight.stride(0),
             NEED_EXPLICIT=need_explicit, NEED_IMPLICIT=need_implicit, HAS_SIGNS=signs is not None,
             BLOCK_M=config.block_m, BLOCK_K=config.block_k, ACC=types.acc, num_warps=config.num_warps,
             num_stages=config.num_stages)

@@ -20,15 +20,15 @@ from .utils import (dot_operand, dot_types, grouped_tile, merge_vocab_splits, on
 @triton.jit
 def _two_logit_tiles(h1_desc, h2_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-                     OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+                     OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     """z1, z2 for one tile from one pass over W's K chunks (each W chunk loaded once)."""
     z1 = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
     z2 = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
-        w = tl.trans(dot_operand(w_desc.load([col0, k0]), OPERAND, COMPUTE))
-        z1 = tl.dot(dot_operand(h1_desc.load([row0, k0]), OPERAND, COMPUTE), w, z1, input_precision=PRECISION,
+        w = tl.trans(dot_operand(w_desc.load([col0, k0]), OPERAND, COMPUTE, ROUND_TF32))
+        z1 = tl.dot(dot_operand(h1_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32), w, z1, input_precision=PRECISION,
                     out_dtype=ACC)
-        z2 = tl.dot(dot_operand(h2_desc.load([row0, k0]), OPERAND, COMPUTE), w, z2, input_precision=PRECISION,
+        z2 = tl.dot(dot_operand(h2_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32), w, z2, input_precision=PRECISION,
                     out_dtype=ACC)
     if HAS_BIAS:
         b = tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
@@ -50,7 +50,7 @@ def rdrop_partials_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, partials_out
                           stride_w, tiles_per_split,
                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                           BLOCK_K: tl.constexpr, ACC: tl.constexpr, OPERAND: tl.constexpr, COMPUTE: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     """partials_out is (8, splits, N): max1, sum1, weighted_d1, target_logit1, then the same for pass 2."""
     row_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -76,7 +76,7 @@ def rdrop_partials_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, partials_out
         col0 = tile * BLOCK_V
         cols = col0 + tl.arange(0, BLOCK_V)
         z1, z2 = _two_logit_tiles(h1_desc, h2_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS, BLOCK_M,
-                                  BLOCK_V, BLOCK_K, ACC, OPERAND, COMPUTE, PRECISION)
+                                  BLOCK_V, BLOCK_K, ACC, OPERAND, COMPUTE, PRECISION, ROUND_TF32)
         target1 += pick_target(z1, cols, target)
         target2 += pick_target(z2, cols, target)
         diff = _logit_difference(z1, z2, cols, V)
@@ -104,7 +104,7 @@ def rdrop_gradient_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, exp
                           HAS_BIAS: tl.constexpr, WANT_H1: tl.constexpr, WANT_H2: tl.constexpr, WANT_W: tl.constexpr,
                           WANT_B: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, OPERAND: tl.constexpr,
-                          COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+                          COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     row_block, vocab_block = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
     h1_desc = tl.make_tensor_descriptor(h1_ptr, shape=[N, D], strides=[stride_h1, 1],
                                         block_shape=[BLOCK_M, BLOCK_K])
@@ -117,7 +117,7 @@ def rdrop_gradient_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, exp
     cols = col0 + tl.arange(0, BLOCK_V)
     row_ok = rows < N
     z1, z2 = _two_logit_tiles(h1_desc, h2_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS, BLOCK_M, BLOCK_V,
-                              BLOCK_K, ACC, OPERAND, COMPUTE, PRECISION)
+                              BLOCK_K, ACC, OPERAND, COMPUTE, PRECISION, ROUND_TF32)
     diff = _logit_difference(z1, z2, cols, V)
     # Rows past N load zeros, so their z - lse is just the bias, which may overflow exp: zero them.
     p1 = tl.where(row_ok[:, None], tl.exp(z1 - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]), 0.0)
@@ -136,13 +136,13 @@ def rdrop_gradient_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, exp
     grad2 = tl.where(at_target, grad2 - g_ce2, grad2)
     if WANT_B:
         tl.atomic_add(grad_b_out + cols, tl.sum(grad1 + grad2, axis=0), mask=cols < V, sem="relaxed")
-    g1 = dot_operand(grad1, OPERAND, COMPUTE)
-    g2 = dot_operand(grad2, OPERAND, COMPUTE)
+    g1 = dot_operand(grad1, OPERAND, COMPUTE, ROUND_TF32)
+    g2 = dot_operand(grad2, OPERAND, COMPUTE, ROUND_TF32)
     for k0 in range(0, D, BLOCK_K):
         dims = k0 + tl.arange(0, BLOCK_K)
         h_at = rows[:, None] * D + dims[None, :]
         h_ok = row_ok[:, None] & (dims[None, :] < D)
-        w = dot_operand(w_desc.load([col0, k0]), OPERAND, COMPUTE)
+        w = dot_operand(w_desc.load([col0, k0]), OPERAND, COMPUTE, ROUND_TF32)
         if WANT_H1:
             tl.atomic_add(grad_h1_out + h_at, tl.dot(g1, w, input_precision=PRECISION, out_dtype=ACC), mask=h_ok,
                           sem="relaxed")
@@ -150,9 +150,9 @@ def rdrop_gradient_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, exp
             tl.atomic_add(grad_h2_out + h_at, tl.dot(g2, w, input_precision=PRECISION, out_dtype=ACC), mask=h_ok,
                           sem="relaxed")
         if WANT_W:
-            grad_w = tl.dot(tl.trans(g1), dot_operand(h1_desc.load([row0, k0]), OPERAND, COMPUTE),
+            grad_w = tl.dot(tl.trans(g1), dot_operand(h1_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32),
                             input_precision=PRECISION, out_dtype=ACC)
-            grad_w = tl.dot(tl.trans(g2), dot_operand(h2_desc.load([row0, k0]), OPERAND, COMPUTE), grad_w,
+            grad_w = tl.dot(tl.trans(g2), dot_operand(h2_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32), grad_w,
                             input_precision=PRECISION, out_dtype=ACC)
             tl.atomic_add(grad_w_out + cols[:, None] * D + dims[None, :], grad_w,
                           mask=(cols[:, None] < V) & (dims[None, :] < D), sem="relaxed")
@@ -173,8 +173,7 @@ def rdrop_forward(launch, input1, input2, weight, bias, target):
         input1, input2, weight, bias if bias is not None else input1, target, partials, n_rows, vocab, dim,
         input1.stride(0), input2.stride(0), weight.stride(0), triton.cdiv(n_vocab_blocks, splits),
         HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k,
-        ACC=types.acc, OPERAND=types.operand, COMPUTE=types.compute, PRECISION=types.precision,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, **types.narrow_args())
     lse1, expected1 = merge_vocab_splits(partials[0], partials[1], partials[2])
     lse2, expected2 = merge_vocab_splits(partials[4], partials[5], partials[6])
     ce1 = lse1 - partials[3].sum(dim=0)
@@ -204,7 +203,6 @@ def rdrop_backward(launch, grad_ce1, grad_ce2, grad_kl, input1, input2, weight, 
         grad_kl, *map(out_or_placeholder, (grad_h1, grad_h2, grad_w, grad_b)), n_rows, vocab, dim,
         input1.stride(0), input2.stride(0), weight.stride(0), HAS_BIAS=bias is not None, WANT_H1=want_h1,
         WANT_H2=want_h2, WANT_W=want_w, WANT_B=want_b, GROUP_M=config.group_m, BLOCK_M=config.block_m,
-        BLOCK_V=config.block_v, BLOCK_K=config.block_k, ACC=types.acc, OPERAND=types.operand,
-        COMPUTE=types.compute, PRECISION=types.precision, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        BLOCK_V=config.block_v, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        **types.narrow_args())
     return grad_h1, grad_h2, grad_w, grad_b

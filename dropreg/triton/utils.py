@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
+
+# Triton 3.9 warns that this default changes in 3.10; pin today's behaviour (fused multiply-add allowed).
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 # Read once, when the kernels are defined: that is when Triton decides to interpret them.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -24,11 +28,16 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def dot_operand(x, OPERAND: tl.constexpr, COMPUTE: tl.constexpr):
-    """Round ``x`` to the tensor-core operand dtype. On a GPU ``COMPUTE == OPERAND``; under the
-    interpreter (whose bf16/fp16 ``tl.dot`` is wrong) ``COMPUTE`` is fp32, so the same rounding happens
-    but the product runs in fp32."""
-    return x.to(OPERAND).to(COMPUTE)
+def dot_operand(x, OPERAND: tl.constexpr, COMPUTE: tl.constexpr, ROUND_TF32: tl.constexpr):
+    """Round ``x`` to what the tensor cores will use. tf32 operands are rounded to nearest here (a tensor
+    core would otherwise just drop the low 13 mantissa bits, a bias that adds up in long sums); the
+    hardware's truncation is then exact. On a GPU ``COMPUTE == OPERAND``; under the interpreter (whose
+    bf16/fp16 ``tl.dot`` is wrong and which ignores ``input_precision``) ``COMPUTE`` is fp32, so the same
+    rounding happens and the product runs in fp32: the interpreter sees the GPU's operands."""
+    x = x.to(OPERAND).to(COMPUTE)
+    if ROUND_TF32:
+        x = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return x
 
 
 @triton.jit
@@ -51,12 +60,12 @@ def grouped_tile(pid, n_row_blocks, n_vocab_blocks, GROUP_M: tl.constexpr):
 @triton.jit
 def logit_tile(h_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-               OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+               OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     """``z[BLOCK_M, BLOCK_V] = h[row0:] @ W[col0:]^T (+ b)`` in ``ACC``; columns >= V are -inf."""
     z = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
-        h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE)
-        w = dot_operand(w_desc.load([col0, k0]), OPERAND, COMPUTE)
+        h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32)
+        w = dot_operand(w_desc.load([col0, k0]), OPERAND, COMPUTE, ROUND_TF32)
         z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
@@ -116,22 +125,50 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class DotTypes:
-    acc: object  # accumulation dtype (tl): fp32, or fp64 for fp64 inputs
-    operand: object  # what tl.dot operands are rounded to
-    compute: object  # what tl.dot runs in (== operand on a GPU; fp32 under the interpreter)
-    precision: Optional[str]  # tl.dot input_precision for fp32 operands: "tf32" or "ieee"
+    """How each class of ``tl.dot`` rounds its operands, as kernel constexprs.
+
+    "Narrow" dots are the cross-entropy GEMMs (z = h W^T, G W, G^T h): operands in the input dtype.
+    "Wide" dots are the regularizer GEMMs (moments s W, s W*W; t = T W^T + gR'q (W*W)^T; S^T T, S^T gR'q):
+    MATH.md's GEMM-friendly form subtracts nearly equal sums there (var = m2 - mu^2, r_v = ... - 2 W.q mu
+    + ...), which bf16 operands (8 bits) ruin on peaked softmaxes. They run on fp32 operands: tf32 tensor
+    cores (11 bits) for bf16 inputs, tf32x3 for fp16 inputs (fp16 already has 11 bits); for fp32 inputs
+    whatever torch.get_float32_matmul_precision() allows; fp64 stays fp64. tf32 operands are rounded to nearest in ``dot_operand`` (the PTX has no
+    cvt.rna.tf32 of its own: the tensor cores would truncate)."""
+    acc: object  # accumulation dtype: fp32, or fp64 for fp64 inputs
+    operand: object  # narrow operands
+    compute: object  # what a narrow tl.dot runs in (== operand on a GPU; fp32 under the interpreter)
+    precision: Optional[str]  # narrow input_precision (fp32 operands only)
+    wide: object  # wide operands (fp32 or fp64)
+    wide_precision: Optional[str]
+
+    def narrow_args(self) -> dict:
+        return dict(ACC=self.acc, OPERAND=self.operand, COMPUTE=self.compute, PRECISION=self.precision,
+                    ROUND_TF32=self.precision == "tf32")
+
+    def wide_args(self) -> dict:
+        return dict(WIDE=self.wide, WIDE_PRECISION=self.wide_precision, WIDE_ROUND_TF32=self.wide_precision == "tf32")
 
 
-# Per kernel: (bf16/fp16 config, fp32/fp64 config) for a GPU. Chosen for H100/A100 and checked by the
-# compile report (no spills, shared memory within the sm_80 limit). Under the interpreter a single small
-# config is used so that tiny test shapes still span several tiles in every dimension.
-GPU_CONFIGS: dict[str, tuple[TileConfig, TileConfig]] = {
-    "lse_partials": (TileConfig(128, 128, 64, 8, 3), TileConfig(64, 128, 32, 8, 3)),
-    "moments": (TileConfig(64, 128, 64, 8, 2), TileConfig(64, 64, 32, 4, 2)),
-    "logit_gradient": (TileConfig(64, 128, 64, 8, 2), TileConfig(64, 64, 32, 4, 2)),
-    "rdrop_partials": (TileConfig(64, 128, 64, 8, 3), TileConfig(64, 64, 32, 4, 3)),
-    "rdrop_gradient": (TileConfig(64, 128, 64, 8, 2), TileConfig(64, 64, 32, 4, 2)),
-    "row_terms": (TileConfig(16, 1, 256, 4, 1), TileConfig(16, 1, 256, 4, 1)),
+# Per kernel and dot class: "tensor" (bf16 operands; tf32 regularizer dots), "fp16" (fp16 operands; tf32x3
+# regularizer dots, which need more registers), "tf32" (fp32 operands on tf32 tensor cores) and "ieee"
+# (exact fp32 or fp64 dots: FMA units, no tensor cores, so smaller tiles). One table for A100 and H100:
+# each entry compiles without spills and within sm_80's shared memory (python -m dropreg.triton.compile_report).
+# Not tuned for speed: no GPU was available to time them. Under the interpreter a single small config is
+# used so that tiny test shapes still span several tiles in every dimension.
+GPU_CONFIGS: dict[str, dict[str, TileConfig]] = {
+    #                 (block_m, block_v, block_k, warps, stages)
+    "lse_partials": dict(tensor=TileConfig(128, 128, 64, 8, 3), fp16=TileConfig(128, 128, 64, 8, 3),
+                         tf32=TileConfig(64, 128, 32, 8, 3), ieee=TileConfig(32, 64, 16, 4, 2)),
+    "moments": dict(tensor=TileConfig(128, 64, 32, 8, 2), fp16=TileConfig(64, 64, 32, 8, 2),
+                    tf32=TileConfig(64, 64, 32, 4, 2), ieee=TileConfig(32, 64, 16, 4, 2)),
+    "logit_gradient": dict(tensor=TileConfig(64, 128, 32, 8, 2), fp16=TileConfig(64, 128, 16, 8, 2),
+                           tf32=TileConfig(64, 64, 32, 8, 2), ieee=TileConfig(32, 64, 16, 4, 2)),
+    "rdrop_partials": dict(tensor=TileConfig(128, 64, 64, 8, 3), fp16=TileConfig(128, 64, 64, 8, 3),
+                           tf32=TileConfig(64, 64, 32, 4, 3), ieee=TileConfig(32, 64, 16, 4, 2)),
+    "rdrop_gradient": dict(tensor=TileConfig(64, 128, 32, 8, 2), fp16=TileConfig(64, 128, 32, 8, 2),
+                           tf32=TileConfig(64, 128, 16, 8, 2), ieee=TileConfig(32, 64, 16, 4, 2)),
+    "row_terms": dict(tensor=TileConfig(16, 1, 64, 4, 1), fp16=TileConfig(16, 1, 64, 4, 1),
+                      tf32=TileConfig(16, 1, 64, 4, 1), ieee=TileConfig(16, 1, 64, 4, 1)),
 }
 INTERPRETER_CONFIG = TileConfig(16, 32, 16, 1, 1, group_m=2)
 INTERPRETER_ROW_CONFIG = TileConfig(8, 1, 16, 1, 1)
@@ -141,20 +178,36 @@ INTERPRETER_VOCAB_SPLITS = 2  # split even tiny vocabularies so the exact merge 
 def tile_config(kernel: str, dtype: torch.dtype, interpreted: bool = INTERPRETED) -> TileConfig:
     if interpreted:
         return INTERPRETER_ROW_CONFIG if kernel == "row_terms" else INTERPRETER_CONFIG
-    low, high = GPU_CONFIGS[kernel]
-    return low if dtype in (torch.bfloat16, torch.float16) else high
+    if dtype == torch.bfloat16:
+        dot_class = "tensor"
+    elif dtype == torch.float16:  # its tf32x3 regularizer dots need more registers
+        dot_class = "fp16"
+    elif dtype == torch.float32 and dot_types(dtype).precision == "tf32":
+        dot_class = "tf32"
+    else:
+        dot_class = "ieee"
+    return GPU_CONFIGS[kernel][dot_class]
 
 
 def dot_types(dtype: torch.dtype, interpreted: bool = INTERPRETED) -> DotTypes:
-    """bf16/fp16 inputs: tensor-core operands in that dtype, fp32 accumulation. fp32 inputs: tf32 when
-    ``torch.get_float32_matmul_precision()`` allows it ("high"/"medium"), else exact ieee fp32."""
+    """bf16/fp16 inputs: narrow dots on tensor cores in that dtype, wide dots in tf32/tf32x3. fp32 inputs: tf32
+    when ``torch.get_float32_matmul_precision()`` allows it ("high"/"medium"), else exact ieee fp32.
+    Accumulation is always fp32 (fp64 for fp64 inputs)."""
     operand = _TL_DTYPES[dtype]
+    low_precision = dtype in (torch.bfloat16, torch.float16)
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    compute = tl.float32 if interpreted and dtype in (torch.bfloat16, torch.float16) else operand
-    precision = None
-    if dtype == torch.float32:
-        precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return DotTypes(acc, operand, compute, precision)
+    compute = tl.float32 if interpreted and low_precision else operand
+    fp32_precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    precision = fp32_precision if dtype == torch.float32 else None
+    # tf32 keeps 11 significant bits: more than bf16's 8, but only as many as fp16's 11, so fp16 inputs
+    # get tf32x3 (three tf32 products, about fp32 accuracy) for the cancelling regularizer GEMMs.
+    wide_precision = {torch.float64: None, torch.float32: fp32_precision, torch.bfloat16: "tf32",
+                      torch.float16: "tf32x3"}[dtype]
+    return DotTypes(acc, operand, compute, precision, acc, wide_precision)
+
+
+# The compile report (no GPU) sizes the statistics grid for an H100's 132 SMs.
+REPORT_SM_COUNT = 132
 
 
 def vocab_splits(n_row_blocks: int, n_vocab_blocks: int, device: torch.device,
@@ -163,8 +216,9 @@ def vocab_splits(n_row_blocks: int, n_vocab_blocks: int, device: torch.device,
     (4 per SM) when there are few row blocks, merged exactly afterwards."""
     if interpreted:
         return min(INTERPRETER_VOCAB_SPLITS, n_vocab_blocks)
-    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_vocab_blocks, triton.cdiv(programs, n_row_blocks)))
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+           else REPORT_SM_COUNT)
+    return max(1, min(n_vocab_blocks, triton.cdiv(4 * sms, n_row_blocks)))
 
 
 def descriptor_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

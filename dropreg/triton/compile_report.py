@@ -1,0 +1,232 @@
+"""Ahead-of-time compilation report: every Triton kernel of dropreg, for sm_80 and sm_90, without a GPU.
+
+    python -m dropreg.triton.compile_report [--targets 80,90] [--configs bf16,fp32] [--markdown FILE]
+
+The kernels are specialized exactly as a real launch would specialize them: the launchers of forward.py,
+backward.py and rdrop.py run on ``meta`` tensors of a realistic LM shape (N=8192, d=4096, V=128256) with
+a recording ``launch``, so block sizes, warps, stages, constexprs and argument specializations (16-byte
+divisibility) are the ones the launcher chooses. Each recorded launch is then compiled with
+``triton.compile`` for the target. ptxas's own log gives registers and spill bytes; Triton's metadata
+gives the shared memory; the PTX shows whether tensor-core instructions (``mma.sync`` on sm_80,
+``wgmma.mma_async`` on sm_90) were emitted.
+
+Exit status 1 on a compile error, any spill, or shared memory over the target's per-block limit.
+Run it in a process where TRITON_INTERPRET is not set.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Per-block shared memory limits (opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+TENSOR_CORE_INSTRUCTION = {80: "mma.sync", 90: "wgmma.mma_async"}
+ROW_KERNELS = ("row_terms_kernel", "row_prep_kernel")  # O(N d) epilogues without a GEMM
+REPORT_SHAPE = dict(rows=8192, dim=4096, vocab=128256)
+CONFIGS = {
+    "bf16": (torch.bfloat16, "highest"),
+    "fp16": (torch.float16, "highest"),  # its regularizer GEMMs use tf32x3
+    "fp32": (torch.float32, "highest"),  # the default: exact ieee fp32 dots
+    "fp32-tf32": (torch.float32, "high"),  # torch.set_float32_matmul_precision("high")
+}
+
+
+@dataclass
+class Launch:
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Row:
+    config: str
+    kernel: str
+    target: int
+    grid: str
+    meta: str
+    registers: Optional[int] = None
+    spill_bytes: Optional[int] = None
+    shared_bytes: Optional[int] = None
+    tensor_cores: Optional[bool] = None
+    seconds: float = 0.0
+    error: Optional[str] = None
+
+    def problems(self) -> list[str]:
+        if self.error:
+            return [f"compile error: {self.error}"]
+        found = []
+        if self.spill_bytes:
+            found.append(f"{self.spill_bytes} spill bytes")
+        if self.shared_bytes is not None and self.shared_bytes > SHARED_MEMORY_LIMIT[self.target]:
+            found.append(f"shared memory {self.shared_bytes} B over the sm_{self.target} limit "
+                         f"{SHARED_MEMORY_LIMIT[self.target]} B")
+        return found
+
+
+class Recorder:
+    """Stands in for ``torch.library.wrap_triton``: records launches instead of running them."""
+
+    def __init__(self):
+        self.launches: list[Launch] = []
+
+    def __call__(self, kernel):
+        def at_grid(grid):
+            def record(*args, **kwargs):
+                self.launches.append(Launch(kernel, tuple(grid), args, kwargs))
+            return record
+
+        class Indexable:
+            def __getitem__(self, grid):
+                return at_grid(grid)
+
+        return Indexable()
+
+
+def record_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int) -> list[Launch]:
+    """Every kernel launch of a full training step (both terms, all gradients, bias) and of R-Drop."""
+    from . import backward, forward, rdrop
+
+    recorder = Recorder()
+
+    def meta(*shape, dtype=dtype):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    acc = torch.float32
+    h, w, b, y = meta(rows, dim), meta(vocab, dim), meta(vocab), meta(rows, dtype=torch.int64)
+    seed = 2**62 + 12345
+    _, _, _, lse, mu, var = forward.linear_ce_forward(recorder, h, w, b, y, None, seed, True, True)
+    grads = [meta(rows, dtype=acc) for _ in range(3)]
+    backward.linear_ce_backward(recorder, *grads, h, w, b, y, None, seed, lse, mu, var, True, True, True, True, True)
+    backward.linear_ce_backward(recorder, *grads, h, w, b, y, None, seed, lse, mu, var, False, False, True, True, True)
+    h2 = meta(rows, dim)
+    _, _, _, lse2, expected = rdrop.rdrop_forward(recorder, h, h2, w, b, y)
+    rdrop.rdrop_backward(recorder, *grads, h, h2, w, b, y, lse2, expected, True, True, True, True)
+    return recorder.launches
+
+
+def _describe(launch: Launch) -> tuple[str, str]:
+    kw = launch.kwargs
+    name = launch.kernel.__name__
+    if name == "logit_gradient_kernel":
+        name += " (ce+explicit+implicit)" if kw.get("MODULATED") else " (ce only)"
+    blocks = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K") if k in kw)
+    return name, f"{blocks} w{kw.get('num_warps')} s{kw.get('num_stages')}"
+
+
+def compile_launch(launch: Launch, capability: int):
+    """``triton.compile`` with the signature, constexprs and attributes a real launch would produce."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, launch.kwargs, bound_args, specialization,
+                                                              options)
+    source = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=target, options=options.__dict__)
+
+
+def _ptxas_numbers(log: str) -> tuple[int, int]:
+    registers = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    if not registers:
+        raise RuntimeError(f"no register count in the ptxas log:\n{log}")
+    return max(registers), sum(spills)
+
+
+def build_rows(config_names, targets, shape=REPORT_SHAPE, progress=print, kernels=None) -> list[Row]:
+    import triton
+
+    triton.knobs.nvidia.dump_ptxas_log = True
+    triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
+    rows: list[Row] = []
+    for config in config_names:
+        dtype, matmul_precision = CONFIGS[config]
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(matmul_precision)
+        try:
+            launches = record_launches(dtype, **shape)
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        for launch in launches:
+            name, meta = _describe(launch)
+            if kernels and not any(k in name for k in kernels):
+                continue
+            for capability in targets:
+                row = Row(config, name, capability, "x".join(map(str, launch.grid)), meta)
+                start = time.perf_counter()
+                log = io.StringIO()
+                try:
+                    with contextlib.redirect_stdout(log):
+                        compiled = compile_launch(launch, capability)
+                    row.registers, row.spill_bytes = _ptxas_numbers(log.getvalue())
+                    row.shared_bytes = int(compiled.metadata.shared)
+                    if launch.kernel.__name__ not in ROW_KERNELS:
+                        row.tensor_cores = TENSOR_CORE_INSTRUCTION[capability] in compiled.asm["ptx"]
+                except Exception as error:  # reported as a row and as a failure
+                    row.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+                row.seconds = time.perf_counter() - start
+                rows.append(row)
+                progress(f"  {config:9s} sm_{capability} {name:45s} {row.seconds:5.1f} s "
+                         f"{'ERROR' if row.error else ''}")
+    return rows
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| config | kernel | target | grid | blocks (MxVxK), warps, stages | registers | spill bytes | "
+             "shared memory (B) | tensor cores | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mma = "-" if r.tensor_cores is None else (TENSOR_CORE_INSTRUCTION[r.target] if r.tensor_cores else "no")
+        status = "; ".join(r.problems()) or "ok"
+        lines.append(f"| {r.config} | {r.kernel} | sm_{r.target} | {r.grid} | {r.meta} | {r.registers} | "
+                     f"{r.spill_bytes} | {r.shared_bytes} | {mma} | {status} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"of {', '.join(CONFIGS)}")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--kernels", help="only kernels whose name contains one of these (comma-separated)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("compile_report: unset TRITON_INTERPRET; the interpreter does not compile", file=sys.stderr)
+        return 2
+    targets = [int(t) for t in args.targets.split(",")]
+    configs = args.configs.split(",")
+    print(f"dropreg Triton compile report: N={REPORT_SHAPE['rows']} d={REPORT_SHAPE['dim']} "
+          f"V={REPORT_SHAPE['vocab']}, configs {configs}, targets {['sm_%d' % t for t in targets]}")
+    rows = build_rows(configs, targets, progress=lambda line: print(line, flush=True),
+                      kernels=args.kernels.split(",") if args.kernels else None)
+    table = markdown_table(rows)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    failures = [(r, p) for r in rows for p in r.problems()]
+    for r, problem in failures:
+        print(f"FAIL {r.config} {r.kernel} sm_{r.target}: {problem}", file=sys.stderr)
+    print(f"{len(rows)} compilations, {len(failures)} problems")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
