@@ -24,6 +24,12 @@ def vm_size_bytes() -> int:
 
 def main():
     op, backend, (n_rows, dim, vocab, cap_mib) = sys.argv[1], sys.argv[2], map(int, sys.argv[3:7])
+    if backend == "triton":  # under TRITON_INTERPRET=1, given by the caller
+        from dropreg.triton import utils
+        # Large tiles only so that the interpreter (per-program Python overhead) finishes in seconds;
+        # buffers are allocated by the launchers, whose sizes do not depend on the tiles.
+        utils.INTERPRETER_CONFIG = utils.TileConfig(128, 2048, 32, 1, 1)
+        utils.INTERPRETER_ROW_CONFIG = utils.TileConfig(256, 1, 32, 1, 1)
     torch.manual_seed(0)
     h = torch.randn(n_rows, dim, requires_grad=True)
     w = (torch.randn(vocab, dim) / dim**0.5).requires_grad_()

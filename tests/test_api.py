@@ -94,7 +94,7 @@ def test_empty_batch_gives_zero():
     assert out.loss.item() == 0.0 and torch.all(w.grad == 0)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton"])
 def test_explicit_regularizer_is_the_uncoefficiented_term(backend):
     h, w, b, y = small(lead=(3, 2))
     per_row = dropreg.explicit_regularizer(h, w, linear_bias=b, reduction="none", backend=backend)
@@ -107,7 +107,7 @@ def test_explicit_regularizer_is_the_uncoefficiented_term(backend):
 
 
 # ---- non-finite inputs propagate ------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton"])
 @pytest.mark.parametrize("where", ["input", "weight", "bias"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_inputs_give_non_finite_outputs(backend, where, bad):
@@ -170,7 +170,7 @@ def test_seed_reproducibility_and_manual_seed():
     assert torch.equal(first, dropreg.linear_cross_entropy(h, w, y).implicit)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton"])
 def test_seeded_signs_equal_explicit_philox_signs(backend):
     h, w, b, y = small(lead=(3, 5), d=9)
     seeded = dropreg.linear_cross_entropy(h, w, y, seed=2024, backend=backend, reduction="none")

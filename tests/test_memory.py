@@ -12,8 +12,15 @@ PROBE = os.path.join(os.path.dirname(__file__), "memory_probe.py")
 CASE = ["4096", "64", "131072", "512"]
 
 
-def run_probe(backend, op="linear_ce"):
-    done = subprocess.run([sys.executable, PROBE, op, backend, *CASE], capture_output=True, text=True, timeout=600)
+# The Triton kernels run under the interpreter (one program after another), so their case is smaller:
+# N=1024, V=65536, fp32 logits 256 MiB against a cap of 128 MiB.
+INTERPRETER_CASE = ["1024", "32", "65536", "128"]
+
+
+def run_probe(backend, op="linear_ce", case=CASE):
+    env = dict(os.environ, TRITON_INTERPRET="1") if backend == "triton" else None
+    done = subprocess.run([sys.executable, PROBE, op, backend, *case], capture_output=True, text=True, timeout=600,
+                          env=env)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(backend, result)
@@ -37,3 +44,14 @@ def test_reference_backend_fails_under_the_same_cap(op):
     result = run_probe("reference", op)
     assert not result["ok"], result
     assert "allocate" in result["error"], result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["linear_ce", "rdrop"])
+def test_triton_kernels_fit_under_cap(op):
+    result = run_probe("triton", op, INTERPRETER_CASE)
+    assert result["ok"], result
+    assert result["grad_finite"]
+    assert result["peak_rss_growth_mib"] < 96, result
+    # and the same cap stops the materialized version
+    assert not run_probe("reference", op, INTERPRETER_CASE)["ok"]

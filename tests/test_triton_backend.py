@@ -1,0 +1,214 @@
+"""The "triton" backend beyond the shared oracle suite: many tiles, split merges, the sign stream, fp32 dot
+precision, registration and dispatch, allocations at an LM shape, and the ahead-of-time compile report.
+
+Kernels run under TRITON_INTERPRET=1 (set in conftest.py) with 16x32 tiles, 16-wide K chunks and two
+vocabulary splits, so the shapes here cover several row blocks, vocabulary tiles, K chunks and groups.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dropreg
+import dropreg.cpu
+from checks import TERMS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _problem(n=45, d=37, vocab=150, dtype=torch.float64, bias=True):
+    # d=37: rows are not 16-byte multiples (descriptor-ready copies); V=150: 5 vocabulary tiles of 32 split
+    # 3 + 2; N=45: 3 row blocks of 16, so the grouped order (2 row blocks per group) has a partial group.
+    h = torch.randn(n, d, dtype=dtype)
+    w = torch.randn(vocab, d, dtype=dtype) / d**0.5
+    b = torch.randn(vocab, dtype=dtype) if bias else None
+    y = torch.randint(0, vocab, (n,))
+    return h, w, b, y
+
+
+def _run(backend, h, w, b, y, want=(True, True, True), **kwargs):
+    leaves = [t.clone().requires_grad_(flag) if t is not None else None for t, flag in zip((h, w, b), want)]
+    out = dropreg.linear_cross_entropy(leaves[0], leaves[1], y, linear_bias=leaves[2], backend=backend,
+                                       reduction="none", **kwargs)
+    weights = [torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i)).to(h.dtype)
+               for i in range(3)]
+    sum(((term * wt).sum() for term, wt in zip(out, weights))).backward()
+    return [t.detach() for t in out] + [None if t is None or t.grad is None else t.grad for t in leaves]
+
+
+def _assert_same(ours, reference, rtol):
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            scale = float(b.abs().max()) + 1e-30
+            assert float((a - b).abs().max()) <= rtol * scale, f"output {i}: {float((a - b).abs().max()):.3e}"
+
+
+@pytest.mark.parametrize("options", [dict(), dict(explicit=False), dict(implicit=False),
+                                     dict(explicit=False, implicit=False)],
+                         ids=["both", "implicit-only", "explicit-only", "ce-only"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_many_tiles_match_reference(options, bias):
+    h, w, b, y = _problem(bias=bias)
+    kwargs = dict(p=0.3, seed=99, **options)
+    _assert_same(_run("triton", h, w, b, y, **kwargs), _run("reference", h, w, b, y, **kwargs), 1e-11)
+
+
+@pytest.mark.parametrize("want", [(True, False, False), (False, True, False), (False, False, True)],
+                         ids=["input-only", "weight-only", "bias-only"])
+def test_only_requested_gradients(want):
+    h, w, b, y = _problem(n=20, d=16, vocab=70)
+    ours = _run("triton", h, w, b, y, want=want, p=0.2, seed=5)
+    _assert_same(ours, _run("reference", h, w, b, y, want=want, p=0.2, seed=5), 1e-11)
+    assert [g is not None for g in ours[3:]] == list(want)
+
+
+def test_non_contiguous_and_strided_inputs():
+    h, w, b, y = _problem(n=20, d=24, vocab=70)
+    h_view = torch.stack([h, -h], dim=2).reshape(20, 48)[:, ::2]  # inner stride 2: copied to a descriptor-ready buffer
+    w_view = torch.cat([w, torch.zeros(70, 8, dtype=w.dtype)], dim=1)[:, :24]  # row stride 32: used in place
+    assert torch.equal(h_view, h) and torch.equal(w_view, w)
+    assert not h_view.is_contiguous() and not w_view.is_contiguous()
+    _assert_same(_run("triton", h_view, w_view, b, y, p=0.2, seed=5), _run("reference", h, w, b, y, p=0.2, seed=5),
+                 1e-11)
+
+
+def test_vocabulary_split_that_is_entirely_masked():
+    # The bias masks the second split's vocabulary (-inf): its partial is (m=-inf, L=0) and must merge to
+    # nothing, not to NaN.
+    h, w, b, y = _problem(n=20, d=16, vocab=128)
+    b[64:] = float("-inf")
+    y = y % 64
+    _assert_same(_run("triton", h, w, b, y, p=0.2, seed=1), _run("reference", h, w, b, y, p=0.2, seed=1), 1e-11)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**40 + 12345, 2**63 + 5, 2**64 - 1])
+def test_seeded_signs_match_the_other_backends(seed):
+    # 50 x 37 = 1850 signs: several Philox counters, words and partial rows; the kernels draw them with
+    # tl.randint4x, the torch backend with dropreg.signs.
+    h, w, b, y = _problem(n=50, d=37, vocab=40)
+    ours = _run("triton", h, w, b, y, p=0.3, seed=seed)
+    _assert_same(ours, _run("torch", h, w, b, y, p=0.3, seed=seed), 1e-11)
+    flipped = _run("triton", h, w, b, y, p=0.3, seed=seed ^ 1)
+    assert not torch.equal(ours[2], flipped[2])
+
+
+def test_fp32_dot_precision_follows_torch_setting():
+    h, w, b, y = _problem(n=20, d=64, vocab=70, dtype=torch.float32)
+    exact = _run("reference", h.double(), w.double(), b.double(), y, p=0.3, seed=3)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        results = {}
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            results[precision] = _run("triton", h, w, b, y, p=0.3, seed=3)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+    def worst(ours):
+        return max(float((a.double() - e).abs().max() / (e.abs().max() + 1e-30)) for a, e in zip(ours, exact))
+
+    # ieee fp32 dots: fp32 rounding only. tf32 dots (operands rounded to 11 significant bits): clearly worse
+    # than fp32, but within a few units of tf32's 2^-11.
+    assert worst(results["highest"]) < 1e-5
+    assert 1e-5 < worst(results["high"]) < 2e-3
+
+
+def test_rdrop_many_tiles_match_reference():
+    h, w, b, y = _problem()
+    h2 = h + 0.3 * torch.randn_like(h)
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (h, h2, w, b)]
+        out = dropreg.rdrop_linear_cross_entropy(*leaves[:3], y, linear_bias=leaves[3], alpha=0.7, backend=backend,
+                                                 reduction="none")
+        (out.ce1 + 2 * out.ce2 + 3 * out.kl).sum().backward()
+        results[backend] = [t.detach() for t in out] + [t.grad for t in leaves]
+    _assert_same(results["triton"], results["reference"], 1e-11)
+
+
+# ---- registration and dispatch ---------------------------------------------------------------------
+def test_ops_are_registered_separately_with_the_cpu_schemas():
+    dropreg.linear_cross_entropy(*_problem(n=2, d=2, vocab=3)[:2], torch.tensor([0, 1]), backend="triton", seed=0)
+    dropreg.cpu.load()
+    for name in ("linear_ce_forward", "linear_ce_backward", "rdrop_forward", "rdrop_backward"):
+        ours = getattr(torch.ops.dropreg_triton, name).default._schema
+        cpu = getattr(torch.ops.dropreg, name).default._schema
+        assert [a.name for a in ours.arguments] == [a.name for a in cpu.arguments], name
+        assert len(ours.returns) == len(cpu.returns), name
+
+
+def test_auto_prefers_triton_for_cuda_and_never_for_cpu():
+    from dropreg._dispatch import resolve_backend
+    assert resolve_backend("auto", torch.device("cuda"))[0] == "triton"  # available here via the interpreter
+    assert resolve_backend("auto", torch.device("cpu"))[0] == "cpu"
+
+
+def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
+    code = ("import torch, dropreg\n"
+            "h, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])\n"
+            "try:\n"
+            "    dropreg.linear_cross_entropy(h, w, y, backend='triton', seed=0)\n"
+            "except ValueError as e:\n"
+            "    print('ERROR', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ERROR input:") and "TRITON_INTERPRET" in done.stdout, done.stdout
+
+
+# ---- no N x V allocation -------------------------------------------------------------------------
+class _Allocations(TorchDispatchMode):
+    """Records the shape of every tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_launchers_allocate_nothing_vocabulary_by_rows_at_lm_shape(dtype):
+    # The real launchers (the code behind the registered ops), on meta tensors of the compile report's LM
+    # shape, record every tensor they create. The logits would be N x V = 1.05e9 elements; the largest
+    # buffer allowed is grad_weight (V x d = 5.3e8, fp32), and nothing may span both rows and vocabulary.
+    from dropreg.triton import compile_report
+
+    shape = compile_report.REPORT_SHAPE
+    with _Allocations() as allocations:
+        launches = compile_report.record_launches(dtype, **shape)
+    assert {launch.kernel.__name__ for launch in launches} >= {
+        "lse_partials_kernel", "moments_kernel", "row_terms_kernel", "row_prep_kernel", "logit_gradient_kernel",
+        "rdrop_partials_kernel", "rdrop_gradient_kernel"}
+    rows, vocab = shape["rows"], shape["vocab"]
+    for op, size in allocations.shapes:
+        assert not (rows in size and vocab in size), (op, size)
+        assert torch.Size(size).numel() <= vocab * shape["dim"], (op, size)
+
+
+# ---- ahead-of-time compilation for sm_80 / sm_90 -----------------------------------------------------
+def test_compile_report_passes_for_sm80_and_sm90(tmp_path):
+    """What CI runs: the report in its own process, without TRITON_INTERPRET. Fails on a compile error, a
+    spill or shared memory over the limit; here we also require tensor cores in every GEMM kernel except
+    the exact-fp32 configuration (which, by design, runs on FMA units)."""
+    table = tmp_path / "report.md"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "dropreg.triton.compile_report", "--markdown", str(table)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in table.read_text().splitlines()[2:]]
+    assert len(rows) == 4 * 8 * 2  # 4 configs x 8 kernel variants x 2 targets
+    for config, kernel, target, *_, tensor_cores, status in (map(str.strip, r) for r in rows):
+        assert status == "ok", (config, kernel, target, status)
+        if "row_" not in kernel and config != "fp32":
+            assert tensor_cores in ("mma.sync", "wgmma.mma_async"), (config, kernel, target)
