@@ -36,7 +36,8 @@ setup(
     packages=find_packages(include=["dropreg", "dropreg.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.13"],
-    extras_require={"test": ["pytest", "hypothesis", "numpy"], "benchmarks": ["matplotlib"]},
+    extras_require={"test": ["pytest", "hypothesis", "numpy", "triton>=3.9"], "benchmarks": ["matplotlib"],
+                    "triton": ["triton>=3.9"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

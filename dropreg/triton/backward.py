@@ -124,10 +124,10 @@ def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr,
         z += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
     z = tl.where(cols[None, :] < V, z, float("-inf"))
 
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
     g_ce = tl.load(grad_ce_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    # Rows past N load zeros, so their z - lse is just the bias, which may overflow exp: zero them.
-    probs = tl.where(row_ok[:, None], tl.exp(z - lse[:, None]), 0.0)
+    # Rows past N have z = bias: an lse of +inf makes their probabilities 0 without overflowing exp.
+    probs = tl.exp(z - lse[:, None])
     target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
     if MODULATED:
         row_const = tl.load(row_const_ptr + rows, mask=row_ok, other=0.0)

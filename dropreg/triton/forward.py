@@ -80,9 +80,9 @@ def moments_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, mass_out, mean_out, second_out,
     cols = col0 + tl.arange(0, BLOCK_V)
     z = logit_tile(h_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K,
                    ACC, OPERAND, COMPUTE, PRECISION, ROUND_TF32)
-    lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
-    # Rows past N load zeros, so their z - lse is just the bias, which may overflow exp: zero them.
-    probs = tl.where((rows < N)[:, None], tl.exp(z - lse[:, None]), 0.0)
+    lse = tl.load(lse_ptr + rows, mask=rows < N, other=float("inf"))
+    # Rows past N have z = bias: an lse of +inf makes their probabilities 0 without overflowing exp.
+    probs = tl.exp(z - lse[:, None])
     probs = dot_operand(probs, WIDE, WIDE, WIDE_ROUND_TF32)
     tl.atomic_add(mass_out + rows, tl.sum(probs, axis=1).to(ACC), mask=rows < N, sem="relaxed")
     for k0 in range(0, D, BLOCK_K):

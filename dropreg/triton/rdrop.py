@@ -119,9 +119,9 @@ def rdrop_gradient_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, exp
     z1, z2 = _two_logit_tiles(h1_desc, h2_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS, BLOCK_M, BLOCK_V,
                               BLOCK_K, ACC, OPERAND, COMPUTE, PRECISION, ROUND_TF32)
     diff = _logit_difference(z1, z2, cols, V)
-    # Rows past N load zeros, so their z - lse is just the bias, which may overflow exp: zero them.
-    p1 = tl.where(row_ok[:, None], tl.exp(z1 - tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]), 0.0)
-    p2 = tl.where(row_ok[:, None], tl.exp(z2 - tl.load(lse_ptr + N + rows, mask=row_ok, other=0.0)[:, None]), 0.0)
+    # Rows past N have z = bias: an lse of +inf makes their probabilities 0 without overflowing exp.
+    p1 = tl.exp(z1 - tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))[:, None])
+    p2 = tl.exp(z2 - tl.load(lse_ptr + N + rows, mask=row_ok, other=float("inf"))[:, None])
     expected1 = tl.load(expected_ptr + rows, mask=row_ok, other=0.0)[:, None]
     expected2 = tl.load(expected_ptr + N + rows, mask=row_ok, other=0.0)[:, None]
     g_ce1 = tl.load(grad_ce1_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
