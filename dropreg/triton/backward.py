@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import aligned_empty, dot_operand, dot_types, grouped_tile, philox_sign_block, tile_config
+from .utils import (aligned_empty, dot_operand, dot_types, grouped_tile, philox_sign_block, row_descriptor,
+                    tile_config)
 
 
 @triton.jit
@@ -93,14 +94,12 @@ def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr,
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, BLOCK_V)
     row_ok = rows < N
-    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, D], strides=[stride_h, 1], block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, D], strides=[stride_w, 1], block_shape=[BLOCK_V, BLOCK_K])
+    h_desc = row_descriptor(h_ptr, N, D, stride_h, BLOCK_M, BLOCK_K)
+    w_desc = row_descriptor(w_ptr, V, D, stride_w, BLOCK_V, BLOCK_K)
     if MODULATED:
-        t_desc = tl.make_tensor_descriptor(spread_ptr, shape=[N, D], strides=[stride_t, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
+        t_desc = row_descriptor(spread_ptr, N, D, stride_t, BLOCK_M, BLOCK_K)
     if NEED_EXPLICIT:
-        q_desc = tl.make_tensor_descriptor(scaled_q_ptr, shape=[N, D], strides=[stride_t, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
+        q_desc = row_descriptor(scaled_q_ptr, N, D, stride_t, BLOCK_M, BLOCK_K)
 
     # z (narrow dots) and t = T W^T + (gR' q)(W*W)^T (wide dots) in one K loop: each W tile is loaded once.
     z = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .utils import (dot_operand, dot_types, grouped_tile, logit_tile, merge_vocab_splits, online_softmax_update,
-                    philox_sign_block, pick_target, tile_config, vocab_splits)
+                    philox_sign_block, pick_target, row_descriptor, split_tiles, tile_config, vocab_splits)
 
 
 @triton.jit
@@ -39,16 +39,15 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, target_ptr, max_out, sum_out, targe
                         PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     row_block = tl.program_id(0)
     split = tl.program_id(1)
-    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, D], strides=[stride_h, 1], block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, D], strides=[stride_w, 1], block_shape=[BLOCK_V, BLOCK_K])
+    h_desc = row_descriptor(h_ptr, N, D, stride_h, BLOCK_M, BLOCK_K)
+    w_desc = row_descriptor(w_ptr, V, D, stride_w, BLOCK_V, BLOCK_K)
     row0 = row_block * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
     target = tl.load(target_ptr + rows, mask=rows < N, other=-1)
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     running_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     target_logit = tl.zeros((BLOCK_M,), dtype=ACC)
-    first_tile = split * tiles_per_split
-    last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    first_tile, last_tile = split_tiles(split, tiles_per_split, V, BLOCK_V)
     for tile in range(first_tile, last_tile):
         col0 = tile * BLOCK_V
         cols = col0 + tl.arange(0, BLOCK_V)
@@ -72,8 +71,8 @@ def moments_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, mass_out, mean_out, second_out,
     dot sees it: dividing by that mass (row_terms_kernel) keeps var = m2 - mu^2 the variance of one
     distribution, so operand rounding cannot push it off by the cancellation in m2 - mu^2."""
     row_block, vocab_block = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
-    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, D], strides=[stride_h, 1], block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, D], strides=[stride_w, 1], block_shape=[BLOCK_V, BLOCK_K])
+    h_desc = row_descriptor(h_ptr, N, D, stride_h, BLOCK_M, BLOCK_K)
+    w_desc = row_descriptor(w_ptr, V, D, stride_w, BLOCK_V, BLOCK_K)
     row0 = row_block * BLOCK_M
     col0 = vocab_block * BLOCK_V
     rows = row0 + tl.arange(0, BLOCK_M)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .utils import (dot_operand, dot_types, grouped_tile, merge_vocab_splits, online_softmax_update, pick_target,
-                    tile_config, vocab_splits)
+                    row_descriptor, split_tiles, tile_config, vocab_splits)
 
 
 @triton.jit
@@ -54,11 +54,9 @@ def rdrop_partials_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, partials_out
     """partials_out is (8, splits, N): max1, sum1, weighted_d1, target_logit1, then the same for pass 2."""
     row_block = tl.program_id(0)
     split = tl.program_id(1)
-    h1_desc = tl.make_tensor_descriptor(h1_ptr, shape=[N, D], strides=[stride_h1, 1],
-                                        block_shape=[BLOCK_M, BLOCK_K])
-    h2_desc = tl.make_tensor_descriptor(h2_ptr, shape=[N, D], strides=[stride_h2, 1],
-                                        block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, D], strides=[stride_w, 1], block_shape=[BLOCK_V, BLOCK_K])
+    h1_desc = row_descriptor(h1_ptr, N, D, stride_h1, BLOCK_M, BLOCK_K)
+    h2_desc = row_descriptor(h2_ptr, N, D, stride_h2, BLOCK_M, BLOCK_K)
+    w_desc = row_descriptor(w_ptr, V, D, stride_w, BLOCK_V, BLOCK_K)
     row0 = row_block * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
     target = tl.load(target_ptr + rows, mask=rows < N, other=-1)
@@ -70,8 +68,7 @@ def rdrop_partials_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, partials_out
     weighted2 = tl.zeros((BLOCK_M,), dtype=ACC)
     target1 = tl.zeros((BLOCK_M,), dtype=ACC)
     target2 = tl.zeros((BLOCK_M,), dtype=ACC)
-    first_tile = split * tiles_per_split
-    last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    first_tile, last_tile = split_tiles(split, tiles_per_split, V, BLOCK_V)
     for tile in range(first_tile, last_tile):
         col0 = tile * BLOCK_V
         cols = col0 + tl.arange(0, BLOCK_V)
@@ -106,11 +103,9 @@ def rdrop_gradient_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, exp
                           BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, OPERAND: tl.constexpr,
                           COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     row_block, vocab_block = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
-    h1_desc = tl.make_tensor_descriptor(h1_ptr, shape=[N, D], strides=[stride_h1, 1],
-                                        block_shape=[BLOCK_M, BLOCK_K])
-    h2_desc = tl.make_tensor_descriptor(h2_ptr, shape=[N, D], strides=[stride_h2, 1],
-                                        block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, D], strides=[stride_w, 1], block_shape=[BLOCK_V, BLOCK_K])
+    h1_desc = row_descriptor(h1_ptr, N, D, stride_h1, BLOCK_M, BLOCK_K)
+    h2_desc = row_descriptor(h2_ptr, N, D, stride_h2, BLOCK_M, BLOCK_K)
+    w_desc = row_descriptor(w_ptr, V, D, stride_w, BLOCK_V, BLOCK_K)
     row0 = row_block * BLOCK_M
     col0 = vocab_block * BLOCK_V
     rows = row0 + tl.arange(0, BLOCK_M)

@@ -41,6 +41,21 @@ def dot_operand(x, OPERAND: tl.constexpr, COMPUTE: tl.constexpr, ROUND_TF32: tl.
 
 
 @triton.jit
+def row_descriptor(ptr, n_rows, D, row_stride, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tensor descriptor over a (n_rows, D) row-major operand, loaded in BLOCK_ROWS x BLOCK_K blocks;
+    out-of-range parts of a block read as zeros."""
+    return tl.make_tensor_descriptor(ptr, shape=[n_rows, D], strides=[row_stride, 1],
+                                     block_shape=[BLOCK_ROWS, BLOCK_K])
+
+
+@triton.jit
+def split_tiles(split, tiles_per_split, V, BLOCK_V: tl.constexpr):
+    """The vocabulary tiles [first, last) that vocabulary split ``split`` streams."""
+    first = split * tiles_per_split
+    return first, tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))
+
+
+@triton.jit
 def grouped_tile(pid, n_row_blocks, n_vocab_blocks, GROUP_M: tl.constexpr):
     """Map a linear program id to (row block, vocabulary block), GROUP_M row blocks at a time.
 
