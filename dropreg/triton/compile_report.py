@@ -37,6 +37,7 @@ CONFIGS = {
     "fp16": (torch.float16, "highest"),  # its regularizer GEMMs use tf32x3
     "fp32": (torch.float32, "highest"),  # the default: exact ieee fp32 dots
     "fp32-tf32": (torch.float32, "high"),  # torch.set_float32_matmul_precision("high")
+    "fp64": (torch.float64, "highest"),
 }
 
 

@@ -179,7 +179,7 @@ GPU_CONFIGS: dict[str, dict[str, TileConfig]] = {
     "logit_gradient": dict(tensor=TileConfig(64, 128, 32, 8, 2), fp16=TileConfig(64, 128, 16, 8, 2),
                            tf32=TileConfig(64, 64, 32, 8, 2), ieee=TileConfig(32, 64, 16, 4, 2)),
     "rdrop_partials": dict(tensor=TileConfig(128, 64, 64, 8, 3), fp16=TileConfig(128, 64, 64, 8, 3),
-                           tf32=TileConfig(64, 64, 32, 4, 3), ieee=TileConfig(32, 64, 16, 4, 2)),
+                           tf32=TileConfig(64, 64, 32, 4, 3), ieee=TileConfig(32, 64, 16, 8, 2)),
     "rdrop_gradient": dict(tensor=TileConfig(64, 128, 32, 8, 2), fp16=TileConfig(64, 128, 32, 8, 2),
                            tf32=TileConfig(64, 128, 16, 8, 2), ieee=TileConfig(32, 64, 16, 4, 2)),
     "row_terms": dict(tensor=TileConfig(16, 1, 64, 4, 1), fp16=TileConfig(16, 1, 64, 4, 1),
@@ -241,7 +241,10 @@ def descriptor_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     descriptor (TMA) needs. Copies into a row-padded buffer only when ``t`` is not already so (odd d)."""
     if t is None:
         return None
-    if t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0:
+    # Storage bases from torch's allocators are at least 64-byte aligned, so the offset decides (and no
+    # data_ptr() call, which fake tensors under torch.compile do not allow).
+    size = t.element_size()
+    if t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0:
         return t
     buffer = aligned_empty(t.shape[0], t.shape[1], t.dtype, t.device)
     buffer.copy_(t)
