@@ -130,6 +130,17 @@ def test_rdrop_many_tiles_match_reference():
     _assert_same(results["triton"], results["reference"], 1e-11)
 
 
+def test_empty_batch_launches_nothing_and_gives_zero():
+    h = torch.randn(0, 4, requires_grad=True)
+    w = torch.randn(7, 4, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    out = dropreg.linear_cross_entropy(h, w, y, backend="triton", seed=0)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.all(w.grad == 0)
+    rdrop = dropreg.rdrop_linear_cross_entropy(h, h, w, y, backend="triton")
+    assert rdrop.loss.item() == 0.0
+
+
 # ---- registration and dispatch ---------------------------------------------------------------------
 def test_ops_are_registered_separately_with_the_cpu_schemas():
     dropreg.linear_cross_entropy(*_problem(n=2, d=2, vocab=3)[:2], torch.tensor([0, 1]), backend="triton", seed=0)

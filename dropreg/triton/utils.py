@@ -7,6 +7,7 @@ compile report agree), descriptor-ready operands and the exact merge of per-voca
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -231,9 +232,14 @@ def vocab_splits(n_row_blocks: int, n_vocab_blocks: int, device: torch.device,
     (4 per SM) when there are few row blocks, merged exactly afterwards."""
     if interpreted:
         return min(INTERPRETER_VOCAB_SPLITS, n_vocab_blocks)
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
-           else REPORT_SM_COUNT)
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else REPORT_SM_COUNT
     return max(1, min(n_vocab_blocks, triton.cdiv(4 * sms, n_row_blocks)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def descriptor_ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
