@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dropreg
@@ -139,6 +141,58 @@ def test_empty_batch_launches_nothing_and_gives_zero():
     assert out.loss.item() == 0.0 and torch.all(w.grad == 0)
     rdrop = dropreg.rdrop_linear_cross_entropy(h, h, w, y, backend="triton")
     assert rdrop.loss.item() == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,precision,rtol", [
+    # about 8x the errors seen (fp64 8e-16, fp32 2.7e-7, tf32 3.7e-4, bf16 6.9e-3, fp16 6.2e-4)
+    (torch.float64, "highest", 1e-11), (torch.float32, "highest", 2e-6), (torch.float32, "high", 3e-3),
+    (torch.bfloat16, "highest", 4e-2), (torch.float16, "highest", 5e-3)],
+    ids=["fp64-ieee", "fp32-ieee", "fp32-tf32", "bf16", "fp16"])
+def test_gpu_tile_configs_under_the_interpreter(monkeypatch, dtype, precision, rtol):
+    """The block sizes, group size and vocabulary splits a GPU launch uses (not the small interpreter
+    config), on a shape with tails in every dimension of them: N=130, d=70, V=300."""
+    from dropreg.triton import backward, forward, rdrop, utils
+
+    for module in (forward, backward, rdrop):
+        monkeypatch.setattr(module, "tile_config", lambda kernel, dt: utils.tile_config(kernel, dt, interpreted=False))
+    for module in (forward, rdrop):
+        monkeypatch.setattr(module, "vocab_splits", lambda *a: utils.vocab_splits(*a, interpreted=False))
+    monkeypatch.setattr(utils, "REPORT_SM_COUNT", 4)  # 16 programs: several splits for 3 row blocks
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        h, w, b, y = (t if t is None or t.dtype == torch.int64 else t.to(dtype) for t in _problem(130, 70, 300))
+        exact = _run("reference", *(t if t.dtype == torch.int64 else t.double() for t in (h, w, b, y)), p=0.3,
+                     seed=11)
+        ours = _run("triton", h, w, b, y, p=0.3, seed=11)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    _assert_same([t.double() for t in ours], exact, rtol)
+
+
+@settings(max_examples=50, deadline=None)
+@given(vocab=st.integers(1, 40), cuts=st.lists(st.integers(0, 40), max_size=5), scale=st.sampled_from([1.0, 1e4]),
+       masked=st.booleans())
+def test_split_merge_is_exact(vocab, cuts, scale, masked):
+    """merge_vocab_splits over any partition of the vocabulary (empty and all -inf ranges included) equals
+    logsumexp and the softmax expectation over the whole vocabulary."""
+    from dropreg.triton.utils import merge_vocab_splits
+
+    logits = torch.randn(3, vocab, dtype=torch.float64) * scale
+    if masked:
+        logits[:, : vocab // 2] = float("-inf")
+    values = torch.randn(3, vocab, dtype=torch.float64)
+    bounds = [0, *sorted(min(c, vocab) for c in cuts), vocab]
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        z = logits[:, lo:hi]
+        m = z.amax(1) if hi > lo else torch.full((3,), float("-inf"), dtype=torch.float64)
+        e = torch.exp(z - torch.where(m == float("-inf"), 0.0, m)[:, None])
+        parts.append((m, e.sum(1), (e * values[:, lo:hi]).sum(1)))
+    lse, expected = merge_vocab_splits(*(torch.stack(p) for p in zip(*parts)))
+    torch.testing.assert_close(lse, torch.logsumexp(logits, 1), rtol=1e-13, atol=0)
+    torch.testing.assert_close(expected, (torch.softmax(logits, 1) * values).sum(1), rtol=1e-12, atol=1e-14)
 
 
 # ---- registration and dispatch ---------------------------------------------------------------------
