@@ -13,8 +13,10 @@ Three kernels, launched in this order by :func:`linear_ce_forward`:
    Why not one pass with (m, L, A1, A2) kept per row: at d = 4096 a BLOCK_M x 2d fp32 accumulator cannot
    live in registers or shared memory, and rescaling it in global memory for every vocabulary tile would
    make the kernel memory-bound. Knowing lse first costs one extra logit GEMM (1 NVd).
-3. ``row_terms_kernel``: per row, var = A2 - A1^2, quadratic = sum q var, sign_term = sum sigma h (mu - W[y])
-   with sigma from ``tl.randint4x`` unless signs were given. O(N d), no GEMM.
+   The moment GEMMs use wide (fp32/tf32) operands, see ``DotTypes`` in utils.py.
+3. ``row_terms_kernel``: per row, mu = A1 / mass, var = A2 / mass - mu^2, quadratic = sum q var,
+   sign_term = sum sigma h (mu - W[y]) with sigma from ``tl.randint4x`` unless signs were given.
+   O(N d), no GEMM.
 
 Total forward: 4 NVd with both terms (MATH.md's floor counts 3), 3 NVd with the implicit term only,
 1 NVd for cross entropy alone.
