@@ -47,15 +47,15 @@ def row_prep_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mean_ptr, var_ptr, grad
     for k0 in range(0, D, BLOCK_K):
         dims = k0 + tl.arange(0, BLOCK_K)
         in_bounds = row_ok[:, None] & (dims[None, :] < D)
-        at = rows[:, None] * D + dims[None, :]
-        h = tl.load(h_ptr + rows[:, None] * stride_h + dims[None, :], mask=in_bounds, other=0.0).to(ACC)
+        at = rows.to(tl.int64)[:, None] * D + dims[None, :]
+        h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + dims[None, :], mask=in_bounds, other=0.0).to(ACC)
         mean = tl.load(mean_ptr + at, mask=in_bounds, other=0.0)
         spread = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
         grad_h = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
         if NEED_EXPLICIT:
             var = tl.load(var_ptr + at, mask=in_bounds, other=0.0)
             scaled_q = g_r * h * h
-            tl.store(scaled_q_out + rows[:, None] * stride_t + dims[None, :], scaled_q, mask=in_bounds)
+            tl.store(scaled_q_out + rows.to(tl.int64)[:, None] * stride_t + dims[None, :], scaled_q, mask=in_bounds)
             spread -= 2.0 * scaled_q * mean
             row_const += tl.sum(scaled_q * (mean * mean - var), axis=1)
             grad_h += 2.0 * g_r * h * var
@@ -72,7 +72,7 @@ def row_prep_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mean_ptr, var_ptr, grad
             if WANT_W:
                 tl.atomic_add(grad_w_out + target[:, None] * D + dims[None, :], -scaled_u, mask=in_bounds,
                               sem="relaxed")
-        tl.store(spread_out + rows[:, None] * stride_t + dims[None, :], spread, mask=in_bounds)
+        tl.store(spread_out + rows.to(tl.int64)[:, None] * stride_t + dims[None, :], spread, mask=in_bounds)
         if WANT_H:
             tl.store(grad_h_out + at, grad_h, mask=in_bounds)
     tl.store(row_const_out + rows, row_const, mask=row_ok)
@@ -146,7 +146,7 @@ def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr,
         if WANT_H:
             grad_h = tl.dot(g_op, dot_operand(w, OPERAND, COMPUTE, ROUND_TF32), input_precision=PRECISION,
                             out_dtype=ACC)
-            tl.atomic_add(grad_h_out + rows[:, None] * D + dims[None, :], grad_h,
+            tl.atomic_add(grad_h_out + rows.to(tl.int64)[:, None] * D + dims[None, :], grad_h,
                           mask=row_ok[:, None] & (dims[None, :] < D), sem="relaxed")
         if WANT_W:
             h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32)
@@ -158,7 +158,7 @@ def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr,
                 scaled_q = dot_operand(q_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
                 grad_w += 2.0 * w.to(ACC) * tl.dot(tl.trans(probs_wide), scaled_q, input_precision=WIDE_PRECISION,
                                                    out_dtype=ACC)
-            tl.atomic_add(grad_w_out + cols[:, None] * D + dims[None, :], grad_w,
+            tl.atomic_add(grad_w_out + cols.to(tl.int64)[:, None] * D + dims[None, :], grad_w,
                           mask=(cols[:, None] < V) & (dims[None, :] < D), sem="relaxed")
 
 

@@ -88,7 +88,7 @@ def moments_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, mass_out, mean_out, second_out,
     tl.atomic_add(mass_out + rows, tl.sum(probs, axis=1).to(ACC), mask=rows < N, sem="relaxed")
     for k0 in range(0, D, BLOCK_K):
         dims = k0 + tl.arange(0, BLOCK_K)
-        out = rows[:, None] * D + dims[None, :]
+        out = rows.to(tl.int64)[:, None] * D + dims[None, :]
         in_bounds = (rows[:, None] < N) & (dims[None, :] < D)
         w = w_desc.load([col0, k0]).to(WIDE)
         mean = tl.dot(probs, dot_operand(w, WIDE, WIDE, WIDE_ROUND_TF32), input_precision=WIDE_PRECISION,
@@ -115,8 +115,8 @@ def row_terms_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mass_ptr, mean_ptr, se
     for k0 in range(0, D, BLOCK_K):
         dims = k0 + tl.arange(0, BLOCK_K)
         in_bounds = (rows[:, None] < N) & (dims[None, :] < D)
-        at = rows[:, None] * D + dims[None, :]
-        h = tl.load(h_ptr + rows[:, None] * stride_h + dims[None, :], mask=in_bounds, other=0.0).to(ACC)
+        at = rows.to(tl.int64)[:, None] * D + dims[None, :]
+        h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + dims[None, :], mask=in_bounds, other=0.0).to(ACC)
         mean = tl.load(mean_ptr + at, mask=in_bounds, other=0.0) / mass
         tl.store(mean_ptr + at, mean, mask=in_bounds)
         if NEED_EXPLICIT:

@@ -135,7 +135,7 @@ def rdrop_gradient_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, exp
     g2 = dot_operand(grad2, OPERAND, COMPUTE, ROUND_TF32)
     for k0 in range(0, D, BLOCK_K):
         dims = k0 + tl.arange(0, BLOCK_K)
-        h_at = rows[:, None] * D + dims[None, :]
+        h_at = rows.to(tl.int64)[:, None] * D + dims[None, :]
         h_ok = row_ok[:, None] & (dims[None, :] < D)
         w = dot_operand(w_desc.load([col0, k0]), OPERAND, COMPUTE, ROUND_TF32)
         if WANT_H1:
@@ -149,7 +149,7 @@ def rdrop_gradient_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, exp
                             input_precision=PRECISION, out_dtype=ACC)
             grad_w = tl.dot(tl.trans(g2), dot_operand(h2_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32), grad_w,
                             input_precision=PRECISION, out_dtype=ACC)
-            tl.atomic_add(grad_w_out + cols[:, None] * D + dims[None, :], grad_w,
+            tl.atomic_add(grad_w_out + cols.to(tl.int64)[:, None] * D + dims[None, :], grad_w,
                           mask=(cols[:, None] < V) & (dims[None, :] < D), sem="relaxed")
 
 

@@ -41,6 +41,10 @@ def dot_operand(x, OPERAND: tl.constexpr, COMPUTE: tl.constexpr, ROUND_TF32: tl.
     return x
 
 
+# Pointer offsets (row * D + column) are formed in int64 in every kernel: V*d or N*d can pass 2^31
+# (V=256k, d=8192), where int32 offsets would wrap.
+
+
 @triton.jit
 def row_descriptor(ptr, n_rows, D, row_stride, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """Tensor descriptor over a (n_rows, D) row-major operand, loaded in BLOCK_ROWS x BLOCK_K blocks;
@@ -175,7 +179,7 @@ GPU_CONFIGS: dict[str, dict[str, TileConfig]] = {
     #                 (block_m, block_v, block_k, warps, stages)
     "lse_partials": dict(tensor=TileConfig(128, 128, 64, 8, 3), fp16=TileConfig(128, 128, 64, 8, 3),
                          tf32=TileConfig(64, 128, 32, 8, 3), ieee=TileConfig(32, 64, 16, 4, 2)),
-    "moments": dict(tensor=TileConfig(128, 64, 32, 8, 2), fp16=TileConfig(64, 64, 32, 8, 2),
+    "moments": dict(tensor=TileConfig(128, 64, 32, 8, 2), fp16=TileConfig(64, 64, 16, 8, 2),
                     tf32=TileConfig(64, 64, 32, 4, 2), ieee=TileConfig(32, 64, 16, 4, 2)),
     "logit_gradient": dict(tensor=TileConfig(64, 128, 32, 8, 2), fp16=TileConfig(64, 128, 16, 8, 2),
                            tf32=TileConfig(64, 64, 32, 8, 2), ieee=TileConfig(32, 64, 16, 4, 2)),
