@@ -282,17 +282,16 @@ def merge_vocab_splits(max_parts: torch.Tensor, sum_parts: torch.Tensor, *weight
     return (shift + total.log(), *expectations)
 
 
-_allocator_set = False
-
-
 def prepare_device(device: torch.device) -> None:
-    """Tensor descriptors built inside a kernel need scratch memory from a Triton allocator on a GPU."""
-    global _allocator_set
-    if device.type != "cuda" or _allocator_set:
+    """Tensor descriptors built inside a kernel need scratch memory from a Triton allocator on a GPU.
+
+    Triton keeps the allocator in a context variable, so it is set on every launch: autograd runs the
+    backward in its own thread, where an allocator set once in the forward's thread is not seen (seen on
+    an H100: "Kernel requires a runtime memory allocation, but no allocator was set")."""
+    if device.type != "cuda":
         return
 
     def allocate(size: int, alignment: int, stream):
         return torch.empty(size, dtype=torch.int8, device=device)
 
     triton.set_allocator(allocate)
-    _allocator_set = True
