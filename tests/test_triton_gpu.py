@@ -98,17 +98,23 @@ def test_seeded_signs_match_the_torch_backend_on_gpu(seed):
 
 
 def test_opcheck_on_the_triton_ops():
+    """Schemas, fake kernels (derived by triton_op), functionalization and AOT dispatch of all four ops.
+    Inputs do not require grad: the backward ops have no autograd formula (no double backward), as the
+    C++ ones; first-order autograd through torch.compile is test_torch_compile_through_the_triton_op."""
     import dropreg.triton
     dropreg.triton._ops()  # registers torch.ops.dropreg_triton.*
     h, w, b, y = _inputs(40, 64, 300, torch.float32)
     y = y.clamp_min(0)
     grads = [torch.randn(40, device="cuda") for _ in range(3)]
-    fwd = torch.ops.dropreg_triton.linear_ce_forward
-    torch.library.opcheck(fwd, (h.requires_grad_(), w.requires_grad_(), b, y, None, 5, True, True))
-    _, _, _, lse, mu, var = fwd(h, w, b, y, None, 5, True, True)
-    torch.library.opcheck(torch.ops.dropreg_triton.linear_ce_backward,
+    ops = torch.ops.dropreg_triton
+    torch.library.opcheck(ops.linear_ce_forward.default, (h, w, b, y, None, 5, True, True))
+    _, _, _, lse, mu, var = ops.linear_ce_forward(h, w, b, y, None, 5, True, True)
+    torch.library.opcheck(ops.linear_ce_backward.default,
                           (*grads, h, w, b, y, None, 5, lse, mu, var, True, True, [True, True, True]))
-    torch.library.opcheck(torch.ops.dropreg_triton.rdrop_forward, (h, h * 0.9, w, b, y))
+    torch.library.opcheck(ops.rdrop_forward.default, (h, h * 0.9, w, b, y))
+    out = ops.rdrop_forward(h, h * 0.9, w, b, y)
+    torch.library.opcheck(ops.rdrop_backward.default,
+                          (*grads, h, h * 0.9, w, b, y, out[3], out[4], [True, True, True, True]))
 
 
 def test_torch_compile_through_the_triton_op():
