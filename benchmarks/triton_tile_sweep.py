@@ -4,7 +4,7 @@
         --candidates moments=128,128,16,8,2 logit_gradient=128,128,32,8,2
 
 Each candidate replaces one kernel's entry for the input dtype's class in dropreg/triton/utils.py's
-GPU_CONFIGS, then forward+backward of ``linear_cross_entropy(backend="triton")`` is timed with CUDA events
+GPU_CONFIGS (and SM90_CONFIGS), then forward+backward of ``linear_cross_entropy(backend="triton")`` is timed with CUDA events
 (median of --repeats after a warm-up that also compiles). The first row is the current table. A winner
 still has to pass ``python -m dropreg.triton.compile_report`` (no spills on sm_80 and sm_90) before it
 goes into GPU_CONFIGS.
@@ -68,18 +68,21 @@ def main():
     print("| candidate | fwd+bwd ms | / floor |\n|---|---:|---:|")
     runs = [("current table", None)] + [(c, c) for c in args.candidates]
     for label, candidate in runs:
-        saved = {k: dict(v) for k, v in utils.GPU_CONFIGS.items()}
+        saved = [{k: dict(v) for k, v in table.items()} for table in (utils.GPU_CONFIGS, utils.SM90_CONFIGS)]
         try:
             if candidate:
                 kernel, numbers = candidate.split("=")
-                utils.GPU_CONFIGS[kernel][dot_class] = utils.TileConfig(*map(int, numbers.split(",")))
+                config = utils.TileConfig(*map(int, numbers.split(",")))
+                utils.GPU_CONFIGS[kernel][dot_class] = config
+                utils.SM90_CONFIGS.setdefault(kernel, {})[dot_class] = config
             seconds = time_step(h, w, y, args.repeats)
             print(f"| {label} | {seconds * 1e3:.1f} | {seconds * 1e3 / floor_ms:.2f} |", flush=True)
         except Exception as error:  # a config that fails to compile or launch is reported, not fatal
             print(f"| {label} | error: {type(error).__name__}: {str(error).splitlines()[0][:120]} | |", flush=True)
         finally:
-            utils.GPU_CONFIGS.clear()
-            utils.GPU_CONFIGS.update(saved)
+            for table, copy in zip((utils.GPU_CONFIGS, utils.SM90_CONFIGS), saved):
+                table.clear()
+                table.update(copy)
 
 
 if __name__ == "__main__":

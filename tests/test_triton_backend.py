@@ -155,7 +155,8 @@ def test_gpu_tile_configs_under_the_interpreter(monkeypatch, dtype, precision, r
     from dropreg.triton import backward, forward, rdrop, utils
 
     for module in (forward, backward, rdrop):
-        monkeypatch.setattr(module, "tile_config", lambda kernel, dt: utils.tile_config(kernel, dt, interpreted=False))
+        monkeypatch.setattr(module, "tile_config",
+                            lambda kernel, dt, device=None: utils.tile_config(kernel, dt, device, interpreted=False))
     for module in (forward, rdrop):
         monkeypatch.setattr(module, "vocab_splits", lambda *a: utils.vocab_splits(*a, interpreted=False))
     monkeypatch.setattr(utils, "REPORT_SM_COUNT", 4)  # 16 programs: several splits for 3 row blocks

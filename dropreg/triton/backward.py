@@ -180,7 +180,7 @@ def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, input, w
         spread = aligned_empty(n_rows, dim, acc, device)
         scaled_q = aligned_empty(n_rows, dim, acc, device) if need_explicit else spread
         row_const = torch.empty(n_rows, dtype=acc, device=device)
-        config = tile_config("row_terms", input.dtype)
+        config = tile_config("row_terms", input.dtype, input.device)
         launch(row_prep_kernel)[(triton.cdiv(n_rows, config.block_m),)](
             input, weight, target, signs if signs is not None else mean, mean, var if need_explicit else mean,
             grad_ce, grad_quadratic, grad_sign_term, spread, scaled_q, row_const,
@@ -188,7 +188,7 @@ def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, input, w
             weight.stride(0), spread.stride(0), NEED_EXPLICIT=need_explicit, NEED_IMPLICIT=need_implicit,
             HAS_SIGNS=signs is not None, WANT_H=want_h, WANT_W=want_w, BLOCK_M=config.block_m,
             BLOCK_K=config.block_k, ACC=types.acc, num_warps=config.num_warps, num_stages=config.num_stages)
-    config = tile_config("logit_gradient", input.dtype)
+    config = tile_config("logit_gradient", input.dtype, input.device)
     grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)
     launch(logit_gradient_kernel)[grid](
         input, weight, bias if bias is not None else lse, target, lse, grad_ce, row_const, spread, scaled_q,

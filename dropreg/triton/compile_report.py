@@ -116,6 +116,16 @@ def record_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int) -> list
     return recorder.launches
 
 
+def _record_for(capability: int, dtype: torch.dtype, shape: dict) -> list[Launch]:
+    from . import utils
+
+    previous, utils.REPORT_CAPABILITY = utils.REPORT_CAPABILITY, capability
+    try:
+        return record_launches(dtype, **shape)
+    finally:
+        utils.REPORT_CAPABILITY = previous
+
+
 def _describe(launch: Launch) -> tuple[str, str]:
     kw = launch.kwargs
     name = launch.kernel.__name__
@@ -162,14 +172,16 @@ def build_rows(config_names, targets, shape=REPORT_SHAPE, progress=print, kernel
         previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(matmul_precision)
         try:
-            launches = record_launches(dtype, **shape)
+            # the launchers choose tiles per compute capability, so each target gets its own recording
+            launches = {capability: _record_for(capability, dtype, shape) for capability in targets}
         finally:
             torch.set_float32_matmul_precision(previous)
-        for launch in launches:
-            name, meta = _describe(launch)
-            if kernels and not any(k in name for k in kernels):
-                continue
+        for index in range(len(launches[targets[0]])):
             for capability in targets:
+                launch = launches[capability][index]
+                name, meta = _describe(launch)
+                if kernels and not any(k in name for k in kernels):
+                    continue
                 row = Row(config, name, capability, "x".join(map(str, launch.grid)), meta)
                 start = time.perf_counter()
                 log = io.StringIO()

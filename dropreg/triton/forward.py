@@ -145,7 +145,7 @@ def linear_ce_forward(launch, input, weight, bias, target, signs: Optional[torch
     has_bias = bias is not None
     bias_arg = bias if has_bias else input  # never read when HAS_BIAS is False
 
-    config = tile_config("lse_partials", input.dtype)
+    config = tile_config("lse_partials", input.dtype, input.device)
     n_row_blocks = triton.cdiv(n_rows, config.block_m)
     n_vocab_blocks = triton.cdiv(vocab, config.block_v)
     splits = vocab_splits(n_row_blocks, n_vocab_blocks, input.device)
@@ -165,7 +165,7 @@ def linear_ce_forward(launch, input, weight, bias, target, signs: Optional[torch
     quadratic = torch.zeros(n_rows, dtype=acc, device=input.device)
     sign_term = torch.zeros(n_rows, dtype=acc, device=input.device)
     if need_mean and n_rows:
-        config = tile_config("moments", input.dtype)
+        config = tile_config("moments", input.dtype, input.device)
         grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)
         mass = torch.zeros(n_rows, dtype=acc, device=input.device)
         launch(moments_kernel)[grid](
@@ -173,7 +173,7 @@ def linear_ce_forward(launch, input, weight, bias, target, signs: Optional[torch
             input.stride(0), weight.stride(0), HAS_BIAS=has_bias, NEED_SECOND=need_explicit,
             GROUP_M=config.group_m, BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k,
             num_warps=config.num_warps, num_stages=config.num_stages, **types.narrow_args(), **types.wide_args())
-        config = tile_config("row_terms", input.dtype)
+        config = tile_config("row_terms", input.dtype, input.device)
         launch(row_terms_kernel)[(triton.cdiv(n_rows, config.block_m),)](
             input, weight, target, signs if signs is not None else mean, mass, mean,
             var if need_explicit else mean, quadratic, sign_term, seed, n_rows, dim, input.stride(0), weight.stride(0),

@@ -159,7 +159,7 @@ def rdrop_forward(launch, input1, input2, weight, bias, target):
     vocab = weight.shape[0]
     types = dot_types(input1.dtype)
     acc = torch.float64 if input1.dtype == torch.float64 else torch.float32
-    config = tile_config("rdrop_partials", input1.dtype)
+    config = tile_config("rdrop_partials", input1.dtype, input1.device)
     n_row_blocks = triton.cdiv(n_rows, config.block_m)
     n_vocab_blocks = triton.cdiv(vocab, config.block_v)
     splits = vocab_splits(n_row_blocks, n_vocab_blocks, input1.device)
@@ -187,7 +187,7 @@ def rdrop_backward(launch, grad_ce1, grad_ce2, grad_kl, input1, input2, weight, 
     grad_h2 = torch.zeros(n_rows, dim, dtype=acc, device=device) if want_h2 else None
     grad_w = torch.zeros(vocab, dim, dtype=acc, device=device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
-    config = tile_config("rdrop_gradient", input1.dtype)
+    config = tile_config("rdrop_gradient", input1.dtype, input1.device)
     grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)
 
     def out_or_placeholder(t):
