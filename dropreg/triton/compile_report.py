@@ -82,16 +82,13 @@ class Recorder:
         self.launches: list[Launch] = []
 
     def __call__(self, kernel):
-        def at_grid(grid):
-            def record(*args, **kwargs):
-                self.launches.append(Launch(kernel, tuple(grid), args, kwargs))
-            return record
+        launches = self.launches
 
-        class Indexable:
+        class RecordingLauncher:  # kernel[grid](*args, **kwargs) appends a Launch
             def __getitem__(self, grid):
-                return at_grid(grid)
+                return lambda *args, **kwargs: launches.append(Launch(kernel, tuple(grid), args, kwargs))
 
-        return Indexable()
+        return RecordingLauncher()
 
 
 def record_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int) -> list[Launch]:

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import accumulation_dtype
 from .utils import (dot_operand, dot_types, grouped_tile, logit_tile, merge_vocab_splits, online_softmax_update,
                     philox_sign_block, pick_target, row_descriptor, split_tiles, tile_config, vocab_splits)
 
@@ -141,7 +142,7 @@ def linear_ce_forward(launch, input, weight, bias, target, signs: Optional[torch
     n_rows, dim = input.shape
     vocab = weight.shape[0]
     types = dot_types(input.dtype)
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(input.dtype)
     has_bias = bias is not None
     bias_arg = bias if has_bias else input  # never read when HAS_BIAS is False
 

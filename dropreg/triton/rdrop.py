@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import accumulation_dtype
 from .utils import (dot_operand, dot_types, grouped_tile, merge_vocab_splits, online_softmax_update, pick_target,
                     row_descriptor, split_tiles, tile_config, vocab_splits)
 
@@ -158,7 +159,7 @@ def rdrop_forward(launch, input1, input2, weight, bias, target):
     n_rows, dim = input1.shape
     vocab = weight.shape[0]
     types = dot_types(input1.dtype)
-    acc = torch.float64 if input1.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(input1.dtype)
     config = tile_config("rdrop_partials", input1.dtype, input1.device)
     n_row_blocks = triton.cdiv(n_rows, config.block_m)
     n_vocab_blocks = triton.cdiv(vocab, config.block_v)
