@@ -257,3 +257,60 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
 }
 
 }  // namespace dropreg
+
+namespace dropreg {
+
+// softmax_mean (the every-site terms' mu = W^T s): the forward statistics with the first moment only,
+// 2 NVd. Returns (mu, lse); lse is saved for the backward.
+std::tuple<Tensor, Tensor> softmax_mean_forward(const Tensor& input, const Tensor& weight,
+                                                const c10::optional<Tensor>& bias) {
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
+              "dropreg::softmax_mean_forward: input (N, d) and weight (V, d) expected");
+  RECORD_FUNCTION("dropreg::softmax_mean_forward", std::vector<c10::IValue>());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto acc = accumulation_type(input);
+  const Tensor h = input.to(acc).contiguous();
+  const Tensor b = bias.has_value() && bias->defined() ? bias->to(acc).contiguous() : Tensor();
+  Tensor lse = at::empty({h.size(0)}, h.options());
+  Tensor mu = at::zeros({h.size(0), h.size(1)}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "softmax_mean_forward", [&] {
+    forward_statistics<scalar_t>(h, weight.contiguous(), b, 1, lse, mu);
+  });
+  return {mu, lse};
+}
+
+// Its backward is the linear_ce tile loop with left = gbar = dL/dmu and row offset -mu . gbar, no target:
+// G_v = s_v (W_v . gbar - mu . gbar), grad_input = G W, grad_W = G^T h + S^T gbar, grad_b = sum G (5 NVd).
+std::tuple<Tensor, Tensor, Tensor> softmax_mean_backward(const Tensor& grad_mu, const Tensor& input,
+                                                         const Tensor& weight, const c10::optional<Tensor>& bias,
+                                                         const Tensor& lse, const Tensor& mu,
+                                                         std::array<bool, 3> output_mask) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool want_h = output_mask[0], want_w = output_mask[1], want_b = output_mask[2] && has_bias;
+  const auto acc = accumulation_type(input);
+  const int64_t rows = input.size(0), dim = input.size(1), vocab = weight.size(0);
+  const Tensor w = weight.contiguous();
+  const Tensor b = has_bias ? bias->to(acc).contiguous() : Tensor();
+  BackwardRows r;
+  r.h = input.to(acc).contiguous();
+  r.left = grad_mu.to(acc).contiguous();
+  r.row_offset = (r.left * mu).sum(1).neg_().contiguous();
+  r.g_ce = at::zeros({rows}, r.h.options());
+  const Tensor no_target = at::zeros({rows}, at::kLong);  // g_ce = 0: the target correction adds nothing
+  Tensor grad_h_partials = want_h ? at::zeros({at::get_num_threads(), rows, dim}, r.h.options()) : Tensor();
+  Tensor grad_w = want_w ? at::empty_like(w) : at::empty({0}, w.options());
+  Tensor grad_b_acc = want_b ? at::empty({vocab}, r.h.options()) : Tensor();
+  if (want_h || want_w || want_b) {
+    RECORD_FUNCTION("dropreg::softmax_mean_backward", std::vector<c10::IValue>());
+    AT_DISPATCH_FLOATING_TYPES(acc, "softmax_mean_backward", [&] {
+      backward_tiles<scalar_t>(r, w, b, no_target, lse.contiguous(), 1, want_h, want_w, want_b, grad_h_partials,
+                               grad_w, grad_b_acc);
+    });
+  }
+  Tensor grad_h = want_h ? grad_h_partials.sum(0).to(input.scalar_type()) : at::empty({0}, input.options());
+  Tensor grad_b = want_b ? grad_b_acc.to(bias->scalar_type()) : at::empty({0}, input.options());
+  return {grad_h, grad_w, grad_b};
+}
+
+}  // namespace dropreg

@@ -21,4 +21,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
     const at::Tensor& mu, const at::Tensor& var, bool need_explicit, bool need_implicit,
     std::array<bool, 3> output_mask);
 
+// softmax_mean: (mu, lse) per row, and the gradients of mu (docs/math.md, every-site terms).
+std::tuple<at::Tensor, at::Tensor> softmax_mean_forward(const at::Tensor& input, const at::Tensor& weight,
+                                                        const c10::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_mean_backward(
+    const at::Tensor& grad_mu, const at::Tensor& input, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& mu,
+    std::array<bool, 3> output_mask);
+
+// (samples, N) classes drawn from each row's softmax by streamed Gumbel-max (dropreg/signs.py).
+at::Tensor sample_targets(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          int64_t samples, int64_t seed);
+
 }  // namespace dropreg

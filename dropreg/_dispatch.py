@@ -6,7 +6,11 @@ terms without coefficients (the caller applies coefficients, masks ignored rows 
 * ``linear_ce(input, weight, bias, target, signs, seed, need_explicit, need_implicit)
   -> (ce, quadratic, sign_term)``, as :func:`dropreg.reference.reference_terms`;
 * ``rdrop(input1, input2, weight, bias, target) -> (ce1, ce2, kl)``, as
-  :func:`dropreg.reference.reference_rdrop`.
+  :func:`dropreg.reference.reference_rdrop`;
+* ``softmax_mean(input, weight, bias) -> mu`` (differentiable), as
+  :func:`dropreg.reference.reference_softmax_mean`;
+* ``sample_targets(input, weight, bias, samples, seed) -> (samples, N) int64``, as
+  :func:`dropreg.reference.reference_sample_targets`.
 
 Ignored rows arrive with zeroed input rows and a valid dummy target. A new backend is added to ``_BACKENDS`` here and,
 by its name in ``tests/conftest.py``, gets the whole test suite.
@@ -21,24 +25,28 @@ import torch
 
 from . import cpu
 from . import triton as triton_backend
-from .reference import reference_rdrop, reference_terms
-from .streamed import streamed_rdrop, streamed_terms
+from .reference import reference_rdrop, reference_sample_targets, reference_softmax_mean, reference_terms
+from .streamed import streamed_rdrop, streamed_sample_targets, streamed_softmax_mean, streamed_terms
 
 
 @dataclass(frozen=True)
 class Backend:
     linear_ce: Callable[..., tuple]
     rdrop: Callable[..., tuple]
+    softmax_mean: Callable[..., torch.Tensor]
+    sample_targets: Callable[..., torch.Tensor]
     is_available: Callable[[], bool] = lambda: True
     unavailable_reason: Callable[[], Optional[BaseException]] = lambda: None
 
 
 _BACKENDS: dict[str, Backend] = {
-    "reference": Backend(reference_terms, reference_rdrop),
-    "torch": Backend(streamed_terms, streamed_rdrop),
-    "cpu": Backend(cpu.cpu_terms, cpu.cpu_rdrop, cpu.is_available, cpu.load_error),
-    "triton": Backend(triton_backend.triton_terms, triton_backend.triton_rdrop, triton_backend.is_available,
-                      triton_backend.unavailable_reason),
+    "reference": Backend(reference_terms, reference_rdrop, reference_softmax_mean, reference_sample_targets),
+    "torch": Backend(streamed_terms, streamed_rdrop, streamed_softmax_mean, streamed_sample_targets),
+    "cpu": Backend(cpu.cpu_terms, cpu.cpu_rdrop, cpu.cpu_softmax_mean, cpu.cpu_sample_targets, cpu.is_available,
+                   cpu.load_error),
+    # The every-site ops run the chunked PyTorch driver on the GPU path: no Triton kernel of their own yet.
+    "triton": Backend(triton_backend.triton_terms, triton_backend.triton_rdrop, streamed_softmax_mean,
+                      streamed_sample_targets, triton_backend.is_available, triton_backend.unavailable_reason),
 }
 
 # Fastest first, per device type; "auto" takes the first registered and available one.

@@ -83,6 +83,7 @@ def _register_python_kernels() -> None:
 
     register_linear_ce_autograd("dropreg::linear_ce_forward", torch.ops.dropreg.linear_ce_backward)
     _register_rdrop_kernels()
+    _register_site_kernels()
 
 
 def _register_rdrop_kernels() -> None:
@@ -104,6 +105,38 @@ def _register_rdrop_kernels() -> None:
     register_rdrop_autograd("dropreg::rdrop_forward", torch.ops.dropreg.rdrop_backward)
 
 
+def _register_site_kernels() -> None:
+    @torch.library.register_fake("dropreg::softmax_mean_forward")
+    def _forward_fake(input, weight, bias):
+        acc = accumulation_dtype(input.dtype)
+        return input.new_empty(input.shape, dtype=acc), input.new_empty((input.shape[0],), dtype=acc)
+
+    @torch.library.register_fake("dropreg::softmax_mean_backward")
+    def _backward_fake(grad_mu, input, weight, bias, lse, mu, output_mask):
+        grad_h = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
+        grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
+        grad_b = torch.empty_like(bias) if (output_mask[2] and bias is not None) else input.new_empty((0,))
+        return grad_h, grad_w, grad_b
+
+    @torch.library.register_fake("dropreg::sample_targets")
+    def _sample_fake(input, weight, bias, samples, seed):
+        return input.new_empty((samples, input.shape[0]), dtype=torch.int64)
+
+    def setup_context(ctx, inputs, output):
+        input, weight, bias = inputs
+        ctx.save_for_backward(input, weight, bias, output[1], output[0])
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_mu, _grad_lse):
+        input, weight, bias, lse, mu = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grad_mu = torch.zeros_like(mu) if grad_mu is None else grad_mu.contiguous()
+        grads = torch.ops.dropreg.softmax_mean_backward(grad_mu, input, weight, bias, lse, mu, mask)
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask))
+
+    torch.library.register_autograd("dropreg::softmax_mean_forward", backward, setup_context=setup_context)
+
+
 def cpu_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
     """Per-row ``(ce, quadratic, sign_term)`` from the C++ kernels (see dropreg/_dispatch.py)."""
     load()
@@ -121,3 +154,18 @@ def cpu_rdrop(input1, input2, weight, bias, target):
     out = torch.ops.dropreg.rdrop_forward(input1.contiguous(), input2.contiguous(), weight.contiguous(),
                                           None if bias is None else bias.contiguous(), target.contiguous())
     return out[0], out[1], out[2]
+
+
+def cpu_softmax_mean(input, weight, bias):
+    """Per-row ``mu`` from the C++ kernels (see dropreg/_dispatch.py)."""
+    load()
+    return torch.ops.dropreg.softmax_mean_forward(input.contiguous(), weight.contiguous(),
+                                                  None if bias is None else bias.contiguous())[0]
+
+
+def cpu_sample_targets(input, weight, bias, samples, seed):
+    """(samples, N) Gumbel-max draws from the C++ kernels (see dropreg/_dispatch.py)."""
+    load()
+    return torch.ops.dropreg.sample_targets(input.detach().contiguous(), weight.detach().contiguous(),
+                                            None if bias is None else bias.detach().contiguous(), samples,
+                                            int64_seed(seed))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .signs import philox_signs
+from .signs import gumbel_noise, philox_signs
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,3 +56,26 @@ def reference_rdrop(input1, input2, weight, bias, target):
     ce1, ce2 = (-lp.gather(1, target[:, None]).squeeze(1) for lp in log_probs)
     kl = 0.5 * ((log_probs[0].exp() - log_probs[1].exp()) * (logits[0] - logits[1])).sum(-1)
     return ce1, ce2, kl
+
+
+def reference_softmax_mean(input, weight, bias):
+    """Per-row ``mu = W^T softmax(z)`` (N, d) in the accumulation dtype; autograd gives its gradients."""
+    acc = accumulation_dtype(input.dtype)
+    w = weight.to(acc)
+    logits = input.to(acc) @ w.T
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    return torch.softmax(logits, dim=-1) @ w
+
+
+@torch.no_grad()
+def reference_sample_targets(input, weight, bias, samples, seed):
+    """(samples, N) Gumbel-max draws ``argmax_v (z_v + g_v)`` on the materialized logits (dropreg.signs)."""
+    acc = accumulation_dtype(input.dtype)
+    logits = input.to(acc) @ weight.to(acc).T
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    rows = torch.arange(input.shape[0], device=input.device)
+    return torch.stack([(logits.to(torch.float64) + gumbel_noise(seed, k, rows, 0, weight.shape[0])).argmax(dim=1)
+                        for k in range(samples)]) if input.shape[0] else \
+        torch.zeros(samples, 0, dtype=torch.int64, device=input.device)

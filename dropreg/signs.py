@@ -1,12 +1,20 @@
-"""The random-sign stream of the implicit term, in plain PyTorch.
+"""dropreg's counter-based random streams, in plain PyTorch: the implicit term's signs and the Gumbel noise
+of sampled targets. Both are Philox4x32-10 with key ``(seed_lo, seed_hi)``; counter word 3 tells them apart
+(0: signs, 1: sampled targets), so one seed never reuses a word across purposes.
 
-Definition (shared by every backend, so one seed gives identical signs everywhere):
+Signs (shared by every backend, so one seed gives identical signs everywhere):
 
 * Signs are indexed over the flattened ``(N, d)`` input: element ``(n, j)`` has flat index
   ``i = n * d + j``.
 * One Philox4x32-10 call yields four 32-bit words = 128 signs. Element ``i`` uses counter
-  ``c = i // 128`` (as ``(c_lo, c_hi, 0, 0)``), key ``(seed_lo, seed_hi)``, word ``(i // 32) % 4``
-  and bit ``i % 32`` of that word. A set bit means ``-1``, a clear bit ``+1``.
+  ``c = i // 128`` (as ``(c_lo, c_hi, stream, 0)``), key ``(seed_lo, seed_hi)``, word ``(i // 32) % 4``
+  and bit ``i % 32`` of that word. A set bit means ``-1``, a clear bit ``+1``. ``stream`` is 0 for
+  :func:`dropreg.linear_cross_entropy`; site ``k`` of :func:`dropreg.site_regularizers` uses ``k + 1``.
+
+Gumbel noise of :func:`dropreg.sample_targets` (sample ``k``, row ``n``, class ``v``): word ``v % 4`` of
+Philox at counter ``(v // 4, n, k, 1)``; ``u = (word + 1/2) / 2**32`` and ``g = -log(-log(u))``, in float64.
+The draw is ``argmax_v (z_v + g_v)`` with ``z`` promoted to float64, the lowest class winning a tie (the
+Gumbel-max trick: an exact draw from ``softmax(z)``, whatever the tiling).
 
 This is exactly the word sequence of Triton's ``tl.randint4x(seed, c)`` and of ATen's
 ``at::Philox4_32(seed, /*subsequence=*/0, /*offset=*/c)`` (its first four outputs).
@@ -50,16 +58,33 @@ def philox4x32(counter: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.Tens
     return c0, c1, c2, c3
 
 
-def philox_signs(seed: int, rows: int, dim: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The ``(rows, dim)`` tensor of +-1 signs for ``seed`` (see the module docstring)."""
+def philox_signs(seed: int, rows: int, dim: int, *, stream: int = 0, device=None,
+                 dtype=torch.float32) -> torch.Tensor:
+    """The ``(rows, dim)`` tensor of +-1 signs for ``seed`` and ``stream`` (see the module docstring)."""
     total = rows * dim
     n_counters = -(-total // SIGNS_PER_COUNTER)
     counter = torch.arange(n_counters, device=device, dtype=torch.int64)
     zero = torch.zeros_like(counter)
-    words = torch.stack(philox4x32((counter & _MASK32, counter >> 32, zero, zero), seed), dim=1)
+    words = torch.stack(philox4x32((counter & _MASK32, counter >> 32, zero + stream, zero), seed), dim=1)
     bits = (words.unsqueeze(-1) >> torch.arange(32, device=device, dtype=torch.int64)) & 1
     flat_bits = bits.reshape(-1)[:total]
     return (1 - 2 * flat_bits).to(dtype).reshape(rows, dim)
+
+
+SAMPLING_STREAM_TAG = 1  # counter word 3 of the Gumbel noise (signs use 0)
+
+
+def gumbel_noise(seed: int, sample: int, rows: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+    """float64 Gumbel noise ``g[i, v - v0]`` of draw ``sample`` for rows ``rows`` (int64) and classes [v0, v1)."""
+    first, last = v0 // 4, (v1 + 3) // 4
+    groups = torch.arange(first, last, device=rows.device, dtype=torch.int64)[None, :]
+    row_words = rows.to(torch.int64)[:, None] & _MASK32
+    words = philox4x32((groups, row_words, torch.full_like(row_words, sample), torch.full_like(row_words,
+                                                                                               SAMPLING_STREAM_TAG)),
+                       seed)
+    per_class = torch.stack(torch.broadcast_tensors(*words), dim=2).reshape(rows.shape[0], -1)
+    uniform = (per_class[:, v0 - 4 * first: v1 - 4 * first].to(torch.float64) + 0.5) * 2.0**-32
+    return -torch.log(-torch.log(uniform))
 
 
 def draw_seed() -> int:

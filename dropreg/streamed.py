@@ -15,7 +15,7 @@ import torch
 from torch.profiler import record_function
 
 from .reference import accumulation_dtype
-from .signs import philox_signs
+from .signs import gumbel_noise, philox_signs
 
 DEFAULT_ROW_BLOCK = 1024
 TILE_ELEMENTS = 1 << 21  # one R x C fp32 tile is 8 MiB: large enough for GEMM speed, small next to N x V
@@ -103,6 +103,45 @@ def _subtract_at_target(g_logits, target, v0, v1, amount):
                           torch.where(in_chunk, -amount, torch.zeros_like(amount))[:, None])
 
 
+def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, left, row_const, with_squares, vocab_chunk, *,
+                         grad_w=None, grad_b=None, want_h=True):
+    """One row block's backward over every vocabulary chunk; returns its grad_input (or None).
+
+    Per chunk: ``G = s * (left @ [W_c | W_c*W_c]^T + row_const) - g_ce [v = y]``, or ``G = s * g_ce - g_ce [v = y]``
+    when ``left`` is None (plain cross entropy); then ``grad_input += G W_c`` and, into the caller's buffers,
+    ``grad_w[c] += G^T h + S^T left[:, :d] (+ 2 W_c * S^T left[:, d:])`` and ``grad_b[c] += sum_rows G``.
+    ``target=None`` skips the target correction (softmax_mean's backward has none).
+    """
+    acc = lse.dtype
+    dim = h_block.shape[1]
+    grad_h_block = torch.zeros_like(h_block) if want_h else None
+    for v0, v1 in _spans(weight.shape[0], vocab_chunk):
+        w, stacked, b = _weight_chunk(weight, bias, v0, v1, acc, with_squares)
+        with record_function("dropreg::logit_gradient"):
+            probs = _chunk_logits(h_block, w, b).sub_(lse[:, None]).exp_()
+            if left is not None:
+                g_logits = (left @ stacked.T).add_(row_const[:, None]).mul_(probs)
+            else:
+                g_logits = probs * g_ce[:, None]
+            if target is not None:
+                _subtract_at_target(g_logits, target, v0, v1, g_ce)
+        if want_h:
+            with record_function("dropreg::grad_input"):
+                grad_h_block.addmm_(g_logits, w)
+        if grad_w is not None:
+            with record_function("dropreg::grad_weight"):
+                g_w = g_logits.T @ h_block
+                if left is not None:
+                    spread = probs.T @ left  # S^T [T | gR' q]
+                    g_w += spread[:, :dim]
+                    if with_squares:
+                        g_w += 2 * w * spread[:, dim:]
+                grad_w[v0:v1] += g_w
+        if grad_b is not None:
+            grad_b[v0:v1] += g_logits.sum(0)
+    return grad_h_block
+
+
 class StreamedTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, row_block, vocab_chunk):
@@ -160,30 +199,9 @@ class StreamedTerms(torch.autograd.Function):
                 row_const -= (g_i * mu_b * u).sum(1)
             if modulated:
                 left = torch.cat([parts_t, g_q], dim=1) if need_explicit else parts_t
-            grad_h_block = torch.zeros_like(h_block)
-            for v0, v1 in _spans(vocab, vocab_chunk):
-                w, stacked, b = _weight_chunk(weight, bias, v0, v1, acc, need_explicit)
-                with record_function("dropreg::logit_gradient"):
-                    probs = _chunk_logits(h_block, w, b).sub_(lse[r0:r1, None]).exp_()
-                    if modulated:
-                        g_logits = (left @ stacked.T).add_(row_const[:, None]).mul_(probs)
-                    else:
-                        g_logits = probs * g_ce[:, None]
-                    _subtract_at_target(g_logits, y, v0, v1, g_ce)
-                if want_h:
-                    with record_function("dropreg::grad_input"):
-                        grad_h_block.addmm_(g_logits, w)
-                if want_w:
-                    with record_function("dropreg::grad_weight"):
-                        g_w = g_logits.T @ h_block
-                        if modulated:
-                            spread = probs.T @ left  # S^T [T | gR' q]
-                            g_w += spread[:, :dim]
-                            if need_explicit:
-                                g_w += 2 * w * spread[:, dim:]
-                        grad_w[v0:v1] += g_w
-                if want_b:
-                    grad_b[v0:v1] += g_logits.sum(0)
+            grad_h_block = logit_gradient_sweep(
+                h_block, weight, bias, lse[r0:r1], y, g_ce, left, row_const, need_explicit, vocab_chunk,
+                grad_w=grad_w, grad_b=grad_b, want_h=want_h)
             w_target = weight[y].to(acc)
             if want_h:
                 if need_explicit:
@@ -305,3 +323,70 @@ def streamed_rdrop(input1, input2, weight, bias, target, *, row_block=None, voca
     default_rows, default_chunk = default_blocks(input1.shape[0], weight.shape[0])
     return StreamedRDrop.apply(input1, input2, weight, bias, target, row_block or default_rows,
                                vocab_chunk or default_chunk)
+
+
+class StreamedSoftmaxMean(torch.autograd.Function):
+    """``mu = W^T softmax(h W^T + b)`` per row, streamed, differentiable (docs/math.md, every-site terms).
+
+    Forward 2 NVd (z and s @ W, with the online rescale). Backward 5 NVd: with ``gbar = dL/dmu``,
+    ``G_v = s_v (W_v . gbar - mu . gbar)``, ``grad_input = G W``, ``grad_W = G^T h + S^T gbar``, ``grad_b = sum G``.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, row_block, vocab_chunk):
+        with record_function("dropreg::softmax_mean_forward"):
+            lse, mu, _ = forward_statistics(h, weight, bias, need_mean=True, need_second_moment=False,
+                                            row_block=row_block, vocab_chunk=vocab_chunk)
+        ctx.save_for_backward(h, weight, bias, lse, mu)
+        ctx.blocks = (row_block, vocab_chunk)
+        return mu
+
+    @staticmethod
+    def backward(ctx, grad_mu):
+        h, weight, bias, lse, mu = ctx.saved_tensors
+        row_block, vocab_chunk = ctx.blocks
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        acc = lse.dtype
+        n_rows, dim = h.shape
+        grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+        grad_w = torch.zeros(weight.shape[0], dim, dtype=acc, device=h.device) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
+        for r0, r1 in _spans(n_rows, row_block):
+            g_mu = grad_mu[r0:r1].to(acc)
+            row_const = -(g_mu * mu[r0:r1]).sum(1)
+            grad_h_block = logit_gradient_sweep(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, g_mu,
+                                                row_const, False, vocab_chunk, grad_w=grad_w, grad_b=grad_b,
+                                                want_h=want_h)
+            if want_h:
+                grad_h[r0:r1] = grad_h_block
+        return (None if grad_h is None else grad_h.to(h.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def streamed_softmax_mean(input, weight, bias, *, row_block=None, vocab_chunk=None):
+    """Per-row ``mu`` (N, d) in the accumulation dtype, as :func:`dropreg.reference.reference_softmax_mean`."""
+    default_rows, default_chunk = default_blocks(input.shape[0], weight.shape[0])
+    return StreamedSoftmaxMean.apply(input, weight, bias, row_block or default_rows, vocab_chunk or default_chunk)
+
+
+@torch.no_grad()
+def streamed_sample_targets(input, weight, bias, samples, seed, *, row_block=None, vocab_chunk=None):
+    """(samples, N) classes drawn from each row's softmax by Gumbel-max over vocabulary chunks (dropreg.signs)."""
+    default_rows, default_chunk = default_blocks(input.shape[0], weight.shape[0])
+    row_block, vocab_chunk = row_block or default_rows, vocab_chunk or default_chunk
+    acc = accumulation_dtype(input.dtype)
+    n_rows = input.shape[0]
+    drawn = torch.zeros(samples, n_rows, dtype=torch.int64, device=input.device)
+    for r0, r1 in _spans(n_rows, row_block):
+        h_block = input[r0:r1].to(acc)
+        rows = torch.arange(r0, r1, device=input.device)
+        best = torch.full((samples, r1 - r0), float("-inf"), dtype=torch.float64, device=input.device)
+        for v0, v1 in _spans(weight.shape[0], vocab_chunk):
+            w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
+            logits = _chunk_logits(h_block, w, b).to(torch.float64)
+            for k in range(samples):
+                top, where = (logits + gumbel_noise(seed, k, rows, v0, v1)).max(dim=1)
+                better = top > best[k]  # strict: the lowest class wins a tie, as one argmax would
+                best[k] = torch.where(better, top, best[k])
+                drawn[k, r0:r1] = torch.where(better, where + v0, drawn[k, r0:r1])
+    return drawn
