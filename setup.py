@@ -35,9 +35,9 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dropreg", "dropreg.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.13"],
-    extras_require={"test": ["pytest", "hypothesis", "numpy", "triton>=3.9"], "benchmarks": ["matplotlib"],
-                    "triton": ["triton>=3.9"]},
+    install_requires=["torch>=2.11"],  # lower bounds: README's "Supported versions" (tests/test_docs.py)
+    extras_require={"test": ["pytest", "hypothesis", "numpy", "triton>=3.6"], "benchmarks": ["matplotlib"],
+                    "triton": ["triton>=3.6"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,6 +1,6 @@
 """The methods the benchmarks compare. Each builder returns ``(forward, forward_backward)`` closures.
 
-All regularized methods compute CE + explicit + implicit with p=0.1 (MATH.md's default coefficients)
+All regularized methods compute CE + explicit + implicit with p=0.1 (docs/math.md's default coefficients)
 and reduction "mean"; ``F.linear_cross_entropy`` is CE only (what a regularizer-free run costs), and
 ``gemm`` is one (N x d) @ (d x V) matmul, from which the 10-NVd floor is derived.
 """
@@ -54,7 +54,7 @@ def dropreg_method(backend):
 
 
 def naive_loss(hidden, weight, target, signs):
-    """Materialized logits + autograd of MATH.md's formulas: what a plain PyTorch user writes."""
+    """Materialized logits + autograd of docs/math.md's formulas: what a plain PyTorch user writes."""
     logits = hidden @ weight.T
     ce = F.cross_entropy(logits, target)
     probs = torch.softmax(logits, dim=-1)
@@ -144,7 +144,7 @@ def build_rdrop_naive(hidden, weight, target, signs):
 
 
 # Per family: its methods, and the multiply-adds (in units of N*V*d) of a fused forward and
-# forward+backward, which define the GEMM floor (MATH.md: 3 and 10 for dropreg, 2 and 8 for R-Drop).
+# forward+backward, which define the GEMM floor (docs/math.md: 3 and 10 for dropreg, 2 and 8 for R-Drop).
 FLOOR_MULTIPLE = {
     "dropreg": {"forward": 3, "forward_backward": 10},
     "rdrop": {"forward": 2, "forward_backward": 8},

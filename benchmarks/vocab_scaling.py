@@ -1,13 +1,14 @@
 """Vocabulary-scaling benchmark: time and peak memory of every method over a grid of vocabulary sizes.
 
-    python benchmarks/vocab_scaling.py                 # default sweep (about 20 minutes on 2 CPU cores)
+    python benchmarks/vocab_scaling.py                 # default sweep (17 minutes on 2 CPU cores, measured
+                                                       # in a fresh clone with pip install included)
     python benchmarks/vocab_scaling.py --quick         # tiny sizes, under a minute (CI runs this)
     python benchmarks/vocab_scaling.py --profile       # torch.profiler trace of one dropreg configuration
 
 Each (method, V, mode) runs in its own subprocess (benchmarks/run_case.py) so its peak memory is clean;
 out-of-memory, errors and time-outs are recorded as such. Every time is also given as a ratio to the GEMM
 floor measured in the same run: 10 x one (N x d) @ (d x V) matmul for forward+backward and 3 x for the
-forward (MATH.md's multiply-add counts). Results land in --out (default benchmarks/results/): results.csv,
+forward (docs/math.md's multiply-add counts). Results land in --out (default benchmarks/results/): results.csv,
 results.md, time_vs_vocab.png and memory_vs_vocab.png.
 """
 from __future__ import annotations

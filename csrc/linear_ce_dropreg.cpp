@@ -1,5 +1,5 @@
 // CPU forward and backward of the fused linear cross entropy with dropout's explicit and implicit terms.
-// MATH.md is the specification; the comments name its symbols.
+// docs/math.md is the specification; the comments name its symbols.
 //
 // Forward: row blocks run in parallel; each streams vocabulary tiles with the online merge of
 // (max, L, A1 = sum e W, A2 = sum e W*W). Per tile: z = h W_t^T (1 RCd), e @ [W_t | W_t*W_t] (2 RCd).
@@ -10,7 +10,7 @@
 // touches, goes to per-thread N x d partials summed at the end (N x d is small next to V x d, and
 // per-thread V x d copies of grad_weight would not be). Per tile and row block: z recompute (1 RCd),
 // [T | gR' q] @ [W_t | W_t*W_t]^T (2 RCd), G @ W_t (1 RCd), G^T H (1 RCd), S^T [T | gR' q] (2 RCd).
-// Forward + backward = 10 NVd multiply-adds, MATH.md's floor; switched-off terms drop their share.
+// Forward + backward = 10 NVd multiply-adds, docs/math.md's floor; switched-off terms drop their share.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
@@ -74,7 +74,7 @@ void forward_statistics(const Tensor& h, const Tensor& weight, const Tensor& bia
 struct BackwardRows {
   Tensor h;           // N x d, accumulation dtype
   Tensor left;        // N x k d: [T | gR' q] (or T); undefined when no modulation
-  Tensor row_offset;  // N: g_ce + the row constants of G (MATH.md, GEMM-friendly form)
+  Tensor row_offset;  // N: g_ce + the row constants of G (docs/math.md, GEMM-friendly form)
   Tensor g_ce;        // N
   Tensor scatter;     // N x d: -gI' u, added to grad_weight at row y (undefined without implicit)
   std::vector<int64_t> rows_by_target;  // row indices sorted by target, for the scatter

@@ -1,5 +1,5 @@
 // CPU forward and backward of R-Drop's fused loss: two cross entropies and the symmetric KL between the
-// softmaxes of two dropout passes (MATH.md, "R-Drop"). Same tile loops as linear_ce_dropreg.cpp:
+// softmaxes of two dropout passes (docs/math.md, "R-Drop"). Same tile loops as linear_ce_dropreg.cpp:
 // row-parallel forward with two online softmaxes per row, vocabulary-parallel backward.
 //
 // kl = (E_p1[D] - E_p2[D]) / 2 with D = z1 - z2 (the bias cancels). Multiply-adds: forward 2 NVd (the two
@@ -58,7 +58,7 @@ void absorb_pair(T* z1, T* z2, int64_t n, T shift1, T shift2, T sums[2], T weigh
   weighted[1] += acc[3];
 }
 
-// Logit gradients in place of the logits (MATH.md): with p_i = exp(z_i - lse_i), D = z1 - z2 and
+// Logit gradients in place of the logits (docs/math.md): with p_i = exp(z_i - lse_i), D = z1 - z2 and
 // k = g_kl / 2:  g1 = g_ce1 p1 + k (p1 (D - E_p1 D) + p1 - p2),  g2 = g_ce2 p2 + k (-p2 (D - E_p2 D) - p1 + p2).
 template <typename T>
 void pair_gradient_row(T* z1, T* z2, int64_t n, T lse1, T lse2, T expected1, T expected2, T g_ce1, T g_ce2,

@@ -27,7 +27,7 @@ inline T nan_max(T a, T b) {
   return a > b ? a : b;
 }
 
-// Running max and sum of exp of one row's logits across vocabulary tiles: MATH.md's online merge.
+// Running max and sum of exp of one row's logits across vocabulary tiles: docs/math.md's online merge.
 template <typename T>
 struct OnlineSoftmax {
   T max = -std::numeric_limits<T>::infinity();

@@ -7,7 +7,7 @@ Public API::
     dropreg.rdrop_linear_cross_entropy(input1, input2, linear_weight, target, *, alpha=1.0, ...)
     dropreg.LinearCrossEntropyLoss(p=0.1, ...), dropreg.RDropLoss(alpha=1.0, ...)   # nn.Module wrappers
 
-The math is MATH.md (in the project's shared design folder); README.md lists the backends.
+The math is docs/math.md; README.md lists the backends.
 """
 from ._api import (LinearCrossEntropyOutput, RDropOutput, default_coefficients, explicit_regularizer,
                    linear_cross_entropy, rdrop_linear_cross_entropy)

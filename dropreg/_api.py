@@ -43,7 +43,7 @@ class RDropOutput(NamedTuple):
 
 
 def default_coefficients(p: float) -> tuple[float, float]:
-    """MATH.md's defaults: ``explicit_coef = p / (2 (1-p))`` and ``implicit_coef = sqrt(p / (1-p))``."""
+    """docs/math.md's defaults: ``explicit_coef = p / (2 (1-p))`` and ``implicit_coef = sqrt(p / (1-p))``."""
     kappa = p / (1.0 - p)
     return kappa / 2.0, math.sqrt(kappa)
 
@@ -206,7 +206,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          backend: str = "auto") -> LinearCrossEntropyOutput:
     """Cross entropy of ``input @ linear_weight.T + linear_bias`` plus dropout's explicit and implicit terms.
 
-    For each row ``h`` with target ``y`` (MATH.md): ``ce = lse(z) - z_y``,
+    For each row ``h`` with target ``y`` (docs/math.md): ``ce = lse(z) - z_y``,
     ``explicit = explicit_coef * sum_j h_j^2 var_j`` and
     ``implicit = implicit_coef * sum_j signs_j h_j (mu_j - W[y]_j)``, computed without materializing
     the N x V logits (except by ``backend="reference"``).
@@ -270,7 +270,7 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
     ``kl = (KL(p1||p2) + KL(p2||p1)) / 2`` and ``loss = ce1 + ce2 + alpha * kl``, the convention of the
     R-Drop authors' translation criterion; for the other common one, ``(ce1 + ce2) / 2 + alpha * kl``,
     use ``0.5 * (out.ce1 + out.ce2) + alpha * out.kl``. The KL is computed in one streamed pass as
-    ``sum_v (p1_v - p2_v)(z1_v - z2_v) / 2`` (MATH.md). Ignored rows, reductions, dtypes and errors
+    ``sum_v (p1_v - p2_v)(z1_v - z2_v) / 2`` (docs/math.md). Ignored rows, reductions, dtypes and errors
     behave as in :func:`linear_cross_entropy`.
     """
     vocab, dim = _check_head(input1, linear_weight, linear_bias, name="input1")

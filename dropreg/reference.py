@@ -1,4 +1,4 @@
-"""The ``"reference"`` backend: materialized logits, written straight from MATH.md.
+"""The ``"reference"`` backend: materialized logits, written straight from docs/math.md.
 
 This is the readable definition of the three per-row terms. It allocates several N x V tensors, so it
 is meant for small problems and for checking the other backends; autograd provides its gradients.

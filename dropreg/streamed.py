@@ -1,10 +1,10 @@
-"""The ``"torch"`` backend: MATH.md's one-pass algorithm in chunked PyTorch, any device.
+"""The ``"torch"`` backend: docs/math.md's one-pass algorithm in chunked PyTorch, any device.
 
 Forward streams vocabulary chunks per row block, keeping the online state (running max, L, A1, A2).
 Backward recomputes the logits chunk by chunk and forms the logit gradient G without storing it.
 Peak extra memory is O(row_block * vocab_chunk + (N + V) * d): never N x V.
 
-Multiply-adds per row block and chunk, matching MATH.md's count (R rows, C vocabulary entries):
+Multiply-adds per row block and chunk, matching docs/math.md's count (R rows, C vocabulary entries):
 forward ``z = h W_c^T`` (RCd) and ``e @ [W_c | W_c*W_c]`` (2RCd); backward the z recompute (RCd),
 ``[T | gR' q] @ [W_c | W_c*W_c]^T`` (2RCd), ``G @ W_c`` (RCd), ``G^T H`` and ``S^T [T | gR' q]``
 (3RCd). Terms that are switched off drop their share.
@@ -44,7 +44,7 @@ def _chunk_logits(h, w, b):
 
 
 class OnlineSoftmax:
-    """Per-row running max and sum of exp over vocabulary chunks: MATH.md's online merge."""
+    """Per-row running max and sum of exp over vocabulary chunks: docs/math.md's online merge."""
 
     def __init__(self, rows, dtype, device):
         self.max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
@@ -180,7 +180,7 @@ class StreamedTerms(torch.autograd.Function):
             h_block, y = h[r0:r1].to(acc), target[r0:r1]
             g_ce = grad_ce[r0:r1].to(acc)
             # Row-wise parts of G_v = s_v * (g_ce + gR'(r_v - Rt) + gI'(a_v - abar)) - g_ce [v = y]:
-            # gR' r_v + gI' a_v = [T | gR' q] . [W_v | W_v*W_v] + const (MATH.md, GEMM-friendly form).
+            # gR' r_v + gI' a_v = [T | gR' q] . [W_v | W_v*W_v] + const (docs/math.md, GEMM-friendly form).
             row_const = g_ce.clone()
             parts_t = torch.zeros_like(h_block)
             left = None
@@ -241,7 +241,7 @@ def streamed_terms(input, weight, bias, target, signs, seed, need_explicit, need
 
 
 class StreamedRDrop(torch.autograd.Function):
-    """R-Drop's per-row (ce1, ce2, kl) with kl = (KL(p1||p2) + KL(p2||p1)) / 2, streamed (MATH.md).
+    """R-Drop's per-row (ce1, ce2, kl) with kl = (KL(p1||p2) + KL(p2||p1)) / 2, streamed (docs/math.md).
 
     symKL = E_p1[D] - E_p2[D] with D = z1 - z2: two online softmaxes and one scalar accumulator each.
     Forward 2 NVd (the two logit GEMMs); backward 6 NVd (recompute 2, grad_input 2, grad_weight 2).

@@ -103,7 +103,7 @@ def assert_close_to_oracle(ours, oracle, dtype, problem: Problem, factor=8.0):
     """``|ours - oracle| <= factor * eps * (1 + max|z|) * scale`` per term and per gradient.
 
     Rounding in a softmax-weighted sum is relative to the summands, not to the result: ``scale`` is the
-    largest oracle magnitude of that quantity plus, for the explicit term, MATH.md's cancellation size
+    largest oracle magnitude of that quantity plus, for the explicit term, docs/math.md's cancellation size
     ``coef * max_n sum_j q_j m2_j`` (``var = m2 - mu^2`` loses that much when the softmax is peaked),
     plus 1 so that quantities that are exactly zero (V=1) still allow rounding-level noise.
     Errors in ``z - lse`` grow with the logit magnitude, hence ``1 + max|z|``. ``factor`` covers the

@@ -1,4 +1,4 @@
-"""The float64 oracle: dropout's terms from first principles with autograd, never from MATH.md's closed forms.
+"""The float64 oracle: dropout's terms from first principles with autograd, never from docs/math.md's closed forms.
 
 For row n with loss ``l(h) = cross_entropy(W h + b, y)``:
 

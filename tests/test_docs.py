@@ -1,4 +1,5 @@
-"""README's commands are the ones CI runs."""
+"""README's commands are the ones CI runs, and its supported versions are setup.py's."""
+import ast
 import os
 import re
 
@@ -22,3 +23,48 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_pins_torch_in_both_commands():
     blocks = re.findall(r"```\n(pip[^\n]*|python3 -m pip[^\n]*)\n```", _read("README.md"))
     assert len(blocks) == 2 and all("torch==2.13.0" in b for b in blocks)
+
+
+def _version(text):
+    return tuple(int(part) for part in re.match(r"\d+(?:\.\d+)*", text).group(0).split("."))
+
+
+def _supported_versions():
+    """README's "Supported versions" table: package -> (minimum, CI version)."""
+    section = re.search(r"^### Supported versions\n(.+?)(?=^#)", _read("README.md"), flags=re.M | re.S)
+    assert section, "README.md needs a '### Supported versions' section"
+    rows = re.findall(r"^\| (\w+) \| ([\d.]+) \| ([\d.]+)\b", section.group(1), flags=re.M)
+    return {name: (minimum, ci) for name, minimum, ci in rows}
+
+
+def _setup_lower_bounds():
+    """Every ``name>=version`` in setup.py's install_requires and extras_require, read without running it."""
+    tree = ast.parse(_read("setup.py"))
+    call = next(node for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup")
+    keywords = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords
+                if kw.arg in ("install_requires", "extras_require")}
+    requirements = list(keywords["install_requires"])
+    for extra in keywords["extras_require"].values():
+        requirements += extra
+    bounds = {}
+    for requirement in requirements:
+        match = re.fullmatch(r"([\w-]+)\s*>=\s*([\d.]+)", requirement)
+        if match:
+            bounds.setdefault(match.group(1), set()).add(match.group(2))
+    return bounds
+
+
+def test_readme_supported_versions_match_setup_py():
+    table = _supported_versions()
+    bounds = _setup_lower_bounds()
+    assert set(table) == {"torch", "triton"} and set(bounds) == set(table)
+    for name, (minimum, _) in table.items():
+        assert bounds[name] == {minimum}, f"{name}: setup.py requires >= {bounds[name]}, README says {minimum}"
+
+
+def test_readme_ci_versions_are_the_ci_pins_and_above_the_minimums():
+    ci_command = _read(".ci", "run")
+    for name, (minimum, ci) in _supported_versions().items():
+        assert f"{name}=={ci}" in ci_command, f"README's CI column says {name} {ci}; .ci/run pins another"
+        assert _version(ci) >= _version(minimum)

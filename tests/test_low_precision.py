@@ -11,7 +11,7 @@ from checks import TERMS, _leaves, _terms_and_grads, make_problem, run_dropreg, 
 
 
 def same_dtype_terms(problem, dtype, coef_r, coef_i):
-    """MATH.md's formulas computed entirely in ``dtype``: what a plain PyTorch user would get."""
+    """docs/math.md's formulas computed entirely in ``dtype``: what a plain PyTorch user would get."""
     leaves = _leaves(problem, dtype)
     h, w = leaves[0], leaves[1]
     logits = h @ w.T + (leaves[2] if len(leaves) == 3 else 0)

@@ -1,8 +1,8 @@
-"""Triton backward of the fused linear cross entropy + dropout regularizers (MATH.md, "gradients").
+"""Triton backward of the fused linear cross entropy + dropout regularizers (docs/math.md, "gradients").
 
 Two kernels, launched in this order by :func:`linear_ce_backward`:
 
-1. ``row_prep_kernel``: per row, the d-vectors of MATH.md's GEMM-friendly form, ``T = gI' u - 2 gR' q mu``
+1. ``row_prep_kernel``: per row, the d-vectors of docs/math.md's GEMM-friendly form, ``T = gI' u - 2 gR' q mu``
    and ``gR' q``, the row constant of the logit gradient, the row-wise part of grad_input
    (``2 gR' h var + gI' sigma (mu - W[y])``, written as grad_input's initial value) and the implicit
    term's target scatter ``grad_W[y] -= gI' u`` (atomic adds). O(N d), no GEMM.
@@ -10,9 +10,9 @@ Two kernels, launched in this order by :func:`linear_ce_backward`:
    ``t = T W^T + (gR' q)(W*W)^T``; forms ``G = s (g_ce + c + t) - g_ce [v = y]`` in registers, then walks
    d in BLOCK_K chunks: grad_input += G W, grad_W += G^T h + S^T T + 2 W * (S^T gR' q), grad_b += sum G.
    Multiply-adds: 1 NVd (z) + 2 (t, explicit; 1 if implicit only) + 1 (grad_input) + 3 (grad_W:
-   1 for cross entropy alone) = 7 NVd with both terms, MATH.md's backward count; 3 NVd for cross entropy.
+   1 for cross entropy alone) = 7 NVd with both terms, docs/math.md's backward count; 3 NVd for cross entropy.
 
-Accumulation of grad_input and grad_W: fp32 atomic adds, as in Cut Cross-Entropy. Each (row block, vocab
+Accumulation of grad_input and grad_W: plain fp32 atomic adds. Each (row block, vocab
 block) tile holds only its BLOCK_M x BLOCK_V logit gradient, so its contributions to the (N, d) and (V, d)
 gradients must be summed over vocabulary blocks and row blocks respectively. The alternatives were worse
 here: split + reduce needs a (splits, V, d) fp32 buffer (2 GiB per split at V=128k, d=4096), and a second
@@ -20,6 +20,8 @@ kernel that owns grad_W per vocabulary block would recompute z and t (3 more NVd
 the grouped tile order (``grouped_tile``): programs running together write GROUP_M row blocks and several
 vocabulary blocks, not one. Consequence: on a GPU the summation order, and so the last bits, vary between
 runs (the interpreter runs programs in order and is deterministic).
+(Cut Cross-Entropy, which has the same sums, serializes its adds with locks and skips blocks of negligible
+softmax values instead; dropreg does neither.)
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Triton forward of the fused linear cross entropy + dropout regularizers (MATH.md, "forward").
+"""Triton forward of the fused linear cross entropy + dropout regularizers (docs/math.md, "forward").
 
 Three kernels, launched in this order by :func:`linear_ce_forward`:
 
@@ -18,7 +18,7 @@ Three kernels, launched in this order by :func:`linear_ce_forward`:
    sign_term = sum sigma h (mu - W[y]) with sigma from ``tl.randint4x`` unless signs were given.
    O(N d), no GEMM.
 
-Total forward: 4 NVd with both terms (MATH.md's floor counts 3), 3 NVd with the implicit term only,
+Total forward: 4 NVd with both terms (docs/math.md's floor counts 3), 3 NVd with the implicit term only,
 1 NVd for cross entropy alone.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Triton R-Drop: cross entropy of two dropout passes and their symmetric KL (MATH.md, "R-Drop").
+"""Triton R-Drop: cross entropy of two dropout passes and their symmetric KL (docs/math.md, "R-Drop").
 
 1. ``rdrop_partials_kernel``: grid (row blocks, vocabulary splits). One K loop gives z1 and z2 for a tile;
    two online softmaxes keep (m_i, L_i) and the scalar accumulator sum e^{z_i - m_i} D (D = z1 - z2), which
-   rescales like L. Partials are merged exactly on the host side. Multiply-adds: 2 NVd (MATH.md's floor).
+   rescales like L. Partials are merged exactly on the host side. Multiply-adds: 2 NVd (docs/math.md's floor).
 2. ``rdrop_gradient_kernel``: grid (row blocks x vocabulary blocks). Recomputes z1, z2 (2 NVd), forms both
    logit gradients in registers and adds G1 W, G2 W into grad_input1/2 (2 NVd) and G1^T h1 + G2^T h2 into
    grad_W (2 NVd) with fp32 atomics (see backward.py for why atomics). 6 NVd: total 8 NVd = the floor.

@@ -149,7 +149,7 @@ class DotTypes:
 
     "Narrow" dots are the cross-entropy GEMMs (z = h W^T, G W, G^T h): operands in the input dtype.
     "Wide" dots are the regularizer GEMMs (moments s W, s W*W; t = T W^T + gR'q (W*W)^T; S^T T, S^T gR'q):
-    MATH.md's GEMM-friendly form subtracts nearly equal sums there (var = m2 - mu^2, r_v = ... - 2 W.q mu
+    docs/math.md's GEMM-friendly form subtracts nearly equal sums there (var = m2 - mu^2, r_v = ... - 2 W.q mu
     + ...), which bf16 operands (8 bits) ruin on peaked softmaxes. They run on fp32 operands: tf32 tensor
     cores (11 bits) for bf16 inputs, tf32x3 for fp16 inputs (fp16 already has 11 bits); for fp32 inputs
     whatever torch.get_float32_matmul_precision() allows; fp64 stays fp64. tf32 operands are rounded to nearest in ``dot_operand`` (the PTX has no
@@ -290,7 +290,7 @@ def aligned_empty(rows: int, dim: int, dtype: torch.dtype, device) -> torch.Tens
 
 
 def merge_vocab_splits(max_parts: torch.Tensor, sum_parts: torch.Tensor, *weighted_parts: torch.Tensor):
-    """Exact merge of online-softmax partials from disjoint vocabulary ranges (MATH.md).
+    """Exact merge of online-softmax partials from disjoint vocabulary ranges (docs/math.md).
 
     ``max_parts, sum_parts`` are (splits, N): each range's running max m_s and L_s = sum e^{z - m_s};
     each of ``weighted_parts`` is (splits, N) with the same e^{z - m_s} weighting. Returns ``lse`` and
