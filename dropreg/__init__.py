@@ -5,19 +5,25 @@ Public API::
     dropreg.linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, p=0.1, ...)
     dropreg.explicit_regularizer(input, linear_weight, *, linear_bias=None, reduction="mean")
     dropreg.rdrop_linear_cross_entropy(input1, input2, linear_weight, target, *, alpha=1.0, ...)
+    dropreg.softmax_mean(input, linear_weight, *, linear_bias=None)        # every-site building blocks
+    dropreg.sample_targets(input, linear_weight, *, samples=1, seed=None)
+    dropreg.site_regularizers(head_input, linear_weight, target, sites, *, p=0.1, ...)
     dropreg.LinearCrossEntropyLoss(p=0.1, ...), dropreg.RDropLoss(alpha=1.0, ...)   # nn.Module wrappers
+    dropreg.DropoutSite(p=0.1)                                             # put where nn.Dropout was
 
 The math is docs/math.md; README.md lists the backends.
 """
 from ._api import (LinearCrossEntropyOutput, RDropOutput, default_coefficients, explicit_regularizer,
                    linear_cross_entropy, rdrop_linear_cross_entropy)
 from ._dispatch import available_backends
-from .nn import LinearCrossEntropyLoss, RDropLoss
+from .nn import DropoutSite, LinearCrossEntropyLoss, RDropLoss
 from .signs import philox_signs
+from .sites import SiteRegularizers, sample_targets, site_regularizers, softmax_mean
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DropoutSite",
     "LinearCrossEntropyLoss",
     "LinearCrossEntropyOutput",
     "RDropLoss",
@@ -28,4 +34,8 @@ __all__ = [
     "linear_cross_entropy",
     "philox_signs",
     "rdrop_linear_cross_entropy",
+    "sample_targets",
+    "site_regularizers",
+    "SiteRegularizers",
+    "softmax_mean",
 ]

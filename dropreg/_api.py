@@ -127,11 +127,11 @@ def _check_target(target, input: Tensor, vocab: int, ignore_index: int, input_na
                              f"got {int(target[bad][0])}")
 
 
-def _check_probability(p) -> float:
+def _check_probability(p, name: str = "p") -> float:
     if not isinstance(p, numbers.Real) or isinstance(p, bool):
-        raise TypeError(f"p: expected a float in [0, 1), got {p!r}")
+        raise TypeError(f"{name}: expected a float in [0, 1), got {p!r}")
     if not (0.0 <= float(p) < 1.0):
-        raise ValueError(f"p: expected a drop probability in [0, 1), got {p!r}")
+        raise ValueError(f"{name}: expected a drop probability in [0, 1), got {p!r}")
     return float(p)
 
 

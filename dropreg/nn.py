@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._api import LinearCrossEntropyOutput, RDropOutput, linear_cross_entropy, rdrop_linear_cross_entropy
+from ._api import (LinearCrossEntropyOutput, RDropOutput, _check_probability, linear_cross_entropy,
+                   rdrop_linear_cross_entropy)
 
 
 def shift_labels(target: Tensor, ignore_index: int) -> Tensor:
@@ -99,3 +100,46 @@ class RDropLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, reduction={self.reduction!r}, shift_labels={self.shift_labels}, "
                 f"backend={self.backend!r}")
+
+
+class DropoutSite(nn.Module):
+    """Put where ``nn.Dropout`` was: the identity, recording its input for :func:`dropreg.site_regularizers`.
+
+    In training mode with autograd on, each call records its input (a site can be called several times per
+    forward, e.g. once per time step). :meth:`collect` hands over and forgets everything a model's sites
+    recorded, with each site's ``p``::
+
+        model.drop = dropreg.DropoutSite(p=0.4)          # was nn.Dropout(0.4)
+        hidden = model(ids)                               # the un-dropped forward
+        sites, ps = dropreg.DropoutSite.collect(model)
+        ce = dropreg.linear_cross_entropy(hidden, head.weight, labels, explicit=False, implicit=False).ce
+        reg = dropreg.site_regularizers(hidden, head.weight, labels, sites, p=ps)
+        (ce + reg.explicit + reg.implicit).backward()
+
+    Recorded tensors keep their autograd graph alive until collected: call :meth:`collect` every step.
+    """
+
+    def __init__(self, p: float = 0.1):
+        super().__init__()
+        self.p = _check_probability(p)
+        self.recorded: list[Tensor] = []
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training and torch.is_grad_enabled() and input.requires_grad:
+            self.recorded.append(input)
+        return input
+
+    @staticmethod
+    def collect(model: nn.Module) -> tuple[list[Tensor], list[float]]:
+        """``(sites, ps)``: every input recorded by ``model``'s DropoutSite modules since the last collect."""
+        sites: list[Tensor] = []
+        ps: list[float] = []
+        for module in model.modules():
+            if isinstance(module, DropoutSite):
+                sites += module.recorded
+                ps += [module.p] * len(module.recorded)
+                module.recorded = []
+        return sites, ps
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

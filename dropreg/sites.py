@@ -1,0 +1,233 @@
+"""Dropout's regularizers at every dropout site, as Wei, Kakade & Ma apply them (docs/math.md, every-site terms).
+
+For a site ``x`` (an activation where dropout would act) and targets ``t``, let ``g_x(t)`` be the gradient
+w.r.t. ``x`` of the summed per-row cross entropy of the LM head. Since ``dCE_row/dh = mu - W[t]`` with
+``mu = W^T softmax(z)``, ``g_x(t)`` is one vector-Jacobian product of ``head_input`` w.r.t. ``x`` with that
+cotangent: the fused head only has to provide a differentiable ``mu`` (:func:`softmax_mean`) and classes
+drawn from the softmax (:func:`sample_targets`), both streamed; autograd (``create_graph=True``) does the
+rest through the network.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ._api import (_check_coefficient, _check_head, _check_probability, _check_seed, _check_target, _checking_values,
+                   _IgnoredRows, default_coefficients)
+from ._dispatch import resolve_backend
+from .signs import philox_signs
+
+PerSite = Union[float, Sequence[float], None]
+
+
+class SiteRegularizers(NamedTuple):
+    """Sums over the sites; scalars in ``head_input``'s dtype."""
+
+    explicit: Tensor
+    implicit: Tensor
+
+
+def softmax_mean(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None,
+                 backend: str = "auto") -> Tensor:
+    """Per row, ``mu = W^T softmax(input @ W^T + b)``: the softmax-weighted mean row of ``linear_weight``.
+
+    Shape ``input.shape``, dtype ``input.dtype`` (accumulated in fp32, fp64 for fp64). Differentiable w.r.t.
+    ``input``, ``linear_weight`` and ``linear_bias``; forward and backward stream the vocabulary (no N x V
+    tensor except with ``backend="reference"``). ``mu - W[y]`` is the gradient of the row's cross entropy
+    w.r.t. ``input``.
+    """
+    _check_head(input, linear_weight, linear_bias)
+    _, implementation = resolve_backend(backend, input.device)
+    mu = implementation.softmax_mean(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias)
+    return mu.reshape(input.shape).to(input.dtype)
+
+
+def _check_samples(samples) -> int:
+    if not isinstance(samples, numbers.Integral) or isinstance(samples, bool):
+        raise TypeError(f"samples: expected a positive int, got {samples!r}")
+    if samples < 1:
+        raise ValueError(f"samples: expected a positive int, got {samples}")
+    return int(samples)
+
+
+def _check_finite(name: str, value: Optional[Tensor]) -> None:
+    if value is not None and _checking_values() and value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: expected finite values to sample from (found NaN or inf)")
+
+
+def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None, samples: int = 1,
+                   seed: Optional[int] = None, backend: str = "auto") -> Tensor:
+    """``samples`` exact draws from each row's softmax, shape ``(samples, *input.shape[:-1])``, int64.
+
+    Gumbel-max streamed over the vocabulary: class ``v`` of row ``n`` in draw ``k`` gets counter-based Philox
+    noise keyed by ``(seed, k, n, v)`` (:mod:`dropreg.signs`), so every backend and every tiling draws the
+    same classes for a given seed. ``seed=None`` draws one from torch's default generator. No gradient.
+    A bias entry of ``-inf`` masks its class; NaN or +inf inputs are an error.
+    """
+    _check_head(input, linear_weight, linear_bias)
+    samples = _check_samples(samples)
+    seed = _check_seed(seed)
+    for name, value in (("input", input), ("linear_weight", linear_weight)):
+        _check_finite(name, value)
+    if linear_bias is not None and _checking_values() and bool((torch.isnan(linear_bias) | (linear_bias == float("inf"))).any()):
+        raise ValueError("linear_bias: expected no NaN or +inf entries (-inf masks a class)")
+    _, implementation = resolve_backend(backend, input.device)
+    with torch.no_grad():
+        drawn = implementation.sample_targets(input.detach().reshape(-1, input.shape[-1]), linear_weight.detach(),
+                                              None if linear_bias is None else linear_bias.detach(), samples, seed)
+    return drawn.reshape(samples, *input.shape[:-1])
+
+
+def _per_site(name: str, value, n_sites: int) -> list[tuple[str, object]]:
+    """``(argument name for errors, value)`` per site, from one value or a sequence of one per site."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n_sites:
+            raise ValueError(f"{name}: expected one value per site ({n_sites}), got {len(value)}")
+        return [(f"{name}[{k}]", v) for k, v in enumerate(value)]
+    return [(name, value)] * n_sites
+
+
+def _check_sites(sites, head_input: Tensor) -> list[Tensor]:
+    if isinstance(sites, Tensor) or not isinstance(sites, Sequence) or not sites:
+        raise TypeError("sites: expected a non-empty sequence of tensors (the activations where dropout would act)")
+    for k, site in enumerate(sites):
+        if not isinstance(site, Tensor) or not site.dtype.is_floating_point:
+            raise TypeError(f"sites[{k}]: expected a floating-point torch.Tensor, got "
+                            f"{type(site).__name__ if not isinstance(site, Tensor) else site.dtype}")
+        if site.device != head_input.device:
+            raise ValueError(f"sites[{k}]: expected a tensor on head_input's device {head_input.device}, "
+                             f"got {site.device}")
+        if not site.requires_grad:
+            raise ValueError(f"sites[{k}]: expected a tensor in head_input's autograd graph (requires_grad=True)")
+    return list(sites)
+
+
+def _check_site_signs(signs, sites: list[Tensor]) -> list[Tensor]:
+    if not isinstance(signs, (list, tuple)) or len(signs) != len(sites):
+        raise TypeError(f"signs: expected a sequence of {len(sites)} tensors of +-1 (one per site)")
+    checked = []
+    for k, (sign, site) in enumerate(zip(signs, sites)):
+        if not isinstance(sign, Tensor) or sign.dtype == torch.bool or sign.dtype.is_complex:
+            raise TypeError(f"signs[{k}]: expected a real tensor of +-1 values")
+        try:
+            sign = sign.to(site.device).expand(site.shape)
+        except RuntimeError:
+            raise ValueError(f"signs[{k}]: expected a shape broadcastable to sites[{k}]'s {tuple(site.shape)}, "
+                             f"got {tuple(sign.shape)}") from None
+        if _checking_values() and sign.numel() and not bool(((sign == 1) | (sign == -1)).all()):
+            raise ValueError(f"signs[{k}]: expected every value to be +1 or -1")
+        checked.append(sign)
+    return checked
+
+
+def _check_sampled_targets(sampled, head_input: Tensor, vocab: int, valid: Tensor) -> Tensor:
+    if not isinstance(sampled, Tensor) or sampled.dtype.is_floating_point or sampled.dtype == torch.bool:
+        raise TypeError("sampled_targets: expected an integer tensor of shape (samples, *head_input.shape[:-1])")
+    if sampled.dim() != head_input.dim() or tuple(sampled.shape[1:]) != tuple(head_input.shape[:-1]) \
+            or sampled.shape[0] < 1:
+        raise ValueError(f"sampled_targets: expected shape (samples, {', '.join(map(str, head_input.shape[:-1]))}) "
+                         f"with samples >= 1, got {tuple(sampled.shape)}")
+    if sampled.device != head_input.device:
+        raise ValueError(f"sampled_targets: expected a tensor on head_input's device {head_input.device}, "
+                         f"got {sampled.device}")
+    flat = sampled.reshape(sampled.shape[0], -1).long()
+    if _checking_values() and flat.numel() and bool((((flat < 0) | (flat >= vocab)) & valid).any()):
+        raise ValueError(f"sampled_targets: expected class indices in [0, {vocab}) on the rows that are not ignored")
+    return flat
+
+
+def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor, sites: Sequence[Tensor], *,
+                      linear_bias: Optional[Tensor] = None, p: PerSite = 0.1, explicit: bool = True,
+                      implicit: bool = True, explicit_coef: PerSite = None, implicit_coef: PerSite = None,
+                      samples: int = 1, sampled_targets: Optional[Tensor] = None,
+                      signs: Optional[Sequence[Tensor]] = None, seed: Optional[int] = None,
+                      ignore_index: int = -100, reduction: str = "mean", backend: str = "auto") -> SiteRegularizers:
+    """Dropout's explicit and implicit regularizers at every site, the way Wei, Kakade & Ma's code applies them.
+
+    With ``g_x(t) = d(sum over rows of CE_row(t)) / dx`` (ignored rows excluded):
+
+    * ``explicit = sum over sites of explicit_coef * sum_elements (x * g_x(y_hat))^2``, averaged over ``samples``
+      draws ``y_hat`` from the model's softmax: an unbiased estimate of ``x_j^2 (J^T (diag s - s s^T) J)_jj``,
+      the Gauss-Newton part of dropout's second-order term;
+    * ``implicit = sum over sites of implicit_coef * sum_elements sigma * x * g_x(target)``, random signs sigma.
+
+    ``p``, ``explicit_coef``, ``implicit_coef``: one number or one per site; the coefficients default to
+    ``kappa / 2`` and ``sqrt(kappa)`` with ``kappa = p / (1 - p)`` of that site. ``sites`` must be in
+    ``head_input``'s autograd graph; a site may be ``head_input`` itself. ``"mean"`` divides both terms by the
+    number of non-ignored rows, ``"sum"`` does not (``"none"`` is refused: a site element can feed many rows).
+    ``sampled_targets`` ``(samples, *target.shape)`` replaces the draws and ``signs`` (one +-1 tensor per site)
+    the Philox signs (site k uses sign stream k + 1 of ``seed``; draws come from :func:`sample_targets`).
+    Both terms are differentiable: ``(ce + reg.explicit + reg.implicit).backward()`` trains the whole network.
+    """
+    vocab, _ = _check_head(head_input, linear_weight, linear_bias, name="head_input")
+    _check_target(target, head_input, vocab, ignore_index, input_name="head_input")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum' (a site element can feed many rows, so there is "
+                         f"no per-row 'none'), got {reduction!r}")
+    sites = _check_sites(sites, head_input)
+    if not head_input.requires_grad:
+        raise ValueError("head_input: expected a tensor that requires grad (the output of the network whose "
+                         "sites are regularized)")
+    ps = [_check_probability(value, name) for name, value in _per_site("p", p, len(sites))]
+    explicit_coefs = [_check_coefficient(name, value, default_coefficients(p_k)[0]) if explicit else 0.0
+                      for (name, value), p_k in zip(_per_site("explicit_coef", explicit_coef, len(sites)), ps)]
+    implicit_coefs = [_check_coefficient(name, value, default_coefficients(p_k)[1]) if implicit else 0.0
+                      for (name, value), p_k in zip(_per_site("implicit_coef", implicit_coef, len(sites)), ps)]
+    need_explicit = any(c != 0.0 for c in explicit_coefs)
+    need_implicit = any(c != 0.0 for c in implicit_coefs)
+    rows = _IgnoredRows(target, ignore_index, head_input.dtype)
+    if sampled_targets is not None:
+        sampled_targets = _check_sampled_targets(sampled_targets, head_input, vocab, rows.valid)
+    else:
+        samples = _check_samples(samples)
+    if signs is not None:
+        signs = _check_site_signs(signs, sites)
+    needs_seed = (need_implicit and signs is None) or (need_explicit and sampled_targets is None)
+    seed = _check_seed(seed) if needs_seed else 0
+    _, implementation = resolve_backend(backend, head_input.device)
+
+    zero = head_input.new_zeros((), dtype=rows.count.dtype)
+    if not (need_explicit or need_implicit):
+        return SiteRegularizers(zero.to(head_input.dtype), zero.to(head_input.dtype))
+    flat_input = rows.zero_ignored(head_input)
+    mu = implementation.softmax_mean(flat_input, linear_weight, linear_bias)
+    acc = mu.dtype
+    valid = rows.valid[:, None]
+
+    def site_gradients(classes: Tensor) -> list[Tensor]:
+        """g_x(classes) for every site: one vector-Jacobian product with the cotangent mu - W[classes]."""
+        cotangent = torch.where(valid, mu - linear_weight[classes].to(acc), torch.zeros((), dtype=acc,
+                                                                                          device=mu.device))
+        grads = torch.autograd.grad(head_input, sites, cotangent.reshape(head_input.shape).to(head_input.dtype),
+                                    create_graph=True, allow_unused=True)
+        for k, g in enumerate(grads):
+            if g is None:
+                raise ValueError(f"sites[{k}]: not in head_input's autograd graph (head_input does not depend on it)")
+        return list(grads)
+
+    explicit_total, implicit_total = zero, zero
+    if need_implicit:
+        for k, (x, g) in enumerate(zip(sites, site_gradients(rows.safe_target))):
+            if implicit_coefs[k] == 0.0:
+                continue
+            sigma = signs[k] if signs is not None else \
+                philox_signs(seed, 1, x.numel(), stream=k + 1, device=x.device, dtype=acc).reshape(x.shape)
+            implicit_total = implicit_total + implicit_coefs[k] * (sigma.to(acc) * x.to(acc) * g.to(acc)).sum()
+    if need_explicit:
+        if sampled_targets is None:
+            sampled_targets = implementation.sample_targets(flat_input.detach(), linear_weight.detach(),
+                                                            None if linear_bias is None else linear_bias.detach(),
+                                                            samples, seed)
+        n_draws = sampled_targets.shape[0]
+        for draw in sampled_targets:
+            classes = torch.where(rows.valid, draw, rows.safe_target)
+            for k, (x, g) in enumerate(zip(sites, site_gradients(classes))):
+                if explicit_coefs[k] != 0.0:
+                    scaled = x.to(acc) * g.to(acc)
+                    explicit_total = explicit_total + (explicit_coefs[k] / n_draws) * (scaled * scaled).sum()
+    if reduction == "mean":
+        explicit_total, implicit_total = explicit_total / rows.count, implicit_total / rows.count
+    return SiteRegularizers(explicit_total.to(head_input.dtype), implicit_total.to(head_input.dtype))
