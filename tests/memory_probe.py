@@ -1,6 +1,7 @@
 """Run one fused forward+backward under an address-space cap; print a JSON line with the outcome.
 
-Usage: python memory_probe.py OP BACKEND N d V CAP_MIB, OP being linear_ce or rdrop. Used by test_memory.py in a subprocess, so the cap
+Usage: python memory_probe.py OP BACKEND N d V CAP_MIB, OP being linear_ce, rdrop, sites (a training step with an
+inner dropout site: both every-site terms) or sites-implicit (the implicit every-site term only). Used by test_memory.py in a subprocess, so the cap
 (``resource.setrlimit(RLIMIT_AS)``) binds only this process. The cap is set *after* torch, the inputs and
 the thread pools exist, as that much address space above the current size.
 """
@@ -36,7 +37,17 @@ def main():
     y = torch.randint(0, vocab, (n_rows,))
     h2 = (h.detach() + 0.1 * torch.randn_like(h)).requires_grad_()
 
+    body = (torch.randn(dim, dim) / dim**0.5).requires_grad_()
+
     def loss(rows, vocab_rows, targets):
+        if op.startswith("sites"):
+            site = h[:rows] * 1.0  # the activation where dropout would act, inside the graph
+            hidden = torch.tanh(site @ body)
+            ce = dropreg.linear_cross_entropy(hidden, w[:vocab_rows], targets, explicit=False, implicit=False,
+                                              backend=backend).ce
+            reg = dropreg.site_regularizers(hidden, w[:vocab_rows], targets, [site], p=0.3, seed=0,
+                                            explicit=op == "sites", backend=backend)
+            return ce + reg.explicit + reg.implicit
         if op == "rdrop":
             return dropreg.rdrop_linear_cross_entropy(h[:rows], h2[:rows], w[:vocab_rows], targets,
                                                       backend=backend).loss

@@ -55,3 +55,19 @@ def test_triton_kernels_fit_under_cap(op):
     assert result["peak_rss_growth_mib"] < 96, result
     # and the same cap stops the materialized version
     assert not run_probe("reference", op, INTERPRETER_CASE)["ok"]
+
+
+# A training step with an inner dropout site (softmax_mean forward/backward, sampled targets and double
+# backprop through the network): N=2048, V=131072, fp32 logits 1 GiB against a 512 MiB cap. The "torch"
+# backend runs the implicit term only: its pure-PyTorch Philox sampling is too slow for CI at this size.
+SITES_CASE = ["2048", "64", "131072", "512"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,op", [("cpu", "sites"), ("torch", "sites-implicit")])
+def test_site_regularizers_fit_under_cap(backend, op):
+    result = run_probe(backend, op, SITES_CASE)
+    assert result["ok"], result
+    assert result["grad_finite"]
+    assert result["peak_rss_growth_mib"] < 256, result
+    assert not run_probe("reference", op, SITES_CASE)["ok"]

@@ -1,0 +1,23 @@
+"""The every-site training-step benchmark runs end to end (--quick, one vocabulary), so it cannot rot."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_sites_step_quick(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sites_step.py"), "--quick",
+                           "--vocabs", "500", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(tmp_path / "results.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"dropreg", "authors", "dropout"}
+    assert all(r["status"] == "ok" and r["vocab"] == "500" and r["rows"] == "64" for r in rows.values()), rows
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| 500 | {method} |" in table for method in rows)
+    assert (tmp_path / "time_vs_vocab.png").stat().st_size > 0
