@@ -36,9 +36,8 @@ class Backend:
 _BACKENDS: dict[str, Backend] = {
     "reference": Backend(reference_terms, reference_rdrop),
     "torch": Backend(streamed_terms, streamed_rdrop),
-    "cpu": Backend(cpu.cpu_terms, cpu.cpu_rdrop, cpu.is_available, cpu.load_error),
-    "triton": Backend(triton_backend.triton_terms, triton_backend.triton_rdrop, triton_backend.is_available,
-                      triton_backend.unavailable_reason),
+    **{name: Backend(family.linear_ce, family.rdrop, family.is_available, family.unavailable_reason)
+       for name, family in (("cpu", cpu.FAMILY), ("triton", triton_backend.FAMILY))},
 }
 
 # Fastest first, per device type; "auto" takes the first registered and available one.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.profiler import record_function
 
-from .reference import accumulation_dtype
+from ._policy import accumulation_dtype
 from .signs import philox_signs
 
 DEFAULT_ROW_BLOCK = 1024

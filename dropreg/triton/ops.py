@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .._op_autograd import register_linear_ce_autograd, register_rdrop_autograd, uint64_seed
+from .._op_family import register_linear_ce_autograd, register_rdrop_autograd, uint64_seed
 from . import backward, forward, rdrop
 from .utils import descriptor_ready, prepare_device
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import accumulation_dtype
+from .._policy import accumulation_dtype
 from .utils import (dot_operand, dot_types, grouped_tile, merge_vocab_splits, online_softmax_update, pick_target,
                     row_descriptor, split_tiles, tile_config, vocab_splits)
 
