@@ -23,12 +23,14 @@ runs (the interpreter runs programs in order and is deterministic).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import (aligned_empty, dot_operand, dot_types, grouped_tile, philox_sign_block, row_descriptor,
-                    tile_config)
+from .utils import (LaunchPlan, aligned_empty, dot_operand, grouped_tile, launch_plan, philox_sign_block,
+                    row_descriptor)
 
 
 @triton.jit
@@ -163,11 +165,15 @@ def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr,
 
 
 def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, input, weight, bias, target, signs, seed,
-                       lse, mean, var, need_explicit, need_implicit, want_h, want_w, want_b):
-    """Returns fp32 (fp64 for fp64 inputs) grad_input, grad_weight, grad_bias (None where not wanted)."""
+                       lse, mean, var, need_explicit, need_implicit, want_h, want_w, want_b,
+                       plan: Optional[LaunchPlan] = None):
+    """Returns fp32 (fp64 for fp64 inputs) grad_input, grad_weight, grad_bias (None where not wanted).
+    ``plan`` defaults to ``launch_plan(input.dtype, input.device)``."""
     n_rows, dim = input.shape
     vocab = weight.shape[0]
-    types = dot_types(input.dtype)
+    if plan is None:
+        plan = launch_plan(input.dtype, input.device)
+    types = plan.types
     acc = lse.dtype
     device = input.device
     modulated = need_explicit or need_implicit
@@ -180,7 +186,7 @@ def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, input, w
         spread = aligned_empty(n_rows, dim, acc, device)
         scaled_q = aligned_empty(n_rows, dim, acc, device) if need_explicit else spread
         row_const = torch.empty(n_rows, dtype=acc, device=device)
-        config = tile_config("row_terms", input.dtype, input.device)
+        config = plan.tile("row_terms")
         launch(row_prep_kernel)[(triton.cdiv(n_rows, config.block_m),)](
             input, weight, target, signs if signs is not None else mean, mean, var if need_explicit else mean,
             grad_ce, grad_quadratic, grad_sign_term, spread, scaled_q, row_const,
@@ -188,7 +194,7 @@ def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, input, w
             weight.stride(0), spread.stride(0), NEED_EXPLICIT=need_explicit, NEED_IMPLICIT=need_implicit,
             HAS_SIGNS=signs is not None, WANT_H=want_h, WANT_W=want_w, BLOCK_M=config.block_m,
             BLOCK_K=config.block_k, ACC=types.acc, num_warps=config.num_warps, num_stages=config.num_stages)
-    config = tile_config("logit_gradient", input.dtype, input.device)
+    config = plan.tile("logit_gradient")
     grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)
     launch(logit_gradient_kernel)[grid](
         input, weight, bias if bias is not None else lse, target, lse, grad_ce, row_const, spread, scaled_q,

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from .._policy import accumulation_dtype
-from .utils import (dot_operand, dot_types, grouped_tile, logit_tile, merge_vocab_splits, online_softmax_update,
-                    philox_sign_block, pick_target, row_descriptor, split_tiles, tile_config, vocab_splits)
+from .utils import (LaunchPlan, dot_operand, grouped_tile, launch_plan, logit_tile, merge_vocab_splits,
+                    online_softmax_update, philox_sign_block, pick_target, row_descriptor, split_tiles)
 
 
 @triton.jit
@@ -136,20 +136,23 @@ def row_terms_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mass_ptr, mean_ptr, se
 
 
 def linear_ce_forward(launch, input, weight, bias, target, signs: Optional[torch.Tensor], seed: int,
-                      need_explicit: bool, need_implicit: bool):
+                      need_explicit: bool, need_implicit: bool, plan: Optional[LaunchPlan] = None):
     """Returns (ce, quadratic, sign_term, lse, mu, var) like the C++ op. ``launch(kernel)`` is
-    ``torch.library.wrap_triton`` inside the registered op. Inputs are descriptor-ready (see ops.py)."""
+    ``torch.library.wrap_triton`` inside the registered op. Inputs are descriptor-ready (see ops.py).
+    ``plan`` (tiles, splits, dot types) defaults to ``launch_plan(input.dtype, input.device)``."""
     n_rows, dim = input.shape
     vocab = weight.shape[0]
-    types = dot_types(input.dtype)
+    if plan is None:
+        plan = launch_plan(input.dtype, input.device)
+    types = plan.types
     acc = accumulation_dtype(input.dtype)
     has_bias = bias is not None
     bias_arg = bias if has_bias else input  # never read when HAS_BIAS is False
 
-    config = tile_config("lse_partials", input.dtype, input.device)
+    config = plan.tile("lse_partials")
     n_row_blocks = triton.cdiv(n_rows, config.block_m)
     n_vocab_blocks = triton.cdiv(vocab, config.block_v)
-    splits = vocab_splits(n_row_blocks, n_vocab_blocks, input.device)
+    splits = plan.vocab_splits(n_row_blocks, n_vocab_blocks)
     tiles_per_split = triton.cdiv(n_vocab_blocks, splits)
     partials = torch.empty(3, splits, n_rows, dtype=acc, device=input.device)
     launch(lse_partials_kernel)[(n_row_blocks, splits)](
@@ -166,7 +169,7 @@ def linear_ce_forward(launch, input, weight, bias, target, signs: Optional[torch
     quadratic = torch.zeros(n_rows, dtype=acc, device=input.device)
     sign_term = torch.zeros(n_rows, dtype=acc, device=input.device)
     if need_mean and n_rows:
-        config = tile_config("moments", input.dtype, input.device)
+        config = plan.tile("moments")
         grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)
         mass = torch.zeros(n_rows, dtype=acc, device=input.device)
         launch(moments_kernel)[grid](
@@ -174,7 +177,7 @@ def linear_ce_forward(launch, input, weight, bias, target, signs: Optional[torch
             input.stride(0), weight.stride(0), HAS_BIAS=has_bias, NEED_SECOND=need_explicit,
             GROUP_M=config.group_m, BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k,
             num_warps=config.num_warps, num_stages=config.num_stages, **types.narrow_args(), **types.wide_args())
-        config = tile_config("row_terms", input.dtype, input.device)
+        config = plan.tile("row_terms")
         launch(row_terms_kernel)[(triton.cdiv(n_rows, config.block_m),)](
             input, weight, target, signs if signs is not None else mean, mass, mean,
             var if need_explicit else mean, quadratic, sign_term, seed, n_rows, dim, input.stride(0), weight.stride(0),

@@ -9,13 +9,15 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from .._policy import accumulation_dtype
-from .utils import (dot_operand, dot_types, grouped_tile, merge_vocab_splits, online_softmax_update, pick_target,
-                    row_descriptor, split_tiles, tile_config, vocab_splits)
+from .utils import (LaunchPlan, dot_operand, grouped_tile, launch_plan, merge_vocab_splits, online_softmax_update,
+                    pick_target, row_descriptor, split_tiles)
 
 
 @triton.jit
@@ -154,16 +156,18 @@ def rdrop_gradient_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, exp
                           mask=(cols[:, None] < V) & (dims[None, :] < D), sem="relaxed")
 
 
-def rdrop_forward(launch, input1, input2, weight, bias, target):
-    """Returns (ce1, ce2, kl, lse (2, N), expected_d (2, N)) like the C++ op."""
+def rdrop_forward(launch, input1, input2, weight, bias, target, plan: Optional[LaunchPlan] = None):
+    """Returns (ce1, ce2, kl, lse (2, N), expected_d (2, N)) like the C++ op. ``plan`` as in forward.py."""
     n_rows, dim = input1.shape
     vocab = weight.shape[0]
-    types = dot_types(input1.dtype)
+    if plan is None:
+        plan = launch_plan(input1.dtype, input1.device)
+    types = plan.types
     acc = accumulation_dtype(input1.dtype)
-    config = tile_config("rdrop_partials", input1.dtype, input1.device)
+    config = plan.tile("rdrop_partials")
     n_row_blocks = triton.cdiv(n_rows, config.block_m)
     n_vocab_blocks = triton.cdiv(vocab, config.block_v)
-    splits = vocab_splits(n_row_blocks, n_vocab_blocks, input1.device)
+    splits = plan.vocab_splits(n_row_blocks, n_vocab_blocks)
     partials = torch.empty(8, splits, n_rows, dtype=acc, device=input1.device)
     launch(rdrop_partials_kernel)[(n_row_blocks, splits)](
         input1, input2, weight, bias if bias is not None else input1, target, partials, n_rows, vocab, dim,
@@ -179,16 +183,18 @@ def rdrop_forward(launch, input1, input2, weight, bias, target):
 
 
 def rdrop_backward(launch, grad_ce1, grad_ce2, grad_kl, input1, input2, weight, bias, target, lse, expected_d,
-                   want_h1, want_h2, want_w, want_b):
+                   want_h1, want_h2, want_w, want_b, plan: Optional[LaunchPlan] = None):
     n_rows, dim = input1.shape
     vocab = weight.shape[0]
-    types = dot_types(input1.dtype)
+    if plan is None:
+        plan = launch_plan(input1.dtype, input1.device)
+    types = plan.types
     acc, device = lse.dtype, input1.device
     grad_h1 = torch.zeros(n_rows, dim, dtype=acc, device=device) if want_h1 else None
     grad_h2 = torch.zeros(n_rows, dim, dtype=acc, device=device) if want_h2 else None
     grad_w = torch.zeros(vocab, dim, dtype=acc, device=device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
-    config = tile_config("rdrop_gradient", input1.dtype, input1.device)
+    config = plan.tile("rdrop_gradient")
     grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)
 
     def out_or_placeholder(t):
