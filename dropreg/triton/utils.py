@@ -1,6 +1,7 @@
 """Helpers shared by every Triton kernel of dropreg (device side) and their launchers (host side).
 
-Device side: the logit tile ``z = h W^T + b`` over a K loop, the grouped tile order, the operand cast
+Device side: the logit tile ``z = h W^T + b`` over a K loop (and its K step and epilogue, for kernels that
+fuse more products into that loop), the row probabilities, the grouped tile order, the operand cast
 for ``tl.dot``, the target-logit pick and the Philox sign block. Host side: interpreter detection, the
 tile configurations (the only place block sizes, warps and stages are chosen, so the launcher and the
 compile report agree), descriptor-ready operands and the exact merge of per-vocabulary-split partials.
@@ -81,18 +82,41 @@ def grouped_tile(pid, n_row_blocks, n_vocab_blocks, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def add_logit_chunk(z, h_desc, w, row0, k0, ACC: tl.constexpr, OPERAND: tl.constexpr, COMPUTE: tl.constexpr,
+                    PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
+    """One K step of the logit GEMM: ``z + h[row0:, k0:k0+BLOCK_K] @ w^T``, with ``w`` the K chunk of W's tile as
+    loaded (kernels that fuse other products with W into the same K loop load each chunk once and pass it)."""
+    h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32)
+    w = dot_operand(w, OPERAND, COMPUTE, ROUND_TF32)
+    return tl.dot(h, tl.trans(w), z, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def finish_logits(z, b_ptr, cols, V, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """Adds the bias to a logit tile; columns >= V become -inf (probability 0)."""
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
+    return tl.where(cols[None, :] < V, z, float("-inf"))
+
+
+@triton.jit
 def logit_tile(h_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
                OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     """``z[BLOCK_M, BLOCK_V] = h[row0:] @ W[col0:]^T (+ b)`` in ``ACC``; columns >= V are -inf."""
     z = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
-        h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32)
-        w = dot_operand(w_desc.load([col0, k0]), OPERAND, COMPUTE, ROUND_TF32)
-        z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION, out_dtype=ACC)
-    if HAS_BIAS:
-        z += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
-    return tl.where(cols[None, :] < V, z, float("-inf"))
+        z = add_logit_chunk(z, h_desc, w_desc.load([col0, k0]), row0, k0, ACC, OPERAND, COMPUTE, PRECISION,
+                            ROUND_TF32)
+    return finish_logits(z, b_ptr, cols, V, HAS_BIAS, ACC)
+
+
+@triton.jit
+def row_probabilities(z, lse_ptr, rows, N):
+    """``s = exp(z - lse)`` for a logit tile of ``rows``. Rows past N get lse = +inf: their z (the bias alone)
+    then gives probabilities 0 without overflowing exp."""
+    lse = tl.load(lse_ptr + rows, mask=rows < N, other=float("inf"))
+    return tl.exp(z - lse[:, None])
 
 
 @triton.jit
