@@ -3,8 +3,9 @@
 Device side: the logit tile ``z = h W^T + b`` over a K loop (and its K step and epilogue, for kernels that
 fuse more products into that loop), the row probabilities, the grouped tile order, the operand cast
 for ``tl.dot``, the target-logit pick and the Philox sign block. Host side: interpreter detection, the
-tile configurations (the only place block sizes, warps and stages are chosen, so the launcher and the
-compile report agree), descriptor-ready operands and the exact merge of per-vocabulary-split partials.
+tile configurations and the ``LaunchPlan`` made from them (the only place block sizes, warps, stages and
+vocabulary splits are chosen; the launchers take a plan, so tools pass one instead of patching tables),
+descriptor-ready operands and the exact merge of per-vocabulary-split partials.
 """
 from __future__ import annotations
 
