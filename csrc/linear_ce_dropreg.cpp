@@ -73,8 +73,8 @@ void forward_statistics(const Tensor& h, const Tensor& weight, const Tensor& bia
 
 struct BackwardRows {
   Tensor h;           // N x d, accumulation dtype
-  Tensor left;        // N x k d: [T | gR' q] (or T); undefined when no modulation
-  Tensor row_offset;  // N: g_ce + the row constants of G (docs/math.md, GEMM-friendly form)
+  Tensor T_stack;     // N x k d: [T | gR' q] (or T); undefined when no modulation
+  Tensor row_const;   // N: g_ce + the row constants of G (docs/math.md, GEMM-friendly form)
   Tensor g_ce;        // N
   Tensor scatter;     // N x d: -gI' u, added to grad_weight at row y (undefined without implicit)
   std::vector<int64_t> rows_by_target;  // row indices sorted by target, for the scatter
@@ -86,16 +86,16 @@ void backward_tiles(const BackwardRows& r, const Tensor& weight, const Tensor& b
                     const Tensor& lse, int64_t k, bool want_h, bool want_w, bool want_b, Tensor& grad_h_partials,
                     Tensor& grad_w, Tensor& grad_b) {
   const int64_t rows = r.h.size(0), dim = r.h.size(1), vocab = weight.size(0);
-  const bool modulated = r.left.defined();
+  const bool modulated = r.T_stack.defined();
   const bool with_squares = k == 2;
   const auto opts = r.h.options();
   const int64_t* y = target.data_ptr<int64_t>();
   const acc_t* lse_ptr = lse.data_ptr<acc_t>();
-  const acc_t* offset_ptr = (modulated ? r.row_offset : r.g_ce).data_ptr<acc_t>();
+  const acc_t* row_const_ptr = (modulated ? r.row_const : r.g_ce).data_ptr<acc_t>();
   const acc_t* g_ce_ptr = r.g_ce.data_ptr<acc_t>();
   parallel_blocks(vocab, kVocabTile, [&] {
     struct Scratch {
-      Tensor grad_h_part, probs_flat, grad_flat, weight_flat, acc_w, acc_spread;
+      Tensor grad_h_part, probs_flat, grad_flat, weight_flat, acc_w, acc_st_T_stack;
       std::vector<acc_t> acc_b;
     };
     Scratch t{want_h ? grad_h_partials[at::get_thread_num()] : Tensor(),
@@ -106,7 +106,7 @@ void backward_tiles(const BackwardRows& r, const Tensor& weight, const Tensor& b
       const Tensor stacked = load_weight_tile(weight, v0, cols, t.weight_flat, with_squares);
       const Tensor w = stacked.narrow(1, 0, dim);
       Tensor tile_w = t.acc_w.narrow(0, 0, cols).zero_();
-      Tensor tile_spread = t.acc_spread.narrow(0, 0, cols).zero_();
+      Tensor tile_st_T_stack = t.acc_st_T_stack.narrow(0, 0, cols).zero_();
       std::fill(t.acc_b.begin(), t.acc_b.end(), acc_t(0));
       for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
         const int64_t n = std::min(kRowBlock, rows - r0);
@@ -114,26 +114,26 @@ void backward_tiles(const BackwardRows& r, const Tensor& weight, const Tensor& b
         Tensor probs = scratch_view(t.probs_flat, n, cols);
         Tensor grad = scratch_view(t.grad_flat, n, cols);
         tile_logits(probs, h_block, w, bias, v0);
-        Tensor left_block = modulated ? r.left.narrow(0, r0, n) : Tensor();
-        if (modulated) at::mm_out(grad, left_block, stacked.t());  // gR' (W*W)_v . q + W_v . T
+        Tensor T_stack_block = modulated ? r.T_stack.narrow(0, r0, n) : Tensor();
+        if (modulated) at::mm_out(grad, T_stack_block, stacked.t());  // gR' (W*W)_v . q + W_v . T
         acc_t* s = probs.data_ptr<acc_t>();
         acc_t* g = grad.data_ptr<acc_t>();
         for (int64_t i = 0; i < n; ++i) {
           const int64_t row = r0 + i;
-          softmax_gradient_row(s + i * cols, g + i * cols, cols, lse_ptr[row], offset_ptr[row], modulated);
+          softmax_gradient_row(s + i * cols, g + i * cols, cols, lse_ptr[row], row_const_ptr[row], modulated);
           subtract_at_target(g + i * cols, y[row], v0, cols, g_ce_ptr[row]);
           if (want_b) add_columns(t.acc_b.data(), g + i * cols, cols);
         }
         if (want_h) t.grad_h_part.narrow(0, r0, n).addmm_(grad, w);
         if (want_w) {
           tile_w.addmm_(grad.t(), h_block);
-          if (modulated) tile_spread.addmm_(probs.t(), left_block);  // S^T [T | gR' q]
+          if (modulated) tile_st_T_stack.addmm_(probs.t(), T_stack_block);  // S^T [T | gR' q]
         }
       }
       if (want_w) {
         if (modulated) {
-          tile_w.add_(tile_spread.narrow(1, 0, dim));
-          if (with_squares) tile_w.addcmul_(w, tile_spread.narrow(1, dim, dim), 2);
+          tile_w.add_(tile_st_T_stack.narrow(1, 0, dim));
+          if (with_squares) tile_w.addcmul_(w, tile_st_T_stack.narrow(1, dim, dim), 2);
         }
         if (r.scatter.defined()) {  // implicit term: -gI' u at each row's target
           auto lo = std::lower_bound(r.sorted_target.begin(), r.sorted_target.end(), v0);
@@ -205,22 +205,22 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
   BackwardRows r;
   r.h = input.to(acc).contiguous();
   r.g_ce = grad_ce.to(acc).contiguous();
-  Tensor row_offset = r.g_ce.clone();
-  Tensor parts_t, g_q, g_r, g_i, sgn;
-  if (need_explicit) {  // T -= 2 gR' q mu;  offset += gR' (q . mu^2 - q . var)
+  Tensor row_const = r.g_ce.clone();
+  Tensor T_vec, g_r_q, g_r, g_i, sgn;
+  if (need_explicit) {  // T -= 2 gR' q mu;  row_const += gR' (q . mu^2 - q . var)
     g_r = grad_quadratic.to(acc).unsqueeze(1);
-    g_q = g_r * r.h * r.h;
-    parts_t = -2 * g_q * mu;
-    row_offset.add_((g_q * (mu * mu - var)).sum(1));
+    g_r_q = g_r * r.h * r.h;
+    T_vec = -2 * g_r_q * mu;
+    row_const.add_((g_r_q * (mu * mu - var)).sum(1));
   }
-  if (need_implicit) {  // T += gI' u;  offset -= gI' mu . u
+  if (need_implicit) {  // T += gI' u;  row_const -= gI' mu . u
     g_i = grad_sign_term.to(acc).unsqueeze(1);
     sgn = signs_for(signs, seed, rows, dim, acc);
-    const Tensor g_u = g_i * sgn * r.h;
-    parts_t = parts_t.defined() ? parts_t + g_u : g_u;
-    row_offset.sub_((mu * g_u).sum(1));
+    const Tensor g_i_u = g_i * sgn * r.h;
+    T_vec = T_vec.defined() ? T_vec + g_i_u : g_i_u;
+    row_const.sub_((mu * g_i_u).sum(1));
     if (want_w) {
-      r.scatter = (-g_u).contiguous();
+      r.scatter = (-g_i_u).contiguous();
       const Tensor target_cpu = target.contiguous();
       const int64_t* y = target_cpu.data_ptr<int64_t>();
       r.rows_by_target.resize(rows);
@@ -231,8 +231,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
       for (int64_t i = 0; i < rows; ++i) r.sorted_target[i] = y[r.rows_by_target[i]];
     }
   }
-  if (k) r.left = (need_explicit ? at::cat({parts_t, g_q}, 1) : parts_t).contiguous();
-  r.row_offset = row_offset.contiguous();
+  if (k) r.T_stack = (need_explicit ? at::cat({T_vec, g_r_q}, 1) : T_vec).contiguous();
+  r.row_const = row_const.contiguous();
 
   Tensor grad_h_partials = want_h ? at::zeros({at::get_num_threads(), rows, dim}, r.h.options()) : Tensor();
   Tensor grad_w = want_w ? at::empty_like(w) : at::empty({0}, w.options());
@@ -279,7 +279,7 @@ std::tuple<Tensor, Tensor> softmax_mean_forward(const Tensor& input, const Tenso
   return {mu, lse};
 }
 
-// Its backward is the linear_ce tile loop with left = gbar = dL/dmu and row offset -mu . gbar, no target:
+// Its backward is the linear_ce tile loop with T_stack = gbar = dL/dmu and row_const -mu . gbar, no target:
 // G_v = s_v (W_v . gbar - mu . gbar), grad_input = G W, grad_W = G^T h + S^T gbar, grad_b = sum G (5 NVd).
 std::tuple<Tensor, Tensor, Tensor> softmax_mean_backward(const Tensor& grad_mu, const Tensor& input,
                                                          const Tensor& weight, const c10::optional<Tensor>& bias,
@@ -294,8 +294,8 @@ std::tuple<Tensor, Tensor, Tensor> softmax_mean_backward(const Tensor& grad_mu, 
   const Tensor b = has_bias ? bias->to(acc).contiguous() : Tensor();
   BackwardRows r;
   r.h = input.to(acc).contiguous();
-  r.left = grad_mu.to(acc).contiguous();
-  r.row_offset = (r.left * mu).sum(1).neg_().contiguous();
+  r.T_stack = grad_mu.to(acc).contiguous();  // gbar plays T's part
+  r.row_const = (r.T_stack * mu).sum(1).neg_().contiguous();
   r.g_ce = at::zeros({rows}, r.h.options());
   const Tensor no_target = at::zeros({rows}, at::kLong);  // g_ce = 0: the target correction adds nothing
   Tensor grad_h_partials = want_h ? at::zeros({at::get_num_threads(), rows, dim}, r.h.options()) : Tensor();

@@ -115,23 +115,23 @@ void scale_inplace(T* x, int64_t n, T factor) {
   for (; j < n; ++j) x[j] *= factor;
 }
 
-// probs[j] = exp(z[j] - lse) in place; grad[j] = probs[j] * (grad[j] + offset), or probs[j] * offset
+// probs[j] = exp(z[j] - lse) in place; grad[j] = probs[j] * (grad[j] + row_const), or probs[j] * row_const
 // when `modulated` is false (grad's input is then ignored).
 template <typename T>
-void softmax_gradient_row(T* z, T* grad, int64_t n, T lse, T offset, bool modulated) {
+void softmax_gradient_row(T* z, T* grad, int64_t n, T lse, T row_const, bool modulated) {
   using Vec = at::vec::Vectorized<T>;
-  const Vec vlse(lse), voffset(offset);
+  const Vec vlse(lse), vrow_const(row_const);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
     Vec s = (Vec::loadu(z + j) - vlse).exp();
     s.store(z + j);
-    Vec g = modulated ? s * (Vec::loadu(grad + j) + voffset) : s * voffset;
+    Vec g = modulated ? s * (Vec::loadu(grad + j) + vrow_const) : s * vrow_const;
     g.store(grad + j);
   }
   for (; j < n; ++j) {
     const T s = std::exp(z[j] - lse);
     z[j] = s;
-    grad[j] = modulated ? s * (grad[j] + offset) : s * offset;
+    grad[j] = modulated ? s * (grad[j] + row_const) : s * row_const;
   }
 }
 

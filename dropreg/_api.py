@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import resolve_backend
-from .reference import accumulation_dtype
+from ._policy import accumulation_dtype
 from .signs import draw_seed
 
 REDUCTIONS = ("mean", "sum", "none")

@@ -42,11 +42,12 @@ class Backend:
 _BACKENDS: dict[str, Backend] = {
     "reference": Backend(reference_terms, reference_rdrop, reference_softmax_mean, reference_sample_targets),
     "torch": Backend(streamed_terms, streamed_rdrop, streamed_softmax_mean, streamed_sample_targets),
-    "cpu": Backend(cpu.cpu_terms, cpu.cpu_rdrop, cpu.cpu_softmax_mean, cpu.cpu_sample_targets, cpu.is_available,
-                   cpu.load_error),
+    "cpu": Backend(cpu.FAMILY.linear_ce, cpu.FAMILY.rdrop, cpu.cpu_softmax_mean, cpu.cpu_sample_targets,
+                   cpu.FAMILY.is_available, cpu.FAMILY.unavailable_reason),
     # The every-site ops run the chunked PyTorch driver on the GPU path: no Triton kernel of their own yet.
-    "triton": Backend(triton_backend.triton_terms, triton_backend.triton_rdrop, streamed_softmax_mean,
-                      streamed_sample_targets, triton_backend.is_available, triton_backend.unavailable_reason),
+    "triton": Backend(triton_backend.FAMILY.linear_ce, triton_backend.FAMILY.rdrop, streamed_softmax_mean,
+                      streamed_sample_targets, triton_backend.FAMILY.is_available,
+                      triton_backend.FAMILY.unavailable_reason),
 }
 
 # Fastest first, per device type; "auto" takes the first registered and available one.

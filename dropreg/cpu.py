@@ -2,34 +2,23 @@
 
 The library is ``dropreg._C``, built by ``pip install``. When it is missing (a plain checkout), it is
 JIT-built once with ``torch.utils.cpp_extension.load`` and cached under ``TORCH_EXTENSIONS_DIR``.
-This module adds the fake (meta) kernels and autograd for the C++ ops.
+This module adds the fake (meta) kernels, which check shapes and dtypes, and autograd for the C++ ops;
+the dispatch wrappers are the shared :class:`dropreg._op_family.OpFamily`.
 """
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import torch
 
 from . import _build
-from ._op_autograd import int64_seed, register_linear_ce_autograd, register_rdrop_autograd
-from .reference import accumulation_dtype
-
-_load_error: Optional[BaseException] = None
-_loaded = False
+from ._op_family import (BackendUnavailable, OpFamily, int64_seed, register_linear_ce_autograd,
+                         register_rdrop_autograd)
+from ._policy import accumulation_dtype
 
 
-class CpuBackendUnavailable(RuntimeError):
-    pass
-
-
-def load() -> None:
-    """Load the C++ ops, JIT-building them if needed. Raises CpuBackendUnavailable with the compiler output."""
-    global _loaded, _load_error
-    if _loaded:
-        return
-    if _load_error is not None:
-        raise CpuBackendUnavailable(str(_load_error)) from _load_error
+def _load_library() -> None:
+    """Load the C++ ops, JIT-building them if needed; a failed build raises with the compiler output."""
     try:
         try:
             from . import _C  # noqa: F401  (built by setup.py)
@@ -41,28 +30,69 @@ def load() -> None:
             jit_load(name="dropreg_cpu_kernels", sources=_build.sources(), extra_cflags=_build.CXX_FLAGS,
                      extra_ldflags=_build.LINK_FLAGS, is_python_module=False, verbose=False)
     except Exception as error:  # a failed build: keep the compiler output in the message
-        _load_error = error
-        raise CpuBackendUnavailable(f"dropreg: the C++ CPU kernels could not be built or loaded: {error}") from error
+        raise BackendUnavailable(f"dropreg: the C++ CPU kernels could not be built or loaded: {error}") from error
     _register_python_kernels()
-    _loaded = True
 
 
-def is_available() -> bool:
-    try:
-        load()
-    except CpuBackendUnavailable:
-        return False
-    return True
+FAMILY = OpFamily("dropreg", _load_library)
+load = FAMILY.load
+is_available = FAMILY.is_available
+unavailable_reason = FAMILY.unavailable_reason
 
 
-def load_error() -> Optional[BaseException]:
-    return _load_error
+def _check_shape(op: str, name: str, tensor, shape) -> None:
+    def message():
+        return f"{op}: {name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}"
+    torch._check(tensor.dim() == len(shape), message)
+    for size, expected in zip(tensor.shape, shape):  # one check per size: symbolic sizes stay symbolic
+        torch._check(size == expected, message)
+
+
+def _check_dtype(op: str, name: str, tensor, dtype) -> None:
+    torch._check(tensor.dtype == dtype, lambda: f"{op}: {name} must have dtype {dtype}, got {tensor.dtype}")
+
+
+def _check_head(op: str, inputs: dict, weight, bias, target) -> tuple:
+    """(N, d) inputs of one floating dtype, weight (V, d) and bias (V,) of the same dtype, target (N,) int64.
+    Returns (N, d, V)."""
+    first_name, first = next(iter(inputs.items()))
+    torch._check(first.dim() == 2, lambda: f"{op}: {first_name} must be 2-D (N, d), got shape {tuple(first.shape)}")
+    torch._check(first.dtype.is_floating_point,
+                 lambda: f"{op}: {first_name} must be floating point, got {first.dtype}")
+    rows, dim = first.shape
+    for name, tensor in inputs.items():
+        _check_shape(op, name, tensor, (rows, dim))
+        _check_dtype(op, name, tensor, first.dtype)
+    torch._check(weight.dim() == 2 and weight.shape[1] == dim,
+                 lambda: f"{op}: weight must be (V, d) with d={dim} as {first_name}, got {tuple(weight.shape)}")
+    _check_dtype(op, "weight", weight, first.dtype)
+    vocab = weight.shape[0]
+    if bias is not None:
+        _check_shape(op, "bias", bias, (vocab,))
+        _check_dtype(op, "bias", bias, first.dtype)
+    _check_shape(op, "target", target, (rows,))
+    _check_dtype(op, "target", target, torch.int64)
+    return rows, dim, vocab
+
+
+def _check_per_row_grads(op: str, grads: dict, rows: int) -> None:
+    for name, grad in grads.items():
+        _check_shape(op, name, grad, (rows,))
+        torch._check(grad.dtype.is_floating_point, lambda: f"{op}: {name} must be floating point, got {grad.dtype}")
+
+
+def _check_signs(op: str, signs, rows: int, dim: int) -> None:
+    if signs is not None:
+        _check_shape(op, "signs", signs, (rows, dim))
+        torch._check(signs.dtype.is_floating_point, lambda: f"{op}: signs must be floating point, got {signs.dtype}")
 
 
 def _register_python_kernels() -> None:
     @torch.library.register_fake("dropreg::linear_ce_forward")
     def _forward_fake(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
-        rows, dim = input.shape
+        op = "dropreg::linear_ce_forward"
+        rows, dim, _ = _check_head(op, {"input": input}, weight, bias, target)
+        _check_signs(op, signs, rows, dim)
         acc = accumulation_dtype(input.dtype)
         per_row = [input.new_empty((rows,), dtype=acc) for _ in range(4)]
         mu = input.new_empty((rows if (need_explicit or need_implicit) else 0, dim), dtype=acc)
@@ -72,6 +102,17 @@ def _register_python_kernels() -> None:
     @torch.library.register_fake("dropreg::linear_ce_backward")
     def _backward_fake(grad_ce, grad_quadratic, grad_sign_term, input, weight, bias, target, signs, seed, lse,
                        mu, var, need_explicit, need_implicit, output_mask):
+        op = "dropreg::linear_ce_backward"
+        rows, dim, _ = _check_head(op, {"input": input}, weight, bias, target)
+        _check_signs(op, signs, rows, dim)
+        _check_per_row_grads(op, dict(grad_ce=grad_ce, grad_quadratic=grad_quadratic, grad_sign_term=grad_sign_term),
+                             rows)
+        acc = accumulation_dtype(input.dtype)
+        _check_shape(op, "lse", lse, (rows,))
+        _check_shape(op, "mu", mu, (rows if (need_explicit or need_implicit) else 0, dim))
+        _check_shape(op, "var", var, (rows if need_explicit else 0, dim))
+        for name, saved in (("lse", lse), ("mu", mu), ("var", var)):
+            _check_dtype(op, name, saved, acc)
         grad_h = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
         grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
         grad_b = torch.empty_like(bias) if (output_mask[2] and bias is not None) else input.new_empty((0,))
@@ -89,7 +130,8 @@ def _register_python_kernels() -> None:
 def _register_rdrop_kernels() -> None:
     @torch.library.register_fake("dropreg::rdrop_forward")
     def _forward_fake(input1, input2, weight, bias, target):
-        rows = input1.shape[0]
+        rows, _, _ = _check_head("dropreg::rdrop_forward", {"input1": input1, "input2": input2}, weight, bias,
+                                 target)
         acc = accumulation_dtype(input1.dtype)
         per_row = [input1.new_empty((rows,), dtype=acc) for _ in range(3)]
         return (*per_row, input1.new_empty((2, rows), dtype=acc), input1.new_empty((2, rows), dtype=acc))
@@ -97,6 +139,13 @@ def _register_rdrop_kernels() -> None:
     @torch.library.register_fake("dropreg::rdrop_backward")
     def _backward_fake(grad_ce1, grad_ce2, grad_kl, input1, input2, weight, bias, target, lse, expected_d,
                        output_mask):
+        op = "dropreg::rdrop_backward"
+        rows, _, _ = _check_head(op, {"input1": input1, "input2": input2}, weight, bias, target)
+        _check_per_row_grads(op, dict(grad_ce1=grad_ce1, grad_ce2=grad_ce2, grad_kl=grad_kl), rows)
+        for name, saved in (("lse", lse), ("expected_d", expected_d)):
+            _check_shape(op, name, saved, (2, rows))
+            _check_dtype(op, name, saved, accumulation_dtype(input1.dtype))
+
         def grad_or_empty(wanted, like):
             return torch.empty_like(like) if wanted and like is not None else input1.new_empty((0,))
         return (grad_or_empty(output_mask[0], input1), grad_or_empty(output_mask[1], input2),
@@ -106,13 +155,21 @@ def _register_rdrop_kernels() -> None:
 
 
 def _register_site_kernels() -> None:
+    def check_head(op, input, weight, bias):
+        """softmax_mean/sample_targets take no target: the head checks on a stand-in (N,) int64 target."""
+        return _check_head(op, {"input": input}, weight, bias, input.new_empty((input.shape[0],), dtype=torch.int64))
+
     @torch.library.register_fake("dropreg::softmax_mean_forward")
     def _forward_fake(input, weight, bias):
+        check_head("softmax_mean_forward", input, weight, bias)
         acc = accumulation_dtype(input.dtype)
         return input.new_empty(input.shape, dtype=acc), input.new_empty((input.shape[0],), dtype=acc)
 
     @torch.library.register_fake("dropreg::softmax_mean_backward")
     def _backward_fake(grad_mu, input, weight, bias, lse, mu, output_mask):
+        rows, dim, _ = check_head("softmax_mean_backward", input, weight, bias)
+        for name, tensor, shape in (("grad_mu", grad_mu, (rows, dim)), ("lse", lse, (rows,)), ("mu", mu, (rows, dim))):
+            _check_shape("softmax_mean_backward", name, tensor, shape)
         grad_h = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
         grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
         grad_b = torch.empty_like(bias) if (output_mask[2] and bias is not None) else input.new_empty((0,))
@@ -120,6 +177,8 @@ def _register_site_kernels() -> None:
 
     @torch.library.register_fake("dropreg::sample_targets")
     def _sample_fake(input, weight, bias, samples, seed):
+        check_head("sample_targets", input, weight, bias)
+        torch._check(samples >= 1, lambda: f"sample_targets: samples must be >= 1, got {samples}")
         return input.new_empty((samples, input.shape[0]), dtype=torch.int64)
 
     def setup_context(ctx, inputs, output):
@@ -135,25 +194,6 @@ def _register_site_kernels() -> None:
         return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
     torch.library.register_autograd("dropreg::softmax_mean_forward", backward, setup_context=setup_context)
-
-
-def cpu_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
-    """Per-row ``(ce, quadratic, sign_term)`` from the C++ kernels (see dropreg/_dispatch.py)."""
-    load()
-    if signs is not None:
-        signs = signs.to(accumulation_dtype(input.dtype)).contiguous()
-    out = torch.ops.dropreg.linear_ce_forward(
-        input.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-        target.contiguous(), signs, int64_seed(seed), need_explicit, need_implicit)
-    return out[0], out[1], out[2]
-
-
-def cpu_rdrop(input1, input2, weight, bias, target):
-    """Per-row ``(ce1, ce2, kl)`` from the C++ kernels (see dropreg/_dispatch.py)."""
-    load()
-    out = torch.ops.dropreg.rdrop_forward(input1.contiguous(), input2.contiguous(), weight.contiguous(),
-                                          None if bias is None else bias.contiguous(), target.contiguous())
-    return out[0], out[1], out[2]
 
 
 def cpu_softmax_mean(input, weight, bias):

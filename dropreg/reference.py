@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ._policy import accumulation_dtype
 from .signs import gumbel_noise, philox_signs
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Every backend accumulates in fp32, or in fp64 when the inputs are fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def reference_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.profiler import record_function
 
-from .reference import accumulation_dtype
+from ._policy import accumulation_dtype
 from .signs import gumbel_noise, philox_signs
 
 DEFAULT_ROW_BLOCK = 1024
@@ -66,12 +66,12 @@ class OnlineSoftmax:
         return _logit_shift(self.max) + self.sum.log()
 
 
-def forward_statistics(h, weight, bias, *, need_mean, need_second_moment, row_block, vocab_chunk):
+def forward_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk):
     """Per-row ``lse``, and optionally ``mu = E_s[W]`` and ``m2 = E_s[W*W]``, in one streamed pass."""
     acc = accumulation_dtype(h.dtype)
     n_rows, dim = h.shape
     vocab = weight.shape[0]
-    n_moments = (1 + int(need_second_moment)) if need_mean else 0
+    n_moments = (1 + int(need_m2)) if need_mu else 0
     lse = torch.empty(n_rows, dtype=acc, device=h.device)
     moments = torch.zeros(n_rows, n_moments * dim, dtype=acc, device=h.device)
     for r0, r1 in _spans(n_rows, row_block):
@@ -79,16 +79,16 @@ def forward_statistics(h, weight, bias, *, need_mean, need_second_moment, row_bl
         softmax = OnlineSoftmax(r1 - r0, acc, h.device)
         acc_moments = moments[r0:r1]
         for v0, v1 in _spans(vocab, vocab_chunk):
-            w, stacked, b = _weight_chunk(weight, bias, v0, v1, acc, need_second_moment)
+            w, stacked, b = _weight_chunk(weight, bias, v0, v1, acc, need_m2)
             exp_logits = _chunk_logits(h_block, w, b)
             rescale = softmax.absorb(exp_logits)
             if n_moments:
                 acc_moments.mul_(rescale[:, None]).addmm_(exp_logits, stacked)
         lse[r0:r1] = softmax.lse()
         acc_moments.div_(softmax.sum[:, None])
-    mean = moments[:, :dim] if need_mean else None
-    second = moments[:, dim:] if need_second_moment else None
-    return lse, mean, second
+    mu = moments[:, :dim] if need_mu else None
+    m2 = moments[:, dim:] if need_m2 else None
+    return lse, mu, m2
 
 
 def _target_logit(h, weight, bias, target, acc):
@@ -103,13 +103,13 @@ def _subtract_at_target(g_logits, target, v0, v1, amount):
                           torch.where(in_chunk, -amount, torch.zeros_like(amount))[:, None])
 
 
-def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, left, row_const, with_squares, vocab_chunk, *,
+def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, T_stack, row_const, with_squares, vocab_chunk, *,
                          grad_w=None, grad_b=None, want_h=True):
     """One row block's backward over every vocabulary chunk; returns its grad_input (or None).
 
-    Per chunk: ``G = s * (left @ [W_c | W_c*W_c]^T + row_const) - g_ce [v = y]``, or ``G = s * g_ce - g_ce [v = y]``
-    when ``left`` is None (plain cross entropy); then ``grad_input += G W_c`` and, into the caller's buffers,
-    ``grad_w[c] += G^T h + S^T left[:, :d] (+ 2 W_c * S^T left[:, d:])`` and ``grad_b[c] += sum_rows G``.
+    Per chunk: ``G = s * (T_stack @ [W_c | W_c*W_c]^T + row_const) - g_ce [v = y]``, or ``G = s * g_ce - g_ce [v = y]``
+    when ``T_stack`` is None (plain cross entropy); then ``grad_input += G W_c`` and, into the caller's buffers,
+    ``grad_w[c] += G^T h + S^T T_stack[:, :d] (+ 2 W_c * S^T T_stack[:, d:])`` and ``grad_b[c] += sum_rows G``.
     ``target=None`` skips the target correction (softmax_mean's backward has none).
     """
     acc = lse.dtype
@@ -119,8 +119,8 @@ def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, left, row_con
         w, stacked, b = _weight_chunk(weight, bias, v0, v1, acc, with_squares)
         with record_function("dropreg::logit_gradient"):
             probs = _chunk_logits(h_block, w, b).sub_(lse[:, None]).exp_()
-            if left is not None:
-                g_logits = (left @ stacked.T).add_(row_const[:, None]).mul_(probs)
+            if T_stack is not None:
+                g_logits = (T_stack @ stacked.T).add_(row_const[:, None]).mul_(probs)
             else:
                 g_logits = probs * g_ce[:, None]
             if target is not None:
@@ -131,11 +131,11 @@ def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, left, row_con
         if grad_w is not None:
             with record_function("dropreg::grad_weight"):
                 g_w = g_logits.T @ h_block
-                if left is not None:
-                    spread = probs.T @ left  # S^T [T | gR' q]
-                    g_w += spread[:, :dim]
+                if T_stack is not None:
+                    st_T_stack = probs.T @ T_stack  # S^T [T | gR' q]
+                    g_w += st_T_stack[:, :dim]
                     if with_squares:
-                        g_w += 2 * w * spread[:, dim:]
+                        g_w += 2 * w * st_T_stack[:, dim:]
                 grad_w[v0:v1] += g_w
         if grad_b is not None:
             grad_b[v0:v1] += g_logits.sum(0)
@@ -148,8 +148,8 @@ class StreamedTerms(torch.autograd.Function):
         acc = accumulation_dtype(h.dtype)
         with record_function("dropreg::forward_stats"):
             lse, mu, m2 = forward_statistics(
-                h, weight, bias, need_mean=need_explicit or need_implicit,
-                need_second_moment=need_explicit, row_block=row_block, vocab_chunk=vocab_chunk)
+                h, weight, bias, need_mu=need_explicit or need_implicit,
+                need_m2=need_explicit, row_block=row_block, vocab_chunk=vocab_chunk)
         hc = h.to(acc)
         w_target = weight[target].to(acc)
         ce = lse - _target_logit(hc, weight, bias, target, acc)
@@ -182,25 +182,25 @@ class StreamedTerms(torch.autograd.Function):
             # Row-wise parts of G_v = s_v * (g_ce + gR'(r_v - Rt) + gI'(a_v - abar)) - g_ce [v = y]:
             # gR' r_v + gI' a_v = [T | gR' q] . [W_v | W_v*W_v] + const (docs/math.md, GEMM-friendly form).
             row_const = g_ce.clone()
-            parts_t = torch.zeros_like(h_block)
-            left = None
+            T_vec = torch.zeros_like(h_block)
+            T_stack = None
             if need_explicit:
                 g_r = grad_quadratic[r0:r1].to(acc)[:, None]
                 mu_b, var_b = mu[r0:r1], var[r0:r1]
                 q = h_block * h_block
-                g_q = g_r * q
-                parts_t -= 2 * g_q * mu_b
-                row_const += (g_q * (mu_b * mu_b - var_b)).sum(1)
+                g_r_q = g_r * q
+                T_vec -= 2 * g_r_q * mu_b
+                row_const += (g_r_q * (mu_b * mu_b - var_b)).sum(1)
             if need_implicit:
                 g_i = grad_sign_term[r0:r1].to(acc)[:, None]
                 mu_b = mu[r0:r1]
                 u = signs[r0:r1] * h_block
-                parts_t += g_i * u
+                T_vec += g_i * u
                 row_const -= (g_i * mu_b * u).sum(1)
             if modulated:
-                left = torch.cat([parts_t, g_q], dim=1) if need_explicit else parts_t
+                T_stack = torch.cat([T_vec, g_r_q], dim=1) if need_explicit else T_vec
             grad_h_block = logit_gradient_sweep(
-                h_block, weight, bias, lse[r0:r1], y, g_ce, left, row_const, need_explicit, vocab_chunk,
+                h_block, weight, bias, lse[r0:r1], y, g_ce, T_stack, row_const, need_explicit, vocab_chunk,
                 grad_w=grad_w, grad_b=grad_b, want_h=want_h)
             w_target = weight[y].to(acc)
             if want_h:
@@ -335,7 +335,7 @@ class StreamedSoftmaxMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, row_block, vocab_chunk):
         with record_function("dropreg::softmax_mean_forward"):
-            lse, mu, _ = forward_statistics(h, weight, bias, need_mean=True, need_second_moment=False,
+            lse, mu, _ = forward_statistics(h, weight, bias, need_mu=True, need_m2=False,
                                             row_block=row_block, vocab_chunk=vocab_chunk)
         ctx.save_for_backward(h, weight, bias, lse, mu)
         ctx.blocks = (row_block, vocab_chunk)

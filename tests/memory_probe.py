@@ -23,14 +23,32 @@ def vm_size_bytes() -> int:
     raise RuntimeError("no VmSize in /proc/self/status")
 
 
+def triton_step(op, h, h2, w):
+    """Forward and backward through the Triton launchers (what the registered ops run) with large tiles, only
+    so that the interpreter (per-program Python overhead) finishes in seconds; the launchers' buffers do not
+    depend on the tiles. Returns ``step(rows, vocab_rows, targets) -> (loss, grad_weight)`` for the mean of
+    the op's per-row terms (no coefficients)."""
+    from dropreg.triton import ops, utils
+
+    grid_tiles = utils.TileConfig(128, 2048, 32, 1, 1)
+    plan = utils.launch_plan(torch.float32, h.device).with_tiles(
+        **{kernel: grid_tiles for kernel in utils.GPU_CONFIGS if kernel != "row_terms"},
+        row_terms=utils.TileConfig(256, 1, 32, 1, 1))
+
+    def step(rows, vocab_rows, targets):
+        upstream = [torch.full((rows,), 1.0 / rows) for _ in range(3)]
+        with torch.no_grad():
+            if op == "rdrop":
+                terms, grads = ops.rdrop_step(h[:rows], h2[:rows], w[:vocab_rows], None, targets, upstream, plan=plan)
+            else:
+                terms, grads = ops.linear_ce_step(h[:rows], w[:vocab_rows], None, targets, upstream, plan=plan)
+        return sum(term.mean() for term in terms).item(), grads[-2]
+
+    return step
+
+
 def main():
     op, backend, (n_rows, dim, vocab, cap_mib) = sys.argv[1], sys.argv[2], map(int, sys.argv[3:7])
-    if backend == "triton":  # under TRITON_INTERPRET=1, given by the caller
-        from dropreg.triton import utils
-        # Large tiles only so that the interpreter (per-program Python overhead) finishes in seconds;
-        # buffers are allocated by the launchers, whose sizes do not depend on the tiles.
-        utils.INTERPRETER_CONFIG = utils.TileConfig(128, 2048, 32, 1, 1)
-        utils.INTERPRETER_ROW_CONFIG = utils.TileConfig(256, 1, 32, 1, 1)
     torch.manual_seed(0)
     h = torch.randn(n_rows, dim, requires_grad=True)
     w = (torch.randn(vocab, dim) / dim**0.5).requires_grad_()
@@ -53,17 +71,23 @@ def main():
                                                       backend=backend).loss
         return dropreg.linear_cross_entropy(h[:rows], w[:vocab_rows], targets, backend=backend, seed=0).loss
 
+    def step(rows, vocab_rows, targets):
+        w.grad = h.grad = h2.grad = None
+        value = loss(rows, vocab_rows, targets)
+        value.backward()
+        return value.item(), w.grad
+
+    if backend == "triton":  # under TRITON_INTERPRET=1, given by the caller
+        step = triton_step(op, h, h2, w)
     # Warm-up on a tiny problem: starts intra-op threads and their malloc arenas before the cap.
-    loss(8, 64, y[:8] % 64).backward()
-    w.grad = h.grad = None
+    step(8, 64, y[:8] % 64)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cap = vm_size_bytes() + cap_mib * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     start = time.perf_counter()
     try:
-        value = loss(n_rows, vocab, y)
-        value.backward()
-        result = dict(ok=True, loss=value.item(), grad_finite=bool(torch.isfinite(w.grad).all()))
+        value, grad_w = step(n_rows, vocab, y)
+        result = dict(ok=True, loss=value, grad_finite=bool(torch.isfinite(grad_w).all()))
     except (RuntimeError, MemoryError) as error:
         result = dict(ok=False, error=str(error).splitlines()[0][:200])
     result.update(seconds=round(time.perf_counter() - start, 2),

@@ -1,4 +1,5 @@
 """The C++ "cpu" backend: multi-tile paths, threads, determinism, the sign stream, op registration."""
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import torch
 import dropreg
 from dropreg import cpu
 
-pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"C++ kernels unavailable: {cpu.load_error()}")
+pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"C++ kernels unavailable: {cpu.unavailable_reason()}")
 
 
 def _problem(n, d, v, dtype=torch.float64, bias=True):
@@ -86,20 +87,72 @@ def test_seeded_implicit_term_matches_other_backends():
         torch.testing.assert_close(cpp.implicit, ref.implicit, rtol=1e-12, atol=1e-14)
 
 
-def _op_args(dtype=torch.float32, explicit=True, implicit=True, bias=True, signs=False):
+def _op_args(dtype=torch.float32, explicit=True, implicit=True, bias=True, signs=False, requires_grad=True):
     h, w, b, y = _problem(9, 4, 300, dtype=dtype, bias=bias)
     y = y.clamp(min=0)
     s = (torch.randint(0, 2, (9, 4)) * 2 - 1).to(dtype) if signs else None
-    return [h.requires_grad_(), w.requires_grad_(), b.requires_grad_() if b is not None else None, y, s, 123,
-            explicit, implicit]
+    return [h.requires_grad_(requires_grad), w.requires_grad_(requires_grad),
+            b.requires_grad_(requires_grad) if b is not None else None, y, s, 123, explicit, implicit]
 
 
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "no-grad"])
 @pytest.mark.parametrize("config", [dict(), dict(explicit=False), dict(implicit=False, bias=False),
                                     dict(explicit=False, implicit=False), dict(signs=True),
                                     dict(dtype=torch.float64)])
-def test_opcheck(config):
-    args = _op_args(**config)
+def test_opcheck(config, requires_grad):
+    args = _op_args(**config, requires_grad=requires_grad)
     torch.library.opcheck(torch.ops.dropreg.linear_ce_forward.default, args)
+
+
+def _fake(args):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    return [mode.from_tensor(a.detach()) if isinstance(a, torch.Tensor) else a for a in args], mode
+
+
+@pytest.mark.parametrize("position,bad,message", [
+    (0, torch.randn(9, 4, 1), "input must be 2-D"),
+    (1, torch.randn(300, 5), "weight must be (V, d) with d=4"),
+    (1, torch.randn(300, 4, dtype=torch.float64), "weight must have dtype torch.float32"),
+    (2, torch.randn(299), "bias must have shape (300,)"),
+    (3, torch.zeros(8, dtype=torch.int64), "target must have shape (9,)"),
+    (3, torch.zeros(9, dtype=torch.int32), "target must have dtype torch.int64"),
+    (4, torch.ones(9, 3), "signs must have shape (9, 4)"),
+], ids=["input-3d", "weight-d", "weight-dtype", "bias-shape", "target-shape", "target-dtype", "signs-shape"])
+def test_fake_forward_rejects_bad_arguments(position, bad, message):
+    args = _op_args()
+    args[position] = bad
+    fake_args, mode = _fake(args)
+    with mode, pytest.raises(RuntimeError, match=re.escape(message)):
+        torch.ops.dropreg.linear_ce_forward(*fake_args)
+    fake_args, mode = _fake(_op_args())  # and the same call with good arguments goes through
+    with mode:
+        assert torch.ops.dropreg.linear_ce_forward(*fake_args)[4].shape == (9, 4)
+
+
+def test_fake_backward_rejects_bad_gradients_and_statistics():
+    h, w, b, y, s, seed, ne, ni = (a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args())
+    out = torch.ops.dropreg.linear_ce_forward(h, w, b, y, s, seed, ne, ni)
+    good = [*(torch.randn(9) for _ in range(3)), h, w, b, y, s, seed, out[3], out[4], out[5], ne, ni,
+            [True, True, True]]
+    for position, bad, message in [(1, torch.randn(9, 1), "grad_quadratic must have shape (9,)"),
+                                   (9, torch.randn(8), "lse must have shape (9,)"),
+                                   (11, torch.randn(9, 3), "var must have shape (9, 4)"),
+                                   (10, torch.randn(9, 4, dtype=torch.float64), "mu must have dtype torch.float32")]:
+        args = list(good)
+        args[position] = bad
+        fake_args, mode = _fake(args)
+        with mode, pytest.raises(RuntimeError, match=re.escape(message)):
+            torch.ops.dropreg.linear_ce_backward(*fake_args)
+
+
+def test_fake_rdrop_rejects_inputs_of_different_shapes():
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _rdrop_args()]
+    args[1] = args[1][:, :3]
+    fake_args, mode = _fake(args)
+    with mode, pytest.raises(RuntimeError, match=re.escape("input2 must have shape (9, 4)")):
+        torch.ops.dropreg.rdrop_forward(*fake_args)
 
 
 def test_opcheck_backward_op():
@@ -156,7 +209,7 @@ h, w, y = torch.randn(3, 2), torch.randn(5, 2), torch.tensor([0, 1, 2])
 try:
     dropreg.linear_cross_entropy(h, w, y, backend='cpu', seed=0)
     print('NO ERROR')
-except cpu.CpuBackendUnavailable as e:
+except cpu.BackendUnavailable as e:
     print('ERROR:', 'this_is_not_cpp' in str(e))
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
@@ -179,9 +232,11 @@ def _rdrop_args(bias=True, dtype=torch.float32):
             b.requires_grad_() if b is not None else None, y.clamp(min=0)]
 
 
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "no-grad"])
 @pytest.mark.parametrize("config", [dict(), dict(bias=False), dict(dtype=torch.float64)])
-def test_opcheck_rdrop(config):
-    args = _rdrop_args(**config)
+def test_opcheck_rdrop(config, requires_grad):
+    args = [a.detach().requires_grad_(requires_grad) if isinstance(a, torch.Tensor) and a.is_floating_point()
+            else a for a in _rdrop_args(**config)]
     torch.library.opcheck(torch.ops.dropreg.rdrop_forward.default, args)
     h1, h2, w, b, y = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     out = torch.ops.dropreg.rdrop_forward(h1, h2, w, b, y)

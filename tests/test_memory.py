@@ -17,8 +17,14 @@ CASE = ["4096", "64", "131072", "512"]
 INTERPRETER_CASE = ["1024", "32", "65536", "128"]
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def run_probe(backend, op="linear_ce", case=CASE):
-    env = dict(os.environ, TRITON_INTERPRET="1") if backend == "triton" else None
+    # This checkout's dropreg first: a script's sys.path starts at its own folder, not the repository.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    if backend == "triton":
+        env["TRITON_INTERPRET"] = "1"
     done = subprocess.run([sys.executable, PROBE, op, backend, *case], capture_output=True, text=True, timeout=600,
                           env=env)
     assert done.returncode == 0, done.stderr

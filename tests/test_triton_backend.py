@@ -149,27 +149,30 @@ def test_empty_batch_launches_nothing_and_gives_zero():
     (torch.float64, "highest", 1e-11), (torch.float32, "highest", 2e-6), (torch.float32, "high", 3e-3),
     (torch.bfloat16, "highest", 4e-2), (torch.float16, "highest", 5e-3)],
     ids=["fp64-ieee", "fp32-ieee", "fp32-tf32", "bf16", "fp16"])
-def test_gpu_tile_configs_under_the_interpreter(monkeypatch, dtype, precision, rtol):
+def test_gpu_tile_configs_under_the_interpreter(dtype, precision, rtol):
     """The block sizes, group size and vocabulary splits a GPU launch uses (not the small interpreter
-    config), on a shape with tails in every dimension of them: N=130, d=70, V=300."""
-    from dropreg.triton import backward, forward, rdrop, utils
+    config), passed to the launchers as a plan, on a shape with tails in every dimension of them: N=130,
+    d=70, V=300. Per-row terms and gradients (no coefficients) against float64 autograd of the reference."""
+    from dropreg._policy import accumulation_dtype
+    from dropreg.reference import reference_terms
+    from dropreg.triton import ops, utils
 
-    for module in (forward, backward, rdrop):
-        monkeypatch.setattr(module, "tile_config",
-                            lambda kernel, dt, device=None: utils.tile_config(kernel, dt, device, interpreted=False))
-    for module in (forward, rdrop):
-        monkeypatch.setattr(module, "vocab_splits", lambda *a: utils.vocab_splits(*a, interpreted=False))
-    monkeypatch.setattr(utils, "REPORT_SM_COUNT", 4)  # 16 programs: several splits for 3 row blocks
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        h, w, b, y = (t if t is None or t.dtype == torch.int64 else t.to(dtype) for t in _problem(130, 70, 300))
-        exact = _run("reference", *(t if t.dtype == torch.int64 else t.double() for t in (h, w, b, y)), p=0.3,
-                     seed=11)
-        ours = _run("triton", h, w, b, y, p=0.3, seed=11)
+        # sm_count 4: 16 programs, so several vocabulary splits for 3 row blocks
+        plan = utils.launch_plan(dtype, torch.device("cpu"), interpreter_tiles=False, sm_count=4)
+        h, w, b, y = (t if t.dtype == torch.int64 else t.to(dtype) for t in _problem(130, 70, 300))
+        explicit_coef, implicit_coef = dropreg.default_coefficients(0.3)
+        upstream = [torch.randn(130, dtype=torch.float64) * c for c in (1.0, explicit_coef, implicit_coef)]
+        terms, grads = ops.linear_ce_step(h, w, b, y, [g.to(accumulation_dtype(dtype)) for g in upstream], seed=11,
+                                          plan=plan)
     finally:
         torch.set_float32_matmul_precision(previous)
-    _assert_same([t.double() for t in ours], exact, rtol)
+    leaves = [t.double().requires_grad_() for t in (h, w, b)]
+    exact = reference_terms(*leaves, y, None, 11, True, True)
+    exact_grads = torch.autograd.grad(sum((t * g).sum() for t, g in zip(exact, upstream)), leaves)
+    _assert_same([t.double() for t in (*terms, *grads)], [t.detach() for t in (*exact, *exact_grads)], rtol)
 
 
 @settings(max_examples=50, deadline=None)

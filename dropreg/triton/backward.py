@@ -7,7 +7,7 @@ Two kernels, launched in this order by :func:`linear_ce_backward`:
    (``2 gR' h var + gI' sigma (mu - W[y])``, written as grad_input's initial value) and the implicit
    term's target scatter ``grad_W[y] -= gI' u`` (atomic adds). O(N d), no GEMM.
 2. ``logit_gradient_kernel``: grid (row blocks x vocabulary blocks). Recomputes z and, in the same K loop,
-   ``t = T W^T + (gR' q)(W*W)^T``; forms ``G = s (g_ce + c + t) - g_ce [v = y]`` in registers, then walks
+   ``t = T W^T + (gR' q)(W*W)^T``; forms ``G = s (row_const + t) - g_ce [v = y]`` in registers, then walks
    d in BLOCK_K chunks: grad_input += G W, grad_W += G^T h + S^T T + 2 W * (S^T gR' q), grad_b += sum G.
    Multiply-adds: 1 NVd (z) + 2 (t, explicit; 1 if implicit only) + 1 (grad_input) + 3 (grad_W:
    1 for cross entropy alone) = 7 NVd with both terms, docs/math.md's backward count; 3 NVd for cross entropy.
@@ -22,20 +22,24 @@ vocabulary blocks, not one. Consequence: on a GPU the summation order, and so th
 runs (the interpreter runs programs in order and is deterministic).
 (Cut Cross-Entropy, which has the same sums, serializes its adds with locks and skips blocks of negligible
 softmax values instead; dropreg does neither.)
+
+Names (T_vec, g_r_q, row_const, t, ...) follow the glossary in dropreg/_op_family.py.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import (aligned_empty, dot_operand, dot_types, grouped_tile, philox_sign_block, row_descriptor,
-                    tile_config)
+from .utils import (LaunchPlan, add_logit_chunk, aligned_empty, dot_operand, finish_logits, grouped_tile, launch_plan,
+                    philox_sign_block, row_descriptor, row_probabilities)
 
 
 @triton.jit
-def row_prep_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mean_ptr, var_ptr, grad_ce_ptr, grad_quadratic_ptr,
-                    grad_sign_ptr, spread_out, scaled_q_out, row_const_out, grad_h_out, grad_w_out,
+def row_prep_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mu_ptr, var_ptr, grad_ce_ptr, grad_quadratic_ptr,
+                    grad_sign_ptr, T_out, g_r_q_out, row_const_out, grad_h_out, grad_w_out,
                     seed, N, D, stride_h, stride_w, stride_t,
                     NEED_EXPLICIT: tl.constexpr, NEED_IMPLICIT: tl.constexpr, HAS_SIGNS: tl.constexpr,
                     WANT_H: tl.constexpr, WANT_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -51,38 +55,38 @@ def row_prep_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mean_ptr, var_ptr, grad
         in_bounds = row_ok[:, None] & (dims[None, :] < D)
         at = rows.to(tl.int64)[:, None] * D + dims[None, :]
         h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + dims[None, :], mask=in_bounds, other=0.0).to(ACC)
-        mean = tl.load(mean_ptr + at, mask=in_bounds, other=0.0)
-        spread = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+        mu = tl.load(mu_ptr + at, mask=in_bounds, other=0.0)
+        T_vec = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
         grad_h = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
         if NEED_EXPLICIT:
             var = tl.load(var_ptr + at, mask=in_bounds, other=0.0)
-            scaled_q = g_r * h * h
-            tl.store(scaled_q_out + rows.to(tl.int64)[:, None] * stride_t + dims[None, :], scaled_q, mask=in_bounds)
-            spread -= 2.0 * scaled_q * mean
-            row_const += tl.sum(scaled_q * (mean * mean - var), axis=1)
+            g_r_q = g_r * h * h
+            tl.store(g_r_q_out + rows.to(tl.int64)[:, None] * stride_t + dims[None, :], g_r_q, mask=in_bounds)
+            T_vec -= 2.0 * g_r_q * mu
+            row_const += tl.sum(g_r_q * (mu * mu - var), axis=1)
             grad_h += 2.0 * g_r * h * var
         if NEED_IMPLICIT:
             if HAS_SIGNS:
                 signs = tl.load(signs_ptr + at, mask=in_bounds, other=0.0).to(ACC)
             else:
                 signs = philox_sign_block(seed, rows, dims, D).to(ACC)
-            scaled_u = g_i * signs * h
-            spread += scaled_u
-            row_const -= tl.sum(scaled_u * mean, axis=1)
+            g_i_u = g_i * signs * h
+            T_vec += g_i_u
+            row_const -= tl.sum(g_i_u * mu, axis=1)
             w_target = tl.load(w_ptr + target[:, None] * stride_w + dims[None, :], mask=in_bounds, other=0.0)
-            grad_h += g_i * signs * (mean - w_target.to(ACC))
+            grad_h += g_i * signs * (mu - w_target.to(ACC))
             if WANT_W:
-                tl.atomic_add(grad_w_out + target[:, None] * D + dims[None, :], -scaled_u, mask=in_bounds,
+                tl.atomic_add(grad_w_out + target[:, None] * D + dims[None, :], -g_i_u, mask=in_bounds,
                               sem="relaxed")
-        tl.store(spread_out + rows.to(tl.int64)[:, None] * stride_t + dims[None, :], spread, mask=in_bounds)
+        tl.store(T_out + rows.to(tl.int64)[:, None] * stride_t + dims[None, :], T_vec, mask=in_bounds)
         if WANT_H:
             tl.store(grad_h_out + at, grad_h, mask=in_bounds)
     tl.store(row_const_out + rows, row_const, mask=row_ok)
 
 
 @triton.jit
-def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr, row_const_ptr, spread_ptr,
-                          scaled_q_ptr, grad_h_out, grad_w_out, grad_b_out, N, V, D, stride_h, stride_w,
+def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr, row_const_ptr, T_ptr,
+                          g_r_q_ptr, grad_h_out, grad_w_out, grad_b_out, N, V, D, stride_h, stride_w,
                           stride_t,
                           HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr, NEED_EXPLICIT: tl.constexpr,
                           WANT_H: tl.constexpr, WANT_W: tl.constexpr, WANT_B: tl.constexpr, GROUP_M: tl.constexpr,
@@ -99,9 +103,9 @@ def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr,
     h_desc = row_descriptor(h_ptr, N, D, stride_h, BLOCK_M, BLOCK_K)
     w_desc = row_descriptor(w_ptr, V, D, stride_w, BLOCK_V, BLOCK_K)
     if MODULATED:
-        t_desc = row_descriptor(spread_ptr, N, D, stride_t, BLOCK_M, BLOCK_K)
+        T_desc = row_descriptor(T_ptr, N, D, stride_t, BLOCK_M, BLOCK_K)
     if NEED_EXPLICIT:
-        q_desc = row_descriptor(scaled_q_ptr, N, D, stride_t, BLOCK_M, BLOCK_K)
+        g_r_q_desc = row_descriptor(g_r_q_ptr, N, D, stride_t, BLOCK_M, BLOCK_K)
 
     # z (narrow dots) and t = T W^T + (gR' q)(W*W)^T (wide dots) in one K loop: each W tile is loaded once.
     z = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
@@ -109,26 +113,20 @@ def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr,
         t = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
         w = w_desc.load([col0, k0])
-        h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32)
-        z = tl.dot(h, tl.trans(dot_operand(w, OPERAND, COMPUTE, ROUND_TF32)), z, input_precision=PRECISION,
-                   out_dtype=ACC)
+        z = add_logit_chunk(z, h_desc, w, row0, k0, ACC, OPERAND, COMPUTE, PRECISION, ROUND_TF32)
         if MODULATED:
             w_wide = w.to(WIDE)
-            spread = dot_operand(t_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
-            t = tl.dot(spread, tl.trans(dot_operand(w_wide, WIDE, WIDE, WIDE_ROUND_TF32)), t,
+            T_vec = dot_operand(T_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
+            t = tl.dot(T_vec, tl.trans(dot_operand(w_wide, WIDE, WIDE, WIDE_ROUND_TF32)), t,
                        input_precision=WIDE_PRECISION, out_dtype=ACC)
             if NEED_EXPLICIT:
-                scaled_q = dot_operand(q_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
-                t = tl.dot(scaled_q, tl.trans(dot_operand(w_wide * w_wide, WIDE, WIDE, WIDE_ROUND_TF32)), t,
+                g_r_q = dot_operand(g_r_q_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
+                t = tl.dot(g_r_q, tl.trans(dot_operand(w_wide * w_wide, WIDE, WIDE, WIDE_ROUND_TF32)), t,
                            input_precision=WIDE_PRECISION, out_dtype=ACC)
-    if HAS_BIAS:
-        z += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
-    z = tl.where(cols[None, :] < V, z, float("-inf"))
+    z = finish_logits(z, b_ptr, cols, V, HAS_BIAS, ACC)
 
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
     g_ce = tl.load(grad_ce_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    # Rows past N have z = bias: an lse of +inf makes their probabilities 0 without overflowing exp.
-    probs = tl.exp(z - lse[:, None])
+    probs = row_probabilities(z, lse_ptr, rows, N)
     target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
     if MODULATED:
         row_const = tl.load(row_const_ptr + rows, mask=row_ok, other=0.0)
@@ -154,48 +152,52 @@ def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr,
             h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32)
             grad_w = tl.dot(tl.trans(g_op), h, input_precision=PRECISION, out_dtype=ACC)
             if MODULATED:
-                spread = dot_operand(t_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
-                grad_w = tl.dot(tl.trans(probs_wide), spread, grad_w, input_precision=WIDE_PRECISION, out_dtype=ACC)
+                T_vec = dot_operand(T_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
+                grad_w = tl.dot(tl.trans(probs_wide), T_vec, grad_w, input_precision=WIDE_PRECISION, out_dtype=ACC)
             if NEED_EXPLICIT:
-                scaled_q = dot_operand(q_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
-                grad_w += 2.0 * w.to(ACC) * tl.dot(tl.trans(probs_wide), scaled_q, input_precision=WIDE_PRECISION,
+                g_r_q = dot_operand(g_r_q_desc.load([row0, k0]), WIDE, WIDE, WIDE_ROUND_TF32)
+                grad_w += 2.0 * w.to(ACC) * tl.dot(tl.trans(probs_wide), g_r_q, input_precision=WIDE_PRECISION,
                                                    out_dtype=ACC)
             tl.atomic_add(grad_w_out + cols.to(tl.int64)[:, None] * D + dims[None, :], grad_w,
                           mask=(cols[:, None] < V) & (dims[None, :] < D), sem="relaxed")
 
 
 def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, input, weight, bias, target, signs, seed,
-                       lse, mean, var, need_explicit, need_implicit, want_h, want_w, want_b):
-    """Returns fp32 (fp64 for fp64 inputs) grad_input, grad_weight, grad_bias (None where not wanted)."""
+                       lse, mu, var, need_explicit, need_implicit, want_h, want_w, want_b,
+                       plan: Optional[LaunchPlan] = None):
+    """Returns fp32 (fp64 for fp64 inputs) grad_input, grad_weight, grad_bias (None where not wanted).
+    ``plan`` defaults to ``launch_plan(input.dtype, input.device)``."""
     n_rows, dim = input.shape
     vocab = weight.shape[0]
-    types = dot_types(input.dtype)
+    if plan is None:
+        plan = launch_plan(input.dtype, input.device)
+    types = plan.types
     acc = lse.dtype
     device = input.device
     modulated = need_explicit or need_implicit
     grad_h = (torch.empty if modulated else torch.zeros)(n_rows, dim, dtype=acc, device=device) if want_h else None
     grad_w = torch.zeros(vocab, dim, dtype=acc, device=device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
-    row_const = spread = scaled_q = grad_ce  # placeholders: never read unless MODULATED / NEED_EXPLICIT
+    row_const = T_vec = g_r_q = grad_ce  # placeholders: never read unless MODULATED / NEED_EXPLICIT
     if modulated:
         # T and gR' q are dot operands read through tensor descriptors: rows 16-byte aligned.
-        spread = aligned_empty(n_rows, dim, acc, device)
-        scaled_q = aligned_empty(n_rows, dim, acc, device) if need_explicit else spread
+        T_vec = aligned_empty(n_rows, dim, acc, device)
+        g_r_q = aligned_empty(n_rows, dim, acc, device) if need_explicit else T_vec
         row_const = torch.empty(n_rows, dtype=acc, device=device)
-        config = tile_config("row_terms", input.dtype, input.device)
+        config = plan.tile("row_terms")
         launch(row_prep_kernel)[(triton.cdiv(n_rows, config.block_m),)](
-            input, weight, target, signs if signs is not None else mean, mean, var if need_explicit else mean,
-            grad_ce, grad_quadratic, grad_sign_term, spread, scaled_q, row_const,
-            grad_h if want_h else mean, grad_w if want_w else mean, seed, n_rows, dim, input.stride(0),
-            weight.stride(0), spread.stride(0), NEED_EXPLICIT=need_explicit, NEED_IMPLICIT=need_implicit,
+            input, weight, target, signs if signs is not None else mu, mu, var if need_explicit else mu,
+            grad_ce, grad_quadratic, grad_sign_term, T_vec, g_r_q, row_const,
+            grad_h if want_h else mu, grad_w if want_w else mu, seed, n_rows, dim, input.stride(0),
+            weight.stride(0), T_vec.stride(0), NEED_EXPLICIT=need_explicit, NEED_IMPLICIT=need_implicit,
             HAS_SIGNS=signs is not None, WANT_H=want_h, WANT_W=want_w, BLOCK_M=config.block_m,
             BLOCK_K=config.block_k, ACC=types.acc, num_warps=config.num_warps, num_stages=config.num_stages)
-    config = tile_config("logit_gradient", input.dtype, input.device)
+    config = plan.tile("logit_gradient")
     grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)
     launch(logit_gradient_kernel)[grid](
-        input, weight, bias if bias is not None else lse, target, lse, grad_ce, row_const, spread, scaled_q,
+        input, weight, bias if bias is not None else lse, target, lse, grad_ce, row_const, T_vec, g_r_q,
         grad_h if want_h else lse, grad_w if want_w else lse, grad_b if want_b else lse, n_rows, vocab, dim,
-        input.stride(0), weight.stride(0), spread.stride(0) if modulated else dim, HAS_BIAS=bias is not None,
+        input.stride(0), weight.stride(0), T_vec.stride(0) if modulated else dim, HAS_BIAS=bias is not None,
         MODULATED=modulated,
         NEED_EXPLICIT=need_explicit, WANT_H=want_h, WANT_W=want_w, WANT_B=want_b, GROUP_M=config.group_m,
         BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k, num_warps=config.num_warps,

@@ -91,8 +91,10 @@ class Recorder:
         return RecordingLauncher()
 
 
-def record_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int) -> list[Launch]:
-    """Every kernel launch of a full training step (both terms, all gradients, bias) and of R-Drop."""
+def record_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int, plan=None) -> list[Launch]:
+    """Every kernel launch of a full training step (both terms, all gradients, bias) and of R-Drop, with
+    ``plan`` (default: the launchers' own choice for meta tensors, i.e. ``REPORT_CAPABILITY``)."""
+    from .._policy import accumulation_dtype
     from . import backward, forward, rdrop
 
     recorder = Recorder()
@@ -100,27 +102,24 @@ def record_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int) -> list
     def meta(*shape, dtype=dtype):
         return torch.empty(*shape, dtype=dtype, device="meta")
 
-    acc = torch.float32
     h, w, b, y = meta(rows, dim), meta(vocab, dim), meta(vocab), meta(rows, dtype=torch.int64)
     seed = 2**62 + 12345
-    _, _, _, lse, mu, var = forward.linear_ce_forward(recorder, h, w, b, y, None, seed, True, True)
-    grads = [meta(rows, dtype=acc) for _ in range(3)]
-    backward.linear_ce_backward(recorder, *grads, h, w, b, y, None, seed, lse, mu, var, True, True, True, True, True)
-    backward.linear_ce_backward(recorder, *grads, h, w, b, y, None, seed, lse, mu, var, False, False, True, True, True)
+    _, _, _, lse, mu, var = forward.linear_ce_forward(recorder, h, w, b, y, None, seed, True, True, plan)
+    grads = [meta(rows, dtype=accumulation_dtype(dtype)) for _ in range(3)]
+    backward.linear_ce_backward(recorder, *grads, h, w, b, y, None, seed, lse, mu, var, True, True, True, True, True,
+                                plan)
+    backward.linear_ce_backward(recorder, *grads, h, w, b, y, None, seed, lse, mu, var, False, False, True, True, True,
+                                plan)
     h2 = meta(rows, dim)
-    _, _, _, lse2, expected = rdrop.rdrop_forward(recorder, h, h2, w, b, y)
-    rdrop.rdrop_backward(recorder, *grads, h, h2, w, b, y, lse2, expected, True, True, True, True)
+    _, _, _, lse2, expected = rdrop.rdrop_forward(recorder, h, h2, w, b, y, plan)
+    rdrop.rdrop_backward(recorder, *grads, h, h2, w, b, y, lse2, expected, True, True, True, True, plan)
     return recorder.launches
 
 
 def _record_for(capability: int, dtype: torch.dtype, shape: dict) -> list[Launch]:
-    from . import utils
+    from .utils import launch_plan
 
-    previous, utils.REPORT_CAPABILITY = utils.REPORT_CAPABILITY, capability
-    try:
-        return record_launches(dtype, **shape)
-    finally:
-        utils.REPORT_CAPABILITY = previous
+    return record_launches(dtype, **shape, plan=launch_plan(dtype, torch.device("meta"), capability=capability))
 
 
 def _describe(launch: Launch) -> tuple[str, str]:

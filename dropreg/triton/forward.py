@@ -29,9 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import accumulation_dtype
-from .utils import (dot_operand, dot_types, grouped_tile, logit_tile, merge_vocab_splits, online_softmax_update,
-                    philox_sign_block, pick_target, row_descriptor, split_tiles, tile_config, vocab_splits)
+from .._policy import accumulation_dtype
+from .utils import (LaunchPlan, dot_operand, grouped_tile, launch_plan, logit_tile, merge_vocab_splits,
+                    online_softmax_update, philox_sign_block, pick_target, row_descriptor, row_probabilities,
+                    split_tiles)
 
 
 @triton.jit
@@ -65,7 +66,7 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, target_ptr, max_out, sum_out, targe
 
 
 @triton.jit
-def moments_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, mass_out, mean_out, second_out, N, V, D, stride_h, stride_w,
+def moments_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, mass_out, a1_out, a2_out, N, V, D, stride_h, stride_w,
                    HAS_BIAS: tl.constexpr, NEED_SECOND: tl.constexpr, GROUP_M: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
                    OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
@@ -82,27 +83,24 @@ def moments_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, mass_out, mean_out, second_out,
     cols = col0 + tl.arange(0, BLOCK_V)
     z = logit_tile(h_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K,
                    ACC, OPERAND, COMPUTE, PRECISION, ROUND_TF32)
-    lse = tl.load(lse_ptr + rows, mask=rows < N, other=float("inf"))
-    # Rows past N have z = bias: an lse of +inf makes their probabilities 0 without overflowing exp.
-    probs = tl.exp(z - lse[:, None])
-    probs = dot_operand(probs, WIDE, WIDE, WIDE_ROUND_TF32)
+    probs = dot_operand(row_probabilities(z, lse_ptr, rows, N), WIDE, WIDE, WIDE_ROUND_TF32)
     tl.atomic_add(mass_out + rows, tl.sum(probs, axis=1).to(ACC), mask=rows < N, sem="relaxed")
     for k0 in range(0, D, BLOCK_K):
         dims = k0 + tl.arange(0, BLOCK_K)
         out = rows.to(tl.int64)[:, None] * D + dims[None, :]
         in_bounds = (rows[:, None] < N) & (dims[None, :] < D)
         w = w_desc.load([col0, k0]).to(WIDE)
-        mean = tl.dot(probs, dot_operand(w, WIDE, WIDE, WIDE_ROUND_TF32), input_precision=WIDE_PRECISION,
-                      out_dtype=ACC)
-        tl.atomic_add(mean_out + out, mean, mask=in_bounds, sem="relaxed")
+        a1 = tl.dot(probs, dot_operand(w, WIDE, WIDE, WIDE_ROUND_TF32), input_precision=WIDE_PRECISION,
+                    out_dtype=ACC)
+        tl.atomic_add(a1_out + out, a1, mask=in_bounds, sem="relaxed")
         if NEED_SECOND:
-            second = tl.dot(probs, dot_operand(w * w, WIDE, WIDE, WIDE_ROUND_TF32), input_precision=WIDE_PRECISION,
-                            out_dtype=ACC)
-            tl.atomic_add(second_out + out, second, mask=in_bounds, sem="relaxed")
+            a2 = tl.dot(probs, dot_operand(w * w, WIDE, WIDE, WIDE_ROUND_TF32), input_precision=WIDE_PRECISION,
+                        out_dtype=ACC)
+            tl.atomic_add(a2_out + out, a2, mask=in_bounds, sem="relaxed")
 
 
 @triton.jit
-def row_terms_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mass_ptr, mean_ptr, second_ptr, quadratic_out,
+def row_terms_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mass_ptr, mu_ptr, var_ptr, quadratic_out,
                      sign_term_out, seed, N, D, stride_h, stride_w,
                      NEED_EXPLICIT: tl.constexpr, NEED_IMPLICIT: tl.constexpr, HAS_SIGNS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
@@ -118,11 +116,11 @@ def row_terms_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mass_ptr, mean_ptr, se
         in_bounds = (rows[:, None] < N) & (dims[None, :] < D)
         at = rows.to(tl.int64)[:, None] * D + dims[None, :]
         h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + dims[None, :], mask=in_bounds, other=0.0).to(ACC)
-        mean = tl.load(mean_ptr + at, mask=in_bounds, other=0.0) / mass
-        tl.store(mean_ptr + at, mean, mask=in_bounds)
+        mu = tl.load(mu_ptr + at, mask=in_bounds, other=0.0) / mass
+        tl.store(mu_ptr + at, mu, mask=in_bounds)
         if NEED_EXPLICIT:
-            var = tl.load(second_ptr + at, mask=in_bounds, other=0.0) / mass - mean * mean
-            tl.store(second_ptr + at, var, mask=in_bounds)
+            var = tl.load(var_ptr + at, mask=in_bounds, other=0.0) / mass - mu * mu
+            tl.store(var_ptr + at, var, mask=in_bounds)
             quadratic += tl.sum(h * h * var, axis=1)
         if NEED_IMPLICIT:
             w_target = tl.load(w_ptr + target[:, None] * stride_w + dims[None, :], mask=in_bounds, other=0.0)
@@ -130,26 +128,29 @@ def row_terms_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mass_ptr, mean_ptr, se
                 signs = tl.load(signs_ptr + at, mask=in_bounds, other=0.0).to(ACC)
             else:
                 signs = philox_sign_block(seed, rows, dims, D).to(ACC)
-            sign_term += tl.sum(signs * h * (mean - w_target.to(ACC)), axis=1)
+            sign_term += tl.sum(signs * h * (mu - w_target.to(ACC)), axis=1)
     tl.store(quadratic_out + rows, quadratic, mask=rows < N)
     tl.store(sign_term_out + rows, sign_term, mask=rows < N)
 
 
 def linear_ce_forward(launch, input, weight, bias, target, signs: Optional[torch.Tensor], seed: int,
-                      need_explicit: bool, need_implicit: bool):
+                      need_explicit: bool, need_implicit: bool, plan: Optional[LaunchPlan] = None):
     """Returns (ce, quadratic, sign_term, lse, mu, var) like the C++ op. ``launch(kernel)`` is
-    ``torch.library.wrap_triton`` inside the registered op. Inputs are descriptor-ready (see ops.py)."""
+    ``torch.library.wrap_triton`` inside the registered op. Inputs are descriptor-ready (see ops.py).
+    ``plan`` (tiles, splits, dot types) defaults to ``launch_plan(input.dtype, input.device)``."""
     n_rows, dim = input.shape
     vocab = weight.shape[0]
-    types = dot_types(input.dtype)
+    if plan is None:
+        plan = launch_plan(input.dtype, input.device)
+    types = plan.types
     acc = accumulation_dtype(input.dtype)
     has_bias = bias is not None
     bias_arg = bias if has_bias else input  # never read when HAS_BIAS is False
 
-    config = tile_config("lse_partials", input.dtype, input.device)
+    config = plan.tile("lse_partials")
     n_row_blocks = triton.cdiv(n_rows, config.block_m)
     n_vocab_blocks = triton.cdiv(vocab, config.block_v)
-    splits = vocab_splits(n_row_blocks, n_vocab_blocks, input.device)
+    splits = plan.vocab_splits(n_row_blocks, n_vocab_blocks)
     tiles_per_split = triton.cdiv(n_vocab_blocks, splits)
     partials = torch.empty(3, splits, n_rows, dtype=acc, device=input.device)
     launch(lse_partials_kernel)[(n_row_blocks, splits)](
@@ -160,25 +161,25 @@ def linear_ce_forward(launch, input, weight, bias, target, signs: Optional[torch
     (lse,) = merge_vocab_splits(partials[0], partials[1])
     ce = lse - partials[2].sum(dim=0)
 
-    need_mean = need_explicit or need_implicit
-    mean = torch.zeros((n_rows if need_mean else 0, dim), dtype=acc, device=input.device)
+    need_mu = need_explicit or need_implicit
+    mu = torch.zeros((n_rows if need_mu else 0, dim), dtype=acc, device=input.device)
     var = torch.zeros((n_rows if need_explicit else 0, dim), dtype=acc, device=input.device)
     quadratic = torch.zeros(n_rows, dtype=acc, device=input.device)
     sign_term = torch.zeros(n_rows, dtype=acc, device=input.device)
-    if need_mean and n_rows:
-        config = tile_config("moments", input.dtype, input.device)
+    if need_mu and n_rows:
+        config = plan.tile("moments")
         grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)
         mass = torch.zeros(n_rows, dtype=acc, device=input.device)
         launch(moments_kernel)[grid](
-            input, weight, bias_arg, lse, mass, mean, var if need_explicit else mean, n_rows, vocab, dim,
+            input, weight, bias_arg, lse, mass, mu, var if need_explicit else mu, n_rows, vocab, dim,
             input.stride(0), weight.stride(0), HAS_BIAS=has_bias, NEED_SECOND=need_explicit,
             GROUP_M=config.group_m, BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k,
             num_warps=config.num_warps, num_stages=config.num_stages, **types.narrow_args(), **types.wide_args())
-        config = tile_config("row_terms", input.dtype, input.device)
+        config = plan.tile("row_terms")
         launch(row_terms_kernel)[(triton.cdiv(n_rows, config.block_m),)](
-            input, weight, target, signs if signs is not None else mean, mass, mean,
-            var if need_explicit else mean, quadratic, sign_term, seed, n_rows, dim, input.stride(0), weight.stride(0),
+            input, weight, target, signs if signs is not None else mu, mass, mu,
+            var if need_explicit else mu, quadratic, sign_term, seed, n_rows, dim, input.stride(0), weight.stride(0),
             NEED_EXPLICIT=need_explicit, NEED_IMPLICIT=need_implicit, HAS_SIGNS=signs is not None,
             BLOCK_M=config.block_m, BLOCK_K=config.block_k, ACC=types.acc, num_warps=config.num_warps,
             num_stages=config.num_stages)
-    return ce, quadratic, sign_term, lse, mean, var
+    return ce, quadratic, sign_term, lse, mu, var

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .._op_autograd import register_linear_ce_autograd, register_rdrop_autograd, uint64_seed
+from .._op_family import register_linear_ce_autograd, register_rdrop_autograd, uint64_seed
 from . import backward, forward, rdrop
-from .utils import descriptor_ready, prepare_device
+from .utils import LaunchPlan, descriptor_ready, prepare_device
 
 
 def _grad_or_empty(grad, like):
@@ -69,3 +69,39 @@ def rdrop_backward(grad_ce1: Tensor, grad_ce2: Tensor, grad_kl: Tensor, input1: 
 
 register_linear_ce_autograd("dropreg_triton::linear_ce_forward", torch.ops.dropreg_triton.linear_ce_backward)
 register_rdrop_autograd("dropreg_triton::rdrop_forward", torch.ops.dropreg_triton.rdrop_backward)
+
+
+# ---- the launchers called directly, with a chosen plan ------------------------------------------------------
+def _direct(kernel):
+    """Launches kernels as they are (no ``wrap_triton``): the registered ops above cannot take a plan."""
+    return kernel
+
+
+def linear_ce_step(input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, upstream, *, seed: int = 0,
+                   plan: Optional[LaunchPlan] = None):
+    """Forward and backward of the fused op (both terms, every gradient) through the launchers, with ``plan``'s
+    tiles: for tools and tests that choose tile configurations. ``upstream`` is the per-row
+    ``(grad_ce, grad_quadratic, grad_sign_term)``. Returns ``((ce, quadratic, sign_term), (grad_input,
+    grad_weight, grad_bias))``, without coefficients, like the registered ops."""
+    prepare_device(input.device)
+    input, weight = descriptor_ready(input), descriptor_ready(weight)
+    bias = None if bias is None else bias.contiguous()
+    ce, quadratic, sign_term, lse, mu, var = forward.linear_ce_forward(
+        _direct, input, weight, bias, target, None, uint64_seed(seed), True, True, plan)
+    grads = backward.linear_ce_backward(_direct, *upstream, input, weight, bias, target, None, uint64_seed(seed), lse,
+                                        mu, var, True, True, True, True, bias is not None, plan)
+    return (ce, quadratic, sign_term), grads
+
+
+def rdrop_step(input1: Tensor, input2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, upstream, *,
+               plan: Optional[LaunchPlan] = None):
+    """R-Drop's forward and backward through the launchers with ``plan``, as :func:`linear_ce_step`;
+    ``upstream`` is ``(grad_ce1, grad_ce2, grad_kl)``. Returns ``((ce1, ce2, kl), (grad_input1, grad_input2,
+    grad_weight, grad_bias))``."""
+    prepare_device(input1.device)
+    input1, input2, weight = descriptor_ready(input1), descriptor_ready(input2), descriptor_ready(weight)
+    bias = None if bias is None else bias.contiguous()
+    ce1, ce2, kl, lse, expected_d = rdrop.rdrop_forward(_direct, input1, input2, weight, bias, target, plan)
+    grads = rdrop.rdrop_backward(_direct, *upstream, input1, input2, weight, bias, target, lse, expected_d, True, True,
+                                 True, bias is not None, plan)
+    return (ce1, ce2, kl), grads

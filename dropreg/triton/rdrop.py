@@ -9,13 +9,16 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ..reference import accumulation_dtype
-from .utils import (dot_operand, dot_types, grouped_tile, merge_vocab_splits, online_softmax_update, pick_target,
-                    row_descriptor, split_tiles, tile_config, vocab_splits)
+from .._policy import accumulation_dtype
+from .utils import (LaunchPlan, add_logit_chunk, dot_operand, finish_logits, grouped_tile, launch_plan,
+                    merge_vocab_splits, online_softmax_update, pick_target, row_descriptor, row_probabilities,
+                    split_tiles)
 
 
 @triton.jit
@@ -26,17 +29,10 @@ def _two_logit_tiles(h1_desc, h2_desc, w_desc, b_ptr, row0, col0, V, D, cols, HA
     z1 = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
     z2 = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
-        w = tl.trans(dot_operand(w_desc.load([col0, k0]), OPERAND, COMPUTE, ROUND_TF32))
-        z1 = tl.dot(dot_operand(h1_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32), w, z1, input_precision=PRECISION,
-                    out_dtype=ACC)
-        z2 = tl.dot(dot_operand(h2_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32), w, z2, input_precision=PRECISION,
-                    out_dtype=ACC)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
-        z1 += b
-        z2 += b
-    valid = cols[None, :] < V
-    return tl.where(valid, z1, float("-inf")), tl.where(valid, z2, float("-inf"))
+        w = w_desc.load([col0, k0])
+        z1 = add_logit_chunk(z1, h1_desc, w, row0, k0, ACC, OPERAND, COMPUTE, PRECISION, ROUND_TF32)
+        z2 = add_logit_chunk(z2, h2_desc, w, row0, k0, ACC, OPERAND, COMPUTE, PRECISION, ROUND_TF32)
+    return (finish_logits(z1, b_ptr, cols, V, HAS_BIAS, ACC), finish_logits(z2, b_ptr, cols, V, HAS_BIAS, ACC))
 
 
 @triton.jit
@@ -115,9 +111,8 @@ def rdrop_gradient_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, exp
     z1, z2 = _two_logit_tiles(h1_desc, h2_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS, BLOCK_M, BLOCK_V,
                               BLOCK_K, ACC, OPERAND, COMPUTE, PRECISION, ROUND_TF32)
     diff = _logit_difference(z1, z2, cols, V)
-    # Rows past N have z = bias: an lse of +inf makes their probabilities 0 without overflowing exp.
-    p1 = tl.exp(z1 - tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))[:, None])
-    p2 = tl.exp(z2 - tl.load(lse_ptr + N + rows, mask=row_ok, other=float("inf"))[:, None])
+    p1 = row_probabilities(z1, lse_ptr, rows, N)
+    p2 = row_probabilities(z2, lse_ptr + N, rows, N)
     expected1 = tl.load(expected_ptr + rows, mask=row_ok, other=0.0)[:, None]
     expected2 = tl.load(expected_ptr + N + rows, mask=row_ok, other=0.0)[:, None]
     g_ce1 = tl.load(grad_ce1_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
@@ -154,16 +149,18 @@ def rdrop_gradient_kernel(h1_ptr, h2_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, exp
                           mask=(cols[:, None] < V) & (dims[None, :] < D), sem="relaxed")
 
 
-def rdrop_forward(launch, input1, input2, weight, bias, target):
-    """Returns (ce1, ce2, kl, lse (2, N), expected_d (2, N)) like the C++ op."""
+def rdrop_forward(launch, input1, input2, weight, bias, target, plan: Optional[LaunchPlan] = None):
+    """Returns (ce1, ce2, kl, lse (2, N), expected_d (2, N)) like the C++ op. ``plan`` as in forward.py."""
     n_rows, dim = input1.shape
     vocab = weight.shape[0]
-    types = dot_types(input1.dtype)
+    if plan is None:
+        plan = launch_plan(input1.dtype, input1.device)
+    types = plan.types
     acc = accumulation_dtype(input1.dtype)
-    config = tile_config("rdrop_partials", input1.dtype, input1.device)
+    config = plan.tile("rdrop_partials")
     n_row_blocks = triton.cdiv(n_rows, config.block_m)
     n_vocab_blocks = triton.cdiv(vocab, config.block_v)
-    splits = vocab_splits(n_row_blocks, n_vocab_blocks, input1.device)
+    splits = plan.vocab_splits(n_row_blocks, n_vocab_blocks)
     partials = torch.empty(8, splits, n_rows, dtype=acc, device=input1.device)
     launch(rdrop_partials_kernel)[(n_row_blocks, splits)](
         input1, input2, weight, bias if bias is not None else input1, target, partials, n_rows, vocab, dim,
@@ -179,16 +176,18 @@ def rdrop_forward(launch, input1, input2, weight, bias, target):
 
 
 def rdrop_backward(launch, grad_ce1, grad_ce2, grad_kl, input1, input2, weight, bias, target, lse, expected_d,
-                   want_h1, want_h2, want_w, want_b):
+                   want_h1, want_h2, want_w, want_b, plan: Optional[LaunchPlan] = None):
     n_rows, dim = input1.shape
     vocab = weight.shape[0]
-    types = dot_types(input1.dtype)
+    if plan is None:
+        plan = launch_plan(input1.dtype, input1.device)
+    types = plan.types
     acc, device = lse.dtype, input1.device
     grad_h1 = torch.zeros(n_rows, dim, dtype=acc, device=device) if want_h1 else None
     grad_h2 = torch.zeros(n_rows, dim, dtype=acc, device=device) if want_h2 else None
     grad_w = torch.zeros(vocab, dim, dtype=acc, device=device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
-    config = tile_config("rdrop_gradient", input1.dtype, input1.device)
+    config = plan.tile("rdrop_gradient")
     grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)
 
     def out_or_placeholder(t):

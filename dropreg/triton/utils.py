@@ -1,18 +1,23 @@
 """Helpers shared by every Triton kernel of dropreg (device side) and their launchers (host side).
 
-Device side: the logit tile ``z = h W^T + b`` over a K loop, the grouped tile order, the operand cast
+Device side: the logit tile ``z = h W^T + b`` over a K loop (and its K step and epilogue, for kernels that
+fuse more products into that loop), the row probabilities, the grouped tile order, the operand cast
 for ``tl.dot``, the target-logit pick and the Philox sign block. Host side: interpreter detection, the
-tile configurations (the only place block sizes, warps and stages are chosen, so the launcher and the
-compile report agree), descriptor-ready operands and the exact merge of per-vocabulary-split partials.
+tile configurations and the ``LaunchPlan`` made from them (the only place block sizes, warps, stages and
+vocabulary splits are chosen; the launchers take a plan, so tools pass one instead of patching tables),
+descriptor-ready operands and the exact merge of per-vocabulary-split partials.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
+
+from .._policy import accumulation_dtype
 
 # Triton 3.9 warns that this default changes in 3.10; pin today's behaviour (fused multiply-add allowed).
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -78,18 +83,41 @@ def grouped_tile(pid, n_row_blocks, n_vocab_blocks, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def add_logit_chunk(z, h_desc, w, row0, k0, ACC: tl.constexpr, OPERAND: tl.constexpr, COMPUTE: tl.constexpr,
+                    PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
+    """One K step of the logit GEMM: ``z + h[row0:, k0:k0+BLOCK_K] @ w^T``, with ``w`` the K chunk of W's tile as
+    loaded (kernels that fuse other products with W into the same K loop load each chunk once and pass it)."""
+    h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32)
+    w = dot_operand(w, OPERAND, COMPUTE, ROUND_TF32)
+    return tl.dot(h, tl.trans(w), z, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def finish_logits(z, b_ptr, cols, V, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """Adds the bias to a logit tile; columns >= V become -inf (probability 0)."""
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
+    return tl.where(cols[None, :] < V, z, float("-inf"))
+
+
+@triton.jit
 def logit_tile(h_desc, w_desc, b_ptr, row0, col0, V, D, cols, HAS_BIAS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
                OPERAND: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     """``z[BLOCK_M, BLOCK_V] = h[row0:] @ W[col0:]^T (+ b)`` in ``ACC``; columns >= V are -inf."""
     z = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
-        h = dot_operand(h_desc.load([row0, k0]), OPERAND, COMPUTE, ROUND_TF32)
-        w = dot_operand(w_desc.load([col0, k0]), OPERAND, COMPUTE, ROUND_TF32)
-        z = tl.dot(h, tl.trans(w), z, input_precision=PRECISION, out_dtype=ACC)
-    if HAS_BIAS:
-        z += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
-    return tl.where(cols[None, :] < V, z, float("-inf"))
+        z = add_logit_chunk(z, h_desc, w_desc.load([col0, k0]), row0, k0, ACC, OPERAND, COMPUTE, PRECISION,
+                            ROUND_TF32)
+    return finish_logits(z, b_ptr, cols, V, HAS_BIAS, ACC)
+
+
+@triton.jit
+def row_probabilities(z, lse_ptr, rows, N):
+    """``s = exp(z - lse)`` for a logit tile of ``rows``. Rows past N get lse = +inf: their z (the bias alone)
+    then gives probabilities 0 without overflowing exp."""
+    lse = tl.load(lse_ptr + rows, mask=rows < N, other=float("inf"))
+    return tl.exp(z - lse[:, None])
 
 
 @triton.jit
@@ -202,41 +230,82 @@ INTERPRETER_VOCAB_SPLITS = 2  # split even tiny vocabularies so the exact merge 
 SM90_CONFIGS: dict[str, dict[str, TileConfig]] = {
     "logit_gradient": dict(tensor=TileConfig(128, 128, 32, 8, 2)),
 }
-# The capability the compile report compiles for (it runs the launchers on meta tensors, no GPU).
+# What a plan for a non-CUDA device (the compile report's meta tensors) assumes: an H100 (sm_90, 132 SMs).
 REPORT_CAPABILITY = 90
+REPORT_SM_COUNT = 132
 
 
-def _capability(device: Optional[torch.device]) -> int:
-    if device is not None and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return REPORT_CAPABILITY
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Every launch choice that is not a kernel argument, for one input dtype on one device: how the dots
+    round (``types``), each kernel's tiles (``tiles``, by the names of ``GPU_CONFIGS``) and how many
+    vocabulary splits the statistics passes use. :func:`launch_plan` makes the launchers' default one; tools
+    and tests that try other tiles pass a modified copy (:meth:`with_tiles`) to the launchers."""
+    types: DotTypes
+    tiles: Mapping[str, TileConfig]
+    sm_count: int  # the statistics grid aims at 4 programs per SM
+    fixed_vocab_splits: Optional[int] = None  # the interpreter's rule, instead of filling the SMs
+
+    def tile(self, kernel: str) -> TileConfig:
+        return self.tiles[kernel]
+
+    def with_tiles(self, **tiles: TileConfig) -> "LaunchPlan":
+        unknown = set(tiles) - set(self.tiles)
+        if unknown:
+            raise ValueError(f"tiles: unknown kernels {sorted(unknown)}; expected some of {sorted(self.tiles)}")
+        return dataclasses.replace(self, tiles={**self.tiles, **tiles})
+
+    def vocab_splits(self, n_row_blocks: int, n_vocab_blocks: int) -> int:
+        """How many vocabulary ranges the statistics pass runs in parallel: enough programs to fill the GPU
+        (4 per SM) when there are few row blocks, merged exactly afterwards."""
+        if self.fixed_vocab_splits is not None:
+            return min(self.fixed_vocab_splits, n_vocab_blocks)
+        return max(1, min(n_vocab_blocks, triton.cdiv(4 * self.sm_count, n_row_blocks)))
 
 
-def tile_config(kernel: str, dtype: torch.dtype, device: Optional[torch.device] = None,
-                interpreted: bool = INTERPRETED) -> TileConfig:
-    if interpreted:
-        return INTERPRETER_ROW_CONFIG if kernel == "row_terms" else INTERPRETER_CONFIG
+def launch_plan(dtype: torch.dtype, device: Optional[torch.device] = None, *,
+                interpreter_tiles: bool = INTERPRETED, capability: Optional[int] = None,
+                sm_count: Optional[int] = None) -> LaunchPlan:
+    """The plan for ``dtype`` on ``device``: the interpreter's small tiles when ``interpreter_tiles``, else the
+    GPU table for the dot class, with the overrides of the device's compute capability (``capability``,
+    default the device's, or ``REPORT_CAPABILITY`` off CUDA). ``sm_count`` defaults likewise."""
+    types = dot_types(dtype)
+    if interpreter_tiles:
+        tiles = {kernel: INTERPRETER_ROW_CONFIG if kernel == "row_terms" else INTERPRETER_CONFIG
+                 for kernel in GPU_CONFIGS}
+        return LaunchPlan(types, tiles, REPORT_SM_COUNT, fixed_vocab_splits=INTERPRETER_VOCAB_SPLITS)
     if dtype == torch.bfloat16:
         dot_class = "tensor"
     elif dtype == torch.float16:  # its tf32x3 regularizer dots need more registers
         dot_class = "fp16"
-    elif dtype == torch.float32 and dot_types(dtype).precision == "tf32":
+    elif dtype == torch.float32 and types.precision == "tf32":
         dot_class = "tf32"
     else:
         dot_class = "ieee"
-    if _capability(device) >= 90 and dot_class in SM90_CONFIGS.get(kernel, {}):
-        return SM90_CONFIGS[kernel][dot_class]
-    return GPU_CONFIGS[kernel][dot_class]
+    on_cuda = device is not None and device.type == "cuda"
+    if capability is None:
+        capability = _capability(device) if on_cuda else REPORT_CAPABILITY
+    if sm_count is None:
+        sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+            if on_cuda else REPORT_SM_COUNT
+    overrides = SM90_CONFIGS if capability >= 90 else {}
+    tiles = {kernel: overrides.get(kernel, {}).get(dot_class, configs[dot_class])
+             for kernel, configs in GPU_CONFIGS.items()}
+    return LaunchPlan(types, tiles, sm_count)
+
+
+def _capability(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def dot_types(dtype: torch.dtype, interpreted: bool = INTERPRETED) -> DotTypes:
     """bf16/fp16 inputs: narrow dots on tensor cores in that dtype, wide dots in tf32/tf32x3. fp32 inputs: tf32
     when ``torch.get_float32_matmul_precision()`` allows it ("high"/"medium"), else exact ieee fp32.
-    Accumulation is always fp32 (fp64 for fp64 inputs)."""
+    Accumulation follows dropreg/_policy.py: fp32, fp64 for fp64 inputs."""
     operand = _TL_DTYPES[dtype]
     low_precision = dtype in (torch.bfloat16, torch.float16)
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    acc = _TL_DTYPES[accumulation_dtype(dtype)]
     compute = tl.float32 if interpreted and low_precision else operand
     fp32_precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     precision = fp32_precision if dtype == torch.float32 else None
@@ -245,21 +314,6 @@ def dot_types(dtype: torch.dtype, interpreted: bool = INTERPRETED) -> DotTypes:
     wide_precision = {torch.float64: None, torch.float32: fp32_precision, torch.bfloat16: "tf32",
                       torch.float16: "tf32x3"}[dtype]
     return DotTypes(acc, operand, compute, precision, acc, wide_precision)
-
-
-# The compile report (no GPU) sizes the statistics grid for an H100's 132 SMs.
-REPORT_SM_COUNT = 132
-
-
-def vocab_splits(n_row_blocks: int, n_vocab_blocks: int, device: torch.device,
-                 interpreted: bool = INTERPRETED) -> int:
-    """How many vocabulary ranges the statistics pass runs in parallel: enough programs to fill the GPU
-    (4 per SM) when there are few row blocks, merged exactly afterwards."""
-    if interpreted:
-        return min(INTERPRETER_VOCAB_SPLITS, n_vocab_blocks)
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else REPORT_SM_COUNT
-    return max(1, min(n_vocab_blocks, triton.cdiv(4 * sms, n_row_blocks)))
 
 
 @functools.lru_cache(maxsize=None)

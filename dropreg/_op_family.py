@@ -1,0 +1,165 @@
+"""The registered fused-op families, C++ (``dropreg::``) and Triton (``dropreg_triton::``): one backend wrapper
+(:class:`OpFamily`: loading, availability, the dispatch functions) and one autograd registration for both.
+
+Both families have the same schemas (csrc/dropreg.cpp):
+
+* ``linear_ce_forward(input, weight, bias?, target, signs?, int seed, bool need_explicit, bool need_implicit)
+  -> (ce, quadratic, sign_term, lse, mu, var)`` and ``linear_ce_backward(..., bool[3] output_mask)``;
+* ``rdrop_forward(input1, input2, weight, bias?, target) -> (ce1, ce2, kl, lse, expected_d)`` and
+  ``rdrop_backward(..., bool[4] output_mask)``.
+
+lse, mu, var and expected_d are saved statistics, not differentiable outputs: their gradients are ignored.
+Backward ops return an empty tensor for every gradient that ``output_mask`` switches off.
+
+Names used for docs/math.md's quantities in every backend (Python, Triton, C++), per row n:
+
+* ``s`` / ``probs``: softmax(z); ``lse``: logsumexp(z); ``mass``: sum_v s_v as rounded for a dot.
+* ``mu = W^T s`` (d), ``m2 = (W*W)^T s`` (d), ``var = m2 - mu*mu`` (d).
+* ``q = h*h``, ``u = sigma*h`` (sigma: ``signs``), ``g_ce``, ``g_r = gR' = gR c_R``, ``g_i = gI' = gI c_I``.
+* ``g_r_q = gR' q``, ``g_i_u = gI' u``, ``T_vec = T = gI' u - 2 gR' q mu`` (d).
+* ``T_stack = [T | gR' q]`` (2d; T alone without the explicit term).
+* ``t = T W^T + gR' q (W*W)^T``: the row-varying part of gR' r_v + gI' a_v (one value per vocabulary entry).
+* ``row_const = g_ce + gR' q.(mu^2 - var) - gI' mu.u``: the rest, constant along the row, so that the logit
+  gradient is ``G = s * (row_const + t) - g_ce [v = y]``.
+* ``st_T_stack = S^T [T | gR' q]`` (per vocabulary entry, 2d): grad_W's modulation terms.
+* R-Drop: ``D = z1 - z2``, ``expected_d = E_p[D]`` per pass.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ._policy import accumulation_dtype
+
+
+def int64_seed(seed: int) -> int:
+    """The schemas' int is int64; the stream's key is the same 64 bits read as unsigned."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def uint64_seed(seed: int) -> int:
+    return seed % 2**64
+
+
+class BackendUnavailable(RuntimeError):
+    """An op family that cannot run in this process (build failed, package or device missing)."""
+
+
+def _no_requirement_missing() -> Optional[BaseException]:
+    return None
+
+
+def _any_device(tensor: torch.Tensor) -> None:
+    return None
+
+
+class OpFamily:
+    """One family of registered ops, ``torch.ops.<namespace>.*``, as a backend of dropreg/_dispatch.py.
+
+    ``load()`` makes the ops callable (a JIT build, a lazy import) or raises :class:`BackendUnavailable`
+    with the underlying error as its cause; a failure is remembered and re-raised, never retried.
+    ``missing_requirement()`` returns why the family cannot run in this process at all (e.g. no device), or
+    None. ``check_device(tensor)`` raises ValueError, naming the argument, for tensors it cannot run on.
+    ``contiguous_operands``: whether input and weight are made contiguous here (the Triton ops take strided
+    operands and copy only what tensor descriptors cannot read).
+    """
+
+    def __init__(self, namespace: str, load: Callable[[], None], *,
+                 missing_requirement: Callable[[], Optional[BaseException]] = _no_requirement_missing,
+                 check_device: Callable[[torch.Tensor], None] = _any_device, contiguous_operands: bool = True):
+        self.namespace = namespace
+        self._load = load
+        self._missing_requirement = missing_requirement
+        self._check_device = check_device
+        self._contiguous_operands = contiguous_operands
+        self._loaded = False
+        self._failure: Optional[BackendUnavailable] = None
+
+    def load(self) -> None:
+        if self._loaded:
+            return
+        if self._failure is not None:
+            raise BackendUnavailable(str(self._failure)) from self._failure.__cause__
+        try:
+            self._load()
+        except BackendUnavailable as failure:
+            self._failure = failure
+            raise
+        self._loaded = True
+
+    def is_available(self) -> bool:
+        if self._missing_requirement() is not None:
+            return False
+        try:
+            self.load()
+        except BackendUnavailable:
+            return False
+        return True
+
+    def unavailable_reason(self) -> Optional[BaseException]:
+        if self._failure is not None:
+            return self._failure.__cause__ or self._failure
+        return self._missing_requirement()
+
+    def _ops(self):
+        return getattr(torch.ops, self.namespace)
+
+    def _operand(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.contiguous() if self._contiguous_operands else tensor
+
+    def linear_ce(self, input, weight, bias, target, signs, seed, need_explicit, need_implicit):
+        """Per-row ``(ce, quadratic, sign_term)`` from ``linear_ce_forward`` (see dropreg/_dispatch.py)."""
+        self._check_device(input)
+        self.load()
+        if signs is not None:
+            signs = signs.to(accumulation_dtype(input.dtype)).contiguous()
+        out = self._ops().linear_ce_forward(
+            self._operand(input), self._operand(weight), None if bias is None else bias.contiguous(),
+            target.contiguous(), signs, int64_seed(seed), need_explicit, need_implicit)
+        return out[0], out[1], out[2]
+
+    def rdrop(self, input1, input2, weight, bias, target):
+        """Per-row ``(ce1, ce2, kl)`` from ``rdrop_forward`` (see dropreg/_dispatch.py)."""
+        self._check_device(input1)
+        self.load()
+        out = self._ops().rdrop_forward(self._operand(input1), self._operand(input2), self._operand(weight),
+                                        None if bias is None else bias.contiguous(), target.contiguous())
+        return out[0], out[1], out[2]
+
+
+def register_linear_ce_autograd(forward_op: str, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, target, signs, seed, need_explicit, need_implicit = inputs
+        _, _, _, lse, mu, var = output
+        ctx.save_for_backward(input, weight, bias, target, signs, lse, mu, var)
+        ctx.options = (seed, need_explicit, need_implicit, bias is not None)
+
+    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, _grad_lse, _grad_mu, _grad_var):
+        input, weight, bias, target, signs, lse, mu, var = ctx.saved_tensors
+        seed, need_explicit, need_implicit, has_bias = ctx.options
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+        grads = [torch.zeros_like(lse) if g is None else g.contiguous()
+                 for g in (grad_ce, grad_quadratic, grad_sign_term)]
+        grad_h, grad_w, grad_b = backward_op(
+            *grads, input, weight, bias, target, signs, seed, lse, mu, var, need_explicit, need_implicit, mask)
+        return (grad_h if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
+                None, None, None, None, None)
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def register_rdrop_autograd(forward_op: str, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        input1, input2, weight, bias, target = inputs
+        ctx.save_for_backward(input1, input2, weight, bias, target, output[3], output[4])
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_ce1, grad_ce2, grad_kl, _grad_lse, _grad_expected):
+        input1, input2, weight, bias, target, lse, expected_d = ctx.saved_tensors
+        mask = [*ctx.needs_input_grad[:3], ctx.has_bias and ctx.needs_input_grad[3]]
+        grads = [torch.zeros_like(lse[0]) if g is None else g.contiguous() for g in (grad_ce1, grad_ce2, grad_kl)]
+        out = backward_op(*grads, input1, input2, weight, bias, target, lse, expected_d, mask)
+        return (*(g if wanted else None for g, wanted in zip(out, mask)), None)
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
