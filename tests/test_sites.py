@@ -335,3 +335,17 @@ def test_training_step_with_sites_reduces_the_regularized_loss():
         optimizer.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_readme_every_site_example(capsys):
+    import os
+    import re
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("### Every dropout site"):]
+    code = re.search(r"```python\n(.+?)```", section, flags=re.S).group(1)
+    exec(compile(code, "README.md (every dropout site)", "exec"), {})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in printed] == ["step 0", "step 1", "step 2"]
+    first, last = (float(line.split()[3]) for line in (printed[0], printed[-1]))
+    assert last < first  # the cross entropy falls over three SGD steps on one batch
