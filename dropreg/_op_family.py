@@ -26,6 +26,7 @@ Names used for docs/math.md's quantities in every backend (Python, Triton, C++),
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -128,6 +129,48 @@ class OpFamily:
         return out[0], out[1], out[2]
 
 
+DOUBLE_BACKWARD_MESSAGE = ("double backward through dropreg's fused ops is not implemented; for Hessian-vector "
+                           "products use dropreg.diagnostics (finite differences of fused gradients) or "
+                           "backend='reference'")
+
+
+def first_order_only(backward):
+    """Decorates an autograd.Function's hand-written backward: it runs without recording a graph and, when the
+    caller asked for one (``create_graph=True``), its results carry a node that raises if differentiated.
+    Unlike ``once_differentiable``, this holds even when the upstream gradients do not require grad, so a
+    second derivative is never silently missing a term."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            results = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return results
+        results = results if isinstance(results, tuple) else (results,)
+        refuse = torch._C._functions.DelayedError(f"dropreg: {DOUBLE_BACKWARD_MESSAGE}".encode(), len(results))
+        # The refusing node must lie on the path to the Function's inputs, or autograd would prune it: link
+        # each result to them through a zero.
+        linked = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        link = sum((t.reshape(-1)[:1].sum() * 0 for t in linked), torch.zeros(()))
+
+        def differentiable_alias(result):
+            if result is None:
+                return None
+            alias = result.detach() + link.to(result.dtype)
+            return alias if alias.requires_grad else alias.requires_grad_(True)
+
+        return refuse(*[differentiable_alias(r) for r in results])
+    return wrapper
+
+
+def refuse_double_backward(backward_op: str) -> None:
+    """Differentiating a fused op's backward (a Hessian-vector product, a gradient penalty) is not implemented:
+    without an autograd kernel torch would silently return zeros, so the backward op gets one that raises."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{backward_op}: {DOUBLE_BACKWARD_MESSAGE}")
+
+    torch.library.register_autograd(backward_op, backward)
+
+
 def register_linear_ce_autograd(forward_op: str, backward_op) -> None:
     def setup_context(ctx, inputs, output):
         input, weight, bias, target, signs, seed, need_explicit, need_implicit = inputs
@@ -147,6 +190,7 @@ def register_linear_ce_autograd(forward_op: str, backward_op) -> None:
                 None, None, None, None, None)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    refuse_double_backward(forward_op.replace("_forward", "_backward"))
 
 
 def register_rdrop_autograd(forward_op: str, backward_op) -> None:
@@ -163,3 +207,4 @@ def register_rdrop_autograd(forward_op: str, backward_op) -> None:
         return (*(g if wanted else None for g, wanted in zip(out, mask)), None)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    refuse_double_backward(forward_op.replace("_forward", "_backward"))

@@ -12,8 +12,8 @@ import sys
 import torch
 
 from . import _build
-from ._op_family import (BackendUnavailable, OpFamily, int64_seed, register_linear_ce_autograd,
-                         register_rdrop_autograd)
+from ._op_family import (BackendUnavailable, OpFamily, int64_seed, refuse_double_backward,
+                         register_linear_ce_autograd, register_rdrop_autograd)
 from ._policy import accumulation_dtype
 
 
@@ -194,6 +194,7 @@ def _register_site_kernels() -> None:
         return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
     torch.library.register_autograd("dropreg::softmax_mean_forward", backward, setup_context=setup_context)
+    refuse_double_backward("dropreg::softmax_mean_backward")
 
 
 def cpu_softmax_mean(input, weight, bias):

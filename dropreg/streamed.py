@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.profiler import record_function
 
+from ._op_family import first_order_only
 from ._policy import accumulation_dtype
 from .signs import gumbel_noise, philox_signs
 
@@ -165,6 +166,7 @@ class StreamedTerms(torch.autograd.Function):
         return ce, quadratic, sign_term
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_ce, grad_quadratic, grad_sign_term):
         h, weight, bias, target, signs, lse, mu, var = ctx.saved_tensors
         need_explicit, need_implicit, row_block, vocab_chunk = ctx.options
@@ -276,6 +278,7 @@ class StreamedRDrop(torch.autograd.Function):
         return ce1, ce2, kl
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_ce1, grad_ce2, grad_kl):
         h1, h2, weight, bias, target, lse, expected_d = ctx.saved_tensors
         row_block, vocab_chunk = ctx.blocks
@@ -342,6 +345,7 @@ class StreamedSoftmaxMean(torch.autograd.Function):
         return mu
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_mu):
         h, weight, bias, lse, mu = ctx.saved_tensors
         row_block, vocab_chunk = ctx.blocks
