@@ -17,6 +17,7 @@ from ._api import (LinearCrossEntropyOutput, RDropOutput, default_coefficients, 
                    linear_cross_entropy, rdrop_linear_cross_entropy)
 from ._dispatch import available_backends
 from .nn import DropoutSite, LinearCrossEntropyLoss, RDropLoss
+from . import diagnostics
 from .signs import philox_signs
 from .sites import SiteRegularizers, sample_targets, site_regularizers, softmax_mean
 
