@@ -1,22 +1,26 @@
-"""Small-scale check of the paper's claim: explicit + implicit regularizers can stand in for dropout.
+"""Does it reproduce the paper? Dropout against its explicit and implicit regularizers at every site, over seeds.
 
-    python examples/prepare_fortunes.py --out data/fortunes
-    python examples/paper_reproduction.py --data data/fortunes --out examples/results
+    apt-get install -y fortunes && python examples/prepare_fortunes.py --out data/fortunes
+    python examples/paper_reproduction.py --data data/fortunes --out docs/paper_reproduction/every_site
+    python examples/paper_reproduction.py --quick --out /tmp/smoke      # synthetic corpus, CI smoke run
 
-A word-level LSTM language model is trained five times with the same model, optimizer, schedule, data
-order and seed; only the regularization of the output layer differs (Wei, Kakade & Ma, 2020):
+A word-level LSTM language model (embedding, stacked single-layer LSTMs, tied nothing) with a dropout site
+after the embedding, between LSTM layers and before the output layer (Wei, Kakade & Ma's AWD-style placement,
+without weight drop). Four runs per seed, with the same initialization and data order for a given seed:
 
 1. none: plain cross entropy;
-2. dropout: dropout with probability p on the LSTM output, the input of the output layer;
-3. explicit: cross entropy + the explicit regularizer on the un-dropped output (dropreg);
-4. implicit: cross entropy + the random-sign implicit term (dropreg);
-5. explicit+implicit: both (dropreg).
+2. dropout: ``nn.Dropout(p)`` at every site;
+3. explicit: no dropout; cross entropy + the explicit regularizer at every site (``dropreg.site_regularizers``,
+   one sampled label, coefficient kappa/2);
+4. explicit+implicit: the same plus the random-sign implicit term (coefficient sqrt(kappa)).
 
-Runs 3-5 call ``dropreg.linear_cross_entropy`` with the same p (default coefficients kappa/2 and
-sqrt(kappa)); runs 1-2 call it with both terms off, so every run goes through the same fused
-cross-entropy kernel. ``--data`` takes a folder with train.txt, valid.txt and test.txt (PTB / WikiText-2
-layout, one sentence per line); ``--synthetic`` makes a tiny random corpus for smoke tests.
-Writes results.csv, results.md and learning_curves.png to --out.
+SGD with gradient clipping as the paper (learning rate divided by 4 when validation stops improving; Adam with
+``--optimizer adam``). Per run: mean +- sd over seeds of the best validation perplexity and the test perplexity
+at that epoch, Welch t 95% intervals of the differences against "none" and "dropout", learning curves with
++-1 sd bands, and diagnostics of the final parameters (``dropreg.diagnostics``): the top Hessian eigenvalue and
+the Hessian trace of the plain training loss (dropout off) on fixed training batches, and condensation of the
+first LSTM layer's input weights (pairwise |cos| of its units' input weight vectors, fraction above 0.9).
+``--data`` takes a folder with train.txt, valid.txt, test.txt (PTB / WikiText-2 layout).
 """
 from __future__ import annotations
 
@@ -33,46 +37,58 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropreg
+from dropreg import diagnostics
 
-RUNS = {
-    "none": dict(dropout=False, explicit=False, implicit=False),
-    "dropout": dict(dropout=True, explicit=False, implicit=False),
-    "explicit": dict(dropout=False, explicit=True, implicit=False),
-    "implicit": dict(dropout=False, explicit=False, implicit=True),
-    "explicit+implicit": dict(dropout=False, explicit=True, implicit=True),
-}
+RUNS = ("none", "dropout", "explicit", "explicit+implicit")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="folder with train.txt, valid.txt, test.txt")
-    source.add_argument("--synthetic", action="store_true", help="tiny random corpus (smoke test)")
+    source.add_argument("--quick", action="store_true", help="tiny synthetic corpus and model (CI smoke run)")
     parser.add_argument("--out", default="examples/results")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {list(RUNS)}")
-    parser.add_argument("--p", type=float, default=0.4, help="drop probability (the paper's LSTM value)")
-    parser.add_argument("--explicit-coef", type=float, default=None, help="default p / (2 (1 - p))")
-    parser.add_argument("--implicit-coef", type=float, default=None, help="default sqrt(p / (1 - p))")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (at least 2)")
+    parser.add_argument("--p", type=float, default=0.4, help="drop probability at every site (the paper's LSTM value)")
     parser.add_argument("--emb", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--bptt", type=int, default=35)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--train-tokens", type=int, default=60_000,
-                        help="use the first N training tokens: small enough to overfit, and quick")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--lr", type=float, default=None, help="default 20 (SGD) or 3e-3 (Adam)")
+    parser.add_argument("--clip", type=float, default=0.25)
+    parser.add_argument("--train-tokens", type=int, default=60_000, help="first N training tokens (small: overfits)")
+    parser.add_argument("--diagnostic-batches", type=int, default=4, help="training batches the Hessian is taken on")
+    parser.add_argument("--eigen-iterations", type=int, default=30, help="power iterations for the top eigenvalue")
+    parser.add_argument("--trace-samples", type=int, default=20, help="Hutchinson probes for the trace")
     parser.add_argument("--threads", type=int, default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.emb, args.hidden, args.layers, args.epochs, args.batch, args.bptt = 16, 16, 2, 2, 4, 10
+        args.diagnostic_batches, args.eigen_iterations, args.trace_samples = 1, 3, 2
+        if args.seeds == "0,1,2,3,4":
+            args.seeds = "0,1"
+    if args.lr is None:
+        args.lr = 20.0 if args.optimizer == "sgd" else 3e-3
+    args.run_names = args.runs.split(",")
+    args.seed_list = [int(s) for s in args.seeds.split(",")]
+    unknown = set(args.run_names) - set(RUNS)
+    if unknown:
+        parser.error(f"--runs: unknown {sorted(unknown)}; choose from {list(RUNS)}")
+    if len(args.seed_list) < 2:
+        parser.error("--seeds: at least two seeds (a standard deviation needs them)")
+    return args
 
 
 def load_corpus(args):
-    if args.synthetic:
-        gen = torch.Generator().manual_seed(args.seed)
+    if args.quick:
+        gen = torch.Generator().manual_seed(1234)
         vocab = [f"w{i}" for i in range(60)] + ["<eos>"]
         make = lambda n: torch.randint(0, len(vocab), (n,), generator=gen)  # noqa: E731
-        return vocab, make(4000), make(800), make(800)
+        return vocab, make(1200), make(300), make(300)
     splits = {}
     for split in ("train", "valid", "test"):
         with open(os.path.join(args.data, f"{split}.txt")) as f:
@@ -93,82 +109,185 @@ def batchify(ids, batch):
     return ids[: n * batch].view(batch, n)  # (batch, time): each row a contiguous stream
 
 
-class LSTMLanguageModel(nn.Module):
-    def __init__(self, vocab, emb, hidden, layers):
+class EverySiteLSTM(nn.Module):
+    """Embedding -> site -> LSTM -> site -> ... -> LSTM -> site -> head. A site is nn.Dropout(p) for the
+    "dropout" run and dropreg.DropoutSite(p) (the identity, recorded for the regularizers) otherwise."""
+
+    def __init__(self, vocab, emb, hidden, layers, p, dropout):
         super().__init__()
         self.embed = nn.Embedding(vocab, emb)
-        self.lstm = nn.LSTM(emb, hidden, layers, batch_first=True)
+        self.lstms = nn.ModuleList([nn.LSTM(emb if i == 0 else hidden, hidden, batch_first=True)
+                                    for i in range(layers)])
+        make_site = (lambda: nn.Dropout(p)) if dropout else (lambda: dropreg.DropoutSite(p))
+        self.sites = nn.ModuleList([make_site() for _ in range(layers + 1)])
         self.head = nn.Linear(hidden, vocab)
 
     def forward(self, ids, state=None):
-        out, state = self.lstm(self.embed(ids), state)
-        return out, state  # out: the input of the output layer
+        x = self.sites[0](self.embed(ids))
+        new_state = []
+        for i, lstm in enumerate(self.lstms):
+            x, s = lstm(x, None if state is None else state[i])
+            x = self.sites[i + 1](x)
+            new_state.append(tuple(t.detach() for t in s))
+        return x, new_state
 
 
-def loss_terms(model, hidden, target, run, args):
-    if run["dropout"] and model.training:
-        hidden = F.dropout(hidden, p=args.p, training=True)
-    regularize = model.training and (run["explicit"] or run["implicit"])
-    return dropreg.linear_cross_entropy(
-        hidden, model.head.weight, target, linear_bias=model.head.bias, p=args.p,
-        explicit=regularize and run["explicit"], implicit=regularize and run["implicit"],
-        explicit_coef=args.explicit_coef, implicit_coef=args.implicit_coef)
+def step_loss(model, ids, target, state, run, args, seed):
+    hidden, state = model(ids, state)
+    ce = dropreg.linear_cross_entropy(hidden, model.head.weight, target, linear_bias=model.head.bias,
+                                      explicit=False, implicit=False).ce
+    loss = ce
+    if model.training and run in ("explicit", "explicit+implicit"):
+        sites, ps = dropreg.DropoutSite.collect(model)
+        reg = dropreg.site_regularizers(hidden, model.head.weight, target, sites, linear_bias=model.head.bias,
+                                        p=ps, implicit=run == "explicit+implicit", seed=seed)
+        loss = ce + reg.explicit + reg.implicit
+    return loss, ce, state
 
 
-def detach(state):
-    return tuple(s.detach() for s in state)
+def windows(data, bptt):
+    for t in range(0, data.shape[1] - 1, bptt):
+        target = data[:, t + 1:t + 1 + bptt]
+        yield data[:, t:t + target.shape[1]], target
 
 
-def evaluate(model, data, run, args):
+def evaluate(model, data, args):
     model.eval()
     total, count, state = 0.0, 0, None
     with torch.no_grad():
-        for t in range(0, data.shape[1] - 1, args.bptt):
-            ids, target = data[:, t:t + args.bptt], data[:, t + 1:t + 1 + args.bptt]
-            ids = ids[:, : target.shape[1]]
-            hidden, state = model(ids, state)
-            total += loss_terms(model, hidden, target, run, args).ce.item() * target.numel()
+        for ids, target in windows(data, args.bptt):
+            _, ce, state = step_loss(model, ids, target, state, "none", args, 0)
+            total += ce.item() * target.numel()
             count += target.numel()
     return math.exp(total / count)
 
 
-def train_run(name, data, vocab_size, args, log):
-    run = RUNS[name]
-    torch.manual_seed(args.seed)  # same initialization, dropout masks and sign seeds for every run
-    model = LSTMLanguageModel(vocab_size, args.emb, args.hidden, args.layers)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+def final_diagnostics(model, train, args, seed):
+    """Flatness of the plain training loss (dropout off) on the first batches, and condensation."""
+    model.eval()
+    batches = list(windows(train, args.bptt))[: args.diagnostic_batches]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_fn():
+        return sum(step_loss(model, ids, target, None, "none", args, 0)[1] for ids, target in batches) / len(batches)
+
+    generator = torch.Generator().manual_seed(seed)
+    top = diagnostics.top_hessian_eigenvalue(loss_fn, params, iterations=args.eigen_iterations,
+                                                tolerance=1e-3, generator=generator)
+    trace = diagnostics.hessian_trace(loss_fn, params, samples=args.trace_samples, generator=generator)
+    first_layer = model.lstms[0].weight_ih_l0  # (4 hidden, emb): one input weight vector per gate unit
+    condensed = diagnostics.condensation(first_layer, threshold=0.9)
+    return dict(top_eigenvalue=top.value, trace=trace.value, trace_se=trace.standard_error,
+                condensation=condensed.fraction_above, median_abs_cos=float(condensed.abs_cosines.median()))
+
+
+def train_one(run, seed, data, vocab_size, args, log):
+    torch.manual_seed(seed)  # same initialization and data order for every run of this seed
+    model = EverySiteLSTM(vocab_size, args.emb, args.hidden, args.layers, args.p, dropout=run == "dropout")
+    optimizer = (torch.optim.SGD(model.parameters(), lr=args.lr) if args.optimizer == "sgd"
+                 else torch.optim.Adam(model.parameters(), lr=args.lr))
     train, valid, test = (batchify(d, args.batch) for d in data)
-    steps = math.ceil((train.shape[1] - 1) / args.bptt)
-    history, best = [], dict(valid=math.inf)
+    history, best = [], dict(valid=math.inf, epoch=0, test=math.nan)
     start = time.perf_counter()
+    step_seed = seed * 1_000_003
     for epoch in range(1, args.epochs + 1):
         model.train()
         state, total, count = None, 0.0, 0
-        for step, t in enumerate(range(0, train.shape[1] - 1, args.bptt), 1):
-            ids, target = train[:, t:t + args.bptt], train[:, t + 1:t + 1 + args.bptt]
-            ids = ids[:, : target.shape[1]]
-            hidden, state = model(ids, state)
-            state = detach(state)
-            out = loss_terms(model, hidden, target, run, args)
+        for ids, target in windows(train, args.bptt):
+            step_seed += 1
+            loss, ce, state = step_loss(model, ids, target, state, run, args, step_seed)
             optimizer.zero_grad()
-            out.loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             optimizer.step()
-            total += out.ce.item() * target.numel()
+            dropreg.DropoutSite.collect(model)  # forget what the sites recorded (runs without regularizers)
+            total += ce.item() * target.numel()
             count += target.numel()
-            if sys.stderr.isatty():
-                sys.stderr.write(f"\r  {name} epoch {epoch}/{args.epochs} step {step}/{steps} "
-                                 f"train ppl {math.exp(total / count):8.2f}")
-        train_ppl, valid_ppl = math.exp(total / count), evaluate(model, valid, run, args)
-        history.append(dict(run=name, epoch=epoch, train_ppl=train_ppl, valid_ppl=valid_ppl,
-                            seconds=time.perf_counter() - start))
+        train_ppl, valid_ppl = math.exp(total / count), evaluate(model, valid, args)
+        history.append(dict(run=run, seed=seed, epoch=epoch, train_ppl=train_ppl, valid_ppl=valid_ppl,
+                            lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start))
         if valid_ppl < best["valid"]:
-            best = dict(valid=valid_ppl, epoch=epoch, test=evaluate(model, test, run, args))
-        log(f"{name:18s} epoch {epoch:2d}/{args.epochs}: train ppl {train_ppl:8.2f}  valid ppl {valid_ppl:8.2f}  "
-            f"({time.perf_counter() - start:6.1f} s)")
-    return history, dict(run=name, best_valid_ppl=best["valid"], best_epoch=best["epoch"],
-                         test_ppl_at_best=best["test"], final_train_ppl=history[-1]["train_ppl"],
-                         final_valid_ppl=history[-1]["valid_ppl"], seconds=time.perf_counter() - start)
+            best = dict(valid=valid_ppl, epoch=epoch, test=evaluate(model, test, args))
+        elif args.optimizer == "sgd":
+            for group in optimizer.param_groups:
+                group["lr"] /= 4.0
+        log(f"{run:18s} seed {seed} epoch {epoch:2d}/{args.epochs}: train ppl {train_ppl:8.2f}  "
+            f"valid ppl {valid_ppl:8.2f}  ({time.perf_counter() - start:6.1f} s)")
+    summary = dict(run=run, seed=seed, best_valid_ppl=best["valid"], best_epoch=best["epoch"],
+                   test_ppl_at_best=best["test"], final_train_ppl=history[-1]["train_ppl"],
+                   seconds=time.perf_counter() - start)
+    summary.update(final_diagnostics(model, train, args, seed))
+    return history, summary
+
+
+def t_quantile(probability, df):
+    """Quantile of Student's t with (fractional) ``df`` degrees of freedom: bisection on the CDF, which is
+    integrated numerically from the density (Simpson's rule; accurate to ~1e-8 for the df of a few seeds)."""
+    df = torch.tensor(float(df), dtype=torch.float64)
+    log_norm = torch.lgamma((df + 1) / 2) - torch.lgamma(df / 2) - 0.5 * torch.log(df * math.pi)
+
+    def cdf(x):
+        grid = torch.linspace(0.0, x, 4001, dtype=torch.float64)
+        density = torch.exp(log_norm - (df + 1) / 2 * torch.log1p(grid * grid / df))
+        weights = torch.ones(4001, dtype=torch.float64)
+        weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
+        return 0.5 + float((weights * density).sum()) * x / (3 * 4000)
+
+    low, high = 0.0, 1.0
+    while cdf(high) < probability:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < probability else (low, middle)
+    return (low + high) / 2
+
+
+def welch_interval(a, b, confidence=0.95):
+    """mean(a) - mean(b) and its Welch t interval (unequal variances, Welch-Satterthwaite df)."""
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    va, vb = a.var() / len(a), b.var() / len(b)
+    diff, se = float(a.mean() - b.mean()), float((va + vb).sqrt())
+    if se == 0:
+        return diff, diff, diff
+    df = float((va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)))
+    half = t_quantile(0.5 + confidence / 2, df) * se
+    return diff, diff - half, diff + half
+
+
+def _mean_sd(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def summarize(summaries, runs):
+    """Markdown lines: the table, the comparisons and the diagnostics."""
+    by_run = {run: [s for s in summaries if s["run"] == run] for run in runs}
+    lines = ["| run | seeds | best valid ppl (mean +- sd) | test ppl at best | best epoch | wall s per run |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for run, rows in by_run.items():
+        valid, test = _mean_sd([r["best_valid_ppl"] for r in rows]), _mean_sd([r["test_ppl_at_best"] for r in rows])
+        lines.append(f"| {run} | {len(rows)} | {valid[0]:.2f} +- {valid[1]:.2f} | {test[0]:.2f} +- {test[1]:.2f} | "
+                     f"{_mean_sd([r['best_epoch'] for r in rows])[0]:.1f} | "
+                     f"{_mean_sd([r['seconds'] for r in rows])[0]:.0f} |")
+    lines += ["", "Differences of mean best validation perplexity (negative: the first run is better), with 95% "
+              "Welch t intervals over seeds:", ""]
+    for baseline in ("none", "dropout"):
+        for run in runs:
+            if run == baseline or baseline not in by_run:
+                continue
+            diff, low, high = welch_interval([r["best_valid_ppl"] for r in by_run[run]],
+                                                   [r["best_valid_ppl"] for r in by_run[baseline]])
+            verdict = "better" if high < 0 else "worse" if low > 0 else "no measurable difference"
+            lines.append(f"- {run} - {baseline}: {diff:+.2f} ppl [{low:+.2f}, {high:+.2f}]: {verdict}")
+    lines += ["", "Diagnostics at the final parameters (plain training loss, dropout off; mean +- sd over seeds):", "",
+              "| run | top Hessian eigenvalue | Hessian trace | condensation: share of |cos| > 0.9 | median |cos| |",
+              "|---|---:|---:|---:|---:|"]
+    for run, rows in by_run.items():
+        cells = [_mean_sd([r[key] for r in rows]) for key in ("top_eigenvalue", "trace", "condensation",
+                                                               "median_abs_cos")]
+        lines.append(f"| {run} | {cells[0][0]:.3g} +- {cells[0][1]:.2g} | {cells[1][0]:.3g} +- {cells[1][1]:.2g} | "
+                     f"{cells[2][0]:.4f} +- {cells[2][1]:.4f} | {cells[3][0]:.3f} |")
+    return lines
 
 
 def write_results(args, histories, summaries, header):
@@ -182,24 +301,26 @@ def write_results(args, histories, summaries, header):
         writer.writeheader()
         for history in histories:
             writer.writerows(history)
-    lines = [header, "", "| run | best valid ppl | epoch | test ppl at best | final train ppl | final valid ppl | "
-             "wall s |", "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {s['run']} | {s['best_valid_ppl']:.2f} | {s['best_epoch']} | {s['test_ppl_at_best']:.2f} | "
-              f"{s['final_train_ppl']:.2f} | {s['final_valid_ppl']:.2f} | {s['seconds']:.0f} |" for s in summaries]
+    lines = [header, ""] + summarize(summaries, args.run_names)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return lines
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for history in histories:
-        epochs = [h["epoch"] for h in history]
-        line, = ax.plot(epochs, [h["valid_ppl"] for h in history], marker="o", label=f"{history[0]['run']} (valid)")
-        ax.plot(epochs, [h["train_ppl"] for h in history], "--", color=line.get_color(), alpha=0.6)
+    for run in args.run_names:
+        curves = torch.tensor([[h["valid_ppl"] for h in history] for history in histories if history[0]["run"] == run],
+                              dtype=torch.float64)
+        epochs = list(range(1, curves.shape[1] + 1))
+        mean, sd = curves.mean(0), curves.std(0)
+        line, = ax.plot(epochs, mean, marker="o", label=run)
+        ax.fill_between(epochs, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("perplexity (solid: valid, dashed: train)")
+    ax.set_ylabel("validation perplexity (mean +- 1 sd over seeds)")
     ax.set_title(header, fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -213,21 +334,22 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.synthetic:
-        args.emb, args.hidden, args.layers, args.epochs, args.batch, args.bptt = 16, 16, 1, 2, 4, 10
-    unknown = set(args.runs.split(",")) - set(RUNS)
-    if unknown:
-        raise SystemExit(f"--runs: unknown {sorted(unknown)}; choose from {list(RUNS)}")
     vocab, *data = load_corpus(args)
-    header = (f"{'synthetic' if args.synthetic else args.data}: {data[0].numel()} train tokens, V={len(vocab)}, "
-              f"{args.layers}x LSTM {args.hidden}, emb {args.emb}, p={args.p}, Adam lr {args.lr}, batch {args.batch}"
-              f"x{args.bptt}, {args.epochs} epochs, seed {args.seed}, {torch.get_num_threads()} threads")
-    print(header)
+    header = (f"{'synthetic (--quick)' if args.quick else args.data}: {data[0].numel()} train tokens, V={len(vocab)}, "
+              f"{args.layers}x LSTM {args.hidden}, emb {args.emb}, p={args.p} at {args.layers + 1} sites, "
+              f"{args.optimizer} lr {args.lr} clip {args.clip}, batch {args.batch}x{args.bptt}, {args.epochs} epochs, "
+              f"seeds {args.seeds}, {torch.get_num_threads()} threads")
+    print(header, flush=True)
     histories, summaries = [], []
-    for name in args.runs.split(","):
-        history, summary = train_run(name, data, len(vocab), args, log=lambda s: print(s, flush=True))
-        histories.append(history)
-        summaries.append(summary)
+    for seed in args.seed_list:
+        for run in args.run_names:
+            history, summary = train_one(run, seed, data, len(vocab), args,
+                                         log=lambda s: print(s, file=sys.stderr, flush=True))
+            histories.append(history)
+            summaries.append(summary)
+            print(f"{run:18s} seed {seed}: best valid ppl {summary['best_valid_ppl']:.2f} (epoch "
+                  f"{summary['best_epoch']}), test {summary['test_ppl_at_best']:.2f}, {summary['seconds']:.0f} s",
+                  flush=True)
     print("\n".join(write_results(args, histories, summaries, header)))
 
 

@@ -11,16 +11,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_paper_reproduction_smoke(tmp_path):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "paper_reproduction.py"), "--synthetic",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "paper_reproduction.py"), "--quick",
+                           "--epochs", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["run"] for r in rows] == ["none", "dropout", "explicit", "implicit", "explicit+implicit"]
+    assert [(r["run"], r["seed"]) for r in rows] == [(run, seed) for seed in "01"
+                                                     for run in ("none", "dropout", "explicit", "explicit+implicit")]
     for r in rows:
         assert 1.0 < float(r["best_valid_ppl"]) < 200 and float(r["test_ppl_at_best"]) > 1.0
+        assert float(r["trace"]) != 0 and 0.0 <= float(r["condensation"]) <= 1.0
     assert (tmp_path / "learning_curves.png").stat().st_size > 0
-    assert "| explicit+implicit |" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "| explicit+implicit | 2 |" in table and "- dropout - none:" in table
+
+
+def test_student_t_quantiles_and_welch_interval():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from paper_reproduction import t_quantile, welch_interval
+    # published two-sided 95% critical values
+    for df, expected in ((1, 12.706), (4, 2.776), (10, 2.228), (30, 2.042)):
+        assert abs(t_quantile(0.975, df) - expected) < 1e-3
+    diff, low, high = welch_interval([1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 3.0, 4.0, 5.0, 7.0])
+    # by hand: diff -1.2, se sqrt(2.5/5 + 3.7/5) = 1.1136, Welch df 7.711, t(0.975, 7.711) = 2.3211 -> 2.5847
+    assert diff == pytest.approx(-1.2) and (high - low) / 2 == pytest.approx(2.5847, abs=2e-3)
 
 
 def test_prepare_fortunes_builds_the_ptb_layout(tmp_path):
