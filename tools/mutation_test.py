@@ -291,7 +291,8 @@ def environment(workdir: str, root: str) -> dict:
     env.update(PYTHONPATH=os.pathsep.join([os.path.join(workdir, "isolate"), root]),
                TORCH_EXTENSIONS_DIR=os.path.join(workdir, "torch_extensions"),
                TRITON_CACHE_DIR=os.path.join(workdir, "triton_cache"),
-               TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1")
+               TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1",
+               COLUMNS="400")  # wide enough that pytest's summary keeps each failure's message
     env.pop("DROPREG_TEST_SEED", None)
     return env
 
@@ -374,7 +375,9 @@ def markdown(baselines: dict, results: list, command: str) -> str:
               "| id | backend | file | mutation | result | first failing test | seconds |",
               "|---|---|---|---|---|---|---|"]
     for m, r in results:
-        failing = f"`{r.first_failure}`" if r.first_failure else (r.detail or "")
+        failing = f"`{r.first_failure}`" if r.first_failure else ""
+        failing += f" ({r.detail})" if r.detail and failing else r.detail
+        failing = failing.replace("|", "\\|")
         lines.append(f"| {m.id} | {m.backend} | {m.file} | {m.description} | {r.verdict} | {failing} | "
                      f"{r.seconds:.0f} |")
     return "\n".join(lines) + "\n"
