@@ -349,13 +349,18 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
 
-def markdown(baselines: dict, results: list, command: str) -> str:
+def source_state() -> str:
+    """The commit the copies are made from, read when the run starts (HEAD may move during a long run)."""
     dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "HEAD") + (" (with uncommitted changes to tracked files)" if dirty else "")
+
+
+def markdown(baselines: dict, results: list, command: str, started: str, commit: str) -> str:
     lines = [
         "# Mutation test results",
         "",
-        f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- Commit: {git('rev-parse', 'HEAD')}" + (" (with uncommitted changes to tracked files)" if dirty else ""),
+        f"- Date: started {started}, finished {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        f"- Commit: {commit}",
         f"- Command: `{command}`",
         f"- Python {sys.version.split()[0]}; each mutant in a fresh copy of the tracked files, run sequentially.",
         "",
@@ -408,6 +413,7 @@ def main(argv=None) -> int:
                              f"in {m.file} (expected exactly once): update tools/mutation_test.py")
 
     command = "python tools/mutation_test.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    started, commit = datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), source_state()
     baselines = {}
     if not args.no_baseline:
         for backend in dict.fromkeys(m.backend for m in selected):
@@ -429,9 +435,9 @@ def main(argv=None) -> int:
               f"{out.detail}", flush=True)
         if args.out:  # written after every mutant, so a long run that is cut off still leaves its results
             with open(args.out, "w") as f:
-                f.write(markdown(baselines, results, command))
+                f.write(markdown(baselines, results, command, started, commit))
 
-    report = markdown(baselines, results, command)
+    report = markdown(baselines, results, command, started, commit)
     if args.out:
         with open(args.out, "w") as f:
             f.write(report)
