@@ -1,0 +1,449 @@
+#!/usr/bin/env python3
+"""Mutation test: perturb one coefficient or term of one backend at a time and check that the tests fail.
+
+Each mutant replaces one short snippet that must occur exactly once in its file (the script refuses to run
+otherwise, so the list below is kept in step with the code). For each mutant the repository's tracked files
+(working-tree contents) are copied into a fresh temporary directory, the one edit is applied there, and a
+focused pytest selection for that backend runs in the copy. Verdicts:
+
+* KILLED: the selection failed (the first failing test is recorded);
+* SURVIVED: every selected test passed: the tests are too weak to see this bug;
+* ERROR: the mutant did not import or build, or pytest did not run tests: not a valid mutant.
+
+Most perturbations are small (a coefficient 2 -> 2.001, a relative 1e-5 on one term), not sign flips: the
+point is that the oracle tolerances are tight enough to catch a regularizer bug. Before the mutants, each
+selection runs once on the unmutated copy and must pass (else a "kill" would mean nothing).
+
+Isolation: every mutant gets its own TORCH_EXTENSIONS_DIR and Triton cache, so the C++ kernels are
+JIT-built from the mutated csrc/; a sitecustomize.py drops any editable install of dropreg from the import
+system so that neither the package nor a prebuilt ``dropreg._C`` can come from another checkout.
+
+Usage: python tools/mutation_test.py [--backend NAME] [--only ID] [--list] [--out FILE]
+Exit status: 0 if every mutant was killed, 1 if one survived or was invalid, 2 if a baseline failed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+# --------------------------------------------------------------------------------------------------------
+# The mutants: (id, backend, file, original snippet, replacement, description).
+# Keep snippets to one expression so that renames elsewhere need only a quick update here.
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    backend: str
+    file: str
+    original: str
+    replacement: str
+    description: str
+
+
+MUTANTS = [
+    # reference (dropreg/reference.py): the readable definition; the float64 oracle is independent of it.
+    Mutant("ref-var", "reference", "dropreg/reference.py",
+           "var = probs @ (w * w) - mu * mu", "var = probs @ (w * w) - 1.00001 * mu * mu",
+           "explicit forward: var = m2 - (1+1e-5) mu^2"),
+    Mutant("ref-kl", "reference", "dropreg/reference.py",
+           "kl = 0.5 * ((log_probs[0]", "kl = 0.50001 * ((log_probs[0]",
+           "R-Drop KL: 0.5 -> 0.50001"),
+
+    # public layer (dropreg/_api.py): coefficients, reductions, ignored rows.
+    Mutant("api-implicit-coef", "api", "dropreg/_api.py",
+           "return kappa / 2.0, math.sqrt(kappa)", "return kappa / 2.0, math.sqrt(kappa) * 1.00001",
+           "default implicit coefficient sqrt(kappa) * (1+1e-5)"),
+    Mutant("api-explicit-scale", "api", "dropreg/_api.py",
+           "reduce(explicit_coef * quadratic)", "reduce(explicit_coef * 1.00001 * quadratic)",
+           "explicit coefficient applied as c_R * (1+1e-5)"),
+    Mutant("api-implicit-scale", "api", "dropreg/_api.py",
+           "reduce(implicit_coef * sign_term)", "reduce(implicit_coef * 1.00001 * sign_term)",
+           "implicit coefficient applied as c_I * (1+1e-5)"),
+    Mutant("api-mean-count", "api", "dropreg/_api.py",
+           "self.count = self.valid.sum().clamp(min=1)", "self.count = torch.tensor(self.valid.numel()).clamp(min=1)",
+           "'mean' divides by all rows, ignored ones included"),
+    Mutant("api-ignored-rows", "api", "dropreg/_api.py",
+           "per_row = torch.where(self.valid, per_row, torch.zeros_like(per_row))", "per_row = per_row",
+           "ignored rows are not masked out of the per-row terms"),
+
+    # torch backend (dropreg/streamed.py).
+    Mutant("torch-ce", "torch", "dropreg/streamed.py",
+           "ce = lse - _target_logit(hc, weight, bias, target, acc)",
+           "ce = lse - 1.00001 * _target_logit(hc, weight, bias, target, acc)",
+           "cross entropy forward: lse - (1+1e-5) z_y"),
+    Mutant("torch-var", "torch", "dropreg/streamed.py",
+           "var = m2 - mu * mu", "var = m2 - 1.00001 * mu * mu",
+           "explicit forward: var = m2 - (1+1e-5) mu^2"),
+    Mutant("torch-sign-term", "torch", "dropreg/streamed.py",
+           "sign_term = (signs * hc * (mu - w_target)).sum(1)",
+           "sign_term = (signs * hc * (mu - 1.00001 * w_target)).sum(1)",
+           "implicit forward: sigma h (mu - (1+1e-5) W[y])"),
+    Mutant("torch-T-coef", "torch", "dropreg/streamed.py",
+           "parts_t -= 2 * g_q * mu_b", "parts_t -= 2.001 * g_q * mu_b",
+           "logit gradient: the 2 in T = gI' u - 2 gR' q mu -> 2.001"),
+    Mutant("torch-G-sign", "torch", "dropreg/streamed.py",
+           "row_const -= (g_i * mu_b * u).sum(1)", "row_const += (g_i * mu_b * u).sum(1)",
+           "logit gradient: sign of the implicit row constant -gI' abar"),
+    Mutant("torch-grad-h-row", "torch", "dropreg/streamed.py",
+           "grad_h_block += 2 * g_r * h_block * var[r0:r1]", "grad_h_block += 2.001 * g_r * h_block * var[r0:r1]",
+           "grad_input row term 2 gR' h var -> 2.001"),
+    Mutant("torch-grad-w-2W", "torch", "dropreg/streamed.py",
+           "g_w += 2 * w * spread[:, dim:]", "g_w += 2.001 * w * spread[:, dim:]",
+           "grad_weight term 2 W * (S^T gR' q) -> 2.001"),
+    Mutant("torch-grad-w-scatter", "torch", "dropreg/streamed.py",
+           "grad_w.index_add_(0, y, -g_i * u)", "grad_w.index_add_(0, y, -1.00001 * g_i * u)",
+           "grad_weight implicit target scatter -gI' u * (1+1e-5)"),
+    Mutant("torch-grad-b", "torch", "dropreg/streamed.py",
+           "grad_b[v0:v1] += g_logits.sum(0)", "grad_b[v0:v1] += 1.00001 * g_logits.sum(0)",
+           "grad_bias = sum G * (1+1e-5)"),
+    Mutant("torch-rescale", "torch", "dropreg/streamed.py",
+           "rescale = torch.exp(self.max - shift)", "rescale = torch.exp(1.00001 * (self.max - shift))",
+           "online softmax: rescale e^{m - m'} off by 1e-5 in the exponent"),
+    Mutant("torch-rdrop-kl", "torch", "dropreg/streamed.py",
+           "kl = 0.5 * (expected_d[0] - expected_d[1])", "kl = 0.50001 * (expected_d[0] - expected_d[1])",
+           "R-Drop KL forward: 0.5 -> 0.50001"),
+    Mutant("torch-rdrop-grad", "torch", "dropreg/streamed.py",
+           "expected_d[0, r0:r1, None] + 1)", "expected_d[0, r0:r1, None] + 1.00001)",
+           "R-Drop dKL/dz1: the p1 term (+1 -> +1.00001)"),
+    Mutant("torch-rdrop-rescale", "torch", "dropreg/streamed.py",
+           "weighted_d[i] = weighted_d[i] * rescale +", "weighted_d[i] = weighted_d[i] +",
+           "R-Drop forward: E_p[D] accumulator not rescaled when the max grows"),
+
+    # triton backend (dropreg/triton/), under TRITON_INTERPRET=1.
+    Mutant("triton-var", "triton", "dropreg/triton/forward.py",
+           "/ mass - mean * mean", "/ mass - 1.00001 * mean * mean",
+           "explicit forward: var = m2 - (1+1e-5) mu^2"),
+    Mutant("triton-sign-term", "triton", "dropreg/triton/forward.py",
+           "tl.sum(signs * h * (mean - w_target.to(ACC)), axis=1)",
+           "tl.sum(signs * h * (mean - 1.00001 * w_target.to(ACC)), axis=1)",
+           "implicit forward: sigma h (mu - (1+1e-5) W[y])"),
+    Mutant("triton-T-coef", "triton", "dropreg/triton/backward.py",
+           "spread -= 2.0 * scaled_q * mean", "spread -= 2.001 * scaled_q * mean",
+           "logit gradient: the 2 in T = gI' u - 2 gR' q mu -> 2.001"),
+    Mutant("triton-grad-h-row", "triton", "dropreg/triton/backward.py",
+           "grad_h += 2.0 * g_r * h * var", "grad_h += 2.001 * g_r * h * var",
+           "grad_input row term 2 gR' h var -> 2.001"),
+    Mutant("triton-grad-w-2W", "triton", "dropreg/triton/backward.py",
+           "grad_w += 2.0 * w.to(ACC) * tl.dot(", "grad_w += 2.001 * w.to(ACC) * tl.dot(",
+           "grad_weight term 2 W * (S^T gR' q) -> 2.001"),
+    Mutant("triton-rescale", "triton", "dropreg/triton/utils.py",
+           "rescale = tl.exp(running_max - shift)", "rescale = tl.exp(1.00001 * (running_max - shift))",
+           "online softmax in the kernels: rescale off by 1e-5 in the exponent"),
+    Mutant("triton-rdrop-grad", "triton", "dropreg/triton/rdrop.py",
+           "(diff - expected2 - 1.0)", "(diff - expected2 - 1.00001)",
+           "R-Drop dKL/dz2: the p2 term (-1 -> -1.00001)"),
+
+    # cpu backend (csrc/): each mutant is JIT-built in its own TORCH_EXTENSIONS_DIR.
+    Mutant("cpu-var", "cpu", "csrc/linear_ce_dropreg.cpp",
+           "var = moments.narrow(1, dim, dim) - mu * mu;", "var = moments.narrow(1, dim, dim) - mu * mu * 1.00001;",
+           "explicit forward: var = m2 - (1+1e-5) mu^2"),
+    Mutant("cpu-T-coef", "cpu", "csrc/linear_ce_dropreg.cpp",
+           "parts_t = -2 * g_q * mu;", "parts_t = -2.001 * g_q * mu;",
+           "logit gradient: the 2 in T = gI' u - 2 gR' q mu -> 2.001"),
+    Mutant("cpu-G-sign", "cpu", "csrc/linear_ce_dropreg.cpp",
+           "row_offset.sub_((mu * g_u).sum(1));", "row_offset.add_((mu * g_u).sum(1));",
+           "logit gradient: sign of the implicit row constant -gI' abar"),
+    Mutant("cpu-grad-w-2W", "cpu", "csrc/linear_ce_dropreg.cpp",
+           "tile_w.addcmul_(w, tile_spread.narrow(1, dim, dim), 2);",
+           "tile_w.addcmul_(w, tile_spread.narrow(1, dim, dim), 2.001);",
+           "grad_weight term 2 W * (S^T gR' q) -> 2.001"),
+    Mutant("cpu-rescale", "cpu", "csrc/tile_loops.h",
+           "const T factor = std::exp(max - shift_of(new_max));",
+           "const T factor = std::exp(T(1.00001) * (max - shift_of(new_max)));",
+           "online softmax across 256-wide tiles: rescale off by 1e-5 in the exponent"),
+    Mutant("cpu-rdrop-grad", "cpu", "csrc/rdrop.cpp",
+           "half_kl * (T(1) - expected1)", "half_kl * (T(1.00001) - expected1)",
+           "R-Drop dKL/dz1 (vectorized part): the p1 term (+1 -> +1.00001)"),
+
+    # Second tier (same families again, in the slow backends): run last, so that a run cut short by time
+    # still covers every family in every backend.
+    Mutant("triton-G-sign", "triton", "dropreg/triton/backward.py",
+           "row_const -= tl.sum(scaled_u * mean, axis=1)", "row_const += tl.sum(scaled_u * mean, axis=1)",
+           "logit gradient: sign of the implicit row constant -gI' abar"),
+    Mutant("triton-grad-b", "triton", "dropreg/triton/backward.py",
+           "tl.sum(grad_logits, axis=0), mask=cols < V", "tl.sum(grad_logits, axis=0) * 1.00001, mask=cols < V",
+           "grad_bias = sum G * (1+1e-5)"),
+    Mutant("triton-split-merge", "triton", "dropreg/triton/utils.py",
+           "scale = torch.exp(max_parts - shift)", "scale = torch.exp(1.00001 * (max_parts - shift))",
+           "exact merge of vocabulary splits: scale off by 1e-5 in the exponent"),
+    Mutant("triton-rdrop-kl", "triton", "dropreg/triton/rdrop.py",
+           "kl = 0.5 * (expected1 - expected2)", "kl = 0.50001 * (expected1 - expected2)",
+           "R-Drop KL forward: 0.5 -> 0.50001"),
+    Mutant("cpu-sign-term", "cpu", "csrc/linear_ce_dropreg.cpp",
+           "* h * (mu - w_target)).sum(1);", "* h * (mu - w_target * 1.00001)).sum(1);",
+           "implicit forward: sigma h (mu - (1+1e-5) W[y])"),
+    Mutant("cpu-grad-h-row", "cpu", "csrc/linear_ce_dropreg.cpp",
+           "g.add_(2 * g_r * r.h * var);", "g.add_(2.001 * g_r * r.h * var);",
+           "grad_input row term 2 gR' h var -> 2.001"),
+    Mutant("cpu-grad-b", "cpu", "csrc/tile_loops.h",
+           "column_sums[j] += row[j];", "column_sums[j] += row[j] * T(1.00001);",
+           "grad_bias column sums * (1+1e-5) (both ops)"),
+    Mutant("cpu-rdrop-kl", "cpu", "csrc/rdrop.cpp",
+           "Tensor kl = 0.5 * (expected_d[0] - expected_d[1]);", "Tensor kl = 0.50001 * (expected_d[0] - expected_d[1]);",
+           "R-Drop KL forward: 0.5 -> 0.50001"),
+]
+
+# Per backend: the pytest arguments (run from the copy's root). Quick, but each includes the float64 oracle
+# comparisons for that backend; cpu and triton add their multi-tile tests, where tile merges happen.
+SELECTIONS = {
+    "reference": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "-k", "reference"],
+    # _api.py is shared by every backend: the reference backend is the fastest way through it.
+    "api": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "-k", "reference or default_coefficients"],
+    # "torch" also selects "torch-small-tiles" (3-row blocks, 5-entry chunks: the online merge).
+    "torch": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "tests/test_api.py", "-k", "torch"],
+    "cpu": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "tests/test_api.py",
+            "tests/test_cpu_backend.py::test_multi_tile_matches_reference",
+            "tests/test_cpu_backend.py::test_rdrop_multi_tile_matches_reference", "-k", "cpu"],
+    # The interpreter is slow: no gradcheck or low-precision cases; the many-tile tests cover the online
+    # rescale (the oracle shapes fit in one 32-wide vocabulary tile).
+    "triton": ["tests/test_against_oracle.py", "tests/test_rdrop.py",
+               "tests/test_triton_backend.py::test_many_tiles_match_reference",
+               "tests/test_triton_backend.py::test_rdrop_many_tiles_match_reference",
+               "-k", "triton and not gradcheck and not low_precision"],
+}
+BACKENDS = tuple(SELECTIONS)
+PYTEST_OPTIONS = ["-x", "-q", "-p", "no:cacheprovider"]
+TIMEOUT_S = 1200
+
+# Loaded first by every Python process run in a copy (it is on PYTHONPATH): an editable install of dropreg
+# points at another checkout, whose package or prebuilt _C would otherwise shadow the mutated sources.
+SITECUSTOMIZE = """import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+"""
+
+# Run in the copy before pytest: the mutant must import (and, for cpu, build) from the copy itself.
+IMPORT_CHECK = """import os, sys
+root = os.path.realpath(sys.argv[1])
+import dropreg, dropreg.streamed, dropreg.reference
+if sys.argv[2] == "cpu":
+    import dropreg.cpu
+    dropreg.cpu.load()
+    assert "dropreg._C" not in sys.modules, "a prebuilt dropreg._C was imported instead of the JIT build"
+if sys.argv[2] == "triton":
+    import dropreg.triton.ops
+outside = [m.__file__ for name, m in list(sys.modules.items())
+           if name.split(".")[0] == "dropreg" and getattr(m, "__file__", None)
+           and not os.path.realpath(m.__file__).startswith(root + os.sep)]
+assert not outside, f"dropreg modules imported from outside the copy: {outside}"
+"""
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Outcome:
+    verdict: str  # KILLED, SURVIVED, ERROR, PASSED (baseline), FAILED (baseline)
+    first_failure: str
+    detail: str
+    passed: int
+    failed: int
+    seconds: float
+
+
+def count_occurrences(root: str, mutant: Mutant) -> int:
+    with open(os.path.join(root, mutant.file), encoding="utf-8") as f:
+        return f.read().count(mutant.original)
+
+
+def apply_mutant(root: str, mutant: Mutant) -> None:
+    path = os.path.join(root, mutant.file)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    found = text.count(mutant.original)
+    if found != 1:
+        raise SystemExit(f"mutant {mutant.id}: snippet {mutant.original!r} occurs {found} times in {mutant.file} "
+                         f"(expected exactly once): update the mutant list in tools/mutation_test.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.replace(mutant.original, mutant.replacement))
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+    return [p for p in out.decode().split("\0") if p and os.path.isfile(os.path.join(REPO, p))]
+
+
+def make_copy(workdir: str) -> str:
+    root = os.path.join(workdir, "repo")
+    for rel in tracked_files():
+        dst = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy2(os.path.join(REPO, rel), dst)
+    isolate = os.path.join(workdir, "isolate")
+    os.makedirs(isolate)
+    with open(os.path.join(isolate, "sitecustomize.py"), "w") as f:
+        f.write(SITECUSTOMIZE)
+    return root
+
+
+def environment(workdir: str, root: str) -> dict:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=os.pathsep.join([os.path.join(workdir, "isolate"), root]),
+               TORCH_EXTENSIONS_DIR=os.path.join(workdir, "torch_extensions"),
+               TRITON_CACHE_DIR=os.path.join(workdir, "triton_cache"),
+               TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1",
+               COLUMNS="400")  # wide enough that pytest's summary keeps each failure's message
+    env.pop("DROPREG_TEST_SEED", None)
+    return env
+
+
+def _summary_count(output: str, word: str) -> int:
+    # The last summary line, e.g. "1 failed, 12 passed, 300 deselected in 9.1s".
+    lines = [ln for ln in output.splitlines() if re.search(r"\b(passed|failed|error|errors|deselected)\b", ln)
+             and " in " in ln]
+    match = re.search(rf"(\d+) {word}\b", lines[-1]) if lines else None
+    return int(match.group(1)) if match else 0
+
+
+def run_one(backend: str, mutant: Optional[Mutant], keep: bool = False) -> Outcome:
+    start = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix=f"dropreg-mutant-{mutant.id if mutant else 'baseline-' + backend}-")
+    try:
+        root = make_copy(workdir)
+        if mutant is not None:
+            apply_mutant(root, mutant)
+        env = environment(workdir, root)
+        check = subprocess.run([sys.executable, "-c", IMPORT_CHECK, root, backend], cwd=root, env=env,
+                               capture_output=True, text=True, timeout=TIMEOUT_S)
+        if check.returncode != 0:
+            tail = (check.stderr or check.stdout).strip().splitlines()[-1:]
+            return Outcome("ERROR", "", "import/build failed: " + " ".join(tail), 0, 0, time.monotonic() - start)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", *PYTEST_OPTIONS, *SELECTIONS[backend]], cwd=root,
+                                  env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return Outcome("ERROR", "", f"pytest timed out after {TIMEOUT_S}s", 0, 0, time.monotonic() - start)
+        output = proc.stdout + proc.stderr
+        passed, failed = _summary_count(output, "passed"), _summary_count(output, "failed")
+        errors = _summary_count(output, "errors") + _summary_count(output, "error")
+        failures = re.findall(r"^FAILED (\S+)", output, flags=re.M)
+        seconds = time.monotonic() - start
+        if passed + failed == 0:
+            return Outcome("ERROR", "", f"no tests ran (pytest exit {proc.returncode})", 0, 0, seconds)
+        if proc.returncode == 0:
+            return Outcome("SURVIVED" if mutant else "PASSED", "", "", passed, failed, seconds)
+        if proc.returncode == 1 and failures and not errors:
+            message = re.search(r"^FAILED \S+ - (.*)$", output, flags=re.M)
+            return Outcome("KILLED" if mutant else "FAILED", failures[0],
+                           message.group(1)[:160] if message else "", passed, failed, seconds)
+        return Outcome("ERROR", failures[0] if failures else "",
+                       f"pytest exit {proc.returncode}, {errors} errors", passed, failed, seconds)
+    finally:
+        if keep:
+            print(f"  kept {workdir}", flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+def source_state() -> str:
+    """The commit the copies are made from, read when the run starts (HEAD may move during a long run)."""
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "HEAD") + (" (with uncommitted changes to tracked files)" if dirty else "")
+
+
+def markdown(baselines: dict, results: list, command: str, started: str, commit: str) -> str:
+    lines = [
+        "# Mutation test results",
+        "",
+        f"- Date: started {started}, finished {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        f"- Commit: {commit}",
+        f"- Command: `{command}`",
+        f"- Python {sys.version.split()[0]}; each mutant in a fresh copy of the tracked files, run sequentially.",
+        "",
+        "Each mutant changes one snippet; the backend's pytest selection (below) must fail. "
+        "KILLED = a test failed, SURVIVED = all selected tests passed, ERROR = not a valid mutant.",
+        "",
+        "## Selections (unmutated baseline)",
+        "",
+        "| backend | pytest arguments | baseline | tests | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for backend, out in baselines.items():
+        args = " ".join(PYTEST_OPTIONS + [repr(a) if " " in a else a for a in SELECTIONS[backend]])
+        lines.append(f"| {backend} | `{args}` | {out.verdict} | {out.passed + out.failed} | {out.seconds:.0f} |")
+    killed = sum(r.verdict == "KILLED" for _, r in results)
+    lines += ["", f"## Mutants: {killed} of {len(results)} killed", "",
+              "| id | backend | file | mutation | result | first failing test | seconds |",
+              "|---|---|---|---|---|---|---|"]
+    for m, r in results:
+        failing = f"`{r.first_failure}`" if r.first_failure else ""
+        failing += f" ({r.detail})" if r.detail and failing else r.detail
+        failing = failing.replace("|", "\\|")
+        lines.append(f"| {m.id} | {m.backend} | {m.file} | {m.description} | {r.verdict} | {failing} | "
+                     f"{r.seconds:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=BACKENDS, help="run only this backend's mutants")
+    parser.add_argument("--only", action="append", metavar="ID", help="run only this mutant (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--out", help="write a markdown table of the results here")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated baseline runs")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copies (for debugging)")
+    args = parser.parse_args(argv)
+
+    selected = [m for m in MUTANTS if (not args.backend or m.backend == args.backend)
+                and (not args.only or m.id in args.only)]
+    if args.only and len(selected) != len(set(args.only)):
+        known = {m.id for m in MUTANTS}
+        parser.error(f"unknown mutant id(s): {sorted(set(args.only) - known)}")
+    if args.list:
+        for m in selected:
+            print(f"{m.id:24} {m.backend:9} {m.file:30} {m.description}")
+        return 0
+    for m in selected:  # refuse before spending any time if the list is out of date
+        if count_occurrences(REPO, m) != 1:
+            raise SystemExit(f"mutant {m.id}: snippet {m.original!r} occurs {count_occurrences(REPO, m)} times "
+                             f"in {m.file} (expected exactly once): update tools/mutation_test.py")
+
+    command = "python tools/mutation_test.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    started, commit = datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), source_state()
+    baselines = {}
+    if not args.no_baseline:
+        for backend in dict.fromkeys(m.backend for m in selected):
+            print(f"baseline {backend} ...", flush=True)
+            out = run_one(backend, None, args.keep)
+            baselines[backend] = out
+            print(f"baseline {backend}: {out.verdict} ({out.passed} passed) in {out.seconds:.0f}s "
+                  f"{out.first_failure} {out.detail}", flush=True)
+            if out.verdict != "PASSED":
+                print(f"baseline for {backend} does not pass: mutants would prove nothing", file=sys.stderr)
+                return 2
+
+    results = []
+    for i, m in enumerate(selected, 1):
+        print(f"[{i}/{len(selected)}] {m.id} ({m.backend}: {m.description}) ...", flush=True)
+        out = run_one(m.backend, m, args.keep)
+        results.append((m, out))
+        print(f"[{i}/{len(selected)}] {m.id}: {out.verdict} in {out.seconds:.0f}s {out.first_failure} "
+              f"{out.detail}", flush=True)
+        if args.out:  # written after every mutant, so a long run that is cut off still leaves its results
+            with open(args.out, "w") as f:
+                f.write(markdown(baselines, results, command, started, commit))
+
+    report = markdown(baselines, results, command, started, commit)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+    print(report)
+    return 0 if all(r.verdict == "KILLED" for _, r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
