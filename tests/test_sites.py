@@ -349,3 +349,20 @@ def test_readme_every_site_example(capsys):
     assert [line.split(":")[0] for line in printed] == ["step 0", "step 1", "step 2"]
     first, last = (float(line.split()[3]) for line in (printed[0], printed[-1]))
     assert last < first  # the cross entropy falls over three SGD steps on one batch
+
+
+def test_site_signs_follow_the_stated_stream():
+    """signs=None: site k uses Philox sign stream k + 1 of seed over its flattened elements (docs/math.md 11.4)."""
+    from dropreg.signs import philox_signs
+    x1 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x2 = torch.tanh(x1 @ torch.randn(4, 4, dtype=torch.float64))
+    hidden = x2 * 2.0
+    w = torch.randn(9, 4, dtype=torch.float64)
+    y = torch.randint(0, 9, (3,))
+    seed = int(torch.randint(0, 2**62, ()))
+    implicit = site_regularizers(hidden, w, y, [x1, x2], seed=seed, explicit=False).implicit
+    signs = [philox_signs(seed, 1, x.numel(), stream=k + 1, dtype=torch.float64).reshape(x.shape)
+             for k, x in enumerate((x1, x2))]
+    stated = site_regularizers(hidden, w, y, [x1, x2], signs=signs, explicit=False).implicit
+    torch.testing.assert_close(implicit, stated, rtol=0, atol=0)
+    assert not torch.equal(signs[0].reshape(-1)[:12], philox_signs(seed, 1, 12, dtype=torch.float64).reshape(-1))

@@ -90,7 +90,7 @@ MUTANTS = [
            "sign_term = (signs * hc * (mu - 1.00001 * w_target)).sum(1)",
            "implicit forward: sigma h (mu - (1+1e-5) W[y])"),
     Mutant("torch-T-coef", "torch", "dropreg/streamed.py",
-           "parts_t -= 2 * g_q * mu_b", "parts_t -= 2.001 * g_q * mu_b",
+           "T_vec -= 2 * g_r_q * mu_b", "T_vec -= 2.001 * g_r_q * mu_b",
            "logit gradient: the 2 in T = gI' u - 2 gR' q mu -> 2.001"),
     Mutant("torch-G-sign", "torch", "dropreg/streamed.py",
            "row_const -= (g_i * mu_b * u).sum(1)", "row_const += (g_i * mu_b * u).sum(1)",
@@ -99,7 +99,7 @@ MUTANTS = [
            "grad_h_block += 2 * g_r * h_block * var[r0:r1]", "grad_h_block += 2.001 * g_r * h_block * var[r0:r1]",
            "grad_input row term 2 gR' h var -> 2.001"),
     Mutant("torch-grad-w-2W", "torch", "dropreg/streamed.py",
-           "g_w += 2 * w * spread[:, dim:]", "g_w += 2.001 * w * spread[:, dim:]",
+           "g_w += 2 * w * st_T_stack[:, dim:]", "g_w += 2.001 * w * st_T_stack[:, dim:]",
            "grad_weight term 2 W * (S^T gR' q) -> 2.001"),
     Mutant("torch-grad-w-scatter", "torch", "dropreg/streamed.py",
            "grad_w.index_add_(0, y, -g_i * u)", "grad_w.index_add_(0, y, -1.00001 * g_i * u)",
@@ -122,14 +122,14 @@ MUTANTS = [
 
     # triton backend (dropreg/triton/), under TRITON_INTERPRET=1.
     Mutant("triton-var", "triton", "dropreg/triton/forward.py",
-           "/ mass - mean * mean", "/ mass - 1.00001 * mean * mean",
+           "/ mass - mu * mu", "/ mass - 1.00001 * mu * mu",
            "explicit forward: var = m2 - (1+1e-5) mu^2"),
     Mutant("triton-sign-term", "triton", "dropreg/triton/forward.py",
-           "tl.sum(signs * h * (mean - w_target.to(ACC)), axis=1)",
-           "tl.sum(signs * h * (mean - 1.00001 * w_target.to(ACC)), axis=1)",
+           "tl.sum(signs * h * (mu - w_target.to(ACC)), axis=1)",
+           "tl.sum(signs * h * (mu - 1.00001 * w_target.to(ACC)), axis=1)",
            "implicit forward: sigma h (mu - (1+1e-5) W[y])"),
     Mutant("triton-T-coef", "triton", "dropreg/triton/backward.py",
-           "spread -= 2.0 * scaled_q * mean", "spread -= 2.001 * scaled_q * mean",
+           "T_vec -= 2.0 * g_r_q * mu", "T_vec -= 2.001 * g_r_q * mu",
            "logit gradient: the 2 in T = gI' u - 2 gR' q mu -> 2.001"),
     Mutant("triton-grad-h-row", "triton", "dropreg/triton/backward.py",
            "grad_h += 2.0 * g_r * h * var", "grad_h += 2.001 * g_r * h * var",
@@ -149,14 +149,14 @@ MUTANTS = [
            "var = moments.narrow(1, dim, dim) - mu * mu;", "var = moments.narrow(1, dim, dim) - mu * mu * 1.00001;",
            "explicit forward: var = m2 - (1+1e-5) mu^2"),
     Mutant("cpu-T-coef", "cpu", "csrc/linear_ce_dropreg.cpp",
-           "parts_t = -2 * g_q * mu;", "parts_t = -2.001 * g_q * mu;",
+           "T_vec = -2 * g_r_q * mu;", "T_vec = -2.001 * g_r_q * mu;",
            "logit gradient: the 2 in T = gI' u - 2 gR' q mu -> 2.001"),
     Mutant("cpu-G-sign", "cpu", "csrc/linear_ce_dropreg.cpp",
-           "row_offset.sub_((mu * g_u).sum(1));", "row_offset.add_((mu * g_u).sum(1));",
+           "row_const.sub_((mu * g_i_u).sum(1));", "row_const.add_((mu * g_i_u).sum(1));",
            "logit gradient: sign of the implicit row constant -gI' abar"),
     Mutant("cpu-grad-w-2W", "cpu", "csrc/linear_ce_dropreg.cpp",
-           "tile_w.addcmul_(w, tile_spread.narrow(1, dim, dim), 2);",
-           "tile_w.addcmul_(w, tile_spread.narrow(1, dim, dim), 2.001);",
+           "tile_w.addcmul_(w, tile_st_T_stack.narrow(1, dim, dim), 2);",
+           "tile_w.addcmul_(w, tile_st_T_stack.narrow(1, dim, dim), 2.001);",
            "grad_weight term 2 W * (S^T gR' q) -> 2.001"),
     Mutant("cpu-rescale", "cpu", "csrc/tile_loops.h",
            "const T factor = std::exp(max - shift_of(new_max));",
@@ -169,7 +169,7 @@ MUTANTS = [
     # Second tier (same families again, in the slow backends): run last, so that a run cut short by time
     # still covers every family in every backend.
     Mutant("triton-G-sign", "triton", "dropreg/triton/backward.py",
-           "row_const -= tl.sum(scaled_u * mean, axis=1)", "row_const += tl.sum(scaled_u * mean, axis=1)",
+           "row_const -= tl.sum(g_i_u * mu, axis=1)", "row_const += tl.sum(g_i_u * mu, axis=1)",
            "logit gradient: sign of the implicit row constant -gI' abar"),
     Mutant("triton-grad-b", "triton", "dropreg/triton/backward.py",
            "tl.sum(grad_logits, axis=0), mask=cols < V", "tl.sum(grad_logits, axis=0) * 1.00001, mask=cols < V",
@@ -192,6 +192,30 @@ MUTANTS = [
     Mutant("cpu-rdrop-kl", "cpu", "csrc/rdrop.cpp",
            "Tensor kl = 0.5 * (expected_d[0] - expected_d[1]);", "Tensor kl = 0.50001 * (expected_d[0] - expected_d[1]);",
            "R-Drop KL forward: 0.5 -> 0.50001"),
+    # Every-site ops (dropreg/sites.py and softmax_mean / sample_targets in each backend)
+    Mutant("sites-explicit-average", "sites", "dropreg/sites.py",
+           "(explicit_coefs[k] / n_draws)", "(explicit_coefs[k] * 1.00001 / n_draws)",
+           "every-site explicit term: coefficient * (1+1e-5)"),
+    Mutant("sites-sign-stream", "sites", "dropreg/sites.py",
+           "stream=k + 1,", "stream=k + 2,",
+           "every-site implicit term: site k takes sign stream k + 2 instead of k + 1"),
+    Mutant("sites-ignored-cotangent", "sites", "dropreg/sites.py",
+           "cotangent = torch.where(valid, mu - linear_weight[classes].to(acc)",
+           "cotangent = torch.where(valid | True, mu - linear_weight[classes].to(acc)",
+           "ignored rows keep their cotangent mu - W[t]"),
+    Mutant("torch-softmax-mean-row-const", "torch", "dropreg/streamed.py",
+           "row_const = -(g_mu * mu[r0:r1]).sum(1)", "row_const = -1.00001 * (g_mu * mu[r0:r1]).sum(1)",
+           "softmax_mean backward: row constant -mu . gbar * (1+1e-5)"),
+    Mutant("torch-gumbel", "torch", "dropreg/signs.py",
+           "+ 0.5) * 2.0**-32", "+ 0.25) * 2.0**-32",
+           "sampled targets: uniform u = (word + 1/4) / 2^32 instead of + 1/2 (every PyTorch backend)"),
+    Mutant("cpu-softmax-mean-row-const", "cpu", "csrc/linear_ce_dropreg.cpp",
+           "r.row_const = (r.T_stack * mu).sum(1).neg_().contiguous();",
+           "r.row_const = (r.T_stack * mu).sum(1).mul_(1.00001).neg_().contiguous();",
+           "softmax_mean backward: row constant -mu . gbar * (1+1e-5)"),
+    Mutant("cpu-gumbel", "cpu", "csrc/sampling.cpp",
+           "+ 0.5) * 0x1p-32;", "+ 0.25) * 0x1p-32;",
+           "sampled targets: uniform u = (word + 1/4) / 2^32 instead of + 1/2"),
 ]
 
 # Per backend: the pytest arguments (run from the copy's root). Quick, but each includes the float64 oracle
@@ -201,8 +225,9 @@ SELECTIONS = {
     # _api.py is shared by every backend: the reference backend is the fastest way through it.
     "api": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "-k", "reference or default_coefficients"],
     # "torch" also selects "torch-small-tiles" (3-row blocks, 5-entry chunks: the online merge).
-    "torch": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "tests/test_api.py", "-k", "torch"],
-    "cpu": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "tests/test_api.py",
+    "torch": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "tests/test_api.py", "tests/test_sites.py",
+              "-k", "torch"],
+    "cpu": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "tests/test_api.py", "tests/test_sites.py",
             "tests/test_cpu_backend.py::test_multi_tile_matches_reference",
             "tests/test_cpu_backend.py::test_rdrop_multi_tile_matches_reference", "-k", "cpu"],
     # The interpreter is slow: no gradcheck or low-precision cases; the many-tile tests cover the online
@@ -212,6 +237,7 @@ SELECTIONS = {
                "tests/test_triton_backend.py::test_rdrop_many_tiles_match_reference",
                "-k", "triton and not gradcheck and not low_precision"],
 }
+SELECTIONS["sites"] = ["tests/test_sites.py", "-k", "reference or unbiased or follow_the_softmax or stream"]
 BACKENDS = tuple(SELECTIONS)
 PYTEST_OPTIONS = ["-x", "-q", "-p", "no:cacheprovider"]
 TIMEOUT_S = 1200
