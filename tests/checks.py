@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dropreg
 from oracle import oracle_rows
@@ -60,7 +61,8 @@ def _terms_and_grads(terms, leaves, cotangent, names=TERMS):
     return values, grads
 
 
-def run_dropreg(problem: Problem, dtype, backend, **overrides):
+def run_dropreg(problem: Problem, dtype, backend, cotangent=None, **overrides):
+    """dropreg's values and gradients, with a random ``cotangent`` (returned) unless one is given."""
     leaves = _leaves(problem, dtype)
     kwargs = dict(problem.kwargs, **overrides)
     kwargs.setdefault("signs", problem.signs.to(dtype))
@@ -69,7 +71,8 @@ def run_dropreg(problem: Problem, dtype, backend, **overrides):
                                        backend=backend, **kwargs)
     for name in TERMS:
         assert getattr(out, name).dtype == dtype
-    cotangent = torch.randn(problem.target.shape, dtype=torch.float64)
+    if cotangent is None:
+        cotangent = torch.randn(problem.target.shape, dtype=torch.float64)
     return _terms_and_grads(tuple(out), leaves, cotangent), cotangent
 
 
@@ -186,3 +189,15 @@ def assert_beats_same_dtype(label, ours, same_dtype, oracle, dtype, k=1.0, c=2.0
     tol = k * same_err + c * (EPS[dtype] * scale + tiny)
     assert ours_err <= tol, (f"{label}: error {ours_err:.3e} exceeds {tol:.3e} (same-dtype error {same_err:.3e}, "
                              f"max|fp64| {scale:.3e})")
+
+
+class RecordOps(TorchDispatchMode):
+    """Names of the ops that run (custom ops included), e.g. ``"dropreg.linear_ce_forward.default"``."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import dropreg
-from checks import _terms_and_grads, assert_beats_same_dtype, assert_within_rounding, labelled
+from checks import _terms_and_grads, assert_beats_same_dtype, assert_within_rounding, labelled, strided
 
 NAMES = ("ce1", "ce2", "kl")
 NAMES_AND_LOSS = NAMES + ("loss",)
@@ -137,6 +137,23 @@ def test_low_precision_beats_same_dtype(backend, dtype, logit_scale):
     oracle, same_dtype, ours = run(torch.float64, authors), run(dtype, authors), run(dtype, fused)
     for label in oracle:
         assert_beats_same_dtype(label, ours[label], same_dtype[label], oracle[label], dtype)
+
+
+def _rdrop_values_and_grads(backend, h1, h2, w, b, y):
+    leaves = [t.requires_grad_() for t in (h1, h2, w, b)]
+    out = dropreg.rdrop_linear_cross_entropy(h1, h2, w, y, linear_bias=b, alpha=0.7, reduction="none",
+                                             backend=backend)
+    total = (out.ce1 + 2 * out.ce2 + 3 * out.kl).sum()
+    return [t.detach() for t in out] + list(torch.autograd.grad(total, leaves))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_non_contiguous_inputs_equal_contiguous(backend, layout):
+    h1, h2, w, b, y = make_inputs(lead=(6,), d=5, vocab=23)
+    ours = _rdrop_values_and_grads(backend, *(strided(t, layout) for t in (h1, h2, w, b)), y)
+    contiguous = _rdrop_values_and_grads(backend, *(t.clone() for t in (h1, h2, w, b)), y)
+    for a, c in zip(ours, contiguous):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12 * float(c.abs().max()))
 
 
 def test_gradcheck(backend):
