@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from checks import assert_close_to_oracle, make_problem, run_dropreg, run_oracle
+import dropreg
+from checks import (_leaves, _terms_and_grads, assert_close_to_oracle, assert_within_rounding, labelled,
+                    make_problem, oracle_scales, run_dropreg, run_oracle, strided)
+from oracle import oracle_rows
 
 SHAPES = [
     dict(lead=(1,), d=1, vocab=1),  # N=1, d=1, V=1: softmax is exactly one-hot
@@ -60,8 +63,71 @@ def test_options(backend, options):
             assert torch.all(values[name] == 0) and all(torch.all(g == 0) for g in grads[name])
 
 
-def test_default_coefficients_follow_math_md():
-    import dropreg
-    explicit, implicit = dropreg.default_coefficients(0.2)
-    kappa = 0.2 / 0.8
-    assert explicit == pytest.approx(kappa / 2) and implicit == pytest.approx(kappa**0.5)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_is_the_oracle_total(backend, reduction):
+    """``out.loss`` and its gradients against the sum of the oracle's three terms (not against ce + explicit +
+    implicit of the same output, which is how the property is defined)."""
+    problem = make_problem(lead=(2, 3), d=4, vocab=9, ignore=(1,), reduction=reduction, p=0.3)
+    leaves = _leaves(problem, torch.float64)
+    out = dropreg.linear_cross_entropy(leaves[0], leaves[1], problem.target, linear_bias=leaves[2],
+                                       signs=problem.signs, backend=backend, **problem.kwargs)
+    cotangent = torch.randn(problem.target.shape if reduction == "none" else (), dtype=torch.float64)
+    ours = _terms_and_grads([out.loss], leaves, cotangent, ("loss",))
+    oracle_values, oracle_grads = run_oracle(problem, cotangent)
+    total = (sum(oracle_values.values()), [sum(g) for g in zip(*oracle_grads.values())])
+    z_scale, explicit_extra = oracle_scales(problem)
+    oracle = labelled(({"loss": total[0]}, {"loss": total[1]}), ("loss",))
+    for label, value in labelled(ours, ("loss",)).items():
+        assert_within_rounding(label, value, oracle[label], torch.float64, z_scale, explicit_extra)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_explicit_regularizer_matches_oracle(backend, reduction, bias):
+    """``explicit_regularizer`` (no coefficient, every row counted) and its gradients w.r.t. input, weight and
+    bias against the oracle's Hessian quadratic form."""
+    problem = make_problem(lead=(2, 3), d=4, vocab=9, bias=bias, explicit_coef=1.0)
+    leaves = _leaves(problem, torch.float64)
+    bias_leaf = leaves[2] if bias else None
+    ours = dropreg.explicit_regularizer(leaves[0], leaves[1], linear_bias=bias_leaf, reduction=reduction,
+                                        backend=backend)
+    d, n_rows = problem.input.shape[-1], problem.target.numel()
+    # the quadratic form does not depend on the target: any class index will do
+    _, quadratic, _ = oracle_rows(leaves[0].reshape(-1, d), leaves[1], bias_leaf,
+                                  torch.zeros(n_rows, dtype=torch.long), problem.signs.reshape(-1, d))
+    if reduction == "none":
+        oracle = quadratic.reshape(problem.target.shape)
+    else:
+        oracle = quadratic.sum() / (n_rows if reduction == "mean" else 1)
+    assert ours.shape == oracle.shape and ours.dtype == torch.float64
+    cotangent = torch.randn(oracle.shape, dtype=torch.float64)
+    z_scale, explicit_extra = oracle_scales(problem)
+    ours_labelled = labelled(_terms_and_grads([ours], leaves, cotangent, ("explicit",)), ("explicit",))
+    oracle_labelled = labelled(_terms_and_grads([oracle], leaves, cotangent, ("explicit",)), ("explicit",))
+    for label, value in ours_labelled.items():
+        assert_within_rounding(label, value, oracle_labelled[label], torch.float64, z_scale, explicit_extra)
+
+
+def _linear_ce_values_and_grads(backend, h, w, b, target, signs, **kwargs):
+    leaves = [t.requires_grad_() for t in (h, w, b)]
+    out = dropreg.linear_cross_entropy(h, w, target, linear_bias=b, signs=signs, backend=backend, **kwargs)
+    weights = torch.linspace(0.5, 1.5, 3, dtype=torch.float64)
+    total = sum(wt * term.sum() for wt, term in zip(weights, out))
+    return [t.detach() for t in out] + list(torch.autograd.grad(total, leaves))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_non_contiguous_inputs_equal_contiguous(backend, layout):
+    """Input (with leading dimensions), weight and bias as strided views, signs expanded from one row
+    (stride 0): the same values and gradients as contiguous copies."""
+    problem = make_problem(lead=(3, 4), d=5, vocab=13)
+    h, w, b = problem.input, problem.weight, problem.bias
+    h_strided = strided(h.reshape(12, 5), layout).view(3, 4, 5) if layout == "transposed" else strided(h, layout)
+    signs = problem.signs[0, 0]
+    kwargs = dict(p=0.3, reduction="none")
+    ours = _linear_ce_values_and_grads(backend, h_strided, strided(w, layout), strided(b, layout),
+                                       problem.target, signs.expand(3, 4, 5), **kwargs)
+    contiguous = _linear_ce_values_and_grads(backend, h.clone(), w.clone(), b.clone(), problem.target,
+                                             signs.expand(3, 4, 5).contiguous(), **kwargs)
+    for a, c in zip(ours, contiguous):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12 * float(c.abs().max()))

@@ -7,6 +7,23 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# MATH.md's multiply-add counts in units of one N x d x V matmul: dropreg forward 3, forward+backward 10;
+# R-Drop forward 2 (z1, z2), forward+backward 8.
+FLOOR_MULTIPLES = {"dropreg": {"forward": 3, "forward_backward": 10}, "rdrop": {"forward": 2, "forward_backward": 8}}
+
+
+def assert_floor_ratios_recomputed(rows, multiples):
+    """Every row's floor_ratio equals its own seconds over (multiple x the gemm row's seconds at its V)."""
+    gemm = {r["vocab"]: float(r["seconds"]) for r in rows if r["method"] == "gemm"}
+    checked = 0
+    for r in rows:
+        if r["method"] == "gemm":
+            continue
+        floor = multiples[r["mode"]] * gemm[r["vocab"]]
+        assert float(r["floor_seconds"]) == pytest.approx(floor, rel=1e-6), r
+        assert float(r["floor_ratio"]) == pytest.approx(float(r["seconds"]) / floor, rel=1e-6), r
+        checked += 1
+    assert checked > 0
 
 
 @pytest.mark.slow
@@ -23,7 +40,8 @@ def test_vocab_scaling_quick(tmp_path):
     for r in rows:
         assert r["status"] == "ok", r
         if r["method"] != "gemm":
-            assert float(r["floor_ratio"]) > 0 and float(r["peak_mib"]) >= 0
+            assert float(r["peak_mib"]) >= 0, r
+    assert_floor_ratios_recomputed(rows, FLOOR_MULTIPLES["dropreg"])
     assert "V=4096: dropreg-" in done.stdout
 
 
@@ -36,6 +54,7 @@ def test_vocab_scaling_quick_rdrop(tmp_path):
         rows = list(csv.DictReader(f))
     assert {"rdrop-dropreg-torch", "rdrop-naive", "gemm"} <= {r["method"] for r in rows}
     assert all(r["status"] == "ok" for r in rows)
+    assert_floor_ratios_recomputed(rows, FLOOR_MULTIPLES["rdrop"])
     assert "(floor = 8×)" in (tmp_path / "results.md").read_text()
 
 

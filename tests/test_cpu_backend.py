@@ -1,4 +1,5 @@
 """The C++ "cpu" backend: multi-tile paths, threads, determinism, the sign stream, op registration."""
+import contextlib
 import re
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import torch
 
 import dropreg
 from dropreg import cpu
+from checks import RecordOps
 
 pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"C++ kernels unavailable: {cpu.unavailable_reason()}")
 
@@ -52,13 +54,19 @@ def test_frozen_weight_and_input_only_grads():
     torch.testing.assert_close(h.grad, h_ref.grad)
 
 
-def _run_with_threads(threads, h, w, b, y):
+@contextlib.contextmanager
+def num_threads(threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _values_and_grads("cpu", h, w, b, y, p=0.2, seed=5)
+        yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _run_with_threads(threads, h, w, b, y):
+    with num_threads(threads):
+        return _values_and_grads("cpu", h, w, b, y, p=0.2, seed=5)
 
 
 def test_one_and_two_threads_agree_and_runs_are_bitwise_reproducible():
@@ -70,6 +78,41 @@ def test_one_and_two_threads_agree_and_runs_are_bitwise_reproducible():
     again = _run_with_threads(2, h, w, b, y)
     for a, c in zip(two, again):
         assert torch.equal(a, c)
+
+
+# (600, 6, 1100): 3 row blocks x 5 vocabulary tiles, tails in both; (40, 5, 100): one tile, so 3 and 4 threads
+# are more threads than there is work for (idle threads must add nothing, e.g. zero grad_input partials).
+THREAD_SHAPES = [(600, 6, 1100), (40, 5, 100)]
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=["3x5-tiles", "1-tile"])
+def test_thread_counts_match_reference(threads, shape):
+    h, w, b, y = _problem(*shape)
+    with num_threads(threads):
+        assert torch.get_num_threads() == threads
+        ours = _values_and_grads("cpu", h, w, b, y, p=0.3, seed=8)
+    reference = _values_and_grads("reference", h, w, b, y, p=0.3, seed=8)
+    for a, r in zip(ours, reference):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+def _rdrop_values_and_grads(backend, h, h2, w, b, y):
+    leaves = [t.clone().requires_grad_() for t in (h, h2, w, b)]
+    out = dropreg.rdrop_linear_cross_entropy(*leaves[:3], y, linear_bias=leaves[3], alpha=0.7, backend=backend)
+    (out.ce1 + 2 * out.ce2 + 3 * out.kl).backward()
+    return [t.detach() for t in out] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=["3x5-tiles", "1-tile"])
+def test_rdrop_thread_counts_match_reference(threads, shape):
+    h, w, b, y = _problem(*shape)
+    h2 = h + 0.3 * torch.randn_like(h)
+    with num_threads(threads):
+        ours = _rdrop_values_and_grads("cpu", h, h2, w, b, y)
+    for a, r in zip(ours, _rdrop_values_and_grads("reference", h, h2, w, b, y)):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2**40 + 12345, 2**64 - 1])
@@ -192,9 +235,15 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(p.grad, g)
 
 
-def test_auto_picks_cpu_for_cpu_tensors():
-    from dropreg._dispatch import resolve_backend
-    assert resolve_backend("auto", torch.device("cpu"))[0] == "cpu"
+def test_auto_runs_the_cpp_ops_for_cpu_tensors():
+    h, w, b, y = _problem(9, 4, 300, dtype=torch.float32)
+    h.requires_grad_()
+    with RecordOps() as ops:
+        dropreg.linear_cross_entropy(h, w, y, linear_bias=b, seed=1).loss.backward()  # backend="auto"
+        dropreg.rdrop_linear_cross_entropy(h, h * 0.9, w, y, linear_bias=b).loss.backward()
+    ours = [name for name in ops.names if name.startswith("dropreg")]
+    assert ours == ["dropreg.linear_ce_forward.default", "dropreg.linear_ce_backward.default",
+                    "dropreg.rdrop_forward.default", "dropreg.rdrop_backward.default"], ours
 
 
 def test_jit_build_failure_is_a_clear_error(tmp_path):
@@ -249,13 +298,8 @@ def test_opcheck_rdrop(config, requires_grad):
 def test_rdrop_multi_tile_matches_reference(shape):
     h, w, b, y = _problem(*shape)
     h2 = h + 0.3 * torch.randn_like(h)
-    results = {}
-    for backend in ("cpu", "reference"):
-        leaves = [t.clone().requires_grad_() for t in (h, h2, w, b)]
-        out = dropreg.rdrop_linear_cross_entropy(*leaves[:3], y, linear_bias=leaves[3], alpha=0.7, backend=backend)
-        (out.ce1 + 2 * out.ce2 + 3 * out.kl).backward()
-        results[backend] = [t.detach() for t in out] + [t.grad for t in leaves]
-    for a, r in zip(results["cpu"], results["reference"]):
+    ours = _rdrop_values_and_grads("cpu", h, h2, w, b, y)
+    for a, r in zip(ours, _rdrop_values_and_grads("reference", h, h2, w, b, y)):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 

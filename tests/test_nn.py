@@ -28,6 +28,10 @@ def test_module_matches_functional_and_trains():
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
+    # Training from a fixed draw: loss going down in 30 steps is typical, not certain for every initialization
+    # and sign stream, so this part is deterministic rather than carrying a false-failure rate.
+    torch.manual_seed(0)
+    model, ids = TinyLM(), torch.randint(0, 31, (4, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     first = None
     for _ in range(30):

@@ -4,9 +4,11 @@ import torch
 import torch.nn.functional as F
 
 import dropreg
-from checks import EPS, _terms_and_grads, assert_within_rounding
+from checks import _terms_and_grads, assert_beats_same_dtype, assert_within_rounding, labelled, strided
 
 NAMES = ("ce1", "ce2", "kl")
+NAMES_AND_LOSS = NAMES + ("loss",)
+LEAVES = ("input1", "input2", "weight", "bias")
 
 
 def make_inputs(lead=(5,), d=4, vocab=11, bias=True, ignore=(), logit_scale=1.0, dtype=torch.float64,
@@ -46,22 +48,24 @@ def authors_terms(h1, h2, w, b, y, reduction):
     return ([t / max(int(valid.sum()), 1) for t in total] if reduction == "mean" else total), z1.detach()
 
 
-def compare(backend, dtype, inputs, reduction="mean", factor=8.0):
+def compare(backend, dtype, inputs, reduction="mean", factor=8.0, alpha=1.0):
+    """dropreg's ce1, ce2, kl and ``loss`` (with ``alpha``), values and gradients, against the authors' float64
+    terms; the oracle loss is ``ce1 + ce2 + alpha * kl`` of those independently computed terms."""
     h1, h2, w, b, y = inputs
     leaves64 = [t.clone().requires_grad_() for t in (h1, h2, w) + ((b,) if b is not None else ())]
     oracle_terms, logits = authors_terms(*leaves64[:3], leaves64[3] if b is not None else None, y, reduction)
+    oracle_terms.append(oracle_terms[0] + oracle_terms[1] + alpha * oracle_terms[2])
     cotangent = torch.randn(y.shape, dtype=torch.float64)
-    oracle = _terms_and_grads(oracle_terms, leaves64, cotangent, NAMES)
+    oracle = _terms_and_grads(oracle_terms, leaves64, cotangent, NAMES_AND_LOSS)
     leaves = [t.detach().to(dtype).requires_grad_() for t in leaves64]
     out = dropreg.rdrop_linear_cross_entropy(leaves[0], leaves[1], leaves[2], y,
                                              linear_bias=leaves[3] if b is not None else None,
-                                             reduction=reduction, backend=backend)
-    ours = _terms_and_grads(tuple(out)[:3], leaves, cotangent, NAMES)
+                                             reduction=reduction, alpha=alpha, backend=backend)
+    ours = _terms_and_grads(tuple(out), leaves, cotangent, NAMES_AND_LOSS)
     z_scale = 1.0 + float(logits.abs().max()) if logits.numel() else 1.0
-    for name in NAMES:
-        assert_within_rounding(name, ours[0][name], oracle[0][name], dtype, z_scale, factor=factor)
-        for leaf, a, c in zip(("input1", "input2", "weight", "bias"), ours[1][name], oracle[1][name]):
-            assert_within_rounding(f"d{name}/d{leaf}", a, c, dtype, z_scale, factor=factor)
+    oracle_labelled = labelled(oracle, NAMES_AND_LOSS, LEAVES)
+    for label, value in labelled(ours, NAMES_AND_LOSS, LEAVES).items():
+        assert_within_rounding(label, value, oracle_labelled[label], dtype, z_scale, factor=factor)
     return out
 
 
@@ -111,16 +115,45 @@ def test_swapping_inputs_leaves_kl_unchanged(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_beats_same_dtype(backend, dtype):
-    h1, h2, w, b, y = make_inputs(lead=(16,), d=32, vocab=37, dtype=dtype)
-    exact, _ = authors_terms(h1, h2, w, b, y, "mean")
-    same_dtype, _ = authors_terms(h1.to(dtype), h2.to(dtype), w.to(dtype), b.to(dtype), y, "mean")
-    ours = dropreg.rdrop_linear_cross_entropy(h1.to(dtype), h2.to(dtype), w.to(dtype), y, linear_bias=b.to(dtype),
-                                              backend=backend)
-    unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
-    for name, o, s, e in zip(NAMES, ours[:3], same_dtype, exact):
-        assert o.dtype == dtype
-        assert abs(float(o) - float(e)) <= abs(float(s) - float(e)) + unit * abs(float(e)) + 1e-6, name
+@pytest.mark.parametrize("logit_scale", [0.1, 1.0, 30.0], ids=["flat", "typical", "peaked"])
+def test_low_precision_beats_same_dtype(backend, dtype, logit_scale):
+    """Each term and each gradient against float64, with the criterion of checks.assert_beats_same_dtype:
+    "same dtype" is the authors' formulation run in ``dtype`` end to end."""
+    h1, h2, w, b, y = make_inputs(lead=(16,), d=32, vocab=37, dtype=dtype, logit_scale=logit_scale)
+    cotangent = torch.randn((), dtype=torch.float64)
+
+    def authors(leaves):
+        return authors_terms(*leaves, y, "mean")[0]
+
+    def fused(leaves):
+        out = dropreg.rdrop_linear_cross_entropy(*leaves[:3], y, linear_bias=leaves[3], backend=backend)
+        assert all(t.dtype == dtype for t in out)
+        return tuple(out)[:3]
+
+    def run(run_dtype, terms_of):
+        leaves = [t.to(run_dtype).requires_grad_() for t in (h1, h2, w, b)]
+        return labelled(_terms_and_grads(terms_of(leaves), leaves, cotangent, NAMES), NAMES, LEAVES)
+
+    oracle, same_dtype, ours = run(torch.float64, authors), run(dtype, authors), run(dtype, fused)
+    for label in oracle:
+        assert_beats_same_dtype(label, ours[label], same_dtype[label], oracle[label], dtype)
+
+
+def _rdrop_values_and_grads(backend, h1, h2, w, b, y):
+    leaves = [t.requires_grad_() for t in (h1, h2, w, b)]
+    out = dropreg.rdrop_linear_cross_entropy(h1, h2, w, y, linear_bias=b, alpha=0.7, reduction="none",
+                                             backend=backend)
+    total = (out.ce1 + 2 * out.ce2 + 3 * out.kl).sum()
+    return [t.detach() for t in out] + list(torch.autograd.grad(total, leaves))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_non_contiguous_inputs_equal_contiguous(backend, layout):
+    h1, h2, w, b, y = make_inputs(lead=(6,), d=5, vocab=23)
+    ours = _rdrop_values_and_grads(backend, *(strided(t, layout) for t in (h1, h2, w, b)), y)
+    contiguous = _rdrop_values_and_grads(backend, *(t.clone() for t in (h1, h2, w, b)), y)
+    for a, c in zip(ours, contiguous):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12 * float(c.abs().max()))
 
 
 def test_gradcheck(backend):
@@ -135,10 +168,10 @@ def test_gradcheck(backend):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
-def test_loss_convention_and_alpha():
-    h1, h2, w, b, y = make_inputs()
-    out = dropreg.rdrop_linear_cross_entropy(h1, h2, w, y, linear_bias=b, alpha=4.0)
-    torch.testing.assert_close(out.loss, out.ce1 + out.ce2 + 4.0 * out.kl)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_with_alpha_against_authors_oracle(backend, reduction):
+    # out.loss and its gradients against ce1 + ce2 + alpha * kl built from F.cross_entropy and F.kl_div
+    compare(backend, torch.float64, make_inputs(lead=(6,), ignore=(2,)), reduction=reduction, alpha=4.0)
 
 
 @pytest.mark.parametrize("override,error,argument", [

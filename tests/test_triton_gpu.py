@@ -97,6 +97,14 @@ def test_seeded_signs_match_the_torch_backend_on_gpu(seed):
     assert _worst(ours, other) < 1e-11
 
 
+def test_auto_runs_the_triton_ops_on_cuda_tensors():
+    from checks import RecordOps
+    h, w, b, y = _inputs(20, 16, 70, torch.float32)
+    with RecordOps() as ops:
+        dropreg.linear_cross_entropy(h, w, y, linear_bias=b, seed=0)  # backend="auto"
+    assert "dropreg_triton.linear_ce_forward.default" in ops.names, ops.names
+
+
 def test_opcheck_on_the_triton_ops():
     """Schemas, fake kernels (derived by triton_op), functionalization and AOT dispatch of all four ops.
     Inputs do not require grad: the backward ops have no autograd formula (no double backward), as the
