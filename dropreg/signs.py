@@ -87,6 +87,7 @@ def gumbel_noise(seed: int, sample: int, rows: torch.Tensor, v0: int, v1: int) -
     return -torch.log(-torch.log(uniform))
 
 
+@torch.compiler.disable  # under torch.compile, Inductor's RNG would draw a different seed than eager
 def draw_seed() -> int:
     """A 63-bit seed drawn from torch's default generator, so ``torch.manual_seed`` reproduces it."""
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())

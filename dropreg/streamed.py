@@ -18,6 +18,10 @@ from ._op_family import first_order_only
 from ._policy import accumulation_dtype
 from .signs import gumbel_noise, philox_signs
 
+# torch.compile runs the chunk loops eagerly (a graph break): Inductor did not finish compiling them in
+# minutes even at N=15, V=40, and the loops' GEMMs gain nothing from it.
+_eager_under_compile = torch.compiler.disable
+
 DEFAULT_ROW_BLOCK = 1024
 TILE_ELEMENTS = 1 << 21  # one R x C fp32 tile is 8 MiB: large enough for GEMM speed, small next to N x V
 MIN_VOCAB_CHUNK = 256
@@ -227,6 +231,7 @@ def default_blocks(n_rows: int, vocab: int) -> tuple[int, int]:
     return row_block, vocab_chunk
 
 
+@_eager_under_compile
 def streamed_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit,
                    *, row_block=None, vocab_chunk=None):
     """Per-row ``(ce, quadratic, sign_term)``, as :func:`dropreg.reference.reference_terms`, streamed."""
@@ -321,6 +326,7 @@ class StreamedRDrop(torch.autograd.Function):
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
 
+@_eager_under_compile
 def streamed_rdrop(input1, input2, weight, bias, target, *, row_block=None, vocab_chunk=None):
     """Per-row ``(ce1, ce2, kl)``, as :func:`dropreg.reference.reference_rdrop`, streamed."""
     default_rows, default_chunk = default_blocks(input1.shape[0], weight.shape[0])
@@ -367,12 +373,14 @@ class StreamedSoftmaxMean(torch.autograd.Function):
                 None if grad_b is None else grad_b.to(bias.dtype), None, None)
 
 
+@_eager_under_compile
 def streamed_softmax_mean(input, weight, bias, *, row_block=None, vocab_chunk=None):
     """Per-row ``mu`` (N, d) in the accumulation dtype, as :func:`dropreg.reference.reference_softmax_mean`."""
     default_rows, default_chunk = default_blocks(input.shape[0], weight.shape[0])
     return StreamedSoftmaxMean.apply(input, weight, bias, row_block or default_rows, vocab_chunk or default_chunk)
 
 
+@_eager_under_compile
 @torch.no_grad()
 def streamed_sample_targets(input, weight, bias, samples, seed, *, row_block=None, vocab_chunk=None):
     """(samples, N) classes drawn from each row's softmax by Gumbel-max over vocabulary chunks (dropreg.signs)."""

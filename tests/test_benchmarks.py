@@ -7,7 +7,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# MATH.md's multiply-add counts in units of one N x d x V matmul: dropreg forward 3, forward+backward 10;
+# docs/math.md's multiply-add counts in units of one N x d x V matmul: dropreg forward 3, forward+backward 10;
 # R-Drop forward 2 (z1, z2), forward+backward 8.
 FLOOR_MULTIPLES = {"dropreg": {"forward": 3, "forward_backward": 10}, "rdrop": {"forward": 2, "forward_backward": 8}}
 

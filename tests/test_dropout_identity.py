@@ -1,5 +1,5 @@
 """The terms are dropout's effects: the explicit term its second-order loss change, the implicit term's
-spread that of its first-order one (MATH.md).
+spread that of its first-order one (docs/math.md).
 
 The Taylor remainder is dominated by the third-order term. For Bernoulli dropout E[delta_j^3] is O(p)
 like the variance, so the remainder does not vanish as p -> 0; relative to the explicit term it scales

@@ -27,7 +27,7 @@ def same_dtype_terms(problem, dtype):
 
 
 def check_against_same_dtype(problem, dtype, backend, oracle_backend=None):
-    """``oracle_backend=None``: the autograd oracle; ``"reference"``: MATH.md's closed forms in float64 (checked
+    """``oracle_backend=None``: the autograd oracle; ``"reference"``: docs/math.md's closed forms in float64 (checked
     against that oracle by test_against_oracle.py), for shapes where a Hessian per row would take minutes."""
     ours, cotangent = run_dropreg(problem, dtype, backend)
     if oracle_backend is None:
