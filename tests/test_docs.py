@@ -68,3 +68,14 @@ def test_readme_ci_versions_are_the_ci_pins_and_above_the_minimums():
     for name, (minimum, ci) in _supported_versions().items():
         assert f"{name}=={ci}" in ci_command, f"README's CI column says {name} {ci}; .ci/run pins another"
         assert _version(ci) >= _version(minimum)
+
+
+def test_readme_compile_report_rows_come_from_the_committed_report():
+    """The README quotes rows of docs/gpu/compile_report.md; each must be there verbatim (a regenerated report
+    would otherwise leave stale register counts in the README)."""
+    report = {line.strip() for line in _read("docs", "gpu", "compile_report.md").splitlines() if line.startswith("| ")}
+    kernel_rows = [line.strip() for line in _read("README.md").splitlines()
+                   if line.startswith("| ") and "_kernel" in line and line.count("|") == 11]
+    assert len(kernel_rows) >= 10
+    missing = [row for row in kernel_rows if row not in report]
+    assert not missing, missing
