@@ -366,3 +366,16 @@ def test_site_signs_follow_the_stated_stream():
     stated = site_regularizers(hidden, w, y, [x1, x2], signs=signs, explicit=False).implicit
     torch.testing.assert_close(implicit, stated, rtol=0, atol=0)
     assert not torch.equal(signs[0].reshape(-1)[:12], philox_signs(seed, 1, 12, dtype=torch.float64).reshape(-1))
+
+
+def test_gumbel_noise_follows_the_stated_stream():
+    """Known answers from the definition (docs/math.md 11.3): word v % 4 of Philox at counter (v // 4, n, k, 1),
+    u = (word + 1/2) / 2^32, g = -log(-log u). philox4x32 itself is checked against Random123's vectors."""
+    from dropreg.signs import gumbel_noise, philox4x32
+    for seed, sample, row, v in ((0, 0, 0, 0), (2**64 - 1, 3, 12345, 77), (2**40 + 5, 1, 2**31 + 7, 4099)):
+        words = philox4x32(tuple(torch.tensor([c], dtype=torch.int64) for c in (v // 4, row % 2**32, sample, 1)),
+                           seed)
+        u = (int(words[v % 4]) + 0.5) / 2**32
+        expected = -math.log(-math.log(u))
+        got = gumbel_noise(seed, sample, torch.tensor([row]), v, v + 1)
+        assert float(got) == pytest.approx(expected, rel=1e-15, abs=1e-15)

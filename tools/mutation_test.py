@@ -206,16 +206,16 @@ MUTANTS = [
     Mutant("torch-softmax-mean-row-const", "torch", "dropreg/streamed.py",
            "row_const = -(g_mu * mu[r0:r1]).sum(1)", "row_const = -1.00001 * (g_mu * mu[r0:r1]).sum(1)",
            "softmax_mean backward: row constant -mu . gbar * (1+1e-5)"),
-    Mutant("torch-gumbel", "torch", "dropreg/signs.py",
+    Mutant("signs-gumbel", "sites", "dropreg/signs.py",
            "+ 0.5) * 2.0**-32", "+ 0.25) * 2.0**-32",
-           "sampled targets: uniform u = (word + 1/4) / 2^32 instead of + 1/2 (every PyTorch backend)"),
+           "Gumbel noise: u = (word + 1/4) / 2^32 instead of + 1/2 (a 1e-10 change of the noise: only the stream's known answers see it)"),
     Mutant("cpu-softmax-mean-row-const", "cpu", "csrc/linear_ce_dropreg.cpp",
            "r.row_const = (r.T_stack * mu).sum(1).neg_().contiguous();",
            "r.row_const = (r.T_stack * mu).sum(1).mul_(1.00001).neg_().contiguous();",
            "softmax_mean backward: row constant -mu . gbar * (1+1e-5)"),
     Mutant("cpu-gumbel", "cpu", "csrc/sampling.cpp",
-           "+ 0.5) * 0x1p-32;", "+ 0.25) * 0x1p-32;",
-           "sampled targets: uniform u = (word + 1/4) / 2^32 instead of + 1/2"),
+           "static_cast<double>(words[v % 4])", "static_cast<double>(words[(v + 1) % 4])",
+           "sampled targets: class v takes word (v + 1) % 4 of its Philox call"),
 ]
 
 # Per backend: the pytest arguments (run from the copy's root). Quick, but each includes the float64 oracle
