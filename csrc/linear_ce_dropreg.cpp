@@ -153,6 +153,25 @@ void backward_tiles(const BackwardRows& r, const Tensor& weight, const Tensor& b
   });
 }
 
+// backward_tiles into freshly allocated buffers: grad_input (summed over the per-thread partials; undefined
+// when not wanted), grad_weight (empty when not wanted) and grad_bias in the accumulation dtype (undefined).
+std::tuple<Tensor, Tensor, Tensor> run_backward_tiles(const BackwardRows& r, const Tensor& w, const Tensor& b,
+                                                      const Tensor& target, const Tensor& lse, int64_t k,
+                                                      bool want_h, bool want_w, bool want_b) {
+  const int64_t rows = r.h.size(0), dim = r.h.size(1);
+  Tensor grad_h_partials = want_h ? at::zeros({at::get_num_threads(), rows, dim}, r.h.options()) : Tensor();
+  Tensor grad_w = want_w ? at::empty_like(w) : at::empty({0}, w.options());
+  Tensor grad_b = want_b ? at::empty({w.size(0)}, r.h.options()) : Tensor();
+  if (want_h || want_w || want_b) {
+    RECORD_FUNCTION("dropreg::backward_tiles", std::vector<c10::IValue>());
+    AT_DISPATCH_FLOATING_TYPES(r.h.scalar_type(), "backward_tiles", [&] {
+      backward_tiles<scalar_t>(r, w, b, target, lse.contiguous(), k, want_h, want_w, want_b, grad_h_partials,
+                               grad_w, grad_b);
+    });
+  }
+  return {want_h ? grad_h_partials.sum(0) : Tensor(), grad_w, grad_b};
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_ce_forward(
@@ -234,20 +253,10 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
   if (k) r.T_stack = (need_explicit ? at::cat({T_vec, g_r_q}, 1) : T_vec).contiguous();
   r.row_const = row_const.contiguous();
 
-  Tensor grad_h_partials = want_h ? at::zeros({at::get_num_threads(), rows, dim}, r.h.options()) : Tensor();
-  Tensor grad_w = want_w ? at::empty_like(w) : at::empty({0}, w.options());
-  Tensor grad_b_acc = want_b ? at::empty({vocab}, r.h.options()) : Tensor();
-  if (want_h || want_w || want_b) {
-    RECORD_FUNCTION("dropreg::backward_tiles", std::vector<c10::IValue>());
-    AT_DISPATCH_FLOATING_TYPES(acc, "linear_ce_backward", [&] {
-      backward_tiles<scalar_t>(r, w, b, target.contiguous(), lse.contiguous(), k, want_h, want_w, want_b,
-                               grad_h_partials, grad_w, grad_b_acc);
-    });
-  }
+  auto [g, grad_w, grad_b_acc] = run_backward_tiles(r, w, b, target.contiguous(), lse, k, want_h, want_w, want_b);
   Tensor grad_h = at::empty({0}, input.options());
   if (want_h) {
     RECORD_FUNCTION("dropreg::grad_input", std::vector<c10::IValue>());
-    Tensor g = grad_h_partials.sum(0);
     if (need_explicit) g.add_(2 * g_r * r.h * var);
     if (need_implicit) g.add_(g_i * sgn * (mu - w.index_select(0, target).to(acc)));
     grad_h = g.to(input.scalar_type());
@@ -298,17 +307,8 @@ std::tuple<Tensor, Tensor, Tensor> softmax_mean_backward(const Tensor& grad_mu, 
   r.row_const = (r.T_stack * mu).sum(1).neg_().contiguous();
   r.g_ce = at::zeros({rows}, r.h.options());
   const Tensor no_target = at::zeros({rows}, at::kLong);  // g_ce = 0: the target correction adds nothing
-  Tensor grad_h_partials = want_h ? at::zeros({at::get_num_threads(), rows, dim}, r.h.options()) : Tensor();
-  Tensor grad_w = want_w ? at::empty_like(w) : at::empty({0}, w.options());
-  Tensor grad_b_acc = want_b ? at::empty({vocab}, r.h.options()) : Tensor();
-  if (want_h || want_w || want_b) {
-    RECORD_FUNCTION("dropreg::softmax_mean_backward", std::vector<c10::IValue>());
-    AT_DISPATCH_FLOATING_TYPES(acc, "softmax_mean_backward", [&] {
-      backward_tiles<scalar_t>(r, w, b, no_target, lse.contiguous(), 1, want_h, want_w, want_b, grad_h_partials,
-                               grad_w, grad_b_acc);
-    });
-  }
-  Tensor grad_h = want_h ? grad_h_partials.sum(0).to(input.scalar_type()) : at::empty({0}, input.options());
+  auto [g, grad_w, grad_b_acc] = run_backward_tiles(r, w, b, no_target, lse, 1, want_h, want_w, want_b);
+  Tensor grad_h = want_h ? g.to(input.scalar_type()) : at::empty({0}, input.options());
   Tensor grad_b = want_b ? grad_b_acc.to(bias->scalar_type()) : at::empty({0}, input.options());
   return {grad_h, grad_w, grad_b};
 }
