@@ -216,7 +216,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
   const bool has_bias = bias.has_value() && bias->defined();
   const bool want_h = output_mask[0], want_w = output_mask[1], want_b = output_mask[2] && has_bias;
   const auto acc = accumulation_type(input);
-  const int64_t rows = input.size(0), dim = input.size(1), vocab = weight.size(0);
+  const int64_t rows = input.size(0), dim = input.size(1);
   const int64_t k = need_explicit ? 2 : (need_implicit ? 1 : 0);
   const Tensor w = weight.contiguous();
   const Tensor b = has_bias ? bias->to(acc).contiguous() : Tensor();
@@ -298,7 +298,7 @@ std::tuple<Tensor, Tensor, Tensor> softmax_mean_backward(const Tensor& grad_mu, 
   const bool has_bias = bias.has_value() && bias->defined();
   const bool want_h = output_mask[0], want_w = output_mask[1], want_b = output_mask[2] && has_bias;
   const auto acc = accumulation_type(input);
-  const int64_t rows = input.size(0), dim = input.size(1), vocab = weight.size(0);
+  const int64_t rows = input.size(0);
   const Tensor w = weight.contiguous();
   const Tensor b = has_bias ? bias->to(acc).contiguous() : Tensor();
   BackwardRows r;
