@@ -178,7 +178,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--bptt", type=int, default=32)
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--vocabs", type=lambda s: [int(v) for v in s.split(",")], default=DEFAULT_VOCABS)
+    parser.add_argument("--vocabs", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                        help=f"comma-separated V values (default {DEFAULT_VOCABS}; --quick: {QUICK['vocabs']})")
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     parser.add_argument("--p", type=float, default=0.4)
     parser.add_argument("--repeats", type=int, default=3)
@@ -197,7 +198,9 @@ def main(argv=None):
         return 0
     if args.quick:
         args.batch, args.bptt = 4, QUICK["rows"] // 4
-        args.dim, args.vocabs, args.repeats = QUICK["dim"], QUICK["vocabs"], QUICK["repeats"]
+        args.dim, args.repeats = QUICK["dim"], QUICK["repeats"]
+    if args.vocabs is None:  # an explicit --vocabs wins over --quick's sizes
+        args.vocabs = QUICK["vocabs"] if args.quick else DEFAULT_VOCABS
     rows = []
     for vocab in args.vocabs:
         for method in args.methods:
@@ -221,7 +224,10 @@ def main(argv=None):
               f"{' --quick' if args.quick else ''}`")
     write_results(rows, args.out, header)
     print(open(os.path.join(args.out, "results.md")).read())
-    return 0
+    failed = [r for r in rows if r["status"] == "error"]
+    for r in failed:  # an out-of-memory or timeout is a result; an error is a broken benchmark
+        print(f"V={r['vocab']} {r['method']} failed:\n{r.get('error', '')}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
