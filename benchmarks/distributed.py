@@ -1,0 +1,167 @@
+"""Vocabulary-parallel heads on CPU: time, peak memory and bytes per rank against the world size.
+
+    python3 benchmarks/distributed.py --worlds 1 2 4 --out docs/benchmarks/distributed
+
+Each world size spawns its ranks (gloo, one thread per rank), splits a V x d head into near-equal slices and times
+``linear_cross_entropy`` with both terms (fp32): forward, backward, peak resident memory added by one step, and the
+payload bytes each rank hands to the collectives per phase (counted by dropreg.distributed.count_communication),
+next to docs/math.md 12.3's formula. ``world 1*`` is the single-process function (no process_group) for reference.
+On a machine with fewer cores than ranks the ranks share cores, so time per rank shows the oversubscription.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pickle
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import dropreg  # noqa: E402
+import dropreg.distributed  # noqa: E402
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:  # Linux: writing 5 resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def formula_bytes(rows: int, dim: int, elem: int = 4) -> dict:
+    """docs/math.md 12.3, linear_cross_entropy with both terms."""
+    return {"forward": rows * (2 * dim + 4) * elem, "backward": rows * dim * elem, "handshake": 15 * 8}
+
+
+def _step(hidden, weight, target, group):
+    hidden.grad = weight.grad = None
+    t0 = time.perf_counter()
+    out = dropreg.linear_cross_entropy(hidden, weight, target, p=0.1, seed=5, backend="torch", process_group=group)
+    t1 = time.perf_counter()
+    out.loss.backward()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def rank_main(rank, world, init_file, out_dir, rows, dim, vocab, repeats, sharded):
+    torch.set_num_threads(1)
+    if sharded:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=600))
+    group = dist.group.WORLD if sharded else None
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, dim, generator=gen).requires_grad_()
+    weight_full = torch.randn(vocab, dim, generator=gen) / dim**0.5
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    weight = torch.tensor_split(weight_full, world)[rank].clone().requires_grad_()
+    del weight_full
+    _step(hidden, weight, target, group)  # warm-up
+    forward, backward = [], []
+    for _ in range(repeats):
+        if sharded:
+            dist.barrier()
+        f, b = _step(hidden, weight, target, group)
+        forward.append(f)
+        backward.append(b)
+    rss_before = _rss_kib("VmRSS")
+    peak_ok = _reset_peak_rss()
+    with dropreg.distributed.count_communication() as log:
+        _step(hidden, weight, target, group)
+    peak = _rss_kib("VmHWM") - rss_before if peak_ok else None
+    result = dict(rank=rank, slice=weight.shape[0], forward_s=min(forward), backward_s=min(backward),
+                  step_peak_kib=peak, bytes=log.bytes, calls=log.calls)
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    if sharded:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_world(world, args, sharded=True):
+    with tempfile.TemporaryDirectory() as tmp:
+        context = mp.get_context("spawn")
+        procs = [context.Process(target=rank_main, args=(rank, world, os.path.join(tmp, "init"), tmp, args.rows,
+                                                         args.dim, args.vocab, args.repeats, sharded))
+                 for rank in range(world)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(600)
+            if proc.exitcode != 0:
+                raise RuntimeError(f"world {world}: a rank exited with {proc.exitcode}")
+        results = []
+        for rank in range(world):
+            with open(os.path.join(tmp, f"rank{rank}.pkl"), "rb") as f:
+                results.append(pickle.load(f))
+        return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="folder for results.json and results.md")
+    args = parser.parse_args(argv)
+
+    expected = formula_bytes(args.rows, args.dim)
+    runs = [("1*", run_world(1, args, sharded=False))] + [(str(w), run_world(w, args)) for w in args.worlds]
+    table = []
+    for label, results in runs:
+        worst = max(results, key=lambda r: r["forward_s"] + r["backward_s"])
+        measured = results[0]["bytes"]
+        assert all(r["bytes"] == measured for r in results), "ranks sent different payloads"
+        peaks = [r["step_peak_kib"] for r in results if r["step_peak_kib"] is not None]
+        table.append(dict(world=label, slice=max(r["slice"] for r in results), forward_s=worst["forward_s"],
+                          backward_s=worst["backward_s"], step_peak_mib=max(peaks) / 1024 if peaks else None,
+                          bytes=measured, calls=results[0]["calls"]))
+    lines = [f"N={args.rows}, d={args.dim}, V={args.vocab}, fp32, both terms, gloo on CPU, one thread per rank, "
+             f"{os.cpu_count()} CPU cores, torch {torch.__version__}; slowest rank, best of {args.repeats}.",
+             "",
+             "| world | slice V_r | forward s | backward s | step peak RSS MiB | fwd bytes (formula) | "
+             "bwd bytes (formula) | handshake bytes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in table:
+        b = row["bytes"]
+        sharded = row["world"] != "1*"
+        fwd = f"{b['forward']} ({expected['forward']})" if sharded else "-"
+        bwd = f"{b['backward']} ({expected['backward']})" if sharded else "-"
+        peak = f"{row['step_peak_mib']:.1f}" if row["step_peak_mib"] is not None else "n/a"
+        lines.append(f"| {row['world']} | {row['slice']} | {row['forward_s']:.3f} | {row['backward_s']:.3f} | {peak} "
+                     f"| {fwd} | {bwd} | {b['handshake'] if sharded else '-'} |")
+    report = "\n".join(lines)
+    print(report)
+    for row in table[1:]:
+        for phase in ("forward", "backward", "handshake"):
+            assert row["bytes"][phase] == expected[phase], (row["world"], phase, row["bytes"][phase], expected[phase])
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(dict(args=vars(args), formula=expected, rows=table), f, indent=1)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
