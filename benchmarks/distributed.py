@@ -137,7 +137,8 @@ def main(argv=None):
                           backward_s=worst["backward_s"], step_peak_mib=max(peaks) / 1024 if peaks else None,
                           bytes=measured, calls=results[0]["calls"]))
     lines = [f"N={args.rows}, d={args.dim}, V={args.vocab}, fp32, both terms, gloo on CPU, one thread per rank, "
-             f"{os.cpu_count()} CPU cores, torch {torch.__version__}; slowest rank, best of {args.repeats}.",
+             f"{os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}; "
+             f"slowest rank, best of {args.repeats}.",
              "",
              "| world | slice V_r | forward s | backward s | step peak RSS MiB | fwd bytes (formula) | "
              "bwd bytes (formula) | handshake bytes |",

@@ -196,6 +196,17 @@ def compare_all(rank, world, sizes):
     report.errors["sample_targets/float64"] = (float((out != ref).sum()), 0.0)
     report.output("sample_targets", out)
 
+    # The nn modules pass process_group through.
+    full, part = _leaves(problem, torch.float64), _leaves(problem, torch.float64, sl)
+    ref = dropreg.LinearCrossEntropyLoss(p=0.3, shift_labels=True, backend="torch")(full[0], full[1], target,
+                                                                                    full[2], seed=4)
+    out = dropreg.LinearCrossEntropyLoss(p=0.3, shift_labels=True, process_group=group)(part[0], part[1], target,
+                                                                                        part[2], seed=4)
+    report.compare("LinearCrossEntropyLoss/loss", out.loss, ref.loss, torch.float64)
+    ref = dropreg.RDropLoss(alpha=0.5, backend="torch")(full[0], problem["h2"], full[1], target, full[2])
+    out = dropreg.RDropLoss(alpha=0.5, process_group=group)(part[0], problem["h2"], part[1], target, part[2])
+    report.compare("RDropLoss/loss", out.loss, ref.loss, torch.float64)
+
     report.errors.update(_site_regularizers_case(rank, sizes, group, problem))
     return report.errors, report.outputs
 

@@ -65,6 +65,7 @@ def test_sliced_head_matches_one_process(tmp_path, world):
     labels = results[0][0].keys()
     assert any("lce/float32/bias=False/mean/grad_weight" == label for label in labels)
     assert any(label.startswith("site_regularizers/grad_head.weight") for label in labels)
+    assert "RDropLoss/loss" in labels and "LinearCrossEntropyLoss/loss" in labels
 
 
 EXPECTED_ERRORS = {
