@@ -111,12 +111,22 @@ def _grads(outputs, cotangents, leaves):
 # ------------------------------------------------------------------------------------------------ cases
 
 
-def compare_all(rank, world, sizes):
+def compare_worlds(rank, world, sizes_by_world):
+    """:func:`compare_all` on the subgroups of the first 1, 2, ... ranks, so that one spawn covers every size."""
+    results = {}
+    for size in sorted(sizes_by_world):
+        group = dist.new_group(list(range(size)))  # every rank takes part in creating each group
+        if rank < size:
+            results[size] = compare_all(rank, size, sizes_by_world[size], group)
+        dist.barrier()
+    return results
+
+
+def compare_all(rank, world, sizes, group):
     """Every op, reduction, dtype and bias setting: the sliced head against one process."""
     problem = make_problem(sizes)
     sl = vocab_slices(sizes)[rank]
     report = Report(problem)
-    group = dist.group.WORLD
     p = 0.3
     coef_r, _ = dropreg.default_coefficients(p)
     target = problem["target"]
