@@ -47,6 +47,37 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _loopback_tx_bytes() -> int:
+    with open("/proc/net/dev") as f:
+        for line in f:
+            name, _, fields = line.partition(":")
+            if name.strip() == "lo":
+                return int(fields.split()[8])
+    return 0
+
+
+def _wire_bytes(hidden, weight, target, group, rank, world):
+    """Bytes all ranks put on the loopback interface during one forward and one backward, per rank. Read by rank 0
+    between barriers; counts every loopback packet of the machine (headers included), so other traffic adds to it."""
+    marks = []
+
+    def mark():
+        dist.barrier()
+        if rank == 0:
+            marks.append(_loopback_tx_bytes())
+        dist.barrier()
+
+    hidden.grad = weight.grad = None
+    mark()
+    out = dropreg.linear_cross_entropy(hidden, weight, target, p=0.1, seed=5, backend="torch", process_group=group)
+    mark()
+    out.loss.backward()
+    mark()
+    if rank != 0:
+        return None
+    return {"forward": (marks[1] - marks[0]) / world, "backward": (marks[2] - marks[1]) / world}
+
+
 def formula_bytes(rows: int, dim: int, elem: int = 4) -> dict:
     """docs/math.md 12.3, linear_cross_entropy with both terms."""
     return {"forward": rows * (2 * dim + 4) * elem, "backward": rows * dim * elem, "handshake": 15 * 8}
@@ -87,8 +118,9 @@ def rank_main(rank, world, init_file, out_dir, rows, dim, vocab, repeats, sharde
     with dropreg.distributed.count_communication() as log:
         _step(hidden, weight, target, group)
     peak = _rss_kib("VmHWM") - rss_before if peak_ok else None
+    wire = _wire_bytes(hidden, weight, target, group, rank, world) if sharded else None
     result = dict(rank=rank, slice=weight.shape[0], forward_s=min(forward), backward_s=min(backward),
-                  step_peak_kib=peak, bytes=log.bytes, calls=log.calls)
+                  step_peak_kib=peak, bytes=log.bytes, calls=log.calls, wire=wire)
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
     if sharded:
@@ -135,22 +167,31 @@ def main(argv=None):
         peaks = [r["step_peak_kib"] for r in results if r["step_peak_kib"] is not None]
         table.append(dict(world=label, slice=max(r["slice"] for r in results), forward_s=worst["forward_s"],
                           backward_s=worst["backward_s"], step_peak_mib=max(peaks) / 1024 if peaks else None,
-                          bytes=measured, calls=results[0]["calls"]))
+                          bytes=measured, calls=results[0]["calls"], wire=results[0]["wire"]))
     lines = [f"N={args.rows}, d={args.dim}, V={args.vocab}, fp32, both terms, gloo on CPU, one thread per rank, "
              f"{os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}; "
              f"slowest rank, best of {args.repeats}.",
              "",
-             "| world | slice V_r | forward s | backward s | step peak RSS MiB | fwd bytes (formula) | "
-             "bwd bytes (formula) | handshake bytes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "Bytes per rank: the payload handed to the collectives (formula of docs/math.md 12.3 in brackets), and "
+             "the loopback bytes all ranks sent during the step divided by the world size (wire; a ring all-reduce "
+             "sends 2 (R-1)/R of its payload, in brackets).",
+             "",
+             "| world | slice V_r | forward s | backward s | step peak RSS MiB | fwd payload (formula) | "
+             "bwd payload (formula) | handshake | fwd wire (ring) | bwd wire (ring) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table:
         b = row["bytes"]
         sharded = row["world"] != "1*"
         fwd = f"{b['forward']} ({expected['forward']})" if sharded else "-"
         bwd = f"{b['backward']} ({expected['backward']})" if sharded else "-"
         peak = f"{row['step_peak_mib']:.1f}" if row["step_peak_mib"] is not None else "n/a"
+        wire = ["-", "-"]
+        if sharded:
+            ring = 2 * (int(row["world"]) - 1) / int(row["world"])
+            wire = [f"{row['wire'][phase]:.0f} ({ring * b[phase]:.0f})"
+                    for phase in ("forward", "backward")]
         lines.append(f"| {row['world']} | {row['slice']} | {row['forward_s']:.3f} | {row['backward_s']:.3f} | {peak} "
-                     f"| {fwd} | {bwd} | {b['handshake'] if sharded else '-'} |")
+                     f"| {fwd} | {bwd} | {b['handshake'] if sharded else '-'} | {wire[0]} | {wire[1]} |")
     report = "\n".join(lines)
     print(report)
     for row in table[1:]:
