@@ -169,7 +169,8 @@ def main(argv=None):
                           backward_s=worst["backward_s"], step_peak_mib=max(peaks) / 1024 if peaks else None,
                           bytes=measured, calls=results[0]["calls"], wire=results[0]["wire"]))
     lines = [f"N={args.rows}, d={args.dim}, V={args.vocab}, fp32, both terms, gloo on CPU, one thread per rank, "
-             f"{os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}; "
+             f"{os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at the end), "
+             f"torch {torch.__version__}; "
              f"slowest rank, best of {args.repeats}.",
              "",
              "Bytes per rank: the payload handed to the collectives (formula of docs/math.md 12.3 in brackets), and "

@@ -326,7 +326,8 @@ class StreamedRDrop(torch.autograd.Function):
 
 def rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk):
     """Per pass i and row, over ``weight``'s rows: running max ``m_i``, ``L_i = sum exp(z_i - m_i)`` and
-    ``B_i = sum exp(z_i - m_i) D`` with ``D = z1 - z2``; each ``(2, N)``. Ranges merge by rescaling (docs/math.md 9.2)."""
+    ``B_i = sum exp(z_i - m_i) D`` with ``D = z1 - z2``; each ``(2, N)``. Ranges merge by rescaling
+    (docs/math.md 9.2)."""
     acc = accumulation_dtype(h1.dtype)
     n_rows, vocab = h1.shape[0], weight.shape[0]
     row_max = torch.empty(2, n_rows, dtype=acc, device=h1.device)

@@ -331,3 +331,39 @@ def missing_process_group(rank, world):
         import time
         time.sleep(5)  # stay alive so that rank 0 sees a timeout rather than a closed connection
     return outcome
+
+
+def edge_cases(rank, world):
+    """An empty batch, a batch of ignored rows, and a slice masked entirely by -inf bias, against one process."""
+    group = dist.group.WORLD
+    sizes = [3, 4, 2][:world]
+    sl = vocab_slices(sizes)[rank]
+    gen = torch.Generator().manual_seed(8)
+    w_full = torch.randn(sum(sizes), 4, generator=gen, dtype=torch.float64)
+    b_full = torch.zeros(sum(sizes), dtype=torch.float64)
+    b_full[vocab_slices(sizes)[-1]] = float("-inf")  # the last rank's classes are all masked
+    h_full = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    cases = {"empty": (h_full[:0], torch.zeros(0, dtype=torch.long), None),
+             "all ignored": (h_full, torch.full((3,), -100), None),
+             "masked slice": (h_full, torch.tensor([0, 1, 2]), b_full)}
+    errors = {}
+    for name, (h, target, bias) in cases.items():
+        values = []
+        for sharded in (False, True):
+            hidden = h.clone().requires_grad_()
+            weight = (w_full[sl] if sharded else w_full).clone().requires_grad_()
+            b = None if bias is None else (bias[sl] if sharded else bias)
+            out = dropreg.linear_cross_entropy(hidden, weight, target, linear_bias=b, p=0.2, seed=1,
+                                               process_group=group if sharded else None)
+            out.loss.backward()
+            values.append((out.loss.detach(), hidden.grad, weight.grad if sharded else weight.grad[sl]))
+        for label, ours, ref in zip(("loss", "grad_input", "grad_weight"), values[1], values[0]):
+            finite = bool(torch.isfinite(ours).all())
+            err = float((ours - ref).abs().max()) if ref.numel() else 0.0
+            scale = float(ref.abs().max()) if ref.numel() else 0.0
+            errors[f"{name}/{label}"] = (err if finite else float("inf"), 1e-12 * (1 + scale))
+    h = h_full
+    ref = dropreg.sample_targets(h, w_full, linear_bias=b_full, samples=4, seed=3, backend="torch")
+    out = dropreg.sample_targets(h, w_full[sl], linear_bias=b_full[sl], samples=4, seed=3, process_group=group)
+    errors["masked slice/sample_targets"] = (float((out != ref).sum()), 0.0)
+    return errors

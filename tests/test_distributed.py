@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch.multiprocessing as mp
 
 import distributed_workers
@@ -68,6 +67,13 @@ def test_sliced_head_matches_one_process(tmp_path):
         assert "lce/float32/bias=False/mean/grad_weight" in labels and "sample_targets/float64" in labels
         assert "site_regularizers/grad_head.weight" in labels and "rdrop/float64/bias=True/none/grad_bias" in labels
         assert "RDropLoss/loss" in labels and "LinearCrossEntropyLoss/loss" in labels
+
+
+def test_empty_batch_ignored_rows_and_a_masked_slice(tmp_path):
+    for rank, errors in enumerate(run_ranks(tmp_path, 3, "edge_cases")):
+        failures = [f"rank {rank} {label}: error {err:.3e} > {tol:.3e}" for label, (err, tol) in errors.items()
+                    if not err <= tol]
+        assert not failures, "\n".join(failures)
 
 
 EXPECTED_ERRORS = {
