@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 import dropreg
 import dropreg.distributed
+import dropreg.streamed
 
 EPS32 = 2.0**-23
 
@@ -114,11 +115,17 @@ def _grads(outputs, cotangents, leaves):
 def compare_worlds(rank, world, sizes_by_world):
     """:func:`compare_all` on the subgroups of the first 1, 2, ... ranks, so that one spawn covers every size."""
     results = {}
+    default_blocks = dropreg.streamed.default_blocks
     for size in sorted(sizes_by_world):
         group = dist.new_group(list(range(size)))  # every rank takes part in creating each group
+        # Odd sizes use 3-row blocks and 5-class chunks (as tests/conftest.py's "torch-small-tiles"), so the merge
+        # inside a slice and chunk tails are exercised too; the one-process runs use the same tiles.
+        small = size % 2 == 1
+        dropreg.streamed.default_blocks = (lambda n_rows, vocab: (3, 5)) if small else default_blocks
         if rank < size:
             results[size] = compare_all(rank, size, sizes_by_world[size], group)
         dist.barrier()
+    dropreg.streamed.default_blocks = default_blocks
     return results
 
 
