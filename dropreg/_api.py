@@ -238,7 +238,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         given_seed = seed
         seed = _check_seed(seed) if need_implicit and signs is None else 0
         if call.sharded:
-            distributed.check_backend(backend)
+            local_backend = distributed.check_backend("linear_cross_entropy", backend, input.device)
         else:
             _, implementation = resolve_backend(backend, input.device)
         call.describe(input, linear_weight, linear_bias, seed=seed, target=target,
@@ -250,7 +250,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if call.sharded:
         ce, quadratic, sign_term = distributed.sharded_terms(
             call.shard, rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target, flat_signs, call.seed,
-            need_explicit, need_implicit)
+            need_explicit, need_implicit, local_backend)
     else:
         ce, quadratic, sign_term = implementation.linear_ce(
             rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target, flat_signs, seed,
@@ -276,14 +276,14 @@ def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: O
         _check_head(input, linear_weight, linear_bias)
         _check_reduction(reduction)
         if call.sharded:
-            distributed.check_backend(backend)
+            local_backend = distributed.check_backend("explicit_regularizer", backend, input.device)
         else:
             _, implementation = resolve_backend(backend, input.device)
         call.describe(input, linear_weight, linear_bias, options=(reduction,))
     rows = _IgnoredRows(torch.zeros(input.shape[:-1], dtype=torch.long, device=input.device), -1, input.dtype)
     if call.sharded:
         _, quadratic, _ = distributed.sharded_terms(call.shard, input.reshape(-1, input.shape[-1]), linear_weight,
-                                                    linear_bias, rows.safe_target, None, 0, True, False)
+                                                    linear_bias, rows.safe_target, None, 0, True, False, local_backend)
     else:
         _, quadratic, _ = implementation.linear_ce(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias,
                                                    rows.safe_target, None, 0, True, False)
@@ -311,7 +311,7 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
         _check_reduction(reduction)
         alpha = _check_coefficient("alpha", alpha, 1.0)
         if call.sharded:
-            distributed.check_backend(backend)
+            local_backend = distributed.check_backend("rdrop_linear_cross_entropy", backend, input1.device)
         else:
             _, implementation = resolve_backend(backend, input1.device)
         # One checksum covers both inputs: their difference is what R-Drop measures.
@@ -321,7 +321,7 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
     rows = _IgnoredRows(target, ignore_index, input1.dtype)
     if call.sharded:
         ce1, ce2, kl = distributed.sharded_rdrop(call.shard, rows.zero_ignored(input1), rows.zero_ignored(input2),
-                                                 linear_weight, linear_bias, rows.safe_target)
+                                                 linear_weight, linear_bias, rows.safe_target, local_backend)
     else:
         ce1, ce2, kl = implementation.rdrop(rows.zero_ignored(input1), rows.zero_ignored(input2), linear_weight,
                                             linear_bias, rows.safe_target)

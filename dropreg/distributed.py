@@ -235,11 +235,27 @@ def checked_call(group, op: str):
     call.exchange(None)
 
 
-def check_backend(backend: str) -> None:
-    # The local slice's work needs unmerged per-row states, which only the chunked PyTorch code returns.
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend: with process_group, the local slice runs dropreg's chunked PyTorch code; "
-                         f"expected 'auto' or 'torch', got {backend!r}")
+# Which backends can do the local slice's work, per op: "torch" (the chunked PyTorch code, any device) everywhere;
+# "cpu" (the C++ kernels) where its ops return per-row states that merge across slices.
+_LOCAL_BACKENDS = {"linear_cross_entropy": ("torch", "cpu"), "explicit_regularizer": ("torch", "cpu"),
+                   "rdrop_linear_cross_entropy": ("torch", "cpu"), "softmax_mean": ("torch", "cpu"),
+                   "sample_targets": ("torch",), "site_regularizers": ("torch",)}
+
+
+def check_backend(op: str, backend: str, device: torch.device) -> str:
+    """The backend that does this rank's local work: ``"auto"`` is ``"torch"``."""
+    allowed = _LOCAL_BACKENDS[op]
+    if backend == "auto":
+        return "torch"
+    if backend not in allowed:
+        raise ValueError(f"backend: with process_group, {op} runs its local slice on {' or '.join(map(repr, allowed))} "
+                         f"(or 'auto'); got {backend!r}")
+    if backend == "cpu":
+        from . import cpu
+        if device.type != "cpu" or not cpu.FAMILY.is_available():
+            raise ValueError(f"backend: 'cpu' needs CPU tensors and the C++ kernels (reason: "
+                             f"{cpu.FAMILY.unavailable_reason() if device.type == 'cpu' else device})")
+    return backend
 
 
 # ---------------------------------------------------------------------------------------------- the sharded ops
@@ -313,7 +329,8 @@ class ShardedTerms(torch.autograd.Function):
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
 
-def sharded_terms(shard: Shard, input, weight, bias, target, signs, seed, need_explicit, need_implicit):
+def sharded_terms(shard: Shard, input, weight, bias, target, signs, seed, need_explicit, need_implicit,
+                  local_backend="torch"):
     """Per-row ``(ce, quadratic, sign_term)`` for a sliced head; ``target`` holds global classes."""
     acc = accumulation_dtype(input.dtype)
     if need_implicit:
@@ -323,7 +340,8 @@ def sharded_terms(shard: Shard, input, weight, bias, target, signs, seed, need_e
         signs = signs.to(acc)
     else:
         signs = None
-    return ShardedTerms.apply(input, weight, bias, target, signs, need_explicit, need_implicit, shard)
+    function = CppShardedTerms if local_backend == "cpu" else ShardedTerms
+    return function.apply(input, weight, bias, target, signs, need_explicit, need_implicit, shard)
 
 
 class ShardedRDrop(torch.autograd.Function):
@@ -369,8 +387,9 @@ class ShardedRDrop(torch.autograd.Function):
                 None if grad_b is None else grad_b.to(bias.dtype), None, None)
 
 
-def sharded_rdrop(shard: Shard, input1, input2, weight, bias, target):
-    return ShardedRDrop.apply(input1, input2, weight, bias, target, shard)
+def sharded_rdrop(shard: Shard, input1, input2, weight, bias, target, local_backend="torch"):
+    function = CppShardedRDrop if local_backend == "cpu" else ShardedRDrop
+    return function.apply(input1, input2, weight, bias, target, shard)
 
 
 class ShardedSoftmaxMean(torch.autograd.Function):
@@ -403,8 +422,9 @@ class ShardedSoftmaxMean(torch.autograd.Function):
                 None if grad_b is None else grad_b.to(bias.dtype), None)
 
 
-def sharded_softmax_mean(shard: Shard, input, weight, bias):
-    return ShardedSoftmaxMean.apply(input, weight, bias, shard)
+def sharded_softmax_mean(shard: Shard, input, weight, bias, local_backend="torch"):
+    function = CppShardedSoftmaxMean if local_backend == "cpu" else ShardedSoftmaxMean
+    return function.apply(input, weight, bias, shard)
 
 
 @torch.no_grad()
@@ -441,14 +461,205 @@ class ShardedRows(torch.autograd.Function):
 class ShardedHead:
     """The every-site building blocks of :mod:`dropreg.sites` on a sliced head."""
 
-    def __init__(self, shard: Shard):
+    def __init__(self, shard: Shard, local_backend: str = "torch"):
         self.shard = shard
+        self.local_backend = local_backend
 
     def softmax_mean(self, input, weight, bias):
-        return sharded_softmax_mean(self.shard, input, weight, bias)
+        return sharded_softmax_mean(self.shard, input, weight, bias, self.local_backend)
 
     def sample_targets(self, input, weight, bias, samples, seed):
         return sharded_sample_targets(self.shard, input, weight, bias, samples, seed)
 
     def weight_rows(self, weight, classes):
         return ShardedRows.apply(weight, classes, self.shard)
+
+
+# ------------------------------------------------------------------------------- the C++ kernels on a local slice
+# The "cpu" ops return the slice's own per-row lse and expectations under its own softmax. Slices merge with
+# weights exp(lse_r - m) (docs/math.md 12.1). Their backward takes the global per-row statistics; it is called with
+# every target set to the slice's class 0, and the target's terms are then moved to the owning rank in Python.
+
+
+def _cpu_ops():
+    from . import cpu
+    cpu.FAMILY.load()
+    return torch.ops.dropreg
+
+
+def _merge_normalized(shard: Shard, lse_r: Tensor, expectations: list, picked: list):
+    """Global ``(lse, [E[f] for f], [sum of picked])`` from slice-local ``lse_r`` and ``E_r[f]`` (rows first)."""
+    global_max = shard.all_reduce(lse_r.clone(), dist.ReduceOp.MAX, "forward")
+    shift = streamed._logit_shift(global_max)
+    weight = torch.exp(lse_r - shift)  # 0 for a slice whose logits are all -inf (its expectations are NaN)
+    weight_col = weight.unsqueeze(-1)
+    parts = [weight_col] + [torch.where(weight_col > 0, weight_col * e, torch.zeros_like(e)) for e in expectations]
+    parts += [p.unsqueeze(-1) for p in picked]
+    packed = shard.all_reduce(torch.cat(parts, -1), dist.ReduceOp.SUM, "forward")
+    total = packed[..., :1]
+    lse = shift + total[..., 0].log()
+    out, start = [], 1
+    for e in expectations:
+        out.append(packed[..., start:start + e.shape[-1]] / total)
+        start += e.shape[-1]
+    return lse, out, [packed[..., start + i] for i in range(len(picked))]
+
+
+def _move_target_terms(grad_w, grad_b, h, classes, owned, amount):
+    """The backward ran with target 0 on every row: give back ``amount * h`` (and ``amount``) to class 0 and take
+    them from the owned rows' real classes (grad_W[y] -= amount h, grad_b[y] -= amount)."""
+    owned_amount = amount * owned.to(amount.dtype)
+    if grad_w is not None:
+        grad_w[0] += amount @ h
+        grad_w.index_add_(0, classes, -owned_amount[:, None] * h)
+    if grad_b is not None:
+        grad_b[0] += amount.sum()
+        grad_b.index_add_(0, classes, -owned_amount)
+
+
+class CppShardedTerms(torch.autograd.Function):
+    """:class:`ShardedTerms` with the slice's work done by the C++ kernels (``backend="cpu"``)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, shard):
+        ops = _cpu_ops()
+        acc = accumulation_dtype(h.dtype)
+        h, weight = h.contiguous(), weight.contiguous()
+        class_zero = torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
+        _, _, _, lse_r, mu_r, var_r = ops.linear_ce_forward(h, weight, bias, class_zero, signs, 0, need_explicit,
+                                                            need_implicit)
+        local_target, owned = shard.localize(target)
+        safe = torch.where(owned, local_target, torch.zeros_like(local_target))
+        hc = h.to(acc)
+        picked = [_owned_pick(owned, streamed._target_logit(hc, weight, bias, safe, acc))]
+        if need_implicit:
+            u = signs * hc
+            picked.append(_owned_pick(owned, (u * weight[safe].to(acc)).sum(1)))
+        expectations = [mu_r] if need_explicit or need_implicit else []
+        if need_explicit:
+            expectations.append(var_r + mu_r * mu_r)
+        lse, moments, picked = _merge_normalized(shard, lse_r, expectations, picked)
+        ce = lse - picked[0]
+        quadratic = sign_term = torch.zeros_like(ce)
+        mu = moments[0].contiguous() if moments else mu_r
+        var = var_r
+        if need_explicit:
+            var = (moments[1] - mu * mu).contiguous()
+            quadratic = (hc * hc * var).sum(1)
+        if need_implicit:
+            sign_term = (u * mu).sum(1) - picked[1]
+        ctx.save_for_backward(h, weight, bias, safe, owned, signs, lse, mu, var)
+        ctx.options = (need_explicit, need_implicit, shard)
+        return ce, quadratic, sign_term
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term):
+        h, weight, bias, safe, owned, signs, lse, mu, var = ctx.saved_tensors
+        need_explicit, need_implicit, shard = ctx.options
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        acc = lse.dtype
+        g_ce, g_r, g_i = [torch.zeros_like(lse) if g is None else g.to(acc).contiguous()
+                          for g in (grad_ce, grad_quadratic, grad_sign_term)]
+        class_zero = torch.zeros_like(safe)
+        grad_h, grad_w, grad_b = _cpu_ops().linear_ce_backward(
+            g_ce, g_r, g_i, h, weight, bias, class_zero, signs, 0, lse, mu, var, need_explicit, need_implicit,
+            [want_h, want_w, want_b and bias is not None])
+        hc = h.to(acc)
+        owned_col = owned.to(acc)[:, None]
+        w_zero, w_target = weight[0].to(acc), weight[safe].to(acc) * owned_col
+        grad_w = grad_w.to(acc) if want_w else None
+        grad_b = grad_b.to(acc) if want_b and bias is not None else None
+        _move_target_terms(grad_w, grad_b, hc, safe, owned, g_ce)
+        if need_implicit:
+            _move_target_terms(grad_w, None, signs * hc, safe, owned, g_i)
+        if want_h:
+            # The kernel's grad_input is W^T G + 2 g_R h var + g_I sigma (mu - W[0]), with G's target at class 0.
+            per_row = torch.zeros_like(hc)
+            if need_explicit:
+                per_row += 2 * g_r[:, None] * hc * var
+            if need_implicit:
+                per_row += g_i[:, None] * signs * mu
+            vocab_part = grad_h.to(acc) - per_row + g_ce[:, None] * w_zero - g_ce[:, None] * w_target
+            if need_implicit:
+                vocab_part += g_i[:, None] * signs * (w_zero - w_target)
+            grad_h = (shard.all_reduce(vocab_part, dist.ReduceOp.SUM, "backward") + per_row).to(h.dtype)
+        return (grad_h if want_h else None, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+
+
+class CppShardedSoftmaxMean(torch.autograd.Function):
+    """:class:`ShardedSoftmaxMean` with the slice's work done by the C++ kernels (``backend="cpu"``)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, shard):
+        h, weight = h.contiguous(), weight.contiguous()
+        mu_r, lse_r = _cpu_ops().softmax_mean_forward(h, weight, bias)
+        lse, (mu,), _ = _merge_normalized(shard, lse_r, [mu_r], [])
+        mu = mu.contiguous()
+        ctx.save_for_backward(h, weight, bias, lse, mu)
+        ctx.shard = shard
+        return mu
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_mu):
+        h, weight, bias, lse, mu = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h, grad_w, grad_b = _cpu_ops().softmax_mean_backward(grad_mu.to(lse.dtype).contiguous(), h, weight,
+                                                                  bias, lse, mu,
+                                                                  [want_h, want_w, want_b and bias is not None])
+        if want_h:  # W^T G only: no per-row part
+            grad_h = ctx.shard.all_reduce(grad_h.to(lse.dtype), dist.ReduceOp.SUM, "backward").to(h.dtype)
+        return (grad_h if want_h else None, grad_w if want_w else None,
+                grad_b if want_b and bias is not None else None, None)
+
+
+class CppShardedRDrop(torch.autograd.Function):
+    """:class:`ShardedRDrop` with the slice's work done by the C++ kernels (``backend="cpu"``)."""
+
+    @staticmethod
+    def forward(ctx, h1, h2, weight, bias, target, shard):
+        acc = accumulation_dtype(h1.dtype)
+        h1, h2, weight = h1.contiguous(), h2.contiguous(), weight.contiguous()
+        class_zero = torch.zeros(h1.shape[0], dtype=torch.int64, device=h1.device)
+        _, _, _, lse_r, expected_r = _cpu_ops().rdrop_forward(h1, h2, weight, bias, class_zero)
+        local_target, owned = shard.localize(target)
+        safe = torch.where(owned, local_target, torch.zeros_like(local_target))
+        picked = [torch.stack([_owned_pick(owned, streamed._target_logit(h.to(acc), weight, bias, safe, acc))
+                               for h in (h1, h2)])]
+        # Rows of (2, N): pass i's lse and E_pi[D] merge like any other row.
+        lse, (expected_d,), (target_logit,) = _merge_normalized(shard, lse_r, [expected_r.unsqueeze(-1)], picked)
+        expected_d = expected_d[..., 0].contiguous()
+        ce1, ce2 = lse[0] - target_logit[0], lse[1] - target_logit[1]
+        kl = 0.5 * (expected_d[0] - expected_d[1])
+        ctx.save_for_backward(h1, h2, weight, bias, safe, owned, lse.contiguous(), expected_d)
+        ctx.shard = shard
+        return ce1, ce2, kl
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_ce1, grad_ce2, grad_kl):
+        h1, h2, weight, bias, safe, owned, lse, expected_d = ctx.saved_tensors
+        want_h1, want_h2, want_w, want_b = ctx.needs_input_grad[:4]
+        acc = lse.dtype
+        grads = [torch.zeros_like(lse[0]) if g is None else g.to(acc).contiguous()
+                 for g in (grad_ce1, grad_ce2, grad_kl)]
+        class_zero = torch.zeros_like(safe)
+        grad_h1, grad_h2, grad_w, grad_b = _cpu_ops().rdrop_backward(
+            *grads, h1, h2, weight, bias, class_zero, lse, expected_d,
+            [want_h1 or want_h2, want_h1 or want_h2, want_w, want_b and bias is not None])
+        grad_w = grad_w.to(acc) if want_w else None
+        grad_b = grad_b.to(acc) if want_b and bias is not None else None
+        owned_col = owned.to(acc)[:, None]
+        w_zero, w_target = weight[0].to(acc), weight[safe].to(acc) * owned_col
+        grad_h = None
+        if want_h1 or want_h2:
+            grad_h = torch.stack([g.to(acc) + g_ce[:, None] * (w_zero - w_target)
+                                  for g, g_ce in ((grad_h1, grads[0]), (grad_h2, grads[1]))])
+            ctx.shard.all_reduce(grad_h, dist.ReduceOp.SUM, "backward")
+        for h, g_ce in ((h1, grads[0]), (h2, grads[1])):
+            _move_target_terms(grad_w, grad_b, h.to(acc), safe, owned, g_ce)
+        return (grad_h[0].to(h1.dtype) if want_h1 else None, grad_h[1].to(h2.dtype) if want_h2 else None,
+                None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)

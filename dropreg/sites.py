@@ -43,13 +43,12 @@ def softmax_mean(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[
     with distributed.checked_call(process_group, "softmax_mean") as call:
         _check_head(input, linear_weight, linear_bias)
         if call.sharded:
-            distributed.check_backend(backend)
-            implementation = None
+            local_backend = distributed.check_backend("softmax_mean", backend, input.device)
         else:
             _, implementation = resolve_backend(backend, input.device)
         call.describe(input, linear_weight, linear_bias)
     if call.sharded:
-        implementation = distributed.ShardedHead(call.shard)
+        implementation = distributed.ShardedHead(call.shard, local_backend)
     mu = implementation.softmax_mean(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias)
     return mu.reshape(input.shape).to(input.dtype)
 
@@ -89,7 +88,7 @@ def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optiona
                 bool((torch.isnan(linear_bias) | (linear_bias == float("inf"))).any()):
             raise ValueError("linear_bias: expected no NaN or +inf entries (-inf masks a class)")
         if call.sharded:
-            distributed.check_backend(backend)
+            distributed.check_backend("sample_targets", backend, input.device)
         else:
             _, implementation = resolve_backend(backend, input.device)
         call.describe(input, linear_weight, linear_bias, seed=seed, options=(samples, given_seed))
@@ -220,7 +219,7 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
         given_seed = seed
         seed = _check_seed(seed) if needs_seed else 0
         if call.sharded:
-            distributed.check_backend(backend)
+            distributed.check_backend("site_regularizers", backend, head_input.device)
         else:
             _, implementation = resolve_backend(backend, head_input.device)
         call.describe(head_input, linear_weight, linear_bias, seed=seed, target=target, classes=classes,
