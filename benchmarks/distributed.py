@@ -6,6 +6,7 @@ Each world size spawns its ranks (gloo, one thread per rank), splits a V x d hea
 ``linear_cross_entropy`` with both terms (fp32): forward, backward, peak resident memory added by one step, and the
 payload bytes each rank hands to the collectives per phase (counted by dropreg.distributed.count_communication),
 next to docs/math.md 12.3's formula. ``world 1*`` is the single-process function (no process_group) for reference.
+``--backends torch cpu`` repeats the grid with the C++ kernels doing each slice's work.
 On a machine with fewer cores than ranks the ranks share cores, so time per rank shows the oversubscription.
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _loopback_tx_bytes() -> int:
     return 0
 
 
-def _wire_bytes(hidden, weight, target, group, rank, world):
+def _wire_bytes(hidden, weight, target, group, rank, world, backend):
     """Bytes all ranks put on the loopback interface during one forward and one backward, per rank. Read by rank 0
     between barriers; counts every loopback packet of the machine (headers included), so other traffic adds to it."""
     marks = []
@@ -69,7 +70,7 @@ def _wire_bytes(hidden, weight, target, group, rank, world):
 
     hidden.grad = weight.grad = None
     mark()
-    out = dropreg.linear_cross_entropy(hidden, weight, target, p=0.1, seed=5, backend="torch", process_group=group)
+    out = dropreg.linear_cross_entropy(hidden, weight, target, p=0.1, seed=5, backend=backend, process_group=group)
     mark()
     out.loss.backward()
     mark()
@@ -83,17 +84,17 @@ def formula_bytes(rows: int, dim: int, elem: int = 4) -> dict:
     return {"forward": rows * (2 * dim + 4) * elem, "backward": rows * dim * elem, "handshake": 15 * 8}
 
 
-def _step(hidden, weight, target, group):
+def _step(hidden, weight, target, group, backend):
     hidden.grad = weight.grad = None
     t0 = time.perf_counter()
-    out = dropreg.linear_cross_entropy(hidden, weight, target, p=0.1, seed=5, backend="torch", process_group=group)
+    out = dropreg.linear_cross_entropy(hidden, weight, target, p=0.1, seed=5, backend=backend, process_group=group)
     t1 = time.perf_counter()
     out.loss.backward()
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 
 
-def rank_main(rank, world, init_file, out_dir, rows, dim, vocab, repeats, sharded):
+def rank_main(rank, world, init_file, out_dir, rows, dim, vocab, repeats, sharded, backend):
     torch.set_num_threads(1)
     if sharded:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -105,20 +106,20 @@ def rank_main(rank, world, init_file, out_dir, rows, dim, vocab, repeats, sharde
     target = torch.randint(0, vocab, (rows,), generator=gen)
     weight = torch.tensor_split(weight_full, world)[rank].clone().requires_grad_()
     del weight_full
-    _step(hidden, weight, target, group)  # warm-up
+    _step(hidden, weight, target, group, backend)  # warm-up
     forward, backward = [], []
     for _ in range(repeats):
         if sharded:
             dist.barrier()
-        f, b = _step(hidden, weight, target, group)
+        f, b = _step(hidden, weight, target, group, backend)
         forward.append(f)
         backward.append(b)
     rss_before = _rss_kib("VmRSS")
     peak_ok = _reset_peak_rss()
     with dropreg.distributed.count_communication() as log:
-        _step(hidden, weight, target, group)
+        _step(hidden, weight, target, group, backend)
     peak = _rss_kib("VmHWM") - rss_before if peak_ok else None
-    wire = _wire_bytes(hidden, weight, target, group, rank, world) if sharded else None
+    wire = _wire_bytes(hidden, weight, target, group, rank, world, backend) if sharded else None
     result = dict(rank=rank, slice=weight.shape[0], forward_s=min(forward), backward_s=min(backward),
                   step_peak_kib=peak, bytes=log.bytes, calls=log.calls, wire=wire)
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
@@ -128,11 +129,11 @@ def rank_main(rank, world, init_file, out_dir, rows, dim, vocab, repeats, sharde
         dist.destroy_process_group()
 
 
-def run_world(world, args, sharded=True):
+def run_world(world, args, backend, sharded=True):
     with tempfile.TemporaryDirectory() as tmp:
         context = mp.get_context("spawn")
         procs = [context.Process(target=rank_main, args=(rank, world, os.path.join(tmp, "init"), tmp, args.rows,
-                                                         args.dim, args.vocab, args.repeats, sharded))
+                                                         args.dim, args.vocab, args.repeats, sharded, backend))
                  for rank in range(world)]
         for proc in procs:
             proc.start()
@@ -154,18 +155,22 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backends", nargs="+", default=["torch"], help="local backends: torch, cpu (C++ kernels)")
     parser.add_argument("--out", default=None, help="folder for results.json and results.md")
     args = parser.parse_args(argv)
 
     expected = formula_bytes(args.rows, args.dim)
-    runs = [("1*", run_world(1, args, sharded=False))] + [(str(w), run_world(w, args)) for w in args.worlds]
+    runs = []
+    for backend in args.backends:
+        runs += [(backend, "1*", run_world(1, args, backend, sharded=False))]
+        runs += [(backend, str(w), run_world(w, args, backend)) for w in args.worlds]
     table = []
-    for label, results in runs:
+    for backend, label, results in runs:
         worst = max(results, key=lambda r: r["forward_s"] + r["backward_s"])
         measured = results[0]["bytes"]
         assert all(r["bytes"] == measured for r in results), "ranks sent different payloads"
         peaks = [r["step_peak_kib"] for r in results if r["step_peak_kib"] is not None]
-        table.append(dict(world=label, slice=max(r["slice"] for r in results), forward_s=worst["forward_s"],
+        table.append(dict(backend=backend, world=label, slice=max(r["slice"] for r in results), forward_s=worst["forward_s"],
                           backward_s=worst["backward_s"], step_peak_mib=max(peaks) / 1024 if peaks else None,
                           bytes=measured, calls=results[0]["calls"], wire=results[0]["wire"]))
     lines = [f"N={args.rows}, d={args.dim}, V={args.vocab}, fp32, both terms, gloo on CPU, one thread per rank, "
@@ -177,9 +182,9 @@ def main(argv=None):
              "the loopback bytes all ranks sent during the step divided by the world size (wire; a ring all-reduce "
              "sends 2 (R-1)/R of its payload, in brackets).",
              "",
-             "| world | slice V_r | forward s | backward s | step peak RSS MiB | fwd payload (formula) | "
+             "| backend | world | slice V_r | forward s | backward s | step peak RSS MiB | fwd payload (formula) | "
              "bwd payload (formula) | handshake | fwd wire (ring) | bwd wire (ring) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table:
         b = row["bytes"]
         sharded = row["world"] != "1*"
@@ -191,11 +196,13 @@ def main(argv=None):
             ring = 2 * (int(row["world"]) - 1) / int(row["world"])
             wire = [f"{row['wire'][phase]:.0f} ({ring * b[phase]:.0f})"
                     for phase in ("forward", "backward")]
-        lines.append(f"| {row['world']} | {row['slice']} | {row['forward_s']:.3f} | {row['backward_s']:.3f} | {peak} "
+        lines.append(f"| {row['backend']} | {row['world']} | {row['slice']} | {row['forward_s']:.3f} | {row['backward_s']:.3f} | {peak} "
                      f"| {fwd} | {bwd} | {b['handshake'] if sharded else '-'} | {wire[0]} | {wire[1]} |")
     report = "\n".join(lines)
     print(report)
-    for row in table[1:]:
+    for row in table:
+        if row["world"] == "1*":
+            continue
         for phase in ("forward", "backward", "handshake"):
             assert row["bytes"][phase] == expected[phase], (row["world"], phase, row["bytes"][phase], expected[phase])
     if args.out:

@@ -2,8 +2,9 @@
 
 Each rank holds a contiguous slice of the head's rows (slices in rank order, sizes may differ); ``input`` and the
 global ``target`` are the same on every rank. Every term is a merge of per-slice online states (6.2): each rank
-streams its own slice with the chunked PyTorch code of :mod:`dropreg.streamed`, the per-row states are all-reduced
-(one MAX of the running maxima, one SUM of the rescaled sums), and every rank finishes the identical result. In the
+streams its own slice with the chunked PyTorch code of :mod:`dropreg.streamed` (or, with ``backend="cpu"``, the C++
+kernels), the per-row states are all-reduced (one MAX of the running maxima, one SUM of the rescaled sums), and
+every rank finishes the identical result. In the
 backward each rank sweeps its slice again: its ``grad_W`` (and ``grad_b``) is its own, and the partial
 ``grad_input`` is all-reduced. Communication is ``O(N d)`` per step, never ``O(N V)``.
 

@@ -119,7 +119,7 @@ def test_benchmark_bytes_equal_the_formula(tmp_path):
     benchmark.main(["--worlds", "2", "--rows", "6", "--dim", "4", "--vocab", "40", "--repeats", "1",
                     "--out", str(tmp_path)])
     report = (tmp_path / "results.md").read_text()
-    assert "| 2 | 20 |" in report and f"{6 * (2 * 4 + 4) * 4} ({6 * (2 * 4 + 4) * 4})" in report
+    assert "| torch | 2 | 20 |" in report and f"{6 * (2 * 4 + 4) * 4} ({6 * (2 * 4 + 4) * 4})" in report
 
 
 def _free_port():
