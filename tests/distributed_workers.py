@@ -380,6 +380,18 @@ def edge_cases(rank, world):
             err = float((ours - ref).abs().max()) if ref.numel() else 0.0
             scale = float(ref.abs().max()) if ref.numel() else 0.0
             errors[f"{name}/{label}"] = (err if finite else float("inf"), 1e-12 * (1 + scale))
+    # Second derivatives through a sharded op are refused on every rank, as in one process.
+    for local in local_backends():
+        hidden = h_full.clone().requires_grad_()
+        out = dropreg.linear_cross_entropy(hidden, w_full[sl].clone().requires_grad_(), torch.tensor([0, 1, 2]),
+                                           seed=1, process_group=group, backend=local)
+        (grad,) = torch.autograd.grad(out.loss, hidden, create_graph=True)
+        try:
+            grad.sum().backward()
+            refused = False
+        except RuntimeError as error:
+            refused = "double backward" in str(error)
+        errors[f"double backward refused/{local}"] = (0.0 if refused else 1.0, 0.0)
     h = h_full
     ref = dropreg.sample_targets(h, w_full, linear_bias=b_full, samples=4, seed=3, backend="torch")
     out = dropreg.sample_targets(h, w_full[sl], linear_bias=b_full[sl], samples=4, seed=3, process_group=group)

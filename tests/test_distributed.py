@@ -71,8 +71,9 @@ def test_sliced_head_matches_one_process(tmp_path):
             assert "lce/float64/cpu/bias=True/none/grad_weight" in labels and "softmax_mean/float32/cpu" in labels
 
 
-def test_empty_batch_ignored_rows_and_a_masked_slice(tmp_path):
+def test_empty_batch_ignored_rows_a_masked_slice_and_no_double_backward(tmp_path):
     for rank, errors in enumerate(run_ranks(tmp_path, 3, "edge_cases")):
+        assert "double backward refused/torch" in errors and "masked slice/grad_weight" in errors
         failures = [f"rank {rank} {label}: error {err:.3e} > {tol:.3e}" for label, (err, tol) in errors.items()
                     if not err <= tol]
         assert not failures, "\n".join(failures)
