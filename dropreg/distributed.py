@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import struct
 import zlib
 from dataclasses import dataclass
 from typing import Optional
@@ -103,8 +102,16 @@ class Shard:
 # ---------------------------------------------------------------------------------------------- the handshake
 
 
-def _float_bits(value: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", value))[0]
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_checksum(tensor: Tensor) -> int:
+    """Sum of the elements' bit patterns as integers (wrapping): exact and independent of summation order and
+    strides, so equal tensors give equal checksums on every rank and device."""
+    if not tensor.numel():
+        return 0
+    bits = tensor.detach().contiguous().view(_SAME_SIZE_INT[tensor.element_size()])
+    return int(bits.sum(dtype=torch.int64))
 
 
 def _collective_device(group) -> torch.device:
@@ -144,7 +151,7 @@ class _Call:
         if target is not None and target.numel():
             flat = target.reshape(-1).long()
             target_sum = int((flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum())
-        input_sum = _float_bits(float(input.detach().double().sum())) if input.numel() else 0
+        input_sum = _bit_checksum(input)
         self._options = repr(options)
         self._header = [_OPS.index(self.op), 0, input.reshape(-1, input.shape[-1]).shape[0], input.shape[-1],
                         weight.shape[0], int(bias is not None), _DTYPES.index(input.dtype),

@@ -323,6 +323,7 @@ def bad_calls(rank, world):
     other = target.clone()
     other[1, 1] = (int(other[1, 1]) + 1) % vocab if rank == 1 else other[1, 1]
     outcomes.append(_expect_error("target differs on rank 1", lce(target=other)))
+    outcomes.append(_expect_error("input differs on rank 1", lce(input=h + 1e-9 if rank == 1 else h)))
     outcomes.append(_expect_error("input dtype differs on rank 1",
                                   lce(input=h.float() if rank == 1 else h,
                                       linear_weight=w.float() if rank == 1 else w)))

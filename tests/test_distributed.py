@@ -85,6 +85,7 @@ EXPECTED_ERRORS = {
     "mismatched d on the last rank": "refused its arguments",
     "reduction differs on rank 0": "every rank must pass the same options",
     "target differs on rank 1": "every rank must pass the same target",
+    "input differs on rank 1": "every rank must pass the same input's values",
     "input dtype differs on rank 1": "every rank must pass the same dtype",
     "unsupported backend on rank 0": "refused its arguments",
     "sampled target beyond the slices": "sampled_targets",
