@@ -65,7 +65,8 @@ def test_sliced_head_matches_one_process(tmp_path):
             assert not different, f"world {world}: rank {rank} differs from rank 0 in {different}"
         labels = results[0][0].keys()
         assert "lce/float32/bias=False/mean/grad_weight" in labels and "sample_targets/float64" in labels
-        assert "site_regularizers/grad_head.weight" in labels and "rdrop/float64/bias=True/none/grad_bias" in labels
+        assert "site_regularizers/grad_head.weight" in labels and "site_regularizers/float32/grad_body.weight" in labels
+        assert "rdrop/float64/bias=True/none/grad_bias" in labels
         assert "RDropLoss/loss" in labels and "LinearCrossEntropyLoss/loss" in labels
         if "cpu" in by_rank[0]["local_backends"]:  # the C++ kernels doing each slice's work, where built
             assert "lce/float64/cpu/bias=True/none/grad_weight" in labels and "softmax_mean/float32/cpu" in labels
