@@ -84,6 +84,26 @@ def formula_bytes(rows: int, dim: int, elem: int = 4) -> dict:
     return {"forward": rows * (2 * dim + 4) * elem, "backward": rows * dim * elem, "handshake": 15 * 8}
 
 
+def projection(world=8, rows=8192, dim=8192, vocab=256000, bus_gb_s=400.0, tflops=600.0, elem=4) -> dict:
+    """The on-paper estimate for one step with both terms: payload per rank (docs/math.md 12.3), bytes on the wire of
+    a ring all-reduce (2 (R-1)/R of the payload), its time at ``bus_gb_s`` per GPU, and the time of the rank's share
+    of the 10 NVd multiply-adds at ``tflops`` (2 flops each)."""
+    payload = rows * (2 * dim + 4) * elem + rows * dim * elem
+    wire = 2 * (world - 1) / world * payload
+    return {"payload_bytes": payload, "wire_bytes": wire, "communication_ms": wire / (bus_gb_s * 1e9) * 1e3,
+            "compute_ms": 2 * 10 * rows * dim * vocab / world / (tflops * 1e12) * 1e3,
+            "logits_allgather_bytes": (world - 1) * rows * (vocab // world) * elem}
+
+
+def projection_text() -> str:
+    plan = projection()
+    return ("Projection on paper (`projection()`): 8 GPUs, N=8192, d=8192, V=256000, fp32 statistics, NCCL ring "
+            "all-reduce at 400 GB/s bus bandwidth per GPU, compute at 600 TFLOP/s: "
+            f"{plan['payload_bytes'] / 1e6:.0f} MB payload and {plan['wire_bytes'] / 1e9:.2f} GB on the wire per rank "
+            f"and step, {plan['communication_ms']:.1f} ms of communication against {plan['compute_ms']:.0f} ms of "
+            f"compute; all-gathering the logits would bring each rank {plan['logits_allgather_bytes'] / 1e9:.1f} GB.")
+
+
 def _step(hidden, weight, target, group, backend):
     hidden.grad = weight.grad = None
     t0 = time.perf_counter()
@@ -170,7 +190,8 @@ def main(argv=None):
         measured = results[0]["bytes"]
         assert all(r["bytes"] == measured for r in results), "ranks sent different payloads"
         peaks = [r["step_peak_kib"] for r in results if r["step_peak_kib"] is not None]
-        table.append(dict(backend=backend, world=label, slice=max(r["slice"] for r in results), forward_s=worst["forward_s"],
+        table.append(dict(backend=backend, world=label, slice=max(r["slice"] for r in results),
+                          forward_s=worst["forward_s"],
                           backward_s=worst["backward_s"], step_peak_mib=max(peaks) / 1024 if peaks else None,
                           bytes=measured, calls=results[0]["calls"], wire=results[0]["wire"]))
     lines = [f"N={args.rows}, d={args.dim}, V={args.vocab}, fp32, both terms, gloo on CPU, one thread per rank, "
@@ -196,8 +217,10 @@ def main(argv=None):
             ring = 2 * (int(row["world"]) - 1) / int(row["world"])
             wire = [f"{row['wire'][phase]:.0f} ({ring * b[phase]:.0f})"
                     for phase in ("forward", "backward")]
-        lines.append(f"| {row['backend']} | {row['world']} | {row['slice']} | {row['forward_s']:.3f} | {row['backward_s']:.3f} | {peak} "
+        lines.append(f"| {row['backend']} | {row['world']} | {row['slice']} | {row['forward_s']:.3f} "
+                     f"| {row['backward_s']:.3f} | {peak} "
                      f"| {fwd} | {bwd} | {b['handshake'] if sharded else '-'} | {wire[0]} | {wire[1]} |")
+    lines += ["", projection_text()]
     report = "\n".join(lines)
     print(report)
     for row in table:

@@ -122,6 +122,10 @@ def test_benchmark_bytes_equal_the_formula(tmp_path):
     benchmark.main(["--worlds", "2", "--rows", "6", "--dim", "4", "--vocab", "40", "--repeats", "1",
                     "--out", str(tmp_path)])
     report = (tmp_path / "results.md").read_text()
+    plan = benchmark.projection()  # the README's figures
+    assert round(plan["payload_bytes"] / 1e6) == 537 + 268 and round(plan["wire_bytes"] / 1e9, 2) == 1.41
+    assert round(plan["communication_ms"], 1) == 3.5 and round(plan["compute_ms"]) == 72
+    assert round(plan["logits_allgather_bytes"] / 1e9, 1) == 7.3
     assert "| torch | 2 | 20 |" in report and f"{6 * (2 * 4 + 4) * 4} ({6 * (2 * 4 + 4) * 4})" in report
 
 
