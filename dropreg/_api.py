@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from . import distributed
 from ._dispatch import resolve_backend
 from ._policy import accumulation_dtype
 from .signs import draw_seed
@@ -120,7 +121,7 @@ def _check_target(target, input: Tensor, vocab: int, ignore_index: int, input_na
         raise ValueError(f"target: expected a tensor on {input_name}'s device {input.device}, got {target.device}")
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
-    if _checking_values() and target.numel():
+    if vocab is not None and _checking_values() and target.numel():  # None: the ranks check the range together
         bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
         if bool(bad.any()):
             raise ValueError(f"target: expected class indices in [0, {vocab}) or ignore_index={ignore_index}, "
@@ -203,7 +204,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
                          signs: Optional[Tensor] = None, seed: Optional[int] = None,
                          ignore_index: int = -100, reduction: str = "mean",
-                         backend: str = "auto") -> LinearCrossEntropyOutput:
+                         backend: str = "auto", process_group=None) -> LinearCrossEntropyOutput:
     """Cross entropy of ``input @ linear_weight.T + linear_bias`` plus dropout's explicit and implicit terms.
 
     For each row ``h`` with target ``y`` (docs/math.md): ``ce = lse(z) - z_y``,
@@ -217,24 +218,43 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     keyed by ``seed`` (``seed=None`` draws one from torch's default generator).
     Non-finite inputs propagate to non-finite outputs. Results come back in ``input``'s dtype;
     accumulation is fp32 (fp64 for fp64 inputs).
+
+    ``process_group``: a vocabulary-parallel head (:mod:`dropreg.distributed`): ``linear_weight`` and
+    ``linear_bias`` are this rank's contiguous slice (slices in rank order), ``target`` holds global classes,
+    ``input`` is the same on every rank; every rank gets the same outputs, the full gradient of ``input`` and
+    its own slice's weight gradient.
     """
-    vocab, dim = _check_head(input, linear_weight, linear_bias)
-    _check_target(target, input, vocab, ignore_index)
-    _check_reduction(reduction)
-    p = _check_probability(p)
-    default_explicit, default_implicit = default_coefficients(p)
-    explicit_coef = _check_coefficient("explicit_coef", explicit_coef, default_explicit)
-    implicit_coef = _check_coefficient("implicit_coef", implicit_coef, default_implicit)
-    need_explicit = bool(explicit) and explicit_coef != 0.0
-    need_implicit = bool(implicit) and implicit_coef != 0.0
-    flat_signs = _flatten_signs(signs, input) if signs is not None and need_implicit else None
-    seed = _check_seed(seed) if need_implicit and signs is None else 0
-    _, implementation = resolve_backend(backend, input.device)
+    with distributed.checked_call(process_group, "linear_cross_entropy") as call:
+        vocab, dim = _check_head(input, linear_weight, linear_bias)
+        _check_target(target, input, None if call.sharded else vocab, ignore_index)
+        _check_reduction(reduction)
+        p = _check_probability(p)
+        default_explicit, default_implicit = default_coefficients(p)
+        explicit_coef = _check_coefficient("explicit_coef", explicit_coef, default_explicit)
+        implicit_coef = _check_coefficient("implicit_coef", implicit_coef, default_implicit)
+        need_explicit = bool(explicit) and explicit_coef != 0.0
+        need_implicit = bool(implicit) and implicit_coef != 0.0
+        flat_signs = _flatten_signs(signs, input) if signs is not None and need_implicit else None
+        given_seed = seed
+        seed = _check_seed(seed) if need_implicit and signs is None else 0
+        if call.sharded:
+            local_backend = distributed.check_backend("linear_cross_entropy", backend, input.device)
+        else:
+            _, implementation = resolve_backend(backend, input.device)
+        call.describe(input, linear_weight, linear_bias, seed=seed, target=target,
+                      classes=[("target", target, target != ignore_index)],
+                      options=(reduction, p, need_explicit, need_implicit, explicit_coef, implicit_coef, ignore_index,
+                               signs is None, given_seed))
 
     rows = _IgnoredRows(target, ignore_index, input.dtype)
-    ce, quadratic, sign_term = implementation.linear_ce(
-        rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target, flat_signs, seed,
-        need_explicit, need_implicit)
+    if call.sharded:
+        ce, quadratic, sign_term = distributed.sharded_terms(
+            call.shard, rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target, flat_signs, call.seed,
+            need_explicit, need_implicit, local_backend)
+    else:
+        ce, quadratic, sign_term = implementation.linear_ce(
+            rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target, flat_signs, seed,
+            need_explicit, need_implicit)
     reduce = rows.reducer(reduction, input.dtype)
     zero = reduce(torch.zeros_like(ce))
     return LinearCrossEntropyOutput(
@@ -245,25 +265,35 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
 
 def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None,
-                         reduction: str = "mean", backend: str = "auto") -> Tensor:
+                         reduction: str = "mean", backend: str = "auto", process_group=None) -> Tensor:
     """Per row ``sum_j h_j^2 var_j``: the softmax-Hessian quadratic form, with no coefficient.
 
     ``var_j`` is the variance of column j of ``linear_weight`` under the row's softmax
-    (``diag(W^T (diag(s) - s s^T) W)``). ``"mean"`` averages over all rows.
+    (``diag(W^T (diag(s) - s s^T) W)``). ``"mean"`` averages over all rows. ``process_group``: a
+    vocabulary-parallel head, as in :func:`linear_cross_entropy`.
     """
-    _check_head(input, linear_weight, linear_bias)
-    _check_reduction(reduction)
-    _, implementation = resolve_backend(backend, input.device)
+    with distributed.checked_call(process_group, "explicit_regularizer") as call:
+        _check_head(input, linear_weight, linear_bias)
+        _check_reduction(reduction)
+        if call.sharded:
+            local_backend = distributed.check_backend("explicit_regularizer", backend, input.device)
+        else:
+            _, implementation = resolve_backend(backend, input.device)
+        call.describe(input, linear_weight, linear_bias, options=(reduction,))
     rows = _IgnoredRows(torch.zeros(input.shape[:-1], dtype=torch.long, device=input.device), -1, input.dtype)
-    _, quadratic, _ = implementation.linear_ce(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias,
-                                               rows.safe_target, None, 0, True, False)
+    if call.sharded:
+        _, quadratic, _ = distributed.sharded_terms(call.shard, input.reshape(-1, input.shape[-1]), linear_weight,
+                                                    linear_bias, rows.safe_target, None, 0, True, False, local_backend)
+    else:
+        _, quadratic, _ = implementation.linear_ce(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias,
+                                                   rows.safe_target, None, 0, True, False)
     return rows.reducer(reduction, input.dtype)(quadratic)
 
 
 def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Tensor, target: Tensor, *,
                                linear_bias: Optional[Tensor] = None, alpha: float = 1.0,
                                ignore_index: int = -100, reduction: str = "mean",
-                               backend: str = "auto") -> RDropOutput:
+                               backend: str = "auto", process_group=None) -> RDropOutput:
     """R-Drop (Liang et al., 2021) on an LM head, fused: two cross entropies and the symmetric KL.
 
     ``input1`` and ``input2`` are the head's inputs from two dropout passes over the same batch. Per token,
@@ -271,17 +301,30 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
     R-Drop authors' translation criterion; for the other common one, ``(ce1 + ce2) / 2 + alpha * kl``,
     use ``0.5 * (out.ce1 + out.ce2) + alpha * out.kl``. The KL is computed in one streamed pass as
     ``sum_v (p1_v - p2_v)(z1_v - z2_v) / 2`` (docs/math.md). Ignored rows, reductions, dtypes and errors
-    behave as in :func:`linear_cross_entropy`.
+    behave as in :func:`linear_cross_entropy`, and so does ``process_group`` (``input1`` and ``input2`` the same
+    on every rank).
     """
-    vocab, dim = _check_head(input1, linear_weight, linear_bias, name="input1")
-    _check_same_shape_device_dtype("input2", input2, "input1", input1)
-    _check_target(target, input1, vocab, ignore_index, input_name="input1")
-    _check_reduction(reduction)
-    alpha = _check_coefficient("alpha", alpha, 1.0)
-    _, implementation = resolve_backend(backend, input1.device)
+    with distributed.checked_call(process_group, "rdrop_linear_cross_entropy") as call:
+        vocab, dim = _check_head(input1, linear_weight, linear_bias, name="input1")
+        _check_same_shape_device_dtype("input2", input2, "input1", input1)
+        _check_target(target, input1, None if call.sharded else vocab, ignore_index, input_name="input1")
+        _check_reduction(reduction)
+        alpha = _check_coefficient("alpha", alpha, 1.0)
+        if call.sharded:
+            local_backend = distributed.check_backend("rdrop_linear_cross_entropy", backend, input1.device)
+        else:
+            _, implementation = resolve_backend(backend, input1.device)
+        # One checksum covers both inputs: their difference is what R-Drop measures.
+        call.describe(torch.stack([input1.detach(), input2.detach()]) if call.sharded else input1, linear_weight,
+                      linear_bias, target=target, classes=[("target", target, target != ignore_index)],
+                      options=(reduction, alpha, ignore_index))
     rows = _IgnoredRows(target, ignore_index, input1.dtype)
-    ce1, ce2, kl = implementation.rdrop(rows.zero_ignored(input1), rows.zero_ignored(input2), linear_weight,
-                                        linear_bias, rows.safe_target)
+    if call.sharded:
+        ce1, ce2, kl = distributed.sharded_rdrop(call.shard, rows.zero_ignored(input1), rows.zero_ignored(input2),
+                                                 linear_weight, linear_bias, rows.safe_target, local_backend)
+    else:
+        ce1, ce2, kl = implementation.rdrop(rows.zero_ignored(input1), rows.zero_ignored(input2), linear_weight,
+                                            linear_bias, rows.safe_target)
     reduce = rows.reducer(reduction, input1.dtype)
     ce1, ce2, kl = reduce(ce1), reduce(ce2), reduce(kl)
     return RDropOutput(ce1=ce1, ce2=ce2, kl=kl, loss=ce1 + ce2 + alpha * kl)

@@ -29,6 +29,9 @@ class LinearCrossEntropyLoss(nn.Module):
     Like ``nn.Dropout``, the regularizers act in training mode only: in ``eval()`` mode the module
     returns the plain cross entropy (explicit and implicit are zero) unless ``regularize_in_eval=True``.
 
+    ``process_group``: ``linear_weight`` (and ``linear_bias``) is this rank's slice of a vocabulary-parallel head
+    (see :func:`dropreg.linear_cross_entropy`).
+
     ``shift_labels=True`` applies the causal-LM convention of Hugging Face models: position t is scored
     against ``labels[..., t + 1]`` and the last position is ignored, so ``labels`` can be the input ids.
     """
@@ -36,8 +39,9 @@ class LinearCrossEntropyLoss(nn.Module):
     def __init__(self, p: float = 0.1, *, explicit: bool = True, implicit: bool = True,
                  explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
                  ignore_index: int = -100, reduction: str = "mean", shift_labels: bool = False,
-                 regularize_in_eval: bool = False, backend: str = "auto"):
+                 regularize_in_eval: bool = False, backend: str = "auto", process_group=None):
         super().__init__()
+        self.process_group = process_group
         self.p = p
         self.explicit = explicit
         self.implicit = implicit
@@ -59,7 +63,8 @@ class LinearCrossEntropyLoss(nn.Module):
             input, linear_weight, target, linear_bias=linear_bias, p=self.p,
             explicit=self.explicit and regularize, implicit=self.implicit and regularize,
             explicit_coef=self.explicit_coef, implicit_coef=self.implicit_coef, signs=signs, seed=seed,
-            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+            process_group=self.process_group)
 
     def _shift(self, target: Tensor) -> Tensor:
         return shift_labels(target, self.ignore_index)
@@ -81,8 +86,9 @@ class RDropLoss(nn.Module):
     """
 
     def __init__(self, alpha: float = 1.0, *, ignore_index: int = -100, reduction: str = "mean",
-                 shift_labels: bool = False, backend: str = "auto"):
+                 shift_labels: bool = False, backend: str = "auto", process_group=None):
         super().__init__()
+        self.process_group = process_group
         self.alpha = alpha
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -95,7 +101,8 @@ class RDropLoss(nn.Module):
             target = shift_labels(target, self.ignore_index)
         return rdrop_linear_cross_entropy(input1, input2, linear_weight, target, linear_bias=linear_bias,
                                           alpha=self.alpha, ignore_index=self.ignore_index,
-                                          reduction=self.reduction, backend=self.backend)
+                                          reduction=self.reduction, backend=self.backend,
+                                          process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, reduction={self.reduction!r}, shift_labels={self.shift_labels}, "

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._api import (_check_coefficient, _check_head, _check_probability, _check_seed, _check_target, _checking_values,
                    _IgnoredRows, default_coefficients)
+from . import distributed
 from ._dispatch import resolve_backend
 from .signs import philox_signs
 
@@ -31,16 +32,23 @@ class SiteRegularizers(NamedTuple):
 
 
 def softmax_mean(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None,
-                 backend: str = "auto") -> Tensor:
+                 backend: str = "auto", process_group=None) -> Tensor:
     """Per row, ``mu = W^T softmax(input @ W^T + b)``: the softmax-weighted mean row of ``linear_weight``.
 
     Shape ``input.shape``, dtype ``input.dtype`` (accumulated in fp32, fp64 for fp64). Differentiable w.r.t.
     ``input``, ``linear_weight`` and ``linear_bias``; forward and backward stream the vocabulary (no N x V
     tensor except with ``backend="reference"``). ``mu - W[y]`` is the gradient of the row's cross entropy
-    w.r.t. ``input``.
+    w.r.t. ``input``. ``process_group``: a vocabulary-parallel head, as in :func:`dropreg.linear_cross_entropy`.
     """
-    _check_head(input, linear_weight, linear_bias)
-    _, implementation = resolve_backend(backend, input.device)
+    with distributed.checked_call(process_group, "softmax_mean") as call:
+        _check_head(input, linear_weight, linear_bias)
+        if call.sharded:
+            local_backend = distributed.check_backend("softmax_mean", backend, input.device)
+        else:
+            _, implementation = resolve_backend(backend, input.device)
+        call.describe(input, linear_weight, linear_bias)
+    if call.sharded:
+        implementation = distributed.ShardedHead(call.shard, local_backend)
     mu = implementation.softmax_mean(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias)
     return mu.reshape(input.shape).to(input.dtype)
 
@@ -59,22 +67,33 @@ def _check_finite(name: str, value: Optional[Tensor]) -> None:
 
 
 def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None, samples: int = 1,
-                   seed: Optional[int] = None, backend: str = "auto") -> Tensor:
+                   seed: Optional[int] = None, backend: str = "auto", process_group=None) -> Tensor:
     """``samples`` exact draws from each row's softmax, shape ``(samples, *input.shape[:-1])``, int64.
 
     Gumbel-max streamed over the vocabulary: class ``v`` of row ``n`` in draw ``k`` gets counter-based Philox
     noise keyed by ``(seed, k, n, v)`` (:mod:`dropreg.signs`), so every backend and every tiling draws the
     same classes for a given seed. ``seed=None`` draws one from torch's default generator. No gradient.
-    A bias entry of ``-inf`` masks its class; NaN or +inf inputs are an error.
+    A bias entry of ``-inf`` masks its class; NaN or +inf inputs are an error. ``process_group``: a
+    vocabulary-parallel head, as in :func:`dropreg.linear_cross_entropy`; the draws are the single-process ones
+    for the same seed (``seed=None`` takes rank 0's draw).
     """
-    _check_head(input, linear_weight, linear_bias)
-    samples = _check_samples(samples)
-    seed = _check_seed(seed)
-    for name, value in (("input", input), ("linear_weight", linear_weight)):
-        _check_finite(name, value)
-    if linear_bias is not None and _checking_values() and bool((torch.isnan(linear_bias) | (linear_bias == float("inf"))).any()):
-        raise ValueError("linear_bias: expected no NaN or +inf entries (-inf masks a class)")
-    _, implementation = resolve_backend(backend, input.device)
+    with distributed.checked_call(process_group, "sample_targets") as call:
+        _check_head(input, linear_weight, linear_bias)
+        samples = _check_samples(samples)
+        given_seed = seed
+        seed = _check_seed(seed)
+        for name, value in (("input", input), ("linear_weight", linear_weight)):
+            _check_finite(name, value)
+        if linear_bias is not None and _checking_values() and \
+                bool((torch.isnan(linear_bias) | (linear_bias == float("inf"))).any()):
+            raise ValueError("linear_bias: expected no NaN or +inf entries (-inf masks a class)")
+        if call.sharded:
+            distributed.check_backend("sample_targets", backend, input.device)
+        else:
+            _, implementation = resolve_backend(backend, input.device)
+        call.describe(input, linear_weight, linear_bias, seed=seed, options=(samples, given_seed))
+    if call.sharded:
+        implementation, seed = distributed.ShardedHead(call.shard), call.seed
     with torch.no_grad():
         drawn = implementation.sample_targets(input.detach().reshape(-1, input.shape[-1]), linear_weight.detach(),
                                               None if linear_bias is None else linear_bias.detach(), samples, seed)
@@ -123,7 +142,11 @@ def _check_site_signs(signs, sites: list[Tensor]) -> list[Tensor]:
     return checked
 
 
-def _check_sampled_targets(sampled, head_input: Tensor, vocab: int, valid: Tensor) -> Tensor:
+def _rows_of(weight: Tensor, classes: Tensor) -> Tensor:
+    return weight[classes]
+
+
+def _check_sampled_targets(sampled, head_input: Tensor, vocab: Optional[int], valid: Tensor) -> Tensor:
     if not isinstance(sampled, Tensor) or sampled.dtype.is_floating_point or sampled.dtype == torch.bool:
         raise TypeError("sampled_targets: expected an integer tensor of shape (samples, *head_input.shape[:-1])")
     if sampled.dim() != head_input.dim() or tuple(sampled.shape[1:]) != tuple(head_input.shape[:-1]) \
@@ -134,7 +157,8 @@ def _check_sampled_targets(sampled, head_input: Tensor, vocab: int, valid: Tenso
         raise ValueError(f"sampled_targets: expected a tensor on head_input's device {head_input.device}, "
                          f"got {sampled.device}")
     flat = sampled.reshape(sampled.shape[0], -1).long()
-    if _checking_values() and flat.numel() and bool((((flat < 0) | (flat >= vocab)) & valid).any()):
+    if vocab is not None and _checking_values() and flat.numel() and \
+            bool((((flat < 0) | (flat >= vocab)) & valid).any()):
         raise ValueError(f"sampled_targets: expected class indices in [0, {vocab}) on the rows that are not ignored")
     return flat
 
@@ -144,7 +168,8 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
                       implicit: bool = True, explicit_coef: PerSite = None, implicit_coef: PerSite = None,
                       samples: int = 1, sampled_targets: Optional[Tensor] = None,
                       signs: Optional[Sequence[Tensor]] = None, seed: Optional[int] = None,
-                      ignore_index: int = -100, reduction: str = "mean", backend: str = "auto") -> SiteRegularizers:
+                      ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
+                      process_group=None) -> SiteRegularizers:
     """Dropout's explicit and implicit regularizers at every site, the way Wei, Kakade & Ma's code applies them.
 
     With ``g_x(t) = d(sum over rows of CE_row(t)) / dx`` (ignored rows excluded):
@@ -162,32 +187,48 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
     the Philox signs (site k uses sign stream k + 1 of ``seed``; draws come from :func:`sample_targets`).
     Both terms are differentiable: ``(ce + reg.explicit + reg.implicit).backward()`` trains the whole network.
     """
-    vocab, _ = _check_head(head_input, linear_weight, linear_bias, name="head_input")
-    _check_target(target, head_input, vocab, ignore_index, input_name="head_input")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction: expected 'mean' or 'sum' (a site element can feed many rows, so there is "
-                         f"no per-row 'none'), got {reduction!r}")
-    sites = _check_sites(sites, head_input)
-    if not head_input.requires_grad:
-        raise ValueError("head_input: expected a tensor that requires grad (the output of the network whose "
-                         "sites are regularized)")
-    ps = [_check_probability(value, name) for name, value in _per_site("p", p, len(sites))]
-    explicit_coefs = [_check_coefficient(name, value, default_coefficients(p_k)[0]) if explicit else 0.0
-                      for (name, value), p_k in zip(_per_site("explicit_coef", explicit_coef, len(sites)), ps)]
-    implicit_coefs = [_check_coefficient(name, value, default_coefficients(p_k)[1]) if implicit else 0.0
-                      for (name, value), p_k in zip(_per_site("implicit_coef", implicit_coef, len(sites)), ps)]
-    need_explicit = any(c != 0.0 for c in explicit_coefs)
-    need_implicit = any(c != 0.0 for c in implicit_coefs)
-    rows = _IgnoredRows(target, ignore_index, head_input.dtype)
-    if sampled_targets is not None:
-        sampled_targets = _check_sampled_targets(sampled_targets, head_input, vocab, rows.valid)
-    else:
-        samples = _check_samples(samples)
-    if signs is not None:
-        signs = _check_site_signs(signs, sites)
-    needs_seed = (need_implicit and signs is None) or (need_explicit and sampled_targets is None)
-    seed = _check_seed(seed) if needs_seed else 0
-    _, implementation = resolve_backend(backend, head_input.device)
+    with distributed.checked_call(process_group, "site_regularizers") as call:
+        vocab, _ = _check_head(head_input, linear_weight, linear_bias, name="head_input")
+        if call.sharded:
+            vocab = None  # the ranks check class ranges together, against the full vocabulary
+        _check_target(target, head_input, vocab, ignore_index, input_name="head_input")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction: expected 'mean' or 'sum' (a site element can feed many rows, so there is "
+                             f"no per-row 'none'), got {reduction!r}")
+        sites = _check_sites(sites, head_input)
+        if not head_input.requires_grad:
+            raise ValueError("head_input: expected a tensor that requires grad (the output of the network whose "
+                             "sites are regularized)")
+        ps = [_check_probability(value, name) for name, value in _per_site("p", p, len(sites))]
+        explicit_coefs = [_check_coefficient(name, value, default_coefficients(p_k)[0]) if explicit else 0.0
+                          for (name, value), p_k in zip(_per_site("explicit_coef", explicit_coef, len(sites)), ps)]
+        implicit_coefs = [_check_coefficient(name, value, default_coefficients(p_k)[1]) if implicit else 0.0
+                          for (name, value), p_k in zip(_per_site("implicit_coef", implicit_coef, len(sites)), ps)]
+        need_explicit = any(c != 0.0 for c in explicit_coefs)
+        need_implicit = any(c != 0.0 for c in implicit_coefs)
+        rows = _IgnoredRows(target, ignore_index, head_input.dtype)
+        classes = [("target", target, target != ignore_index)]
+        if sampled_targets is not None:
+            sampled_targets = _check_sampled_targets(sampled_targets, head_input, vocab, rows.valid)
+            classes.append(("sampled_targets", sampled_targets, rows.valid.expand_as(sampled_targets)))
+        else:
+            samples = _check_samples(samples)
+        if signs is not None:
+            signs = _check_site_signs(signs, sites)
+        needs_seed = (need_implicit and signs is None) or (need_explicit and sampled_targets is None)
+        given_seed = seed
+        seed = _check_seed(seed) if needs_seed else 0
+        if call.sharded:
+            distributed.check_backend("site_regularizers", backend, head_input.device)
+        else:
+            _, implementation = resolve_backend(backend, head_input.device)
+        call.describe(head_input, linear_weight, linear_bias, seed=seed, target=target, classes=classes,
+                      options=(reduction, explicit_coefs, implicit_coefs, samples if sampled_targets is None else None,
+                               ignore_index, signs is None, given_seed, len(sites)))
+    weight_rows = _rows_of
+    if call.sharded:
+        implementation, seed = distributed.ShardedHead(call.shard), call.seed
+        weight_rows = implementation.weight_rows
 
     zero = head_input.new_zeros((), dtype=rows.count.dtype)
     if not (need_explicit or need_implicit):
@@ -199,8 +240,8 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
 
     def site_gradients(classes: Tensor) -> list[Tensor]:
         """g_x(classes) for every site: one vector-Jacobian product with the cotangent mu - W[classes]."""
-        cotangent = torch.where(valid, mu - linear_weight[classes].to(acc), torch.zeros((), dtype=acc,
-                                                                                          device=mu.device))
+        cotangent = torch.where(valid, mu - weight_rows(linear_weight, classes).to(acc),
+                                torch.zeros((), dtype=acc, device=mu.device))
         grads = torch.autograd.grad(head_input, sites, cotangent.reshape(head_input.shape).to(head_input.dtype),
                                     create_graph=True, allow_unused=True)
         for k, g in enumerate(grads):

@@ -71,13 +71,17 @@ class OnlineSoftmax:
         return _logit_shift(self.max) + self.sum.log()
 
 
-def forward_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk):
-    """Per-row ``lse``, and optionally ``mu = E_s[W]`` and ``m2 = E_s[W*W]``, in one streamed pass."""
+def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk):
+    """Per-row online state over ``weight``'s rows (docs/math.md 6.1): running max ``m``,
+    ``L = sum exp(z - m)`` and the unnormalized moments ``[A1 | A2]`` (empty unless ``need_mu``).
+
+    States of disjoint vocabulary ranges merge by rescaling (6.2): the vocabulary-parallel path relies on it."""
     acc = accumulation_dtype(h.dtype)
     n_rows, dim = h.shape
     vocab = weight.shape[0]
     n_moments = (1 + int(need_m2)) if need_mu else 0
-    lse = torch.empty(n_rows, dtype=acc, device=h.device)
+    row_max = torch.empty(n_rows, dtype=acc, device=h.device)
+    exp_sum = torch.empty(n_rows, dtype=acc, device=h.device)
     moments = torch.zeros(n_rows, n_moments * dim, dtype=acc, device=h.device)
     for r0, r1 in _spans(n_rows, row_block):
         h_block = h[r0:r1].to(acc)
@@ -89,11 +93,25 @@ def forward_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
             rescale = softmax.absorb(exp_logits)
             if n_moments:
                 acc_moments.mul_(rescale[:, None]).addmm_(exp_logits, stacked)
-        lse[r0:r1] = softmax.lse()
-        acc_moments.div_(softmax.sum[:, None])
+        row_max[r0:r1] = softmax.max
+        exp_sum[r0:r1] = softmax.sum
+    return row_max, exp_sum, moments
+
+
+def finish_statistics(row_max, exp_sum, moments, dim, *, need_mu, need_m2):
+    """``(lse, mu, m2)`` from a (merged) online state: ``lse = m + log L``, moments divided by ``L``."""
+    lse = _logit_shift(row_max) + exp_sum.log()
+    moments = moments / exp_sum[:, None]
     mu = moments[:, :dim] if need_mu else None
     m2 = moments[:, dim:] if need_m2 else None
     return lse, mu, m2
+
+
+def forward_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk):
+    """Per-row ``lse``, and optionally ``mu = E_s[W]`` and ``m2 = E_s[W*W]``, in one streamed pass."""
+    state = partial_statistics(h, weight, bias, need_mu=need_mu, need_m2=need_m2, row_block=row_block,
+                               vocab_chunk=vocab_chunk)
+    return finish_statistics(*state, h.shape[1], need_mu=need_mu, need_m2=need_m2)
 
 
 def _target_logit(h, weight, bias, target, acc):
@@ -174,55 +192,80 @@ class StreamedTerms(torch.autograd.Function):
     def backward(ctx, grad_ce, grad_quadratic, grad_sign_term):
         h, weight, bias, target, signs, lse, mu, var = ctx.saved_tensors
         need_explicit, need_implicit, row_block, vocab_chunk = ctx.options
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        acc = lse.dtype
-        n_rows, dim = h.shape
-        vocab = weight.shape[0]
-        grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-        grad_w = torch.zeros(vocab, dim, dtype=acc, device=h.device) if want_w else None
-        grad_b = torch.zeros(vocab, dtype=acc, device=h.device) if want_b else None
-        modulated = need_explicit or need_implicit
-        for r0, r1 in _spans(n_rows, row_block):
-            h_block, y = h[r0:r1].to(acc), target[r0:r1]
-            g_ce = grad_ce[r0:r1].to(acc)
-            # Row-wise parts of G_v = s_v * (g_ce + gR'(r_v - Rt) + gI'(a_v - abar)) - g_ce [v = y]:
-            # gR' r_v + gI' a_v = [T | gR' q] . [W_v | W_v*W_v] + const (docs/math.md, GEMM-friendly form).
-            row_const = g_ce.clone()
-            T_vec = torch.zeros_like(h_block)
-            T_stack = None
-            if need_explicit:
-                g_r = grad_quadratic[r0:r1].to(acc)[:, None]
-                mu_b, var_b = mu[r0:r1], var[r0:r1]
-                q = h_block * h_block
-                g_r_q = g_r * q
-                T_vec -= 2 * g_r_q * mu_b
-                row_const += (g_r_q * (mu_b * mu_b - var_b)).sum(1)
-            if need_implicit:
-                g_i = grad_sign_term[r0:r1].to(acc)[:, None]
-                mu_b = mu[r0:r1]
-                u = signs[r0:r1] * h_block
-                T_vec += g_i * u
-                row_const -= (g_i * mu_b * u).sum(1)
-            if modulated:
-                T_stack = torch.cat([T_vec, g_r_q], dim=1) if need_explicit else T_vec
-            grad_h_block = logit_gradient_sweep(
-                h_block, weight, bias, lse[r0:r1], y, g_ce, T_stack, row_const, need_explicit, vocab_chunk,
-                grad_w=grad_w, grad_b=grad_b, want_h=want_h)
-            w_target = weight[y].to(acc)
-            if want_h:
-                if need_explicit:
-                    grad_h_block += 2 * g_r * h_block * var[r0:r1]
-                if need_implicit:
-                    grad_h_block += g_i * signs[r0:r1] * (mu[r0:r1] - w_target)
-                grad_h[r0:r1] = grad_h_block
-            if want_w and need_implicit:
-                grad_w.index_add_(0, y, -g_i * u)
+        grad_h_vocab, grad_h_rows, grad_w, grad_b = terms_backward(
+            h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
+            need_explicit, need_implicit, row_block, vocab_chunk, ctx.needs_input_grad[:3])
         return (
-            None if grad_h is None else grad_h.to(h.dtype),
+            None if grad_h_vocab is None else (grad_h_vocab + grad_h_rows).to(h.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
             None, None, None, None, None, None,
         )
+
+
+def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
+                   need_explicit, need_implicit, row_block, vocab_chunk, wants, owns_target=None):
+    """The backward of the three per-row terms over ``weight``'s rows, given the per-row globals lse, mu, var.
+
+    Returns ``(grad_h_vocab, grad_h_rows, grad_w, grad_b)`` in the accumulation dtype, ``grad_h = grad_h_vocab +
+    grad_h_rows``: ``grad_h_vocab = W^T G - g_I sigma W[y]`` sums over vocabulary ranges, ``grad_h_rows =
+    2 g_R h var + g_I sigma mu`` needs only the per-row globals. ``owns_target`` (bool per row, None: all) marks
+    the rows whose target lies in ``weight``; ``target`` indexes ``weight`` on those rows only.
+    """
+    want_h, want_w, want_b = wants
+    acc = lse.dtype
+    n_rows, dim = h.shape
+    vocab = weight.shape[0]
+    grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+    grad_h_rows = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+    grad_w = torch.zeros(vocab, dim, dtype=acc, device=h.device) if want_w else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=h.device) if want_b else None
+    if owns_target is not None:
+        sweep_target = torch.where(owns_target, target, torch.full_like(target, -1))  # -1: in no chunk
+        target = torch.where(owns_target, target, torch.zeros_like(target))
+    else:
+        sweep_target = target
+    modulated = need_explicit or need_implicit
+    for r0, r1 in _spans(n_rows, row_block):
+        h_block, y = h[r0:r1].to(acc), target[r0:r1]
+        g_ce = grad_ce[r0:r1].to(acc)
+        # Row-wise parts of G_v = s_v * (g_ce + gR'(r_v - Rt) + gI'(a_v - abar)) - g_ce [v = y]:
+        # gR' r_v + gI' a_v = [T | gR' q] . [W_v | W_v*W_v] + const (docs/math.md, GEMM-friendly form).
+        row_const = g_ce.clone()
+        T_vec = torch.zeros_like(h_block)
+        T_stack = None
+        if need_explicit:
+            g_r = grad_quadratic[r0:r1].to(acc)[:, None]
+            mu_b, var_b = mu[r0:r1], var[r0:r1]
+            q = h_block * h_block
+            g_r_q = g_r * q
+            T_vec -= 2 * g_r_q * mu_b
+            row_const += (g_r_q * (mu_b * mu_b - var_b)).sum(1)
+        if need_implicit:
+            g_i = grad_sign_term[r0:r1].to(acc)[:, None]
+            mu_b = mu[r0:r1]
+            u = signs[r0:r1] * h_block
+            T_vec += g_i * u
+            row_const -= (g_i * mu_b * u).sum(1)
+            if owns_target is not None:
+                g_i_owned = g_i * owns_target[r0:r1, None]
+            else:
+                g_i_owned = g_i
+        if modulated:
+            T_stack = torch.cat([T_vec, g_r_q], dim=1) if need_explicit else T_vec
+        grad_h_block = logit_gradient_sweep(
+            h_block, weight, bias, lse[r0:r1], sweep_target[r0:r1], g_ce, T_stack, row_const, need_explicit,
+            vocab_chunk, grad_w=grad_w, grad_b=grad_b, want_h=want_h)
+        if want_h:
+            if need_explicit:
+                grad_h_rows[r0:r1] += 2 * g_r * h_block * var[r0:r1]
+            if need_implicit:
+                grad_h_block -= g_i_owned * signs[r0:r1] * weight[y].to(acc)
+                grad_h_rows[r0:r1] += g_i * signs[r0:r1] * mu[r0:r1]
+            grad_h[r0:r1] = grad_h_block
+        if want_w and need_implicit:
+            grad_w.index_add_(0, y, -g_i_owned * u)
+    return grad_h, grad_h_rows, grad_w, grad_b
 
 
 def default_blocks(n_rows: int, vocab: int) -> tuple[int, int]:
@@ -257,24 +300,10 @@ class StreamedRDrop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h1, h2, weight, bias, target, row_block, vocab_chunk):
         acc = accumulation_dtype(h1.dtype)
-        n_rows, vocab = h1.shape[0], weight.shape[0]
-        lse = torch.empty(2, n_rows, dtype=acc, device=h1.device)
-        expected_d = torch.empty(2, n_rows, dtype=acc, device=h1.device)  # E_p1[D], E_p2[D]
         with record_function("dropreg::rdrop_forward_stats"):
-            for r0, r1 in _spans(n_rows, row_block):
-                blocks = (h1[r0:r1].to(acc), h2[r0:r1].to(acc))
-                softmaxes = [OnlineSoftmax(r1 - r0, acc, h1.device) for _ in blocks]
-                weighted_d = [torch.zeros(r1 - r0, dtype=acc, device=h1.device) for _ in blocks]
-                for v0, v1 in _spans(vocab, vocab_chunk):
-                    w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
-                    logits = [_chunk_logits(h, w, b) for h in blocks]
-                    diff = logits[0] - logits[1]
-                    for i in range(2):
-                        rescale = softmaxes[i].absorb(logits[i])
-                        weighted_d[i] = weighted_d[i] * rescale + (logits[i] * diff).sum(1)
-                for i in range(2):
-                    lse[i, r0:r1] = softmaxes[i].lse()
-                    expected_d[i, r0:r1] = weighted_d[i] / softmaxes[i].sum
+            row_max, exp_sum, weighted_d = rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk)
+        lse = _logit_shift(row_max) + exp_sum.log()
+        expected_d = weighted_d / exp_sum  # E_p1[D], E_p2[D]
         ce1 = lse[0] - _target_logit(h1.to(acc), weight, bias, target, acc)
         ce2 = lse[1] - _target_logit(h2.to(acc), weight, bias, target, acc)
         kl = 0.5 * (expected_d[0] - expected_d[1])
@@ -288,42 +317,81 @@ class StreamedRDrop(torch.autograd.Function):
         h1, h2, weight, bias, target, lse, expected_d = ctx.saved_tensors
         row_block, vocab_chunk = ctx.blocks
         want_h1, want_h2, want_w, want_b = ctx.needs_input_grad[:4]
-        acc = lse.dtype
-        n_rows, dim = h1.shape
-        vocab = weight.shape[0]
-        grad_h = torch.zeros(2, n_rows, dim, dtype=acc, device=h1.device)
-        grad_w = torch.zeros(vocab, dim, dtype=acc, device=h1.device) if want_w else None
-        grad_b = torch.zeros(vocab, dtype=acc, device=h1.device) if want_b else None
-        for r0, r1 in _spans(n_rows, row_block):
-            y = target[r0:r1]
-            blocks = (h1[r0:r1].to(acc), h2[r0:r1].to(acc))
-            g_ce = (grad_ce1[r0:r1].to(acc), grad_ce2[r0:r1].to(acc))
-            half_kl = 0.5 * grad_kl[r0:r1].to(acc)[:, None]
-            for v0, v1 in _spans(vocab, vocab_chunk):
-                w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
-                with record_function("dropreg::rdrop_logit_gradient"):
-                    z1, z2 = (_chunk_logits(h, w, b) for h in blocks)
-                    diff = z1 - z2
-                    p1 = z1.sub_(lse[0, r0:r1, None]).exp_()
-                    p2 = z2.sub_(lse[1, r0:r1, None]).exp_()
-                    # d symKL/dz1 = p1 (D - E_p1 D) + p1 - p2;  d symKL/dz2 = -p2 (D - E_p2 D) - (p1 - p2)
-                    g1 = p1 * (g_ce[0][:, None] + half_kl * (diff - expected_d[0, r0:r1, None] + 1)) - half_kl * p2
-                    g2 = p2 * (g_ce[1][:, None] - half_kl * (diff - expected_d[1, r0:r1, None] - 1)) - half_kl * p1
-                    _subtract_at_target(g1, y, v0, v1, g_ce[0])
-                    _subtract_at_target(g2, y, v0, v1, g_ce[1])
-                with record_function("dropreg::grad_input"):
-                    if want_h1:
-                        grad_h[0, r0:r1].addmm_(g1, w)
-                    if want_h2:
-                        grad_h[1, r0:r1].addmm_(g2, w)
-                if want_w:
-                    with record_function("dropreg::grad_weight"):
-                        grad_w[v0:v1].addmm_(g1.T, blocks[0]).addmm_(g2.T, blocks[1])
-                if want_b:
-                    grad_b[v0:v1] += g1.sum(0) + g2.sum(0)
+        grad_h, grad_w, grad_b = rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad_ce2,
+                                                grad_kl, row_block, vocab_chunk, ctx.needs_input_grad[:4])
         return (grad_h[0].to(h1.dtype) if want_h1 else None, grad_h[1].to(h2.dtype) if want_h2 else None,
                 None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk):
+    """Per pass i and row, over ``weight``'s rows: running max ``m_i``, ``L_i = sum exp(z_i - m_i)`` and
+    ``B_i = sum exp(z_i - m_i) D`` with ``D = z1 - z2``; each ``(2, N)``. Ranges merge by rescaling
+    (docs/math.md 9.2)."""
+    acc = accumulation_dtype(h1.dtype)
+    n_rows, vocab = h1.shape[0], weight.shape[0]
+    row_max = torch.empty(2, n_rows, dtype=acc, device=h1.device)
+    exp_sum = torch.empty(2, n_rows, dtype=acc, device=h1.device)
+    weighted_d = torch.empty(2, n_rows, dtype=acc, device=h1.device)
+    for r0, r1 in _spans(n_rows, row_block):
+        blocks = (h1[r0:r1].to(acc), h2[r0:r1].to(acc))
+        softmaxes = [OnlineSoftmax(r1 - r0, acc, h1.device) for _ in blocks]
+        partial_d = [torch.zeros(r1 - r0, dtype=acc, device=h1.device) for _ in blocks]
+        for v0, v1 in _spans(vocab, vocab_chunk):
+            w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
+            logits = [_chunk_logits(h, w, b) for h in blocks]
+            diff = logits[0] - logits[1]
+            for i in range(2):
+                rescale = softmaxes[i].absorb(logits[i])
+                partial_d[i] = partial_d[i] * rescale + (logits[i] * diff).sum(1)
+        for i in range(2):
+            row_max[i, r0:r1] = softmaxes[i].max
+            exp_sum[i, r0:r1] = softmaxes[i].sum
+            weighted_d[i, r0:r1] = partial_d[i]
+    return row_max, exp_sum, weighted_d
+
+
+def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad_ce2, grad_kl, row_block, vocab_chunk,
+                   wants):
+    """R-Drop's backward over ``weight``'s rows given the per-row globals lse and E_p[D] (each ``(2, N)``).
+
+    Returns ``(grad_h (2, N, d), grad_w, grad_b)`` in the accumulation dtype; ``grad_h`` is ``W^T G`` for these rows of
+    W only. A target outside ``[0, weight.shape[0])`` (e.g. -1) gets no target correction here."""
+    want_h1, want_h2, want_w, want_b = wants
+    acc = lse.dtype
+    n_rows, dim = h1.shape
+    vocab = weight.shape[0]
+    grad_h = torch.zeros(2, n_rows, dim, dtype=acc, device=h1.device)
+    grad_w = torch.zeros(vocab, dim, dtype=acc, device=h1.device) if want_w else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=h1.device) if want_b else None
+    for r0, r1 in _spans(n_rows, row_block):
+        y = target[r0:r1]
+        blocks = (h1[r0:r1].to(acc), h2[r0:r1].to(acc))
+        g_ce = (grad_ce1[r0:r1].to(acc), grad_ce2[r0:r1].to(acc))
+        half_kl = 0.5 * grad_kl[r0:r1].to(acc)[:, None]
+        for v0, v1 in _spans(vocab, vocab_chunk):
+            w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
+            with record_function("dropreg::rdrop_logit_gradient"):
+                z1, z2 = (_chunk_logits(h, w, b) for h in blocks)
+                diff = z1 - z2
+                p1 = z1.sub_(lse[0, r0:r1, None]).exp_()
+                p2 = z2.sub_(lse[1, r0:r1, None]).exp_()
+                # d symKL/dz1 = p1 (D - E_p1 D) + p1 - p2;  d symKL/dz2 = -p2 (D - E_p2 D) - (p1 - p2)
+                g1 = p1 * (g_ce[0][:, None] + half_kl * (diff - expected_d[0, r0:r1, None] + 1)) - half_kl * p2
+                g2 = p2 * (g_ce[1][:, None] - half_kl * (diff - expected_d[1, r0:r1, None] - 1)) - half_kl * p1
+                _subtract_at_target(g1, y, v0, v1, g_ce[0])
+                _subtract_at_target(g2, y, v0, v1, g_ce[1])
+            with record_function("dropreg::grad_input"):
+                if want_h1:
+                    grad_h[0, r0:r1].addmm_(g1, w)
+                if want_h2:
+                    grad_h[1, r0:r1].addmm_(g2, w)
+            if want_w:
+                with record_function("dropreg::grad_weight"):
+                    grad_w[v0:v1].addmm_(g1.T, blocks[0]).addmm_(g2.T, blocks[1])
+            if want_b:
+                grad_b[v0:v1] += g1.sum(0) + g2.sum(0)
+    return grad_h, grad_w, grad_b
 
 
 @_eager_under_compile
@@ -354,23 +422,30 @@ class StreamedSoftmaxMean(torch.autograd.Function):
     @first_order_only
     def backward(ctx, grad_mu):
         h, weight, bias, lse, mu = ctx.saved_tensors
-        row_block, vocab_chunk = ctx.blocks
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        acc = lse.dtype
-        n_rows, dim = h.shape
-        grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-        grad_w = torch.zeros(weight.shape[0], dim, dtype=acc, device=h.device) if want_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
-        for r0, r1 in _spans(n_rows, row_block):
-            g_mu = grad_mu[r0:r1].to(acc)
-            row_const = -(g_mu * mu[r0:r1]).sum(1)
-            grad_h_block = logit_gradient_sweep(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, g_mu,
-                                                row_const, False, vocab_chunk, grad_w=grad_w, grad_b=grad_b,
-                                                want_h=want_h)
-            if want_h:
-                grad_h[r0:r1] = grad_h_block
+        grad_h, grad_w, grad_b = softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, *ctx.blocks,
+                                                       ctx.needs_input_grad[:3])
         return (None if grad_h is None else grad_h.to(h.dtype), None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_chunk, wants):
+    """softmax_mean's backward over ``weight``'s rows given the per-row globals lse and mu: ``(grad_h, grad_w, grad_b)``
+    in the accumulation dtype, ``grad_h = W^T G`` for these rows of W only."""
+    want_h, want_w, want_b = wants
+    acc = lse.dtype
+    n_rows, dim = h.shape
+    grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+    grad_w = torch.zeros(weight.shape[0], dim, dtype=acc, device=h.device) if want_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
+    for r0, r1 in _spans(n_rows, row_block):
+        g_mu = grad_mu[r0:r1].to(acc)
+        row_const = -(g_mu * mu[r0:r1]).sum(1)
+        grad_h_block = logit_gradient_sweep(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, g_mu,
+                                            row_const, False, vocab_chunk, grad_w=grad_w, grad_b=grad_b,
+                                            want_h=want_h)
+        if want_h:
+            grad_h[r0:r1] = grad_h_block
+    return grad_h, grad_w, grad_b
 
 
 @_eager_under_compile
@@ -384,21 +459,29 @@ def streamed_softmax_mean(input, weight, bias, *, row_block=None, vocab_chunk=No
 @torch.no_grad()
 def streamed_sample_targets(input, weight, bias, samples, seed, *, row_block=None, vocab_chunk=None):
     """(samples, N) classes drawn from each row's softmax by Gumbel-max over vocabulary chunks (dropreg.signs)."""
+    return gumbel_max(input, weight, bias, samples, seed, row_block=row_block, vocab_chunk=vocab_chunk)[1]
+
+
+@torch.no_grad()
+def gumbel_max(input, weight, bias, samples, seed, *, class_offset=0, row_block=None, vocab_chunk=None):
+    """Per draw and row, the best Gumbel score over ``weight``'s rows and its class: ``(best (samples, N) float64,
+    drawn (samples, N) int64)``. Row v of ``weight`` is class ``class_offset + v``, which keys its noise."""
     default_rows, default_chunk = default_blocks(input.shape[0], weight.shape[0])
     row_block, vocab_chunk = row_block or default_rows, vocab_chunk or default_chunk
     acc = accumulation_dtype(input.dtype)
     n_rows = input.shape[0]
     drawn = torch.zeros(samples, n_rows, dtype=torch.int64, device=input.device)
+    best = torch.full((samples, n_rows), float("-inf"), dtype=torch.float64, device=input.device)
     for r0, r1 in _spans(n_rows, row_block):
         h_block = input[r0:r1].to(acc)
         rows = torch.arange(r0, r1, device=input.device)
-        best = torch.full((samples, r1 - r0), float("-inf"), dtype=torch.float64, device=input.device)
         for v0, v1 in _spans(weight.shape[0], vocab_chunk):
             w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
             logits = _chunk_logits(h_block, w, b).to(torch.float64)
             for k in range(samples):
-                top, where = (logits + gumbel_noise(seed, k, rows, v0, v1)).max(dim=1)
-                better = top > best[k]  # strict: the lowest class wins a tie, as one argmax would
-                best[k] = torch.where(better, top, best[k])
-                drawn[k, r0:r1] = torch.where(better, where + v0, drawn[k, r0:r1])
-    return drawn
+                noise = gumbel_noise(seed, k, rows, class_offset + v0, class_offset + v1)
+                top, where = (logits + noise).max(dim=1)
+                better = top > best[k, r0:r1]  # strict: the lowest class wins a tie, as one argmax would
+                best[k, r0:r1] = torch.where(better, top, best[k, r0:r1])
+                drawn[k, r0:r1] = torch.where(better, where + v0 + class_offset, drawn[k, r0:r1])
+    return best, drawn
