@@ -30,7 +30,6 @@ from torch import Tensor
 from . import streamed
 from ._op_family import first_order_only
 from ._policy import accumulation_dtype
-from .signs import philox_signs
 
 # How long the handshake waits for every rank. A rank that did not pass process_group (or never calls) is only
 # noticed when this expires.
@@ -284,6 +283,20 @@ def _owned_pick(owned: Tensor, value: Tensor) -> Tensor:
     return torch.where(owned, value, torch.zeros_like(value))
 
 
+def _owned_target_terms(shard, h, weight, bias, target, signs, acc):
+    """The target's pieces that only the slice owning it can give (zero elsewhere, so a SUM merges them): the
+    target logit and, with signs, ``(sigma * h) . W[target]``. Returns them with the localized targets."""
+    local_target, owned = shard.localize(target)
+    safe = torch.where(owned, local_target, torch.zeros_like(local_target))
+    hc = h.to(acc)
+    picked = [_owned_pick(owned, streamed._target_logit(hc, weight, bias, safe, acc))]
+    u = None
+    if signs is not None:
+        u = signs * hc
+        picked.append(_owned_pick(owned, (u * weight[safe].to(acc)).sum(1)))
+    return local_target, owned, safe, hc, u, picked
+
+
 class ShardedTerms(torch.autograd.Function):
     """Per-row ``(ce, quadratic, sign_term)`` of :func:`dropreg.streamed.streamed_terms`, for a sliced head."""
 
@@ -295,13 +308,7 @@ class ShardedTerms(torch.autograd.Function):
         need_mu = need_explicit or need_implicit
         row_max, exp_sum, moments = streamed.partial_statistics(
             h, weight, bias, need_mu=need_mu, need_m2=need_explicit, row_block=row_block, vocab_chunk=vocab_chunk)
-        local_target, owned = shard.localize(target)
-        safe = torch.where(owned, local_target, torch.zeros_like(local_target))
-        hc = h.to(acc)
-        picked = [_owned_pick(owned, streamed._target_logit(hc, weight, bias, safe, acc))]
-        if need_implicit:
-            u = signs * hc
-            picked.append(_owned_pick(owned, (u * weight[safe].to(acc)).sum(1)))
+        local_target, owned, safe, hc, u, picked = _owned_target_terms(shard, h, weight, bias, target, signs, acc)
         global_max, rescale = _merge_maxima(shard, row_max)
         packed = torch.cat([(exp_sum * rescale)[:, None], moments * rescale[:, None], torch.stack(picked, 1)], 1)
         shard.all_reduce(packed, dist.ReduceOp.SUM, "forward")
@@ -340,14 +347,7 @@ class ShardedTerms(torch.autograd.Function):
 def sharded_terms(shard: Shard, input, weight, bias, target, signs, seed, need_explicit, need_implicit,
                   local_backend="torch"):
     """Per-row ``(ce, quadratic, sign_term)`` for a sliced head; ``target`` holds global classes."""
-    acc = accumulation_dtype(input.dtype)
-    if need_implicit:
-        # Signs are indexed by (row, hidden index): independent of the vocabulary, so as in one process.
-        if signs is None:
-            signs = philox_signs(seed, input.shape[0], input.shape[1], device=input.device, dtype=acc)
-        signs = signs.to(acc)
-    else:
-        signs = None
+    signs = streamed.implicit_signs(input, signs, seed, need_implicit)
     function = CppShardedTerms if local_backend == "cpu" else ShardedTerms
     return function.apply(input, weight, bias, target, signs, need_explicit, need_implicit, shard)
 
@@ -536,13 +536,7 @@ class CppShardedTerms(torch.autograd.Function):
         class_zero = torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
         _, _, _, lse_r, mu_r, var_r = ops.linear_ce_forward(h, weight, bias, class_zero, signs, 0, need_explicit,
                                                             need_implicit)
-        local_target, owned = shard.localize(target)
-        safe = torch.where(owned, local_target, torch.zeros_like(local_target))
-        hc = h.to(acc)
-        picked = [_owned_pick(owned, streamed._target_logit(hc, weight, bias, safe, acc))]
-        if need_implicit:
-            u = signs * hc
-            picked.append(_owned_pick(owned, (u * weight[safe].to(acc)).sum(1)))
+        local_target, owned, safe, hc, u, picked = _owned_target_terms(shard, h, weight, bias, target, signs, acc)
         expectations = [mu_r] if need_explicit or need_implicit else []
         if need_explicit:
             expectations.append(var_r + mu_r * mu_r)

@@ -274,18 +274,23 @@ def default_blocks(n_rows: int, vocab: int) -> tuple[int, int]:
     return row_block, vocab_chunk
 
 
+def implicit_signs(input, signs, seed, need_implicit):
+    """The implicit term's signs in the accumulation dtype: the given ones or the Philox stream of ``seed``.
+    They are indexed by (row, hidden index), never by class, so a vocabulary slice draws the same ones."""
+    if not need_implicit:
+        return None
+    acc = accumulation_dtype(input.dtype)
+    if signs is None:
+        signs = philox_signs(seed, input.shape[0], input.shape[1], device=input.device, dtype=acc)
+    return signs.to(acc)
+
+
 @_eager_under_compile
 def streamed_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit,
                    *, row_block=None, vocab_chunk=None):
     """Per-row ``(ce, quadratic, sign_term)``, as :func:`dropreg.reference.reference_terms`, streamed."""
     default_rows, default_chunk = default_blocks(input.shape[0], weight.shape[0])
-    acc = accumulation_dtype(input.dtype)
-    if need_implicit:
-        if signs is None:
-            signs = philox_signs(seed, input.shape[0], input.shape[1], device=input.device, dtype=acc)
-        signs = signs.to(acc)
-    else:
-        signs = None
+    signs = implicit_signs(input, signs, seed, need_implicit)
     return StreamedTerms.apply(input, weight, bias, target, signs, need_explicit, need_implicit,
                                row_block or default_rows, vocab_chunk or default_chunk)
 
