@@ -23,6 +23,8 @@ def test_paper_reproduction_smoke(tmp_path):
         assert 1.0 < float(r["best_valid_ppl"]) < 200 and float(r["test_ppl_at_best"]) > 1.0
         assert float(r["trace"]) != 0 and 0.0 <= float(r["condensation"]) <= 1.0
     assert (tmp_path / "learning_curves.png").stat().st_size > 0
+    with open(tmp_path / "curves.csv") as f:  # --epochs 1 wins over --quick's default of 2
+        assert {r["epoch"] for r in csv.DictReader(f)} == {"1"}
     table = (tmp_path / "results.md").read_text()
     assert "| explicit+implicit | 2 |" in table and "- dropout - none:" in table
 
