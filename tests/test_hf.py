@@ -1,0 +1,206 @@
+"""dropreg.hf against Hugging Face's own causal-LM loss on tiny random models built from configs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+import dropreg  # noqa: E402
+from dropreg import hf  # noqa: E402
+
+V = 97
+OFF = dict(explicit=False, implicit=False)
+
+
+def llama(dtype=torch.float64, **extra):
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def gpt2(dtype=torch.float64):
+    # dropout off: HF's forward and ours must see the same network
+    config = transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).to(dtype)
+
+
+def granite(dtype=torch.float64):
+    config = transformers.GraniteConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                        logits_scaling=4.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GraniteForCausalLM(config).to(dtype)
+
+
+MODELS = {"llama": llama, "gpt2": gpt2, "granite": granite}
+
+
+def batch():
+    torch.manual_seed(1)
+    ids = torch.randint(3, V, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 4] = -100
+    return ids, mask, labels
+
+
+def hf_loss_float64(model, ids, mask, labels, num_items_in_batch=None):
+    # HF's ForCausalLMLoss steps on HF's own logits, without its .float() (which would round float64 to float32)
+    logits = model(ids, attention_mask=mask).logits
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.reshape(-1, V), shifted.reshape(-1), ignore_index=-100, reduction=reduction)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+def grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+def assert_grads_close(ours, theirs, rtol, atol):
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("num_items", [None, 11])
+def test_float64_matches_hf_loss_and_gradients(name, num_items):
+    model = MODELS[name]()
+    ids, mask, labels = batch()
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, num_items_in_batch=num_items, **OFF)
+    ours = grads(model, out.loss)
+    reference = hf_loss_float64(model, ids, mask, labels, num_items)
+    theirs = grads(model, reference)
+    assert out.loss.dtype == torch.float64
+    torch.testing.assert_close(out.loss, reference, rtol=1e-10, atol=0)
+    assert_grads_close(ours, theirs, rtol=1e-10, atol=1e-13)
+    # HF's real path computes the loss in float32: agreement to float32 rounding
+    hf_loss = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items).loss
+    torch.testing.assert_close(out.loss.float(), hf_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_float32_matches_hf_loss_and_gradients(name):
+    model = MODELS[name](torch.float32)
+    ids, mask, labels = batch()
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, **OFF)
+    ours = grads(model, out.loss)
+    reference = model(ids, attention_mask=mask, labels=labels).loss
+    theirs = grads(model, reference)
+    # float32 rounding only: a different summation order over a loss of size ~4.6 and O(1) gradients
+    # (Granite also folds the scale into the hidden states); 1e-5 is ~100 ulp
+    torch.testing.assert_close(out.loss, reference, rtol=1e-5, atol=1e-6)
+    assert_grads_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_num_items_in_batch_tensor_and_shift_labels():
+    model = llama()
+    ids, mask, labels = batch()
+    count = (labels[..., 1:] != -100).sum()
+    summed = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, num_items_in_batch=count, **OFF)
+    mean = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, **OFF)
+    torch.testing.assert_close(summed.loss, mean.loss, rtol=1e-12, atol=0)
+    shift = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()  # HF .view()s it
+    given = hf.causal_lm_loss(model, ids, attention_mask=mask, shift_labels=shift, **OFF)
+    torch.testing.assert_close(given.loss, mean.loss, rtol=1e-12, atol=0)
+    reference = model(ids, attention_mask=mask, labels=labels, shift_labels=shift).loss
+    torch.testing.assert_close(given.loss.float(), reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama", "granite"])
+def test_terms_on_equal_linear_cross_entropy_on_hf_hidden_states(name):
+    model = MODELS[name]()
+    ids, mask, labels = batch()
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, p=0.3, seed=5)
+    hidden = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    scale = 1.0 / model.config.logits_scaling if name == "granite" else 1.0
+    expected = dropreg.linear_cross_entropy(hidden[:, :-1] * scale, model.lm_head.weight, labels[:, 1:],
+                                            p=0.3, seed=5)
+    assert float(out.explicit.detach()) > 0 and float(out.implicit.detach()) != 0
+    for ours, theirs in zip(out, expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+
+
+def test_softcap_refused():
+    model = llama()
+    model.config.final_logit_softcapping = 30.0
+    ids, mask, labels = batch()
+    with pytest.raises(NotImplementedError, match="softcap"):
+        hf.causal_lm_loss(model, ids, labels)
+
+
+class Headless(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Embedding(V, 16)
+        self.lm_head = torch.nn.Linear(16, V)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def test_missing_decoder_is_a_clear_error():
+    ids, _, labels = batch()
+    with pytest.raises(ValueError, match="pass decoder="):
+        hf.causal_lm_loss(Headless(), ids, labels)
+    # given explicitly, the decoder may be any module returning the hidden states (here with a head bias)
+    model = Headless().double()
+    out = hf.causal_lm_loss(model, ids, labels, decoder=lambda input_ids: (model.body(input_ids),), **OFF)
+    logits = model.lm_head(model.body(ids))[:, :-1]
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits.reshape(-1, V), labels[:, 1:].reshape(-1)),
+                               rtol=1e-12, atol=0)
+
+
+class FakeLora(torch.nn.Module):
+    def __init__(self, base, active):
+        super().__init__()
+        self.base_layer, self.active_adapters, self.merged, self.disable_adapters = base, active, False, False
+
+
+def test_peft_head_unwrapped_only_when_trivial():
+    model = llama()
+    ids, mask, labels = batch()
+    expected = hf.causal_lm_loss(model, ids, labels, **OFF)
+    base = model.lm_head
+    model.lm_head = FakeLora(base, [])
+    torch.testing.assert_close(hf.causal_lm_loss(model, ids, labels, **OFF).loss, expected.loss)
+    model.lm_head = FakeLora(base, ["default"])
+    with pytest.raises(NotImplementedError, match="PEFT"):
+        hf.causal_lm_loss(model, ids, labels)
+
+
+def test_trainer_steps(tmp_path):
+    model = llama(torch.float32)
+    torch.manual_seed(2)
+    data = []
+    for _ in range(6):
+        ids = torch.randint(3, V, (8,))
+        data.append({"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long), "labels": ids.clone()})
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                                          report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                                          learning_rate=1e-2)
+    trainer = hf.DropregTrainer(model=model, args=args, train_dataset=data, p=0.2)
+    seeds = []
+    real_seed = trainer._dropreg_seed
+    trainer._dropreg_seed = lambda: seeds.append(real_seed()) or seeds[-1]
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert len(set(seeds)) == 3
+    changed = [name for name, param in model.named_parameters() if not torch.equal(param.detach(), before[name])]
+    assert "lm_head.weight" in changed and len(changed) == len(before)
+
+
+def test_import_dropreg_needs_no_transformers():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['transformers'] = None; import dropreg, dropreg.hf; "
+            "assert 'DropregTrainer' not in vars(dropreg.hf)")
+    subprocess.run([sys.executable, "-c", code], check=True)
