@@ -37,7 +37,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],  # lower bounds: README's "Supported versions" (tests/test_docs.py)
     extras_require={"test": ["pytest", "hypothesis", "numpy", "triton>=3.6"], "benchmarks": ["matplotlib"],
-                    "triton": ["triton>=3.6"]},
+                    "triton": ["triton>=3.6"],
+                    "hf": ["transformers>=5.0", "accelerate"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -58,7 +58,7 @@ def _setup_lower_bounds():
 def test_readme_supported_versions_match_setup_py():
     table = _supported_versions()
     bounds = _setup_lower_bounds()
-    assert set(table) == {"torch", "triton"} and set(bounds) == set(table)
+    assert set(table) == {"torch", "triton", "transformers"} and set(bounds) == set(table)
     for name, (minimum, _) in table.items():
         assert bounds[name] == {minimum}, f"{name}: setup.py requires >= {bounds[name]}, README says {minimum}"
 
