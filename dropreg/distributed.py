@@ -316,11 +316,8 @@ class ShardedTerms(torch.autograd.Function):
         lse, mu, m2 = streamed.finish_statistics(global_max, packed[:, 0], packed[:, 1:1 + n_moments], dim,
                                                  need_mu=need_mu, need_m2=need_explicit)
         ce = lse - packed[:, 1 + n_moments]
-        quadratic = sign_term = torch.zeros_like(ce)
-        var = None
-        if need_explicit:
-            var = m2 - mu * mu
-            quadratic = (hc * hc * var).sum(1)
+        var, quadratic = streamed.explicit_quadratic(hc, mu, m2, ce, need_explicit)
+        sign_term = torch.zeros_like(ce)
         if need_implicit:
             sign_term = (u * mu).sum(1) - packed[:, 2 + n_moments]
         ctx.save_for_backward(h, weight, bias, local_target, owned, signs, lse, mu, var)

@@ -176,11 +176,8 @@ class StreamedTerms(torch.autograd.Function):
         hc = h.to(acc)
         w_target = weight[target].to(acc)
         ce = lse - _target_logit(hc, weight, bias, target, acc)
-        quadratic = sign_term = torch.zeros_like(ce)
-        var = None
-        if need_explicit:
-            var = m2 - mu * mu
-            quadratic = (hc * hc * var).sum(1)
+        var, quadratic = explicit_quadratic(hc, mu, m2, ce, need_explicit)
+        sign_term = torch.zeros_like(ce)
         if need_implicit:
             sign_term = (signs * hc * (mu - w_target)).sum(1)
         ctx.save_for_backward(h, weight, bias, target, signs, lse, mu, var)
@@ -272,6 +269,14 @@ def default_blocks(n_rows: int, vocab: int) -> tuple[int, int]:
     row_block = max(1, min(n_rows, DEFAULT_ROW_BLOCK))
     vocab_chunk = max(1, min(vocab, max(MIN_VOCAB_CHUNK, TILE_ELEMENTS // row_block)))
     return row_block, vocab_chunk
+
+
+def explicit_quadratic(hc, mu, m2, like, need_explicit):
+    """``(var, sum_j h_j^2 var_j)`` per row with ``var = m2 - mu^2``; ``(None, zeros like like)`` when off."""
+    if not need_explicit:
+        return None, torch.zeros_like(like)
+    var = m2 - mu * mu
+    return var, (hc * hc * var).sum(1)
 
 
 def implicit_signs(input, signs, seed, need_implicit):
