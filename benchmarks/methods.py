@@ -106,6 +106,41 @@ def build_linear_cross_entropy(hidden, weight, target, signs):
     return _closures(lambda: F.linear_cross_entropy(hidden, weight, target), hidden, weight)
 
 
+def build_linear_cross_entropy_chunked(hidden, weight, target, signs):
+    """torch's chunked implementation (``options=LinearCrossEntropyOptions()``, its "auto" picks): it also forms
+    the gradients in the forward."""
+    options = torch.nn.LinearCrossEntropyOptions()
+    return _closures(lambda: F.linear_cross_entropy(hidden, weight, target, options=options), hidden, weight)
+
+
+def ce_dropreg_method(backend):
+    def build(hidden, weight, target, signs):
+        return _closures(lambda: dropreg.linear_cross_entropy(hidden, weight, target, explicit=False, implicit=False,
+                                                              backend=backend).loss, hidden, weight)
+    return build
+
+
+def build_ce_naive(hidden, weight, target, signs):
+    return _closures(lambda: F.cross_entropy(hidden @ weight.T, target), hidden, weight)
+
+
+def build_cce(impl):
+    """Cut Cross-Entropy's ``linear_cross_entropy`` (apple/ml-cross-entropy); an optional package."""
+    def build(hidden, weight, target, signs):
+        from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
+
+        return _closures(lambda: cce_linear_cross_entropy(hidden, weight, target, impl=impl), hidden, weight)
+    return build
+
+
+def cce_installed() -> bool:
+    try:
+        import cut_cross_entropy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build_gemm(hidden, weight, target, signs):
     h, w_t = hidden.detach(), weight.detach().T.contiguous()
 
@@ -148,8 +183,20 @@ def build_rdrop_naive(hidden, weight, target, signs):
 FLOOR_MULTIPLE = {
     "dropreg": {"forward": 3, "forward_backward": 10},
     "rdrop": {"forward": 2, "forward_backward": 8},
+    "ce": {"forward": 1, "forward_backward": 3},  # cross entropy alone, gradients formed in the forward
 }
-BASELINES = {"dropreg": ("naive", "paper"), "rdrop": ("rdrop-naive",)}
+BASELINES = {"dropreg": ("naive", "paper"), "rdrop": ("rdrop-naive",),
+             "ce": ("F.linear_cross_entropy-chunked", "F.linear_cross_entropy", "cce-torch_compile", "ce-naive")}
+
+CE_METHODS = {
+    "ce-dropreg-cpu": ce_dropreg_method("cpu"),
+    "ce-dropreg-torch": ce_dropreg_method("torch"),
+    "ce-dropreg-triton": ce_dropreg_method("triton"),
+    "ce-naive": build_ce_naive,
+    "F.linear_cross_entropy-chunked": build_linear_cross_entropy_chunked,
+    "cce-torch_compile": build_cce("torch_compile"),
+    "cce-cce": build_cce("cce"),
+}
 
 RDROP_METHODS = {
     "rdrop-dropreg-cpu": rdrop_dropreg_method("cpu"),
@@ -171,6 +218,7 @@ METHODS = {
 
 
 METHODS.update(RDROP_METHODS)
+METHODS.update(CE_METHODS)
 
 
 def _backend_runs_here(backend: str, device: str) -> bool:
@@ -185,8 +233,11 @@ def _backend_runs_here(backend: str, device: str) -> bool:
 
 def available_methods(device: str, family: str = "dropreg"):
     """The family's methods that can run on ``device``, dropreg's own first, the GEMM floor last."""
-    prefix = "dropreg-" if family == "dropreg" else "rdrop-dropreg-"
+    prefix = {"dropreg": "dropreg-", "rdrop": "rdrop-dropreg-", "ce": "ce-dropreg-"}[family]
     ours = [f"{prefix}{b}" for b in ("cpu", "torch", "triton") if _backend_runs_here(b, device)]
     if family == "rdrop":
         return ours + ["rdrop-naive", "gemm"]
+    if family == "ce":
+        cce = ["cce-torch_compile"] + (["cce-cce"] if device == "cuda" else []) if cce_installed() else []
+        return ours + ["F.linear_cross_entropy-chunked", "F.linear_cross_entropy", *cce, "ce-naive", "gemm"]
     return ours + ["naive", "naive-compiled", "paper", "F.linear_cross_entropy", "gemm"]

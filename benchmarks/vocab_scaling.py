@@ -35,8 +35,9 @@ def parse_args(argv=None):
     parser.add_argument("--dim", type=int, default=256, help="hidden size d (default 256)")
     parser.add_argument("--vocabs", type=lambda s: [int(v) for v in s.split(",")], default=DEFAULT_VOCABS,
                         help="comma-separated vocabulary sizes")
-    parser.add_argument("--family", default="dropreg", choices=["dropreg", "rdrop"],
-                        help="dropreg: CE + explicit + implicit; rdrop: R-Drop's CE pair + symmetric KL")
+    parser.add_argument("--family", default="dropreg", choices=["dropreg", "rdrop", "ce"],
+                        help="dropreg: CE + explicit + implicit; rdrop: R-Drop's CE pair + symmetric KL; ce: cross "
+                             "entropy alone (3-GEMM floor; Cut Cross-Entropy joins when installed)")
     parser.add_argument("--methods", type=lambda s: s.split(","), default=None,
                         help="comma-separated subset of methods (default: all available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -30,6 +30,9 @@ TORCH_LIBRARY(dropreg, m) {
       "rdrop_backward(Tensor grad_ce1, Tensor grad_ce2, Tensor grad_kl, Tensor input1, Tensor input2, "
       "Tensor weight, Tensor? bias, Tensor target, Tensor lse, Tensor expected_d, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_ce_with_grads(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor row_weight, "
+      "int block_rows, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("softmax_mean_forward(Tensor input, Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
   m.def(
       "softmax_mean_backward(Tensor grad_mu, Tensor input, Tensor weight, Tensor? bias, Tensor lse, Tensor mu, "
@@ -43,6 +46,7 @@ TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
   m.impl("linear_ce_backward", &dropreg::linear_ce_backward);
   m.impl("rdrop_forward", &dropreg::rdrop_forward);
   m.impl("rdrop_backward", &dropreg::rdrop_backward);
+  m.impl("linear_ce_with_grads", &dropreg::linear_ce_with_grads);
   m.impl("softmax_mean_forward", &dropreg::softmax_mean_forward);
   m.impl("softmax_mean_backward", &dropreg::softmax_mean_backward);
   m.impl("sample_targets", &dropreg::sample_targets);

@@ -21,6 +21,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
     const at::Tensor& mu, const at::Tensor& var, bool need_explicit, bool need_implicit,
     std::array<bool, 3> output_mask);
 
+// CE only: (sum_i row_weight_i ce_i, grad_input, grad_weight, grad_bias) in one pass of 3 NVd, holding
+// block_rows rows of full-vocabulary logits at a time; an output not asked for in output_mask is empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_with_grads(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& row_weight, int64_t block_rows, std::array<bool, 3> output_mask);
+
 // softmax_mean: (mu, lse) per row, and the gradients of mu (docs/math.md, every-site terms).
 std::tuple<at::Tensor, at::Tensor> softmax_mean_forward(const at::Tensor& input, const at::Tensor& weight,
                                                         const c10::optional<at::Tensor>& bias);

@@ -10,12 +10,14 @@ Public API::
     dropreg.site_regularizers(head_input, linear_weight, target, sites, *, p=0.1, ...)
     dropreg.LinearCrossEntropyLoss(p=0.1, ...), dropreg.RDropLoss(alpha=1.0, ...)   # nn.Module wrappers
     dropreg.DropoutSite(p=0.1)                                             # put where nn.Dropout was
+    dropreg.set_workspace_bytes(size, device="cpu"), dropreg.workspace_bytes(device="cpu")  # logits workspace
 
 The math is docs/math.md; README.md lists the backends.
 """
 from ._api import (LinearCrossEntropyOutput, RDropOutput, default_coefficients, explicit_regularizer,
                    linear_cross_entropy, rdrop_linear_cross_entropy)
 from ._dispatch import available_backends
+from ._policy import set_workspace_bytes, workspace_bytes
 from .nn import DropoutSite, LinearCrossEntropyLoss, RDropLoss
 from . import diagnostics
 from .signs import philox_signs
@@ -38,5 +40,7 @@ __all__ = [
     "sample_targets",
     "site_regularizers",
     "SiteRegularizers",
+    "set_workspace_bytes",
     "softmax_mean",
+    "workspace_bytes",
 ]

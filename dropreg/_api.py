@@ -188,6 +188,11 @@ class _IgnoredRows:
         zero = torch.zeros((), dtype=input.dtype, device=input.device)
         return torch.where(self.valid[:, None], input.reshape(-1, input.shape[-1]), zero)
 
+    def row_weights(self, reduction: str) -> Tensor:
+        """Each row's share of a "mean"/"sum" loss: 0 for ignored rows, else 1 / count ("mean") or 1."""
+        weights = self.valid.to(self.count.dtype)
+        return weights / self.count if reduction == "mean" else weights
+
     def reducer(self, reduction: str, out_dtype: torch.dtype):
         def reduce(per_row: Tensor) -> Tensor:
             per_row = torch.where(self.valid, per_row, torch.zeros_like(per_row))
@@ -247,6 +252,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                signs is None, given_seed))
 
     rows = _IgnoredRows(target, ignore_index, input.dtype)
+    if (not call.sharded and not need_explicit and not need_implicit and reduction != "none"
+            and implementation.ce_with_grads is not None):
+        # Cross entropy alone, reduced: the gradients are formed in the forward, 3 NVd instead of 4.
+        ce = implementation.ce_with_grads(rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target,
+                                          rows.row_weights(reduction)).to(input.dtype)
+        zero = torch.zeros((), dtype=input.dtype, device=input.device)
+        return LinearCrossEntropyOutput(ce=ce, explicit=zero, implicit=zero)
     if call.sharded:
         ce, quadratic, sign_term = distributed.sharded_terms(
             call.shard, rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target, flat_signs, call.seed,

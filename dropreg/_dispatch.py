@@ -10,7 +10,10 @@ terms without coefficients (the caller applies coefficients, masks ignored rows 
 * ``softmax_mean(input, weight, bias) -> mu`` (differentiable), as
   :func:`dropreg.reference.reference_softmax_mean`;
 * ``sample_targets(input, weight, bias, samples, seed) -> (samples, N) int64``, as
-  :func:`dropreg.reference.reference_sample_targets`.
+  :func:`dropreg.reference.reference_sample_targets`;
+* optionally ``ce_with_grads(input, weight, bias, target, row_weight) -> sum_i row_weight_i ce_i`` (0-d,
+  differentiable), for cross entropy alone under a "mean"/"sum" reduction: it forms the gradients during the
+  forward (3 NVd instead of 4, docs/math.md "CE only"). A backend without it gets the per-row path.
 
 Ignored rows arrive with zeroed input rows and a valid dummy target. A new backend is added to ``_BACKENDS`` here and,
 by its name in ``tests/conftest.py``, gets the whole test suite.
@@ -26,7 +29,8 @@ import torch
 from . import cpu
 from . import triton as triton_backend
 from .reference import reference_rdrop, reference_sample_targets, reference_softmax_mean, reference_terms
-from .streamed import streamed_rdrop, streamed_sample_targets, streamed_softmax_mean, streamed_terms
+from .streamed import (streamed_ce_with_grads, streamed_rdrop, streamed_sample_targets, streamed_softmax_mean,
+                       streamed_terms)
 
 
 @dataclass(frozen=True)
@@ -35,18 +39,20 @@ class Backend:
     rdrop: Callable[..., tuple]
     softmax_mean: Callable[..., torch.Tensor]
     sample_targets: Callable[..., torch.Tensor]
+    ce_with_grads: Optional[Callable[..., torch.Tensor]] = None
     is_available: Callable[[], bool] = lambda: True
     unavailable_reason: Callable[[], Optional[BaseException]] = lambda: None
 
 
 _BACKENDS: dict[str, Backend] = {
     "reference": Backend(reference_terms, reference_rdrop, reference_softmax_mean, reference_sample_targets),
-    "torch": Backend(streamed_terms, streamed_rdrop, streamed_softmax_mean, streamed_sample_targets),
+    "torch": Backend(streamed_terms, streamed_rdrop, streamed_softmax_mean, streamed_sample_targets,
+                     streamed_ce_with_grads),
     "cpu": Backend(cpu.FAMILY.linear_ce, cpu.FAMILY.rdrop, cpu.cpu_softmax_mean, cpu.cpu_sample_targets,
-                   cpu.FAMILY.is_available, cpu.FAMILY.unavailable_reason),
+                   cpu.cpu_ce_with_grads, cpu.FAMILY.is_available, cpu.FAMILY.unavailable_reason),
     # The every-site ops run the chunked PyTorch driver on the GPU path: no Triton kernel of their own yet.
     "triton": Backend(triton_backend.FAMILY.linear_ce, triton_backend.FAMILY.rdrop, streamed_softmax_mean,
-                      streamed_sample_targets, triton_backend.FAMILY.is_available,
+                      streamed_sample_targets, None, triton_backend.FAMILY.is_available,
                       triton_backend.FAMILY.unavailable_reason),
 }
 

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from . import _build
-from ._op_family import (BackendUnavailable, OpFamily, int64_seed, refuse_double_backward,
+from ._op_family import (BackendUnavailable, OpFamily, first_order_only, int64_seed, refuse_double_backward,
                          register_linear_ce_autograd, register_rdrop_autograd)
 from ._policy import accumulation_dtype
 
@@ -123,8 +123,36 @@ def _register_python_kernels() -> None:
         return torch.empty((rows, dim), dtype=torch.float32)
 
     register_linear_ce_autograd("dropreg::linear_ce_forward", torch.ops.dropreg.linear_ce_backward)
+    _register_ce_with_grads_kernels()
     _register_rdrop_kernels()
     _register_site_kernels()
+
+
+def _register_ce_with_grads_kernels() -> None:
+    op = "dropreg::linear_ce_with_grads"
+
+    @torch.library.register_fake(op)
+    def _fake(input, weight, bias, target, row_weight, block_rows, output_mask):
+        rows, _, _ = _check_head(op, {"input": input}, weight, bias, target)
+        _check_per_row_grads(op, {"row_weight": row_weight}, rows)
+        torch._check(block_rows >= 1, lambda: f"{op}: block_rows must be >= 1, got {block_rows}")
+        loss = input.new_empty((), dtype=accumulation_dtype(input.dtype))
+        grad_h = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
+        grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
+        grad_b = torch.empty_like(bias) if (output_mask[2] and bias is not None) else input.new_empty((0,))
+        return loss, grad_h, grad_w, grad_b
+
+    def setup_context(ctx, inputs, output):
+        ctx.mask = [wanted and x is not None for wanted, x in zip(inputs[-1], inputs[:3])]
+        ctx.save_for_backward(*inputs[:3], *output[1:])  # the inputs only link first_order_only's guard to them
+
+    @first_order_only
+    def backward(ctx, grad_loss, *_grads_of_gradients):  # the gradient outputs are saved results, not terms
+        grads = ctx.saved_tensors[3:]
+        scaled = (g * grad_loss.to(g.dtype) if wanted else None for g, wanted in zip(grads, ctx.mask))
+        return (*scaled, None, None, None, None)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
 def _register_rdrop_kernels() -> None:
@@ -195,6 +223,17 @@ def _register_site_kernels() -> None:
 
     torch.library.register_autograd("dropreg::softmax_mean_forward", backward, setup_context=setup_context)
     refuse_double_backward("dropreg::softmax_mean_backward")
+
+
+def cpu_ce_with_grads(input, weight, bias, target, row_weight):
+    """CE only: ``sum_i row_weight_i ce_i`` with its gradients formed in the forward (see dropreg/_dispatch.py)."""
+    from .streamed import ce_only_blocks, gradients_wanted
+
+    load()
+    block_rows, _ = ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
+    return torch.ops.dropreg.linear_ce_with_grads(
+        input.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), target.contiguous(),
+        row_weight.contiguous(), block_rows, list(gradients_wanted(input, weight, bias)))[0]
 
 
 def cpu_softmax_mean(input, weight, bias):

@@ -15,7 +15,7 @@ import torch
 from torch.profiler import record_function
 
 from ._op_family import first_order_only
-from ._policy import accumulation_dtype
+from ._policy import accumulation_dtype, workspace_rows
 from .signs import gumbel_noise, philox_signs
 
 # torch.compile runs the chunk loops eagerly (a graph break): Inductor did not finish compiling them in
@@ -298,6 +298,93 @@ def streamed_terms(input, weight, bias, target, signs, seed, need_explicit, need
     signs = implicit_signs(input, signs, seed, need_implicit)
     return StreamedTerms.apply(input, weight, bias, target, signs, need_explicit, need_implicit,
                                row_block or default_rows, vocab_chunk or default_chunk)
+
+
+def ce_only_blocks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """(rows per block, vocabulary chunk) of the CE-only driver: a block's full-vocabulary logits fit the workspace."""
+    block_rows = workspace_rows(n_rows, vocab, accumulation_dtype(dtype), device)
+    return block_rows, default_blocks(block_rows, vocab)[1]
+
+
+def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk):
+    """CE only: ``sum_i row_weight_i ce_i`` and its gradients formed in the same pass (docs/math.md, "CE only").
+
+    Per row block: ``z = h W^T (+ b)`` chunk by chunk into a block x V workspace (1 NVd), ``lse``, then in place
+    ``G = row_weight * (s - e_y)``, ``grad_input = G W`` (1 NVd) and ``grad_W += G^T h`` (1 NVd): 3 NVd, no
+    recompute. Returns ``(loss, grad_h, grad_w, grad_b)`` in the accumulation dtype; unwanted gradients are None.
+    """
+    acc = accumulation_dtype(h.dtype)
+    want_h, want_w, want_b = wants
+    n_rows, dim = h.shape
+    vocab = weight.shape[0]
+    device = h.device
+    loss = torch.zeros((), dtype=acc, device=device)
+    grad_h = torch.empty(n_rows, dim, dtype=acc, device=device) if want_h else None
+    grad_w = torch.zeros(vocab, dim, dtype=acc, device=device) if want_w else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
+    logits = torch.empty(min(block_rows, n_rows), vocab, dtype=acc, device=device)
+    for r0, r1 in _spans(n_rows, block_rows):
+        h_block, y, w_row = h[r0:r1].to(acc), target[r0:r1], row_weight[r0:r1].to(acc)
+        z = logits[:r1 - r0]
+        with record_function("dropreg::ce_logits"):
+            for v0, v1 in _spans(vocab, vocab_chunk):
+                w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
+                z[:, v0:v1] = _chunk_logits(h_block, w, b)
+            lse = torch.logsumexp(z, dim=1)
+            ce = lse - z.gather(1, y[:, None]).squeeze(1)
+            loss += torch.where(w_row != 0, w_row * ce, torch.zeros_like(ce)).sum()
+        if not any(wants):
+            continue
+        with record_function("dropreg::ce_gradients"):
+            z.sub_(lse[:, None]).exp_().mul_(w_row[:, None])  # G = w * s ...
+            z.scatter_add_(1, y[:, None], -w_row[:, None])     # ... - w * e_y
+            grad_h_block = torch.zeros_like(h_block) if want_h else None
+            for v0, v1 in _spans(vocab, vocab_chunk):
+                g = z[:, v0:v1]
+                if want_h:
+                    w, _, _ = _weight_chunk(weight, None, v0, v1, acc, False)
+                    grad_h_block.addmm_(g, w)
+                if want_w:
+                    grad_w[v0:v1].addmm_(g.T, h_block)
+                if want_b:
+                    grad_b[v0:v1] += g.sum(0)
+            if want_h:
+                grad_h[r0:r1] = grad_h_block
+    return loss, grad_h, grad_w, grad_b
+
+
+class StreamedCrossEntropyWithGrads(torch.autograd.Function):
+    """:func:`ce_with_grads` as a differentiable scalar: the backward only scales the gradients it saved."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk):
+        loss, *grads = ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk)
+        # Kept in the parameters' dtypes: until the backward they live beside the activations. The inputs are
+        # saved only to link first_order_only's guard to them.
+        ctx.save_for_backward(h, weight, bias,
+                              *(None if g is None else g.to(like.dtype) for g, like in zip(grads, (h, weight, bias))))
+        return loss
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_loss):
+        return (*(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors[3:]),
+                None, None, None, None, None)
+
+
+def gradients_wanted(*tensors) -> tuple[bool, ...]:
+    """Which of ``tensors`` (None allowed) a backward will ask a gradient of, as decided now, in the forward."""
+    enabled = torch.is_grad_enabled()
+    return tuple(enabled and t is not None and t.requires_grad for t in tensors)
+
+
+@_eager_under_compile
+def streamed_ce_with_grads(input, weight, bias, target, row_weight, *, block_rows=None, vocab_chunk=None):
+    """``sum_i row_weight_i ce_i`` (0-d, accumulation dtype), differentiable, from the CE-only driver."""
+    default_rows, default_chunk = ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
+    return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight,
+                                               gradients_wanted(input, weight, bias),
+                                               block_rows or default_rows, vocab_chunk or default_chunk)
 
 
 class StreamedRDrop(torch.autograd.Function):

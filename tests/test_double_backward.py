@@ -13,12 +13,14 @@ def _losses(h, h2, w, b, y, backend):
     return {
         "linear_cross_entropy": lambda: dropreg.linear_cross_entropy(h, w, y, linear_bias=b, seed=0,
                                                                      backend=backend).loss,
+        "ce_only": lambda: dropreg.linear_cross_entropy(h, w, y, linear_bias=b, explicit=False, implicit=False,
+                                                        backend=backend).loss,
         "rdrop": lambda: dropreg.rdrop_linear_cross_entropy(h, h2, w, y, linear_bias=b, backend=backend).loss,
         "softmax_mean": lambda: dropreg.softmax_mean(h, w, linear_bias=b, backend=backend).pow(2).sum(),
     }
 
 
-@pytest.mark.parametrize("op", ["linear_cross_entropy", "rdrop", "softmax_mean"])
+@pytest.mark.parametrize("op", ["linear_cross_entropy", "ce_only", "rdrop", "softmax_mean"])
 @pytest.mark.parametrize("wrt", ["input", "weight"])
 def test_double_backward_raises(backend, op, wrt):
     if backend == "reference":

@@ -1,0 +1,154 @@
+// CE only, with the gradients formed during the forward (docs/math.md, "CE only"): 3 NVd multiply-adds
+// instead of 4, because the backward's upstream gradient of a "mean"/"sum" loss is one scalar that only
+// scales them. The price is one row block's full-vocabulary logits (block_rows x V, the workspace).
+//
+// Row blocks run one after another; inside a block the vocabulary tiles run in parallel, each thread owning
+// its tiles (so its rows of grad_weight, race-free) and a private block_rows x d partial of grad_input.
+//   pass 1, per tile: z_t = h W_t^T (+ b_t) (1 RCd); e = exp(z_t - m_t) stored in place with the tile's row
+//           max m_t; the thread's running (max, sum) per row; the target logit captured.
+//   merge:  lse per row from the threads' (max, sum).
+//   pass 2, per tile: G_t = w * (e * exp(m_t - lse) - [v = y]) in place; grad_input += G_t W_t (1 RCd);
+//           grad_weight_t += G_t^T h (1 RCd); grad_bias_t += column sums of G_t.
+#include <ATen/ATen.h>
+#include <ATen/record_function.h>
+
+#include <vector>
+
+#include "linear_ce_dropreg.h"
+#include "tile_loops.h"
+
+namespace dropreg {
+
+namespace {
+
+template <typename acc_t>
+struct RowState {  // one thread's online softmax over its tiles, for every row of the block
+  std::vector<acc_t> max, sum;
+  explicit RowState(int64_t rows)
+      : max(rows, -std::numeric_limits<acc_t>::infinity()), sum(rows, acc_t(0)) {}
+  void absorb(int64_t i, acc_t tile_max, acc_t tile_sum) {  // tile_sum = sum exp(z - shift_of(tile_max))
+    if (tile_max == -std::numeric_limits<acc_t>::infinity()) return;  // an all -inf tile adds nothing
+    const acc_t new_max = nan_max(max[i], tile_max);
+    const acc_t shift = OnlineSoftmax<acc_t>::shift_of(new_max);
+    sum[i] = sum[i] * std::exp(max[i] - shift) + tile_sum * std::exp(OnlineSoftmax<acc_t>::shift_of(tile_max) - shift);
+    max[i] = new_max;
+  }
+};
+
+// Rows [v0, v0 + cols) of the weight in the accumulation dtype: a view when it already is, else an upcast copy.
+inline Tensor weight_tile(const Tensor& weight, int64_t v0, int64_t cols, const Tensor& flat_buffer) {
+  if (weight.scalar_type() == flat_buffer.scalar_type()) return weight.narrow(0, v0, cols);
+  return load_weight_tile(weight, v0, cols, flat_buffer, false);
+}
+
+template <typename acc_t>
+void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bias, const Tensor& target,
+                        const Tensor& row_weight, int64_t block_rows, bool want_h, bool want_w, bool want_b,
+                        Tensor& loss, Tensor& grad_h, Tensor& grad_w, Tensor& grad_b) {
+  const int64_t rows = h.size(0), dim = h.size(1), vocab = weight.size(0);
+  const int64_t n_tiles = ceil_div(vocab, kVocabTile);
+  const int64_t threads = at::get_num_threads();
+  const bool any_grad = want_h || want_w || want_b;
+  const auto opts = h.options();
+  const int64_t* y = target.data_ptr<int64_t>();
+  const acc_t* rw = row_weight.data_ptr<acc_t>();
+  Tensor logits = at::empty({block_rows, vocab}, opts);  // the workspace: e, then G, of one row block
+  std::vector<acc_t> tile_max(block_rows * n_tiles);
+  std::vector<acc_t> target_logit(block_rows), lse(block_rows);
+  Tensor grad_h_partials = want_h ? at::empty({threads, block_rows, dim}, opts) : Tensor();
+  double total = 0;
+  for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
+    const int64_t n = std::min(block_rows, rows - r0);
+    const Tensor h_block = h.narrow(0, r0, n);
+    Tensor block = logits.narrow(0, 0, n);
+    acc_t* z = block.data_ptr<acc_t>();
+    std::vector<RowState<acc_t>> states(threads, RowState<acc_t>(n));
+    at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      Tensor weight_flat = at::empty({kVocabTile * dim}, opts);
+      RowState<acc_t>& state = states[at::get_thread_num()];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t v0 = t * kVocabTile, cols = std::min(kVocabTile, vocab - v0);
+        const Tensor w = weight_tile(weight, v0, cols, weight_flat);
+        Tensor z_tile = block.narrow(1, v0, cols);
+        tile_logits(z_tile, h_block, w, bias, v0);
+        for (int64_t i = 0; i < n; ++i) {
+          acc_t* row = z + i * vocab + v0;
+          const int64_t yt = y[r0 + i] - v0;
+          if (yt >= 0 && yt < cols) target_logit[i] = row[yt];
+          const acc_t m = row_max(row, cols);
+          tile_max[i * n_tiles + t] = m;
+          state.absorb(i, m, exp_shifted_sum_inplace(row, cols, OnlineSoftmax<acc_t>::shift_of(m)));
+        }
+      }
+    });
+    for (int64_t i = 0; i < n; ++i) {
+      RowState<acc_t> merged(1);
+      for (const auto& s : states) merged.absorb(0, s.max[i], s.sum[i]);
+      lse[i] = OnlineSoftmax<acc_t>::shift_of(merged.max[0]) + std::log(merged.sum[0]);
+      if (rw[r0 + i] != acc_t(0)) total += rw[r0 + i] * (lse[i] - target_logit[i]);
+    }
+    if (!any_grad) continue;
+    if (want_h) grad_h_partials.zero_();
+    at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      Tensor weight_flat = at::empty({kVocabTile * dim}, opts);
+      Tensor grad_h_part = want_h ? grad_h_partials[at::get_thread_num()].narrow(0, 0, n) : Tensor();
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t v0 = t * kVocabTile, cols = std::min(kVocabTile, vocab - v0);
+        for (int64_t i = 0; i < n; ++i) {
+          acc_t* row = z + i * vocab + v0;
+          const acc_t w_i = rw[r0 + i];
+          const acc_t m = tile_max[i * n_tiles + t];
+          // e = exp(z - m) is 0 on an all -inf tile: scale by 0 there, not by a factor that may overflow.
+          const bool empty_tile = m == -std::numeric_limits<acc_t>::infinity();
+          scale_inplace(row, cols, empty_tile ? acc_t(0) : w_i * std::exp(m - lse[i]));
+          subtract_at_target(row, y[r0 + i], v0, cols, w_i);
+        }
+        const Tensor g = block.narrow(1, v0, cols);
+        if (want_b) {
+          acc_t* gb = grad_b.data_ptr<acc_t>() + v0;
+          for (int64_t i = 0; i < n; ++i) add_columns(gb, z + i * vocab + v0, cols);
+        }
+        if (!want_h && !want_w) continue;
+        const Tensor w = weight_tile(weight, v0, cols, weight_flat);
+        if (want_h) grad_h_part.addmm_(g, w);
+        if (want_w) grad_w.narrow(0, v0, cols).addmm_(g.t(), h_block);
+      }
+    });
+    if (want_h) grad_h.narrow(0, r0, n).copy_(grad_h_partials.narrow(1, 0, n).sum(0));
+  }
+  loss.fill_(static_cast<acc_t>(total));
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_with_grads(
+    const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
+    const Tensor& row_weight, int64_t block_rows, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
+              "dropreg::linear_ce_with_grads: input (N, d) and weight (V, d) expected");
+  TORCH_CHECK(block_rows >= 1, "dropreg::linear_ce_with_grads: block_rows must be >= 1, got ", block_rows);
+  RECORD_FUNCTION("dropreg::ce_with_grads", std::vector<c10::IValue>());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // autograd is registered in Python
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool want_h = output_mask[0], want_w = output_mask[1], want_b = output_mask[2] && has_bias;
+  const auto acc = accumulation_type(input);
+  const int64_t rows = input.size(0), dim = input.size(1), vocab = weight.size(0);
+  const Tensor h = input.to(acc).contiguous();
+  const Tensor w = weight.contiguous();
+  const Tensor b = has_bias ? bias->to(acc).contiguous() : Tensor();
+  Tensor loss = at::empty({}, h.options());
+  Tensor grad_h = want_h ? at::empty({rows, dim}, h.options()) : at::empty({0}, input.options());
+  Tensor grad_w = want_w ? at::zeros({vocab, dim}, h.options()) : at::empty({0}, weight.options());
+  Tensor grad_b = want_b ? at::zeros({vocab}, h.options()) : at::empty({0}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "linear_ce_with_grads", [&] {
+    ce_with_grads_impl<scalar_t>(h, w, b, target.contiguous(), row_weight.to(acc).contiguous(),
+                                 std::min(block_rows, std::max<int64_t>(rows, 1)), want_h, want_w, want_b, loss,
+                                 grad_h, grad_w, grad_b);
+  });
+  return {loss, want_h ? grad_h.to(input.scalar_type()) : grad_h, want_w ? grad_w.to(weight.scalar_type()) : grad_w,
+          want_b ? grad_b.to(bias->scalar_type()) : grad_b};
+}
+
+}  // namespace dropreg

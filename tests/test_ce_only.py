@@ -1,0 +1,206 @@
+"""Cross entropy alone under "mean"/"sum": the gradients are formed in the forward (docs/math.md, "CE only").
+
+The path is checked against the float64 oracle on the odd shapes, the softmax regimes and ignored rows; against the
+per-row path; for its GEMM count (3 NVd, 2 without gradients); for thread counts and row blocks; and as a
+registered op (opcheck)."""
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dropreg
+import dropreg.streamed
+from checks import assert_close_to_oracle, make_problem, run_dropreg, run_oracle
+
+CE_ONLY = dict(explicit=False, implicit=False)
+# "-small-blocks": 3-row blocks and 5-entry vocabulary chunks, so several row blocks and tails are exercised
+# (the C++ kernel's vocabulary tiles are 256 wide: V=600 below gives three, the last partial).
+CE_BACKENDS = ["torch", "torch-small-blocks", "cpu", "cpu-small-blocks"]
+
+
+@pytest.fixture(params=CE_BACKENDS)
+def ce_backend(request, monkeypatch):
+    name = request.param
+    if name.endswith("-small-blocks"):
+        monkeypatch.setattr(dropreg.streamed, "ce_only_blocks", lambda *args: (3, 5))
+        name = name[: -len("-small-blocks")]
+    return name
+
+
+SHAPES = [
+    dict(lead=(1,), d=1, vocab=1),
+    dict(lead=(1,), d=1, vocab=7),
+    dict(lead=(2, 3), d=5, vocab=257),
+    dict(lead=(7,), d=3, vocab=600),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"lead{s['lead']}-d{s['d']}-V{s['vocab']}")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_matches_oracle(ce_backend, reduction, dtype, shape, bias):
+    problem = make_problem(**shape, bias=bias, dtype=dtype, reduction=reduction, **CE_ONLY)
+    ours, cotangent = run_dropreg(problem, dtype, ce_backend)
+    assert_close_to_oracle(ours, run_oracle(problem, cotangent), dtype, problem)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("ignore", [(0, 3), (0, 1, 2, 3, 4, 5, 6)], ids=["some-ignored", "all-ignored"])
+def test_ignored_rows(ce_backend, reduction, ignore):
+    problem = make_problem(lead=(7,), d=4, vocab=300, ignore=ignore, reduction=reduction, **CE_ONLY)
+    ours, cotangent = run_dropreg(problem, torch.float64, ce_backend)
+    assert_close_to_oracle(ours, run_oracle(problem, cotangent), torch.float64, problem)
+    if len(ignore) == 7:
+        values, grads = ours
+        assert values["ce"] == 0
+        assert all(torch.all(g == 0) for g in grads["ce"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("logit_scale", [1e-3, 30.0, 1e4], ids=["flat", "peaked", "huge-logits"])
+def test_softmax_regimes(ce_backend, dtype, logit_scale):
+    problem = make_problem(lead=(6,), d=5, vocab=290, logit_scale=logit_scale, dtype=dtype, **CE_ONLY)
+    ours, cotangent = run_dropreg(problem, dtype, ce_backend)
+    assert all(torch.isfinite(v).all() for v in ours[0].values())
+    assert_close_to_oracle(ours, run_oracle(problem, cotangent), dtype, problem)
+
+
+def _value_and_grads(leaves, y, backend, reduction, upstream=1.0):
+    h, w, b = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+    out = dropreg.linear_cross_entropy(h, w, y, linear_bias=b, reduction=reduction, backend=backend, **CE_ONLY)
+    loss = out.ce.sum() if reduction == "none" else out.ce
+    (loss * upstream).backward()
+    return [loss.detach()] + [t.grad for t in (h, w, b)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_equals_the_per_row_path(ce_backend, reduction):
+    """The same numbers as the per-row path (reduction "none", reduced by hand), with a non-unit upstream scalar."""
+    h = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(600, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(600, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 600, (11,))
+    y[4] = -100
+    fused = _value_and_grads((h, w, b), y, ce_backend, reduction, upstream=-2.5)
+    scale = 1.0 if reduction == "sum" else 1.0 / 10
+    per_row = _value_and_grads((h, w, b), y, ce_backend, "none", upstream=-2.5 * scale)
+    per_row[0] = per_row[0] * scale
+    for ours, reference in zip(fused, per_row):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-14)
+
+
+class CountMultiplyAdds(TorchDispatchMode):
+    """Multiply-adds of every matrix product that runs, in-place and out= forms included."""
+
+    PRODUCTS = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1, "aten::bmm": 0, "aten::baddbmm": 1}
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = self.PRODUCTS.get(func._schema.name)
+        if first is not None:
+            a, b = args[first], args[first + 1]
+            self.total += a.numel() * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+def _multiply_adds(fn):
+    with CountMultiplyAdds() as counter:
+        fn()
+    return counter.total
+
+
+@pytest.mark.parametrize("wants", [(True, True, True), (True, False, False), (False, True, True),
+                                   (False, False, False)], ids=["all", "input-only", "head-only", "none"])
+def test_gemm_count(wants):
+    """N V d multiply-adds per GEMM: z, then G W for the input and G^T h for the weight, only for what needs a gradient.
+    The per-row path costs 4 GEMMs (z, and its recompute in the backward). Counted on the "torch" backend,
+    whose GEMMs are visible to the flop counter."""
+    n, d, v = 64, 16, 300
+    h = torch.randn(n, d, requires_grad=wants[0])
+    w = torch.randn(v, d, requires_grad=wants[1])
+    b = torch.randn(v, requires_grad=wants[2])
+    y = torch.randint(0, v, (n,))
+
+    def step():
+        loss = dropreg.linear_cross_entropy(h, w, y, linear_bias=b, backend="torch", **CE_ONLY).loss
+        if loss.requires_grad:
+            loss.backward()
+
+    gemms = 1 + wants[0] + wants[1]
+    assert _multiply_adds(step) == gemms * n * v * d
+
+
+def test_no_grad_allocates_no_gradients():
+    h = torch.randn(5, 3, requires_grad=True)
+    w = torch.randn(40, 3, requires_grad=True)
+    y = torch.randint(0, 40, (5,))
+    with torch.no_grad():
+        for backend in ("torch", "cpu"):
+            out = dropreg.linear_cross_entropy(h, w, y, backend=backend, **CE_ONLY)
+            assert not out.ce.requires_grad
+            torch.testing.assert_close(out.ce, torch.nn.functional.cross_entropy(h @ w.T, y))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_thread_counts(threads):
+    h = torch.randn(50, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1100, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1100, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 1100, (50,))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = _value_and_grads((h, w, b), y, "cpu", "mean")
+    finally:
+        torch.set_num_threads(previous)
+    for a, r in zip(ours, _value_and_grads((h, w, b), y, "reference", "mean")):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-13)
+
+
+def test_bfloat16_gradients_come_back_in_the_parameters_dtype():
+    h = torch.randn(9, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(300, 8, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 300, (9,))
+    for backend in ("torch", "cpu"):
+        h.grad = w.grad = None
+        out = dropreg.linear_cross_entropy(h, w, y, backend=backend, **CE_ONLY)
+        out.loss.backward()
+        assert out.ce.dtype == h.grad.dtype == w.grad.dtype == torch.bfloat16
+        reference = torch.nn.functional.cross_entropy(h.double() @ w.double().T, y)
+        assert abs(float(out.ce) - float(reference)) <= 2**-7 * (1 + abs(float(reference)))
+
+
+@pytest.mark.parametrize("mask", [[True, True, True], [False, True, False], [False, False, False]])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(mask, bias):
+    dropreg.cpu.load()
+    h = torch.randn(9, 4, requires_grad=mask[0])
+    w = torch.randn(300, 4, requires_grad=mask[1])
+    b = torch.randn(300, requires_grad=mask[2]) if bias else None
+    y = torch.randint(0, 300, (9,))
+    row_weight = torch.rand(9)
+    torch.library.opcheck(torch.ops.dropreg.linear_ce_with_grads.default, (h, w, b, y, row_weight, 4, mask))
+
+
+def test_workspace_setting():
+    device = torch.device("cpu")
+    default = dropreg.workspace_bytes(device)
+    previous = dropreg.set_workspace_bytes(8 << 20, device)
+    try:
+        assert previous == default and dropreg.workspace_bytes(device) == 8 << 20
+        assert dropreg.streamed.ce_only_blocks(10**6, 2**15, torch.float32, device)[0] == (8 << 20) // 2**17
+        assert dropreg.streamed.ce_only_blocks(5, 2**15, torch.float32, device)[0] == 5
+        assert dropreg.streamed.ce_only_blocks(5, 2**40, torch.float32, device)[0] == 1
+        with pytest.raises(ValueError, match="size: expected at least"):
+            dropreg.set_workspace_bytes(1000, device)
+        with pytest.raises(TypeError, match="size: expected an int"):
+            dropreg.set_workspace_bytes(1.5e9, device)
+    finally:
+        dropreg.set_workspace_bytes(None, device)
+    assert dropreg.workspace_bytes(device) == default
+    assert dropreg.workspace_bytes("cuda") == 1 << 30
