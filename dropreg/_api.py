@@ -5,8 +5,12 @@ flags saying which terms to compute (see :mod:`dropreg._dispatch`).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
+import sys
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -54,9 +58,74 @@ def _checking_values() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def _is_dtensor(value) -> bool:
+    # No DTensor can exist unless its module was imported: skip the import otherwise.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and not torch.compiler.is_compiling() and isinstance(value, module.DTensor)
+
+
+def _check_not_dtensor(name: str, value) -> None:
+    if _is_dtensor(value):
+        raise TypeError(f"{name}: DTensor inputs are not supported yet; pass this rank's local tensor "
+                        f"({name}.to_local()) and, for a head sharded over the vocabulary, process_group= "
+                        f"(README, 'Vocabulary-parallel heads')")
+
+
+def autocast_operands(*tensors: Optional[Tensor]) -> tuple[tuple[Optional[Tensor], ...], Optional[torch.dtype]]:
+    """Under ``torch.autocast`` for the tensors' device: cast them to the autocast dtype as ``F.linear`` would
+    (float64 stays), and return ``(tensors, torch.float32)``: outputs then come back in fp32, as
+    ``F.cross_entropy``'s do under autocast. Otherwise ``(tensors, None)``."""
+    first = tensors[0]
+    eligible = (torch.float16, torch.bfloat16, torch.float32)
+    if (not isinstance(first, Tensor) or first.dtype not in eligible
+            or not torch.is_autocast_enabled(first.device.type)):
+        return tensors, None
+    dtype = torch.get_autocast_dtype(first.device.type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, Tensor) and t.dtype in eligible else t
+    return tuple(cast(t) for t in tensors), torch.float32
+
+
+def _autocast_aware(*operand_names: str):
+    """Decorates a public function so that under ``torch.autocast`` its float operands are cast as ``F.linear`` casts
+    them (:func:`autocast_operands`), it runs with autocast off (so dropreg's own fp32 accumulation is kept), and
+    its floating outputs come back in fp32. Outside autocast it is a plain call."""
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            first = args[0] if args else kwargs.get(operand_names[0])  # the first operand comes first
+            if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+                return fn(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            given = [name for name in operand_names if name in bound.arguments]
+            cast, out_dtype = autocast_operands(*(bound.arguments[name] for name in given))
+            if out_dtype is None:  # float64 operands: autocast leaves them alone, and so do we
+                return fn(*args, **kwargs)
+            bound.arguments.update(zip(given, cast))
+            _autocast_results.dtype = out_dtype
+            try:
+                with torch.autocast(first.device.type, enabled=False):
+                    return fn(*bound.args, **bound.kwargs)
+            finally:
+                _autocast_results.dtype = None
+        return wrapper
+    return decorate
+
+
+_autocast_results = threading.local()  # the results' dtype while an autocast-aware call runs, else unset/None
+
+
+def _result_dtype(operand_dtype: torch.dtype) -> torch.dtype:
+    return getattr(_autocast_results, "dtype", None) or operand_dtype
+
+
 def _check_float_tensor(name: str, value, ndim: Optional[int] = None) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    _check_not_dtensor(name, value)
     if value.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or "
                         f"float64), got dtype {value.dtype}")
@@ -112,6 +181,7 @@ def _check_reduction(reduction) -> None:
 def _check_target(target, input: Tensor, vocab: int, ignore_index: int, input_name: str = "input") -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
+    _check_not_dtensor("target", target)
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target: expected an integer tensor of class indices (int64), got dtype {target.dtype}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
@@ -203,6 +273,7 @@ class _IgnoredRows:
         return reduce
 
 
+@_autocast_aware("input", "linear_weight", "linear_bias")
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                          linear_bias: Optional[Tensor] = None, p: float = 0.1,
                          explicit: bool = True, implicit: bool = True,
@@ -222,7 +293,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     with zero gradients. ``signs=None`` takes signs from the Philox stream of :mod:`dropreg.signs`
     keyed by ``seed`` (``seed=None`` draws one from torch's default generator).
     Non-finite inputs propagate to non-finite outputs. Results come back in ``input``'s dtype;
-    accumulation is fp32 (fp64 for fp64 inputs).
+    accumulation is fp32 (fp64 for fp64 inputs). Under ``torch.autocast``, ``input``, ``linear_weight`` and
+    ``linear_bias`` are cast to the autocast dtype as ``F.linear`` would cast them, and the results come back in
+    fp32, as ``F.cross_entropy``'s do. DTensor arguments are refused with a TypeError (pass local tensors and
+    ``process_group``).
 
     ``process_group``: a vocabulary-parallel head (:mod:`dropreg.distributed`): ``linear_weight`` and
     ``linear_bias`` are this rank's contiguous slice (slices in rank order), ``target`` holds global classes,
@@ -256,8 +330,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             and implementation.ce_with_grads is not None):
         # Cross entropy alone, reduced: the gradients are formed in the forward, 3 NVd instead of 4.
         ce = implementation.ce_with_grads(rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target,
-                                          rows.row_weights(reduction)).to(input.dtype)
-        zero = torch.zeros((), dtype=input.dtype, device=input.device)
+                                          rows.row_weights(reduction)).to(_result_dtype(input.dtype))
+        zero = torch.zeros((), dtype=_result_dtype(input.dtype), device=input.device)
         return LinearCrossEntropyOutput(ce=ce, explicit=zero, implicit=zero)
     if call.sharded:
         ce, quadratic, sign_term = distributed.sharded_terms(
@@ -267,7 +341,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         ce, quadratic, sign_term = implementation.linear_ce(
             rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target, flat_signs, seed,
             need_explicit, need_implicit)
-    reduce = rows.reducer(reduction, input.dtype)
+    reduce = rows.reducer(reduction, _result_dtype(input.dtype))
     zero = reduce(torch.zeros_like(ce))
     return LinearCrossEntropyOutput(
         ce=reduce(ce),
@@ -276,6 +350,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     )
 
 
+@_autocast_aware("input", "linear_weight", "linear_bias")
 def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None,
                          reduction: str = "mean", backend: str = "auto", process_group=None) -> Tensor:
     """Per row ``sum_j h_j^2 var_j``: the softmax-Hessian quadratic form, with no coefficient.
@@ -299,9 +374,10 @@ def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: O
     else:
         _, quadratic, _ = implementation.linear_ce(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias,
                                                    rows.safe_target, None, 0, True, False)
-    return rows.reducer(reduction, input.dtype)(quadratic)
+    return rows.reducer(reduction, _result_dtype(input.dtype))(quadratic)
 
 
+@_autocast_aware("input1", "input2", "linear_weight", "linear_bias")
 def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Tensor, target: Tensor, *,
                                linear_bias: Optional[Tensor] = None, alpha: float = 1.0,
                                ignore_index: int = -100, reduction: str = "mean",
@@ -337,6 +413,6 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
     else:
         ce1, ce2, kl = implementation.rdrop(rows.zero_ignored(input1), rows.zero_ignored(input2), linear_weight,
                                             linear_bias, rows.safe_target)
-    reduce = rows.reducer(reduction, input1.dtype)
+    reduce = rows.reducer(reduction, _result_dtype(input1.dtype))
     ce1, ce2, kl = reduce(ce1), reduce(ce2), reduce(kl)
     return RDropOutput(ce1=ce1, ce2=ce2, kl=kl, loss=ce1 + ce2 + alpha * kl)

@@ -5,7 +5,12 @@ Imported by setup.py by path (before dropreg is installed), so it must not impor
 import glob
 import os
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+# A checkout (or an editable install) has csrc/ beside the package; an installed package carries a copy of it as
+# dropreg/_csrc (setup.py's build_py).
+PACKAGED_SOURCES = "_csrc"
+_CHECKOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+CSRC = _CHECKOUT if os.path.isdir(_CHECKOUT) else os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                               PACKAGED_SOURCES)
 # -fopenmp at compile AND link time, or at::parallel_for runs on one thread (TOOLCHAIN.md); the AVX2
 # defines make at::vec::Vectorized use AVX2 instead of plain loops.
 CXX_FLAGS = ["-O3", "-fopenmp", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"]

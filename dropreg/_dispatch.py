@@ -80,15 +80,33 @@ def _usable(name: str) -> bool:
     return False
 
 
+# Backends whose results may vary from run to run on a device type: the Triton kernels add into grad_input and
+# grad_weight with atomics on a GPU (the interpreter runs programs one after another, so CPU tensors are exempt).
+_NONDETERMINISTIC: dict[str, tuple[str, ...]] = {"triton": ("cuda",)}
+
+
+def _deterministic_here(name: str, device: torch.device) -> bool:
+    return device.type not in _NONDETERMINISTIC.get(name, ())
+
+
 def resolve_backend(name: str, device: torch.device) -> tuple[str, Backend]:
-    """``(name, backend)`` for ``backend=name``; ``"auto"`` picks the fastest usable one for ``device``."""
+    """``(name, backend)`` for ``backend=name``; ``"auto"`` picks the fastest usable one for ``device``.
+
+    Under ``torch.use_deterministic_algorithms(True)``, ``"auto"`` skips backends that are not deterministic on
+    ``device`` and naming one raises, as torch does for its own nondeterministic ops."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
     if name == "auto":
         for candidate in _AUTO_PREFERENCE.get(device.type, _AUTO_FALLBACK):
+            if deterministic and not _deterministic_here(candidate, device):
+                continue
             if candidate in _BACKENDS and _usable(candidate):
                 return candidate, _BACKENDS[candidate]
         name = _AUTO_FALLBACK[0]
-    try:
-        return name, _BACKENDS[name]
-    except KeyError:
-        raise ValueError(
-            f"backend: expected 'auto' or one of {sorted(_BACKENDS)}, got {name!r}") from None
+    if name not in _BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(_BACKENDS)}, got {name!r}")
+    if deterministic and not _deterministic_here(name, device):
+        raise RuntimeError(
+            f"backend: {name!r} is not deterministic on {device.type} tensors (its kernels accumulate gradients with "
+            f"atomic adds), and torch.use_deterministic_algorithms(True) is set; use backend='torch' or 'auto' "
+            f"(which then picks 'torch')")
+    return name, _BACKENDS[name]

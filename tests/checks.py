@@ -12,6 +12,11 @@ from oracle import oracle_rows
 TERMS = ("ce", "explicit", "implicit")
 
 
+def seeded_generator(seed: int) -> torch.Generator:
+    """A generator on the suite's device (tests/conftest.py, DROPREG_TEST_DEVICE), so seeded draws work on either."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
+
+
 @dataclass
 class Problem:
     input: torch.Tensor  # float64 master copies; cast to the tested dtype when run

@@ -5,9 +5,23 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-# The "triton" backend runs its kernels through Triton's interpreter on CPU tensors. The variable must be set
-# before the kernels are defined (dropreg imports them lazily, on first use).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# DROPREG_TEST_DEVICE picks where the suite's tensors live:
+# * "cpu" (default, CI): the "triton" backend runs its kernels through Triton's interpreter on CPU tensors. The
+#   variable must be set before the kernels are defined (dropreg imports them lazily, on first use).
+# * "cuda" (a GPU machine): every tensor a test makes without a device goes to the GPU
+#   (torch.set_default_device), the Triton kernels are compiled, tests/test_triton_gpu.py runs, and the tests
+#   marked cpu_only (the C++ backend, CPU memory caps, gloo, CPU benchmarks) are skipped.
+TEST_DEVICE = os.environ.get("DROPREG_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise pytest.UsageError(f"DROPREG_TEST_DEVICE: expected 'cpu' or 'cuda', got {TEST_DEVICE!r}")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+elif not torch.cuda.is_available():
+    raise pytest.UsageError("DROPREG_TEST_DEVICE=cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    raise pytest.UsageError("DROPREG_TEST_DEVICE=cuda runs the compiled Triton kernels: unset TRITON_INTERPRET")
+else:
+    torch.set_default_device("cuda")
 
 import dropreg  # noqa: E402
 import dropreg.streamed  # noqa: E402
@@ -18,6 +32,8 @@ import dropreg.streamed  # noqa: E402
 # GPU kernels' source under the interpreter, with 16x32 tiles, 16-wide K chunks and 2 vocabulary splits
 # (dropreg/triton/utils.py), so tails, several tiles and the exact split merge are exercised.
 BACKENDS = ["reference", "torch", "torch-small-tiles", "cpu", "triton"]
+if TEST_DEVICE == "cuda":
+    BACKENDS.remove("cpu")  # the C++ kernels take CPU tensors only
 STREAMED_BACKENDS = ["torch", "torch-small-tiles"]
 
 
@@ -46,3 +62,14 @@ def _fresh_seed():
         else int(os.environ["DROPREG_TEST_SEED"])
     torch.manual_seed(seed)
     yield seed
+
+
+def pytest_collection_modifyitems(config, items):
+    if TEST_DEVICE != "cuda":
+        return
+    skip = pytest.mark.skip(reason="cpu_only: runs with DROPREG_TEST_DEVICE=cpu (the default)")
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        cpp_backend = any("backend" in key and value == "cpu" for key, value in params.items())
+        if "cpu_only" in item.keywords or cpp_backend:
+            item.add_marker(skip)

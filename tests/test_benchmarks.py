@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.cpu_only  # tests/conftest.py: skipped with DROPREG_TEST_DEVICE=cuda
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # docs/math.md's multiply-add counts in units of one N x d x V matmul: dropreg forward 3, forward+backward 10;
 # R-Drop forward 2 (z1, z2), forward+backward 8.

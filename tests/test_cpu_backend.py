@@ -11,7 +11,8 @@ import dropreg
 from dropreg import cpu
 from checks import RecordOps
 
-pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=f"C++ kernels unavailable: {cpu.unavailable_reason()}")
+pytestmark = [pytest.mark.cpu_only,
+              pytest.mark.skipif(not cpu.is_available(), reason=f"C++ kernels unavailable: {cpu.unavailable_reason()}")]
 
 
 def _problem(n, d, v, dtype=torch.float64, bias=True):

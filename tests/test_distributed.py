@@ -12,9 +12,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch.multiprocessing as mp
 
 import distributed_workers
+
+pytestmark = pytest.mark.cpu_only  # tests/conftest.py: skipped with DROPREG_TEST_DEVICE=cuda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Uneven slices, including a one-row slice; rank 1 never holds a target (distributed_workers.make_problem).

@@ -2,6 +2,11 @@
 import ast
 import os
 import re
+import subprocess
+import sys
+
+import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,3 +84,16 @@ def test_readme_compile_report_rows_come_from_the_committed_report():
     assert len(kernel_rows) >= 10
     missing = [row for row in kernel_rows if row not in report]
     assert not missing, missing
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("value,message", [("cuda", "torch sees no CUDA device"),
+                                           ("tpu", "DROPREG_TEST_DEVICE: expected 'cpu' or 'cuda'")])
+def test_gpu_suite_command_refuses_clearly_without_a_gpu(value, message):
+    """README's GPU test command, run here, stops at collection with a message that says why."""
+    env = dict(os.environ, DROPREG_TEST_DEVICE=value)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "tests/test_docs.py"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert message in done.stdout + done.stderr
+    assert "DROPREG_TEST_DEVICE=cuda python -m pytest -q" in open(os.path.join(ROOT, "README.md")).read()

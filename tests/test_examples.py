@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.cpu_only  # tests/conftest.py: skipped with DROPREG_TEST_DEVICE=cuda
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -49,6 +49,7 @@ def test_each_term_and_gradient_beats_same_dtype(backend, dtype, logit_scale):
     check_against_same_dtype(problem, dtype, backend)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("logit_scale", [1.0, 30.0], ids=["typical", "peaked"])
 def test_cpu_multi_tile_bf16_beats_same_dtype(logit_scale):
     # The C++ tiles are 256 rows x 256 vocabulary entries: N=300, V=600 gives 2 row blocks and 3 vocabulary

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.cpu_only  # tests/conftest.py: skipped with DROPREG_TEST_DEVICE=cuda
+
 PROBE = os.path.join(os.path.dirname(__file__), "memory_probe.py")
 # N=4096, V=131072: the fp32 logits alone are 2 GiB; the cap allows 512 MiB above the process's size
 # once inputs exist. Streamed peak is a few row-block x chunk tiles plus grad_weight (V x d fp32, 32 MiB); CE only

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dropreg
+from checks import seeded_generator
 import dropreg.streamed
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow],
@@ -22,7 +23,7 @@ def problems(draw):
     dim = draw(st.integers(1, 6))
     vocab = draw(st.integers(1, 40))
     seed = draw(st.integers(0, 2**32 - 1))
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     scale = draw(st.sampled_from([1e-3, 1.0, 10.0]))
     h = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
     w = torch.randn(vocab, dim, generator=gen, dtype=torch.float64) * scale

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropreg
+from checks import seeded_generator
 from dropreg.sites import sample_targets, site_regularizers, softmax_mean
 
 
@@ -145,7 +146,7 @@ def test_sampled_explicit_term_is_unbiased_for_the_gauss_newton_form():
     """Average of the one-draw estimate over 400 seeded draws vs x_j^2 (J^T (diag s - s s^T) J)_jj computed
     from the exact Jacobian. Seeded (deterministic); with a fresh seed the 5-standard-error bound would fail
     with probability about 6e-7 (normal approximation of a 400-draw mean)."""
-    generator = torch.Generator().manual_seed(1234)
+    generator = seeded_generator(1234)
     vocab, dim, rows = 7, 3, 4
     x = torch.randn(rows, dim, dtype=torch.float64, generator=generator, requires_grad=True)
     body = torch.randn(dim, dim, dtype=torch.float64, generator=generator)
@@ -221,7 +222,7 @@ def test_sample_targets_follow_the_softmax():
     Philox counters). Seeded; the threshold 40.0 with 7 degrees of freedom has a false-failure rate of about
     7e-7 for a fresh seed."""
     h = torch.tensor([[0.3, -1.2, 2.0]], dtype=torch.float64).expand(6000, 3).contiguous()
-    w = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    w = torch.randn(8, 3, dtype=torch.float64, generator=seeded_generator(5))
     b = torch.tensor([0.0, 0.5, -1.0, 2.0, 0.1, -0.3, float("-inf"), 1.0], dtype=torch.float64)
     drawn = sample_targets(h, w, linear_bias=b, samples=1, seed=2024)[0]
     counts = torch.bincount(drawn, minlength=8).double()

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dropreg
 import dropreg.cpu
-from checks import TERMS
+from checks import TERMS, seeded_generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ def _run(backend, h, w, b, y, want=(True, True, True), **kwargs):
     leaves = [t.clone().requires_grad_(flag) if t is not None else None for t, flag in zip((h, w, b), want)]
     out = dropreg.linear_cross_entropy(leaves[0], leaves[1], y, linear_bias=leaves[2], backend=backend,
                                        reduction="none", **kwargs)
-    weights = [torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i)).to(h.dtype)
+    weights = [torch.randn(y.shape, dtype=torch.float64, generator=seeded_generator(i)).to(h.dtype)
                for i in range(3)]
     sum(((term * wt).sum() for term, wt in zip(out, weights))).backward()
     return [t.detach() for t in out] + [None if t is None or t.grad is None else t.grad for t in leaves]

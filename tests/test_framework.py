@@ -1,0 +1,139 @@
+"""Framework conventions: torch.autocast, torch.use_deterministic_algorithms and DTensor arguments."""
+
+import pytest
+import torch
+
+import dropreg
+from dropreg import _dispatch
+
+CALLS = {
+    "linear_cross_entropy": lambda h, w, b, y, **kw: dropreg.linear_cross_entropy(h, w, y, linear_bias=b, seed=3,
+                                                                                  **kw).loss,
+    "ce_only": lambda h, w, b, y, **kw: dropreg.linear_cross_entropy(h, w, y, linear_bias=b, explicit=False,
+                                                                     implicit=False, **kw).loss,
+    "explicit_regularizer": lambda h, w, b, y, **kw: dropreg.explicit_regularizer(h, w, linear_bias=b, **kw),
+    "rdrop": lambda h, w, b, y, **kw: dropreg.rdrop_linear_cross_entropy(h, h.flip(0), w, y, linear_bias=b,
+                                                                         **kw).loss,
+}
+
+
+def _leaves(dtype=torch.float32, n=7, d=6, v=300):
+    h = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    w = (torch.randn(v, d, dtype=dtype) / d**0.5).requires_grad_()
+    b = torch.randn(v, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, v, (n,))
+    y[2] = -100
+    return h, w, b, y
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("call", list(CALLS))
+def test_autocast_casts_operands_like_f_linear(call, backend):
+    """Under autocast, fp32 parameters and activations are cast to bf16 (as F.linear casts them), the result is
+    fp32 (as F.cross_entropy's is) and equals the same call on bf16 operands before its final rounding;
+    gradients reach the fp32 leaves through the casts and equal the bf16 call's."""
+    h, w, b, y = _leaves()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = CALLS[call](h, w, b, y, backend=backend)
+    assert ours.dtype == torch.float32
+    ours.backward()
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (h, w, b)]
+    same = CALLS[call](*low, y, backend=backend)
+    assert same.dtype == torch.bfloat16
+    same.backward()
+    ours, same = float(ours.detach()), float(same.detach())
+    assert abs(ours - same) <= 3 * 2**-8 * (abs(ours) + 1)  # the same value; bf16 rounds each term and their sum
+    # R-Drop uses h twice: the bf16 call sums the two bf16 gradients in bf16, ours in fp32 after the casts.
+    tolerance = dict(rtol=2**-7, atol=2**-7 * float(h.grad.abs().max())) if call == "rdrop" else dict(rtol=0, atol=0)
+    for leaf, bf16_leaf in zip((h, w, b), low):
+        assert leaf.grad.dtype == torch.float32
+        torch.testing.assert_close(leaf.grad, bf16_leaf.grad.float(), **tolerance)
+
+
+def test_autocast_keeps_dropregs_accumulation_in_fp32():
+    """dropreg's own matrix products run with autocast off: on bf16-rounded operands the result is the fp64 value to
+    fp32 accuracy, not to bf16's (an autocast bf16 GEMM inside would miss by ~1e-2)."""
+    h, w, b, y = _leaves(n=64, d=64, v=2000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = dropreg.linear_cross_entropy(h, w, y, linear_bias=b, backend="torch", seed=1).loss
+    rounded = [t.detach().to(torch.bfloat16).double() for t in (h, w, b)]
+    exact = dropreg.linear_cross_entropy(rounded[0], rounded[1], y, linear_bias=rounded[2], backend="reference",
+                                         seed=1).loss
+    assert abs(float(ours) - float(exact)) <= 1e-5 * abs(float(exact))
+
+
+def test_autocast_off_is_a_plain_call():
+    h, w, b, y = _leaves(dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is not cast by autocast, nor here
+        inside = dropreg.linear_cross_entropy(h, w, y, linear_bias=b, seed=0).loss
+    assert inside.dtype == torch.float64
+    assert torch.equal(inside, dropreg.linear_cross_entropy(h, w, y, linear_bias=b, seed=0).loss)
+    with pytest.raises(TypeError, match="linear_weight: expected input's dtype torch.float32"):
+        dropreg.linear_cross_entropy(h.float(), w.bfloat16(), y)  # mixed dtypes outside autocast: still refused
+
+
+@pytest.fixture
+def deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def test_deterministic_mode_routes_around_gpu_atomics(deterministic):
+    cuda = torch.device("cuda")
+    name, _ = _dispatch.resolve_backend("auto", cuda)
+    assert name == "torch"
+    with pytest.raises(RuntimeError, match="backend: 'triton' is not deterministic on cuda tensors"):
+        _dispatch.resolve_backend("triton", cuda)
+    # The interpreter runs one program after another: CPU tensors are deterministic with every backend.
+    assert _dispatch.resolve_backend("triton", torch.device("cpu"))[0] == "triton"
+
+
+def test_triton_on_cuda_is_picked_outside_deterministic_mode():
+    assert not torch.are_deterministic_algorithms_enabled()
+    if _dispatch._BACKENDS["triton"].is_available():
+        assert _dispatch.resolve_backend("auto", torch.device("cuda"))[0] == "triton"
+    assert _dispatch.resolve_backend("triton", torch.device("cuda"))[0] == "triton"
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+@pytest.mark.parametrize("call", list(CALLS))
+def test_deterministic_mode_repeats_bit_for_bit(deterministic, backend, call):
+    h, w, b, y = _leaves(n=300, d=8, v=700)
+    runs = []
+    for _ in range(2):
+        for t in (h, w, b):
+            t.grad = None
+        value = CALLS[call](h, w, b, y, backend=backend)
+        value.backward()
+        runs.append([value.detach()] + [t.grad.clone() for t in (h, w, b)])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield dist
+    dist.destroy_process_group()
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("which", ["input", "linear_weight", "target"])
+def test_dtensor_arguments_get_a_clear_error(one_rank_group, which):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = init_device_mesh("cpu", (1,))
+    h, w, _, y = _leaves()
+    args = dict(input=h, linear_weight=w, target=y)
+    args[which] = DTensor.from_local(args[which], mesh, [Replicate()])
+    with pytest.raises(TypeError, match=f"{which}: DTensor inputs are not supported yet"):
+        dropreg.linear_cross_entropy(args["input"], args["linear_weight"], args["target"])
