@@ -46,10 +46,12 @@ def _closures(loss_fn, hidden, weight):
     return forward, forward_backward
 
 
-def dropreg_method(backend):
+def dropreg_method(backend, **options):
+    """dropreg's fused loss with p=P and the given signs; ``options`` (e.g. ``explicit=False, implicit=False``)
+    switch terms off."""
     def build(hidden, weight, target, signs):
         return _closures(lambda: dropreg.linear_cross_entropy(hidden, weight, target, p=P, signs=signs,
-                                                              backend=backend).loss, hidden, weight)
+                                                              backend=backend, **options).loss, hidden, weight)
     return build
 
 
@@ -111,13 +113,6 @@ def build_linear_cross_entropy_chunked(hidden, weight, target, signs):
     the gradients in the forward."""
     options = torch.nn.LinearCrossEntropyOptions()
     return _closures(lambda: F.linear_cross_entropy(hidden, weight, target, options=options), hidden, weight)
-
-
-def ce_dropreg_method(backend):
-    def build(hidden, weight, target, signs):
-        return _closures(lambda: dropreg.linear_cross_entropy(hidden, weight, target, explicit=False, implicit=False,
-                                                              backend=backend).loss, hidden, weight)
-    return build
 
 
 def build_ce_naive(hidden, weight, target, signs):
@@ -189,9 +184,9 @@ BASELINES = {"dropreg": ("naive", "paper"), "rdrop": ("rdrop-naive",),
              "ce": ("F.linear_cross_entropy-chunked", "F.linear_cross_entropy", "cce-torch_compile", "ce-naive")}
 
 CE_METHODS = {
-    "ce-dropreg-cpu": ce_dropreg_method("cpu"),
-    "ce-dropreg-torch": ce_dropreg_method("torch"),
-    "ce-dropreg-triton": ce_dropreg_method("triton"),
+    "ce-dropreg-cpu": dropreg_method("cpu", explicit=False, implicit=False),
+    "ce-dropreg-torch": dropreg_method("torch", explicit=False, implicit=False),
+    "ce-dropreg-triton": dropreg_method("triton", explicit=False, implicit=False),
     "ce-naive": build_ce_naive,
     "F.linear_cross_entropy-chunked": build_linear_cross_entropy_chunked,
     "cce-torch_compile": build_cce("torch_compile"),

@@ -11,7 +11,8 @@ pytestmark = pytest.mark.cpu_only  # tests/conftest.py: skipped with DROPREG_TES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # docs/math.md's multiply-add counts in units of one N x d x V matmul: dropreg forward 3, forward+backward 10;
 # R-Drop forward 2 (z1, z2), forward+backward 8.
-FLOOR_MULTIPLES = {"dropreg": {"forward": 3, "forward_backward": 10}, "rdrop": {"forward": 2, "forward_backward": 8}}
+FLOOR_MULTIPLES = {"dropreg": {"forward": 3, "forward_backward": 10}, "rdrop": {"forward": 2, "forward_backward": 8},
+                   "ce": {"forward": 1, "forward_backward": 3}}
 
 
 def assert_floor_ratios_recomputed(rows, multiples):
@@ -58,6 +59,20 @@ def test_vocab_scaling_quick_rdrop(tmp_path):
     assert all(r["status"] == "ok" for r in rows)
     assert_floor_ratios_recomputed(rows, FLOOR_MULTIPLES["rdrop"])
     assert "(floor = 8×)" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_vocab_scaling_quick_ce(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vocab_scaling.py"), "--quick",
+                           "--family", "ce", "--methods", "ce-dropreg-cpu,ce-dropreg-torch,F.linear_cross_entropy",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"ce-dropreg-cpu", "ce-dropreg-torch", "F.linear_cross_entropy", "gemm"} == {r["method"] for r in rows}
+    assert all(r["status"] == "ok" for r in rows)
+    assert_floor_ratios_recomputed(rows, FLOOR_MULTIPLES["ce"])
+    assert "(floor = 3×)" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.slow
