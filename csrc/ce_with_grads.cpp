@@ -21,6 +21,10 @@ namespace dropreg {
 
 namespace {
 
+// Vocabulary columns per task. Wider than the other kernels' 256-entry tiles: the panel's G is formed once and its
+// two GEMMs then run with K = 2048 (grad_input) instead of re-reading grad_input's partial every 256 columns.
+constexpr int64_t kPanel = 2048;
+
 template <typename acc_t>
 struct RowState {  // one thread's online softmax over its tiles, for every row of the block
   std::vector<acc_t> max, sum;
@@ -46,7 +50,7 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
                         const Tensor& row_weight, int64_t block_rows, bool want_h, bool want_w, bool want_b,
                         Tensor& loss, Tensor& grad_h, Tensor& grad_w, Tensor& grad_b) {
   const int64_t rows = h.size(0), dim = h.size(1), vocab = weight.size(0);
-  const int64_t n_tiles = ceil_div(vocab, kVocabTile);
+  const int64_t n_tiles = ceil_div(vocab, kPanel);
   const int64_t threads = at::get_num_threads();
   const bool any_grad = want_h || want_w || want_b;
   const auto opts = h.options();
@@ -65,10 +69,10 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
     std::vector<RowState<acc_t>> states(threads, RowState<acc_t>(n));
     at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      Tensor weight_flat = at::empty({kVocabTile * dim}, opts);
+      Tensor weight_flat = at::empty({kPanel * dim}, opts);
       RowState<acc_t>& state = states[at::get_thread_num()];
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t v0 = t * kVocabTile, cols = std::min(kVocabTile, vocab - v0);
+        const int64_t v0 = t * kPanel, cols = std::min(kPanel, vocab - v0);
         const Tensor w = weight_tile(weight, v0, cols, weight_flat);
         Tensor z_tile = block.narrow(1, v0, cols);
         tile_logits(z_tile, h_block, w, bias, v0);
@@ -92,10 +96,10 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
     if (want_h) grad_h_partials.zero_();
     at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      Tensor weight_flat = at::empty({kVocabTile * dim}, opts);
+      Tensor weight_flat = at::empty({kPanel * dim}, opts);
       Tensor grad_h_part = want_h ? grad_h_partials[at::get_thread_num()].narrow(0, 0, n) : Tensor();
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t v0 = t * kVocabTile, cols = std::min(kVocabTile, vocab - v0);
+        const int64_t v0 = t * kPanel, cols = std::min(kPanel, vocab - v0);
         for (int64_t i = 0; i < n; ++i) {
           acc_t* row = z + i * vocab + v0;
           const acc_t w_i = rw[r0 + i];

@@ -15,7 +15,7 @@ from checks import assert_close_to_oracle, make_problem, run_dropreg, run_oracle
 
 CE_ONLY = dict(explicit=False, implicit=False)
 # "-small-blocks": 3-row blocks and 5-entry vocabulary chunks, so several row blocks and tails are exercised
-# (the C++ kernel's vocabulary tiles are 256 wide: V=600 below gives three, the last partial).
+# (the C++ kernel's vocabulary panels are 2048 wide: test_cpu_thread_counts covers several).
 CE_BACKENDS = ["torch", "torch-small-blocks", "cpu", "cpu-small-blocks"]
 if torch.get_default_device().type == "cuda":  # tests/conftest.py, DROPREG_TEST_DEVICE=cuda: no C++ backend
     CE_BACKENDS = [name for name in CE_BACKENDS if not name.startswith("cpu")]
@@ -149,12 +149,13 @@ def test_no_grad_allocates_no_gradients():
 
 
 @pytest.mark.cpu_only
+@pytest.mark.parametrize("vocab", [1100, 4500], ids=["one-panel", "3-panels"])  # the C++ panels are 2048 wide
 @pytest.mark.parametrize("threads", [1, 3])
-def test_cpu_thread_counts(threads):
+def test_cpu_thread_counts(threads, vocab):
     h = torch.randn(50, 7, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(1100, 7, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(1100, dtype=torch.float64, requires_grad=True)
-    y = torch.randint(0, 1100, (50,))
+    w = torch.randn(vocab, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(vocab, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, vocab, (50,))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -208,3 +209,26 @@ def test_workspace_setting():
         dropreg.set_workspace_bytes(None, device)
     assert dropreg.workspace_bytes(device) == default
     assert dropreg.workspace_bytes("cuda") == 1 << 30
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_vocabulary_range_masked_by_minus_inf_bias(backend):
+    """A whole C++ panel (and "torch" chunk) of -inf logits drops out of the softmax, as in F.cross_entropy."""
+    if backend == "cpu" and torch.get_default_device().type != "cpu":
+        pytest.skip("the C++ kernels take CPU tensors")
+    v = 4500
+    h = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(v, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(v, dtype=torch.float64)
+    b[:2048] = float("-inf")
+    b[3000:3100] = float("-inf")
+    y = torch.randint(2048, 3000, (6,))
+    ours = _value_and_grads((h, w, b), y, backend, "mean")
+    logits = h.detach() @ w.detach().T + b
+    hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    reference = torch.nn.functional.cross_entropy(hh @ ww.T + b, y)
+    reference.backward()
+    assert torch.isfinite(logits.logsumexp(1)).all()
+    torch.testing.assert_close(ours[0], reference.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[1], hh.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[2], ww.grad, rtol=1e-12, atol=1e-12)
