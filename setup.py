@@ -33,8 +33,11 @@ class BuildPyWithSources(build_py):
     def run(self):
         super().run()
         target = os.path.join(self.build_lib, "dropreg", BUILD.PACKAGED_SOURCES)
+        sources = glob.glob(os.path.join(HERE, "csrc", "*"))
+        if not sources:  # an sdist without csrc/ (MANIFEST.in grafts it) would give a package that cannot build
+            raise RuntimeError(f"dropreg: no C++ sources in {os.path.join(HERE, 'csrc')}")
         os.makedirs(target, exist_ok=True)
-        for path in glob.glob(os.path.join(HERE, "csrc", "*")):
+        for path in sources:
             shutil.copy(path, target)
 
 

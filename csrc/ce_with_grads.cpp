@@ -2,12 +2,13 @@
 // instead of 4, because the backward's upstream gradient of a "mean"/"sum" loss is one scalar that only
 // scales them. The price is one row block's full-vocabulary logits (block_rows x V, the workspace).
 //
-// Row blocks run one after another; inside a block the vocabulary tiles run in parallel, each thread owning
-// its tiles (so its rows of grad_weight, race-free) and a private block_rows x d partial of grad_input.
-//   pass 1, per tile: z_t = h W_t^T (+ b_t) (1 RCd); e = exp(z_t - m_t) stored in place with the tile's row
+// Row blocks run one after another; inside a block the vocabulary panels run in parallel, each thread owning
+// its panels (so its rows of grad_weight, race-free) and a private block_rows x d partial of grad_input
+// (threads x block_rows x d fp32 beside the workspace).
+//   pass 1, per panel: z_t = h W_t^T (+ b_t) (1 RCd); e = exp(z_t - m_t) stored in place with the panel's row
 //           max m_t; the thread's running (max, sum) per row; the target logit captured.
 //   merge:  lse per row from the threads' (max, sum).
-//   pass 2, per tile: G_t = w * (e * exp(m_t - lse) - [v = y]) in place; grad_input += G_t W_t (1 RCd);
+//   pass 2, per panel: G_t = w * (e * exp(m_t - lse) - [v = y]) in place; grad_input += G_t W_t (1 RCd);
 //           grad_weight_t += G_t^T h (1 RCd); grad_bias_t += column sums of G_t.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
@@ -21,27 +22,43 @@ namespace dropreg {
 
 namespace {
 
-// Vocabulary columns per task. Wider than the other kernels' 256-entry tiles: the panel's G is formed once and its
-// two GEMMs then run with K = 2048 (grad_input) instead of re-reading grad_input's partial every 256 columns.
-constexpr int64_t kPanel = 2048;
+// Vocabulary columns per task: up to 2048, so that a panel's G is formed once and its grad_input GEMM runs with
+// K = 2048 instead of re-reading grad_input's partial every 256 columns; narrower (down to 256) when that is
+// needed to give every thread at least one panel.
+constexpr int64_t kMaxPanel = 2048;
+constexpr int64_t kMinPanel = 256;
+
+int64_t panel_width(int64_t vocab, int64_t threads) {
+  const int64_t even_share = ceil_div(ceil_div(vocab, threads), kMinPanel) * kMinPanel;
+  return std::max(kMinPanel, std::min(kMaxPanel, even_share));
+}
+
+// The calling thread's slot in per-thread state sized by at::get_num_threads().
+int64_t thread_slot(int64_t threads) {
+  const int64_t slot = at::get_thread_num();
+  TORCH_CHECK(slot >= 0 && slot < threads, "dropreg::linear_ce_with_grads: thread number ", slot,
+              " outside the ", threads, " threads the per-thread buffers were sized for");
+  return slot;
+}
 
 template <typename acc_t>
-struct RowState {  // one thread's online softmax over its tiles, for every row of the block
+struct RowState {  // one thread's online softmax over its panels, for every row of the block
   std::vector<acc_t> max, sum;
   explicit RowState(int64_t rows)
       : max(rows, -std::numeric_limits<acc_t>::infinity()), sum(rows, acc_t(0)) {}
-  void absorb(int64_t i, acc_t tile_max, acc_t tile_sum) {  // tile_sum = sum exp(z - shift_of(tile_max))
-    if (tile_max == -std::numeric_limits<acc_t>::infinity()) return;  // an all -inf tile adds nothing
-    const acc_t new_max = nan_max(max[i], tile_max);
+  void absorb(int64_t i, acc_t part_max, acc_t part_sum) {  // part_sum = sum exp(z - shift_of(part_max))
+    if (part_max == -std::numeric_limits<acc_t>::infinity()) return;  // an all -inf part adds nothing
+    const acc_t new_max = nan_max(max[i], part_max);
     const acc_t shift = OnlineSoftmax<acc_t>::shift_of(new_max);
-    sum[i] = sum[i] * std::exp(max[i] - shift) + tile_sum * std::exp(OnlineSoftmax<acc_t>::shift_of(tile_max) - shift);
+    sum[i] = sum[i] * std::exp(max[i] - shift) + part_sum * std::exp(OnlineSoftmax<acc_t>::shift_of(part_max) - shift);
     max[i] = new_max;
   }
 };
 
-// Rows [v0, v0 + cols) of the weight in the accumulation dtype: a view when it already is, else an upcast copy.
+// Rows [v0, v0 + cols) of the weight in the accumulation dtype: a view when no upcast is needed (flat_buffer
+// undefined), else an upcast copy into flat_buffer.
 inline Tensor weight_tile(const Tensor& weight, int64_t v0, int64_t cols, const Tensor& flat_buffer) {
-  if (weight.scalar_type() == flat_buffer.scalar_type()) return weight.narrow(0, v0, cols);
+  if (!flat_buffer.defined()) return weight.narrow(0, v0, cols);
   return load_weight_tile(weight, v0, cols, flat_buffer, false);
 }
 
@@ -50,14 +67,16 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
                         const Tensor& row_weight, int64_t block_rows, bool want_h, bool want_w, bool want_b,
                         Tensor& loss, Tensor& grad_h, Tensor& grad_w, Tensor& grad_b) {
   const int64_t rows = h.size(0), dim = h.size(1), vocab = weight.size(0);
-  const int64_t n_tiles = ceil_div(vocab, kPanel);
   const int64_t threads = at::get_num_threads();
+  const int64_t panel = panel_width(vocab, threads);
+  const int64_t n_panels = ceil_div(vocab, panel);
+  const bool upcast_weight = weight.scalar_type() != h.scalar_type();
   const bool any_grad = want_h || want_w || want_b;
   const auto opts = h.options();
   const int64_t* y = target.data_ptr<int64_t>();
   const acc_t* rw = row_weight.data_ptr<acc_t>();
   Tensor logits = at::empty({block_rows, vocab}, opts);  // the workspace: e, then G, of one row block
-  std::vector<acc_t> tile_max(block_rows * n_tiles);
+  std::vector<acc_t> panel_max(block_rows * n_panels);
   std::vector<acc_t> target_logit(block_rows), lse(block_rows);
   Tensor grad_h_partials = want_h ? at::empty({threads, block_rows, dim}, opts) : Tensor();
   double total = 0;
@@ -67,21 +86,21 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
     Tensor block = logits.narrow(0, 0, n);
     acc_t* z = block.data_ptr<acc_t>();
     std::vector<RowState<acc_t>> states(threads, RowState<acc_t>(n));
-    at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, n_panels, 1, [&](int64_t t0, int64_t t1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      Tensor weight_flat = at::empty({kPanel * dim}, opts);
-      RowState<acc_t>& state = states[at::get_thread_num()];
+      Tensor weight_flat = upcast_weight ? at::empty({panel * dim}, opts) : Tensor();
+      RowState<acc_t>& state = states[thread_slot(threads)];
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t v0 = t * kPanel, cols = std::min(kPanel, vocab - v0);
+        const int64_t v0 = t * panel, cols = std::min(panel, vocab - v0);
         const Tensor w = weight_tile(weight, v0, cols, weight_flat);
-        Tensor z_tile = block.narrow(1, v0, cols);
-        tile_logits(z_tile, h_block, w, bias, v0);
+        Tensor z_panel = block.narrow(1, v0, cols);
+        tile_logits(z_panel, h_block, w, bias, v0);
         for (int64_t i = 0; i < n; ++i) {
           acc_t* row = z + i * vocab + v0;
           const int64_t yt = y[r0 + i] - v0;
           if (yt >= 0 && yt < cols) target_logit[i] = row[yt];
           const acc_t m = row_max(row, cols);
-          tile_max[i * n_tiles + t] = m;
+          panel_max[i * n_panels + t] = m;
           state.absorb(i, m, exp_shifted_sum_inplace(row, cols, OnlineSoftmax<acc_t>::shift_of(m)));
         }
       }
@@ -94,19 +113,19 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
     }
     if (!any_grad) continue;
     if (want_h) grad_h_partials.zero_();
-    at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, n_panels, 1, [&](int64_t t0, int64_t t1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      Tensor weight_flat = at::empty({kPanel * dim}, opts);
-      Tensor grad_h_part = want_h ? grad_h_partials[at::get_thread_num()].narrow(0, 0, n) : Tensor();
+      Tensor weight_flat = upcast_weight && (want_h || want_w) ? at::empty({panel * dim}, opts) : Tensor();
+      Tensor grad_h_part = want_h ? grad_h_partials[thread_slot(threads)].narrow(0, 0, n) : Tensor();
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t v0 = t * kPanel, cols = std::min(kPanel, vocab - v0);
+        const int64_t v0 = t * panel, cols = std::min(panel, vocab - v0);
         for (int64_t i = 0; i < n; ++i) {
           acc_t* row = z + i * vocab + v0;
           const acc_t w_i = rw[r0 + i];
-          const acc_t m = tile_max[i * n_tiles + t];
-          // e = exp(z - m) is 0 on an all -inf tile: scale by 0 there, not by a factor that may overflow.
-          const bool empty_tile = m == -std::numeric_limits<acc_t>::infinity();
-          scale_inplace(row, cols, empty_tile ? acc_t(0) : w_i * std::exp(m - lse[i]));
+          const acc_t m = panel_max[i * n_panels + t];
+          // e = exp(z - m) is 0 on an all -inf panel: scale by 0 there, not by a factor that may overflow.
+          const bool empty_panel = m == -std::numeric_limits<acc_t>::infinity();
+          scale_inplace(row, cols, empty_panel ? acc_t(0) : w_i * std::exp(m - lse[i]));
           subtract_at_target(row, y[r0 + i], v0, cols, w_i);
         }
         const Tensor g = block.narrow(1, v0, cols);
@@ -133,6 +152,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_with_grads(
   TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
               "dropreg::linear_ce_with_grads: input (N, d) and weight (V, d) expected");
   TORCH_CHECK(block_rows >= 1, "dropreg::linear_ce_with_grads: block_rows must be >= 1, got ", block_rows);
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == input.size(0),
+              "dropreg::linear_ce_with_grads: target must be int64 of shape (N,)");
+  TORCH_CHECK(row_weight.dim() == 1 && row_weight.size(0) == input.size(0),
+              "dropreg::linear_ce_with_grads: row_weight must have shape (N,)");
   RECORD_FUNCTION("dropreg::ce_with_grads", std::vector<c10::IValue>());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // autograd is registered in Python
   const bool has_bias = bias.has_value() && bias->defined();

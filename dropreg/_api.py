@@ -19,7 +19,9 @@ from torch import Tensor
 from . import distributed
 from ._dispatch import resolve_backend
 from ._policy import accumulation_dtype
+from .loss_options import LossOptions, check_class_weight, check_label_smoothing
 from .signs import draw_seed
+from .streamed import implicit_signs
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -254,6 +256,12 @@ class _IgnoredRows:
         self.safe_target = torch.where(self.valid, flat, torch.zeros_like(flat))
         self.count = self.valid.sum().clamp(min=1).to(accumulation_dtype(dtype))
 
+    def count_weighted(self, row_weights: Tensor) -> None:
+        """"mean" divides by the sum of ``row_weights`` over the rows kept (class weights: ``w_y``), or by 1 when no
+        row is kept."""
+        kept = torch.where(self.valid, row_weights, torch.zeros_like(row_weights)).sum()
+        self.count = torch.where(self.valid.any(), kept, torch.ones_like(kept))
+
     def zero_ignored(self, input: Tensor) -> Tensor:
         zero = torch.zeros((), dtype=input.dtype, device=input.device)
         return torch.where(self.valid[:, None], input.reshape(-1, input.shape[-1]), zero)
@@ -280,6 +288,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
                          signs: Optional[Tensor] = None, seed: Optional[int] = None,
                          ignore_index: int = -100, reduction: str = "mean",
+                         weight: Optional[Tensor] = None, label_smoothing: float = 0.0,
                          backend: str = "auto", process_group=None) -> LinearCrossEntropyOutput:
     """Cross entropy of ``input @ linear_weight.T + linear_bias`` plus dropout's explicit and implicit terms.
 
@@ -298,6 +307,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     fp32, as ``F.cross_entropy``'s do. DTensor arguments are refused with a TypeError (pass local tensors and
     ``process_group``).
 
+    ``weight`` (class weights, shape ``(V,)``) and ``label_smoothing`` follow ``F.cross_entropy``: a row's loss is
+    ``w_y``-weighted, the smoothing spreads ``label_smoothing`` of the target over all classes (each weighted by its
+    class weight), and ``"mean"`` divides by the sum of ``w_y`` over the rows kept. The explicit and implicit terms
+    are dropout's for that row loss (docs/math.md 3.4). Neither is supported with ``process_group`` yet.
+
     ``process_group``: a vocabulary-parallel head (:mod:`dropreg.distributed`): ``linear_weight`` and
     ``linear_bias`` are this rank's contiguous slice (slices in rank order), ``target`` holds global classes,
     ``input`` is the same on every rank; every rank gets the same outputs, the full gradient of ``input`` and
@@ -314,6 +328,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         need_explicit = bool(explicit) and explicit_coef != 0.0
         need_implicit = bool(implicit) and implicit_coef != 0.0
         flat_signs = _flatten_signs(signs, input) if signs is not None and need_implicit else None
+        options = LossOptions(check_class_weight(weight, vocab, input, _checking_values()),
+                              check_label_smoothing(label_smoothing))
+        if options.active and call.sharded:
+            raise ValueError("weight, label_smoothing: not supported with process_group yet; pass weight=None and "
+                             "label_smoothing=0.0")
         given_seed = seed
         seed = _check_seed(seed) if need_implicit and signs is None else 0
         if call.sharded:
@@ -326,21 +345,33 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                signs is None, given_seed))
 
     rows = _IgnoredRows(target, ignore_index, input.dtype)
+    acc = accumulation_dtype(input.dtype)
+    if options.class_weight is not None:
+        rows.count_weighted(options.denominator_weights(rows.safe_target, acc))
     if (not call.sharded and not need_explicit and not need_implicit and reduction != "none"
             and implementation.ce_with_grads is not None):
         # Cross entropy alone, reduced: the gradients are formed in the forward, 3 NVd instead of 4.
-        ce = implementation.ce_with_grads(rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target,
-                                          rows.row_weights(reduction)).to(_result_dtype(input.dtype))
+        h = rows.zero_ignored(input)
+        row_weight = rows.row_weights(reduction)
+        ce = implementation.ce_with_grads(h, linear_weight, linear_bias, rows.safe_target,
+                                          row_weight * options.row_factor(rows.safe_target, acc)
+                                          if options.active else row_weight)
+        if options.smoothing:
+            ce = ce + options.ce_only_extra(h, linear_weight, linear_bias, rows.safe_target, row_weight)
         zero = torch.zeros((), dtype=_result_dtype(input.dtype), device=input.device)
-        return LinearCrossEntropyOutput(ce=ce, explicit=zero, implicit=zero)
+        return LinearCrossEntropyOutput(ce=ce.to(_result_dtype(input.dtype)), explicit=zero, implicit=zero)
     if call.sharded:
         ce, quadratic, sign_term = distributed.sharded_terms(
             call.shard, rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target, flat_signs, call.seed,
             need_explicit, need_implicit, local_backend)
     else:
-        ce, quadratic, sign_term = implementation.linear_ce(
-            rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target, flat_signs, seed,
-            need_explicit, need_implicit)
+        h = rows.zero_ignored(input)
+        ce, quadratic, sign_term = implementation.linear_ce(h, linear_weight, linear_bias, rows.safe_target,
+                                                            flat_signs, seed, need_explicit, need_implicit)
+        if options.active:
+            signs_used = implicit_signs(h, flat_signs, seed, need_implicit and bool(options.smoothing))
+            ce, quadratic, sign_term = options.adjust(ce, quadratic, sign_term, h, linear_weight, linear_bias,
+                                                      rows.safe_target, signs_used)
     reduce = rows.reducer(reduction, _result_dtype(input.dtype))
     zero = reduce(torch.zeros_like(ce))
     return LinearCrossEntropyOutput(

@@ -9,8 +9,9 @@ import os
 # dropreg/_csrc (setup.py's build_py).
 PACKAGED_SOURCES = "_csrc"
 _CHECKOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-CSRC = _CHECKOUT if os.path.isdir(_CHECKOUT) else os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                               PACKAGED_SOURCES)
+# dropreg.cpp marks our csrc/ (an installed package's parent, site-packages, may hold an unrelated one)
+CSRC = _CHECKOUT if os.path.isfile(os.path.join(_CHECKOUT, "dropreg.cpp")) else os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), PACKAGED_SOURCES)
 # -fopenmp at compile AND link time, or at::parallel_for runs on one thread (TOOLCHAIN.md); the AVX2
 # defines make at::vec::Vectorized use AVX2 instead of plain loops.
 CXX_FLAGS = ["-O3", "-fopenmp", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"]

@@ -105,8 +105,10 @@ def resolve_backend(name: str, device: torch.device) -> tuple[str, Backend]:
     if name not in _BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {sorted(_BACKENDS)}, got {name!r}")
     if deterministic and not _deterministic_here(name, device):
-        raise RuntimeError(
-            f"backend: {name!r} is not deterministic on {device.type} tensors (its kernels accumulate gradients with "
-            f"atomic adds), and torch.use_deterministic_algorithms(True) is set; use backend='torch' or 'auto' "
-            f"(which then picks 'torch')")
+        message = (f"backend: {name!r} is not deterministic on {device.type} tensors (its kernels accumulate "
+                   f"gradients with atomic adds), and torch.use_deterministic_algorithms(True) is set; use "
+                   f"backend='torch' or 'auto' (which then picks 'torch')")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, UserWarning, stacklevel=3)  # warn_only=True: as torch does for its own ops
     return name, _BACKENDS[name]

@@ -43,5 +43,5 @@ def set_workspace_bytes(size: int | None, device: torch.device | str = "cpu") ->
 
 def workspace_rows(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
     """How many rows' full-vocabulary logits (in ``dtype``) fit the workspace: at least 1, at most ``rows``."""
-    per_row = vocab * torch.empty((), dtype=dtype).element_size()
+    per_row = vocab * dtype.itemsize
     return max(1, min(rows, workspace_bytes(device) // per_row))

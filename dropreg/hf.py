@@ -103,6 +103,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
                    num_items_in_batch=None, p: float = 0.1, explicit: bool = True, implicit: bool = True,
                    explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
                    seed: Optional[int] = None, decoder: Optional[nn.Module] = None,
+                   label_smoothing: float = 0.0, weight: Optional[Tensor] = None,
                    backend: str = "auto", **model_inputs) -> LinearCrossEntropyOutput:
     """HF's causal-LM loss of ``model`` plus dropout's regularizers at the head, without the logits.
 
@@ -110,14 +111,16 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
     shifted as HF does (``labels[..., 1:]`` against ``hidden[..., :-1, :]``) unless ``shift_labels`` is
     given (already aligned with the hidden states). ``num_items_in_batch`` given: the sum over tokens
     divided by it (HF's gradient accumulation); else the mean over non-ignored tokens.
-    ``decoder``: the module returning the last hidden state, when it cannot be found.
+    ``decoder``: the module returning the last hidden state, when it cannot be found. ``label_smoothing`` and
+    ``weight`` (class weights) are :func:`dropreg.linear_cross_entropy`'s; with class weights and
+    ``num_items_in_batch``, the latter is what the sum is divided by.
     """
     shift_labels = model_inputs.pop("shift_labels", None)
     if labels is None and shift_labels is None:
         raise ValueError("causal_lm_loss: pass labels (shifted here) or shift_labels (already shifted)")
     model_inputs.pop("logits_to_keep", None)  # every position is needed for the loss
     scale = _logit_scale(model)
-    weight, bias = _head_parameters(model)
+    head_weight, bias = _head_parameters(model)
     decoder = find_decoder(model) if decoder is None else decoder
 
     outputs = decoder(input_ids=input_ids, **model_inputs)
@@ -135,9 +138,10 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
         bias = None if bias is None else bias * scale
 
     reduction = "mean" if num_items_in_batch is None else "sum"
-    out = linear_cross_entropy(hidden, weight, target, linear_bias=bias, p=p, explicit=explicit,
+    out = linear_cross_entropy(hidden, head_weight, target, linear_bias=bias, p=p, explicit=explicit,
                                implicit=implicit, explicit_coef=explicit_coef, implicit_coef=implicit_coef,
-                               seed=seed, ignore_index=IGNORE_INDEX, reduction=reduction, backend=backend)
+                               seed=seed, ignore_index=IGNORE_INDEX, reduction=reduction,
+                               label_smoothing=label_smoothing, weight=weight, backend=backend)
     if num_items_in_batch is None:
         return out
     if isinstance(num_items_in_batch, Tensor):
@@ -166,18 +170,21 @@ def _make_trainer_class():
         """``transformers.Trainer`` whose loss is :func:`causal_lm_loss` (causal LMs only).
 
         Keyword arguments ``p, explicit, implicit, explicit_coef, implicit_coef`` set the regularizers;
-        in eval mode only the cross entropy is computed. Signs change every step (seeded from
+        in eval mode only the cross entropy is computed. ``args.label_smoothing_factor`` is honoured. Signs change every step (seeded from
         ``args.seed``, the global step and the micro-batch index).
         """
 
         def __init__(self, *args, p: float = 0.1, explicit: bool = True, implicit: bool = True,
                      explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.dropreg_options = dict(p=p, explicit=explicit, implicit=implicit,
-                                        explicit_coef=explicit_coef, implicit_coef=implicit_coef)
-            if self.label_smoother is not None or self.compute_loss_func is not None:
-                raise NotImplementedError("DropregTrainer: label_smoothing_factor and compute_loss_func are "
-                                          "not supported (the loss is dropreg.hf.causal_lm_loss)")
+            if self.compute_loss_func is not None:
+                raise NotImplementedError("DropregTrainer: compute_loss_func is not supported (the loss is "
+                                          "dropreg.hf.causal_lm_loss)")
+            # args.label_smoothing_factor: the fused loss smooths the labels itself (F.cross_entropy's definition,
+            # which HF's LabelSmoother also computes)
+            smoothing = self.label_smoother.epsilon if self.label_smoother is not None else 0.0
+            self.dropreg_options = dict(p=p, explicit=explicit, implicit=implicit, explicit_coef=explicit_coef,
+                                        implicit_coef=implicit_coef, label_smoothing=smoothing)
             # causal_lm_loss uses num_items_in_batch, so let the Trainer count it and not rescale for GA
             self.model_accepts_loss_kwargs = True
             self._dropreg_step = (-1, 0)

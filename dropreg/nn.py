@@ -30,7 +30,8 @@ class LinearCrossEntropyLoss(nn.Module):
     returns the plain cross entropy (explicit and implicit are zero) unless ``regularize_in_eval=True``.
 
     ``process_group``: ``linear_weight`` (and ``linear_bias``) is this rank's slice of a vocabulary-parallel head
-    (see :func:`dropreg.linear_cross_entropy`).
+    (see :func:`dropreg.linear_cross_entropy`). ``weight`` (class weights, a buffer) and ``label_smoothing`` are
+    :func:`dropreg.linear_cross_entropy`'s.
 
     ``shift_labels=True`` applies the causal-LM convention of Hugging Face models: position t is scored
     against ``labels[..., t + 1]`` and the last position is ignored, so ``labels`` can be the input ids.
@@ -39,8 +40,11 @@ class LinearCrossEntropyLoss(nn.Module):
     def __init__(self, p: float = 0.1, *, explicit: bool = True, implicit: bool = True,
                  explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
                  ignore_index: int = -100, reduction: str = "mean", shift_labels: bool = False,
-                 regularize_in_eval: bool = False, backend: str = "auto", process_group=None):
+                 regularize_in_eval: bool = False, weight: Optional[Tensor] = None, label_smoothing: float = 0.0,
+                 backend: str = "auto", process_group=None):
         super().__init__()
+        self.register_buffer("weight", weight)  # class weights move with .to(), as nn.CrossEntropyLoss's do
+        self.label_smoothing = label_smoothing
         self.process_group = process_group
         self.p = p
         self.explicit = explicit
@@ -63,8 +67,8 @@ class LinearCrossEntropyLoss(nn.Module):
             input, linear_weight, target, linear_bias=linear_bias, p=self.p,
             explicit=self.explicit and regularize, implicit=self.implicit and regularize,
             explicit_coef=self.explicit_coef, implicit_coef=self.implicit_coef, signs=signs, seed=seed,
-            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
-            process_group=self.process_group)
+            ignore_index=self.ignore_index, reduction=self.reduction, weight=self.weight,
+            label_smoothing=self.label_smoothing, backend=self.backend, process_group=self.process_group)
 
     def _shift(self, target: Tensor) -> Tensor:
         return shift_labels(target, self.ignore_index)

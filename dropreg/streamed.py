@@ -330,13 +330,16 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
             for v0, v1 in _spans(vocab, vocab_chunk):
                 w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
                 z[:, v0:v1] = _chunk_logits(h_block, w, b)
-            lse = torch.logsumexp(z, dim=1)
-            ce = lse - z.gather(1, y[:, None]).squeeze(1)
+            target_logit = z.gather(1, y[:, None]).squeeze(1)
+            # lse in place (torch.logsumexp would allocate a second block x V buffer): z becomes exp(z - shift)
+            shift = _logit_shift(z.amax(dim=1))
+            lse = shift + z.sub_(shift[:, None]).exp_().sum(dim=1).log()
+            ce = lse - target_logit
             loss += torch.where(w_row != 0, w_row * ce, torch.zeros_like(ce)).sum()
         if not any(wants):
             continue
         with record_function("dropreg::ce_gradients"):
-            z.sub_(lse[:, None]).exp_().mul_(w_row[:, None])  # G = w * s ...
+            z.mul_((w_row * torch.exp(shift - lse))[:, None])  # G = w * s ...
             z.scatter_add_(1, y[:, None], -w_row[:, None])     # ... - w * e_y
             grad_h_block = torch.zeros_like(h_block) if want_h else None
             for v0, v1 in _spans(vocab, vocab_chunk):

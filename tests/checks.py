@@ -86,15 +86,21 @@ def run_oracle(problem: Problem, cotangent, **overrides):
     leaves = _leaves(problem, torch.float64)
     d = problem.input.shape[-1]
     flat_target = problem.target.reshape(-1)
+    class_weight = kwargs.get("weight")
     ce, quad, sign = oracle_rows(leaves[0].reshape(-1, d), leaves[1], leaves[2] if len(leaves) == 3 else None,
-                                 flat_target, problem.signs.reshape(-1, d))
+                                 flat_target, problem.signs.reshape(-1, d), class_weight=class_weight,
+                                 label_smoothing=kwargs.get("label_smoothing", 0.0))
     coef_r, coef_i = dropreg.default_coefficients(kwargs.get("p", 0.1))
     coef_r = kwargs.get("explicit_coef") if kwargs.get("explicit_coef") is not None else coef_r
     coef_i = kwargs.get("implicit_coef") if kwargs.get("implicit_coef") is not None else coef_i
     rows = [ce, coef_r * quad if kwargs.get("explicit", True) else 0 * quad,
             coef_i * sign if kwargs.get("implicit", True) else 0 * sign]
     reduction = kwargs.get("reduction", "mean")
-    n_valid = max(int((flat_target != -100).sum()), 1)
+    kept = flat_target != -100
+    if class_weight is None:
+        n_valid = max(int(kept.sum()), 1)
+    else:  # F.cross_entropy's "mean" divides by the weights of the rows kept
+        n_valid = float(class_weight[flat_target[kept]].sum()) if kept.any() else 1.0
     if reduction == "none":
         terms = [r.reshape(problem.target.shape) for r in rows]
     elif reduction == "sum":

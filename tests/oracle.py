@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 
 
-def oracle_rows(h, weight, bias, target, signs, ignore_index=-100):
+def oracle_rows(h, weight, bias, target, signs, ignore_index=-100, class_weight=None, label_smoothing=0.0):
     """Per-row float64 ``(ce, quadratic, sign_term)``; ignored rows are 0.
+
+    ``class_weight`` and ``label_smoothing`` are F.cross_entropy's ``weight`` and ``label_smoothing``: the row loss
+    is F.cross_entropy's with reduction "sum" over the one row (``w_y``-weighted, not divided by it).
 
     ``h`` must require grad (the terms are derivatives w.r.t. it); the result is differentiable in h,
     weight and bias.
@@ -33,7 +36,8 @@ def oracle_rows(h, weight, bias, target, signs, ignore_index=-100):
             logits = weight @ h_row
             if bias is not None:
                 logits = logits + bias
-            return F.cross_entropy(logits[None], torch.tensor([y]))
+            return F.cross_entropy(logits[None], torch.tensor([y]), weight=class_weight,
+                                   label_smoothing=label_smoothing, reduction="sum")
 
         h_row = h[n]
         loss = row_loss(h_row)

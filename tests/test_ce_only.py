@@ -149,8 +149,10 @@ def test_no_grad_allocates_no_gradients():
 
 
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("vocab", [1100, 4500], ids=["one-panel", "3-panels"])  # the C++ panels are 2048 wide
-@pytest.mark.parametrize("threads", [1, 3])
+# The C++ panels are 2048 wide, narrower when there are more threads than panels: 1 thread, V=1100 is one
+# panel; 3 threads make 3 panels of both vocabularies; 8 threads 5 and 8 panels of 256 (the last partial).
+@pytest.mark.parametrize("vocab", [1100, 4500])
+@pytest.mark.parametrize("threads", [1, 3, 8])
 def test_cpu_thread_counts(threads, vocab):
     h = torch.randn(50, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(vocab, 7, dtype=torch.float64, requires_grad=True)

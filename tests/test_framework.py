@@ -91,6 +91,16 @@ def test_deterministic_mode_routes_around_gpu_atomics(deterministic):
     assert _dispatch.resolve_backend("triton", torch.device("cpu"))[0] == "triton"
 
 
+def test_deterministic_warn_only_warns_as_torch_does():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with pytest.warns(UserWarning, match="backend: 'triton' is not deterministic on cuda tensors"):
+            assert _dispatch.resolve_backend("triton", torch.device("cuda"))[0] == "triton"
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_triton_on_cuda_is_picked_outside_deterministic_mode():
     assert not torch.are_deterministic_algorithms_enabled()
     if _dispatch._BACKENDS["triton"].is_available():

@@ -100,6 +100,22 @@ def test_float32_matches_hf_loss_and_gradients(name):
     assert_grads_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+def test_autocast_bf16_training_step():
+    """An fp32 model under bf16 autocast, as Trainer(bf16=True) runs it: the bf16 hidden states meet the fp32 head,
+    which dropreg casts as F.linear would. The fp32 loss matches HF's own under the same autocast to bf16 accuracy
+    (HF's logits are bf16-rounded, ours are accumulated in fp32), and every parameter gets a finite fp32 gradient."""
+    model = llama(torch.float32)
+    ids, mask, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, p=0.1, seed=0)
+        ce_only = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, **OFF)
+        reference = model(ids, attention_mask=mask, labels=labels).loss
+    assert out.loss.dtype == ce_only.loss.dtype == torch.float32
+    torch.testing.assert_close(ce_only.loss, reference.float(), rtol=2e-2, atol=0)
+    ours = grads(model, out.loss)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in ours.values())
+
+
 def test_num_items_in_batch_tensor_and_shift_labels():
     model = llama()
     ids, mask, labels = batch()
@@ -196,6 +212,24 @@ def test_trainer_steps(tmp_path):
     assert len(set(seeds)) == 3
     changed = [name for name, param in model.named_parameters() if not torch.equal(param.detach(), before[name])]
     assert "lm_head.weight" in changed and len(changed) == len(before)
+
+
+def test_label_smoothing_and_class_weights_match_f_cross_entropy():
+    model = llama()
+    ids, mask, labels = batch()
+    class_weight = torch.rand(V, dtype=torch.float64) + 0.5
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, label_smoothing=0.1, weight=class_weight, **OFF)
+    logits = model(ids, attention_mask=mask).logits
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    reference = F.cross_entropy(logits.reshape(-1, V), shifted.reshape(-1), weight=class_weight, label_smoothing=0.1)
+    torch.testing.assert_close(out.loss, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_trainer_takes_label_smoothing_factor(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                          label_smoothing_factor=0.1)
+    trainer = hf.DropregTrainer(model=llama(torch.float32), args=args, train_dataset=[], p=0.2)
+    assert trainer.dropreg_options["label_smoothing"] == 0.1
 
 
 def test_import_dropreg_needs_no_transformers():

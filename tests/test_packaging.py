@@ -54,3 +54,14 @@ def test_installed_package_jit_builds_and_runs_its_cpp_kernels(installed):
     env = dict(os.environ, PYTHONPATH=str(work / "site"), TORCH_EXTENSIONS_DIR=str(work / "torch_extensions"))
     done = _run([sys.executable, "-c", script], cwd=str(work), env=env)
     assert done.stdout.strip().endswith("ok")
+
+
+def test_sdist_carries_the_cpp_sources(tmp_path):
+    """An sdist must carry csrc/ (headers included, MANIFEST.in), or a package built from it could not compile."""
+    import tarfile
+
+    _run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT)
+    (sdist,) = tmp_path.glob("dropreg-*.tar.gz")
+    names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
+    assert {f"csrc/{name}" for name in os.listdir(os.path.join(ROOT, "csrc"))} <= names
+    assert {"pyproject.toml", "setup.py", "dropreg/py.typed"} <= names

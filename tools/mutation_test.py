@@ -216,6 +216,26 @@ MUTANTS = [
     Mutant("cpu-gumbel", "cpu", "csrc/sampling.cpp",
            "static_cast<double>(words[v % 4])", "static_cast<double>(words[(v + 1) % 4])",
            "sampled targets: class v takes word (v + 1) % 4 of its Philox call"),
+
+    # CE only with gradients in the forward (csrc/ce_with_grads.cpp, streamed.ce_with_grads) and the loss
+    # options (dropreg/loss_options.py), which act on every backend's per-row terms.
+    Mutant("ce-cpp-probs", "ce", "csrc/ce_with_grads.cpp",
+           "w_i * std::exp(m - lse[i])", "w_i * 1.00001 * std::exp(m - lse[i])",
+           "C++ CE only: G's softmax part scaled by (1+1e-5), the value unchanged"),
+    Mutant("ce-cpp-lse", "ce", "csrc/ce_with_grads.cpp",
+           "std::log(merged.sum[0])", "std::log(merged.sum[0] * 1.00001)",
+           "C++ CE only: lse from the merged sum * (1+1e-5)"),
+    Mutant("ce-torch-target", "ce", "dropreg/streamed.py",
+           "z.scatter_add_(1, y[:, None], -w_row[:, None])", "z.scatter_add_(1, y[:, None], -1.00001 * w_row[:, None])",
+           "torch CE only: the target's -w in G scaled by (1+1e-5)"),
+    Mutant("ce-options-factor", "ce", "dropreg/loss_options.py",
+           "return (1.0 - self.smoothing) * w_y + self.smoothing * w_bar",
+           "return (1.0 - self.smoothing) * w_y + 1.0001 * self.smoothing * w_bar",
+           "loss options: the row factor's smoothing share * (1+1e-4)"),
+    Mutant("ce-options-direction", "ce", "dropreg/loss_options.py",
+           "w_bar * rows - self._weighted_mean_row(weight, acc)",
+           "w_bar * rows - 1.0001 * self._weighted_mean_row(weight, acc)",
+           "loss options: the weighted mean row W~ * (1+1e-4)"),
 ]
 
 # Per backend: the pytest arguments (run from the copy's root). Quick, but each includes the float64 oracle
@@ -238,6 +258,7 @@ SELECTIONS = {
                "-k", "triton and not gradcheck and not low_precision"],
 }
 SELECTIONS["sites"] = ["tests/test_sites.py", "-k", "reference or unbiased or follow_the_softmax or stream"]
+SELECTIONS["ce"] = ["tests/test_ce_only.py", "tests/test_loss_options.py", "-k", "not triton"]
 BACKENDS = tuple(SELECTIONS)
 PYTEST_OPTIONS = ["-x", "-q", "-p", "no:cacheprovider"]
 TIMEOUT_S = 1200

@@ -1,0 +1,124 @@
+"""Class weights and label smoothing for :func:`dropreg.linear_cross_entropy`, on every backend (docs/math.md 3.4).
+
+Both options keep the row loss ``l`` linear in the logits apart from ``lse``, so they change the backends' per-row
+terms ``(ce, quadratic, sign_term)`` by a per-row factor and an O(d) correction, computed here once for every
+backend. With ``w`` the class weights (1 when not given), ``eps`` the smoothing, ``wbar = mean_c w_c``,
+``W~ = (1/V) sum_c w_c W_c`` and ``b~ = (1/V) sum_c w_c b_c``, per row:
+
+    a        = (1 - eps) w_y + eps wbar            (the Hessian of l in z is a (diag(s) - s s^T))
+    ce'      = a ce + eps (h . (wbar W_y - W~) + wbar b_y - b~)
+    quad'    = a quadratic
+    sign'    = a sign_term + eps u . (wbar W_y - W~)          (u = sigma * h)
+
+``"mean"`` divides by the sum of ``w_y`` over the rows that are not ignored, as ``F.cross_entropy`` does.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+
+def check_label_smoothing(value) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"label_smoothing: expected a float in [0, 1], got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_class_weight(weight, vocab: int, input: Tensor, check_values: bool) -> Optional[Tensor]:
+    if weight is None:
+        return None
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight: expected a 1-D tensor of class weights or None, got {type(weight).__name__}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight: expected a floating-point tensor of class weights, got dtype {weight.dtype}")
+    if tuple(weight.shape) != (vocab,):
+        raise ValueError(f"weight: expected shape ({vocab},), one weight per class of linear_weight, "
+                         f"got {tuple(weight.shape)}")
+    if weight.device != input.device:
+        raise ValueError(f"weight: expected a tensor on input's device {input.device}, got {weight.device}")
+    if check_values and weight.numel() and not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight: expected finite class weights")
+    return weight
+
+
+_CHUNK_ROWS = 8192  # vocabulary rows upcast at a time for W~
+
+
+class LossOptions:
+    """The per-row factor and corrections of one call; ``active`` is False when neither option is in use."""
+
+    def __init__(self, class_weight: Optional[Tensor], label_smoothing: float):
+        self.class_weight = class_weight
+        self.smoothing = label_smoothing
+        self.active = class_weight is not None or label_smoothing != 0.0
+
+    def _weights(self, target: Tensor, acc: torch.dtype):
+        if self.class_weight is None:
+            return torch.ones(target.shape, dtype=acc, device=target.device), 1.0
+        weight = self.class_weight.to(acc)
+        return weight[target], weight.mean()
+
+    def row_factor(self, target: Tensor, acc: torch.dtype) -> Tensor:
+        """``a = (1 - eps) w_y + eps wbar`` per row."""
+        w_y, w_bar = self._weights(target, acc)
+        return (1.0 - self.smoothing) * w_y + self.smoothing * w_bar
+
+    def denominator_weights(self, target: Tensor, acc: torch.dtype) -> Tensor:
+        """What "mean" counts per row: ``w_y`` (1 without class weights)."""
+        return self._weights(target, acc)[0]
+
+    def direction(self, weight: Tensor, target: Tensor, acc: torch.dtype) -> Tensor:
+        """``eps (wbar W_y - W~)`` per row, (N, d), differentiable in ``weight``."""
+        w_y, w_bar = self._weights(target, acc)
+        rows = weight[target].to(acc)
+        return self.smoothing * (w_bar * rows - self._weighted_mean_row(weight, acc))
+
+    def _weighted_mean_row(self, weight: Tensor, acc: torch.dtype) -> Tensor:
+        """``W~ = (1/V) sum_c w_c W_c`` in ``acc``, a vocabulary chunk at a time: no full upcast copy of W."""
+        vocab = weight.shape[0]
+        total = torch.zeros(weight.shape[1], dtype=acc, device=weight.device)
+        for start in range(0, vocab, _CHUNK_ROWS):
+            chunk = weight[start:start + _CHUNK_ROWS].to(acc)
+            if self.class_weight is None:
+                total = total + chunk.sum(0)
+            else:
+                total = total + self.class_weight[start:start + _CHUNK_ROWS].to(acc) @ chunk
+        return total / vocab
+
+    def bias_shift(self, bias: Optional[Tensor], target: Tensor, acc: torch.dtype) -> Tensor | float:
+        """``eps (wbar b_y - b~)`` per row (0 without a bias)."""
+        if bias is None:
+            return 0.0
+        _, w_bar = self._weights(target, acc)
+        b = bias.to(acc)
+        mean_b = b.mean() if self.class_weight is None else (self.class_weight.to(acc) * b).sum() / b.shape[0]
+        return self.smoothing * (w_bar * b[target] - mean_b)
+
+    def adjust(self, ce, quadratic, sign_term, h, weight, bias, target, signs):
+        """The per-row terms with the options applied (``signs`` only needed when ``sign_term`` is used)."""
+        acc = ce.dtype
+        a = self.row_factor(target, acc)
+        ce = a * ce
+        quadratic = a * quadratic
+        sign_term = a * sign_term
+        if self.smoothing:
+            direction = self.direction(weight, target, acc)
+            hc = h.to(acc)
+            ce = ce + (hc * direction).sum(1) + self.bias_shift(bias, target, acc)
+            if signs is not None:
+                sign_term = sign_term + (signs.to(acc) * hc * direction).sum(1)
+        return ce, quadratic, sign_term
+
+    def ce_only_extra(self, h, weight, bias, target, row_weight):
+        """``sum_n row_weight_n (ce' - a ce)``: the part of the smoothed loss outside the fused CE."""
+        acc = row_weight.dtype
+        if not self.smoothing:
+            return torch.zeros((), dtype=acc, device=h.device)
+        per_row = (h.to(acc) * self.direction(weight, target, acc)).sum(1) + self.bias_shift(bias, target, acc)
+        return (row_weight * per_row).sum()
