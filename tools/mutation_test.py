@@ -220,7 +220,7 @@ MUTANTS = [
     # CE only with gradients in the forward (csrc/ce_with_grads.cpp, streamed.ce_with_grads) and the loss
     # options (dropreg/loss_options.py), which act on every backend's per-row terms.
     Mutant("ce-cpp-probs", "ce", "csrc/ce_with_grads.cpp",
-           "w_i * std::exp(m - lse[i])", "w_i * 1.00001 * std::exp(m - lse[i])",
+           "w_i * std::exp(m - lse[i])", "w_i * acc_t(1.00001) * std::exp(m - lse[i])",
            "C++ CE only: G's softmax part scaled by (1+1e-5), the value unchanged"),
     Mutant("ce-cpp-lse", "ce", "csrc/ce_with_grads.cpp",
            "std::log(merged.sum[0])", "std::log(merged.sum[0] * 1.00001)",
