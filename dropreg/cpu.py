@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from . import _build
+from . import _build, streamed
 from ._op_family import (BackendUnavailable, OpFamily, first_order_only, int64_seed, refuse_double_backward,
                          register_linear_ce_autograd, register_rdrop_autograd)
 from ._policy import accumulation_dtype
@@ -227,13 +227,11 @@ def _register_site_kernels() -> None:
 
 def cpu_ce_with_grads(input, weight, bias, target, row_weight):
     """CE only: ``sum_i row_weight_i ce_i`` with its gradients formed in the forward (see dropreg/_dispatch.py)."""
-    from .streamed import ce_only_blocks, gradients_wanted
-
     load()
-    block_rows, _ = ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
+    block_rows, _ = streamed.ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
     return torch.ops.dropreg.linear_ce_with_grads(
         input.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), target.contiguous(),
-        row_weight.contiguous(), block_rows, list(gradients_wanted(input, weight, bias)))[0]
+        row_weight.contiguous(), block_rows, list(streamed.gradients_wanted(input, weight, bias)))[0]
 
 
 def cpu_softmax_mean(input, weight, bias):
