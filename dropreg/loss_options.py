@@ -73,32 +73,28 @@ class LossOptions:
         """What "mean" counts per row: ``w_y`` (1 without class weights)."""
         return self._weights(target, acc)[0]
 
-    def direction(self, weight: Tensor, target: Tensor, acc: torch.dtype) -> Tensor:
-        """``eps (wbar W_y - W~)`` per row, (N, d), differentiable in ``weight``."""
-        w_y, w_bar = self._weights(target, acc)
-        rows = weight[target].to(acc)
-        return self.smoothing * (w_bar * rows - self._weighted_mean_row(weight, acc))
-
-    def _weighted_mean_row(self, weight: Tensor, acc: torch.dtype) -> Tensor:
-        """``W~ = (1/V) sum_c w_c W_c`` in ``acc``, a vocabulary chunk at a time: no full upcast copy of W."""
-        vocab = weight.shape[0]
-        total = torch.zeros(weight.shape[1], dtype=acc, device=weight.device)
+    def _weighted_mean(self, values: Tensor, acc: torch.dtype) -> Tensor:
+        """``(1/V) sum_c w_c values_c`` over the vocabulary (W~ for W's rows, b~ for the bias) in ``acc``, a chunk
+        at a time: no full upcast copy of a low-precision head."""
+        vocab = values.shape[0]
+        total = torch.zeros(values.shape[1:], dtype=acc, device=values.device)
         for start in range(0, vocab, _CHUNK_ROWS):
-            chunk = weight[start:start + _CHUNK_ROWS].to(acc)
+            chunk = values[start:start + _CHUNK_ROWS].to(acc)
             if self.class_weight is None:
                 total = total + chunk.sum(0)
             else:
                 total = total + self.class_weight[start:start + _CHUNK_ROWS].to(acc) @ chunk
         return total / vocab
 
-    def bias_shift(self, bias: Optional[Tensor], target: Tensor, acc: torch.dtype) -> Tensor | float:
-        """``eps (wbar b_y - b~)`` per row (0 without a bias)."""
-        if bias is None:
-            return 0.0
+    def _smoothing_terms(self, h, weight, bias, target, acc):
+        """``(direction, shift)``: ``eps (wbar W_y - W~)`` per row (N, d) and ``eps (h . (wbar W_y - W~) + wbar b_y
+        - b~)`` per row, the smoothed loss's part outside ``a ce``; differentiable in h, weight and bias."""
         _, w_bar = self._weights(target, acc)
-        b = bias.to(acc)
-        mean_b = b.mean() if self.class_weight is None else (self.class_weight.to(acc) * b).sum() / b.shape[0]
-        return self.smoothing * (w_bar * b[target] - mean_b)
+        direction = self.smoothing * (w_bar * weight[target].to(acc) - self._weighted_mean(weight, acc))
+        shift = (h.to(acc) * direction).sum(1)
+        if bias is not None:
+            shift = shift + self.smoothing * (w_bar * bias[target].to(acc) - self._weighted_mean(bias, acc))
+        return direction, shift
 
     def adjust(self, ce, quadratic, sign_term, h, weight, bias, target, signs):
         """The per-row terms with the options applied (``signs`` only needed when ``sign_term`` is used)."""
@@ -108,11 +104,10 @@ class LossOptions:
         quadratic = a * quadratic
         sign_term = a * sign_term
         if self.smoothing:
-            direction = self.direction(weight, target, acc)
-            hc = h.to(acc)
-            ce = ce + (hc * direction).sum(1) + self.bias_shift(bias, target, acc)
+            direction, shift = self._smoothing_terms(h, weight, bias, target, acc)
+            ce = ce + shift
             if signs is not None:
-                sign_term = sign_term + (signs.to(acc) * hc * direction).sum(1)
+                sign_term = sign_term + (signs.to(acc) * h.to(acc) * direction).sum(1)
         return ce, quadratic, sign_term
 
     def ce_only_extra(self, h, weight, bias, target, row_weight):
@@ -120,5 +115,4 @@ class LossOptions:
         acc = row_weight.dtype
         if not self.smoothing:
             return torch.zeros((), dtype=acc, device=h.device)
-        per_row = (h.to(acc) * self.direction(weight, target, acc)).sum(1) + self.bias_shift(bias, target, acc)
-        return (row_weight * per_row).sum()
+        return (row_weight * self._smoothing_terms(h, weight, bias, target, acc)[1]).sum()

@@ -233,8 +233,8 @@ MUTANTS = [
            "return (1.0 - self.smoothing) * w_y + 1.0001 * self.smoothing * w_bar",
            "loss options: the row factor's smoothing share * (1+1e-4)"),
     Mutant("ce-options-direction", "ce", "dropreg/loss_options.py",
-           "w_bar * rows - self._weighted_mean_row(weight, acc)",
-           "w_bar * rows - 1.0001 * self._weighted_mean_row(weight, acc)",
+           "w_bar * weight[target].to(acc) - self._weighted_mean(weight, acc)",
+           "w_bar * weight[target].to(acc) - 1.0001 * self._weighted_mean(weight, acc)",
            "loss options: the weighted mean row W~ * (1+1e-4)"),
 ]
 
