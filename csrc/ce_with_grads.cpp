@@ -8,7 +8,8 @@
 //   pass 1, per panel: z_t = h W_t^T (+ b_t) (1 RCd); e = exp(z_t - m_t) stored in place with the panel's row
 //           max m_t; the thread's running (max, sum) per row; the target logit captured.
 //   merge:  lse per row from the threads' (max, sum).
-//   pass 2, per panel: G_t = w * (e * exp(m_t - lse) - [v = y]) in place; grad_input += G_t W_t (1 RCd);
+//   pass 2, per panel: G_t = (w + 2 zw lse) e exp(m_t - lse) - w [v = y] in place (zw: the z-loss's row weight,
+//           0 without it); grad_input += G_t W_t (1 RCd);
 //           grad_weight_t += G_t^T h (1 RCd); grad_bias_t += column sums of G_t.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
@@ -64,7 +65,8 @@ inline Tensor weight_tile(const Tensor& weight, int64_t v0, int64_t cols, const 
 
 template <typename acc_t>
 void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bias, const Tensor& target,
-                        const Tensor& row_weight, int64_t block_rows, bool want_h, bool want_w, bool want_b,
+                        const Tensor& row_weight, const Tensor& z_weight, int64_t block_rows, bool want_h,
+                        bool want_w, bool want_b,
                         Tensor& loss, Tensor& grad_h, Tensor& grad_w, Tensor& grad_b) {
   const int64_t rows = h.size(0), dim = h.size(1), vocab = weight.size(0);
   const int64_t threads = at::get_num_threads();
@@ -75,11 +77,12 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
   const auto opts = h.options();
   const int64_t* y = target.data_ptr<int64_t>();
   const acc_t* rw = row_weight.data_ptr<acc_t>();
+  const acc_t* zw = z_weight.defined() ? z_weight.data_ptr<acc_t>() : nullptr;
   Tensor logits = at::empty({block_rows, vocab}, opts);  // the workspace: e, then G, of one row block
   std::vector<acc_t> panel_max(block_rows * n_panels);
   std::vector<acc_t> target_logit(block_rows), lse(block_rows);
   Tensor grad_h_partials = want_h ? at::empty({threads, block_rows, dim}, opts) : Tensor();
-  double total = 0;
+  double total = 0, total_z = 0;
   for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
     const int64_t n = std::min(block_rows, rows - r0);
     const Tensor h_block = h.narrow(0, r0, n);
@@ -110,6 +113,7 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
       for (const auto& s : states) merged.absorb(0, s.max[i], s.sum[i]);
       lse[i] = OnlineSoftmax<acc_t>::shift_of(merged.max[0]) + std::log(merged.sum[0]);
       if (rw[r0 + i] != acc_t(0)) total += rw[r0 + i] * (lse[i] - target_logit[i]);
+      if (zw && zw[r0 + i] != acc_t(0)) total_z += zw[r0 + i] * lse[i] * lse[i];
     }
     if (!any_grad) continue;
     if (want_h) grad_h_partials.zero_();
@@ -122,10 +126,11 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
         for (int64_t i = 0; i < n; ++i) {
           acc_t* row = z + i * vocab + v0;
           const acc_t w_i = rw[r0 + i];
+          const acc_t s_i = zw ? w_i + 2 * zw[r0 + i] * lse[i] : w_i;  // what the softmax part is scaled by
           const acc_t m = panel_max[i * n_panels + t];
           // e = exp(z - m) is 0 on an all -inf panel: scale by 0 there, not by a factor that may overflow.
           const bool empty_panel = m == -std::numeric_limits<acc_t>::infinity();
-          scale_inplace(row, cols, empty_panel ? acc_t(0) : w_i * std::exp(m - lse[i]));
+          scale_inplace(row, cols, empty_panel ? acc_t(0) : s_i * std::exp(m - lse[i]));
           subtract_at_target(row, y[r0 + i], v0, cols, w_i);
         }
         const Tensor g = block.narrow(1, v0, cols);
@@ -141,14 +146,16 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
     });
     if (want_h) grad_h.narrow(0, r0, n).copy_(grad_h_partials.narrow(1, 0, n).sum(0));
   }
-  loss.fill_(static_cast<acc_t>(total));
+  loss[0].fill_(static_cast<acc_t>(total));
+  loss[1].fill_(static_cast<acc_t>(total_z));
 }
 
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_with_grads(
     const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
-    const Tensor& row_weight, int64_t block_rows, std::array<bool, 3> output_mask) {
+    const Tensor& row_weight, const c10::optional<Tensor>& z_weight, int64_t block_rows,
+    std::array<bool, 3> output_mask) {
   TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
               "dropreg::linear_ce_with_grads: input (N, d) and weight (V, d) expected");
   TORCH_CHECK(block_rows >= 1, "dropreg::linear_ce_with_grads: block_rows must be >= 1, got ", block_rows);
@@ -156,6 +163,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_with_grads(
               "dropreg::linear_ce_with_grads: target must be int64 of shape (N,)");
   TORCH_CHECK(row_weight.dim() == 1 && row_weight.size(0) == input.size(0),
               "dropreg::linear_ce_with_grads: row_weight must have shape (N,)");
+  const bool has_z = z_weight.has_value() && z_weight->defined();
+  TORCH_CHECK(!has_z || (z_weight->dim() == 1 && z_weight->size(0) == input.size(0)),
+              "dropreg::linear_ce_with_grads: z_weight must have shape (N,)");
   RECORD_FUNCTION("dropreg::ce_with_grads", std::vector<c10::IValue>());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // autograd is registered in Python
   const bool has_bias = bias.has_value() && bias->defined();
@@ -165,13 +175,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_with_grads(
   const Tensor h = input.to(acc).contiguous();
   const Tensor w = weight.contiguous();
   const Tensor b = has_bias ? bias->to(acc).contiguous() : Tensor();
-  Tensor loss = at::empty({}, h.options());
+  Tensor loss = at::empty({2}, h.options());  // [sum row_weight ce, sum z_weight lse^2]
   Tensor grad_h = want_h ? at::empty({rows, dim}, h.options()) : at::empty({0}, input.options());
   Tensor grad_w = want_w ? at::zeros({vocab, dim}, h.options()) : at::empty({0}, weight.options());
   Tensor grad_b = want_b ? at::zeros({vocab}, h.options()) : at::empty({0}, input.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "linear_ce_with_grads", [&] {
     ce_with_grads_impl<scalar_t>(h, w, b, target.contiguous(), row_weight.to(acc).contiguous(),
-                                 std::min(block_rows, std::max<int64_t>(rows, 1)), want_h, want_w, want_b, loss,
+                                 has_z ? z_weight->to(acc).contiguous() : Tensor(), std::min(block_rows, std::max<int64_t>(rows, 1)), want_h, want_w, want_b, loss,
                                  grad_h, grad_w, grad_b);
   });
   return {loss, want_h ? grad_h.to(input.scalar_type()) : grad_h, want_w ? grad_w.to(weight.scalar_type()) : grad_w,

@@ -20,7 +20,8 @@ TORCH_LIBRARY(dropreg, m) {
       "linear_ce_forward(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? signs, int seed, "
       "bool need_explicit, bool need_implicit) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "linear_ce_backward(Tensor grad_ce, Tensor grad_quadratic, Tensor grad_sign_term, Tensor input, "
+      "linear_ce_backward(Tensor grad_ce, Tensor grad_quadratic, Tensor grad_sign_term, Tensor? grad_mu, "
+      "Tensor input, "
       "Tensor weight, Tensor? bias, Tensor target, Tensor? signs, int seed, Tensor lse, Tensor mu, Tensor var, "
       "bool need_explicit, bool need_implicit, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def(
@@ -32,7 +33,7 @@ TORCH_LIBRARY(dropreg, m) {
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_ce_with_grads(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor row_weight, "
-      "int block_rows, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? z_weight, int block_rows, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("softmax_mean_forward(Tensor input, Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
   m.def(
       "softmax_mean_backward(Tensor grad_mu, Tensor input, Tensor weight, Tensor? bias, Tensor lse, Tensor mu, "

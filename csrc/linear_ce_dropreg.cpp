@@ -208,7 +208,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_ce_forward(
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
-    const Tensor& grad_ce, const Tensor& grad_quadratic, const Tensor& grad_sign_term, const Tensor& input,
+    const Tensor& grad_ce, const Tensor& grad_quadratic, const Tensor& grad_sign_term,
+    const c10::optional<Tensor>& grad_mu, const Tensor& input,
     const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
     const c10::optional<Tensor>& signs, int64_t seed, const Tensor& lse, const Tensor& mu, const Tensor& var,
     bool need_explicit, bool need_implicit, std::array<bool, 3> output_mask) {
@@ -249,6 +250,11 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
       r.sorted_target.resize(rows);
       for (int64_t i = 0; i < rows; ++i) r.sorted_target[i] = y[r.rows_by_target[i]];
     }
+  }
+  if (k && grad_mu.has_value() && grad_mu->defined() && grad_mu->numel()) {  // mu's own gradient gbar:
+    const Tensor g_mu = grad_mu->to(acc);                                    // T += gbar; row_const -= mu . gbar
+    T_vec = T_vec + g_mu;
+    row_const.sub_((mu * g_mu).sum(1));
   }
   if (k) r.T_stack = (need_explicit ? at::cat({T_vec, g_r_q}, 1) : T_vec).contiguous();
   r.row_const = row_const.contiguous();

@@ -13,19 +13,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& target, const c10::optional<at::Tensor>& signs, int64_t seed, bool need_explicit,
     bool need_implicit);
 
-// (grad_input, grad_weight, grad_bias); an output not asked for in output_mask is an empty tensor.
+// (grad_input, grad_weight, grad_bias); an output not asked for in output_mask is an empty tensor. grad_mu
+// (optional): the upstream gradient of the mu output, used by loss options whose terms depend on mu (z_loss).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
     const at::Tensor& grad_ce, const at::Tensor& grad_quadratic, const at::Tensor& grad_sign_term,
+    const c10::optional<at::Tensor>& grad_mu,
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, const c10::optional<at::Tensor>& signs, int64_t seed, const at::Tensor& lse,
     const at::Tensor& mu, const at::Tensor& var, bool need_explicit, bool need_implicit,
     std::array<bool, 3> output_mask);
 
-// CE only: (sum_i row_weight_i ce_i, grad_input, grad_weight, grad_bias) in one pass of 3 NVd, holding
-// block_rows rows of full-vocabulary logits at a time; an output not asked for in output_mask is empty.
+// CE only: ([sum_i row_weight_i ce_i, sum_i z_weight_i lse_i^2], grad_input, grad_weight, grad_bias) in one pass
+// of 3 NVd, the gradients those of the sum of both; block_rows rows of full-vocabulary logits are held at a time;
+// z_weight (optional) is the z-loss's per-row weight; an output not asked for in output_mask is empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_with_grads(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& target, const at::Tensor& row_weight, int64_t block_rows, std::array<bool, 3> output_mask);
+    const at::Tensor& target, const at::Tensor& row_weight, const c10::optional<at::Tensor>& z_weight,
+    int64_t block_rows, std::array<bool, 3> output_mask);
 
 // softmax_mean: (mu, lse) per row, and the gradients of mu (docs/math.md, every-site terms).
 std::tuple<at::Tensor, at::Tensor> softmax_mean_forward(const at::Tensor& input, const at::Tensor& weight,

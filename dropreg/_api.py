@@ -28,16 +28,19 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class LinearCrossEntropyOutput(NamedTuple):
-    """The three terms; scalars for ``"mean"``/``"sum"``, shape ``input.shape[:-1]`` for ``"none"``."""
+    """The terms; scalars for ``"mean"``/``"sum"``, shape ``input.shape[:-1]`` for ``"none"``.
+
+    ``z_loss`` is ``z_loss * lse^2`` reduced like ``ce`` (zero when the option is off)."""
 
     ce: Tensor
     explicit: Tensor
     implicit: Tensor
+    z_loss: Tensor
 
     @property
     def loss(self) -> Tensor:
-        """``ce + explicit + implicit``: the training loss."""
-        return self.ce + self.explicit + self.implicit
+        """``ce + explicit + implicit + z_loss``: the training loss."""
+        return self.ce + self.explicit + self.implicit + self.z_loss
 
 
 class RDropOutput(NamedTuple):
@@ -46,7 +49,8 @@ class RDropOutput(NamedTuple):
     ce1: Tensor
     ce2: Tensor
     kl: Tensor
-    loss: Tensor  # ce1 + ce2 + alpha * kl
+    loss: Tensor  # ce1 + ce2 + alpha * kl + z_loss
+    z_loss: Tensor  # z_loss * (lse1^2 + lse2^2), reduced like ce1 (zero when the option is off)
 
 
 def default_coefficients(p: float) -> tuple[float, float]:
@@ -218,6 +222,16 @@ def _check_coefficient(name: str, value, default: float) -> float:
     return float(value)
 
 
+def _check_softcap(softcap) -> Optional[float]:
+    if softcap is None:
+        return None
+    if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool):
+        raise TypeError(f"softcap: expected a positive float or None, got {softcap!r}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap: expected a finite, positive float or None, got {softcap!r}")
+    return float(softcap)
+
+
 def _check_seed(seed) -> int:
     if seed is None:
         return draw_seed()
@@ -272,12 +286,15 @@ class _IgnoredRows:
         return weights / self.count if reduction == "mean" else weights
 
     def reducer(self, reduction: str, out_dtype: torch.dtype):
+        """Masks ignored rows and reduces; "mean" divides by the count as it is now (see :meth:`count_weighted`)."""
+        count = self.count
+
         def reduce(per_row: Tensor) -> Tensor:
             per_row = torch.where(self.valid, per_row, torch.zeros_like(per_row))
             if reduction == "none":
                 return per_row.reshape(self.shape).to(out_dtype)
             total = per_row.sum()
-            return (total / self.count if reduction == "mean" else total).to(out_dtype)
+            return (total / count if reduction == "mean" else total).to(out_dtype)
         return reduce
 
 
@@ -288,8 +305,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
                          signs: Optional[Tensor] = None, seed: Optional[int] = None,
                          ignore_index: int = -100, reduction: str = "mean",
-                         weight: Optional[Tensor] = None, label_smoothing: float = 0.0,
-                         backend: str = "auto", process_group=None) -> LinearCrossEntropyOutput:
+                         weight: Optional[Tensor] = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         softcap: Optional[float] = None, return_lse: bool = False, backend: str = "auto",
+                         process_group=None):
     """Cross entropy of ``input @ linear_weight.T + linear_bias`` plus dropout's explicit and implicit terms.
 
     For each row ``h`` with target ``y`` (docs/math.md): ``ce = lse(z) - z_y``,
@@ -310,7 +328,16 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     ``weight`` (class weights, shape ``(V,)``) and ``label_smoothing`` follow ``F.cross_entropy``: a row's loss is
     ``w_y``-weighted, the smoothing spreads ``label_smoothing`` of the target over all classes (each weighted by its
     class weight), and ``"mean"`` divides by the sum of ``w_y`` over the rows kept. The explicit and implicit terms
-    are dropout's for that row loss (docs/math.md 3.4). Neither is supported with ``process_group`` yet.
+    are dropout's for that row loss (docs/math.md 3.4). ``z_loss`` (a coefficient ``c >= 0``, as PaLM and OLMo train
+    with) adds ``c lse^2`` per row, returned as ``.z_loss`` and reduced like ``ce``; the explicit and implicit terms
+    then include its Hessian and gradient (docs/math.md 3.5). ``softcap`` (Gemma 2's final-logit softcapping) caps
+    the logits, ``z = softcap * tanh(z / softcap)``, before everything else, the dropout terms included
+    (docs/math.md 3.6); the "torch" and "reference" backends implement it ("auto" picks "torch"), and it cannot be
+    combined with ``label_smoothing`` yet. None of these is supported with ``process_group`` yet.
+
+    Returns a :class:`LinearCrossEntropyOutput`; with ``return_lse=True``, the pair ``(output, lse)``, ``lse`` the
+    per-row logsumexp of the logits, shape ``input.shape[:-1]`` whatever the reduction, differentiable, 0 on ignored
+    rows.
 
     ``process_group``: a vocabulary-parallel head (:mod:`dropreg.distributed`): ``linear_weight`` and
     ``linear_bias`` are this rank's contiguous slice (slices in rank order), ``target`` holds global classes,
@@ -328,17 +355,25 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         need_explicit = bool(explicit) and explicit_coef != 0.0
         need_implicit = bool(implicit) and implicit_coef != 0.0
         flat_signs = _flatten_signs(signs, input) if signs is not None and need_implicit else None
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse: expected a bool, got {return_lse!r}")
+        softcap = _check_softcap(softcap)
         options = LossOptions(check_class_weight(weight, vocab, input, _checking_values()),
-                              check_label_smoothing(label_smoothing))
-        if options.active and call.sharded:
-            raise ValueError("weight, label_smoothing: not supported with process_group yet; pass weight=None and "
-                             "label_smoothing=0.0")
+                              check_label_smoothing(label_smoothing), _check_coefficient("z_loss", z_loss, 0.0),
+                              return_lse, softcap)
+        if softcap is not None and options.smoothing:
+            raise ValueError("softcap: not supported with label_smoothing yet (the smoothed loss of a capped head needs "
+                             "a further streamed statistic); pass label_smoothing=0.0")
+        if (options.active or softcap is not None) and call.sharded:
+            raise ValueError("weight, label_smoothing, z_loss, softcap, return_lse: not supported with process_group "
+                             "yet; pass weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None and "
+                             "return_lse=False")
         given_seed = seed
         seed = _check_seed(seed) if need_implicit and signs is None else 0
         if call.sharded:
             local_backend = distributed.check_backend("linear_cross_entropy", backend, input.device)
         else:
-            _, implementation = resolve_backend(backend, input.device)
+            _, implementation = resolve_backend(backend, input.device, softcap=softcap is not None)
         call.describe(input, linear_weight, linear_bias, seed=seed, target=target,
                       classes=[("target", target, target != ignore_index)],
                       options=(reduction, p, need_explicit, need_implicit, explicit_coef, implicit_coef, ignore_index,
@@ -349,36 +384,47 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if options.class_weight is not None:
         rows.count_weighted(options.denominator_weights(rows.safe_target, acc))
     if (not call.sharded and not need_explicit and not need_implicit and reduction != "none"
-            and implementation.ce_with_grads is not None):
-        # Cross entropy alone, reduced: the gradients are formed in the forward, 3 NVd instead of 4.
+            and not return_lse and softcap is None and implementation.ce_with_grads is not None):
+        # Cross entropy alone (z-loss included), reduced: the gradients are formed in the forward, 3 NVd, not 4.
         h = rows.zero_ignored(input)
         row_weight = rows.row_weights(reduction)
-        ce = implementation.ce_with_grads(h, linear_weight, linear_bias, rows.safe_target,
-                                          row_weight * options.row_factor(rows.safe_target, acc)
-                                          if options.active else row_weight)
+        ce, z_value = implementation.ce_with_grads(h, linear_weight, linear_bias, rows.safe_target,
+                                                   row_weight * options.row_factor(rows.safe_target, acc)
+                                                   if options.reweights else row_weight,
+                                                   row_weight * options.z_loss if options.z_loss else None)
         if options.smoothing:
             ce = ce + options.ce_only_extra(h, linear_weight, linear_bias, rows.safe_target, row_weight)
-        zero = torch.zeros((), dtype=_result_dtype(input.dtype), device=input.device)
-        return LinearCrossEntropyOutput(ce=ce.to(_result_dtype(input.dtype)), explicit=zero, implicit=zero)
+        out_dtype = _result_dtype(input.dtype)
+        zero = torch.zeros((), dtype=out_dtype, device=input.device)
+        return LinearCrossEntropyOutput(ce=ce.to(out_dtype), explicit=zero, implicit=zero,
+                                        z_loss=z_value.to(out_dtype) if options.z_loss else zero)
+    z_term = lse = None
     if call.sharded:
         ce, quadratic, sign_term = distributed.sharded_terms(
             call.shard, rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target, flat_signs, call.seed,
             need_explicit, need_implicit, local_backend)
     else:
         h = rows.zero_ignored(input)
-        ce, quadratic, sign_term = implementation.linear_ce(h, linear_weight, linear_bias, rows.safe_target,
-                                                            flat_signs, seed, need_explicit, need_implicit)
+        if softcap is None:
+            ce, quadratic, sign_term, mu = implementation.linear_ce(h, linear_weight, linear_bias, rows.safe_target,
+                                                                    flat_signs, seed, need_explicit, need_implicit)
+        else:
+            ce, quadratic, sign_term, mu = implementation.linear_ce_softcap(
+                h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit, need_implicit, softcap)
         if options.active:
-            signs_used = implicit_signs(h, flat_signs, seed, need_implicit and bool(options.smoothing))
-            ce, quadratic, sign_term = options.adjust(ce, quadratic, sign_term, h, linear_weight, linear_bias,
-                                                      rows.safe_target, signs_used)
+            signs_used = implicit_signs(h, flat_signs, seed, need_implicit and options.needs_signs)
+            ce, quadratic, sign_term, z_term, lse = options.adjust(
+                ce, quadratic, sign_term, mu, h, linear_weight, linear_bias, rows.safe_target, signs_used,
+                need_explicit, need_implicit)
     reduce = rows.reducer(reduction, _result_dtype(input.dtype))
     zero = reduce(torch.zeros_like(ce))
-    return LinearCrossEntropyOutput(
+    out = LinearCrossEntropyOutput(
         ce=reduce(ce),
         explicit=reduce(explicit_coef * quadratic) if need_explicit else zero,
         implicit=reduce(implicit_coef * sign_term) if need_implicit else zero,
+        z_loss=zero if z_term is None else reduce(z_term),
     )
+    return (out, rows.reducer("none", _result_dtype(input.dtype))(lse)) if return_lse else out
 
 
 @_autocast_aware("input", "linear_weight", "linear_bias")
@@ -403,8 +449,8 @@ def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: O
         _, quadratic, _ = distributed.sharded_terms(call.shard, input.reshape(-1, input.shape[-1]), linear_weight,
                                                     linear_bias, rows.safe_target, None, 0, True, False, local_backend)
     else:
-        _, quadratic, _ = implementation.linear_ce(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias,
-                                                   rows.safe_target, None, 0, True, False)
+        _, quadratic, _, _ = implementation.linear_ce(input.reshape(-1, input.shape[-1]), linear_weight,
+                                                      linear_bias, rows.safe_target, None, 0, True, False)
     return rows.reducer(reduction, _result_dtype(input.dtype))(quadratic)
 
 
@@ -412,6 +458,7 @@ def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: O
 def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Tensor, target: Tensor, *,
                                linear_bias: Optional[Tensor] = None, alpha: float = 1.0,
                                ignore_index: int = -100, reduction: str = "mean",
+                               weight: Optional[Tensor] = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                                backend: str = "auto", process_group=None) -> RDropOutput:
     """R-Drop (Liang et al., 2021) on an LM head, fused: two cross entropies and the symmetric KL.
 
@@ -422,6 +469,12 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
     ``sum_v (p1_v - p2_v)(z1_v - z2_v) / 2`` (docs/math.md). Ignored rows, reductions, dtypes and errors
     behave as in :func:`linear_cross_entropy`, and so does ``process_group`` (``input1`` and ``input2`` the same
     on every rank).
+
+    ``weight``, ``label_smoothing`` and ``z_loss`` act on each pass's cross entropy as in
+    :func:`linear_cross_entropy` (``ce1`` and ``ce2``'s ``"mean"`` divides by the sum of ``w_y``); the KL compares
+    two distributions and takes none of them (its ``"mean"`` divides by the number of rows kept). ``z_loss`` is
+    ``z_loss * (lse1^2 + lse2^2)`` reduced like ``ce1``. A softcap is not supported on R-Drop yet (its KL would be
+    of the capped logits: a kernel change), and none of the three with ``process_group``.
     """
     with distributed.checked_call(process_group, "rdrop_linear_cross_entropy") as call:
         vocab, dim = _check_head(input1, linear_weight, linear_bias, name="input1")
@@ -429,6 +482,11 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
         _check_target(target, input1, None if call.sharded else vocab, ignore_index, input_name="input1")
         _check_reduction(reduction)
         alpha = _check_coefficient("alpha", alpha, 1.0)
+        options = LossOptions(check_class_weight(weight, vocab, input1, _checking_values()),
+                              check_label_smoothing(label_smoothing), _check_coefficient("z_loss", z_loss, 0.0))
+        if options.active and call.sharded:
+            raise ValueError("weight, label_smoothing, z_loss: not supported with process_group yet; pass weight=None, "
+                             "label_smoothing=0.0 and z_loss=0.0")
         if call.sharded:
             local_backend = distributed.check_backend("rdrop_linear_cross_entropy", backend, input1.device)
         else:
@@ -438,12 +496,25 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
                       linear_bias, target=target, classes=[("target", target, target != ignore_index)],
                       options=(reduction, alpha, ignore_index))
     rows = _IgnoredRows(target, ignore_index, input1.dtype)
+    out_dtype = _result_dtype(input1.dtype)
+    reduce_kl = rows.reducer(reduction, out_dtype)  # before count_weighted: the KL's mean counts rows
+    z_term = None
     if call.sharded:
         ce1, ce2, kl = distributed.sharded_rdrop(call.shard, rows.zero_ignored(input1), rows.zero_ignored(input2),
                                                  linear_weight, linear_bias, rows.safe_target, local_backend)
     else:
-        ce1, ce2, kl = implementation.rdrop(rows.zero_ignored(input1), rows.zero_ignored(input2), linear_weight,
-                                            linear_bias, rows.safe_target)
-    reduce = rows.reducer(reduction, _result_dtype(input1.dtype))
-    ce1, ce2, kl = reduce(ce1), reduce(ce2), reduce(kl)
-    return RDropOutput(ce1=ce1, ce2=ce2, kl=kl, loss=ce1 + ce2 + alpha * kl)
+        h1, h2 = rows.zero_ignored(input1), rows.zero_ignored(input2)
+        ce1, ce2, kl = implementation.rdrop(h1, h2, linear_weight, linear_bias, rows.safe_target)
+        if options.active:
+            zeros = torch.zeros_like(ce1)
+            adjusted = [options.adjust(ce, zeros, zeros, None, h, linear_weight, linear_bias, rows.safe_target, None,
+                                       False, False) for ce, h in ((ce1, h1), (ce2, h2))]
+            ce1, ce2 = adjusted[0].ce, adjusted[1].ce
+            if options.z_loss:
+                z_term = adjusted[0].z_term + adjusted[1].z_term
+            if options.class_weight is not None:
+                rows.count_weighted(options.denominator_weights(rows.safe_target, ce1.dtype))
+    reduce = rows.reducer(reduction, out_dtype)
+    z_loss_value = reduce(torch.zeros_like(ce1) if z_term is None else z_term)
+    ce1, ce2, kl = reduce(ce1), reduce(ce2), reduce_kl(kl)
+    return RDropOutput(ce1=ce1, ce2=ce2, kl=kl, loss=ce1 + ce2 + alpha * kl + z_loss_value, z_loss=z_loss_value)

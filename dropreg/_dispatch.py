@@ -4,16 +4,21 @@ A backend provides one function per fused op, on flattened, validated arguments,
 terms without coefficients (the caller applies coefficients, masks ignored rows and reduces):
 
 * ``linear_ce(input, weight, bias, target, signs, seed, need_explicit, need_implicit)
-  -> (ce, quadratic, sign_term)``, as :func:`dropreg.reference.reference_terms`;
+  -> (ce, quadratic, sign_term, mu)``, as :func:`dropreg.reference.reference_terms`: mu (None unless a term is
+  needed) is differentiable too, for the loss options built on it (docs/math.md 3.5);
 * ``rdrop(input1, input2, weight, bias, target) -> (ce1, ce2, kl)``, as
   :func:`dropreg.reference.reference_rdrop`;
 * ``softmax_mean(input, weight, bias) -> mu`` (differentiable), as
   :func:`dropreg.reference.reference_softmax_mean`;
 * ``sample_targets(input, weight, bias, samples, seed) -> (samples, N) int64``, as
   :func:`dropreg.reference.reference_sample_targets`;
-* optionally ``ce_with_grads(input, weight, bias, target, row_weight) -> sum_i row_weight_i ce_i`` (0-d,
-  differentiable), for cross entropy alone under a "mean"/"sum" reduction: it forms the gradients during the
-  forward (3 NVd instead of 4, docs/math.md "CE only"). A backend without it gets the per-row path.
+* optionally ``linear_ce_softcap(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap)``:
+  ``linear_ce`` for a softcapped head (docs/math.md 3.6); a backend without it refuses ``softcap=``, and
+  ``"auto"`` skips it then;
+* optionally ``ce_with_grads(input, weight, bias, target, row_weight, z_weight=None)
+  -> [sum_i row_weight_i ce_i, sum_i z_weight_i lse_i^2]`` (shape (2,), differentiable as a sum), for cross
+  entropy alone (z-loss included) under a "mean"/"sum" reduction: it forms the gradients during the forward
+  (3 NVd instead of 4, docs/math.md "CE only"). A backend without it gets the per-row path.
 
 Ignored rows arrive with zeroed input rows and a valid dummy target. A new backend is added to ``_BACKENDS`` here and,
 by its name in ``tests/conftest.py``, gets the whole test suite.
@@ -21,14 +26,16 @@ by its name in ``tests/conftest.py``, gets the whole test suite.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Callable, Optional
 
 import torch
 
 from . import cpu
 from . import triton as triton_backend
-from .reference import reference_rdrop, reference_sample_targets, reference_softmax_mean, reference_terms
+from .reference import (reference_rdrop, reference_sample_targets, reference_softcap_terms, reference_softmax_mean,
+                        reference_terms)
+from .softcap import streamed_softcap_terms
 from .streamed import (streamed_ce_with_grads, streamed_rdrop, streamed_sample_targets, streamed_softmax_mean,
                        streamed_terms)
 
@@ -39,21 +46,25 @@ class Backend:
     rdrop: Callable[..., tuple]
     softmax_mean: Callable[..., torch.Tensor]
     sample_targets: Callable[..., torch.Tensor]
+    _: KW_ONLY  # the optional parts are named at construction: a positional slip would bind the wrong callable
     ce_with_grads: Optional[Callable[..., torch.Tensor]] = None
     is_available: Callable[[], bool] = lambda: True
     unavailable_reason: Callable[[], Optional[BaseException]] = lambda: None
+    linear_ce_softcap: Optional[Callable[..., tuple]] = None
 
 
 _BACKENDS: dict[str, Backend] = {
-    "reference": Backend(reference_terms, reference_rdrop, reference_softmax_mean, reference_sample_targets),
+    "reference": Backend(reference_terms, reference_rdrop, reference_softmax_mean, reference_sample_targets,
+                         linear_ce_softcap=reference_softcap_terms),
     "torch": Backend(streamed_terms, streamed_rdrop, streamed_softmax_mean, streamed_sample_targets,
-                     streamed_ce_with_grads),
+                     ce_with_grads=streamed_ce_with_grads, linear_ce_softcap=streamed_softcap_terms),
     "cpu": Backend(cpu.FAMILY.linear_ce, cpu.FAMILY.rdrop, cpu.cpu_softmax_mean, cpu.cpu_sample_targets,
-                   cpu.cpu_ce_with_grads, cpu.FAMILY.is_available, cpu.FAMILY.unavailable_reason),
+                   ce_with_grads=cpu.cpu_ce_with_grads, is_available=cpu.FAMILY.is_available,
+                   unavailable_reason=cpu.FAMILY.unavailable_reason),
     # The every-site ops run the chunked PyTorch driver on the GPU path: no Triton kernel of their own yet.
     "triton": Backend(triton_backend.FAMILY.linear_ce, triton_backend.FAMILY.rdrop, streamed_softmax_mean,
-                      streamed_sample_targets, None, triton_backend.FAMILY.is_available,
-                      triton_backend.FAMILY.unavailable_reason),
+                      streamed_sample_targets, is_available=triton_backend.FAMILY.is_available,
+                      unavailable_reason=triton_backend.FAMILY.unavailable_reason),
 }
 
 # Fastest first, per device type; "auto" takes the first registered and available one.
@@ -89,8 +100,13 @@ def _deterministic_here(name: str, device: torch.device) -> bool:
     return device.type not in _NONDETERMINISTIC.get(name, ())
 
 
-def resolve_backend(name: str, device: torch.device) -> tuple[str, Backend]:
-    """``(name, backend)`` for ``backend=name``; ``"auto"`` picks the fastest usable one for ``device``.
+def _supports(name: str, softcap: bool) -> bool:
+    return not softcap or _BACKENDS[name].linear_ce_softcap is not None
+
+
+def resolve_backend(name: str, device: torch.device, *, softcap: bool = False) -> tuple[str, Backend]:
+    """``(name, backend)`` for ``backend=name``; ``"auto"`` picks the fastest usable one for ``device``
+    (that implements a softcapped head, when ``softcap``).
 
     Under ``torch.use_deterministic_algorithms(True)``, ``"auto"`` skips backends that are not deterministic on
     ``device`` and naming one raises, as torch does for its own nondeterministic ops."""
@@ -99,11 +115,15 @@ def resolve_backend(name: str, device: torch.device) -> tuple[str, Backend]:
         for candidate in _AUTO_PREFERENCE.get(device.type, _AUTO_FALLBACK):
             if deterministic and not _deterministic_here(candidate, device):
                 continue
-            if candidate in _BACKENDS and _usable(candidate):
+            if candidate in _BACKENDS and _supports(candidate, softcap) and _usable(candidate):
                 return candidate, _BACKENDS[candidate]
         name = _AUTO_FALLBACK[0]
     if name not in _BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {sorted(_BACKENDS)}, got {name!r}")
+    if not _supports(name, softcap):
+        supported = sorted(n for n in _BACKENDS if _supports(n, True))
+        raise ValueError(f"softcap: backend {name!r} does not implement a softcapped head yet; use backend='auto' or "
+                         f"one of {supported}")
     if deterministic and not _deterministic_here(name, device):
         message = (f"backend: {name!r} is not deterministic on {device.type} tensors (its kernels accumulate "
                    f"gradients with atomic adds), and torch.use_deterministic_algorithms(True) is set; use "

@@ -4,11 +4,13 @@
 Both families have the same schemas (csrc/dropreg.cpp):
 
 * ``linear_ce_forward(input, weight, bias?, target, signs?, int seed, bool need_explicit, bool need_implicit)
-  -> (ce, quadratic, sign_term, lse, mu, var)`` and ``linear_ce_backward(..., bool[3] output_mask)``;
+  -> (ce, quadratic, sign_term, lse, mu, var)`` and ``linear_ce_backward(grad_ce, grad_quadratic, grad_sign_term,
+  grad_mu?, input, ..., bool[3] output_mask)``;
 * ``rdrop_forward(input1, input2, weight, bias?, target) -> (ce1, ce2, kl, lse, expected_d)`` and
   ``rdrop_backward(..., bool[4] output_mask)``.
 
-lse, mu, var and expected_d are saved statistics, not differentiable outputs: their gradients are ignored.
+lse, var and expected_d are saved statistics, not differentiable outputs: their gradients are ignored. mu is
+differentiable (``grad_mu``): z_loss's terms depend on it (docs/math.md 3.5).
 Backward ops return an empty tensor for every gradient that ``output_mask`` switches off.
 
 Names used for docs/math.md's quantities in every backend (Python, Triton, C++), per row n:
@@ -110,7 +112,7 @@ class OpFamily:
         return tensor.contiguous() if self._contiguous_operands else tensor
 
     def linear_ce(self, input, weight, bias, target, signs, seed, need_explicit, need_implicit):
-        """Per-row ``(ce, quadratic, sign_term)`` from ``linear_ce_forward`` (see dropreg/_dispatch.py)."""
+        """Per-row ``(ce, quadratic, sign_term, mu)`` from ``linear_ce_forward`` (see dropreg/_dispatch.py)."""
         self._check_device(input)
         self.load()
         if signs is not None:
@@ -118,7 +120,7 @@ class OpFamily:
         out = self._ops().linear_ce_forward(
             self._operand(input), self._operand(weight), None if bias is None else bias.contiguous(),
             target.contiguous(), signs, int64_seed(seed), need_explicit, need_implicit)
-        return out[0], out[1], out[2]
+        return out[0], out[1], out[2], (out[4] if need_explicit or need_implicit else None)
 
     def rdrop(self, input1, input2, weight, bias, target):
         """Per-row ``(ce1, ce2, kl)`` from ``rdrop_forward`` (see dropreg/_dispatch.py)."""
@@ -178,14 +180,16 @@ def register_linear_ce_autograd(forward_op: str, backward_op) -> None:
         ctx.save_for_backward(input, weight, bias, target, signs, lse, mu, var)
         ctx.options = (seed, need_explicit, need_implicit, bias is not None)
 
-    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, _grad_lse, _grad_mu, _grad_var):
+    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, _grad_lse, grad_mu, _grad_var):
         input, weight, bias, target, signs, lse, mu, var = ctx.saved_tensors
         seed, need_explicit, need_implicit, has_bias = ctx.options
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
         grads = [torch.zeros_like(lse) if g is None else g.contiguous()
                  for g in (grad_ce, grad_quadratic, grad_sign_term)]
-        grad_h, grad_w, grad_b = backward_op(
-            *grads, input, weight, bias, target, signs, seed, lse, mu, var, need_explicit, need_implicit, mask)
+        if grad_mu is not None and (grad_mu.numel() == 0 or not (need_explicit or need_implicit)):
+            grad_mu = None
+        grad_h, grad_w, grad_b = backward_op(*grads, None if grad_mu is None else grad_mu.contiguous(), input, weight,
+                                             bias, target, signs, seed, lse, mu, var, need_explicit, need_implicit, mask)
         return (grad_h if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
                 None, None, None, None, None)
 

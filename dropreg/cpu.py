@@ -100,8 +100,8 @@ def _register_python_kernels() -> None:
         return (*per_row, mu, var)
 
     @torch.library.register_fake("dropreg::linear_ce_backward")
-    def _backward_fake(grad_ce, grad_quadratic, grad_sign_term, input, weight, bias, target, signs, seed, lse,
-                       mu, var, need_explicit, need_implicit, output_mask):
+    def _backward_fake(grad_ce, grad_quadratic, grad_sign_term, grad_mu, input, weight, bias, target, signs, seed,
+                       lse, mu, var, need_explicit, need_implicit, output_mask):
         op = "dropreg::linear_ce_backward"
         rows, dim, _ = _check_head(op, {"input": input}, weight, bias, target)
         _check_signs(op, signs, rows, dim)
@@ -111,6 +111,8 @@ def _register_python_kernels() -> None:
         _check_shape(op, "lse", lse, (rows,))
         _check_shape(op, "mu", mu, (rows if (need_explicit or need_implicit) else 0, dim))
         _check_shape(op, "var", var, (rows if need_explicit else 0, dim))
+        if grad_mu is not None:
+            _check_shape(op, "grad_mu", grad_mu, tuple(mu.shape))
         for name, saved in (("lse", lse), ("mu", mu), ("var", var)):
             _check_dtype(op, name, saved, acc)
         grad_h = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
@@ -132,11 +134,13 @@ def _register_ce_with_grads_kernels() -> None:
     op = "dropreg::linear_ce_with_grads"
 
     @torch.library.register_fake(op)
-    def _fake(input, weight, bias, target, row_weight, block_rows, output_mask):
+    def _fake(input, weight, bias, target, row_weight, z_weight, block_rows, output_mask):
         rows, _, _ = _check_head(op, {"input": input}, weight, bias, target)
         _check_per_row_grads(op, {"row_weight": row_weight}, rows)
+        if z_weight is not None:
+            _check_per_row_grads(op, {"z_weight": z_weight}, rows)
         torch._check(block_rows >= 1, lambda: f"{op}: block_rows must be >= 1, got {block_rows}")
-        loss = input.new_empty((), dtype=accumulation_dtype(input.dtype))
+        loss = input.new_empty((2,), dtype=accumulation_dtype(input.dtype))
         grad_h = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
         grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
         grad_b = torch.empty_like(bias) if (output_mask[2] and bias is not None) else input.new_empty((0,))
@@ -144,13 +148,14 @@ def _register_ce_with_grads_kernels() -> None:
 
     def setup_context(ctx, inputs, output):
         ctx.mask = [wanted and x is not None for wanted, x in zip(inputs[-1], inputs[:3])]
+        ctx.has_z = inputs[5] is not None
         ctx.save_for_backward(*inputs[:3], *output[1:])  # the inputs only link first_order_only's guard to them
 
     @first_order_only
     def backward(ctx, grad_loss, *_grads_of_gradients):  # the gradient outputs are saved results, not terms
-        grads = ctx.saved_tensors[3:]
-        scaled = (g * grad_loss.to(g.dtype) if wanted else None for g, wanted in zip(grads, ctx.mask))
-        return (*scaled, None, None, None, None)
+        scale = streamed.combined_upstream(grad_loss, ctx.has_z)
+        scaled = (g * scale.to(g.dtype) if wanted else None for g, wanted in zip(ctx.saved_tensors[3:], ctx.mask))
+        return (*scaled, None, None, None, None, None)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
@@ -225,13 +230,15 @@ def _register_site_kernels() -> None:
     refuse_double_backward("dropreg::softmax_mean_backward")
 
 
-def cpu_ce_with_grads(input, weight, bias, target, row_weight):
-    """CE only: ``sum_i row_weight_i ce_i`` with its gradients formed in the forward (see dropreg/_dispatch.py)."""
+def cpu_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None):
+    """CE only: ``[sum_i row_weight_i ce_i, sum_i z_weight_i lse_i^2]`` with the gradients formed in the forward
+    (see dropreg/_dispatch.py)."""
     load()
     block_rows, _ = streamed.ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
     return torch.ops.dropreg.linear_ce_with_grads(
         input.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), target.contiguous(),
-        row_weight.contiguous(), block_rows, list(streamed.gradients_wanted(input, weight, bias)))[0]
+        row_weight.contiguous(), None if z_weight is None else z_weight.contiguous(), block_rows,
+        list(streamed.gradients_wanted(input, weight, bias)))[0]
 
 
 def cpu_softmax_mean(input, weight, bias):

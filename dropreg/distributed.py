@@ -289,7 +289,7 @@ def _owned_target_terms(shard, h, weight, bias, target, signs, acc):
     local_target, owned = shard.localize(target)
     safe = torch.where(owned, local_target, torch.zeros_like(local_target))
     hc = h.to(acc)
-    picked = [_owned_pick(owned, streamed._target_logit(hc, weight, bias, safe, acc))]
+    picked = [_owned_pick(owned, streamed.target_logit(hc, weight, bias, safe, acc))]
     u = None
     if signs is not None:
         u = signs * hc
@@ -360,7 +360,7 @@ class ShardedRDrop(torch.autograd.Function):
                                                                           vocab_chunk)
         local_target, owned = shard.localize(target)
         safe = torch.where(owned, local_target, torch.zeros_like(local_target))
-        picked = torch.stack([_owned_pick(owned, streamed._target_logit(h.to(acc), weight, bias, safe, acc))
+        picked = torch.stack([_owned_pick(owned, streamed.target_logit(h.to(acc), weight, bias, safe, acc))
                               for h in (h1, h2)])
         global_max, rescale = _merge_maxima(shard, row_max)
         packed = shard.all_reduce(torch.cat([exp_sum * rescale, weighted_d * rescale, picked]), dist.ReduceOp.SUM,
@@ -562,7 +562,7 @@ class CppShardedTerms(torch.autograd.Function):
                           for g in (grad_ce, grad_quadratic, grad_sign_term)]
         class_zero = torch.zeros_like(safe)
         grad_h, grad_w, grad_b = _cpu_ops().linear_ce_backward(
-            g_ce, g_r, g_i, h, weight, bias, class_zero, signs, 0, lse, mu, var, need_explicit, need_implicit,
+            g_ce, g_r, g_i, None, h, weight, bias, class_zero, signs, 0, lse, mu, var, need_explicit, need_implicit,
             [want_h, want_w, want_b and bias is not None])
         hc = h.to(acc)
         owned_col = owned.to(acc)[:, None]
@@ -625,7 +625,7 @@ class CppShardedRDrop(torch.autograd.Function):
         _, _, _, lse_r, expected_r = _cpu_ops().rdrop_forward(h1, h2, weight, bias, class_zero)
         local_target, owned = shard.localize(target)
         safe = torch.where(owned, local_target, torch.zeros_like(local_target))
-        picked = [torch.stack([_owned_pick(owned, streamed._target_logit(h.to(acc), weight, bias, safe, acc))
+        picked = [torch.stack([_owned_pick(owned, streamed.target_logit(h.to(acc), weight, bias, safe, acc))
                                for h in (h1, h2)])]
         # Rows of (2, N): pass i's lse and E_pi[D] merge like any other row.
         lse, (expected_d,), (target_logit,) = _merge_normalized(shard, lse_r, [expected_r.unsqueeze(-1)], picked)

@@ -85,10 +85,6 @@ def _head_parameters(model: nn.Module):
 
 def _logit_scale(model: nn.Module) -> float:
     """The factor HF multiplies the logits by; it is linear, so it is folded into the hidden states."""
-    if _config_value(model, "final_logit_softcapping") is not None:
-        raise NotImplementedError(
-            "causal_lm_loss: config.final_logit_softcapping is set; a softcapped head (tanh of the logits) is "
-            "not supported yet")
     scale = 1.0
     granite = _config_value(model, "logits_scaling")  # Granite: logits / logits_scaling
     if granite is not None:
@@ -103,7 +99,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
                    num_items_in_batch=None, p: float = 0.1, explicit: bool = True, implicit: bool = True,
                    explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
                    seed: Optional[int] = None, decoder: Optional[nn.Module] = None,
-                   label_smoothing: float = 0.0, weight: Optional[Tensor] = None,
+                   label_smoothing: float = 0.0, weight: Optional[Tensor] = None, z_loss: float = 0.0,
                    backend: str = "auto", **model_inputs) -> LinearCrossEntropyOutput:
     """HF's causal-LM loss of ``model`` plus dropout's regularizers at the head, without the logits.
 
@@ -111,8 +107,8 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
     shifted as HF does (``labels[..., 1:]`` against ``hidden[..., :-1, :]``) unless ``shift_labels`` is
     given (already aligned with the hidden states). ``num_items_in_batch`` given: the sum over tokens
     divided by it (HF's gradient accumulation); else the mean over non-ignored tokens.
-    ``decoder``: the module returning the last hidden state, when it cannot be found. ``label_smoothing`` and
-    ``weight`` (class weights) are :func:`dropreg.linear_cross_entropy`'s; with class weights and
+    ``decoder``: the module returning the last hidden state, when it cannot be found. ``label_smoothing``,
+    ``weight`` (class weights) and ``z_loss`` are :func:`dropreg.linear_cross_entropy`'s; with class weights and
     ``num_items_in_batch``, the latter is what the sum is divided by.
     """
     shift_labels = model_inputs.pop("shift_labels", None)
@@ -120,6 +116,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
         raise ValueError("causal_lm_loss: pass labels (shifted here) or shift_labels (already shifted)")
     model_inputs.pop("logits_to_keep", None)  # every position is needed for the loss
     scale = _logit_scale(model)
+    softcap = _config_value(model, "final_logit_softcapping")  # Gemma 2: cap * tanh(logits / cap), after the scale
     head_weight, bias = _head_parameters(model)
     decoder = find_decoder(model) if decoder is None else decoder
 
@@ -141,7 +138,8 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
     out = linear_cross_entropy(hidden, head_weight, target, linear_bias=bias, p=p, explicit=explicit,
                                implicit=implicit, explicit_coef=explicit_coef, implicit_coef=implicit_coef,
                                seed=seed, ignore_index=IGNORE_INDEX, reduction=reduction,
-                               label_smoothing=label_smoothing, weight=weight, backend=backend)
+                               label_smoothing=label_smoothing, weight=weight, z_loss=z_loss,
+                               softcap=None if softcap is None else float(softcap), backend=backend)
     if num_items_in_batch is None:
         return out
     if isinstance(num_items_in_batch, Tensor):

@@ -11,14 +11,26 @@ backend. With ``w`` the class weights (1 when not given), ``eps`` the smoothing,
     sign'    = a sign_term + eps u . (wbar W_y - W~)          (u = sigma * h)
 
 ``"mean"`` divides by the sum of ``w_y`` over the rows that are not ignored, as ``F.cross_entropy`` does.
+
+``z_loss`` (coefficient ``c``, docs/math.md 3.5) adds ``c lse^2`` per row (with a softcap, of the capped logits:
+docs/math.md 3.6). It needs the row's ``lse = ce + z_y``
+and ``mu`` as differentiable values (every backend returns mu and takes its gradient), and adds, with
+``q = h*h``:
+
+    z_term   = c lse^2
+    quad'   += 2 c (lse quadratic + q . mu^2)
+    sign'   += 2 c lse u . mu
 """
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from .softcap import softcap_derivatives
+from .streamed import target_logit
 
 
 
@@ -50,13 +62,32 @@ def check_class_weight(weight, vocab: int, input: Tensor, check_values: bool) ->
 _CHUNK_ROWS = 8192  # vocabulary rows upcast at a time for W~
 
 
-class LossOptions:
-    """The per-row factor and corrections of one call; ``active`` is False when neither option is in use."""
+class AdjustedTerms(NamedTuple):
+    ce: Tensor
+    quadratic: Tensor
+    sign_term: Tensor
+    z_term: Optional[Tensor]  # c lse^2 per row; None without z_loss
+    lse: Optional[Tensor]     # per row, differentiable; None unless z_loss or asked for
 
-    def __init__(self, class_weight: Optional[Tensor], label_smoothing: float):
+
+class LossOptions:
+    """The per-row factor and corrections of one call; ``active`` is False when no option is in use (and the
+    per-row lse is not asked for)."""
+
+    def __init__(self, class_weight: Optional[Tensor], label_smoothing: float, z_loss: float = 0.0,
+                 want_lse: bool = False, softcap: Optional[float] = None):
+        self.softcap = softcap  # the backend caps the logits; lse and z-loss's terms here must know it
         self.class_weight = class_weight
         self.smoothing = label_smoothing
-        self.active = class_weight is not None or label_smoothing != 0.0
+        self.z_loss = z_loss
+        self.want_lse = want_lse or z_loss != 0.0
+        self.reweights = class_weight is not None or label_smoothing != 0.0
+        self.active = self.reweights or self.want_lse
+
+    @property
+    def needs_signs(self) -> bool:
+        """Whether :meth:`adjust` reads the implicit term's signs (smoothing and z_loss add sign-weighted parts)."""
+        return bool(self.smoothing) or bool(self.z_loss)
 
     def _weights(self, target: Tensor, acc: torch.dtype):
         if self.class_weight is None:
@@ -96,19 +127,40 @@ class LossOptions:
             shift = shift + self.smoothing * (w_bar * bias[target].to(acc) - self._weighted_mean(bias, acc))
         return direction, shift
 
-    def adjust(self, ce, quadratic, sign_term, h, weight, bias, target, signs):
-        """The per-row terms with the options applied (``signs`` only needed when ``sign_term`` is used)."""
+    def adjust(self, ce, quadratic, sign_term, mu, h, weight, bias, target, signs, need_explicit,
+               need_implicit) -> AdjustedTerms:
+        """The per-row terms with the options applied, from a backend's raw ``(ce, quadratic, sign_term, mu)``
+        (``signs`` only needed when the implicit term is)."""
         acc = ce.dtype
-        a = self.row_factor(target, acc)
-        ce = a * ce
-        quadratic = a * quadratic
-        sign_term = a * sign_term
+        lse = z2_target = None
+        if self.want_lse:
+            z_target = target_logit(h.to(acc), weight, bias, target, acc)
+            if self.softcap is not None:
+                z_target, _, z2_target, _ = softcap_derivatives(z_target, self.softcap)
+            lse = ce + z_target
+        raw_quadratic = quadratic
+        if self.reweights:
+            a = self.row_factor(target, acc)
+            ce, quadratic, sign_term = a * ce, a * quadratic, a * sign_term
         if self.smoothing:
             direction, shift = self._smoothing_terms(h, weight, bias, target, acc)
             ce = ce + shift
-            if signs is not None:
+            if need_implicit:
                 sign_term = sign_term + (signs.to(acc) * h.to(acc) * direction).sum(1)
-        return ce, quadratic, sign_term
+        z_term = None
+        if self.z_loss:
+            c = self.z_loss
+            z_term = c * lse * lse
+            hc = h.to(acc)
+            if need_explicit:
+                var_part = raw_quadratic  # sum_j q_j var_j (with a softcap: the raw term less its target part)
+                if z2_target is not None:
+                    w_target = weight[target].to(acc)
+                    var_part = var_part + (hc * hc * w_target * w_target).sum(1) * z2_target
+                quadratic = quadratic + 2 * c * (lse * var_part + (hc * hc * mu * mu).sum(1))
+            if need_implicit:
+                sign_term = sign_term + 2 * c * lse * (signs.to(acc) * hc * mu).sum(1)
+        return AdjustedTerms(ce, quadratic, sign_term, z_term, lse)
 
     def ce_only_extra(self, h, weight, bias, target, row_weight):
         """``sum_n row_weight_n (ce' - a ce)``: the part of the smoothed loss outside the fused CE."""

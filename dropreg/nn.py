@@ -30,8 +30,8 @@ class LinearCrossEntropyLoss(nn.Module):
     returns the plain cross entropy (explicit and implicit are zero) unless ``regularize_in_eval=True``.
 
     ``process_group``: ``linear_weight`` (and ``linear_bias``) is this rank's slice of a vocabulary-parallel head
-    (see :func:`dropreg.linear_cross_entropy`). ``weight`` (class weights, a buffer) and ``label_smoothing`` are
-    :func:`dropreg.linear_cross_entropy`'s.
+    (see :func:`dropreg.linear_cross_entropy`). ``weight`` (class weights, a buffer), ``label_smoothing``, ``z_loss``
+    and ``softcap`` are :func:`dropreg.linear_cross_entropy`'s.
 
     ``shift_labels=True`` applies the causal-LM convention of Hugging Face models: position t is scored
     against ``labels[..., t + 1]`` and the last position is ignored, so ``labels`` can be the input ids.
@@ -41,10 +41,12 @@ class LinearCrossEntropyLoss(nn.Module):
                  explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
                  ignore_index: int = -100, reduction: str = "mean", shift_labels: bool = False,
                  regularize_in_eval: bool = False, weight: Optional[Tensor] = None, label_smoothing: float = 0.0,
-                 backend: str = "auto", process_group=None):
+                 z_loss: float = 0.0, softcap: Optional[float] = None, backend: str = "auto", process_group=None):
         super().__init__()
         self.register_buffer("weight", weight)  # class weights move with .to(), as nn.CrossEntropyLoss's do
         self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
         self.process_group = process_group
         self.p = p
         self.explicit = explicit
@@ -68,7 +70,8 @@ class LinearCrossEntropyLoss(nn.Module):
             explicit=self.explicit and regularize, implicit=self.implicit and regularize,
             explicit_coef=self.explicit_coef, implicit_coef=self.implicit_coef, signs=signs, seed=seed,
             ignore_index=self.ignore_index, reduction=self.reduction, weight=self.weight,
-            label_smoothing=self.label_smoothing, backend=self.backend, process_group=self.process_group)
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap, backend=self.backend,
+            process_group=self.process_group)
 
     def _shift(self, target: Tensor) -> Tensor:
         return shift_labels(target, self.ignore_index)
@@ -87,11 +90,18 @@ class RDropLoss(nn.Module):
         hidden1, hidden2 = model(input_ids), model(input_ids)    # dropout on: two different masks
         out = loss_fn(hidden1, hidden2, model.lm_head.weight, input_ids)
         out.loss.backward()
+
+    ``weight`` (class weights, a buffer), ``label_smoothing`` and ``z_loss`` are
+    :func:`dropreg.rdrop_linear_cross_entropy`'s.
     """
 
     def __init__(self, alpha: float = 1.0, *, ignore_index: int = -100, reduction: str = "mean",
-                 shift_labels: bool = False, backend: str = "auto", process_group=None):
+                 shift_labels: bool = False, weight: Optional[Tensor] = None, label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, backend: str = "auto", process_group=None):
         super().__init__()
+        self.register_buffer("weight", weight)
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
         self.process_group = process_group
         self.alpha = alpha
         self.ignore_index = ignore_index
@@ -105,8 +115,9 @@ class RDropLoss(nn.Module):
             target = shift_labels(target, self.ignore_index)
         return rdrop_linear_cross_entropy(input1, input2, linear_weight, target, linear_bias=linear_bias,
                                           alpha=self.alpha, ignore_index=self.ignore_index,
-                                          reduction=self.reduction, backend=self.backend,
-                                          process_group=self.process_group)
+                                          reduction=self.reduction, weight=self.weight,
+                                          label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                                          backend=self.backend, process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, reduction={self.reduction!r}, shift_labels={self.shift_labels}, "

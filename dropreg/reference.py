@@ -9,14 +9,19 @@ import torch
 
 from ._policy import accumulation_dtype
 from .signs import gumbel_noise, philox_signs
+from .softcap import softcap_derivatives
 
 
-def reference_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
-    """Per-row ``(ce, quadratic, sign_term)`` with no coefficients applied.
+def reference_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap=None):
+    """Per-row ``(ce, quadratic, sign_term, mu)`` with no coefficients applied.
 
     ``quadratic = sum_j h_j^2 var_j`` and ``sign_term = sum_j sigma_j h_j (mu_j - W[y]_j)``.
-    Terms that are not needed come back as zeros.
+    Terms that are not needed come back as zeros; ``mu = W^T s`` is None unless a term needs it.
+    ``softcap``: the capped head of docs/math.md 3.6 (:func:`reference_softcap_terms`).
     """
+    if softcap is not None:
+        return reference_softcap_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit,
+                                       softcap)
     acc = accumulation_dtype(input.dtype)
     h, w = input.to(acc), weight.to(acc)
     logits = h @ w.T
@@ -26,7 +31,7 @@ def reference_terms(input, weight, bias, target, signs, seed, need_explicit, nee
     ce = lse - logits.gather(1, target[:, None]).squeeze(1)
     zeros = torch.zeros_like(ce)
     if not (need_explicit or need_implicit):
-        return ce, zeros, zeros
+        return ce, zeros, zeros, None
     probs = torch.softmax(logits, dim=-1)
     mu = probs @ w
     quadratic = zeros
@@ -38,7 +43,36 @@ def reference_terms(input, weight, bias, target, signs, seed, need_explicit, nee
         if signs is None:
             signs = philox_signs(seed, h.shape[0], h.shape[1], device=h.device, dtype=acc)
         sign_term = (signs.to(acc) * h * (mu - w[target])).sum(-1)
-    return ce, quadratic, sign_term
+    return ce, quadratic, sign_term, mu
+
+
+def reference_softcap_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap):
+    """:func:`reference_terms` for a softcapped head (docs/math.md 3.6), materialized: ``mu`` is then
+    ``M1 = W^T (s c)``, ``quadratic = sum_j q_j (M2_j - M1_j^2 - z2_y W_yj^2)`` with ``M2 = (W*W)^T (s (c^2 + z2))``,
+    and ``sign_term = sum_j u_j (M1_j - c_y W_yj)``."""
+    acc = accumulation_dtype(input.dtype)
+    h, w = input.to(acc), weight.to(acc)
+    raw = h @ w.T
+    if bias is not None:
+        raw = raw + bias.to(acc)
+    logits, c, z2, _ = softcap_derivatives(raw, softcap)
+    at_target = target[:, None]
+    ce = torch.logsumexp(logits, dim=-1) - logits.gather(1, at_target).squeeze(1)
+    zeros = torch.zeros_like(ce)
+    if not (need_explicit or need_implicit):
+        return ce, zeros, zeros, None
+    probs = torch.softmax(logits, dim=-1)
+    m1 = (probs * c) @ w
+    quadratic = sign_term = zeros
+    w_target = w[target]
+    if need_explicit:
+        m2 = (probs * (c * c + z2)) @ (w * w)
+        quadratic = (h * h * (m2 - m1 * m1 - z2.gather(1, at_target) * w_target * w_target)).sum(-1)
+    if need_implicit:
+        if signs is None:
+            signs = philox_signs(seed, h.shape[0], h.shape[1], device=h.device, dtype=acc)
+        sign_term = (signs.to(acc) * h * (m1 - c.gather(1, at_target) * w_target)).sum(-1)
+    return ce, quadratic, sign_term, m1
 
 
 def reference_rdrop(input1, input2, weight, bias, target):

@@ -114,7 +114,8 @@ def forward_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     return finish_statistics(*state, h.shape[1], need_mu=need_mu, need_m2=need_m2)
 
 
-def _target_logit(h, weight, bias, target, acc):
+def target_logit(h, weight, bias, target, acc):
+    """``z_y = h . W_y + b_y`` per row (``h`` already in ``acc``), differentiable: O(N d)."""
     logit = (h * weight[target].to(acc)).sum(1)
     return logit if bias is None else logit + bias[target].to(acc)
 
@@ -175,23 +176,23 @@ class StreamedTerms(torch.autograd.Function):
                 need_m2=need_explicit, row_block=row_block, vocab_chunk=vocab_chunk)
         hc = h.to(acc)
         w_target = weight[target].to(acc)
-        ce = lse - _target_logit(hc, weight, bias, target, acc)
+        ce = lse - target_logit(hc, weight, bias, target, acc)
         var, quadratic = explicit_quadratic(hc, mu, m2, ce, need_explicit)
         sign_term = torch.zeros_like(ce)
         if need_implicit:
             sign_term = (signs * hc * (mu - w_target)).sum(1)
         ctx.save_for_backward(h, weight, bias, target, signs, lse, mu, var)
         ctx.options = (need_explicit, need_implicit, row_block, vocab_chunk)
-        return ce, quadratic, sign_term
+        return ce, quadratic, sign_term, mu
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term):
+    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu):
         h, weight, bias, target, signs, lse, mu, var = ctx.saved_tensors
         need_explicit, need_implicit, row_block, vocab_chunk = ctx.options
         grad_h_vocab, grad_h_rows, grad_w, grad_b = terms_backward(
             h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
-            need_explicit, need_implicit, row_block, vocab_chunk, ctx.needs_input_grad[:3])
+            need_explicit, need_implicit, row_block, vocab_chunk, ctx.needs_input_grad[:3], grad_mu=grad_mu)
         return (
             None if grad_h_vocab is None else (grad_h_vocab + grad_h_rows).to(h.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
@@ -201,8 +202,9 @@ class StreamedTerms(torch.autograd.Function):
 
 
 def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
-                   need_explicit, need_implicit, row_block, vocab_chunk, wants, owns_target=None):
-    """The backward of the three per-row terms over ``weight``'s rows, given the per-row globals lse, mu, var.
+                   need_explicit, need_implicit, row_block, vocab_chunk, wants, owns_target=None, grad_mu=None):
+    """The backward of the three per-row terms over ``weight``'s rows, given the per-row globals lse, mu, var, and
+    of mu itself when ``grad_mu`` (its upstream gradient, N x d) is given.
 
     Returns ``(grad_h_vocab, grad_h_rows, grad_w, grad_b)`` in the accumulation dtype, ``grad_h = grad_h_vocab +
     grad_h_rows``: ``grad_h_vocab = W^T G - g_I sigma W[y]`` sums over vocabulary ranges, ``grad_h_rows =
@@ -248,6 +250,10 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
                 g_i_owned = g_i * owns_target[r0:r1, None]
             else:
                 g_i_owned = g_i
+        if grad_mu is not None and modulated:  # mu's own gradient gbar: T += gbar, row_const -= mu . gbar
+            g_mu = grad_mu[r0:r1].to(acc)
+            T_vec += g_mu
+            row_const -= (g_mu * mu[r0:r1]).sum(1)
         if modulated:
             T_stack = torch.cat([T_vec, g_r_q], dim=1) if need_explicit else T_vec
         grad_h_block = logit_gradient_sweep(
@@ -293,7 +299,7 @@ def implicit_signs(input, signs, seed, need_implicit):
 @_eager_under_compile
 def streamed_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit,
                    *, row_block=None, vocab_chunk=None):
-    """Per-row ``(ce, quadratic, sign_term)``, as :func:`dropreg.reference.reference_terms`, streamed."""
+    """Per-row ``(ce, quadratic, sign_term, mu)``, as :func:`dropreg.reference.reference_terms`, streamed."""
     default_rows, default_chunk = default_blocks(input.shape[0], weight.shape[0])
     signs = implicit_signs(input, signs, seed, need_implicit)
     return StreamedTerms.apply(input, weight, bias, target, signs, need_explicit, need_implicit,
@@ -306,19 +312,22 @@ def ce_only_blocks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.de
     return block_rows, default_blocks(block_rows, vocab)[1]
 
 
-def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk):
-    """CE only: ``sum_i row_weight_i ce_i`` and its gradients formed in the same pass (docs/math.md, "CE only").
+def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight=None):
+    """CE only: ``sum_i row_weight_i ce_i`` (``+ z_weight_i lse_i^2`` when ``z_weight`` is given: the z-loss) and
+    its gradients formed in the same pass (docs/math.md, "CE only").
 
     Per row block: ``z = h W^T (+ b)`` chunk by chunk into a block x V workspace (1 NVd), ``lse``, then in place
-    ``G = row_weight * (s - e_y)``, ``grad_input = G W`` (1 NVd) and ``grad_W += G^T h`` (1 NVd): 3 NVd, no
-    recompute. Returns ``(loss, grad_h, grad_w, grad_b)`` in the accumulation dtype; unwanted gradients are None.
+    ``G = (row_weight + 2 z_weight lse) s - row_weight e_y``, ``grad_input = G W`` (1 NVd) and ``grad_W += G^T h``
+    (1 NVd): 3 NVd, no recompute. Returns ``(loss, grad_h, grad_w, grad_b)`` in the accumulation dtype, ``loss`` the
+    pair ``[sum row_weight ce, sum z_weight lse^2]`` and the gradients those of its sum; unwanted gradients are
+    None.
     """
     acc = accumulation_dtype(h.dtype)
     want_h, want_w, want_b = wants
     n_rows, dim = h.shape
     vocab = weight.shape[0]
     device = h.device
-    loss = torch.zeros((), dtype=acc, device=device)
+    loss = torch.zeros(2, dtype=acc, device=device)
     grad_h = torch.empty(n_rows, dim, dtype=acc, device=device) if want_h else None
     grad_w = torch.zeros(vocab, dim, dtype=acc, device=device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
@@ -335,11 +344,16 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
             shift = _logit_shift(z.amax(dim=1))
             lse = shift + z.sub_(shift[:, None]).exp_().sum(dim=1).log()
             ce = lse - target_logit
-            loss += torch.where(w_row != 0, w_row * ce, torch.zeros_like(ce)).sum()
+            loss[0] += torch.where(w_row != 0, w_row * ce, torch.zeros_like(ce)).sum()
+            softmax_scale = w_row
+            if z_weight is not None:
+                z_row = z_weight[r0:r1].to(acc)
+                loss[1] += torch.where(z_row != 0, z_row * lse * lse, torch.zeros_like(lse)).sum()
+                softmax_scale = w_row + 2 * z_row * lse
         if not any(wants):
             continue
         with record_function("dropreg::ce_gradients"):
-            z.mul_((w_row * torch.exp(shift - lse))[:, None])  # G = w * s ...
+            z.mul_((softmax_scale * torch.exp(shift - lse))[:, None])  # G = (w + 2 zw lse) s ...
             z.scatter_add_(1, y[:, None], -w_row[:, None])     # ... - w * e_y
             grad_h_block = torch.zeros_like(h_block) if want_h else None
             for v0, v1 in _spans(vocab, vocab_chunk):
@@ -360,19 +374,34 @@ class StreamedCrossEntropyWithGrads(torch.autograd.Function):
     """:func:`ce_with_grads` as a differentiable scalar: the backward only scales the gradients it saved."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk):
-        loss, *grads = ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk)
+    def forward(ctx, h, weight, bias, target, row_weight, z_weight, wants, block_rows, vocab_chunk):
+        loss, *grads = ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight)
         # Kept in the parameters' dtypes: until the backward they live beside the activations. The inputs are
         # saved only to link first_order_only's guard to them.
         ctx.save_for_backward(h, weight, bias,
                               *(None if g is None else g.to(like.dtype) for g, like in zip(grads, (h, weight, bias))))
+        ctx.has_z = z_weight is not None
         return loss
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_loss):
-        return (*(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors[3:]),
-                None, None, None, None, None)
+        scale = combined_upstream(grad_loss, ctx.has_z)
+        return (*(None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors[3:]),
+                None, None, None, None, None, None)
+
+
+CE_AND_Z_LOSS_MESSAGE = ("dropreg: cross entropy and z_loss were fused in the CE-only path, which keeps the gradient of "
+                         "their sum only: back-propagate them with equal weights (out.loss), or pass return_lse=True "
+                         "to take the per-row path")
+
+
+def combined_upstream(grad_loss, has_z):
+    """The one scalar that scales the CE-only path's saved gradients: the upstream of ``[ce, z_loss]``'s first
+    part, which must equal the second's when a z-loss was fused in (checked without a host sync)."""
+    if has_z:
+        torch._assert_async(grad_loss[0] == grad_loss[1], CE_AND_Z_LOSS_MESSAGE)
+    return grad_loss[0]
 
 
 def gradients_wanted(*tensors) -> tuple[bool, ...]:
@@ -382,10 +411,12 @@ def gradients_wanted(*tensors) -> tuple[bool, ...]:
 
 
 @_eager_under_compile
-def streamed_ce_with_grads(input, weight, bias, target, row_weight, *, block_rows=None, vocab_chunk=None):
-    """``sum_i row_weight_i ce_i`` (0-d, accumulation dtype), differentiable, from the CE-only driver."""
+def streamed_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None, *, block_rows=None,
+                           vocab_chunk=None):
+    """``[sum_i row_weight_i ce_i, sum_i z_weight_i lse_i^2]`` (accumulation dtype), differentiable, from the CE-only
+    driver."""
     default_rows, default_chunk = ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
-    return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight,
+    return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight, z_weight,
                                                gradients_wanted(input, weight, bias),
                                                block_rows or default_rows, vocab_chunk or default_chunk)
 
@@ -404,8 +435,8 @@ class StreamedRDrop(torch.autograd.Function):
             row_max, exp_sum, weighted_d = rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk)
         lse = _logit_shift(row_max) + exp_sum.log()
         expected_d = weighted_d / exp_sum  # E_p1[D], E_p2[D]
-        ce1 = lse[0] - _target_logit(h1.to(acc), weight, bias, target, acc)
-        ce2 = lse[1] - _target_logit(h2.to(acc), weight, bias, target, acc)
+        ce1 = lse[0] - target_logit(h1.to(acc), weight, bias, target, acc)
+        ce2 = lse[1] - target_logit(h2.to(acc), weight, bias, target, acc)
         kl = 0.5 * (expected_d[0] - expected_d[1])
         ctx.save_for_backward(h1, h2, weight, bias, target, lse, expected_d)
         ctx.blocks = (row_block, vocab_chunk)

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dropreg
 from oracle import oracle_rows
 
-TERMS = ("ce", "explicit", "implicit")
+TERMS = ("ce", "explicit", "implicit", "z_loss")
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -66,8 +66,9 @@ def _terms_and_grads(terms, leaves, cotangent, names=TERMS):
     return values, grads
 
 
-def run_dropreg(problem: Problem, dtype, backend, cotangent=None, **overrides):
-    """dropreg's values and gradients, with a random ``cotangent`` (returned) unless one is given."""
+def run_dropreg(problem: Problem, dtype, backend, cotangent=None, gradients_of="terms", **overrides):
+    """dropreg's values and gradients, with a random ``cotangent`` (returned) unless one is given.
+    ``gradients_of="loss"``: the gradient of ``.loss`` is reported as ``ce``'s, the other terms' as zeros."""
     leaves = _leaves(problem, dtype)
     kwargs = dict(problem.kwargs, **overrides)
     kwargs.setdefault("signs", problem.signs.to(dtype))
@@ -78,7 +79,27 @@ def run_dropreg(problem: Problem, dtype, backend, cotangent=None, **overrides):
         assert getattr(out, name).dtype == dtype
     if cotangent is None:
         cotangent = torch.randn(problem.target.shape, dtype=torch.float64)
+    if gradients_of == "loss":
+        loss_grads = _terms_and_grads((out.loss,), leaves, cotangent, ("loss",))[1]["loss"]
+        values = {name: getattr(out, name).detach().to(torch.float64) for name in TERMS}
+        return (values, _as_ce_gradients(loss_grads)), cotangent
     return _terms_and_grads(tuple(out), leaves, cotangent), cotangent
+
+
+def assert_loss_close_to_oracle(problem: Problem, dtype, backend, **overrides):
+    """For outputs whose gradients exist only as a sum (CE only with z_loss, fused: docs/math.md 3.5): every term's
+    value and the gradient of ``.loss``, against the oracle's."""
+    ours, cotangent = run_dropreg(problem, dtype, backend, cotangent=torch.ones(()), gradients_of="loss",
+                                  **overrides)
+    oracle = run_oracle(problem, cotangent, **overrides)
+    values, grads = oracle
+    total = [sum(grads[name][i] for name in TERMS) for i in range(len(grads["ce"]))]
+    assert_close_to_oracle(ours, (values, _as_ce_gradients(total)), dtype, problem)
+
+
+def _as_ce_gradients(loss_grads):
+    """Per-term gradients holding the loss's under ``ce`` and zeros under the others."""
+    return {name: loss_grads if name == "ce" else [torch.zeros_like(g) for g in loss_grads] for name in TERMS}
 
 
 def run_oracle(problem: Problem, cotangent, **overrides):
@@ -87,14 +108,16 @@ def run_oracle(problem: Problem, cotangent, **overrides):
     d = problem.input.shape[-1]
     flat_target = problem.target.reshape(-1)
     class_weight = kwargs.get("weight")
-    ce, quad, sign = oracle_rows(leaves[0].reshape(-1, d), leaves[1], leaves[2] if len(leaves) == 3 else None,
-                                 flat_target, problem.signs.reshape(-1, d), class_weight=class_weight,
-                                 label_smoothing=kwargs.get("label_smoothing", 0.0))
+    ce, quad, sign, z_term = oracle_rows(leaves[0].reshape(-1, d), leaves[1],
+                                         leaves[2] if len(leaves) == 3 else None, flat_target,
+                                         problem.signs.reshape(-1, d), class_weight=class_weight,
+                                         label_smoothing=kwargs.get("label_smoothing", 0.0),
+                                         z_loss=kwargs.get("z_loss", 0.0), softcap=kwargs.get("softcap"))
     coef_r, coef_i = dropreg.default_coefficients(kwargs.get("p", 0.1))
     coef_r = kwargs.get("explicit_coef") if kwargs.get("explicit_coef") is not None else coef_r
     coef_i = kwargs.get("implicit_coef") if kwargs.get("implicit_coef") is not None else coef_i
     rows = [ce, coef_r * quad if kwargs.get("explicit", True) else 0 * quad,
-            coef_i * sign if kwargs.get("implicit", True) else 0 * sign]
+            coef_i * sign if kwargs.get("implicit", True) else 0 * sign, z_term]
     reduction = kwargs.get("reduction", "mean")
     kept = flat_target != -100
     if class_weight is None:
@@ -144,7 +167,9 @@ def assert_close_to_oracle(ours, oracle, dtype, problem: Problem, factor=8.0):
     largest oracle magnitude of that quantity plus, for the explicit term, docs/math.md's cancellation size
     ``coef * max_n sum_j q_j m2_j`` (``var = m2 - mu^2`` loses that much when the softmax is peaked),
     plus 1 so that quantities that are exactly zero (V=1) still allow rounding-level noise.
-    Errors in ``z - lse`` grow with the logit magnitude, hence ``1 + max|z|``. ``factor`` covers the
+    Errors in ``z - lse`` grow with the logit magnitude, hence ``1 + max|z|``; with a softcap ``z`` is the raw
+    (uncapped) logit: it carries an absolute error of eps |z|, and tanh's derivative ``1 - t^2`` an absolute error
+    of eps that multiplies ``|W|``, both in ours and in the oracle's autograd. ``factor`` covers the
     accumulation length of the small problems used here; a wrong formula misses by O(1) relative.
     """
     z_scale, explicit_extra = oracle_scales(problem)

@@ -93,8 +93,8 @@ def test_explicit_regularizer_matches_oracle(backend, reduction, bias):
                                         backend=backend)
     d, n_rows = problem.input.shape[-1], problem.target.numel()
     # the quadratic form does not depend on the target: any class index will do
-    _, quadratic, _ = oracle_rows(leaves[0].reshape(-1, d), leaves[1], bias_leaf,
-                                  torch.zeros(n_rows, dtype=torch.long), problem.signs.reshape(-1, d))
+    _, quadratic, _, _ = oracle_rows(leaves[0].reshape(-1, d), leaves[1], bias_leaf,
+                                     torch.zeros(n_rows, dtype=torch.long), problem.signs.reshape(-1, d))
     if reduction == "none":
         oracle = quadratic.reshape(problem.target.shape)
     else:

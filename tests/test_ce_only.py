@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dropreg
 import dropreg.streamed
-from checks import assert_close_to_oracle, make_problem, run_dropreg, run_oracle
+from checks import assert_close_to_oracle, assert_loss_close_to_oracle, make_problem, run_dropreg, run_oracle
 
 CE_ONLY = dict(explicit=False, implicit=False)
 # "-small-blocks": 3-row blocks and 5-entry vocabulary chunks, so several row blocks and tails are exercised
@@ -67,6 +67,31 @@ def test_softmax_regimes(ce_backend, dtype, logit_scale):
     ours, cotangent = run_dropreg(problem, dtype, ce_backend)
     assert all(torch.isfinite(v).all() for v in ours[0].values())
     assert_close_to_oracle(ours, run_oracle(problem, cotangent), dtype, problem)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("options", [dict(z_loss=0.3), dict(z_loss=0.05, weight="random", label_smoothing=0.2)],
+                         ids=["z_loss", "z_loss-weight-smoothing"])
+@pytest.mark.parametrize("logit_scale", [1.0, 30.0], ids=["typical", "peaked"])
+def test_z_loss_fused_matches_oracle(ce_backend, reduction, options, logit_scale):
+    """z-loss in the CE-only path (docs/math.md 3.5): the values of ce and z_loss and the gradient of their sum."""
+    if options.get("weight") == "random":
+        options = dict(options, weight=torch.rand(257, dtype=torch.float64) + 0.5)
+    problem = make_problem(lead=(2, 3), d=5, vocab=257, ignore=(2,), logit_scale=logit_scale, reduction=reduction,
+                           **options, **CE_ONLY)
+    assert_loss_close_to_oracle(problem, torch.float64, ce_backend)
+
+
+def test_z_loss_fused_needs_equal_upstreams(ce_backend):
+    """The fused path keeps the gradient of ce + z_loss only: back-propagating one of them alone is refused."""
+    h = torch.randn(5, 3, requires_grad=True)
+    w = torch.randn(40, 3, requires_grad=True)
+    y = torch.randint(0, 40, (5,))
+    out = dropreg.linear_cross_entropy(h, w, y, z_loss=1e-2, backend=ce_backend, **CE_ONLY)
+    with pytest.raises(RuntimeError, match="cross entropy and z_loss were fused in the CE-only path"):
+        out.ce.backward(retain_graph=True)
+    (2 * out.ce + 2 * out.z_loss).backward()  # equal weights: fine
+    assert torch.isfinite(w.grad).all()
 
 
 def _value_and_grads(leaves, y, backend, reduction, upstream=1.0):
@@ -191,7 +216,9 @@ def test_opcheck(mask, bias):
     b = torch.randn(300, requires_grad=mask[2]) if bias else None
     y = torch.randint(0, 300, (9,))
     row_weight = torch.rand(9)
-    torch.library.opcheck(torch.ops.dropreg.linear_ce_with_grads.default, (h, w, b, y, row_weight, 4, mask))
+    for z_weight in (None, torch.rand(9)):
+        torch.library.opcheck(torch.ops.dropreg.linear_ce_with_grads.default,
+                              (h, w, b, y, row_weight, z_weight, 4, mask))
 
 
 def test_workspace_setting():

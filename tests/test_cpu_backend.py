@@ -178,12 +178,13 @@ def test_fake_forward_rejects_bad_arguments(position, bad, message):
 def test_fake_backward_rejects_bad_gradients_and_statistics():
     h, w, b, y, s, seed, ne, ni = (a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args())
     out = torch.ops.dropreg.linear_ce_forward(h, w, b, y, s, seed, ne, ni)
-    good = [*(torch.randn(9) for _ in range(3)), h, w, b, y, s, seed, out[3], out[4], out[5], ne, ni,
-            [True, True, True]]
+    good = [*(torch.randn(9) for _ in range(3)), torch.randn(9, 4), h, w, b, y, s, seed, out[3], out[4], out[5], ne,
+            ni, [True, True, True]]
     for position, bad, message in [(1, torch.randn(9, 1), "grad_quadratic must have shape (9,)"),
-                                   (9, torch.randn(8), "lse must have shape (9,)"),
-                                   (11, torch.randn(9, 3), "var must have shape (9, 4)"),
-                                   (10, torch.randn(9, 4, dtype=torch.float64), "mu must have dtype torch.float32")]:
+                                   (3, torch.randn(9, 3), "grad_mu must have shape (9, 4)"),
+                                   (10, torch.randn(8), "lse must have shape (9,)"),
+                                   (12, torch.randn(9, 3), "var must have shape (9, 4)"),
+                                   (11, torch.randn(9, 4, dtype=torch.float64), "mu must have dtype torch.float32")]:
         args = list(good)
         args[position] = bad
         fake_args, mode = _fake(args)
@@ -203,9 +204,10 @@ def test_opcheck_backward_op():
     h, w, b, y, s, seed, ne, ni = _op_args()
     out = torch.ops.dropreg.linear_ce_forward(h.detach(), w.detach(), b.detach(), y, s, seed, ne, ni)
     grads = [torch.randn(9) for _ in range(3)]
-    args = [*grads, h.detach(), w.detach(), b.detach(), y, s, seed, out[3], out[4], out[5], ne, ni,
-            [True, True, True]]
-    torch.library.opcheck(torch.ops.dropreg.linear_ce_backward.default, args)
+    for grad_mu in (None, torch.randn(9, 4)):
+        args = [*grads, grad_mu, h.detach(), w.detach(), b.detach(), y, s, seed, out[3], out[4], out[5], ne, ni,
+                [True, True, True]]
+        torch.library.opcheck(torch.ops.dropreg.linear_ce_backward.default, args)
 
 
 class _TinyModel(torch.nn.Module):

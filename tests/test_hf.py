@@ -35,6 +35,16 @@ def granite(dtype=torch.float64):
     return transformers.GraniteForCausalLM(config).to(dtype)
 
 
+def gemma2(dtype=torch.float64):
+    # final_logit_softcapping 0.2: the random model's logits reach about 0.25, so the cap bends them
+    config = transformers.Gemma2Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                       max_position_embeddings=32, final_logit_softcapping=0.2, bos_token_id=1,
+                                       eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.Gemma2ForCausalLM(config).to(dtype)
+
+
 MODELS = {"llama": llama, "gpt2": gpt2, "granite": granite}
 
 
@@ -144,12 +154,57 @@ def test_terms_on_equal_linear_cross_entropy_on_hf_hidden_states(name):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
 
 
-def test_softcap_refused():
-    model = llama()
-    model.config.final_logit_softcapping = 30.0
+def right_padded_batch():
+    # Gemma 2's eager attention gives NaN hidden states on a left-padded row in HF itself: pad on the right
     ids, mask, labels = batch()
-    with pytest.raises(NotImplementedError, match="softcap"):
-        hf.causal_lm_loss(model, ids, labels)
+    mask = torch.ones_like(mask)
+    mask[1, -3:] = 0
+    return ids, mask, ids.masked_fill(mask == 0, -100).masked_fill(labels == -100, -100)
+
+
+@pytest.mark.parametrize("num_items", [None, 11])
+def test_softcapped_model_matches_hf_loss_and_gradients(num_items):
+    """Gemma 2's final_logit_softcapping goes to linear_cross_entropy(softcap=): loss and every parameter
+    gradient equal HF's own, on HF's capped logits."""
+    model = gemma2()
+    ids, mask, labels = right_padded_batch()
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, num_items_in_batch=num_items, **OFF)
+    ours = grads(model, out.loss)
+    reference = hf_loss_float64(model, ids, mask, labels, num_items)
+    theirs = grads(model, reference)
+    torch.testing.assert_close(out.loss, reference, rtol=1e-10, atol=1e-12)
+    assert_grads_close(ours, theirs, rtol=1e-8, atol=1e-12)
+    uncapped = F.cross_entropy(model.lm_head(model.model(ids, attention_mask=mask).last_hidden_state)[:, :-1]
+                               .reshape(-1, V), labels[:, 1:].reshape(-1), reduction="sum")
+    assert abs(float(uncapped.detach()) - float(reference.detach()) * (num_items or 1)) > 1e-3  # the cap bends z
+
+
+def test_softcapped_model_dropout_terms_are_the_capped_heads():
+    model = gemma2()
+    ids, mask, labels = right_padded_batch()
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, p=0.3, seed=5, z_loss=1e-2)
+    hidden = model.model(ids, attention_mask=mask).last_hidden_state
+    expected = dropreg.linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, labels[:, 1:], p=0.3, seed=5,
+                                            softcap=0.2, z_loss=1e-2)
+    assert float(out.explicit.detach()) > 0 and float(out.z_loss.detach()) > 0
+    for ours, theirs in zip(out, expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+
+
+def test_softcapped_model_with_label_smoothing_is_a_clear_error():
+    ids, mask, labels = batch()
+    with pytest.raises(ValueError, match="softcap: not supported with label_smoothing yet"):
+        hf.causal_lm_loss(gemma2(), ids, labels, label_smoothing=0.1)
+
+
+def test_z_loss_matches_its_definition_on_hf_logits():
+    model = llama()
+    ids, mask, labels = batch()
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, z_loss=1e-2, **OFF)
+    logits = model(ids, attention_mask=mask).logits[:, :-1]
+    kept = labels[:, 1:] != -100
+    expected = 1e-2 * (torch.logsumexp(logits, -1)[kept] ** 2).mean()
+    torch.testing.assert_close(out.z_loss, expected, rtol=1e-10, atol=1e-14)
 
 
 class Headless(torch.nn.Module):

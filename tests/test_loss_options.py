@@ -1,11 +1,12 @@
-"""Class weights and label smoothing (F.cross_entropy's ``weight`` and ``label_smoothing``) on every backend,
-against the float64 oracle, whose row loss is F.cross_entropy's with those options (docs/math.md 3.4)."""
+"""Class weights, label smoothing (F.cross_entropy's ``weight`` and ``label_smoothing``) and z_loss on every backend,
+against the float64 oracle, whose row loss is F.cross_entropy's with those options plus ``z_loss * lse^2``
+(docs/math.md 3.4, 3.5)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dropreg
-from checks import assert_close_to_oracle, make_problem, run_dropreg, run_oracle
+from checks import assert_close_to_oracle, assert_loss_close_to_oracle, make_problem, run_dropreg, run_oracle
 
 V = 13
 
@@ -19,11 +20,14 @@ OPTIONS = {
     "smoothing": lambda: dict(label_smoothing=0.2),
     "both": lambda: dict(weight=_class_weight(), label_smoothing=0.35),
     "full-smoothing": lambda: dict(label_smoothing=1.0),
+    "z_loss": lambda: dict(z_loss=0.3),
+    "z_loss-weight-smoothing": lambda: dict(z_loss=0.05, weight=_class_weight(), label_smoothing=0.2),
 }
 TERMS = {
     "all-terms": dict(),
     "ce-only": dict(explicit=False, implicit=False),
     "implicit-only": dict(explicit=False),
+    "explicit-only": dict(implicit=False),
 }
 
 
@@ -33,15 +37,25 @@ TERMS = {
 def test_matches_oracle(backend, option, terms, reduction):
     problem = make_problem(lead=(2, 3), d=4, vocab=V, ignore=(1,), reduction=reduction, **OPTIONS[option](),
                            **TERMS[terms])
+    if _fused_ce_and_z_loss(problem, backend):
+        assert_loss_close_to_oracle(problem, torch.float64, backend)
+        return
     ours, cotangent = run_dropreg(problem, torch.float64, backend)
     assert_close_to_oracle(ours, run_oracle(problem, cotangent), torch.float64, problem)
+
+
+def _fused_ce_and_z_loss(problem, backend):
+    """Whether the call takes the CE-only path with the z-loss fused in: its gradients exist only as a sum."""
+    kwargs = problem.kwargs
+    return (backend in ("torch", "cpu") and kwargs.get("z_loss") and not kwargs.get("explicit", True)
+            and not kwargs.get("implicit", True) and kwargs.get("reduction", "mean") != "none")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_float32_and_no_bias(backend, dtype, bias):
     problem = make_problem(lead=(7,), d=3, vocab=V, bias=bias, dtype=dtype, p=0.3, ignore=(0, 4),
-                           weight=_class_weight(), label_smoothing=0.1)
+                           weight=_class_weight(), label_smoothing=0.1, z_loss=0.2)
     ours, cotangent = run_dropreg(problem, dtype, backend)
     assert_close_to_oracle(ours, run_oracle(problem, cotangent), dtype, problem)
 
@@ -78,8 +92,138 @@ def test_all_rows_ignored_gives_zero():
     (dict(weight=torch.ones(V, dtype=torch.long)), TypeError, "weight: expected a floating-point tensor"),
     (dict(weight=[1.0] * V), TypeError, "weight: expected a 1-D tensor of class weights"),
     (dict(weight=torch.full((V,), float("nan"))), ValueError, "weight: expected finite class weights"),
+    (dict(z_loss=-1e-4), ValueError, "z_loss: expected a finite, non-negative float"),
+    (dict(z_loss=float("inf")), ValueError, "z_loss: expected a finite, non-negative float"),
+    (dict(z_loss="1e-4"), TypeError, "z_loss: expected a non-negative float"),
+    (dict(return_lse=1), TypeError, "return_lse: expected a bool"),
 ])
 def test_bad_options_are_clear_errors(kwargs, error, message):
     h, w, y = torch.randn(4, 3), torch.randn(V, 3), torch.randint(0, V, (4,))
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         dropreg.linear_cross_entropy(h, w, y, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_z_loss_and_lse_equal_their_definitions(backend, reduction):
+    """``.z_loss`` is ``z_loss * logsumexp(z)^2`` reduced like ``ce`` (ignored rows out), ``return_lse=True`` adds
+    the per-row logsumexp (0 on ignored rows) whatever the reduction, and ``.loss`` includes the z-loss."""
+    h = torch.randn(3, 4, 5, dtype=torch.float64)
+    w = torch.randn(V, 5, dtype=torch.float64)
+    b = torch.randn(V, dtype=torch.float64)
+    y = torch.randint(0, V, (3, 4))
+    y[1, 2] = y[2, 0] = -100
+    out, ours_lse = dropreg.linear_cross_entropy(h, w, y, linear_bias=b, z_loss=1e-2, return_lse=True,
+                                                 reduction=reduction, backend=backend)
+    lse = torch.where(y != -100, torch.logsumexp(h @ w.T + b, -1), torch.zeros(()))
+    torch.testing.assert_close(ours_lse, lse, rtol=1e-12, atol=1e-12)
+    per_row = 1e-2 * lse**2
+    expected = {"none": per_row, "sum": per_row.sum(), "mean": per_row.sum() / (y != -100).sum()}[reduction]
+    torch.testing.assert_close(out.z_loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.loss, out.ce + out.explicit + out.implicit + out.z_loss, rtol=0, atol=0)
+
+
+def test_z_loss_is_zero_when_off():
+    h, w, y = torch.randn(4, 3), torch.randn(V, 3), torch.randint(0, V, (4,))
+    out = dropreg.linear_cross_entropy(h, w, y)
+    assert out.z_loss.shape == () and out.z_loss == 0 and torch.equal(out.loss, out.ce + out.explicit + out.implicit)
+
+
+def test_lse_gradient_is_softmax(backend):
+    """The returned lse is differentiable: d(sum lse)/dz = softmax, so d/dh = mu and d/dW = S^T H."""
+    h = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (6,))
+    _, lse = dropreg.linear_cross_entropy(h, w, y, explicit=False, implicit=False, return_lse=True,
+                                          backend=backend)
+    grads = torch.autograd.grad(lse.sum(), (h, w))
+    expected = torch.autograd.grad(torch.logsumexp(h @ w.T, -1).sum(), (h, w))
+    for ours, theirs in zip(grads, expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+SOFTCAP_BACKENDS = ("reference", "torch")  # the C++ and Triton kernels do not cap (docs/math.md 3.6)
+SOFTCAP_OPTIONS = {
+    "plain": lambda: dict(),
+    "z_loss": lambda: dict(z_loss=0.2),
+    "weight-z_loss": lambda: dict(weight=_class_weight(), z_loss=0.05),
+}
+
+
+def _refuses_softcap(backend):
+    if backend in SOFTCAP_BACKENDS:
+        return False
+    h, w, y = torch.randn(4, 3), torch.randn(V, 3), torch.randint(0, V, (4,))
+    with pytest.raises(ValueError, match=f"softcap: backend '{backend}' does not implement a softcapped head"):
+        dropreg.linear_cross_entropy(h, w, y, softcap=5.0, backend=backend)
+    return True
+
+
+@pytest.mark.parametrize("terms", list(TERMS))
+@pytest.mark.parametrize("option", list(SOFTCAP_OPTIONS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_softcap_matches_oracle(backend, option, terms, reduction):
+    """The oracle caps the logits before F.cross_entropy and takes every term by autograd; logit_scale 3 with
+    softcap 2 puts rows across tanh's linear and saturated parts."""
+    if _refuses_softcap(backend):
+        return
+    problem = make_problem(lead=(2, 3), d=4, vocab=V, ignore=(1,), reduction=reduction, logit_scale=3.0,
+                           softcap=2.0, **SOFTCAP_OPTIONS[option](), **TERMS[terms])
+    ours, cotangent = run_dropreg(problem, torch.float64, backend)
+    assert_close_to_oracle(ours, run_oracle(problem, cotangent), torch.float64, problem)
+
+
+@pytest.mark.parametrize("shape", [dict(lead=(1,), d=1), dict(lead=(17,), d=1), dict(lead=(1,), d=6)],
+                         ids=["N1-d1", "d1", "N1"])
+@pytest.mark.parametrize("logit_scale", [1e-3, 1.0, 30.0, 1e4], ids=["flat", "typical", "peaked", "huge"])
+def test_softcap_odd_shapes_and_logit_sizes(backend, shape, logit_scale):
+    """Flat, peaked and huge raw logits (1e4 saturates tanh: c underflows to 0 and the capped softmax is flat
+    across the saturated classes), N=1 and d=1, in float64; the cap is 10."""
+    if _refuses_softcap(backend):
+        return
+    problem = make_problem(**shape, vocab=V, logit_scale=logit_scale, softcap=10.0, z_loss=0.01, p=0.3)
+    ours, cotangent = run_dropreg(problem, torch.float64, backend)
+    assert_close_to_oracle(ours, run_oracle(problem, cotangent), torch.float64, problem)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_softcap_float32_and_no_bias(backend, dtype, bias):
+    if _refuses_softcap(backend):
+        return
+    problem = make_problem(lead=(7,), d=3, vocab=V, bias=bias, dtype=dtype, p=0.3, ignore=(0, 4), logit_scale=4.0,
+                           softcap=3.0, weight=_class_weight(), z_loss=0.1)
+    ours, cotangent = run_dropreg(problem, dtype, backend)
+    assert_close_to_oracle(ours, run_oracle(problem, cotangent), dtype, problem)
+
+
+def test_softcap_ce_equals_capped_f_cross_entropy_and_auto_picks_a_capping_backend():
+    h = torch.randn(9, 5, dtype=torch.float64)
+    w = torch.randn(V, 5, dtype=torch.float64) * 4
+    y = torch.randint(0, V, (9,))
+    y[3] = -100
+    ours = dropreg.linear_cross_entropy(h, w, y, softcap=7.0).ce  # backend="auto" on CPU: "cpu" cannot cap
+    theirs = F.cross_entropy(7.0 * torch.tanh(h @ w.T / 7.0), y)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    assert dropreg._dispatch.resolve_backend("auto", h.device, softcap=True)[0] == "torch"
+
+
+def test_softcap_all_rows_ignored_gives_zero(streamed_backend):
+    h = torch.randn(4, 3, requires_grad=True)
+    w = torch.randn(V, 3, requires_grad=True)
+    out = dropreg.linear_cross_entropy(h, w, torch.full((4,), -100), softcap=5.0, z_loss=1e-3,
+                                       backend=streamed_backend)
+    out.loss.backward()
+    assert out.loss == 0 and torch.all(h.grad == 0) and torch.all(w.grad == 0)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(softcap=0.0), ValueError, "softcap: expected a finite, positive float or None"),
+    (dict(softcap=-3.0), ValueError, "softcap: expected a finite, positive float or None"),
+    (dict(softcap=float("nan")), ValueError, "softcap: expected a finite, positive float or None"),
+    (dict(softcap="30"), TypeError, "softcap: expected a positive float or None"),
+    (dict(softcap=30.0, label_smoothing=0.1), ValueError, "softcap: not supported with label_smoothing yet"),
+])
+def test_bad_softcap_is_a_clear_error(kwargs, error, message):
+    h, w, y = torch.randn(4, 3), torch.randn(V, 3), torch.randint(0, V, (4,))
+    with pytest.raises(error, match=message):
+        dropreg.linear_cross_entropy(h, w, y, backend="torch", **kwargs)

@@ -47,7 +47,16 @@ def test_streamed_backend_fits_under_cap(backend, op):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op", ["linear_ce", "rdrop"])
+def test_softcap_and_z_loss_fit_under_cap():
+    """The capped head's driver (dropreg/softcap.py, "torch" only) with z-loss: no N x V either."""
+    result = run_probe("torch", "softcap_zloss")
+    assert result["ok"], result
+    assert result["grad_finite"]
+    assert result["peak_rss_growth_mib"] < 256, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["linear_ce", "rdrop", "softcap_zloss"])
 def test_reference_backend_fails_under_the_same_cap(op):
     # Proves the cap bites: materializing the logits is impossible under it.
     result = run_probe("reference", op)

@@ -213,3 +213,64 @@ def test_training_step_from_the_readme():
         losses.append(out.loss.item())
         assert out.kl > 0
     assert losses[-1] < losses[0]
+
+
+RDROP_OPTIONS = {
+    "weight": lambda v: dict(weight=torch.rand(v, dtype=torch.float64) * 2 + 0.1),
+    "smoothing": lambda v: dict(label_smoothing=0.2),
+    "z_loss": lambda v: dict(z_loss=0.3),
+    "all": lambda v: dict(weight=torch.rand(v, dtype=torch.float64) + 0.5, label_smoothing=0.1, z_loss=0.05),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(RDROP_OPTIONS))
+def test_loss_options_against_oracle(backend, option, reduction):
+    """Class weights, smoothing and z-loss act on each pass's cross entropy as F.cross_entropy's options (plus
+    ``z_loss * lse^2``); the KL takes none, and its "mean" counts rows while the cross entropies' divides by the
+    sum of ``w_y``."""
+    vocab = 13
+    options = RDROP_OPTIONS[option](vocab)
+    h1, h2, w, b, y = make_inputs(lead=(2, 3), d=4, vocab=vocab, ignore=(1, 4))
+    leaves64 = [t.clone().requires_grad_() for t in (h1, h2, w, b)]
+    (kl_terms, logits) = authors_terms(*leaves64, y, "none")
+    kl_rows = kl_terms[2].reshape(-1)
+    flat_y = y.reshape(-1)
+    valid = flat_y != -100
+    class_weight = options.get("weight")
+    ce_rows, z_rows = [], torch.zeros(flat_y.shape, dtype=torch.float64)
+    for h in leaves64[:2]:
+        z = h.reshape(-1, 4) @ leaves64[2].T + leaves64[3]
+        ce_rows.append(F.cross_entropy(z, flat_y, weight=class_weight, reduction="none",
+                                       label_smoothing=options.get("label_smoothing", 0.0)))
+        z_rows = z_rows + options.get("z_loss", 0.0) * torch.where(valid, torch.logsumexp(z, -1), 0.0) ** 2
+    if reduction == "none":
+        terms = [t.reshape(y.shape) for t in (*ce_rows, kl_rows, z_rows)]
+    else:
+        ce_count = (class_weight[flat_y[valid]].sum() if class_weight is not None else valid.sum()).double()
+        kl_count = valid.sum().double()
+        if reduction == "sum":
+            ce_count = kl_count = 1.0
+        terms = [ce_rows[0].sum() / ce_count, ce_rows[1].sum() / ce_count, kl_rows.sum() / kl_count,
+                 z_rows.sum() / ce_count]
+    ce1, ce2, kl, z_term = terms
+    oracle_terms = [ce1, ce2, kl, ce1 + ce2 + 0.7 * kl + z_term, z_term]
+    names = NAMES_AND_LOSS + ("z_loss",)
+    cotangent = torch.randn(y.shape, dtype=torch.float64)
+    oracle = _terms_and_grads(oracle_terms, leaves64, cotangent, names)
+    leaves = [t.detach().clone().requires_grad_() for t in leaves64]
+    out = dropreg.rdrop_linear_cross_entropy(leaves[0], leaves[1], leaves[2], y, linear_bias=leaves[3], alpha=0.7,
+                                             reduction=reduction, backend=backend, **options)
+    ours = _terms_and_grads(tuple(out), leaves, cotangent, names)
+    z_scale = 1.0 + float(logits.abs().max())
+    oracle_labelled = labelled(oracle, names, LEAVES)
+    for label, value in labelled(ours, names, LEAVES).items():
+        assert_within_rounding(label, value, oracle_labelled[label], torch.float64, z_scale)
+
+
+def test_loss_options_refused_with_softcap_and_process_group_named():
+    h, w, y = torch.randn(4, 3), torch.randn(7, 3), torch.randint(0, 7, (4,))
+    with pytest.raises(TypeError, match="softcap"):
+        dropreg.rdrop_linear_cross_entropy(h, h, w, y, softcap=30.0)
+    with pytest.raises(ValueError, match="z_loss: expected a finite, non-negative float"):
+        dropreg.rdrop_linear_cross_entropy(h, h, w, y, z_loss=-1.0)

@@ -118,7 +118,8 @@ def test_opcheck_on_the_triton_ops():
     torch.library.opcheck(ops.linear_ce_forward.default, (h, w, b, y, None, 5, True, True))
     _, _, _, lse, mu, var = ops.linear_ce_forward(h, w, b, y, None, 5, True, True)
     torch.library.opcheck(ops.linear_ce_backward.default,
-                          (*grads, h, w, b, y, None, 5, lse, mu, var, True, True, [True, True, True]))
+                          (*grads, torch.randn_like(mu), h, w, b, y, None, 5, lse, mu, var, True, True,
+                           [True, True, True]))
     torch.library.opcheck(ops.rdrop_forward.default, (h, h * 0.9, w, b, y))
     out = ops.rdrop_forward(h, h * 0.9, w, b, y)
     torch.library.opcheck(ops.rdrop_backward.default,

@@ -3,7 +3,7 @@
 Two kernels, launched in this order by :func:`linear_ce_backward`:
 
 1. ``row_prep_kernel``: per row, the d-vectors of docs/math.md's GEMM-friendly form, ``T = gI' u - 2 gR' q mu``
-   and ``gR' q``, the row constant of the logit gradient, the row-wise part of grad_input
+   (``+ gbar``, mu's own upstream gradient, when given) and ``gR' q``, the row constant of the logit gradient, the row-wise part of grad_input
    (``2 gR' h var + gI' sigma (mu - W[y])``, written as grad_input's initial value) and the implicit
    term's target scatter ``grad_W[y] -= gI' u`` (atomic adds). O(N d), no GEMM.
 2. ``logit_gradient_kernel``: grid (row blocks x vocabulary blocks). Recomputes z and, in the same K loop,
@@ -39,11 +39,11 @@ from .utils import (LaunchPlan, add_logit_chunk, aligned_empty, dot_operand, fin
 
 @triton.jit
 def row_prep_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mu_ptr, var_ptr, grad_ce_ptr, grad_quadratic_ptr,
-                    grad_sign_ptr, T_out, g_r_q_out, row_const_out, grad_h_out, grad_w_out,
+                    grad_sign_ptr, grad_mu_ptr, T_out, g_r_q_out, row_const_out, grad_h_out, grad_w_out,
                     seed, N, D, stride_h, stride_w, stride_t,
                     NEED_EXPLICIT: tl.constexpr, NEED_IMPLICIT: tl.constexpr, HAS_SIGNS: tl.constexpr,
-                    WANT_H: tl.constexpr, WANT_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                    ACC: tl.constexpr):
+                    HAS_GRAD_MU: tl.constexpr, WANT_H: tl.constexpr, WANT_W: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     target = tl.load(target_ptr + rows, mask=row_ok, other=0)
@@ -78,6 +78,10 @@ def row_prep_kernel(h_ptr, w_ptr, target_ptr, signs_ptr, mu_ptr, var_ptr, grad_c
             if WANT_W:
                 tl.atomic_add(grad_w_out + target[:, None] * D + dims[None, :], -g_i_u, mask=in_bounds,
                               sem="relaxed")
+        if HAS_GRAD_MU:  # mu's own upstream gradient gbar: T += gbar, row_const -= mu . gbar
+            g_mu = tl.load(grad_mu_ptr + at, mask=in_bounds, other=0.0).to(ACC)
+            T_vec += g_mu
+            row_const -= tl.sum(g_mu * mu, axis=1)
         tl.store(T_out + rows.to(tl.int64)[:, None] * stride_t + dims[None, :], T_vec, mask=in_bounds)
         if WANT_H:
             tl.store(grad_h_out + at, grad_h, mask=in_bounds)
@@ -162,7 +166,7 @@ def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr,
                           mask=(cols[:, None] < V) & (dims[None, :] < D), sem="relaxed")
 
 
-def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, input, weight, bias, target, signs, seed,
+def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, grad_mu, input, weight, bias, target, signs, seed,
                        lse, mu, var, need_explicit, need_implicit, want_h, want_w, want_b,
                        plan: Optional[LaunchPlan] = None):
     """Returns fp32 (fp64 for fp64 inputs) grad_input, grad_weight, grad_bias (None where not wanted).
@@ -187,10 +191,11 @@ def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, input, w
         config = plan.tile("row_terms")
         launch(row_prep_kernel)[(triton.cdiv(n_rows, config.block_m),)](
             input, weight, target, signs if signs is not None else mu, mu, var if need_explicit else mu,
-            grad_ce, grad_quadratic, grad_sign_term, T_vec, g_r_q, row_const,
+            grad_ce, grad_quadratic, grad_sign_term, grad_mu.contiguous() if grad_mu is not None else mu, T_vec,
+            g_r_q, row_const,
             grad_h if want_h else mu, grad_w if want_w else mu, seed, n_rows, dim, input.stride(0),
             weight.stride(0), T_vec.stride(0), NEED_EXPLICIT=need_explicit, NEED_IMPLICIT=need_implicit,
-            HAS_SIGNS=signs is not None, WANT_H=want_h, WANT_W=want_w, BLOCK_M=config.block_m,
+            HAS_SIGNS=signs is not None, HAS_GRAD_MU=grad_mu is not None, WANT_H=want_h, WANT_W=want_w, BLOCK_M=config.block_m,
             BLOCK_K=config.block_k, ACC=types.acc, num_warps=config.num_warps, num_stages=config.num_stages)
     config = plan.tile("logit_gradient")
     grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)
