@@ -15,8 +15,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._api import (_check_coefficient, _check_head, _check_probability, _check_seed, _check_target, _checking_values,
-                   _IgnoredRows, default_coefficients)
+from ._api import (_autocast_aware, _check_coefficient, _check_head, _check_probability, _check_seed, _check_target,
+                   _checking_values, _IgnoredRows, _result_dtype, default_coefficients)
 from . import distributed
 from ._dispatch import resolve_backend
 from .signs import philox_signs
@@ -31,6 +31,7 @@ class SiteRegularizers(NamedTuple):
     implicit: Tensor
 
 
+@_autocast_aware("input", "linear_weight", "linear_bias")
 def softmax_mean(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None,
                  backend: str = "auto", process_group=None) -> Tensor:
     """Per row, ``mu = W^T softmax(input @ W^T + b)``: the softmax-weighted mean row of ``linear_weight``.
@@ -39,6 +40,7 @@ def softmax_mean(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[
     ``input``, ``linear_weight`` and ``linear_bias``; forward and backward stream the vocabulary (no N x V
     tensor except with ``backend="reference"``). ``mu - W[y]`` is the gradient of the row's cross entropy
     w.r.t. ``input``. ``process_group``: a vocabulary-parallel head, as in :func:`dropreg.linear_cross_entropy`.
+    Under ``torch.autocast`` the operands are cast as ``F.linear`` casts them and mu comes back in fp32.
     """
     with distributed.checked_call(process_group, "softmax_mean") as call:
         _check_head(input, linear_weight, linear_bias)
@@ -50,7 +52,7 @@ def softmax_mean(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[
     if call.sharded:
         implementation = distributed.ShardedHead(call.shard, local_backend)
     mu = implementation.softmax_mean(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias)
-    return mu.reshape(input.shape).to(input.dtype)
+    return mu.reshape(input.shape).to(_result_dtype(input.dtype))
 
 
 def _check_samples(samples) -> int:
@@ -66,6 +68,7 @@ def _check_finite(name: str, value: Optional[Tensor]) -> None:
         raise ValueError(f"{name}: expected finite values to sample from (found NaN or inf)")
 
 
+@_autocast_aware("input", "linear_weight", "linear_bias")
 def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None, samples: int = 1,
                    seed: Optional[int] = None, backend: str = "auto", process_group=None) -> Tensor:
     """``samples`` exact draws from each row's softmax, shape ``(samples, *input.shape[:-1])``, int64.
@@ -163,6 +166,7 @@ def _check_sampled_targets(sampled, head_input: Tensor, vocab: Optional[int], va
     return flat
 
 
+@_autocast_aware("head_input", "linear_weight", "linear_bias")
 def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor, sites: Sequence[Tensor], *,
                       linear_bias: Optional[Tensor] = None, p: PerSite = 0.1, explicit: bool = True,
                       implicit: bool = True, explicit_coef: PerSite = None, implicit_coef: PerSite = None,
@@ -186,6 +190,7 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
     ``sampled_targets`` ``(samples, *target.shape)`` replaces the draws and ``signs`` (one +-1 tensor per site)
     the Philox signs (site k uses sign stream k + 1 of ``seed``; draws come from :func:`sample_targets`).
     Both terms are differentiable: ``(ce + reg.explicit + reg.implicit).backward()`` trains the whole network.
+    Under ``torch.autocast`` the head's operands are cast as ``F.linear`` casts them and both terms come back in fp32.
     """
     with distributed.checked_call(process_group, "site_regularizers") as call:
         vocab, _ = _check_head(head_input, linear_weight, linear_bias, name="head_input")
@@ -232,7 +237,7 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
 
     zero = head_input.new_zeros((), dtype=rows.count.dtype)
     if not (need_explicit or need_implicit):
-        return SiteRegularizers(zero.to(head_input.dtype), zero.to(head_input.dtype))
+        return SiteRegularizers(zero.to(_result_dtype(head_input.dtype)), zero.to(_result_dtype(head_input.dtype)))
     flat_input = rows.zero_ignored(head_input)
     mu = implementation.softmax_mean(flat_input, linear_weight, linear_bias)
     acc = mu.dtype
@@ -271,4 +276,5 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
                     explicit_total = explicit_total + (explicit_coefs[k] / n_draws) * (scaled * scaled).sum()
     if reduction == "mean":
         explicit_total, implicit_total = explicit_total / rows.count, implicit_total / rows.count
-    return SiteRegularizers(explicit_total.to(head_input.dtype), implicit_total.to(head_input.dtype))
+    out_dtype = _result_dtype(head_input.dtype)
+    return SiteRegularizers(explicit_total.to(out_dtype), implicit_total.to(out_dtype))

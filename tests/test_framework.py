@@ -14,7 +14,12 @@ CALLS = {
     "explicit_regularizer": lambda h, w, b, y, **kw: dropreg.explicit_regularizer(h, w, linear_bias=b, **kw),
     "rdrop": lambda h, w, b, y, **kw: dropreg.rdrop_linear_cross_entropy(h, h.flip(0), w, y, linear_bias=b,
                                                                          **kw).loss,
+    "softmax_mean": lambda h, w, b, y, **kw: dropreg.softmax_mean(h, w, linear_bias=b, **kw).sum(),
+    "site_regularizers": lambda h, w, b, y, **kw: sum(dropreg.site_regularizers(h, w, y, [h], linear_bias=b, seed=3,
+                                                                                **kw)),
 }
+# Calls whose fp32 and bf16 versions legitimately differ beyond the final rounding (see the test).
+_ROUNDED_INSIDE = ("rdrop", "site_regularizers")
 
 
 def _leaves(dtype=torch.float32, n=7, d=6, v=300):
@@ -44,11 +49,23 @@ def test_autocast_casts_operands_like_f_linear(call, backend):
     same.backward()
     ours, same = float(ours.detach()), float(same.detach())
     assert abs(ours - same) <= 3 * 2**-8 * (abs(ours) + 1)  # the same value; bf16 rounds each term and their sum
-    # R-Drop uses h twice: the bf16 call sums the two bf16 gradients in bf16, ours in fp32 after the casts.
-    tolerance = dict(rtol=2**-7, atol=2**-7 * float(h.grad.abs().max())) if call == "rdrop" else dict(rtol=0, atol=0)
+    # R-Drop uses h twice: the bf16 call sums the two bf16 gradients in bf16, ours in fp32 after the casts. The site
+    # terms multiply the site (fp32 here, bf16 in the bf16 call) by its gradient: they see h unrounded.
+    tolerance = dict(rtol=2**-7, atol=2**-7 * float(h.grad.abs().max())) if call in _ROUNDED_INSIDE else \
+        dict(rtol=0, atol=0)
     for leaf, bf16_leaf in zip((h, w, b), low):
         assert leaf.grad.dtype == torch.float32
         torch.testing.assert_close(leaf.grad, bf16_leaf.grad.float(), **tolerance)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"] if torch.get_default_device().type == "cpu" else ["torch"])
+def test_autocast_sample_targets_draws_what_the_bf16_call_draws(backend):
+    h, w, b, _ = _leaves()
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):
+        ours = dropreg.sample_targets(h, w, linear_bias=b, samples=3, seed=11, backend=backend)
+    low = [t.detach().to(torch.bfloat16) for t in (h, w, b)]
+    theirs = dropreg.sample_targets(low[0], low[1], linear_bias=low[2], samples=3, seed=11, backend=backend)
+    assert torch.equal(ours, theirs)
 
 
 def test_autocast_keeps_dropregs_accumulation_in_fp32():
