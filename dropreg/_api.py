@@ -20,7 +20,7 @@ from . import distributed
 from ._dispatch import resolve_backend
 from ._policy import accumulation_dtype
 from .loss_options import LossOptions, check_class_weight, check_label_smoothing
-from .signs import draw_seed
+from .signs import draw_seed, random_signs
 from .streamed import implicit_signs
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -318,7 +318,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     Rows whose target is ``ignore_index`` contribute nothing to any term or gradient; ``"mean"``
     divides by the number of other rows, and a batch whose rows are all ignored gives 0 (not NaN)
     with zero gradients. ``signs=None`` takes signs from the Philox stream of :mod:`dropreg.signs`
-    keyed by ``seed`` (``seed=None`` draws one from torch's default generator).
+    keyed by ``seed`` (``seed=None`` draws one from torch's default generator; inside a ``torch.compile`` graph it
+    draws the signs themselves from torch's generator instead, so the graph does not break).
     Non-finite inputs propagate to non-finite outputs. Results come back in ``input``'s dtype;
     accumulation is fp32 (fp64 for fp64 inputs). Under ``torch.autocast``, ``input``, ``linear_weight`` and
     ``linear_bias`` are cast to the autocast dtype as ``F.linear`` would cast them, and the results come back in
@@ -369,7 +370,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                              "yet; pass weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None and "
                              "return_lse=False")
         given_seed = seed
-        seed = _check_seed(seed) if need_implicit and signs is None else 0
+        if need_implicit and signs is None and seed is None and torch.compiler.is_compiling() and not call.sharded:
+            # Inside a graph: signs drawn in the graph from torch's generator, not a Python int seed (a graph break)
+            flat_signs = random_signs(input.numel() // dim, dim, input.device, accumulation_dtype(input.dtype))
+            seed = 0
+        else:
+            seed = _check_seed(seed) if need_implicit and signs is None else 0
         if call.sharded:
             local_backend = distributed.check_backend("linear_cross_entropy", backend, input.device)
         else:

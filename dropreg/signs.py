@@ -91,3 +91,9 @@ def gumbel_noise(seed: int, sample: int, rows: torch.Tensor, v0: int, v1: int) -
 def draw_seed() -> int:
     """A 63-bit seed drawn from torch's default generator, so ``torch.manual_seed`` reproduces it."""
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+
+
+def random_signs(rows: int, dim: int, device, dtype) -> torch.Tensor:
+    """``(rows, dim)`` independent +-1 drawn from torch's generator, not from the Philox stream: what
+    ``seed=None`` uses inside a ``torch.compile`` graph, where drawing an integer seed would break the graph."""
+    return torch.randint(0, 2, (rows, dim), device=device).to(dtype).mul_(2).sub_(1)
