@@ -38,6 +38,12 @@ TORCH_LIBRARY(dropreg, m) {
   m.def(
       "softmax_mean_backward(Tensor grad_mu, Tensor input, Tensor weight, Tensor? bias, Tensor lse, Tensor mu, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "softcap_statistics(Tensor input, Tensor weight, Tensor? bias, float softcap, bool need_m1, bool need_m2) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "softcap_gradient_sweep(Tensor input, Tensor weight, Tensor? bias, float softcap, Tensor lse, Tensor target, "
+      "Tensor amount, Tensor row_const, Tensor? T, Tensor? Q, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("sample_targets(Tensor input, Tensor weight, Tensor? bias, int samples, int seed) -> Tensor");
   m.def("philox_signs(int seed, int rows, int dim) -> Tensor");
 }
@@ -50,6 +56,8 @@ TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
   m.impl("linear_ce_with_grads", &dropreg::linear_ce_with_grads);
   m.impl("softmax_mean_forward", &dropreg::softmax_mean_forward);
   m.impl("softmax_mean_backward", &dropreg::softmax_mean_backward);
+  m.impl("softcap_statistics", &dropreg::softcap_statistics);
+  m.impl("softcap_gradient_sweep", &dropreg::softcap_gradient_sweep);
   m.impl("sample_targets", &dropreg::sample_targets);
 }
 

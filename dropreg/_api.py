@@ -333,8 +333,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     with) adds ``c lse^2`` per row, returned as ``.z_loss`` and reduced like ``ce``; the explicit and implicit terms
     then include its Hessian and gradient (docs/math.md 3.5). ``softcap`` (Gemma 2's final-logit softcapping) caps
     the logits, ``z = softcap * tanh(z / softcap)``, before everything else, the dropout terms included
-    (docs/math.md 3.6); the "torch" and "reference" backends implement it ("auto" picks "torch"), and it cannot be
-    combined with ``label_smoothing`` yet. None of these is supported with ``process_group`` yet.
+    (docs/math.md 3.6); it cannot be combined with ``label_smoothing`` yet. None of these is supported with ``process_group`` yet.
 
     Returns a :class:`LinearCrossEntropyOutput`; with ``return_lse=True``, the pair ``(output, lse)``, ``lse`` the
     per-row logsumexp of the logits, shape ``input.shape[:-1]`` whatever the reduction, differentiable, 0 on ignored

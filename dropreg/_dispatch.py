@@ -35,7 +35,7 @@ from . import cpu
 from . import triton as triton_backend
 from .reference import (reference_rdrop, reference_sample_targets, reference_softcap_terms, reference_softmax_mean,
                         reference_terms)
-from .softcap import streamed_softcap_terms
+from .softcap import cpu_softcap_terms, streamed_softcap_terms
 from .streamed import (streamed_ce_with_grads, streamed_rdrop, streamed_sample_targets, streamed_softmax_mean,
                        streamed_terms)
 
@@ -60,11 +60,13 @@ _BACKENDS: dict[str, Backend] = {
                      ce_with_grads=streamed_ce_with_grads, linear_ce_softcap=streamed_softcap_terms),
     "cpu": Backend(cpu.FAMILY.linear_ce, cpu.FAMILY.rdrop, cpu.cpu_softmax_mean, cpu.cpu_sample_targets,
                    ce_with_grads=cpu.cpu_ce_with_grads, is_available=cpu.FAMILY.is_available,
-                   unavailable_reason=cpu.FAMILY.unavailable_reason),
-    # The every-site ops run the chunked PyTorch driver on the GPU path: no Triton kernel of their own yet.
+                   unavailable_reason=cpu.FAMILY.unavailable_reason, linear_ce_softcap=cpu_softcap_terms),
+    # The every-site ops and the softcapped head run the chunked PyTorch drivers on the GPU path: no Triton kernels
+    # of their own yet.
     "triton": Backend(triton_backend.FAMILY.linear_ce, triton_backend.FAMILY.rdrop, streamed_softmax_mean,
                       streamed_sample_targets, is_available=triton_backend.FAMILY.is_available,
-                      unavailable_reason=triton_backend.FAMILY.unavailable_reason),
+                      unavailable_reason=triton_backend.FAMILY.unavailable_reason,
+                      linear_ce_softcap=streamed_softcap_terms),
 }
 
 # Fastest first, per device type; "auto" takes the first registered and available one.

@@ -126,6 +126,7 @@ def _register_python_kernels() -> None:
 
     register_linear_ce_autograd("dropreg::linear_ce_forward", torch.ops.dropreg.linear_ce_backward)
     _register_ce_with_grads_kernels()
+    _register_softcap_kernels()
     _register_rdrop_kernels()
     _register_site_kernels()
 
@@ -158,6 +159,33 @@ def _register_ce_with_grads_kernels() -> None:
         return (*scaled, None, None, None, None, None)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def _register_softcap_kernels() -> None:
+    """Fake kernels of the softcap passes; their autograd is dropreg/softcap.py's Function, which calls them."""
+    @torch.library.register_fake("dropreg::softcap_statistics")
+    def _statistics_fake(input, weight, bias, softcap, need_m1, need_m2):
+        op = "dropreg::softcap_statistics"
+        rows, dim, _ = _check_head(op, {"input": input}, weight, bias,
+                                   input.new_empty((input.shape[0],), dtype=torch.int64))
+        acc = accumulation_dtype(input.dtype)
+        return (input.new_empty((rows,), dtype=acc), input.new_empty((rows if need_m1 else 0, dim), dtype=acc),
+                input.new_empty((rows if need_m2 else 0, dim), dtype=acc))
+
+    @torch.library.register_fake("dropreg::softcap_gradient_sweep")
+    def _sweep_fake(input, weight, bias, softcap, lse, target, amount, row_const, T, Q, output_mask):
+        op = "dropreg::softcap_gradient_sweep"
+        rows, dim, vocab = _check_head(op, {"input": input}, weight, bias, target)
+        acc = accumulation_dtype(input.dtype)
+        for name, per_row in (("lse", lse), ("amount", amount), ("row_const", row_const)):
+            _check_shape(op, name, per_row, (rows,))
+        for name, per_row in (("T", T), ("Q", Q)):
+            if per_row is not None:
+                _check_shape(op, name, per_row, (rows, dim))
+        want_b = output_mask[2] and bias is not None
+        return (input.new_empty((rows, dim) if output_mask[0] else (0,), dtype=acc),
+                input.new_empty((vocab, dim) if output_mask[1] else (0,), dtype=acc),
+                input.new_empty((vocab,) if want_b else (0,), dtype=acc))
 
 
 def _register_rdrop_kernels() -> None:

@@ -167,13 +167,14 @@ def _make_trainer_class():
     class DropregTrainer(transformers.Trainer):
         """``transformers.Trainer`` whose loss is :func:`causal_lm_loss` (causal LMs only).
 
-        Keyword arguments ``p, explicit, implicit, explicit_coef, implicit_coef`` set the regularizers;
-        in eval mode only the cross entropy is computed. ``args.label_smoothing_factor`` is honoured. Signs change every step (seeded from
+        Keyword arguments ``p, explicit, implicit, explicit_coef, implicit_coef`` set the regularizers and
+        ``z_loss`` the z-loss; in eval mode only the cross entropy is computed. ``args.label_smoothing_factor`` is honoured. Signs change every step (seeded from
         ``args.seed``, the global step and the micro-batch index).
         """
 
         def __init__(self, *args, p: float = 0.1, explicit: bool = True, implicit: bool = True,
-                     explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None, **kwargs):
+                     explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
+                     z_loss: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
             if self.compute_loss_func is not None:
                 raise NotImplementedError("DropregTrainer: compute_loss_func is not supported (the loss is "
@@ -182,7 +183,7 @@ def _make_trainer_class():
             # which HF's LabelSmoother also computes)
             smoothing = self.label_smoother.epsilon if self.label_smoother is not None else 0.0
             self.dropreg_options = dict(p=p, explicit=explicit, implicit=implicit, explicit_coef=explicit_coef,
-                                        implicit_coef=implicit_coef, label_smoothing=smoothing)
+                                        implicit_coef=implicit_coef, label_smoothing=smoothing, z_loss=z_loss)
             # causal_lm_loss uses num_items_in_batch, so let the Trainer count it and not rescale for GA
             self.model_accepts_loss_kwargs = True
             self._dropreg_step = (-1, 0)
@@ -202,7 +203,7 @@ def _make_trainer_class():
             if inner.training:
                 seed = self._dropreg_seed()
             else:
-                options.update(explicit=False, implicit=False)
+                options.update(explicit=False, implicit=False, z_loss=0.0)
                 seed = None
             out = causal_lm_loss(inner, input_ids, labels, num_items_in_batch=num_items_in_batch,
                                  seed=seed, **options, **inputs)

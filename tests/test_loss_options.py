@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import dropreg
+import dropreg.cpu
 from checks import assert_close_to_oracle, assert_loss_close_to_oracle, make_problem, run_dropreg, run_oracle
 
 V = 13
@@ -141,21 +142,11 @@ def test_lse_gradient_is_softmax(backend):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
-SOFTCAP_BACKENDS = ("reference", "torch")  # the C++ and Triton kernels do not cap (docs/math.md 3.6)
 SOFTCAP_OPTIONS = {
     "plain": lambda: dict(),
     "z_loss": lambda: dict(z_loss=0.2),
     "weight-z_loss": lambda: dict(weight=_class_weight(), z_loss=0.05),
 }
-
-
-def _refuses_softcap(backend):
-    if backend in SOFTCAP_BACKENDS:
-        return False
-    h, w, y = torch.randn(4, 3), torch.randn(V, 3), torch.randint(0, V, (4,))
-    with pytest.raises(ValueError, match=f"softcap: backend '{backend}' does not implement a softcapped head"):
-        dropreg.linear_cross_entropy(h, w, y, softcap=5.0, backend=backend)
-    return True
 
 
 @pytest.mark.parametrize("terms", list(TERMS))
@@ -164,8 +155,6 @@ def _refuses_softcap(backend):
 def test_softcap_matches_oracle(backend, option, terms, reduction):
     """The oracle caps the logits before F.cross_entropy and takes every term by autograd; logit_scale 3 with
     softcap 2 puts rows across tanh's linear and saturated parts."""
-    if _refuses_softcap(backend):
-        return
     problem = make_problem(lead=(2, 3), d=4, vocab=V, ignore=(1,), reduction=reduction, logit_scale=3.0,
                            softcap=2.0, **SOFTCAP_OPTIONS[option](), **TERMS[terms])
     ours, cotangent = run_dropreg(problem, torch.float64, backend)
@@ -178,8 +167,6 @@ def test_softcap_matches_oracle(backend, option, terms, reduction):
 def test_softcap_odd_shapes_and_logit_sizes(backend, shape, logit_scale):
     """Flat, peaked and huge raw logits (1e4 saturates tanh: c underflows to 0 and the capped softmax is flat
     across the saturated classes), N=1 and d=1, in float64; the cap is 10."""
-    if _refuses_softcap(backend):
-        return
     problem = make_problem(**shape, vocab=V, logit_scale=logit_scale, softcap=10.0, z_loss=0.01, p=0.3)
     ours, cotangent = run_dropreg(problem, torch.float64, backend)
     assert_close_to_oracle(ours, run_oracle(problem, cotangent), torch.float64, problem)
@@ -188,23 +175,34 @@ def test_softcap_odd_shapes_and_logit_sizes(backend, shape, logit_scale):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_softcap_float32_and_no_bias(backend, dtype, bias):
-    if _refuses_softcap(backend):
-        return
     problem = make_problem(lead=(7,), d=3, vocab=V, bias=bias, dtype=dtype, p=0.3, ignore=(0, 4), logit_scale=4.0,
                            softcap=3.0, weight=_class_weight(), z_loss=0.1)
     ours, cotangent = run_dropreg(problem, dtype, backend)
     assert_close_to_oracle(ours, run_oracle(problem, cotangent), dtype, problem)
 
 
-def test_softcap_ce_equals_capped_f_cross_entropy_and_auto_picks_a_capping_backend():
+def test_softcap_ce_equals_capped_f_cross_entropy(backend):
     h = torch.randn(9, 5, dtype=torch.float64)
     w = torch.randn(V, 5, dtype=torch.float64) * 4
     y = torch.randint(0, V, (9,))
     y[3] = -100
-    ours = dropreg.linear_cross_entropy(h, w, y, softcap=7.0).ce  # backend="auto" on CPU: "cpu" cannot cap
+    ours = dropreg.linear_cross_entropy(h, w, y, softcap=7.0, backend=backend).ce
     theirs = F.cross_entropy(7.0 * torch.tanh(h @ w.T / 7.0), y)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    assert dropreg._dispatch.resolve_backend("auto", h.device, softcap=True)[0] == "torch"
+
+
+def test_a_backend_without_softcap_is_skipped_by_auto_and_refused_by_name(monkeypatch):
+    """A backend registered without ``linear_ce_softcap`` (docs/math.md 3.6: every built-in one has it)."""
+    import dataclasses
+    capless = dataclasses.replace(dropreg._dispatch._BACKENDS["torch"], linear_ce_softcap=None)
+    monkeypatch.setitem(dropreg._dispatch._BACKENDS, "capless", capless)
+    monkeypatch.setitem(dropreg._dispatch._AUTO_PREFERENCE, "cpu", ("capless", "torch"))
+    device = torch.device("cpu")
+    assert dropreg._dispatch.resolve_backend("auto", device)[0] == "capless"
+    assert dropreg._dispatch.resolve_backend("auto", device, softcap=True)[0] == "torch"
+    h, w, y = torch.randn(4, 3), torch.randn(V, 3), torch.randint(0, V, (4,))
+    with pytest.raises(ValueError, match="softcap: backend 'capless' does not implement a softcapped head"):
+        dropreg.linear_cross_entropy(h, w, y, softcap=5.0, backend="capless")
 
 
 def test_softcap_all_rows_ignored_gives_zero(streamed_backend):
@@ -227,3 +225,47 @@ def test_bad_softcap_is_a_clear_error(kwargs, error, message):
     h, w, y = torch.randn(4, 3), torch.randn(V, 3), torch.randint(0, V, (4,))
     with pytest.raises(error, match=message):
         dropreg.linear_cross_entropy(h, w, y, backend="torch", **kwargs)
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("terms", ["all-terms", "implicit-only", "explicit-only", "ce-only"])
+def test_cpp_softcap_passes_over_many_tiles(terms, threads):
+    """csrc/softcap.cpp with several 256-row blocks and 256-class tiles (N=300, V=700: tails in both) and thread
+    counts, against the reference backend in float64 (every term, every gradient, z-loss and class weights)."""
+    h = torch.randn(300, 5, dtype=torch.float64)
+    w = torch.randn(700, 5, dtype=torch.float64)
+    b = torch.randn(700, dtype=torch.float64)
+    y = torch.randint(0, 700, (300,))
+    y[::7] = -100
+    options = dict(p=0.3, seed=4, softcap=2.5, z_loss=0.01, weight=torch.rand(700, dtype=torch.float64) + 0.5,
+                   **TERMS[terms])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = {}
+        for backend in ("cpu", "reference"):
+            leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+            out = dropreg.linear_cross_entropy(leaves[0], leaves[1], y, linear_bias=leaves[2], backend=backend,
+                                               reduction="none", **options)
+            upstream = [torch.randn(300, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+                        for k in range(4)]
+            sum((term * g).sum() for term, g in zip(out, upstream)).backward()
+            results[backend] = [t.detach() for t in out] + [t.grad for t in leaves]
+    finally:
+        torch.set_num_threads(previous)
+    for ours, reference in zip(results["cpu"], results["reference"]):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("with_terms", [True, False])
+def test_cpp_softcap_ops_opcheck(with_terms):
+    dropreg.cpu.load()
+    h, w, b = torch.randn(9, 4), torch.randn(300, 4), torch.randn(300)
+    y = torch.randint(0, 300, (9,))
+    torch.library.opcheck(torch.ops.dropreg.softcap_statistics.default, (h, w, b, 3.0, with_terms, with_terms))
+    lse = torch.ops.dropreg.softcap_statistics(h, w, b, 3.0, False, False)[0]
+    T_vec, Q = (torch.randn(9, 4), torch.randn(9, 4)) if with_terms else (None, None)
+    torch.library.opcheck(torch.ops.dropreg.softcap_gradient_sweep.default,
+                          (h, w, b, 3.0, lse, y, torch.randn(9), torch.randn(9), T_vec, Q, [True, True, True]))

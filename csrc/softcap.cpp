@@ -1,0 +1,243 @@
+// The two vocabulary passes of a softcapped head (docs/math.md 3.6) on CPU; the per-row algebra around them is
+// dropreg/softcap.py's, shared with the "torch" backend.
+//
+// Each element's raw logit r gives t = tanh(r / s), the capped logit z = s t and its derivatives in r:
+// c = 1 - t^2, z2 = -2 t c / s, z3 = -2 c (c - 2 t^2) / s^2; phi = c^2 + z2 and psi = c phi + 2 c z2 + z3.
+//
+// softcap_statistics: row blocks in parallel, vocabulary tiles streamed with the online softmax of z;
+//   M1 += (e c) @ W_t (1 RCd) and M2 += (e phi) @ (W_t * W_t) (1 RCd) beside z = h W_t^T (1 RCd).
+// softcap_gradient_sweep: vocabulary tiles in parallel (each thread owns its rows of grad_weight, as in the
+//   uncapped backward); per tile and row block: the z recompute (1 RCd), T W_t^T and Q (W_t*W_t)^T (2 RCd),
+//   G = s (c row_const + phi (T W^T) + psi (Q (W*W)^T)) - amount [v = y], grad_input += G W_t (1 RCd),
+//   grad_W_t += G^T h + (s c)^T T + 2 W_t * (s phi)^T Q (3 RCd).
+#include <ATen/ATen.h>
+#include <ATen/record_function.h>
+
+#include <vector>
+
+#include "linear_ce_dropreg.h"
+#include "tile_loops.h"
+
+namespace dropreg {
+
+namespace {
+
+template <typename T>
+struct CapDerivatives {
+  T z, c, z2, z3;
+  CapDerivatives(T raw, T cap) {
+    const T t = std::tanh(raw / cap);
+    z = cap * t;
+    c = T(1) - t * t;
+    z2 = T(-2) * t * c / cap;
+    z3 = T(-2) * c * (c - T(2) * t * t) / (cap * cap);
+  }
+  T phi() const { return c * c + z2; }
+  T psi() const { return c * phi() + T(2) * c * z2 + z3; }
+};
+
+template <typename acc_t>
+void statistics_impl(const Tensor& h, const Tensor& weight, const Tensor& bias, acc_t cap, bool need_m1,
+                     bool need_m2, Tensor& lse, Tensor& m1, Tensor& m2) {
+  const int64_t rows = h.size(0), dim = h.size(1), vocab = weight.size(0);
+  const int64_t row_block = forward_row_block(rows);
+  const auto opts = h.options();
+  acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  parallel_blocks(rows, row_block, [&] {
+    Tensor logits_flat = at::empty({row_block * kVocabTile}, opts);
+    Tensor ec_flat = at::empty({need_m1 ? row_block * kVocabTile : 0}, opts);
+    Tensor ephi_flat = at::empty({need_m2 ? row_block * kVocabTile : 0}, opts);
+    Tensor weight_flat = at::empty({kVocabTile * (need_m2 ? 2 : 1) * dim}, opts);
+    return [&, logits_flat, ec_flat, ephi_flat, weight_flat](int64_t r0, int64_t n) {
+      const Tensor h_block = h.narrow(0, r0, n);
+      Tensor m1_block = need_m1 ? m1.narrow(0, r0, n) : Tensor();
+      Tensor m2_block = need_m2 ? m2.narrow(0, r0, n) : Tensor();
+      std::vector<OnlineSoftmax<acc_t>> softmax(n);
+      for (int64_t v0 = 0; v0 < vocab; v0 += kVocabTile) {
+        const int64_t cols = std::min(kVocabTile, vocab - v0);
+        const Tensor stacked = load_weight_tile(weight, v0, cols, weight_flat, need_m2);
+        Tensor logits = scratch_view(logits_flat, n, cols);
+        Tensor ec = need_m1 ? scratch_view(ec_flat, n, cols) : Tensor();
+        Tensor ephi = need_m2 ? scratch_view(ephi_flat, n, cols) : Tensor();
+        tile_logits(logits, h_block, stacked.narrow(1, 0, dim), bias, v0);
+        acc_t* z = logits.data_ptr<acc_t>();
+        for (int64_t i = 0; i < n; ++i) {
+          acc_t* row = z + i * cols;
+          acc_t* ec_row = need_m1 ? ec.data_ptr<acc_t>() + i * cols : nullptr;
+          acc_t* ephi_row = need_m2 ? ephi.data_ptr<acc_t>() + i * cols : nullptr;
+          for (int64_t j = 0; j < cols; ++j) {  // the weights first, then the capped logit in place
+            const CapDerivatives<acc_t> d(row[j], cap);
+            if (need_m1) ec_row[j] = d.c;
+            if (need_m2) ephi_row[j] = d.phi();
+            row[j] = d.z;
+          }
+          const acc_t rescale = softmax[i].rescale_for(row_max(row, cols));
+          softmax[i].sum += exp_shifted_sum_inplace(row, cols, softmax[i].shift());
+          for (int64_t j = 0; j < cols; ++j) {
+            if (need_m1) ec_row[j] *= row[j];
+            if (need_m2) ephi_row[j] *= row[j];
+          }
+          if (rescale != acc_t(1)) {
+            if (need_m1) scale_inplace(m1_block.data_ptr<acc_t>() + i * dim, dim, rescale);
+            if (need_m2) scale_inplace(m2_block.data_ptr<acc_t>() + i * dim, dim, rescale);
+          }
+        }
+        if (need_m1) m1_block.addmm_(ec, stacked.narrow(1, 0, dim));
+        if (need_m2) m2_block.addmm_(ephi, stacked.narrow(1, dim, dim));
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        lse_ptr[r0 + i] = softmax[i].lse();
+        const acc_t inv = acc_t(1) / softmax[i].sum;
+        if (need_m1) scale_inplace(m1_block.data_ptr<acc_t>() + i * dim, dim, inv);
+        if (need_m2) scale_inplace(m2_block.data_ptr<acc_t>() + i * dim, dim, inv);
+      }
+    };
+  });
+}
+
+struct SweepRows {
+  Tensor h, lse, amount, row_const, T, Q;  // accumulation dtype; T / Q undefined when unused
+  const int64_t* target;
+};
+
+template <typename acc_t>
+void sweep_impl(const SweepRows& r, const Tensor& weight, const Tensor& bias, acc_t cap, bool want_h, bool want_w,
+                bool want_b, Tensor& grad_h_partials, Tensor& grad_w, Tensor& grad_b) {
+  const int64_t rows = r.h.size(0), dim = r.h.size(1), vocab = weight.size(0);
+  const bool has_T = r.T.defined(), has_Q = r.Q.defined();
+  const auto opts = r.h.options();
+  const acc_t* lse = r.lse.data_ptr<acc_t>();
+  const acc_t* amount = r.amount.data_ptr<acc_t>();
+  const acc_t* row_const = r.row_const.data_ptr<acc_t>();
+  parallel_blocks(vocab, kVocabTile, [&] {
+    struct Scratch {
+      Tensor grad_h_part, probs, grad, t2, pc, pphi, weight_flat, acc_w, acc_st_Q;
+      std::vector<acc_t> acc_b;
+    };
+    const int64_t tile = kRowBlock * kVocabTile;
+    Scratch t{want_h ? grad_h_partials[at::get_thread_num()] : Tensor(), at::empty({tile}, opts),
+              at::empty({tile}, opts), at::empty({has_Q ? tile : 0}, opts), at::empty({has_T ? tile : 0}, opts),
+              at::empty({has_Q ? tile : 0}, opts), at::empty({kVocabTile * (has_Q ? 2 : 1) * dim}, opts),
+              at::empty({kVocabTile, dim}, opts), at::empty({has_Q ? kVocabTile : 0, dim}, opts),
+              std::vector<acc_t>(kVocabTile)};
+    return [&, t](int64_t v0, int64_t cols) mutable {
+      const Tensor stacked = load_weight_tile(weight, v0, cols, t.weight_flat, has_Q);
+      const Tensor w = stacked.narrow(1, 0, dim);
+      Tensor tile_w = t.acc_w.narrow(0, 0, cols).zero_();
+      Tensor tile_st_Q = has_Q ? t.acc_st_Q.narrow(0, 0, cols).zero_() : Tensor();
+      std::fill(t.acc_b.begin(), t.acc_b.end(), acc_t(0));
+      for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+        const int64_t n = std::min(kRowBlock, rows - r0);
+        const Tensor h_block = r.h.narrow(0, r0, n);
+        Tensor probs = scratch_view(t.probs, n, cols), grad = scratch_view(t.grad, n, cols);
+        Tensor t2 = has_Q ? scratch_view(t.t2, n, cols) : Tensor();
+        Tensor pc = has_T ? scratch_view(t.pc, n, cols) : Tensor();
+        Tensor pphi = has_Q ? scratch_view(t.pphi, n, cols) : Tensor();
+        tile_logits(probs, h_block, w, bias, v0);
+        if (has_T) at::mm_out(grad, r.T.narrow(0, r0, n), w.t());                       // T . W_v
+        if (has_Q) at::mm_out(t2, r.Q.narrow(0, r0, n), stacked.narrow(1, dim, dim).t());  // Q . W_v^2
+        acc_t* s = probs.data_ptr<acc_t>();
+        acc_t* g = grad.data_ptr<acc_t>();
+        acc_t* q_dot = has_Q ? t2.data_ptr<acc_t>() : nullptr;
+        acc_t* pc_ptr = has_T ? pc.data_ptr<acc_t>() : nullptr;
+        acc_t* pphi_ptr = has_Q ? pphi.data_ptr<acc_t>() : nullptr;
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t row = r0 + i;
+          for (int64_t j = 0; j < cols; ++j) {
+            const int64_t k = i * cols + j;
+            const CapDerivatives<acc_t> d(s[k], cap);
+            const acc_t p = std::exp(d.z - lse[row]);
+            acc_t inner = d.c * row_const[row];
+            if (has_T) {
+              inner += d.phi() * g[k];
+              pc_ptr[k] = p * d.c;
+            }
+            if (has_Q) {
+              inner += d.psi() * q_dot[k];
+              pphi_ptr[k] = p * d.phi();
+            }
+            s[k] = p;
+            g[k] = p * inner;
+          }
+          subtract_at_target(g + i * cols, r.target[row], v0, cols, amount[row]);
+          if (want_b) add_columns(t.acc_b.data(), g + i * cols, cols);
+        }
+        if (want_h) t.grad_h_part.narrow(0, r0, n).addmm_(grad, w);
+        if (want_w) {
+          tile_w.addmm_(grad.t(), h_block);
+          if (has_T) tile_w.addmm_(pc.t(), r.T.narrow(0, r0, n));          // (s c)^T T
+          if (has_Q) tile_st_Q.addmm_(pphi.t(), r.Q.narrow(0, r0, n));     // (s phi)^T Q
+        }
+      }
+      if (want_w) {
+        if (has_Q) tile_w.addcmul_(w, tile_st_Q, 2);
+        grad_w.narrow(0, v0, cols).copy_(tile_w);
+      }
+      if (want_b) std::copy(t.acc_b.begin(), t.acc_b.begin() + cols, grad_b.data_ptr<acc_t>() + v0);
+    };
+  });
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> softcap_statistics(const Tensor& input, const Tensor& weight,
+                                                      const c10::optional<Tensor>& bias, double softcap,
+                                                      bool need_m1, bool need_m2) {
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
+              "dropreg::softcap_statistics: input (N, d) and weight (V, d) expected");
+  TORCH_CHECK(softcap > 0, "dropreg::softcap_statistics: softcap must be positive, got ", softcap);
+  RECORD_FUNCTION("dropreg::softcap_statistics", std::vector<c10::IValue>());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto acc = accumulation_type(input);
+  const Tensor h = input.to(acc).contiguous();
+  const Tensor b = bias.has_value() && bias->defined() ? bias->to(acc).contiguous() : Tensor();
+  const int64_t rows = h.size(0), dim = h.size(1);
+  Tensor lse = at::empty({rows}, h.options());
+  Tensor m1 = at::zeros({need_m1 ? rows : 0, dim}, h.options());
+  Tensor m2 = at::zeros({need_m2 ? rows : 0, dim}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "softcap_statistics", [&] {
+    statistics_impl<scalar_t>(h, weight.contiguous(), b, static_cast<scalar_t>(softcap), need_m1, need_m2, lse, m1,
+                              m2);
+  });
+  return {lse, m1, m2};
+}
+
+std::tuple<Tensor, Tensor, Tensor> softcap_gradient_sweep(
+    const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, double softcap, const Tensor& lse,
+    const Tensor& target, const Tensor& amount, const Tensor& row_const, const c10::optional<Tensor>& T,
+    const c10::optional<Tensor>& Q, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
+              "dropreg::softcap_gradient_sweep: input (N, d) and weight (V, d) expected");
+  TORCH_CHECK(softcap > 0, "dropreg::softcap_gradient_sweep: softcap must be positive, got ", softcap);
+  const bool has_Q = Q.has_value() && Q->defined();
+  const bool has_T = T.has_value() && T->defined();
+  TORCH_CHECK(!has_Q || has_T, "dropreg::softcap_gradient_sweep: Q needs T");
+  RECORD_FUNCTION("dropreg::softcap_gradient_sweep", std::vector<c10::IValue>());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool want_h = output_mask[0], want_w = output_mask[1], want_b = output_mask[2] && has_bias;
+  const auto acc = accumulation_type(input);
+  const int64_t rows = input.size(0), dim = input.size(1), vocab = weight.size(0);
+  SweepRows r;
+  r.h = input.to(acc).contiguous();
+  r.lse = lse.to(acc).contiguous();
+  r.amount = amount.to(acc).contiguous();
+  r.row_const = row_const.to(acc).contiguous();
+  if (has_T) r.T = T->to(acc).contiguous();
+  if (has_Q) r.Q = Q->to(acc).contiguous();
+  const Tensor target_c = target.contiguous();
+  r.target = target_c.data_ptr<int64_t>();
+  const Tensor b = has_bias ? bias->to(acc).contiguous() : Tensor();
+  Tensor grad_h_partials = want_h ? at::zeros({at::get_num_threads(), rows, dim}, r.h.options()) : Tensor();
+  Tensor grad_w = want_w ? at::empty({vocab, dim}, r.h.options()) : at::empty({0}, r.h.options());
+  Tensor grad_b = want_b ? at::empty({vocab}, r.h.options()) : at::empty({0}, r.h.options());
+  if (want_h || want_w || want_b) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "softcap_gradient_sweep", [&] {
+      sweep_impl<scalar_t>(r, weight.contiguous(), b, static_cast<scalar_t>(softcap), want_h, want_w, want_b,
+                           grad_h_partials, grad_w, grad_b);
+    });
+  }
+  return {want_h ? grad_h_partials.sum(0) : at::empty({0}, r.h.options()), grad_w, grad_b};
+}
+
+}  // namespace dropreg
