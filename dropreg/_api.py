@@ -5,6 +5,7 @@ flags saying which terms to compute (see :mod:`dropreg._dispatch`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -111,17 +112,25 @@ def _autocast_aware(*operand_names: str):
             if out_dtype is None:  # float64 operands: autocast leaves them alone, and so do we
                 return fn(*args, **kwargs)
             bound.arguments.update(zip(given, cast))
-            _autocast_results.dtype = out_dtype
-            try:
-                with torch.autocast(first.device.type, enabled=False):
-                    return fn(*bound.args, **bound.kwargs)
-            finally:
-                _autocast_results.dtype = None
+            with results_in(out_dtype), torch.autocast(first.device.type, enabled=False):
+                return fn(*bound.args, **bound.kwargs)
         return wrapper
     return decorate
 
 
 _autocast_results = threading.local()  # the results' dtype while an autocast-aware call runs, else unset/None
+
+
+@contextlib.contextmanager
+def results_in(dtype: Optional[torch.dtype]):
+    """Inside, dropreg's functions return their floating results in ``dtype`` (from their fp32/fp64 accumulators,
+    not rounded to the operands' dtype first); gradients still come back in the operands' dtypes."""
+    previous = getattr(_autocast_results, "dtype", None)
+    _autocast_results.dtype = dtype
+    try:
+        yield
+    finally:
+        _autocast_results.dtype = previous
 
 
 def _result_dtype(operand_dtype: torch.dtype) -> torch.dtype:

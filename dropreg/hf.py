@@ -10,12 +10,14 @@ with ``explicit=False, implicit=False`` its ``.loss`` is ``model(input_ids, labe
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._api import LinearCrossEntropyOutput, linear_cross_entropy
+from ._api import LinearCrossEntropyOutput, linear_cross_entropy, results_in
 
 IGNORE_INDEX = -100  # HF's causal-LM loss ignores this label
 _BASE_NAMES = ("model", "transformer", "gpt_neox", "decoder", "language_model")
@@ -56,31 +58,89 @@ def find_decoder(model: nn.Module) -> nn.Module:
         f"attributes {', '.join(names)}); pass decoder=<the module that returns the last hidden state>")
 
 
-def _unwrap_head(head: nn.Module) -> nn.Module:
-    # PEFT wraps the head in a layer with .base_layer; its weight is the head only when no adapter acts
+def _data_parallel_parts(model: nn.Module):
+    """``(DistributedDataParallel wrapper, inner model)``, or ``(None, model)`` for a model that is not wrapped."""
+    if isinstance(model, nn.DataParallel):
+        raise NotImplementedError("causal_lm_loss: torch.nn.DataParallel runs replicas of the model, which the fused "
+                                  "loss cannot reach; use DistributedDataParallel (torchrun) instead")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model, model.module
+    return None, model
+
+
+def _call_through(wrapper: nn.Module, inner: nn.Module, compute):
+    """``compute()`` run as ``inner``'s forward inside ``wrapper()``, so the wrapper's forward logic (DDP's
+    preparation of the gradient all-reduce, its no_sync) applies to the loss as it would to ``model(...)``."""
+    own = vars(inner).get("forward")  # an instance-level forward (accelerate patches one), restored after
+    inner.forward = compute
+    try:
+        return wrapper()
+    finally:
+        if own is None:
+            del inner.forward
+        else:
+            inner.forward = own
+
+
+def _lora_delta(head: nn.Module, adapter: str):
+    """``(delta_weight, delta_bias)`` of one active LoRA adapter of a PEFT LoRA ``Linear``: ``scaling B A`` (and
+    ``scaling b_B`` with ``lora_bias``), exactly its contribution when its dropout does nothing; else an error."""
+    name = type(head).__name__
+    lora_a, lora_b = head.lora_A[adapter], head.lora_B[adapter]
+    if getattr(head, "use_dora", {}).get(adapter, False) or getattr(head, "fan_in_fan_out", False):
+        raise NotImplementedError(f"causal_lm_loss: the LM head is a PEFT {name} with DoRA or fan_in_fan_out "
+                                  f"(adapter {adapter!r}); merge it (merge_adapter()) or leave the head unadapted")
+    dropout = head.lora_dropout[adapter] if adapter in getattr(head, "lora_dropout", {}) else nn.Identity()
+    if head.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 0.0) > 0:
+        raise NotImplementedError(
+            f"causal_lm_loss: the LM head's LoRA adapter {adapter!r} has lora_dropout={dropout.p}: dropout on the "
+            f"head's input is not a weight, so it cannot be folded into the fused loss; use lora_dropout=0.0 on the "
+            f"head (dropreg's terms model dropout there) or leave the head unadapted")
+    scale = head.scaling[adapter]
+    delta_bias = None if lora_b.bias is None else scale * lora_b.bias
+    return scale * (lora_b.weight @ lora_a.weight), delta_bias
+
+
+def _unwrap_head(head: nn.Module):
+    """``(base head, extra weight, extra bias)``: PEFT wraps the head in a layer with ``.base_layer``; an active LoRA
+    adapter adds ``scaling B A`` to the weight (differentiable, so the adapter trains), other adapters are refused."""
+    extra_weight = extra_bias = None
     while hasattr(head, "base_layer"):
         inactive = (getattr(head, "disable_adapters", False) or getattr(head, "merged", False)
                     or not getattr(head, "active_adapters", ()))
         if not inactive:
-            raise NotImplementedError(
-                f"causal_lm_loss: the output embeddings are a PEFT {type(head).__name__} with active adapters "
-                f"{list(getattr(head, 'active_adapters', []))}; merge them (merge_adapter()) or do not adapt "
-                f"the LM head (leave it out of target_modules)")
+            if not (hasattr(head, "lora_A") and hasattr(head, "lora_B") and hasattr(head, "scaling")):
+                raise NotImplementedError(
+                    f"causal_lm_loss: the output embeddings are a PEFT {type(head).__name__} with active adapters "
+                    f"{list(getattr(head, 'active_adapters', []))}, not LoRA; merge them (merge_adapter()) or do not "
+                    f"adapt the LM head (leave it out of target_modules)")
+            for adapter in head.active_adapters:
+                if adapter not in head.lora_A:
+                    continue
+                delta_weight, delta_bias = _lora_delta(head, adapter)
+                extra_weight = delta_weight if extra_weight is None else extra_weight + delta_weight
+                if delta_bias is not None:
+                    extra_bias = delta_bias if extra_bias is None else extra_bias + delta_bias
         head = head.base_layer
-    return head
+    return head, extra_weight, extra_bias
 
 
 def _head_parameters(model: nn.Module):
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise ValueError(f"causal_lm_loss: {type(model).__name__}.get_output_embeddings() returned no LM head")
-    head = _unwrap_head(head)
+    head, extra_weight, extra_bias = _unwrap_head(head)
     weight = getattr(head, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise NotImplementedError(
             f"causal_lm_loss: expected a linear LM head with a 2-D weight, got {type(head).__name__}")
     bias = getattr(head, "bias", None)
-    return weight, bias if isinstance(bias, Tensor) else None
+    bias = bias if isinstance(bias, Tensor) else None
+    if extra_weight is not None:  # a LoRA head: W + scaling B A, one V x d tensor (never N x V)
+        weight = weight + extra_weight.to(weight.dtype)
+    if extra_bias is not None:
+        bias = extra_bias.to(weight.dtype) if bias is None else bias + extra_bias.to(bias.dtype)
+    return weight, bias
 
 
 def _logit_scale(model: nn.Module) -> float:
@@ -110,7 +170,21 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
     ``decoder``: the module returning the last hidden state, when it cannot be found. ``label_smoothing``,
     ``weight`` (class weights) and ``z_loss`` are :func:`dropreg.linear_cross_entropy`'s; with class weights and
     ``num_items_in_batch``, the latter is what the sum is divided by.
+
+    ``model`` may be wrapped in ``DistributedDataParallel``: the loss is then computed inside the wrapper's forward
+    (the inner model's ``forward`` is swapped for the fused loss during the call), so that DDP synchronizes the
+    gradients as it does for ``model(...)``; calling the inner model's decoder directly would leave every rank
+    with its own gradients. ``DataParallel`` is refused (it runs replicas of the module).
     """
+    wrapper, inner = _data_parallel_parts(model)
+    if wrapper is not None:
+        def fused_loss(*_args, **_kwargs):
+            return causal_lm_loss(inner, input_ids, labels, num_items_in_batch=num_items_in_batch, p=p,
+                                  explicit=explicit, implicit=implicit, explicit_coef=explicit_coef,
+                                  implicit_coef=implicit_coef, seed=seed, decoder=decoder,
+                                  label_smoothing=label_smoothing, weight=weight, z_loss=z_loss, backend=backend,
+                                  **model_inputs)
+        return _call_through(wrapper, inner, fused_loss)
     shift_labels = model_inputs.pop("shift_labels", None)
     if labels is None and shift_labels is None:
         raise ValueError("causal_lm_loss: pass labels (shifted here) or shift_labels (already shifted)")
@@ -135,11 +209,14 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
         bias = None if bias is None else bias * scale
 
     reduction = "mean" if num_items_in_batch is None else "sum"
-    out = linear_cross_entropy(hidden, head_weight, target, linear_bias=bias, p=p, explicit=explicit,
-                               implicit=implicit, explicit_coef=explicit_coef, implicit_coef=implicit_coef,
-                               seed=seed, ignore_index=IGNORE_INDEX, reduction=reduction,
-                               label_smoothing=label_smoothing, weight=weight, z_loss=z_loss,
-                               softcap=None if softcap is None else float(softcap), backend=backend)
+    # a bf16/fp16 model's loss comes back in fp32, as HF's ForCausalLMLoss (logits.float()) returns it
+    low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
+    with results_in(torch.float32) if low_precision else contextlib.nullcontext():
+        out = linear_cross_entropy(hidden, head_weight, target, linear_bias=bias, p=p, explicit=explicit,
+                                   implicit=implicit, explicit_coef=explicit_coef, implicit_coef=implicit_coef,
+                                   seed=seed, ignore_index=IGNORE_INDEX, reduction=reduction,
+                                   label_smoothing=label_smoothing, weight=weight, z_loss=z_loss,
+                                   softcap=None if softcap is None else float(softcap), backend=backend)
     if num_items_in_batch is None:
         return out
     if isinstance(num_items_in_batch, Tensor):
@@ -196,6 +273,9 @@ def _make_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inner = self.accelerator.unwrap_model(model)
+            # DDP: through the wrapper (causal_lm_loss), so gradients are all-reduced; the autocast that accelerate
+            # puts around the model's own forward (Trainer's bf16=True) is applied here, as that forward never runs
+            model = model if isinstance(model, nn.parallel.DistributedDataParallel) else inner
             inputs = dict(inputs)
             input_ids = inputs.pop("input_ids", None)
             labels = inputs.pop("labels", None)
@@ -205,8 +285,9 @@ def _make_trainer_class():
             else:
                 options.update(explicit=False, implicit=False, z_loss=0.0)
                 seed = None
-            out = causal_lm_loss(inner, input_ids, labels, num_items_in_batch=num_items_in_batch,
-                                 seed=seed, **options, **inputs)
+            with self.accelerator.autocast():
+                out = causal_lm_loss(model, input_ids, labels, num_items_in_batch=num_items_in_batch,
+                                     seed=seed, **options, **inputs)
             loss = out.loss
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # as Trainer.compute_loss: each rank divided by the global count, and DDP averages gradients

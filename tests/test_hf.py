@@ -45,7 +45,16 @@ def gemma2(dtype=torch.float64):
     return transformers.Gemma2ForCausalLM(config).to(dtype)
 
 
-MODELS = {"llama": llama, "gpt2": gpt2, "granite": granite}
+def cohere(dtype=torch.float64):
+    # logit_scale 0.25 (Cohere multiplies the logits by it; its default is 0.0625)
+    config = transformers.CohereConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                       logit_scale=0.25, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.CohereForCausalLM(config).to(dtype)
+
+
+MODELS = {"llama": llama, "gpt2": gpt2, "granite": granite, "cohere": cohere}
 
 
 def batch():
@@ -245,6 +254,106 @@ def test_peft_head_unwrapped_only_when_trivial():
     model.lm_head = FakeLora(base, ["default"])
     with pytest.raises(NotImplementedError, match="PEFT"):
         hf.causal_lm_loss(model, ids, labels)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_bf16_model_matches_hf_within_its_own_rounding(name):
+    """A bf16 model (no autocast): the loss comes back in fp32, as HF's does, and the loss and every parameter
+    gradient are as close to float64 (the same bf16 weights run in float64) as HF's own bf16 computation, plus a few
+    bf16 roundings: ours keeps the head's products in fp32 where HF rounds the logits to bf16."""
+    model = MODELS[name](torch.bfloat16)
+    ids, mask, labels = batch()
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, **OFF)
+    assert out.loss.dtype == torch.float32
+    ours = grads(model, out.loss)
+    theirs_loss = model(ids, attention_mask=mask, labels=labels).loss
+    theirs = grads(model, theirs_loss)
+    exact_model = MODELS[name](torch.float64)
+    exact_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    exact_loss = hf_loss_float64(exact_model, ids, mask, labels)
+    exact = grads(exact_model, exact_loss)
+    eps = 2.0**-8
+    assert abs(float(out.loss) - float(exact_loss)) <= abs(float(theirs_loss) - float(exact_loss)) + 4 * eps
+    for key in exact:
+        ours_err = float((ours[key].double() - exact[key]).abs().max())
+        theirs_err = float((theirs[key].double() - exact[key]).abs().max())
+        assert ours_err <= 2 * theirs_err + 4 * eps * float(exact[key].abs().max()), key
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_wrapped_model_all_reduces_the_gradients(tmp_path):
+    """causal_lm_loss(DistributedDataParallel(model), ...) on 2 gloo ranks with different batches: every rank's
+    gradients are the mean of the single-process gradients of the two batches (DDP's forward ran, so its
+    all-reduce did; calling the inner decoder directly leaves each rank with its own)."""
+    import torch.multiprocessing as mp
+
+    import hf_ddp_worker
+    mp.spawn(hf_ddp_worker.causal_lm_loss_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    expected = []
+    for rank in range(2):
+        model = llama()
+        ids, labels = hf_ddp_worker.rank_batch(rank)
+        expected.append(grads(model, hf.causal_lm_loss(model, ids, labels, p=0.2, seed=7 + rank).loss))
+    mean = {name: (expected[0][name] + expected[1][name]) / 2 for name in expected[0]}
+    for rank in range(2):
+        assert_grads_close(torch.load(tmp_path / f"grads{rank}.pt"), mean, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.slow
+def test_trainer_under_ddp_keeps_the_replicas_equal(tmp_path):
+    """DropregTrainer on 2 gloo ranks (accelerate's DDP): after a few steps on different shards of the data the two
+    replicas hold the same weights, and they moved."""
+    import torch.multiprocessing as mp
+
+    import hf_ddp_worker
+    mp.spawn(hf_ddp_worker.trainer_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    weights = [torch.load(tmp_path / f"weights{rank}.pt") for rank in range(2)]
+    initial = dict(llama(torch.float32).named_parameters())
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(weights[0]["lm_head.weight"], initial["lm_head.weight"])
+
+
+def _lora(model, targets, dropout=0.0):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout,
+                             init_lora_weights=False)  # random B: the adapters change the loss
+    return peft.get_peft_model(model, config).double()
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]], ids=["attention", "head"])
+def test_peft_lora_matches_hf_loss_and_adapter_gradients(targets):
+    """A real PEFT model: LoRA on attention (the head is the base layer) or on the LM head too (its weight is
+    W + scaling B A, so the head's adapter trains through the fused loss). Loss and every trainable gradient equal
+    HF's own loss on the PEFT model's logits."""
+    model = _lora(llama(), targets)
+    ids, mask, labels = batch()
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, **OFF)
+    ours = grads(model, out.loss)
+    reference = hf_loss_float64(model, ids, mask, labels)
+    theirs = grads(model, reference)
+    torch.testing.assert_close(out.loss, reference, rtol=1e-10, atol=1e-12)
+    assert_grads_close(ours, theirs, rtol=1e-8, atol=1e-12)
+    assert any("lora" in name for name in ours) and all("lora" in name for name in ours)
+    if "lm_head" in targets:
+        assert any("lm_head" in name for name in ours)
+
+
+def test_peft_lora_head_with_dropout_is_refused_in_training():
+    model = _lora(llama(), ["lm_head"], dropout=0.1)
+    ids, mask, labels = batch()
+    model.train()
+    with pytest.raises(NotImplementedError, match="lora_dropout=0.1"):
+        hf.causal_lm_loss(model, ids, labels)
+    model.eval()  # dropout off: the adapter folds into the weight
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, **OFF)
+    torch.testing.assert_close(out.loss, hf_loss_float64(model, ids, mask, labels), rtol=1e-10, atol=1e-12)
 
 
 def test_trainer_steps(tmp_path):

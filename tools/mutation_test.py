@@ -220,7 +220,7 @@ MUTANTS = [
     # CE only with gradients in the forward (csrc/ce_with_grads.cpp, streamed.ce_with_grads) and the loss
     # options (dropreg/loss_options.py), which act on every backend's per-row terms.
     Mutant("ce-cpp-probs", "ce", "csrc/ce_with_grads.cpp",
-           "w_i * std::exp(m - lse[i])", "w_i * acc_t(1.00001) * std::exp(m - lse[i])",
+           "s_i * std::exp(m - lse[i])", "s_i * acc_t(1.00001) * std::exp(m - lse[i])",
            "C++ CE only: G's softmax part scaled by (1+1e-5), the value unchanged"),
     Mutant("ce-cpp-lse", "ce", "csrc/ce_with_grads.cpp",
            "std::log(merged.sum[0])", "std::log(merged.sum[0] * 1.00001)",
@@ -236,6 +236,37 @@ MUTANTS = [
            "w_bar * weight[target].to(acc) - self._weighted_mean(weight, acc)",
            "w_bar * weight[target].to(acc) - 1.0001 * self._weighted_mean(weight, acc)",
            "loss options: the weighted mean row W~ * (1+1e-4)"),
+
+    # z-loss (docs/math.md 3.5: mu's gradient in every backend) and softcap (3.6: dropreg/softcap.py, csrc/softcap.cpp).
+    Mutant("opt-zloss-quadratic", "options", "dropreg/loss_options.py",
+           "(lse * var_part + (hc * hc * mu * mu).sum(1))", "(lse * var_part + 1.0001 * (hc * hc * mu * mu).sum(1))",
+           "z-loss: the explicit term's 2 c q . mu^2 part * (1+1e-4)"),
+    Mutant("opt-zloss-sign", "options", "dropreg/loss_options.py",
+           "sign_term + 2 * c * lse * (signs.to(acc) * hc * mu).sum(1)",
+           "sign_term + 2.0002 * c * lse * (signs.to(acc) * hc * mu).sum(1)",
+           "z-loss: the implicit term's 2 c lse u . mu part * (1+1e-4)"),
+    Mutant("opt-cpp-grad-mu", "options", "csrc/linear_ce_dropreg.cpp",
+           "row_const.sub_((mu * g_mu).sum(1));", "row_const.sub_((mu * g_mu).sum(1) * 1.0001);",
+           "C++ backward: mu's own gradient, its row constant -mu . gbar * (1+1e-4)"),
+    Mutant("opt-triton-grad-mu", "options", "dropreg/triton/backward.py",
+           "row_const -= tl.sum(g_mu * mu, axis=1)", "row_const -= 1.0001 * tl.sum(g_mu * mu, axis=1)",
+           "Triton row_prep: mu's own gradient, its row constant * (1+1e-4)"),
+    Mutant("opt-cpp-ce-zloss", "options", "csrc/ce_with_grads.cpp",
+           "w_i + 2 * zw[r0 + i] * lse[i]", "w_i + acc_t(2.0002) * zw[r0 + i] * lse[i]",
+           "C++ CE only with z-loss: G's 2 zw lse s part * (1+1e-4)"),
+    Mutant("opt-softcap-psi", "options", "dropreg/softcap.py",
+           "(c * phi + 2 * c * z2 + z3)", "(c * phi + 2 * c * z2 + 1.001 * z3)",
+           "softcap, torch passes: psi's third-derivative part * (1+1e-3)"),
+    Mutant("opt-softcap-amount", "options", "dropreg/softcap.py",
+           "amount += g_r * y.z3 * (q * y.w * y.w).sum(1)", "amount += 1.001 * g_r * y.z3 * (q * y.w * y.w).sum(1)",
+           "softcap: the explicit term's target amount * (1+1e-3)"),
+    Mutant("opt-cpp-softcap-psi", "options", "csrc/softcap.cpp",
+           "T psi() const { return c * phi() + T(2) * c * z2 + z3; }",
+           "T psi() const { return c * phi() + T(2) * c * z2 + T(1.001) * z3; }",
+           "softcap, C++ passes: psi's third-derivative part * (1+1e-3)"),
+    Mutant("opt-cpp-softcap-m2", "options", "csrc/softcap.cpp",
+           "if (need_m2) ephi_row[j] = d.phi();", "if (need_m2) ephi_row[j] = d.phi() * acc_t(1.0001);",
+           "softcap, C++ statistics: M2's weight phi * (1+1e-4)"),
 ]
 
 # Per backend: the pytest arguments (run from the copy's root). Quick, but each includes the float64 oracle
@@ -259,6 +290,7 @@ SELECTIONS = {
 }
 SELECTIONS["sites"] = ["tests/test_sites.py", "-k", "reference or unbiased or follow_the_softmax or stream"]
 SELECTIONS["ce"] = ["tests/test_ce_only.py", "tests/test_loss_options.py", "-k", "not triton"]
+SELECTIONS["options"] = ["tests/test_loss_options.py", "tests/test_ce_only.py", "-k", "z_loss or softcap"]
 BACKENDS = tuple(SELECTIONS)
 PYTEST_OPTIONS = ["-x", "-q", "-p", "no:cacheprovider"]
 TIMEOUT_S = 1200
