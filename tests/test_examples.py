@@ -58,3 +58,29 @@ def test_prepare_fortunes_builds_the_ptb_layout(tmp_path):
     assert len(vocab) == 12 and vocab[-2:] == ["<unk>", "<eos>"]
     assert "it's" in vocab or "<unk>" in lines["train"][0]
     assert all(tok in vocab for line in lines["train"] for tok in line.split())
+
+
+def test_hf_finetune_smoke(tmp_path):
+    """examples/hf_finetune.py end to end on a tiny synthetic corpus: pretraining, then both fine-tuning arms."""
+    pytest.importorskip("transformers")
+    source = tmp_path / "fortunes"
+    source.mkdir()
+    text = "\n%\n".join(f"Fortune number {i % 7}, said the cookie {i % 5}. It's {'good' if i % 2 else 'bad'}!"
+                        for i in range(400))
+    (source / "cookie").write_text(text + "\n")
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "prepare_fortunes.py"), "--source",
+                           str(source), "--out", str(corpus), "--vocab", "30"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "hf_finetune.py"), "--data", str(corpus),
+                           "--out", str(out), "--pretrain-steps", "4", "--steps", "4", "--length", "16", "--batch", "4",
+                           "--hidden", "32", "--finetune-blocks", "8", "--valid-blocks", "4", "--log-every", "2",
+                           "--eval-every", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    finals = {r["arm"]: float(r["value"]) for r in rows if r["metric"] == "final_eval_loss"}
+    assert set(finals) == {"pretrain", "hf", "dropreg"} and all(0 < v < 10 for v in finals.values())
+    assert {r["arm"] for r in rows if r["metric"] == "eval_loss"} == {"pretrain", "hf", "dropreg"}
+    summary = (out / "summary.md").read_text()
+    assert "| dropreg |" in summary and "| 4 |" in summary
