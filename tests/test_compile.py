@@ -1,5 +1,6 @@
-"""torch.compile with the default Inductor backend, for the "torch", "cpu" and "reference" backends (the Triton ops
-need a GPU for Inductor: tests/test_triton_gpu.py): values and gradients equal eager. Inductor generates and builds C++ for the graph around the op (about a minute per compile on a
+"""torch.compile with the default Inductor backend, for the "torch" and "cpu" backends (the Triton ops need a GPU for
+Inductor: tests/test_triton_gpu.py; the "reference" backend's materialized graph took Inductor over 7 minutes to
+lower on this machine, so it is left out): values and gradients equal eager. Inductor generates and builds C++ for the graph around the op (about a minute per compile on a
 busy 2-core machine), so there are few compiles here, each covering linear_cross_entropy and R-Drop."""
 import pytest
 import torch
@@ -93,7 +94,7 @@ def test_inductor_with_seed_none(backend):
     assert torch.equal(first[1], again[1]) and not torch.equal(first[1], other[1])
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference",
+@pytest.mark.parametrize("backend", ["torch",
                                      pytest.param("cpu", marks=NEEDS_CPP)])
 def test_inductor_matches_eager_with_a_seed(backend):
     # The C++ ops have fake kernels, so with a seed the whole step is one Inductor graph.
