@@ -79,8 +79,8 @@ MUTANTS = [
 
     # torch backend (dropreg/streamed.py).
     Mutant("torch-ce", "torch", "dropreg/streamed.py",
-           "ce = lse - _target_logit(hc, weight, bias, target, acc)",
-           "ce = lse - 1.00001 * _target_logit(hc, weight, bias, target, acc)",
+           "ce = lse - target_logit(hc, weight, bias, target, acc)",
+           "ce = lse - 1.00001 * target_logit(hc, weight, bias, target, acc)",
            "cross entropy forward: lse - (1+1e-5) z_y"),
     Mutant("torch-var", "torch", "dropreg/streamed.py",
            "var = m2 - mu * mu", "var = m2 - 1.00001 * mu * mu",
