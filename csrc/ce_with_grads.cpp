@@ -181,7 +181,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_with_grads(
   Tensor grad_b = want_b ? at::zeros({vocab}, h.options()) : at::empty({0}, input.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "linear_ce_with_grads", [&] {
     ce_with_grads_impl<scalar_t>(h, w, b, target.contiguous(), row_weight.to(acc).contiguous(),
-                                 has_z ? z_weight->to(acc).contiguous() : Tensor(), std::min(block_rows, std::max<int64_t>(rows, 1)), want_h, want_w, want_b, loss,
+                                 has_z ? z_weight->to(acc).contiguous() : Tensor(),
+                                 std::min(block_rows, std::max<int64_t>(rows, 1)), want_h, want_w, want_b, loss,
                                  grad_h, grad_w, grad_b);
   });
   return {loss, want_h ? grad_h.to(input.scalar_type()) : grad_h, want_w ? grad_w.to(weight.scalar_type()) : grad_w,

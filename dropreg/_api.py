@@ -342,7 +342,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     with) adds ``c lse^2`` per row, returned as ``.z_loss`` and reduced like ``ce``; the explicit and implicit terms
     then include its Hessian and gradient (docs/math.md 3.5). ``softcap`` (Gemma 2's final-logit softcapping) caps
     the logits, ``z = softcap * tanh(z / softcap)``, before everything else, the dropout terms included
-    (docs/math.md 3.6); it cannot be combined with ``label_smoothing`` yet. None of these is supported with ``process_group`` yet.
+    (docs/math.md 3.6); it cannot be combined with ``label_smoothing`` yet. None of these is supported with
+    ``process_group`` yet.
 
     Returns a :class:`LinearCrossEntropyOutput`; with ``return_lse=True``, the pair ``(output, lse)``, ``lse`` the
     per-row logsumexp of the logits, shape ``input.shape[:-1]`` whatever the reduction, differentiable, 0 on ignored
@@ -371,8 +372,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                               check_label_smoothing(label_smoothing), _check_coefficient("z_loss", z_loss, 0.0),
                               return_lse, softcap)
         if softcap is not None and options.smoothing:
-            raise ValueError("softcap: not supported with label_smoothing yet (the smoothed loss of a capped head needs "
-                             "a further streamed statistic); pass label_smoothing=0.0")
+            raise ValueError("softcap: not supported with label_smoothing yet (the smoothed loss of a capped head "
+                             "needs a further streamed statistic); pass label_smoothing=0.0")
         if (options.active or softcap is not None) and call.sharded:
             raise ValueError("weight, label_smoothing, z_loss, softcap, return_lse: not supported with process_group "
                              "yet; pass weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None and "
@@ -424,7 +425,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                                                     flat_signs, seed, need_explicit, need_implicit)
         else:
             ce, quadratic, sign_term, mu = implementation.linear_ce_softcap(
-                h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit, need_implicit, softcap)
+                h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit, need_implicit,
+                softcap)
         if options.active:
             signs_used = implicit_signs(h, flat_signs, seed, need_implicit and options.needs_signs)
             ce, quadratic, sign_term, z_term, lse = options.adjust(

@@ -188,8 +188,9 @@ def register_linear_ce_autograd(forward_op: str, backward_op) -> None:
                  for g in (grad_ce, grad_quadratic, grad_sign_term)]
         if grad_mu is not None and (grad_mu.numel() == 0 or not (need_explicit or need_implicit)):
             grad_mu = None
-        grad_h, grad_w, grad_b = backward_op(*grads, None if grad_mu is None else grad_mu.contiguous(), input, weight,
-                                             bias, target, signs, seed, lse, mu, var, need_explicit, need_implicit, mask)
+        grad_mu = None if grad_mu is None else grad_mu.contiguous()
+        grad_h, grad_w, grad_b = backward_op(*grads, grad_mu, input, weight, bias, target, signs, seed, lse, mu, var,
+                                             need_explicit, need_implicit, mask)
         return (grad_h if mask[0] else None, grad_w if mask[1] else None, grad_b if mask[2] else None,
                 None, None, None, None, None)
 

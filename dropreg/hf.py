@@ -245,7 +245,8 @@ def _make_trainer_class():
         """``transformers.Trainer`` whose loss is :func:`causal_lm_loss` (causal LMs only).
 
         Keyword arguments ``p, explicit, implicit, explicit_coef, implicit_coef`` set the regularizers and
-        ``z_loss`` the z-loss; in eval mode only the cross entropy is computed. ``args.label_smoothing_factor`` is honoured. Signs change every step (seeded from
+        ``z_loss`` the z-loss; in eval mode only the cross entropy is computed. ``args.label_smoothing_factor`` is
+        honoured. Signs change every step (seeded from
         ``args.seed``, the global step and the micro-batch index).
         """
 

@@ -16,8 +16,9 @@ from torch.profiler import record_function
 from ._op_family import first_order_only
 from ._policy import accumulation_dtype
 from . import streamed
+from .cpu import load as load_cpp_library
 from .streamed import (OnlineSoftmax, _chunk_logits, _eager_under_compile, _spans, _subtract_at_target, _weight_chunk,
-                       implicit_signs)
+                       implicit_signs, target_logit)
 
 
 def softcap_derivatives(raw_logits, softcap):
@@ -32,10 +33,7 @@ class _TargetValues:
     """Per row, the capped target logit and its derivatives (O(N d))."""
 
     def __init__(self, h, weight, bias, target, softcap, acc):
-        raw = (h * weight[target].to(acc)).sum(1)
-        if bias is not None:
-            raw = raw + bias[target].to(acc)
-        self.z, self.c, self.z2, self.z3 = softcap_derivatives(raw, softcap)
+        self.z, self.c, self.z2, self.z3 = softcap_derivatives(target_logit(h, weight, bias, target, acc), softcap)
         self.w = weight[target].to(acc)
 
 
@@ -209,8 +207,7 @@ def streamed_softcap_terms(input, weight, bias, target, signs, seed, need_explic
 @_eager_under_compile
 def cpu_softcap_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap):
     """:func:`streamed_softcap_terms` with the C++ vocabulary passes (the ``"cpu"`` backend)."""
-    from .cpu import load  # the C++ library: built or JIT-loaded on first use
-    load()
+    load_cpp_library()  # built, or JIT-loaded on first use
     return _apply(input.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), target,
                   signs, seed, need_explicit, need_implicit, softcap, CppPasses())
 

@@ -391,9 +391,9 @@ class StreamedCrossEntropyWithGrads(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-CE_AND_Z_LOSS_MESSAGE = ("dropreg: cross entropy and z_loss were fused in the CE-only path, which keeps the gradient of "
-                         "their sum only: back-propagate them with equal weights (out.loss), or pass return_lse=True "
-                         "to take the per-row path")
+CE_AND_Z_LOSS_MESSAGE = ("dropreg: cross entropy and z_loss were fused in the CE-only path, which keeps the "
+                         "gradient of their sum only: back-propagate them with equal weights (out.loss), or pass "
+                         "return_lse=True to take the per-row path")
 
 
 def combined_upstream(grad_loss, has_z):

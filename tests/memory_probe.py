@@ -1,7 +1,7 @@
 """Run one fused forward+backward under an address-space cap; print a JSON line with the outcome.
 
-Usage: python memory_probe.py OP BACKEND N d V CAP_MIB, OP being linear_ce, ce_only (cross entropy alone), softcap_zloss (all
-terms of a softcapped head with z-loss), rdrop, sites (a training step with an
+Usage: python memory_probe.py OP BACKEND N d V CAP_MIB, OP being linear_ce, ce_only (cross entropy alone),
+softcap_zloss (all terms of a softcapped head with z-loss), rdrop, sites (a training step with an
 inner dropout site: both every-site terms) or sites-implicit (the implicit every-site term only). Used by test_memory.py in a subprocess, so the cap
 (``resource.setrlimit(RLIMIT_AS)``) binds only this process. The cap is set *after* torch, the inputs and
 the thread pools exist, as that much address space above the current size.

@@ -1,7 +1,7 @@
 """torch.compile with the default Inductor backend, for the "torch" and "cpu" backends (the Triton ops need a GPU for
 Inductor: tests/test_triton_gpu.py; the "reference" backend's materialized graph took Inductor over 7 minutes to
-lower on this machine, so it is left out): values and gradients equal eager. Inductor generates and builds C++ for the graph around the op (about a minute per compile on a
-busy 2-core machine), so there are few compiles here, each covering linear_cross_entropy and R-Drop."""
+lower on this machine, so it is left out): values and gradients equal eager. Inductor generates and builds C++ for
+the graph around the op (about a minute per compile on a busy 2-core machine), so there are few compiles here, each covering linear_cross_entropy and R-Drop."""
 import pytest
 import torch
 

@@ -3,7 +3,8 @@
 Two kernels, launched in this order by :func:`linear_ce_backward`:
 
 1. ``row_prep_kernel``: per row, the d-vectors of docs/math.md's GEMM-friendly form, ``T = gI' u - 2 gR' q mu``
-   (``+ gbar``, mu's own upstream gradient, when given) and ``gR' q``, the row constant of the logit gradient, the row-wise part of grad_input
+   (``+ gbar``, mu's own upstream gradient, when given) and ``gR' q``, the row constant of the logit gradient,
+   the row-wise part of grad_input
    (``2 gR' h var + gI' sigma (mu - W[y])``, written as grad_input's initial value) and the implicit
    term's target scatter ``grad_W[y] -= gI' u`` (atomic adds). O(N d), no GEMM.
 2. ``logit_gradient_kernel``: grid (row blocks x vocabulary blocks). Recomputes z and, in the same K loop,
@@ -166,8 +167,8 @@ def logit_gradient_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, grad_ce_ptr,
                           mask=(cols[:, None] < V) & (dims[None, :] < D), sem="relaxed")
 
 
-def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, grad_mu, input, weight, bias, target, signs, seed,
-                       lse, mu, var, need_explicit, need_implicit, want_h, want_w, want_b,
+def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, grad_mu, input, weight, bias, target, signs,
+                       seed, lse, mu, var, need_explicit, need_implicit, want_h, want_w, want_b,
                        plan: Optional[LaunchPlan] = None):
     """Returns fp32 (fp64 for fp64 inputs) grad_input, grad_weight, grad_bias (None where not wanted).
     ``plan`` defaults to ``launch_plan(input.dtype, input.device)``."""
@@ -195,7 +196,8 @@ def linear_ce_backward(launch, grad_ce, grad_quadratic, grad_sign_term, grad_mu,
             g_r_q, row_const,
             grad_h if want_h else mu, grad_w if want_w else mu, seed, n_rows, dim, input.stride(0),
             weight.stride(0), T_vec.stride(0), NEED_EXPLICIT=need_explicit, NEED_IMPLICIT=need_implicit,
-            HAS_SIGNS=signs is not None, HAS_GRAD_MU=grad_mu is not None, WANT_H=want_h, WANT_W=want_w, BLOCK_M=config.block_m,
+            HAS_SIGNS=signs is not None, HAS_GRAD_MU=grad_mu is not None, WANT_H=want_h, WANT_W=want_w,
+            BLOCK_M=config.block_m,
             BLOCK_K=config.block_k, ACC=types.acc, num_warps=config.num_warps, num_stages=config.num_stages)
     config = plan.tile("logit_gradient")
     grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(vocab, config.block_v),)

@@ -106,10 +106,10 @@ def record_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int, plan=No
     seed = 2**62 + 12345
     _, _, _, lse, mu, var = forward.linear_ce_forward(recorder, h, w, b, y, None, seed, True, True, plan)
     grads = [meta(rows, dtype=accumulation_dtype(dtype)) for _ in range(3)]
-    backward.linear_ce_backward(recorder, *grads, None, h, w, b, y, None, seed, lse, mu, var, True, True, True, True, True,
-                                plan)
-    backward.linear_ce_backward(recorder, *grads, None, h, w, b, y, None, seed, lse, mu, var, False, False, True, True, True,
-                                plan)
+    backward.linear_ce_backward(recorder, *grads, None, h, w, b, y, None, seed, lse, mu, var,
+                                True, True, True, True, True, plan)
+    backward.linear_ce_backward(recorder, *grads, None, h, w, b, y, None, seed, lse, mu, var,
+                                False, False, True, True, True, plan)
     h2 = meta(rows, dim)
     _, _, _, lse2, expected = rdrop.rdrop_forward(recorder, h, h2, w, b, y, plan)
     rdrop.rdrop_backward(recorder, *grads, h, h2, w, b, y, lse2, expected, True, True, True, True, plan)

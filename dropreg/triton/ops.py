@@ -33,14 +33,14 @@ def linear_ce_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], tar
 
 @triton_op("dropreg_triton::linear_ce_backward", mutates_args=())
 def linear_ce_backward(grad_ce: Tensor, grad_quadratic: Tensor, grad_sign_term: Tensor, grad_mu: Optional[Tensor],
-                       input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, signs: Optional[Tensor], seed: int, lse: Tensor,
-                       mu: Tensor, var: Tensor, need_explicit: bool, need_implicit: bool, output_mask: list[bool]
+                       input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, signs: Optional[Tensor],
+                       seed: int, lse: Tensor, mu: Tensor, var: Tensor, need_explicit: bool, need_implicit: bool, output_mask: list[bool]
                        ) -> tuple[Tensor, Tensor, Tensor]:
     prepare_device(input.device)
     want_h, want_w, want_b = output_mask
     grad_h, grad_w, grad_b = backward.linear_ce_backward(
-        wrap_triton, grad_ce, grad_quadratic, grad_sign_term, grad_mu, descriptor_ready(input), descriptor_ready(weight),
-        bias, target, signs, uint64_seed(seed), lse, mu, var, need_explicit, need_implicit, want_h, want_w,
+        wrap_triton, grad_ce, grad_quadratic, grad_sign_term, grad_mu, descriptor_ready(input),
+        descriptor_ready(weight), bias, target, signs, uint64_seed(seed), lse, mu, var, need_explicit, need_implicit, want_h, want_w,
         want_b and bias is not None)
     return (_grad_or_empty(grad_h, input), _grad_or_empty(grad_w, weight),
             _grad_or_empty(grad_b, bias if bias is not None else input))
@@ -88,8 +88,8 @@ def linear_ce_step(input: Tensor, weight: Tensor, bias: Optional[Tensor], target
     bias = None if bias is None else bias.contiguous()
     ce, quadratic, sign_term, lse, mu, var = forward.linear_ce_forward(
         _direct, input, weight, bias, target, None, uint64_seed(seed), True, True, plan)
-    grads = backward.linear_ce_backward(_direct, *upstream, None, input, weight, bias, target, None, uint64_seed(seed), lse,
-                                        mu, var, True, True, True, True, bias is not None, plan)
+    grads = backward.linear_ce_backward(_direct, *upstream, None, input, weight, bias, target, None, uint64_seed(seed),
+                                        lse, mu, var, True, True, True, True, bias is not None, plan)
     return (ce, quadratic, sign_term), grads
 
 
