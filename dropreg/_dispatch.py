@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import cpu
+from . import chunked, cpu
 from . import triton as triton_backend
 from .reference import (reference_rdrop, reference_sample_targets, reference_softcap_terms, reference_softmax_mean,
                         reference_terms)
@@ -61,8 +61,13 @@ _BACKENDS: dict[str, Backend] = {
     "cpu": Backend(cpu.FAMILY.linear_ce, cpu.FAMILY.rdrop, cpu.cpu_softmax_mean, cpu.cpu_sample_targets,
                    ce_with_grads=cpu.cpu_ce_with_grads, is_available=cpu.FAMILY.is_available,
                    unavailable_reason=cpu.FAMILY.unavailable_reason, linear_ce_softcap=cpu_softcap_terms),
-    # The every-site ops and the softcapped head run the chunked PyTorch drivers on the GPU path: no Triton kernels
-    # of their own yet.
+    # The GPU path (docs/math.md 7.3): cuBLAS GEMMs per vocabulary chunk, Triton epilogues on CUDA (PyTorch ones on
+    # other devices, where it is tested). Sampling and the softcapped head run the streamed PyTorch drivers.
+    "chunked": Backend(chunked.chunked_terms, chunked.chunked_rdrop, chunked.chunked_softmax_mean,
+                       streamed_sample_targets, ce_with_grads=chunked.chunked_ce_with_grads,
+                       linear_ce_softcap=streamed_softcap_terms),
+    # The first GPU kernels: one program per (row block, vocabulary block), gradients summed with atomics. Kept
+    # until a GPU run compares them with "chunked" (README, "The GPU backend").
     "triton": Backend(triton_backend.FAMILY.linear_ce, triton_backend.FAMILY.rdrop, streamed_softmax_mean,
                       streamed_sample_targets, is_available=triton_backend.FAMILY.is_available,
                       unavailable_reason=triton_backend.FAMILY.unavailable_reason,
@@ -72,7 +77,7 @@ _BACKENDS: dict[str, Backend] = {
 # Fastest first, per device type; "auto" takes the first registered and available one.
 _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch"),
-    "cuda": ("triton", "torch"),
+    "cuda": ("chunked", "triton", "torch"),
 }
 _AUTO_FALLBACK = ("torch",)
 _warned_unavailable: set[str] = set()

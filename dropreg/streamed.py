@@ -11,11 +11,15 @@ forward ``z = h W_c^T`` (RCd) and ``e @ [W_c | W_c*W_c]`` (2RCd); backward the z
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch.profiler import record_function
 
 from ._op_family import first_order_only
 from ._policy import accumulation_dtype, workspace_rows
+from .gemm import OperandTypes, as_operand, mm
 from .signs import gumbel_noise, philox_signs
 
 # torch.compile runs the chunk loops eagerly (a graph break): Inductor did not finish compiling them in
@@ -166,21 +170,29 @@ def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, T_stack, row_
     return grad_h_block
 
 
+def row_terms(h, weight, bias, target, signs, lse, mu, m2, need_explicit, need_implicit):
+    """``(ce, quadratic, sign_term, var)`` per row from the statistics ``lse``, ``mu``, ``m2`` (docs/math.md 6.1):
+    O(N d), shared by every PyTorch driver."""
+    acc = lse.dtype
+    hc = h.to(acc)
+    w_target = weight[target].to(acc)
+    ce = lse - target_logit(hc, weight, bias, target, acc)
+    var, quadratic = explicit_quadratic(hc, mu, m2, ce, need_explicit)
+    sign_term = torch.zeros_like(ce)
+    if need_implicit:
+        sign_term = (signs * hc * (mu - w_target)).sum(1)
+    return ce, quadratic, sign_term, var
+
+
 class StreamedTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, row_block, vocab_chunk):
-        acc = accumulation_dtype(h.dtype)
         with record_function("dropreg::forward_stats"):
             lse, mu, m2 = forward_statistics(
                 h, weight, bias, need_mu=need_explicit or need_implicit,
                 need_m2=need_explicit, row_block=row_block, vocab_chunk=vocab_chunk)
-        hc = h.to(acc)
-        w_target = weight[target].to(acc)
-        ce = lse - target_logit(hc, weight, bias, target, acc)
-        var, quadratic = explicit_quadratic(hc, mu, m2, ce, need_explicit)
-        sign_term = torch.zeros_like(ce)
-        if need_implicit:
-            sign_term = (signs * hc * (mu - w_target)).sum(1)
+        ce, quadratic, sign_term, var = row_terms(h, weight, bias, target, signs, lse, mu, m2, need_explicit,
+                                                  need_implicit)
         ctx.save_for_backward(h, weight, bias, target, signs, lse, mu, var)
         ctx.options = (need_explicit, need_implicit, row_block, vocab_chunk)
         return ce, quadratic, sign_term, mu
@@ -199,6 +211,54 @@ class StreamedTerms(torch.autograd.Function):
             None if grad_b is None else grad_b.to(bias.dtype),
             None, None, None, None, None, None,
         )
+
+
+@dataclass
+class RowModulation:
+    """The per-row vectors of one row block's logit gradient (docs/math.md 4.4, names as in dropreg/_op_family.py):
+    ``G_v = s_v (row_const + T_stack . [W_v | W_v*W_v]) - g_ce [v = y]``. ``T_stack`` is ``[T | gR' q]`` with the
+    explicit term, ``T`` alone with the implicit term only, None for cross entropy alone; ``g_r``, ``g_r_q``,
+    ``g_i``, ``u`` are None for a term that is off."""
+    row_const: torch.Tensor
+    T_vec: torch.Tensor
+    T_stack: Optional[torch.Tensor]
+    g_r: Optional[torch.Tensor]
+    g_r_q: Optional[torch.Tensor]
+    g_i: Optional[torch.Tensor]
+    u: Optional[torch.Tensor]
+
+
+def row_modulation(h_block, g_ce, mu, var, signs, grad_quadratic, grad_sign_term, grad_mu, r0, r1, need_explicit,
+                   need_implicit) -> RowModulation:
+    """:class:`RowModulation` of rows ``[r0, r1)``: ``h_block`` and ``g_ce`` are those rows (accumulation dtype),
+    the other tensors the full per-row globals and upstream gradients (``grad_mu`` None when mu has none)."""
+    acc = h_block.dtype
+    # Row-wise parts of G_v = s_v * (g_ce + gR'(r_v - Rt) + gI'(a_v - abar)) - g_ce [v = y]:
+    # gR' r_v + gI' a_v = [T | gR' q] . [W_v | W_v*W_v] + const (docs/math.md, GEMM-friendly form).
+    row_const = g_ce.clone()
+    T_vec = torch.zeros_like(h_block)
+    g_r = g_r_q = g_i = u = T_stack = None
+    if need_explicit:
+        g_r = grad_quadratic[r0:r1].to(acc)[:, None]
+        mu_b, var_b = mu[r0:r1], var[r0:r1]
+        q = h_block * h_block
+        g_r_q = g_r * q
+        T_vec -= 2 * g_r_q * mu_b
+        row_const += (g_r_q * (mu_b * mu_b - var_b)).sum(1)
+    if need_implicit:
+        g_i = grad_sign_term[r0:r1].to(acc)[:, None]
+        mu_b = mu[r0:r1]
+        u = signs[r0:r1] * h_block
+        T_vec += g_i * u
+        row_const -= (g_i * mu_b * u).sum(1)
+    modulated = need_explicit or need_implicit
+    if grad_mu is not None and modulated:  # mu's own gradient gbar: T += gbar, row_const -= mu . gbar
+        g_mu = grad_mu[r0:r1].to(acc)
+        T_vec += g_mu
+        row_const -= (g_mu * mu[r0:r1]).sum(1)
+    if modulated:
+        T_stack = torch.cat([T_vec, g_r_q], dim=1) if need_explicit else T_vec
+    return RowModulation(row_const, T_vec, T_stack, g_r, g_r_q, g_i, u)
 
 
 def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
@@ -224,38 +284,17 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
         target = torch.where(owns_target, target, torch.zeros_like(target))
     else:
         sweep_target = target
-    modulated = need_explicit or need_implicit
     for r0, r1 in _spans(n_rows, row_block):
         h_block, y = h[r0:r1].to(acc), target[r0:r1]
         g_ce = grad_ce[r0:r1].to(acc)
-        # Row-wise parts of G_v = s_v * (g_ce + gR'(r_v - Rt) + gI'(a_v - abar)) - g_ce [v = y]:
-        # gR' r_v + gI' a_v = [T | gR' q] . [W_v | W_v*W_v] + const (docs/math.md, GEMM-friendly form).
-        row_const = g_ce.clone()
-        T_vec = torch.zeros_like(h_block)
-        T_stack = None
-        if need_explicit:
-            g_r = grad_quadratic[r0:r1].to(acc)[:, None]
-            mu_b, var_b = mu[r0:r1], var[r0:r1]
-            q = h_block * h_block
-            g_r_q = g_r * q
-            T_vec -= 2 * g_r_q * mu_b
-            row_const += (g_r_q * (mu_b * mu_b - var_b)).sum(1)
+        rows = row_modulation(h_block, g_ce, mu, var, signs, grad_quadratic, grad_sign_term, grad_mu, r0, r1,
+                              need_explicit, need_implicit)
+        g_r, g_i, u, row_const, T_stack = rows.g_r, rows.g_i, rows.u, rows.row_const, rows.T_stack
         if need_implicit:
-            g_i = grad_sign_term[r0:r1].to(acc)[:, None]
-            mu_b = mu[r0:r1]
-            u = signs[r0:r1] * h_block
-            T_vec += g_i * u
-            row_const -= (g_i * mu_b * u).sum(1)
             if owns_target is not None:
                 g_i_owned = g_i * owns_target[r0:r1, None]
             else:
                 g_i_owned = g_i
-        if grad_mu is not None and modulated:  # mu's own gradient gbar: T += gbar, row_const -= mu . gbar
-            g_mu = grad_mu[r0:r1].to(acc)
-            T_vec += g_mu
-            row_const -= (g_mu * mu[r0:r1]).sum(1)
-        if modulated:
-            T_stack = torch.cat([T_vec, g_r_q], dim=1) if need_explicit else T_vec
         grad_h_block = logit_gradient_sweep(
             h_block, weight, bias, lse[r0:r1], sweep_target[r0:r1], g_ce, T_stack, row_const, need_explicit,
             vocab_chunk, grad_w=grad_w, grad_b=grad_b, want_h=want_h)
@@ -312,7 +351,7 @@ def ce_only_blocks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.de
     return block_rows, default_blocks(block_rows, vocab)[1]
 
 
-def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight=None):
+def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight=None, types=None):
     """CE only: ``sum_i row_weight_i ce_i`` (``+ z_weight_i lse_i^2`` when ``z_weight`` is given: the z-loss) and
     its gradients formed in the same pass (docs/math.md, "CE only").
 
@@ -320,9 +359,11 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
     ``G = (row_weight + 2 z_weight lse) s - row_weight e_y``, ``grad_input = G W`` (1 NVd) and ``grad_W += G^T h``
     (1 NVd): 3 NVd, no recompute. Returns ``(loss, grad_h, grad_w, grad_b)`` in the accumulation dtype, ``loss`` the
     pair ``[sum row_weight ce, sum z_weight lse^2]`` and the gradients those of its sum; unwanted gradients are
-    None.
+    None. ``types`` (:class:`dropreg.gemm.OperandTypes`) rounds the GEMM operands as the chunked driver does; None:
+    every operand in the accumulation dtype.
     """
     acc = accumulation_dtype(h.dtype)
+    types = types or OperandTypes(acc, acc, acc)
     want_h, want_w, want_b = wants
     n_rows, dim = h.shape
     vocab = weight.shape[0]
@@ -333,12 +374,14 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
     grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
     logits = torch.empty(min(block_rows, n_rows), vocab, dtype=acc, device=device)
     for r0, r1 in _spans(n_rows, block_rows):
-        h_block, y, w_row = h[r0:r1].to(acc), target[r0:r1], row_weight[r0:r1].to(acc)
+        y, w_row = target[r0:r1], row_weight[r0:r1].to(acc)
+        h_forward, h_backward = as_operand(h[r0:r1], types.forward), as_operand(h[r0:r1], types.backward)
         z = logits[:r1 - r0]
         with record_function("dropreg::ce_logits"):
             for v0, v1 in _spans(vocab, vocab_chunk):
-                w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
-                z[:, v0:v1] = _chunk_logits(h_block, w, b)
+                z[:, v0:v1] = mm(h_forward, as_operand(weight[v0:v1], types.forward).T, acc)
+                if bias is not None:
+                    z[:, v0:v1] += bias[v0:v1].to(acc)
             target_logit = z.gather(1, y[:, None]).squeeze(1)
             # lse in place (torch.logsumexp would allocate a second block x V buffer): z becomes exp(z - shift)
             shift = _logit_shift(z.amax(dim=1))
@@ -355,16 +398,15 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
         with record_function("dropreg::ce_gradients"):
             z.mul_((softmax_scale * torch.exp(shift - lse))[:, None])  # G = (w + 2 zw lse) s ...
             z.scatter_add_(1, y[:, None], -w_row[:, None])     # ... - w * e_y
-            grad_h_block = torch.zeros_like(h_block) if want_h else None
+            grad_h_block = torch.zeros(r1 - r0, dim, dtype=acc, device=device) if want_h else None
             for v0, v1 in _spans(vocab, vocab_chunk):
-                g = z[:, v0:v1]
+                g = as_operand(z[:, v0:v1], types.backward)
                 if want_h:
-                    w, _, _ = _weight_chunk(weight, None, v0, v1, acc, False)
-                    grad_h_block.addmm_(g, w)
+                    mm(g, as_operand(weight[v0:v1], types.backward), acc, out=grad_h_block, accumulate=True)
                 if want_w:
-                    grad_w[v0:v1].addmm_(g.T, h_block)
+                    mm(g.T, h_backward, acc, out=grad_w[v0:v1], accumulate=True)
                 if want_b:
-                    grad_b[v0:v1] += g.sum(0)
+                    grad_b[v0:v1] += z[:, v0:v1].sum(0)
             if want_h:
                 grad_h[r0:r1] = grad_h_block
     return loss, grad_h, grad_w, grad_b
@@ -374,8 +416,9 @@ class StreamedCrossEntropyWithGrads(torch.autograd.Function):
     """:func:`ce_with_grads` as a differentiable scalar: the backward only scales the gradients it saved."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, row_weight, z_weight, wants, block_rows, vocab_chunk):
-        loss, *grads = ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight)
+    def forward(ctx, h, weight, bias, target, row_weight, z_weight, wants, block_rows, vocab_chunk, types):
+        loss, *grads = ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight,
+                                     types)
         # Kept in the parameters' dtypes: until the backward they live beside the activations. The inputs are
         # saved only to link first_order_only's guard to them.
         ctx.save_for_backward(h, weight, bias,
@@ -388,7 +431,7 @@ class StreamedCrossEntropyWithGrads(torch.autograd.Function):
     def backward(ctx, grad_loss):
         scale = combined_upstream(grad_loss, ctx.has_z)
         return (*(None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors[3:]),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 CE_AND_Z_LOSS_MESSAGE = ("dropreg: cross entropy and z_loss were fused in the CE-only path, which keeps the "
@@ -412,13 +455,13 @@ def gradients_wanted(*tensors) -> tuple[bool, ...]:
 
 @_eager_under_compile
 def streamed_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None, *, block_rows=None,
-                           vocab_chunk=None):
+                           vocab_chunk=None, types=None):
     """``[sum_i row_weight_i ce_i, sum_i z_weight_i lse_i^2]`` (accumulation dtype), differentiable, from the CE-only
-    driver."""
+    driver; ``types`` as in :func:`ce_with_grads`."""
     default_rows, default_chunk = ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
     return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight, z_weight,
                                                gradients_wanted(input, weight, bias),
-                                               block_rows or default_rows, vocab_chunk or default_chunk)
+                                               block_rows or default_rows, vocab_chunk or default_chunk, types)
 
 
 class StreamedRDrop(torch.autograd.Function):

@@ -1,0 +1,519 @@
+"""The ``"chunked"`` backend: docs/math.md 7.3's vocabulary-chunked driver, the GPU path.
+
+Rows are processed in blocks (all N rows at once when the workspace allows) and the vocabulary in chunks of Vc
+entries. Every product that sums over d, over the vocabulary or over the rows is one large GEMM
+(:func:`dropreg.gemm.mm`: cuBLAS with narrow operands and fp32 results on CUDA), and the elementwise work on each
+R x Vc chunk is one fused epilogue: Triton kernels on CUDA (``dropreg/triton/epilogues.py``), the PyTorch
+functions of :class:`TorchEpilogues` elsewhere (they define what the kernels compute and run the CPU tests).
+
+Per chunk c, forward (3 NVd with both terms):
+    Z = H W_c^T;  epilogue: online softmax of Z + b_c, P_c in the operand dtype with each row's top entry kept out
+    (docs/math.md 8.4);  A = rescale * A + p_top [W_k | W_k*W_k] (exact);  A += P_c [W_c | W_c*W_c].
+backward (7 NVd):
+    Z = H W_c^T;  t = [T | gR' q] [W_c | W_c*W_c]^T  (one GEMM, K = 2d);  epilogue: G and S in the operand dtype;
+    grad_input += G W_c;  grad_W_c = [G; S]^T [H; T] + 2 W_c * (S^T gR' q)  (K = 2R), written once per chunk: each
+    chunk owns its rows of grad_W, so there are no atomics and the result is deterministic.
+R-Drop and softmax_mean run on the same loops; cross entropy alone under "mean"/"sum" takes
+:func:`dropreg.streamed.ce_with_grads` with this backend's operand types (3 NVd).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.profiler import record_function
+
+from ._op_family import first_order_only
+from ._policy import workspace_bytes
+from .gemm import OperandTypes, as_operand, mm, operand_types
+from .streamed import (RowModulation, _eager_under_compile, _logit_shift, _spans, ce_only_blocks, gradients_wanted,
+                       implicit_signs, row_modulation, row_terms, StreamedCrossEntropyWithGrads, target_logit)
+
+CHUNK_ALIGN = 256  # chunk widths are multiples of this (whole GEMM and epilogue tiles), except the last
+MIN_CHUNK = 1024  # below this the GEMMs get thin; rows are split into blocks instead
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Epilogues: the elementwise work on one chunk. Triton's (dropreg/triton/epilogues.py) have the same signatures.
+# ---------------------------------------------------------------------------------------------------------
+
+class TorchEpilogues:
+    """The chunk epilogues in PyTorch: any device, and the definition the Triton kernels are tested against."""
+
+    name = "torch"
+
+    @staticmethod
+    def softmax_chunk(z, bias, running_max, running_sum, mass, probs, keep_top):
+        """Absorbs the logit chunk ``z + bias`` (R x C, accumulation dtype) into the online softmax, in place.
+
+        Updates ``running_max``, ``running_sum`` (exact ``sum exp(z - max)``) and, when ``probs`` (R x C, operand
+        dtype) is given, writes ``probs = exp(z + b - new_max)`` rounded to its dtype and adds the sum of what was
+        written to ``mass``. With ``keep_top`` each row's largest entry is written as 0 and counted in ``mass``
+        exactly instead. Returns ``(rescale, top_p, top_col)`` per row: the factor for what earlier chunks
+        accumulated, the kept-out probability ``exp(chunk max - new max)`` and its column. ``z`` is overwritten."""
+        if bias is not None:
+            z += bias.to(z.dtype)
+        chunk_max, top_col = z.max(dim=1)
+        new_max = torch.maximum(running_max, chunk_max)
+        shift = _logit_shift(new_max)
+        rescale = torch.exp(running_max - shift)
+        e = z.sub_(shift[:, None]).exp_()
+        running_sum.mul_(rescale).add_(e.sum(dim=1))
+        top_p = torch.exp(chunk_max - shift)
+        if probs is not None:
+            if keep_top:
+                e.scatter_(1, top_col[:, None], 0.0)
+            probs.copy_(e)
+            mass.mul_(rescale).add_(probs.sum(dim=1, dtype=mass.dtype))
+            if keep_top:
+                mass.add_(top_p)
+        running_max.copy_(new_max)
+        return rescale, top_p, top_col
+
+    @staticmethod
+    def gradient_chunk(z, bias, t, lse, row_const, g_ce, target_col, out):
+        """The logit gradient of one chunk into ``out`` (operand dtype): rows ``[0, R)`` get
+        ``G = s (row_const + t) - g_ce [col = target_col]`` with ``s = exp(z + b - lse)``, rows ``[R, 2R)`` get ``S``
+        when ``out`` has them (the modulated backward needs S for grad_W). ``t`` None: ``G = s row_const - ...``;
+        ``target_col`` None: no target (softmax_mean). ``z`` is overwritten."""
+        rows = z.shape[0]
+        if bias is not None:
+            z += bias.to(z.dtype)
+        probs = z.sub_(lse[:, None]).exp_()
+        if out.shape[0] > rows:
+            out[rows:].copy_(probs)
+        g = probs.mul_(row_const[:, None]) if t is None else t.add_(row_const[:, None]).mul_(probs)
+        if target_col is not None:
+            in_chunk = (target_col >= 0) & (target_col < z.shape[1])
+            g.scatter_add_(1, target_col.clamp(0, z.shape[1] - 1)[:, None],
+                           torch.where(in_chunk, -g_ce, torch.zeros_like(g_ce))[:, None])
+        out[:rows].copy_(g)
+
+    @staticmethod
+    def rdrop_softmax_chunk(z1, z2, bias, running_max, running_sum, weighted_d):
+        """R-Drop's forward epilogue, in place on the (2, R) states: per pass i the online softmax of ``z_i + b``
+        and ``B_i = sum exp(z_i + b - max_i) D`` with ``D = z1 - z2`` (the bias cancels in D)."""
+        diff = z1 - z2
+        for i, z in enumerate((z1, z2)):
+            if bias is not None:
+                z += bias.to(z.dtype)
+            new_max = torch.maximum(running_max[i], z.amax(dim=1))
+            shift = _logit_shift(new_max)
+            rescale = torch.exp(running_max[i] - shift)
+            e = z.sub_(shift[:, None]).exp_()
+            running_sum[i] = running_sum[i] * rescale + e.sum(dim=1)
+            weighted_d[i] = weighted_d[i] * rescale + (e * diff).sum(dim=1)
+            running_max[i] = new_max
+
+    @staticmethod
+    def rdrop_gradient_chunk(z1, z2, bias, lse, expected_d, g_ce1, g_ce2, half_kl, target_col, out):
+        """R-Drop's logit gradients of one chunk (docs/math.md 9.3) into ``out`` (2R x C, operand dtype): G1 in rows
+        ``[0, R)``, G2 in ``[R, 2R)``. ``z1``, ``z2`` are overwritten."""
+        rows = z1.shape[0]
+        diff = z1 - z2
+        if bias is not None:
+            z1 += bias.to(z1.dtype)
+            z2 += bias.to(z2.dtype)
+        p1 = z1.sub_(lse[0][:, None]).exp_()
+        p2 = z2.sub_(lse[1][:, None]).exp_()
+        k = half_kl[:, None]
+        g1 = p1 * (g_ce1[:, None] + k * (diff - expected_d[0][:, None] + 1)) - k * p2
+        g2 = p2 * (g_ce2[:, None] - k * (diff - expected_d[1][:, None] - 1)) - k * p1
+        in_chunk = (target_col >= 0) & (target_col < z1.shape[1])
+        col = target_col.clamp(0, z1.shape[1] - 1)[:, None]
+        for g, g_ce in ((g1, g_ce1), (g2, g_ce2)):
+            g.scatter_add_(1, col, torch.where(in_chunk, -g_ce, torch.zeros_like(g_ce))[:, None])
+        out[:rows].copy_(g1)
+        out[rows:].copy_(g2)
+
+
+def epilogues_for(device: torch.device, dtype: torch.dtype):
+    """The Triton epilogues for CUDA tensors accumulated in fp32, PyTorch's elsewhere (fp64 problems, CPU tensors;
+    the tests swap in Triton's under the interpreter)."""
+    if device.type == "cuda" and operand_types(dtype).acc == torch.float32:
+        from .triton import epilogues as triton_epilogues  # imported on first use: triton is optional
+
+        return triton_epilogues.TritonEpilogues
+    return TorchEpilogues
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block plan: how many rows and vocabulary entries one chunk holds (docs/math.md 7.2, 7.3)
+# ---------------------------------------------------------------------------------------------------------
+
+def chunk_bytes_per_entry(types: OperandTypes, device: torch.device, stacked_outputs: int = 2) -> int:
+    """Workspace bytes per (row, chunk entry): the backward's two fp32 products (Z and t) and ``stacked_outputs``
+    operand-dtype epilogue outputs ([G; S]), which outweigh the forward's Z and P. On a CPU :func:`mm` upcasts narrow
+    operands, one more accumulation-dtype copy of the epilogue outputs."""
+    acc_size = types.acc.itemsize
+    per_entry = 2 * acc_size + stacked_outputs * types.backward.itemsize
+    if device.type != "cuda" and types.backward != types.acc:
+        per_entry += stacked_outputs * acc_size
+    return per_entry
+
+
+def chunk_plan(n_rows: int, vocab: int, bytes_per_entry: int, device: torch.device) -> tuple[int, int]:
+    """``(rows per block, vocabulary chunk)``: all rows and the widest multiple of CHUNK_ALIGN entries that fit the
+    workspace, or, when fewer than MIN_CHUNK entries would fit, chunks of MIN_CHUNK and as many rows as fit."""
+    budget = workspace_bytes(device)
+    n_rows, vocab = max(1, n_rows), max(1, vocab)
+    chunk = budget // (n_rows * bytes_per_entry)
+    if chunk >= vocab:
+        return n_rows, vocab
+    if chunk >= MIN_CHUNK:
+        return n_rows, chunk // CHUNK_ALIGN * CHUNK_ALIGN
+    chunk = min(vocab, MIN_CHUNK)
+    return max(1, min(n_rows, budget // (chunk * bytes_per_entry))), chunk
+
+
+@dataclass
+class ChunkBuffers:
+    """The workspace of one call: flat buffers viewed as contiguous R x C (or 2R x C) matrices per chunk."""
+    logits: torch.Tensor
+    second: Optional[torch.Tensor]  # t (linear_ce backward) or z2 (R-Drop), accumulation dtype
+    outputs: Optional[torch.Tensor]  # probs (forward) or [G; S] / [G1; G2] (backward), operand dtype
+
+    @staticmethod
+    def allocate(row_block, vocab_chunk, acc, operand, device, *, second, outputs):
+        entries = row_block * vocab_chunk
+        return ChunkBuffers(torch.empty(entries, dtype=acc, device=device),
+                            torch.empty(entries, dtype=acc, device=device) if second else None,
+                            torch.empty(outputs * entries, dtype=operand, device=device) if outputs else None)
+
+    @staticmethod
+    def view(flat, rows, cols):
+        return flat[:rows * cols].view(rows, cols)
+
+
+def _stacked_weights(w, with_squares, dtype):
+    """``[W_c | W_c*W_c]`` (or ``W_c``) as an operand: the square is rounded once to ``dtype``, as a tensor core
+    would see it (a bf16 product of bf16 values is the exact square rounded)."""
+    w = as_operand(w, dtype)
+    return torch.cat([w, w * w], dim=1) if with_squares else w
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward statistics and the logit-gradient sweep
+# ---------------------------------------------------------------------------------------------------------
+
+def chunked_statistics(h, weight, bias, *, need_mu, need_m2, types, epilogues, row_block, vocab_chunk):
+    """Per-row ``(lse, mu, m2)`` (mu, m2 None unless needed) in one streamed pass of 1 + (1 + need_m2) NVd.
+
+    The moments are divided by the mass of the probabilities as the GEMM saw them (rounded, plus the exact kept-out
+    top), so that ``var = m2 - mu^2`` stays the variance of one distribution (docs/math.md 8.4)."""
+    acc = types.acc
+    n_rows, dim = h.shape
+    vocab = weight.shape[0]
+    n_moments = (1 + int(need_m2)) if need_mu else 0
+    lse = torch.empty(n_rows, dtype=acc, device=h.device)
+    moments = torch.empty(n_rows, n_moments * dim, dtype=acc, device=h.device)
+    buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, vocab), acc, types.forward, h.device,
+                                    second=False, outputs=1 if need_mu else 0)
+    for r0, r1 in _spans(n_rows, row_block):
+        rows = r1 - r0
+        h_op = as_operand(h[r0:r1], types.forward)
+        running_max = torch.full((rows,), float("-inf"), dtype=acc, device=h.device)
+        running_sum = torch.zeros(rows, dtype=acc, device=h.device)
+        mass = torch.zeros(rows, dtype=acc, device=h.device)
+        block_moments = torch.zeros(rows, n_moments * dim, dtype=acc, device=h.device)
+        for v0, v1 in _spans(vocab, vocab_chunk):
+            cols = v1 - v0
+            w = weight[v0:v1]
+            with record_function("dropreg::chunk_logits"):
+                z = mm(h_op, as_operand(w, types.forward).T, acc, out=ChunkBuffers.view(buffers.logits, rows, cols))
+            probs = ChunkBuffers.view(buffers.outputs, rows, cols) if need_mu else None
+            with record_function("dropreg::softmax_epilogue"):
+                rescale, top_p, top_col = epilogues.softmax_chunk(
+                    z, None if bias is None else bias[v0:v1], running_max, running_sum, mass, probs,
+                    need_mu and types.keep_top)
+            if not need_mu:
+                continue
+            with record_function("dropreg::moments"):
+                block_moments.mul_(rescale[:, None])
+                if types.keep_top:  # the top entry in the accumulation dtype: exact products of W's values
+                    w_top = w[top_col].to(acc)
+                    block_moments[:, :dim].addcmul_(top_p[:, None], w_top)
+                    if need_m2:
+                        block_moments[:, dim:].addcmul_(top_p[:, None], w_top * w_top)
+                mm(probs, _stacked_weights(w, need_m2, types.forward), acc, out=block_moments, accumulate=True)
+        lse[r0:r1] = _logit_shift(running_max) + running_sum.log()
+        if need_mu:
+            moments[r0:r1] = block_moments / (mass if types.keep_top else running_sum)[:, None]
+    mu = moments[:, :dim] if need_mu else None
+    m2 = moments[:, dim:] if need_m2 else None
+    return lse, mu, m2
+
+
+def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation, with_squares, types, epilogues,
+                   buffers, vocab_chunk, *, grad_w=None, grad_b=None, want_h=True, overwrite_w=False):
+    """One row block's backward over every chunk; returns its ``W^T G`` (None unless ``want_h``).
+
+    ``rows.T_stack`` None: plain cross entropy (``G = s g_ce - g_ce [v = y]``, grad_W = G^T H). ``target`` None:
+    no target correction. ``grad_w``'s chunk rows are overwritten (``overwrite_w``: one row block, so each chunk
+    is visited once) or accumulated."""
+    acc = types.acc
+    n_rows, dim = h_block.shape
+    modulated = rows.T_stack is not None
+    h_op = as_operand(h_block, types.backward)
+    t_op = as_operand(rows.T_stack, types.backward) if modulated else None
+    # [H; T]: grad_W's G^T H and S^T T as one product with K = 2R
+    stacked_rows = torch.cat([h_op, as_operand(rows.T_vec, types.backward)]) if modulated else h_op
+    g_r_q_op = as_operand(rows.g_r_q, types.backward) if with_squares else None
+    grad_h_block = torch.zeros(n_rows, dim, dtype=acc, device=h_block.device) if want_h else None
+    for v0, v1 in _spans(weight.shape[0], vocab_chunk):
+        cols = v1 - v0
+        w_op = as_operand(weight[v0:v1], types.backward)
+        with record_function("dropreg::chunk_logits"):
+            z = mm(h_op, w_op.T, acc, out=ChunkBuffers.view(buffers.logits, n_rows, cols))
+            t = None
+            if modulated:
+                t = mm(t_op, _stacked_weights(weight[v0:v1], with_squares, types.backward).T, acc,
+                       out=ChunkBuffers.view(buffers.second, n_rows, cols))
+        out = ChunkBuffers.view(buffers.outputs, (2 if modulated else 1) * n_rows, cols)
+        with record_function("dropreg::gradient_epilogue"):
+            epilogues.gradient_chunk(z, None if bias is None else bias[v0:v1], t, lse, rows.row_const, g_ce,
+                                     None if target is None else target - v0, out)
+        g = out[:n_rows]
+        if want_h:
+            with record_function("dropreg::grad_input"):
+                mm(g, w_op, acc, out=grad_h_block, accumulate=True)
+        if grad_w is not None:
+            with record_function("dropreg::grad_weight"):
+                g_w = mm(out.T, stacked_rows, acc)
+                if with_squares:
+                    g_w.addcmul_(weight[v0:v1].to(acc), mm(out[n_rows:].T, g_r_q_op, acc), value=2.0)
+                if overwrite_w:
+                    grad_w[v0:v1].copy_(g_w)
+                else:
+                    grad_w[v0:v1] += g_w
+        if grad_b is not None:
+            grad_b[v0:v1] += g.sum(dim=0, dtype=acc)
+    return grad_h_block
+
+
+def _grad_weight_buffer(weight, acc, n_row_blocks):
+    """grad_W in the weight's dtype when one row block writes each chunk once (no V x d fp32 copy), else in the
+    accumulation dtype."""
+    if n_row_blocks == 1:
+        return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device), True
+    return torch.zeros(weight.shape, dtype=acc, device=weight.device), False
+
+
+class ChunkedTerms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, row_block, vocab_chunk, epilogues):
+        types = operand_types(h.dtype)
+        lse, mu, m2 = chunked_statistics(h, weight, bias, need_mu=need_explicit or need_implicit,
+                                         need_m2=need_explicit, types=types, epilogues=epilogues,
+                                         row_block=row_block, vocab_chunk=vocab_chunk)
+        ce, quadratic, sign_term, var = row_terms(h, weight, bias, target, signs, lse, mu, m2, need_explicit,
+                                                  need_implicit)
+        ctx.save_for_backward(h, weight, bias, target, signs, lse, mu, var)
+        ctx.options = (need_explicit, need_implicit, row_block, vocab_chunk, epilogues)
+        return ce, quadratic, sign_term, mu
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu):
+        h, weight, bias, target, signs, lse, mu, var = ctx.saved_tensors
+        need_explicit, need_implicit, row_block, vocab_chunk, epilogues = ctx.options
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        types = operand_types(h.dtype)
+        acc = types.acc
+        n_rows, dim = h.shape
+        zeros = torch.zeros(n_rows, dtype=acc, device=h.device)
+        grad_ce, grad_quadratic, grad_sign_term = (zeros if g is None else g for g in
+                                                   (grad_ce, grad_quadratic, grad_sign_term))
+        modulated = need_explicit or need_implicit
+        n_row_blocks = math.ceil(n_rows / row_block)
+        grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+        grad_w, overwrite_w = _grad_weight_buffer(weight, acc, n_row_blocks) if want_w else (None, False)
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
+        buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
+                                        types.backward, h.device, second=modulated, outputs=2 if modulated else 1)
+        for r0, r1 in _spans(n_rows, row_block):
+            h_block, y = h[r0:r1].to(acc), target[r0:r1]
+            g_ce = grad_ce[r0:r1].to(acc)
+            rows = row_modulation(h_block, g_ce, mu, var, signs, grad_quadratic, grad_sign_term, grad_mu, r0, r1,
+                                  need_explicit, need_implicit)
+            grad_h_block = gradient_sweep(h_block, weight, bias, lse[r0:r1], y, g_ce, rows, need_explicit, types,
+                                          epilogues, buffers, vocab_chunk, grad_w=grad_w, grad_b=grad_b,
+                                          want_h=want_h, overwrite_w=overwrite_w)
+            if want_h:  # the row-wise parts of grad_input (docs/math.md 4.3)
+                if need_explicit:
+                    grad_h_block += 2 * rows.g_r * h_block * var[r0:r1]
+                if need_implicit:
+                    grad_h_block += rows.g_i * signs[r0:r1] * (mu[r0:r1] - weight[y].to(acc))
+                grad_h[r0:r1] = grad_h_block
+            if want_w and need_implicit:  # the implicit term's target scatter
+                grad_w.index_add_(0, y, (-rows.g_i * rows.u).to(grad_w.dtype))
+        return (None if grad_h is None else grad_h.to(h.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
+
+
+class ChunkedSoftmaxMean(torch.autograd.Function):
+    """``mu = W^T softmax(h W^T + b)`` on the chunked driver (docs/math.md 11.2): forward 2 NVd, backward 5 NVd
+    (the logit-gradient sweep with ``T = gbar``, ``row_const = -mu . gbar`` and no target)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, row_block, vocab_chunk, epilogues):
+        types = operand_types(h.dtype)
+        lse, mu, _ = chunked_statistics(h, weight, bias, need_mu=True, need_m2=False, types=types,
+                                        epilogues=epilogues, row_block=row_block, vocab_chunk=vocab_chunk)
+        ctx.save_for_backward(h, weight, bias, lse, mu)
+        ctx.options = (row_block, vocab_chunk, epilogues)
+        return mu
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_mu):
+        h, weight, bias, lse, mu = ctx.saved_tensors
+        row_block, vocab_chunk, epilogues = ctx.options
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        types = operand_types(h.dtype)
+        acc = types.acc
+        n_rows, dim = h.shape
+        grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+        grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
+                               else (None, False))
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
+        buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
+                                        types.backward, h.device, second=True, outputs=2)
+        for r0, r1 in _spans(n_rows, row_block):
+            g_mu = grad_mu[r0:r1].to(acc)
+            rows = RowModulation(row_const=-(g_mu * mu[r0:r1]).sum(1), T_vec=g_mu, T_stack=g_mu, g_r=None,
+                                 g_r_q=None, g_i=None, u=None)
+            grad_h_block = gradient_sweep(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, rows, False,
+                                          types, epilogues, buffers, vocab_chunk, grad_w=grad_w, grad_b=grad_b,
+                                          want_h=want_h, overwrite_w=overwrite_w)
+            if want_h:
+                grad_h[r0:r1] = grad_h_block
+        return (None if grad_h is None else grad_h.to(h.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+class ChunkedRDrop(torch.autograd.Function):
+    """R-Drop's per-row ``(ce1, ce2, kl)`` on the chunked driver (docs/math.md 9): forward 2 NVd (z1, z2 per chunk,
+    the softmaxes and ``E_p[D]`` in the epilogue), backward 6 NVd (z1, z2; ``G1 W``, ``G2 W``;
+    ``grad_W_c = [G1; G2]^T [H1; H2]`` with K = 2R)."""
+
+    @staticmethod
+    def forward(ctx, h1, h2, weight, bias, target, row_block, vocab_chunk, epilogues):
+        types = operand_types(h1.dtype)
+        acc = types.acc
+        n_rows, vocab = h1.shape[0], weight.shape[0]
+        lse = torch.empty(2, n_rows, dtype=acc, device=h1.device)
+        expected_d = torch.empty(2, n_rows, dtype=acc, device=h1.device)
+        buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, vocab), acc, types.forward,
+                                        h1.device, second=True, outputs=0)
+        for r0, r1 in _spans(n_rows, row_block):
+            rows = r1 - r0
+            h_ops = [as_operand(h[r0:r1], types.forward) for h in (h1, h2)]
+            running_max = torch.full((2, rows), float("-inf"), dtype=acc, device=h1.device)
+            running_sum = torch.zeros(2, rows, dtype=acc, device=h1.device)
+            weighted_d = torch.zeros(2, rows, dtype=acc, device=h1.device)
+            for v0, v1 in _spans(vocab, vocab_chunk):
+                w_op = as_operand(weight[v0:v1], types.forward)
+                z1 = mm(h_ops[0], w_op.T, acc, out=ChunkBuffers.view(buffers.logits, rows, v1 - v0))
+                z2 = mm(h_ops[1], w_op.T, acc, out=ChunkBuffers.view(buffers.second, rows, v1 - v0))
+                epilogues.rdrop_softmax_chunk(z1, z2, None if bias is None else bias[v0:v1], running_max,
+                                              running_sum, weighted_d)
+            lse[:, r0:r1] = _logit_shift(running_max) + running_sum.log()
+            expected_d[:, r0:r1] = weighted_d / running_sum
+        ce1 = lse[0] - target_logit(h1.to(acc), weight, bias, target, acc)
+        ce2 = lse[1] - target_logit(h2.to(acc), weight, bias, target, acc)
+        kl = 0.5 * (expected_d[0] - expected_d[1])
+        ctx.save_for_backward(h1, h2, weight, bias, target, lse, expected_d)
+        ctx.options = (row_block, vocab_chunk, epilogues)
+        return ce1, ce2, kl
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_ce1, grad_ce2, grad_kl):
+        h1, h2, weight, bias, target, lse, expected_d = ctx.saved_tensors
+        row_block, vocab_chunk, epilogues = ctx.options
+        want_h1, want_h2, want_w, want_b = ctx.needs_input_grad[:4]
+        types = operand_types(h1.dtype)
+        acc = types.acc
+        n_rows, dim = h1.shape
+        zeros = torch.zeros(n_rows, dtype=acc, device=h1.device)
+        grad_ce1, grad_ce2, grad_kl = (zeros if g is None else g.to(acc) for g in (grad_ce1, grad_ce2, grad_kl))
+        grad_h = torch.zeros(2, n_rows, dim, dtype=acc, device=h1.device)
+        grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
+                               else (None, False))
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h1.device) if want_b else None
+        buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
+                                        types.backward, h1.device, second=True, outputs=2)
+        for r0, r1 in _spans(n_rows, row_block):
+            rows = r1 - r0
+            h_ops = [as_operand(h[r0:r1], types.backward) for h in (h1, h2)]
+            stacked_rows = torch.cat(h_ops) if want_w else None
+            for v0, v1 in _spans(weight.shape[0], vocab_chunk):
+                cols = v1 - v0
+                w_op = as_operand(weight[v0:v1], types.backward)
+                z1 = mm(h_ops[0], w_op.T, acc, out=ChunkBuffers.view(buffers.logits, rows, cols))
+                z2 = mm(h_ops[1], w_op.T, acc, out=ChunkBuffers.view(buffers.second, rows, cols))
+                out = ChunkBuffers.view(buffers.outputs, 2 * rows, cols)
+                epilogues.rdrop_gradient_chunk(z1, z2, None if bias is None else bias[v0:v1], lse[:, r0:r1],
+                                               expected_d[:, r0:r1], grad_ce1[r0:r1], grad_ce2[r0:r1],
+                                               0.5 * grad_kl[r0:r1], target[r0:r1] - v0, out)
+                if want_h1:
+                    mm(out[:rows], w_op, acc, out=grad_h[0, r0:r1], accumulate=True)
+                if want_h2:
+                    mm(out[rows:], w_op, acc, out=grad_h[1, r0:r1], accumulate=True)
+                if want_w:
+                    g_w = mm(out.T, stacked_rows, acc)
+                    if overwrite_w:
+                        grad_w[v0:v1].copy_(g_w)
+                    else:
+                        grad_w[v0:v1] += g_w
+                if want_b:
+                    grad_b[v0:v1] += out.sum(dim=0, dtype=acc)
+        return (grad_h[0].to(h1.dtype) if want_h1 else None, grad_h[1].to(h2.dtype) if want_h2 else None,
+                None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The backend's functions (dropreg/_dispatch.py)
+# ---------------------------------------------------------------------------------------------------------
+
+def default_chunks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """The block plan of a call (tests patch this to force several blocks and chunks)."""
+    return chunk_plan(n_rows, vocab, chunk_bytes_per_entry(operand_types(dtype), device), device)
+
+
+@_eager_under_compile
+def chunked_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
+    """Per-row ``(ce, quadratic, sign_term, mu)``, as :func:`dropreg.reference.reference_terms`."""
+    row_block, vocab_chunk = default_chunks(input.shape[0], weight.shape[0], input.dtype, input.device)
+    signs = implicit_signs(input, signs, seed, need_implicit)
+    return ChunkedTerms.apply(input, weight, bias, target, signs, need_explicit, need_implicit, row_block,
+                              vocab_chunk, epilogues_for(input.device, input.dtype))
+
+
+@_eager_under_compile
+def chunked_softmax_mean(input, weight, bias):
+    row_block, vocab_chunk = default_chunks(input.shape[0], weight.shape[0], input.dtype, input.device)
+    return ChunkedSoftmaxMean.apply(input, weight, bias, row_block, vocab_chunk,
+                                    epilogues_for(input.device, input.dtype))
+
+
+@_eager_under_compile
+def chunked_rdrop(input1, input2, weight, bias, target):
+    row_block, vocab_chunk = default_chunks(input1.shape[0], weight.shape[0], input1.dtype, input1.device)
+    return ChunkedRDrop.apply(input1, input2, weight, bias, target, row_block, vocab_chunk,
+                              epilogues_for(input1.device, input1.dtype))
+
+
+@_eager_under_compile
+def chunked_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None):
+    """Cross entropy alone with its gradients formed in the forward (3 NVd, docs/math.md 7.1), on this backend's
+    operand types."""
+    block_rows, vocab_chunk = ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
+    return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight, z_weight,
+                                               gradients_wanted(input, weight, bias), block_rows,
+                                               max(vocab_chunk, min(weight.shape[0], 8 * MIN_CHUNK)),
+                                               operand_types(input.dtype))

@@ -1,0 +1,241 @@
+"""Triton epilogues of the chunked driver (dropreg/chunked.py, docs/math.md 7.3): the elementwise work on one
+R x C chunk of fp32 products, between the cuBLAS GEMMs. Each kernel reads its chunk once or twice and writes the
+next GEMM's operand in the operand dtype; none uses atomics. :class:`dropreg.chunked.TorchEpilogues` defines what
+each computes (same signatures) and the tests compare the two under ``TRITON_INTERPRET=1``.
+
+* ``softmax_chunk_kernel``: one program per BLOCK_R rows; pass 1 finds each row's chunk maximum and its column,
+  pass 2 writes ``P = exp(z + b - new_max)`` (top entry zeroed when KEEP_TOP) and sums it twice (exact, and as
+  rounded). Reads z twice, writes P once.
+* ``gradient_chunk_kernel``: one program per BLOCK_R x BLOCK_C tile; ``G = s (row_const + t) - g_ce [v = y]`` and
+  ``S`` from z, t. Reads z (and t) once, writes G (and S) once.
+* ``rdrop_softmax_chunk_kernel`` / ``rdrop_gradient_chunk_kernel``: the same for R-Drop's two passes.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import INTERPRETED, _TL_DTYPES
+
+# Rows per program of the row-wise kernels and the column tile; the interpreter gets small tiles so that the
+# tests' tiny chunks still span several tiles.
+ROW_BLOCK, COL_BLOCK = (4, 8) if INTERPRETED else (8, 1024)
+TILE_R, TILE_C = (4, 8) if INTERPRETED else (32, 256)
+NUM_WARPS = 1 if INTERPRETED else 8
+
+
+@triton.jit
+def _chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS: tl.constexpr):
+    """``z + b`` for a (rows x cols) tile of a contiguous R x C chunk; entries outside it read as -inf."""
+    inside = (rows[:, None] < R) & (cols[None, :] < C)
+    z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=inside, other=float("-inf"))
+    return _add_bias(z, b_ptr, cols, C, inside, HAS_BIAS)
+
+
+@triton.jit
+def _add_bias(z, b_ptr, cols, C, inside, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(z.dtype)[None, :]
+    return tl.where(inside, z, float("-inf"))
+
+
+@triton.jit
+def _rdrop_tile(z1_ptr, z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS: tl.constexpr):
+    """``(z1 + b, z2 + b, D = z1 - z2)`` for a tile, D from the products before the bias (where it cancels) and 0
+    outside the chunk, as TorchEpilogues forms it."""
+    inside = (rows[:, None] < R) & (cols[None, :] < C)
+    at = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    z1 = tl.load(z1_ptr + at, mask=inside, other=0.0)
+    z2 = tl.load(z2_ptr + at, mask=inside, other=0.0)
+    diff = z1 - z2
+    return (_add_bias(z1, b_ptr, cols, C, inside, HAS_BIAS), _add_bias(z2, b_ptr, cols, C, inside, HAS_BIAS),
+            diff)
+
+
+@triton.jit
+def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, rescale_out, top_p_out, top_col_out,
+                         R, C, HAS_BIAS: tl.constexpr, WRITE_PROBS: tl.constexpr, KEEP_TOP: tl.constexpr,
+                         OPERAND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    chunk_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    top_col = tl.zeros((BLOCK_R,), dtype=tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        z = _chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
+        tile_max = tl.max(z, axis=1)
+        tile_col = c0 + tl.argmax(z, axis=1)
+        better = tile_max > chunk_max  # strict: the first column reaching the maximum, as torch.max
+        top_col = tl.where(better, tile_col, top_col)
+        chunk_max = tl.where(better, tile_max, chunk_max)
+    old_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
+    new_max = tl.maximum(old_max, chunk_max)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows whose logits so far are all -inf
+    exp_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    rounded_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        e = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - shift[:, None])
+        exp_sum += tl.sum(e, axis=1)
+        if WRITE_PROBS:
+            if KEEP_TOP:
+                e = tl.where(cols[None, :] == top_col[:, None], 0.0, e)
+            p = e.to(OPERAND)
+            inside = row_ok[:, None] & (cols[None, :] < C)
+            tl.store(probs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], p, mask=inside)
+            rounded_sum += tl.sum(p.to(tl.float32), axis=1)
+    rescale = tl.exp(old_max - shift)
+    top_p = tl.exp(chunk_max - shift)
+    tl.store(sum_ptr + rows, tl.load(sum_ptr + rows, mask=row_ok, other=0.0) * rescale + exp_sum, mask=row_ok)
+    if WRITE_PROBS:
+        mass = tl.load(mass_ptr + rows, mask=row_ok, other=0.0) * rescale + rounded_sum
+        if KEEP_TOP:
+            mass += top_p
+        tl.store(mass_ptr + rows, mass, mask=row_ok)
+    tl.store(max_ptr + rows, new_max, mask=row_ok)
+    tl.store(rescale_out + rows, rescale, mask=row_ok)
+    tl.store(top_p_out + rows, top_p, mask=row_ok)
+    tl.store(top_col_out + rows, top_col.to(tl.int64), mask=row_ok)
+
+
+@triton.jit
+def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr, target_ptr, out_ptr, R, C,
+                          HAS_BIAS: tl.constexpr, HAS_T: tl.constexpr, HAS_TARGET: tl.constexpr,
+                          WRITE_S: tl.constexpr, OPERAND: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < R
+    inside = row_ok[:, None] & (cols[None, :] < C)
+    at = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))  # rows past R: probability 0
+    probs = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - lse[:, None])
+    modulation = tl.load(row_const_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    if HAS_T:
+        modulation += tl.load(t_ptr + at, mask=inside, other=0.0)
+    g = probs * modulation
+    if HAS_TARGET:
+        target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
+        g_ce = tl.load(g_ce_ptr + rows, mask=row_ok, other=0.0)
+        g -= tl.where(cols[None, :] == target[:, None], g_ce[:, None], 0.0)
+    tl.store(out_ptr + at, g.to(OPERAND), mask=inside)
+    if WRITE_S:
+        tl.store(out_ptr + R.to(tl.int64) * C + at, probs.to(OPERAND), mask=inside)
+
+
+@triton.jit
+def rdrop_softmax_chunk_kernel(z1_ptr, z2_ptr, b_ptr, max_ptr, sum_ptr, weighted_d_ptr, R, C,
+                               HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The (2, R) states are updated in place: row r of pass i at ``i * R + r``."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    max1 = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    max2 = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        max1 = tl.maximum(max1, tl.max(_chunk_logits(z1_ptr, b_ptr, rows, cols, R, C, HAS_BIAS), axis=1))
+        max2 = tl.maximum(max2, tl.max(_chunk_logits(z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS), axis=1))
+    old1 = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
+    old2 = tl.load(max_ptr + R + rows, mask=row_ok, other=0.0)
+    new1, new2 = tl.maximum(old1, max1), tl.maximum(old2, max2)
+    shift1 = tl.where(new1 == float("-inf"), 0.0, new1)
+    shift2 = tl.where(new2 == float("-inf"), 0.0, new2)
+    sum1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    sum2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    d1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    d2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        z1, z2, diff = _rdrop_tile(z1_ptr, z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
+        e1 = tl.exp(z1 - shift1[:, None])
+        e2 = tl.exp(z2 - shift2[:, None])
+        sum1 += tl.sum(e1, axis=1)
+        sum2 += tl.sum(e2, axis=1)
+        d1 += tl.sum(e1 * diff, axis=1)
+        d2 += tl.sum(e2 * diff, axis=1)
+    rescale1, rescale2 = tl.exp(old1 - shift1), tl.exp(old2 - shift2)
+    tl.store(sum_ptr + rows, tl.load(sum_ptr + rows, mask=row_ok, other=0.0) * rescale1 + sum1, mask=row_ok)
+    tl.store(sum_ptr + R + rows, tl.load(sum_ptr + R + rows, mask=row_ok, other=0.0) * rescale2 + sum2, mask=row_ok)
+    tl.store(weighted_d_ptr + rows, tl.load(weighted_d_ptr + rows, mask=row_ok, other=0.0) * rescale1 + d1,
+             mask=row_ok)
+    tl.store(weighted_d_ptr + R + rows, tl.load(weighted_d_ptr + R + rows, mask=row_ok, other=0.0) * rescale2 + d2,
+             mask=row_ok)
+    tl.store(max_ptr + rows, new1, mask=row_ok)
+    tl.store(max_ptr + R + rows, new2, mask=row_ok)
+
+
+@triton.jit
+def rdrop_gradient_chunk_kernel(z1_ptr, z2_ptr, b_ptr, lse_ptr, expected_d_ptr, g_ce1_ptr, g_ce2_ptr, half_kl_ptr,
+                                target_ptr, out_ptr, R, C, HAS_BIAS: tl.constexpr, OPERAND: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < R
+    inside = row_ok[:, None] & (cols[None, :] < C)
+    at = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    z1, z2, diff = _rdrop_tile(z1_ptr, z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
+    p1 = tl.exp(z1 - tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))[:, None])
+    p2 = tl.exp(z2 - tl.load(lse_ptr + R + rows, mask=row_ok, other=float("inf"))[:, None])
+    ed1 = tl.load(expected_d_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    ed2 = tl.load(expected_d_ptr + R + rows, mask=row_ok, other=0.0)[:, None]
+    g_ce1 = tl.load(g_ce1_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    g_ce2 = tl.load(g_ce2_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    k = tl.load(half_kl_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    at_target = cols[None, :] == tl.load(target_ptr + rows, mask=row_ok, other=-1)[:, None]
+    g1 = p1 * (g_ce1 + k * (diff - ed1 + 1.0)) - k * p2 - tl.where(at_target, g_ce1, 0.0)
+    g2 = p2 * (g_ce2 - k * (diff - ed2 - 1.0)) - k * p1 - tl.where(at_target, g_ce2, 0.0)
+    tl.store(out_ptr + at, g1.to(OPERAND), mask=inside)
+    tl.store(out_ptr + R.to(tl.int64) * C + at, g2.to(OPERAND), mask=inside)
+
+
+def _bias_arg(bias, like):
+    return like if bias is None else bias.contiguous()  # never read when HAS_BIAS is False
+
+
+class TritonEpilogues:
+    """:class:`dropreg.chunked.TorchEpilogues`'s functions as Triton launches (CUDA, or CPU tensors under
+    ``TRITON_INTERPRET=1``). The chunk views are contiguous (dropreg.chunked.ChunkBuffers)."""
+
+    name = "triton"
+
+    @staticmethod
+    def softmax_chunk(z, bias, running_max, running_sum, mass, probs, keep_top):
+        rows, cols = z.shape
+        rescale = torch.empty_like(running_max)
+        top_p = torch.empty_like(running_max)
+        top_col = torch.empty(rows, dtype=torch.int64, device=z.device)
+        write_probs = probs is not None
+        softmax_chunk_kernel[(triton.cdiv(rows, ROW_BLOCK),)](
+            z, _bias_arg(bias, z), probs if write_probs else z, running_max, running_sum,
+            mass if write_probs else running_sum, rescale, top_p, top_col, rows, cols, HAS_BIAS=bias is not None,
+            WRITE_PROBS=write_probs, KEEP_TOP=keep_top, OPERAND=_TL_DTYPES[(probs if write_probs else z).dtype],
+            BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK, num_warps=NUM_WARPS)
+        return rescale, top_p, top_col
+
+    @staticmethod
+    def gradient_chunk(z, bias, t, lse, row_const, g_ce, target_col, out):
+        rows, cols = z.shape
+        has_target = target_col is not None
+        gradient_chunk_kernel[(triton.cdiv(rows, TILE_R), triton.cdiv(cols, TILE_C))](
+            z, _bias_arg(bias, z), z if t is None else t, lse.contiguous(), row_const.contiguous(),
+            g_ce.contiguous() if has_target else lse, target_col.contiguous() if has_target else lse, out, rows, cols,
+            HAS_BIAS=bias is not None, HAS_T=t is not None, HAS_TARGET=has_target, WRITE_S=out.shape[0] > rows,
+            OPERAND=_TL_DTYPES[out.dtype], BLOCK_R=TILE_R, BLOCK_C=TILE_C, num_warps=NUM_WARPS)
+
+    @staticmethod
+    def rdrop_softmax_chunk(z1, z2, bias, running_max, running_sum, weighted_d):
+        rows, cols = z1.shape
+        rdrop_softmax_chunk_kernel[(triton.cdiv(rows, ROW_BLOCK),)](
+            z1, z2, _bias_arg(bias, z1), running_max, running_sum, weighted_d, rows, cols, HAS_BIAS=bias is not None,
+            BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK, num_warps=NUM_WARPS)
+
+    @staticmethod
+    def rdrop_gradient_chunk(z1, z2, bias, lse, expected_d, g_ce1, g_ce2, half_kl, target_col, out):
+        rows, cols = z1.shape
+        rdrop_gradient_chunk_kernel[(triton.cdiv(rows, TILE_R), triton.cdiv(cols, TILE_C))](
+            z1, z2, _bias_arg(bias, z1), lse.contiguous(), expected_d.contiguous(), g_ce1.contiguous(),
+            g_ce2.contiguous(), half_kl.contiguous(), target_col.contiguous(), out, rows, cols,
+            HAS_BIAS=bias is not None, OPERAND=_TL_DTYPES[out.dtype], BLOCK_R=TILE_R, BLOCK_C=TILE_C,
+            num_warps=NUM_WARPS)
+
