@@ -31,6 +31,8 @@ from .gemm import OperandTypes, as_operand, mm, operand_types
 from .streamed import (RowModulation, _eager_under_compile, _logit_shift, _spans, ce_only_blocks, gradients_wanted,
                        implicit_signs, row_modulation, row_terms, StreamedCrossEntropyWithGrads, target_logit)
 
+# docs/math.md 8.4's precision fix; False only to measure what it buys (tests/test_chunked.py)
+KEEP_TOP = True
 CHUNK_ALIGN = 256  # chunk widths are multiples of this (whole GEMM and epilogue tiles), except the last
 MIN_CHUNK = 1024  # below this the GEMMs get thin; rows are split into blocks instead
 
@@ -135,7 +137,7 @@ def epilogues_for(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and operand_types(dtype).acc == torch.float32:
         from .triton import epilogues as triton_epilogues  # imported on first use: triton is optional
 
-        return triton_epilogues.TritonEpilogues
+        return triton_epilogues.TRITON_EPILOGUES
     return TorchEpilogues
 
 
@@ -211,6 +213,8 @@ def chunked_statistics(h, weight, bias, *, need_mu, need_m2, types, epilogues, r
     moments = torch.empty(n_rows, n_moments * dim, dtype=acc, device=h.device)
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, vocab), acc, types.forward, h.device,
                                     second=False, outputs=1 if need_mu else 0)
+    narrow = types.forward != acc  # probabilities rounded for the moment GEMMs: normalize by what was rounded
+    keep_top = narrow and KEEP_TOP
     for r0, r1 in _spans(n_rows, row_block):
         rows = r1 - r0
         h_op = as_operand(h[r0:r1], types.forward)
@@ -227,12 +231,12 @@ def chunked_statistics(h, weight, bias, *, need_mu, need_m2, types, epilogues, r
             with record_function("dropreg::softmax_epilogue"):
                 rescale, top_p, top_col = epilogues.softmax_chunk(
                     z, None if bias is None else bias[v0:v1], running_max, running_sum, mass, probs,
-                    need_mu and types.keep_top)
+                    keep_top)
             if not need_mu:
                 continue
             with record_function("dropreg::moments"):
                 block_moments.mul_(rescale[:, None])
-                if types.keep_top:  # the top entry in the accumulation dtype: exact products of W's values
+                if keep_top:  # the top entry in the accumulation dtype: exact products of W's values
                     w_top = w[top_col].to(acc)
                     block_moments[:, :dim].addcmul_(top_p[:, None], w_top)
                     if need_m2:
@@ -240,7 +244,7 @@ def chunked_statistics(h, weight, bias, *, need_mu, need_m2, types, epilogues, r
                 mm(probs, _stacked_weights(w, need_m2, types.forward), acc, out=block_moments, accumulate=True)
         lse[r0:r1] = _logit_shift(running_max) + running_sum.log()
         if need_mu:
-            moments[r0:r1] = block_moments / (mass if types.keep_top else running_sum)[:, None]
+            moments[r0:r1] = block_moments / (mass if narrow else running_sum)[:, None]
     mu = moments[:, :dim] if need_mu else None
     m2 = moments[:, dim:] if need_m2 else None
     return lse, mu, m2
@@ -512,8 +516,14 @@ def chunked_rdrop(input1, input2, weight, bias, target):
 def chunked_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None):
     """Cross entropy alone with its gradients formed in the forward (3 NVd, docs/math.md 7.1), on this backend's
     operand types."""
-    block_rows, vocab_chunk = ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
+    block_rows, vocab_chunk = ce_chunks(input.shape[0], weight.shape[0], input.dtype, input.device)
     return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight, z_weight,
-                                               gradients_wanted(input, weight, bias), block_rows,
-                                               max(vocab_chunk, min(weight.shape[0], 8 * MIN_CHUNK)),
+                                               gradients_wanted(input, weight, bias), block_rows, vocab_chunk,
                                                operand_types(input.dtype))
+
+
+def ce_chunks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """The CE-only path's blocks: as many rows as the workspace holds whole logit rows of, and GEMMs at least
+    8 * MIN_CHUNK entries wide (the streamed driver's CPU-sized chunks would make thin GPU products)."""
+    block_rows, vocab_chunk = ce_only_blocks(n_rows, vocab, dtype, device)
+    return block_rows, max(vocab_chunk, min(vocab, 8 * MIN_CHUNK))

@@ -24,6 +24,7 @@ else:
     torch.set_default_device("cuda")
 
 import dropreg  # noqa: E402
+import dropreg.chunked  # noqa: E402
 import dropreg.streamed  # noqa: E402
 
 # Every backend runs the whole oracle suite. "torch-small-tiles" is the streamed backend with 3-row
@@ -31,7 +32,10 @@ import dropreg.streamed  # noqa: E402
 # "cpu" is the C++ backend (its multi-tile paths are covered by tests/test_cpu_backend.py). "triton" is the
 # GPU kernels' source under the interpreter, with 16x32 tiles, 16-wide K chunks and 2 vocabulary splits
 # (dropreg/triton/utils.py), so tails, several tiles and the exact split merge are exercised.
-BACKENDS = ["reference", "torch", "torch-small-tiles", "cpu", "triton"]
+# "chunked" is the GPU path's driver (dropreg/chunked.py) with 3-row blocks and 5-entry chunks and its PyTorch
+# epilogues; "chunked-triton" the same with 4-row blocks, 7-entry chunks and the Triton epilogues (under the
+# interpreter on CPU, compiled with DROPREG_TEST_DEVICE=cuda).
+BACKENDS = ["reference", "torch", "torch-small-tiles", "cpu", "triton", "chunked", "chunked-triton"]
 if TEST_DEVICE == "cuda":
     BACKENDS.remove("cpu")  # the C++ kernels take CPU tensors only
 STREAMED_BACKENDS = ["torch", "torch-small-tiles"]
@@ -42,6 +46,16 @@ def use_backend(name: str, monkeypatch) -> str:
         monkeypatch.setattr(dropreg.streamed, "default_blocks", lambda n_rows, vocab: (3, 5))
         monkeypatch.setattr(dropreg.streamed, "ce_only_blocks", lambda n_rows, vocab, dtype, device: (3, 5))
         return "torch"
+    if name in ("chunked", "chunked-triton"):
+        blocks = (3, 5) if name == "chunked" else (4, 7)
+        monkeypatch.setattr(dropreg.chunked, "default_chunks", lambda n_rows, vocab, dtype, device: blocks)
+        monkeypatch.setattr(dropreg.chunked, "ce_chunks", lambda n_rows, vocab, dtype, device: blocks)
+        if name == "chunked-triton":
+            from dropreg.triton.epilogues import TRITON_EPILOGUES
+            monkeypatch.setattr(dropreg.chunked, "epilogues_for", lambda device, dtype: TRITON_EPILOGUES)
+        else:
+            monkeypatch.setattr(dropreg.chunked, "epilogues_for", lambda device, dtype: dropreg.chunked.TorchEpilogues)
+        return "chunked"
     return name
 
 

@@ -48,7 +48,8 @@ def test_matches_oracle(backend, option, terms, reduction):
 def _fused_ce_and_z_loss(problem, backend):
     """Whether the call takes the CE-only path with the z-loss fused in: its gradients exist only as a sum."""
     kwargs = problem.kwargs
-    return (backend in ("torch", "cpu") and kwargs.get("z_loss") and not kwargs.get("explicit", True)
+    fused = dropreg._dispatch._BACKENDS[backend].ce_with_grads is not None
+    return (fused and kwargs.get("z_loss") and not kwargs.get("explicit", True)
             and not kwargs.get("implicit", True) and kwargs.get("reduction", "mean") != "none")
 
 

@@ -38,7 +38,7 @@ def run_probe(backend, op="linear_ce", case=CASE):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("op", ["linear_ce", "ce_only", "rdrop"])
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "chunked"])  # chunked: the GPU path's driver, default plan
 def test_streamed_backend_fits_under_cap(backend, op):
     result = run_probe(backend, op)
     assert result["ok"], result
@@ -83,7 +83,7 @@ SITES_CASE = ["2048", "64", "131072", "512"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,op", [("cpu", "sites"), ("torch", "sites-implicit")])
+@pytest.mark.parametrize("backend,op", [("cpu", "sites"), ("torch", "sites-implicit"), ("chunked", "sites-implicit")])
 def test_site_regularizers_fit_under_cap(backend, op):
     result = run_probe(backend, op, SITES_CASE)
     assert result["ok"], result

@@ -281,8 +281,12 @@ def test_compile_report_passes_for_sm80_and_sm90(tmp_path):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in table.read_text().splitlines()[2:]]
-    assert len(rows) == 5 * 8 * 2  # 5 configs x 8 kernel variants x 2 targets
+    # 5 configs x 8 kernel variants x 2 targets, and the chunked driver's 6 epilogue variants for the 4 configs
+    # accumulated in fp32
+    assert len(rows) == 5 * 8 * 2 + 4 * 6 * 2
+    epilogues = [r for r in rows if "_chunk_kernel" in r[1]]
+    assert len(epilogues) == 4 * 6 * 2 and all(r[-2].strip() == "-" for r in epilogues)
     for config, kernel, target, *_, tensor_cores, status in (map(str.strip, r) for r in rows):
         assert status == "ok", (config, kernel, target, status)
-        if "row_" not in kernel and config in ("bf16", "fp16", "fp32-tf32"):
+        if "row_" not in kernel and "_chunk_kernel" not in kernel and config in ("bf16", "fp16", "fp32-tf32"):
             assert tensor_cores in ("mma.sync", "wgmma.mma_async"), (config, kernel, target)

@@ -31,6 +31,8 @@ import torch
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 TENSOR_CORE_INSTRUCTION = {80: "mma.sync", 90: "wgmma.mma_async"}
 ROW_KERNELS = ("row_terms_kernel", "row_prep_kernel")  # O(N d) epilogues without a GEMM
+EPILOGUE_KERNELS = ("softmax_chunk_kernel", "gradient_chunk_kernel", "rdrop_softmax_chunk_kernel",
+                    "rdrop_gradient_chunk_kernel")  # the chunked driver's: elementwise, between cuBLAS GEMMs
 REPORT_SHAPE = dict(rows=8192, dim=4096, vocab=128256)
 CONFIGS = {
     "bf16": (torch.bfloat16, "highest"),
@@ -116,10 +118,41 @@ def record_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int, plan=No
     return recorder.launches
 
 
+def record_chunked_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int) -> list[Launch]:
+    """The epilogue launches of the chunked driver (dropreg/chunked.py) for a training step with both terms, cross
+    entropy per row, R-Drop, on meta tensors with the CUDA block plan; one launch per distinct kernel
+    specialization (the chunks differ only in their sizes)."""
+    from .. import chunked
+    from .epilogues import TritonEpilogues
+
+    recorder = Recorder()
+    epilogues = TritonEpilogues(recorder)
+    row_block, vocab_chunk = chunked.default_chunks(rows, vocab, dtype, torch.device("cuda"))
+
+    def meta(*shape, dtype=dtype, grad=True):
+        return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad and dtype.is_floating_point)
+
+    h, h2, w, b, y = meta(rows, dim), meta(rows, dim), meta(vocab, dim), meta(vocab), meta(rows, dtype=torch.int64)
+    signs = meta(rows, dim, dtype=chunked.operand_types(dtype).acc, grad=False)
+    for need in ((True, True), (False, False)):
+        out = chunked.ChunkedTerms.apply(h, w, b, y, signs, *need, row_block, vocab_chunk, epilogues)
+        torch.autograd.grad([o.sum() for o in out[:3]], (h, w, b))
+    out = chunked.ChunkedRDrop.apply(h, h2, w, b, y, row_block, vocab_chunk, epilogues)
+    torch.autograd.grad([o.sum() for o in out], (h, h2, w, b))
+    distinct = {}
+    for launch in recorder.launches:
+        key = (launch.kernel.__name__, tuple(sorted((k, v) for k, v in launch.kwargs.items() if k.isupper())))
+        distinct.setdefault(key, launch)
+    return list(distinct.values())
+
+
 def _record_for(capability: int, dtype: torch.dtype, shape: dict) -> list[Launch]:
     from .utils import launch_plan
 
-    return record_launches(dtype, **shape, plan=launch_plan(dtype, torch.device("meta"), capability=capability))
+    launches = record_launches(dtype, **shape, plan=launch_plan(dtype, torch.device("meta"), capability=capability))
+    if dtype != torch.float64:  # fp64 problems run the PyTorch epilogues (dropreg.chunked.epilogues_for)
+        launches += record_chunked_launches(dtype, **shape)
+    return launches
 
 
 def _describe(launch: Launch) -> tuple[str, str]:
@@ -127,7 +160,9 @@ def _describe(launch: Launch) -> tuple[str, str]:
     name = launch.kernel.__name__
     if name == "logit_gradient_kernel":
         name += " (ce+explicit+implicit)" if kw.get("MODULATED") else " (ce only)"
-    blocks = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K") if k in kw)
+    if name == "gradient_chunk_kernel":
+        name += " (ce+explicit+implicit)" if kw.get("HAS_T") else " (ce only)"
+    blocks = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK_R", "BLOCK_C") if k in kw)
     return name, f"{blocks} w{kw.get('num_warps')} s{kw.get('num_stages')}"
 
 
@@ -186,7 +221,7 @@ def build_rows(config_names, targets, shape=REPORT_SHAPE, progress=print, kernel
                         compiled = compile_launch(launch, capability)
                     row.registers, row.spill_bytes = _ptxas_numbers(log.getvalue())
                     row.shared_bytes = int(compiled.metadata.shared)
-                    if launch.kernel.__name__ not in ROW_KERNELS:
+                    if launch.kernel.__name__ not in ROW_KERNELS + EPILOGUE_KERNELS:
                         row.tensor_cores = TENSOR_CORE_INSTRUCTION[capability] in compiled.asm["ptx"]
                 except Exception as error:  # reported as a row and as a failure
                     row.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"

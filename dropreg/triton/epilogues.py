@@ -26,6 +26,17 @@ NUM_WARPS = 1 if INTERPRETED else 8
 
 
 @triton.jit
+def to_operand(x, OPERAND: tl.constexpr):
+    """``x`` (fp32) rounded to nearest-even in the GEMM operand dtype, as torch rounds it. bf16 is rounded on the
+    bits first (the interpreter's own bf16 conversion truncates); the cast is then exact."""
+    if OPERAND == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+    return x.to(OPERAND)
+
+
+@triton.jit
 def _chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS: tl.constexpr):
     """``z + b`` for a (rows x cols) tile of a contiguous R x C chunk; entries outside it read as -inf."""
     inside = (rows[:, None] < R) & (cols[None, :] < C)
@@ -81,7 +92,7 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
         if WRITE_PROBS:
             if KEEP_TOP:
                 e = tl.where(cols[None, :] == top_col[:, None], 0.0, e)
-            p = e.to(OPERAND)
+            p = to_operand(e, OPERAND)
             inside = row_ok[:, None] & (cols[None, :] < C)
             tl.store(probs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], p, mask=inside)
             rounded_sum += tl.sum(p.to(tl.float32), axis=1)
@@ -119,9 +130,9 @@ def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr,
         target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
         g_ce = tl.load(g_ce_ptr + rows, mask=row_ok, other=0.0)
         g -= tl.where(cols[None, :] == target[:, None], g_ce[:, None], 0.0)
-    tl.store(out_ptr + at, g.to(OPERAND), mask=inside)
+    tl.store(out_ptr + at, to_operand(g, OPERAND), mask=inside)
     if WRITE_S:
-        tl.store(out_ptr + R.to(tl.int64) * C + at, probs.to(OPERAND), mask=inside)
+        tl.store(out_ptr + R.to(tl.int64) * C + at, to_operand(probs, OPERAND), mask=inside)
 
 
 @triton.jit
@@ -185,57 +196,64 @@ def rdrop_gradient_chunk_kernel(z1_ptr, z2_ptr, b_ptr, lse_ptr, expected_d_ptr, 
     at_target = cols[None, :] == tl.load(target_ptr + rows, mask=row_ok, other=-1)[:, None]
     g1 = p1 * (g_ce1 + k * (diff - ed1 + 1.0)) - k * p2 - tl.where(at_target, g_ce1, 0.0)
     g2 = p2 * (g_ce2 - k * (diff - ed2 - 1.0)) - k * p1 - tl.where(at_target, g_ce2, 0.0)
-    tl.store(out_ptr + at, g1.to(OPERAND), mask=inside)
-    tl.store(out_ptr + R.to(tl.int64) * C + at, g2.to(OPERAND), mask=inside)
+    tl.store(out_ptr + at, to_operand(g1, OPERAND), mask=inside)
+    tl.store(out_ptr + R.to(tl.int64) * C + at, to_operand(g2, OPERAND), mask=inside)
 
 
 def _bias_arg(bias, like):
     return like if bias is None else bias.contiguous()  # never read when HAS_BIAS is False
 
 
+def _launch_directly(kernel):
+    return kernel
+
+
 class TritonEpilogues:
     """:class:`dropreg.chunked.TorchEpilogues`'s functions as Triton launches (CUDA, or CPU tensors under
-    ``TRITON_INTERPRET=1``). The chunk views are contiguous (dropreg.chunked.ChunkBuffers)."""
+    ``TRITON_INTERPRET=1``). The chunk views are contiguous (dropreg.chunked.ChunkBuffers). ``launch(kernel)`` is
+    what ``kernel[grid](...)`` goes through: the compile report passes a recorder."""
 
     name = "triton"
 
-    @staticmethod
-    def softmax_chunk(z, bias, running_max, running_sum, mass, probs, keep_top):
+    def __init__(self, launch=_launch_directly):
+        self.launch = launch
+
+    def softmax_chunk(self, z, bias, running_max, running_sum, mass, probs, keep_top):
         rows, cols = z.shape
         rescale = torch.empty_like(running_max)
         top_p = torch.empty_like(running_max)
         top_col = torch.empty(rows, dtype=torch.int64, device=z.device)
         write_probs = probs is not None
-        softmax_chunk_kernel[(triton.cdiv(rows, ROW_BLOCK),)](
+        self.launch(softmax_chunk_kernel)[(triton.cdiv(rows, ROW_BLOCK),)](
             z, _bias_arg(bias, z), probs if write_probs else z, running_max, running_sum,
             mass if write_probs else running_sum, rescale, top_p, top_col, rows, cols, HAS_BIAS=bias is not None,
             WRITE_PROBS=write_probs, KEEP_TOP=keep_top, OPERAND=_TL_DTYPES[(probs if write_probs else z).dtype],
             BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK, num_warps=NUM_WARPS)
         return rescale, top_p, top_col
 
-    @staticmethod
-    def gradient_chunk(z, bias, t, lse, row_const, g_ce, target_col, out):
+    def gradient_chunk(self, z, bias, t, lse, row_const, g_ce, target_col, out):
         rows, cols = z.shape
         has_target = target_col is not None
-        gradient_chunk_kernel[(triton.cdiv(rows, TILE_R), triton.cdiv(cols, TILE_C))](
+        self.launch(gradient_chunk_kernel)[(triton.cdiv(rows, TILE_R), triton.cdiv(cols, TILE_C))](
             z, _bias_arg(bias, z), z if t is None else t, lse.contiguous(), row_const.contiguous(),
             g_ce.contiguous() if has_target else lse, target_col.contiguous() if has_target else lse, out, rows, cols,
             HAS_BIAS=bias is not None, HAS_T=t is not None, HAS_TARGET=has_target, WRITE_S=out.shape[0] > rows,
             OPERAND=_TL_DTYPES[out.dtype], BLOCK_R=TILE_R, BLOCK_C=TILE_C, num_warps=NUM_WARPS)
 
-    @staticmethod
-    def rdrop_softmax_chunk(z1, z2, bias, running_max, running_sum, weighted_d):
+    def rdrop_softmax_chunk(self, z1, z2, bias, running_max, running_sum, weighted_d):
         rows, cols = z1.shape
-        rdrop_softmax_chunk_kernel[(triton.cdiv(rows, ROW_BLOCK),)](
+        self.launch(rdrop_softmax_chunk_kernel)[(triton.cdiv(rows, ROW_BLOCK),)](
             z1, z2, _bias_arg(bias, z1), running_max, running_sum, weighted_d, rows, cols, HAS_BIAS=bias is not None,
             BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK, num_warps=NUM_WARPS)
 
-    @staticmethod
-    def rdrop_gradient_chunk(z1, z2, bias, lse, expected_d, g_ce1, g_ce2, half_kl, target_col, out):
+    def rdrop_gradient_chunk(self, z1, z2, bias, lse, expected_d, g_ce1, g_ce2, half_kl, target_col, out):
         rows, cols = z1.shape
-        rdrop_gradient_chunk_kernel[(triton.cdiv(rows, TILE_R), triton.cdiv(cols, TILE_C))](
+        self.launch(rdrop_gradient_chunk_kernel)[(triton.cdiv(rows, TILE_R), triton.cdiv(cols, TILE_C))](
             z1, z2, _bias_arg(bias, z1), lse.contiguous(), expected_d.contiguous(), g_ce1.contiguous(),
             g_ce2.contiguous(), half_kl.contiguous(), target_col.contiguous(), out, rows, cols,
             HAS_BIAS=bias is not None, OPERAND=_TL_DTYPES[out.dtype], BLOCK_R=TILE_R, BLOCK_C=TILE_C,
             num_warps=NUM_WARPS)
 
+
+
+TRITON_EPILOGUES = TritonEpilogues()
