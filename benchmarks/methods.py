@@ -128,6 +128,26 @@ def build_cce(impl):
     return build
 
 
+def build_liger(hidden, weight, target, signs):
+    """Liger-Kernel's fused linear cross entropy (an optional package; CUDA only)."""
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+
+    def loss():
+        out = loss_fn(weight, hidden, target)
+        out = out[0] if isinstance(out, tuple) else out
+        return getattr(out, "loss", out)
+
+    return _closures(loss, hidden, weight)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def cce_installed() -> bool:
     try:
         import cut_cross_entropy  # noqa: F401
@@ -181,12 +201,15 @@ FLOOR_MULTIPLE = {
     "ce": {"forward": 1, "forward_backward": 3},  # cross entropy alone, gradients formed in the forward
 }
 BASELINES = {"dropreg": ("naive", "paper"), "rdrop": ("rdrop-naive",),
-             "ce": ("F.linear_cross_entropy-chunked", "F.linear_cross_entropy", "cce-torch_compile", "ce-naive")}
+             "ce": ("F.linear_cross_entropy-chunked", "F.linear_cross_entropy", "cce-torch_compile", "cce-cce", "liger",
+                    "ce-naive")}
 
 CE_METHODS = {
     "ce-dropreg-cpu": dropreg_method("cpu", explicit=False, implicit=False),
     "ce-dropreg-torch": dropreg_method("torch", explicit=False, implicit=False),
     "ce-dropreg-triton": dropreg_method("triton", explicit=False, implicit=False),
+    "ce-dropreg-chunked": dropreg_method("chunked", explicit=False, implicit=False),
+    "liger": build_liger,
     "ce-naive": build_ce_naive,
     "F.linear_cross_entropy-chunked": build_linear_cross_entropy_chunked,
     "cce-torch_compile": build_cce("torch_compile"),
@@ -197,6 +220,7 @@ RDROP_METHODS = {
     "rdrop-dropreg-cpu": rdrop_dropreg_method("cpu"),
     "rdrop-dropreg-torch": rdrop_dropreg_method("torch"),
     "rdrop-dropreg-triton": rdrop_dropreg_method("triton"),
+    "rdrop-dropreg-chunked": rdrop_dropreg_method("chunked"),
     "rdrop-naive": build_rdrop_naive,
 }
 
@@ -204,6 +228,7 @@ METHODS = {
     "dropreg-cpu": dropreg_method("cpu"),
     "dropreg-torch": dropreg_method("torch"),
     "dropreg-triton": dropreg_method("triton"),
+    "dropreg-chunked": dropreg_method("chunked"),
     "naive": build_naive,
     "naive-compiled": build_naive_compiled,
     "paper": build_paper,
@@ -223,16 +248,17 @@ def _backend_runs_here(backend: str, device: str) -> bool:
         return False
     if backend == "cpu":
         return device == "cpu" and cpu.is_available()
-    return backend != "triton" or device == "cuda"
+    return backend not in ("triton", "chunked") or device == "cuda"  # the GPU paths (tests run them on CPU)
 
 
 def available_methods(device: str, family: str = "dropreg"):
     """The family's methods that can run on ``device``, dropreg's own first, the GEMM floor last."""
     prefix = {"dropreg": "dropreg-", "rdrop": "rdrop-dropreg-", "ce": "ce-dropreg-"}[family]
-    ours = [f"{prefix}{b}" for b in ("cpu", "torch", "triton") if _backend_runs_here(b, device)]
+    ours = [f"{prefix}{b}" for b in ("cpu", "torch", "chunked", "triton") if _backend_runs_here(b, device)]
     if family == "rdrop":
         return ours + ["rdrop-naive", "gemm"]
     if family == "ce":
         cce = ["cce-torch_compile"] + (["cce-cce"] if device == "cuda" else []) if cce_installed() else []
-        return ours + ["F.linear_cross_entropy-chunked", "F.linear_cross_entropy", *cce, "ce-naive", "gemm"]
+        liger = ["liger"] if device == "cuda" and _installed("liger_kernel") else []
+        return ours + ["F.linear_cross_entropy-chunked", "F.linear_cross_entropy", *cce, *liger, "ce-naive", "gemm"]
     return ours + ["naive", "naive-compiled", "paper", "F.linear_cross_entropy", "gemm"]

@@ -75,11 +75,17 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--mem-limit-mib", type=int, default=16384)
     parser.add_argument("--time-budget-s", type=float, default=60.0)
+    parser.add_argument("--workspace-mib", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.workspace_mib:
+        import dropreg
+
+        dropreg.set_workspace_bytes(args.workspace_mib << 20, args.device)
     result = dict(method=args.method, mode=args.mode, rows=args.rows, dim=args.dim, vocab=args.vocab,
-                  dtype=args.dtype, device=args.device, threads=torch.get_num_threads())
+                  dtype=args.dtype, device=args.device, threads=torch.get_num_threads(),
+                  workspace_mib=args.workspace_mib)
     inputs = make_inputs(args.rows, args.dim, args.vocab, DTYPES[args.dtype], args.device)
     forward, forward_backward = METHODS[args.method](*inputs)
     fn = forward if args.mode == "forward" else forward_backward

@@ -46,6 +46,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--timeout-s", type=float, default=600, help="per case; a slower case is recorded")
     parser.add_argument("--mem-limit-mib", type=int, default=16384, help="per case, above its inputs")
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=["forward", "forward_backward"],
+                        help="comma-separated subset of forward,forward_backward")
+    parser.add_argument("--workspace-mib", type=int, default=None,
+                        help="dropreg's logits workspace on the benchmark's device (default: dropreg's default)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
     parser.add_argument("--profile", action="store_true", help="profile one dropreg configuration instead")
@@ -95,8 +99,10 @@ def run_case(args, method, vocab, mode):
                "--device", args.device, "--repeats", str(args.repeats), "--mem-limit-mib", str(args.mem_limit_mib)]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.workspace_mib:
+        command += ["--workspace-mib", str(args.workspace_mib)]
     base = dict(method=method, mode=mode, rows=args.rows, dim=args.dim, vocab=vocab, dtype=args.dtype,
-                device=args.device)
+                device=args.device, workspace_mib=args.workspace_mib)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
     except subprocess.TimeoutExpired:
@@ -165,7 +171,7 @@ def describe_run(args):
 def write_outputs(args, results, methods, header):
     os.makedirs(args.out, exist_ok=True)
     fields = ["method", "mode", "rows", "dim", "vocab", "dtype", "device", "status", "seconds", "floor_seconds",
-              "floor_ratio", "peak_mib", "repeats", "threads", "error"]
+              "floor_ratio", "peak_mib", "repeats", "threads", "workspace_mib", "error"]
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -262,7 +268,7 @@ def main(argv=None):
         return profile(args)
     methods = select_methods(args)
     cases = [(m, v, mode) for v in args.vocabs for m in methods
-             for mode in (("forward",) if m == "gemm" else ("forward", "forward_backward"))]
+             for mode in (("forward",) if m == "gemm" else args.modes)]
     progress = Progress(len(cases))
     results = []
     for method, vocab, mode in cases:

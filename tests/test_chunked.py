@@ -149,7 +149,7 @@ def test_triton_rdrop_epilogues_match_torch():
 
 def _confident_problem(n_rows=256, dim=128, vocab=4096, margin=14.0, seed=0):
     """Rows whose own class dominates (top probability about 0.99), bf16 inputs."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=torch.get_default_device()).manual_seed(seed)
     w = (torch.randn(vocab, dim, generator=gen) / math.sqrt(dim)).bfloat16()
     own = torch.randint(0, vocab, (n_rows,), generator=gen)
     h = margin * w[own].float() / w[own].float().norm(dim=1, keepdim=True) ** 2
