@@ -18,6 +18,7 @@ R-Drop and softmax_mean run on the same loops; cross entropy alone under "mean"/
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -47,14 +48,17 @@ class TorchEpilogues:
     name = "torch"
 
     @staticmethod
-    def softmax_chunk(z, bias, running_max, running_sum, mass, probs, keep_top):
+    def softmax_chunk(z, bias, running_max, running_sum, mass, probs, keep_top, *, keep_logits=False):
         """Absorbs the logit chunk ``z + bias`` (R x C, accumulation dtype) into the online softmax, in place.
 
         Updates ``running_max``, ``running_sum`` (exact ``sum exp(z - max)``) and, when ``probs`` (R x C, operand
         dtype) is given, writes ``probs = exp(z + b - new_max)`` rounded to its dtype and adds the sum of what was
         written to ``mass``. With ``keep_top`` each row's largest entry is written as 0 and counted in ``mass``
         exactly instead. Returns ``(rescale, top_p, top_col)`` per row: the factor for what earlier chunks
-        accumulated, the kept-out probability ``exp(chunk max - new max)`` and its column. ``z`` is overwritten."""
+        accumulated, the kept-out probability ``exp(chunk max - new max)`` and its column. ``z`` is overwritten
+        unless ``keep_logits``."""
+        if keep_logits:
+            z = z.clone()
         if bias is not None:
             z += bias.to(z.dtype)
         chunk_max, top_col = z.max(dim=1)
@@ -512,18 +516,87 @@ def chunked_rdrop(input1, input2, weight, bias, target):
                               epilogues_for(input1.device, input1.dtype))
 
 
+def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight=None, *,
+                 epilogues=TorchEpilogues):
+    """Cross entropy alone with its gradients formed in the forward (docs/math.md 7.1) on this driver: the same
+    contract as :func:`dropreg.streamed.ce_with_grads`.
+
+    Per row block, the block's logits over the whole vocabulary stay in the workspace, chunk after chunk
+    (``Z_c = H W_c^T``, 1 NVd), while the softmax epilogue runs the online max and sum; then per chunk the gradient
+    epilogue writes ``G = (w + 2 zw lse) s - w [v = y]`` in the operand dtype and ``grad_input += G W_c``,
+    ``grad_W_c = G^T H`` (2 NVd)."""
+    types = operand_types(h.dtype)
+    acc = types.acc
+    want_h, want_w, want_b = wants
+    n_rows, dim = h.shape
+    vocab = weight.shape[0]
+    device = h.device
+    loss = torch.zeros(2, dtype=acc, device=device)
+    grad_h = torch.empty(n_rows, dim, dtype=acc, device=device) if want_h else None
+    grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / block_rows)) if want_w
+                           else (None, False))
+    grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
+    chunks = list(_spans(vocab, vocab_chunk))
+    block = min(block_rows, n_rows)
+    logits = torch.empty(block * vocab, dtype=acc, device=device)  # chunk-major: chunk [v0, v1) at block * v0
+    gradient = torch.empty(block * min(vocab_chunk, vocab) if any(wants) else 0, dtype=types.backward, device=device)
+    for r0, r1 in _spans(n_rows, block_rows):
+        rows = r1 - r0
+        y, w_row = target[r0:r1], row_weight[r0:r1].to(acc)
+        h_forward = as_operand(h[r0:r1], types.forward)
+        running_max = torch.full((rows,), float("-inf"), dtype=acc, device=device)
+        running_sum = torch.zeros(rows, dtype=acc, device=device)
+        with record_function("dropreg::ce_logits"):
+            for v0, v1 in chunks:
+                z = logits[rows * v0:rows * v1].view(rows, v1 - v0)
+                mm(h_forward, as_operand(weight[v0:v1], types.forward).T, acc, out=z)
+                epilogues.softmax_chunk(z, None if bias is None else bias[v0:v1], running_max, running_sum, None,
+                                        None, False, keep_logits=True)
+        lse = _logit_shift(running_max) + running_sum.log()
+        ce = lse - target_logit(h[r0:r1].to(acc), weight, bias, y, acc)
+        loss[0] += torch.where(w_row != 0, w_row * ce, torch.zeros_like(ce)).sum()
+        softmax_scale = w_row
+        if z_weight is not None:
+            z_row = z_weight[r0:r1].to(acc)
+            loss[1] += torch.where(z_row != 0, z_row * lse * lse, torch.zeros_like(lse)).sum()
+            softmax_scale = w_row + 2 * z_row * lse
+        if not any(wants):
+            continue
+        h_backward = as_operand(h[r0:r1], types.backward)
+        grad_h_block = torch.zeros(rows, dim, dtype=acc, device=device) if want_h else None
+        for v0, v1 in chunks:
+            z = logits[rows * v0:rows * v1].view(rows, v1 - v0)
+            g = ChunkBuffers.view(gradient, rows, v1 - v0)
+            with record_function("dropreg::ce_gradients"):
+                epilogues.gradient_chunk(z, None if bias is None else bias[v0:v1], None, lse, softmax_scale, w_row,
+                                         y - v0, g)
+            if want_h:
+                mm(g, as_operand(weight[v0:v1], types.backward), acc, out=grad_h_block, accumulate=True)
+            if want_w:
+                g_w = mm(g.T, h_backward, acc)
+                if overwrite_w:
+                    grad_w[v0:v1].copy_(g_w)
+                else:
+                    grad_w[v0:v1] += g_w
+            if want_b:
+                grad_b[v0:v1] += g.sum(dim=0, dtype=acc)
+        if want_h:
+            grad_h[r0:r1] = grad_h_block
+    return loss, grad_h, grad_w, grad_b
+
+
 @_eager_under_compile
 def chunked_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None):
-    """Cross entropy alone with its gradients formed in the forward (3 NVd, docs/math.md 7.1), on this backend's
-    operand types."""
+    """Cross entropy alone with its gradients formed in the forward (3 NVd, docs/math.md 7.1) on this driver."""
     block_rows, vocab_chunk = ce_chunks(input.shape[0], weight.shape[0], input.dtype, input.device)
+    epilogues = epilogues_for(input.device, input.dtype)
     return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight, z_weight,
                                                gradients_wanted(input, weight, bias), block_rows, vocab_chunk,
-                                               operand_types(input.dtype))
+                                               functools.partial(ce_gradients, epilogues=epilogues))
 
 
 def ce_chunks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """The CE-only path's blocks: as many rows as the workspace holds whole logit rows of, and GEMMs at least
+    """The CE-only path's blocks: as many rows as the workspace holds whole logit rows of, and chunks at least
     8 * MIN_CHUNK entries wide (the streamed driver's CPU-sized chunks would make thin GPU products)."""
     block_rows, vocab_chunk = ce_only_blocks(n_rows, vocab, dtype, device)
     return block_rows, max(vocab_chunk, min(vocab, 8 * MIN_CHUNK))

@@ -19,7 +19,6 @@ from torch.profiler import record_function
 
 from ._op_family import first_order_only
 from ._policy import accumulation_dtype, workspace_rows
-from .gemm import OperandTypes, as_operand, mm
 from .signs import gumbel_noise, philox_signs
 
 # torch.compile runs the chunk loops eagerly (a graph break): Inductor did not finish compiling them in
@@ -351,7 +350,7 @@ def ce_only_blocks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.de
     return block_rows, default_blocks(block_rows, vocab)[1]
 
 
-def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight=None, types=None):
+def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight=None):
     """CE only: ``sum_i row_weight_i ce_i`` (``+ z_weight_i lse_i^2`` when ``z_weight`` is given: the z-loss) and
     its gradients formed in the same pass (docs/math.md, "CE only").
 
@@ -359,11 +358,9 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
     ``G = (row_weight + 2 z_weight lse) s - row_weight e_y``, ``grad_input = G W`` (1 NVd) and ``grad_W += G^T h``
     (1 NVd): 3 NVd, no recompute. Returns ``(loss, grad_h, grad_w, grad_b)`` in the accumulation dtype, ``loss`` the
     pair ``[sum row_weight ce, sum z_weight lse^2]`` and the gradients those of its sum; unwanted gradients are
-    None. ``types`` (:class:`dropreg.gemm.OperandTypes`) rounds the GEMM operands as the chunked driver does; None:
-    every operand in the accumulation dtype.
+    None.
     """
     acc = accumulation_dtype(h.dtype)
-    types = types or OperandTypes(acc, acc, acc)
     want_h, want_w, want_b = wants
     n_rows, dim = h.shape
     vocab = weight.shape[0]
@@ -374,14 +371,12 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
     grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
     logits = torch.empty(min(block_rows, n_rows), vocab, dtype=acc, device=device)
     for r0, r1 in _spans(n_rows, block_rows):
-        y, w_row = target[r0:r1], row_weight[r0:r1].to(acc)
-        h_forward, h_backward = as_operand(h[r0:r1], types.forward), as_operand(h[r0:r1], types.backward)
+        h_block, y, w_row = h[r0:r1].to(acc), target[r0:r1], row_weight[r0:r1].to(acc)
         z = logits[:r1 - r0]
         with record_function("dropreg::ce_logits"):
             for v0, v1 in _spans(vocab, vocab_chunk):
-                z[:, v0:v1] = mm(h_forward, as_operand(weight[v0:v1], types.forward).T, acc)
-                if bias is not None:
-                    z[:, v0:v1] += bias[v0:v1].to(acc)
+                w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
+                z[:, v0:v1] = _chunk_logits(h_block, w, b)
             target_logit = z.gather(1, y[:, None]).squeeze(1)
             # lse in place (torch.logsumexp would allocate a second block x V buffer): z becomes exp(z - shift)
             shift = _logit_shift(z.amax(dim=1))
@@ -398,27 +393,30 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
         with record_function("dropreg::ce_gradients"):
             z.mul_((softmax_scale * torch.exp(shift - lse))[:, None])  # G = (w + 2 zw lse) s ...
             z.scatter_add_(1, y[:, None], -w_row[:, None])     # ... - w * e_y
-            grad_h_block = torch.zeros(r1 - r0, dim, dtype=acc, device=device) if want_h else None
+            grad_h_block = torch.zeros_like(h_block) if want_h else None
             for v0, v1 in _spans(vocab, vocab_chunk):
-                g = as_operand(z[:, v0:v1], types.backward)
+                g = z[:, v0:v1]
                 if want_h:
-                    mm(g, as_operand(weight[v0:v1], types.backward), acc, out=grad_h_block, accumulate=True)
+                    w, _, _ = _weight_chunk(weight, None, v0, v1, acc, False)
+                    grad_h_block.addmm_(g, w)
                 if want_w:
-                    mm(g.T, h_backward, acc, out=grad_w[v0:v1], accumulate=True)
+                    grad_w[v0:v1].addmm_(g.T, h_block)
                 if want_b:
-                    grad_b[v0:v1] += z[:, v0:v1].sum(0)
+                    grad_b[v0:v1] += g.sum(0)
             if want_h:
                 grad_h[r0:r1] = grad_h_block
     return loss, grad_h, grad_w, grad_b
 
 
 class StreamedCrossEntropyWithGrads(torch.autograd.Function):
-    """:func:`ce_with_grads` as a differentiable scalar: the backward only scales the gradients it saved."""
+    """A CE-only driver (:func:`ce_with_grads`, or ``compute`` with its signature) as a differentiable scalar: the
+    backward only scales the gradients it saved."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, row_weight, z_weight, wants, block_rows, vocab_chunk, types):
-        loss, *grads = ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight,
-                                     types)
+    def forward(ctx, h, weight, bias, target, row_weight, z_weight, wants, block_rows, vocab_chunk,
+                compute=None):
+        loss, *grads = (compute or ce_with_grads)(h, weight, bias, target, row_weight, wants, block_rows,
+                                                  vocab_chunk, z_weight)
         # Kept in the parameters' dtypes: until the backward they live beside the activations. The inputs are
         # saved only to link first_order_only's guard to them.
         ctx.save_for_backward(h, weight, bias,
@@ -455,13 +453,13 @@ def gradients_wanted(*tensors) -> tuple[bool, ...]:
 
 @_eager_under_compile
 def streamed_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None, *, block_rows=None,
-                           vocab_chunk=None, types=None):
+                           vocab_chunk=None):
     """``[sum_i row_weight_i ce_i, sum_i z_weight_i lse_i^2]`` (accumulation dtype), differentiable, from the CE-only
-    driver; ``types`` as in :func:`ce_with_grads`."""
+    driver."""
     default_rows, default_chunk = ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
     return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight, z_weight,
                                                gradients_wanted(input, weight, bias),
-                                               block_rows or default_rows, vocab_chunk or default_chunk, types)
+                                               block_rows or default_rows, vocab_chunk or default_chunk)
 
 
 class StreamedRDrop(torch.autograd.Function):

@@ -11,12 +11,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dropreg
 import dropreg.streamed
+from conftest import use_backend
 from checks import assert_close_to_oracle, assert_loss_close_to_oracle, make_problem, run_dropreg, run_oracle
 
 CE_ONLY = dict(explicit=False, implicit=False)
 # "-small-blocks": 3-row blocks and 5-entry vocabulary chunks, so several row blocks and tails are exercised
 # (the C++ kernel's vocabulary panels are 2048 wide: test_cpu_thread_counts covers several).
-CE_BACKENDS = ["torch", "torch-small-blocks", "cpu", "cpu-small-blocks"]
+# "chunked-triton": the GPU path's CE-only driver with 3-row blocks, 5-entry chunks and the Triton epilogues.
+CE_BACKENDS = ["torch", "torch-small-blocks", "cpu", "cpu-small-blocks", "chunked", "chunked-triton"]
 if torch.get_default_device().type == "cuda":  # tests/conftest.py, DROPREG_TEST_DEVICE=cuda: no C++ backend
     CE_BACKENDS = [name for name in CE_BACKENDS if not name.startswith("cpu")]
 
@@ -24,6 +26,8 @@ if torch.get_default_device().type == "cuda":  # tests/conftest.py, DROPREG_TEST
 @pytest.fixture(params=CE_BACKENDS)
 def ce_backend(request, monkeypatch):
     name = request.param
+    if name.startswith("chunked"):
+        return use_backend(name, monkeypatch)
     if name.endswith("-small-blocks"):
         monkeypatch.setattr(dropreg.streamed, "ce_only_blocks", lambda *args: (3, 5))
         name = name[: -len("-small-blocks")]

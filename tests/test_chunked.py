@@ -57,12 +57,14 @@ def test_cpu_products_see_the_rounded_operands_exactly():
 
 
 @pytest.mark.parametrize("terms,gemms", [(dict(), 10), (dict(explicit=False), 7), (dict(implicit=False), 10),
-                                         (dict(explicit=False, implicit=False, reduction="none"), 4)],
-                         ids=["both", "implicit-only", "explicit-only", "ce-per-row"])
+                                         (dict(explicit=False, implicit=False, reduction="none"), 4),
+                                         (dict(explicit=False, implicit=False), 3)],
+                         ids=["both", "implicit-only", "explicit-only", "ce-per-row", "ce-gradients-in-forward"])
 def test_gemm_count_is_the_floor(terms, gemms, monkeypatch):
     """docs/math.md 4.5: 10 NVd with both terms (3 forward, 7 backward), 7 with the implicit term alone, 4 for cross
-    entropy per row, over several row blocks and chunks."""
+    entropy per row and 3 with its gradients formed in the forward (7.1), over several row blocks and chunks."""
     monkeypatch.setattr(chunked, "default_chunks", lambda n_rows, vocab, dtype, device: (24, 96))
+    monkeypatch.setattr(chunked, "ce_chunks", lambda n_rows, vocab, dtype, device: (24, 96))
     n, d, v = 64, 16, 300
     h = torch.randn(n, d, requires_grad=True)
     w = torch.randn(v, d, requires_grad=True)

@@ -218,7 +218,8 @@ class TritonEpilogues:
     def __init__(self, launch=_launch_directly):
         self.launch = launch
 
-    def softmax_chunk(self, z, bias, running_max, running_sum, mass, probs, keep_top):
+    def softmax_chunk(self, z, bias, running_max, running_sum, mass, probs, keep_top, *, keep_logits=False):
+        # the kernel never writes z: keep_logits holds whatever it says
         rows, cols = z.shape
         rescale = torch.empty_like(running_max)
         top_p = torch.empty_like(running_max)
