@@ -38,9 +38,8 @@ def chunked_quadratic(h, w, keep_top, chunk):
     previous = chunked.KEEP_TOP
     chunked.KEEP_TOP = keep_top
     try:
-        stats = chunked.chunked_statistics(h, w, None, need_mu=True, need_m2=True,
-                                           types=chunked.operand_types(h.dtype), epilogues=chunked.TorchEpilogues,
-                                           row_block=h.shape[0], vocab_chunk=chunk)
+        stats = chunked.chunked_statistics(h, w, None, need_mu=True, need_m2=True, row_block=h.shape[0],
+                                           vocab_chunk=chunk, epilogues=chunked.TorchEpilogues)
     finally:
         chunked.KEEP_TOP = previous
     _, mu, m2 = stats

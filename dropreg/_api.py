@@ -392,7 +392,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         call.describe(input, linear_weight, linear_bias, seed=seed, target=target,
                       classes=[("target", target, target != ignore_index)],
                       options=(reduction, p, need_explicit, need_implicit, explicit_coef, implicit_coef, ignore_index,
-                               signs is None, given_seed))
+                               signs is None, given_seed),
+                      given=[("signs", signs if need_implicit else None)])
 
     rows = _IgnoredRows(target, ignore_index, input.dtype)
     acc = accumulation_dtype(input.dtype)

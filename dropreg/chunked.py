@@ -29,8 +29,9 @@ from torch.profiler import record_function
 from ._op_family import first_order_only
 from ._policy import workspace_bytes
 from .gemm import OperandTypes, as_operand, mm, operand_types
-from .streamed import (RowModulation, _eager_under_compile, _logit_shift, _spans, ce_only_blocks, gradients_wanted,
-                       implicit_signs, row_modulation, row_terms, StreamedCrossEntropyWithGrads, target_logit)
+from .streamed import (RowModulation, StreamedCrossEntropyWithGrads, _eager_under_compile, _logit_shift, _spans,
+                       ce_only_blocks, finish_statistics, gradients_wanted, implicit_signs, row_modulation, row_terms,
+                       target_logit)
 
 # docs/math.md 8.4's precision fix; False only to measure what it buys (tests/test_chunked.py)
 KEEP_TOP = True
@@ -79,12 +80,16 @@ class TorchEpilogues:
         return rescale, top_p, top_col
 
     @staticmethod
-    def gradient_chunk(z, bias, t, lse, row_const, g_ce, target_col, out):
+    def gradient_chunk(z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None):
         """The logit gradient of one chunk into ``out`` (operand dtype): rows ``[0, R)`` get
         ``G = s (row_const + t) - g_ce [col = target_col]`` with ``s = exp(z + b - lse)``, rows ``[R, 2R)`` get ``S``
         when ``out`` has them (the modulated backward needs S for grad_W). ``t`` None: ``G = s row_const - ...``;
-        ``target_col`` None: no target (softmax_mean). ``z`` is overwritten."""
+        ``target_col`` None: no target (softmax_mean). ``top_col``/``t_top``: per row, a column whose ``t`` is
+        replaced by the exact ``t_top`` (the row's dominant class, docs/math.md 7.3); columns outside the chunk
+        change nothing. ``z`` and ``t`` are overwritten."""
         rows = z.shape[0]
+        if top_col is not None:
+            _replace_at(t, top_col, t_top)
         if bias is not None:
             z += bias.to(z.dtype)
         probs = z.sub_(lse[:, None]).exp_()
@@ -133,6 +138,13 @@ class TorchEpilogues:
             g.scatter_add_(1, col, torch.where(in_chunk, -g_ce, torch.zeros_like(g_ce))[:, None])
         out[:rows].copy_(g1)
         out[rows:].copy_(g2)
+
+
+def _replace_at(values, cols, replacement):
+    """``values[i, cols[i]] = replacement[i]`` for the rows whose column lies in ``[0, values.shape[1])``."""
+    inside = (cols >= 0) & (cols < values.shape[1])
+    safe = cols.clamp(0, values.shape[1] - 1)[:, None]
+    values.scatter_(1, safe, torch.where(inside, replacement, values.gather(1, safe).squeeze(1))[:, None])
 
 
 def epilogues_for(device: torch.device, dtype: torch.dtype):
@@ -204,16 +216,26 @@ def _stacked_weights(w, with_squares, dtype):
 # Forward statistics and the logit-gradient sweep
 # ---------------------------------------------------------------------------------------------------------
 
-def chunked_statistics(h, weight, bias, *, need_mu, need_m2, types, epilogues, row_block, vocab_chunk):
-    """Per-row ``(lse, mu, m2)`` (mu, m2 None unless needed) in one streamed pass of 1 + (1 + need_m2) NVd.
+def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk, epilogues=None,
+                       top_class=None):
+    """Per-row online state over ``weight``'s rows, as :func:`dropreg.streamed.partial_statistics` returns it:
+    running max ``m``, ``L = sum exp(z - m)`` and moments ``[A1 | A2]`` on the scale of ``L`` (so that
+    :func:`dropreg.streamed.finish_statistics` divides them by ``L``, and states of vocabulary slices merge by the
+    same rescaling). 1 + (1 + need_m2) NVd.
 
-    The moments are divided by the mass of the probabilities as the GEMM saw them (rounded, plus the exact kept-out
-    top), so that ``var = m2 - mu^2`` stays the variance of one distribution (docs/math.md 8.4)."""
+    With narrow operands the moments are those of the probabilities as the GEMM saw them (rounded, plus the exact
+    kept-out top), normalized by their own sum (the ``mass``) and then put on the scale of ``L``: ``var = m2 - mu^2``
+    stays the variance of one distribution (docs/math.md 8.4), of a mixture of them once slices merge.
+    ``top_class`` (N int64, optional, needs ``need_mu``) receives each row's largest logit's row of ``weight``:
+    the backward keeps that class's modulation exact."""
+    types = operand_types(h.dtype)
+    epilogues = epilogues or epilogues_for(h.device, h.dtype)
     acc = types.acc
     n_rows, dim = h.shape
     vocab = weight.shape[0]
     n_moments = (1 + int(need_m2)) if need_mu else 0
-    lse = torch.empty(n_rows, dtype=acc, device=h.device)
+    row_max = torch.empty(n_rows, dtype=acc, device=h.device)
+    exp_sum = torch.empty(n_rows, dtype=acc, device=h.device)
     moments = torch.empty(n_rows, n_moments * dim, dtype=acc, device=h.device)
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, vocab), acc, types.forward, h.device,
                                     second=False, outputs=1 if need_mu else 0)
@@ -226,6 +248,9 @@ def chunked_statistics(h, weight, bias, *, need_mu, need_m2, types, epilogues, r
         running_sum = torch.zeros(rows, dtype=acc, device=h.device)
         mass = torch.zeros(rows, dtype=acc, device=h.device)
         block_moments = torch.zeros(rows, n_moments * dim, dtype=acc, device=h.device)
+        if top_class is not None:
+            top_class[r0:r1] = 0
+        best = torch.full((rows,), float("-inf"), dtype=acc, device=h.device) if top_class is not None else None
         for v0, v1 in _spans(vocab, vocab_chunk):
             cols = v1 - v0
             w = weight[v0:v1]
@@ -234,10 +259,14 @@ def chunked_statistics(h, weight, bias, *, need_mu, need_m2, types, epilogues, r
             probs = ChunkBuffers.view(buffers.outputs, rows, cols) if need_mu else None
             with record_function("dropreg::softmax_epilogue"):
                 rescale, top_p, top_col = epilogues.softmax_chunk(
-                    z, None if bias is None else bias[v0:v1], running_max, running_sum, mass, probs,
-                    keep_top)
+                    z, None if bias is None else bias[v0:v1], running_max, running_sum, mass, probs, keep_top)
             if not need_mu:
                 continue
+            if best is not None:  # the chunk's top logit, log(p_top) above the new shift
+                chunk_max = top_p.log() + _logit_shift(running_max)
+                better = chunk_max > best
+                best = torch.where(better, chunk_max, best)
+                top_class[r0:r1] = torch.where(better, top_col + v0, top_class[r0:r1])
             with record_function("dropreg::moments"):
                 block_moments.mul_(rescale[:, None])
                 if keep_top:  # the top entry in the accumulation dtype: exact products of W's values
@@ -246,24 +275,37 @@ def chunked_statistics(h, weight, bias, *, need_mu, need_m2, types, epilogues, r
                     if need_m2:
                         block_moments[:, dim:].addcmul_(top_p[:, None], w_top * w_top)
                 mm(probs, _stacked_weights(w, need_m2, types.forward), acc, out=block_moments, accumulate=True)
-        lse[r0:r1] = _logit_shift(running_max) + running_sum.log()
+        row_max[r0:r1] = running_max
+        exp_sum[r0:r1] = running_sum
         if need_mu:
-            moments[r0:r1] = block_moments / (mass if narrow else running_sum)[:, None]
-    mu = moments[:, :dim] if need_mu else None
-    m2 = moments[:, dim:] if need_m2 else None
-    return lse, mu, m2
+            moments[r0:r1] = block_moments * (running_sum / mass)[:, None] if narrow else block_moments
+    return row_max, exp_sum, moments
+
+
+def chunked_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk, epilogues=None,
+                       top_class=None):
+    """Per-row ``(lse, mu, m2)`` (mu, m2 None unless needed) in one streamed pass."""
+    state = partial_statistics(h, weight, bias, need_mu=need_mu, need_m2=need_m2, row_block=row_block,
+                               vocab_chunk=vocab_chunk, epilogues=epilogues, top_class=top_class)
+    return finish_statistics(*state, h.shape[1], need_mu=need_mu, need_m2=need_m2)
 
 
 def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation, with_squares, types, epilogues,
-                   buffers, vocab_chunk, *, grad_w=None, grad_b=None, want_h=True, overwrite_w=False):
+                   buffers, vocab_chunk, *, grad_w=None, grad_b=None, want_h=True, overwrite_w=False, top_class=None):
     """One row block's backward over every chunk; returns its ``W^T G`` (None unless ``want_h``).
 
     ``rows.T_stack`` None: plain cross entropy (``G = s g_ce - g_ce [v = y]``, grad_W = G^T H). ``target`` None:
     no target correction. ``grad_w``'s chunk rows are overwritten (``overwrite_w``: one row block, so each chunk
-    is visited once) or accumulated."""
+    is visited once) or accumulated. ``top_class`` (per row, a row of ``weight``): with narrow operands that class's
+    ``t`` is formed exactly in the accumulation dtype, since ``row_const + t`` cancels there on confident rows and the
+    rounding of ``[T | gR' q]`` would not (docs/math.md 7.3)."""
     acc = types.acc
     n_rows, dim = h_block.shape
     modulated = rows.T_stack is not None
+    t_top = None
+    if modulated and top_class is not None and types.backward != acc:
+        w_top = weight[top_class].to(acc)
+        t_top = (rows.T_stack * (torch.cat([w_top, w_top * w_top], dim=1) if with_squares else w_top)).sum(1)
     h_op = as_operand(h_block, types.backward)
     t_op = as_operand(rows.T_stack, types.backward) if modulated else None
     # [H; T]: grad_W's G^T H and S^T T as one product with K = 2R
@@ -282,7 +324,8 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
         out = ChunkBuffers.view(buffers.outputs, (2 if modulated else 1) * n_rows, cols)
         with record_function("dropreg::gradient_epilogue"):
             epilogues.gradient_chunk(z, None if bias is None else bias[v0:v1], t, lse, rows.row_const, g_ce,
-                                     None if target is None else target - v0, out)
+                                     None if target is None else target - v0, out,
+                                     *((top_class - v0, t_top) if t_top is not None else ()))
         g = out[:n_rows]
         if want_h:
             with record_function("dropreg::grad_input"):
@@ -309,95 +352,208 @@ def _grad_weight_buffer(weight, acc, n_row_blocks):
     return torch.zeros(weight.shape, dtype=acc, device=weight.device), False
 
 
+def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
+                   need_explicit, need_implicit, row_block, vocab_chunk, wants, owns_target=None, grad_mu=None,
+                   epilogues=None, top_class=None):
+    """:func:`dropreg.streamed.terms_backward` on this driver: ``(grad_h_vocab, grad_h_rows, grad_w, grad_b)`` over
+    ``weight``'s rows given the per-row globals; ``owns_target`` marks the rows whose target lies in ``weight`` (a
+    vocabulary slice), ``target`` indexing ``weight`` there. ``grad_w`` comes in the weight's dtype when one row
+    block writes each chunk once, else in the accumulation dtype. ``top_class``: from :func:`partial_statistics`."""
+    want_h, want_w, want_b = wants
+    types = operand_types(h.dtype)
+    epilogues = epilogues or epilogues_for(h.device, h.dtype)
+    acc = types.acc
+    n_rows, dim = h.shape
+    modulated = need_explicit or need_implicit
+    grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+    grad_h_rows = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+    grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
+                           else (None, False))
+    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
+    if owns_target is not None:
+        sweep_target = torch.where(owns_target, target, torch.full_like(target, -1))  # -1: in no chunk
+        target = torch.where(owns_target, target, torch.zeros_like(target))
+    else:
+        sweep_target = target
+    buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
+                                    types.backward, h.device, second=modulated, outputs=2 if modulated else 1)
+    for r0, r1 in _spans(n_rows, row_block):
+        h_block, y = h[r0:r1].to(acc), target[r0:r1]
+        g_ce = grad_ce[r0:r1].to(acc)
+        rows = row_modulation(h_block, g_ce, mu, var, signs, grad_quadratic, grad_sign_term, grad_mu, r0, r1,
+                              need_explicit, need_implicit)
+        grad_h_block = gradient_sweep(h_block, weight, bias, lse[r0:r1], sweep_target[r0:r1], g_ce, rows,
+                                      need_explicit, types, epilogues, buffers, vocab_chunk, grad_w=grad_w,
+                                      grad_b=grad_b, want_h=want_h, overwrite_w=overwrite_w,
+                                      top_class=None if top_class is None else top_class[r0:r1])
+        g_i_owned = None
+        if need_implicit:
+            g_i_owned = rows.g_i if owns_target is None else rows.g_i * owns_target[r0:r1, None]
+        if want_h:  # the row-wise parts of grad_input (docs/math.md 4.3)
+            if need_explicit:
+                grad_h_rows[r0:r1] += 2 * rows.g_r * h_block * var[r0:r1]
+            if need_implicit:
+                grad_h_block -= g_i_owned * signs[r0:r1] * weight[y].to(acc)
+                grad_h_rows[r0:r1] += rows.g_i * signs[r0:r1] * mu[r0:r1]
+            grad_h[r0:r1] = grad_h_block
+        if want_w and need_implicit:  # the implicit term's target scatter
+            grad_w.index_add_(0, y, (-g_i_owned * rows.u).to(grad_w.dtype))
+    return grad_h, grad_h_rows, grad_w, grad_b
+
+
+def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_chunk, wants, epilogues=None,
+                          top_class=None):
+    """:func:`dropreg.streamed.softmax_mean_backward` on this driver: the logit-gradient sweep with ``T = gbar``,
+    ``row_const = -mu . gbar`` and no target (docs/math.md 11.2); ``grad_h = W^T G`` for these rows of W."""
+    want_h, want_w, want_b = wants
+    types = operand_types(h.dtype)
+    epilogues = epilogues or epilogues_for(h.device, h.dtype)
+    acc = types.acc
+    n_rows, dim = h.shape
+    grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+    grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
+                           else (None, False))
+    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
+    buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
+                                    types.backward, h.device, second=True, outputs=2)
+    for r0, r1 in _spans(n_rows, row_block):
+        g_mu = grad_mu[r0:r1].to(acc)
+        rows = RowModulation(row_const=-(g_mu * mu[r0:r1]).sum(1), T_vec=g_mu, T_stack=g_mu, g_r=None,
+                             g_r_q=None, g_i=None, u=None)
+        grad_h_block = gradient_sweep(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, rows, False, types,
+                                      epilogues, buffers, vocab_chunk, grad_w=grad_w, grad_b=grad_b, want_h=want_h,
+                                      overwrite_w=overwrite_w,
+                                      top_class=None if top_class is None else top_class[r0:r1])
+        if want_h:
+            grad_h[r0:r1] = grad_h_block
+    return grad_h, grad_w, grad_b
+
+
+def rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk, epilogues=None):
+    """:func:`dropreg.streamed.rdrop_partial_statistics` on this driver: per pass and row, ``(m_i, L_i, B_i)``
+    over ``weight``'s rows, each ``(2, N)``; 2 NVd."""
+    types = operand_types(h1.dtype)
+    epilogues = epilogues or epilogues_for(h1.device, h1.dtype)
+    acc = types.acc
+    n_rows, vocab = h1.shape[0], weight.shape[0]
+    row_max = torch.empty(2, n_rows, dtype=acc, device=h1.device)
+    exp_sum = torch.empty(2, n_rows, dtype=acc, device=h1.device)
+    weighted_d = torch.empty(2, n_rows, dtype=acc, device=h1.device)
+    buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, vocab), acc, types.forward, h1.device,
+                                    second=True, outputs=0)
+    for r0, r1 in _spans(n_rows, row_block):
+        rows = r1 - r0
+        h_ops = [as_operand(h[r0:r1], types.forward) for h in (h1, h2)]
+        running_max = torch.full((2, rows), float("-inf"), dtype=acc, device=h1.device)
+        running_sum = torch.zeros(2, rows, dtype=acc, device=h1.device)
+        block_d = torch.zeros(2, rows, dtype=acc, device=h1.device)
+        for v0, v1 in _spans(vocab, vocab_chunk):
+            w_op = as_operand(weight[v0:v1], types.forward)
+            z1 = mm(h_ops[0], w_op.T, acc, out=ChunkBuffers.view(buffers.logits, rows, v1 - v0))
+            z2 = mm(h_ops[1], w_op.T, acc, out=ChunkBuffers.view(buffers.second, rows, v1 - v0))
+            epilogues.rdrop_softmax_chunk(z1, z2, None if bias is None else bias[v0:v1], running_max, running_sum,
+                                          block_d)
+        row_max[:, r0:r1], exp_sum[:, r0:r1], weighted_d[:, r0:r1] = running_max, running_sum, block_d
+    return row_max, exp_sum, weighted_d
+
+
+def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad_ce2, grad_kl, row_block,
+                   vocab_chunk, wants, epilogues=None):
+    """:func:`dropreg.streamed.rdrop_backward` on this driver: ``(grad_h (2, N, d), grad_w, grad_b)``, ``grad_h``
+    being ``W^T G`` for these rows of W; a target outside ``[0, weight.shape[0])`` gets no correction. 6 NVd."""
+    want_h1, want_h2, want_w, want_b = wants
+    types = operand_types(h1.dtype)
+    epilogues = epilogues or epilogues_for(h1.device, h1.dtype)
+    acc = types.acc
+    n_rows, dim = h1.shape
+    grad_ce1, grad_ce2, grad_kl = (g.to(acc) for g in (grad_ce1, grad_ce2, grad_kl))
+    grad_h = torch.zeros(2, n_rows, dim, dtype=acc, device=h1.device)
+    grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
+                           else (None, False))
+    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h1.device) if want_b else None
+    buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc, types.backward,
+                                    h1.device, second=True, outputs=2)
+    for r0, r1 in _spans(n_rows, row_block):
+        rows = r1 - r0
+        h_ops = [as_operand(h[r0:r1], types.backward) for h in (h1, h2)]
+        stacked_rows = torch.cat(h_ops) if want_w else None  # [H1; H2]: grad_W's two products as one, K = 2R
+        for v0, v1 in _spans(weight.shape[0], vocab_chunk):
+            cols = v1 - v0
+            w_op = as_operand(weight[v0:v1], types.backward)
+            z1 = mm(h_ops[0], w_op.T, acc, out=ChunkBuffers.view(buffers.logits, rows, cols))
+            z2 = mm(h_ops[1], w_op.T, acc, out=ChunkBuffers.view(buffers.second, rows, cols))
+            out = ChunkBuffers.view(buffers.outputs, 2 * rows, cols)
+            epilogues.rdrop_gradient_chunk(z1, z2, None if bias is None else bias[v0:v1], lse[:, r0:r1],
+                                           expected_d[:, r0:r1], grad_ce1[r0:r1], grad_ce2[r0:r1],
+                                           0.5 * grad_kl[r0:r1], target[r0:r1] - v0, out)
+            if want_h1:
+                mm(out[:rows], w_op, acc, out=grad_h[0, r0:r1], accumulate=True)
+            if want_h2:
+                mm(out[rows:], w_op, acc, out=grad_h[1, r0:r1], accumulate=True)
+            if want_w:
+                g_w = mm(out.T, stacked_rows, acc)
+                if overwrite_w:
+                    grad_w[v0:v1].copy_(g_w)
+                else:
+                    grad_w[v0:v1] += g_w
+            if want_b:
+                grad_b[v0:v1] += out.sum(dim=0, dtype=acc)
+    return grad_h, grad_w, grad_b
+
+
+def top_class_buffer(h, modulated):
+    """Where the forward records each row's dominant class, when the backward's operands are narrow (else None)."""
+    if not modulated or operand_types(h.dtype).backward == operand_types(h.dtype).acc:
+        return None
+    return torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
+
+
 class ChunkedTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, row_block, vocab_chunk, epilogues):
-        types = operand_types(h.dtype)
+        top_class = top_class_buffer(h, need_explicit or need_implicit)
         lse, mu, m2 = chunked_statistics(h, weight, bias, need_mu=need_explicit or need_implicit,
-                                         need_m2=need_explicit, types=types, epilogues=epilogues,
-                                         row_block=row_block, vocab_chunk=vocab_chunk)
+                                         need_m2=need_explicit, row_block=row_block, vocab_chunk=vocab_chunk,
+                                         epilogues=epilogues, top_class=top_class)
         ce, quadratic, sign_term, var = row_terms(h, weight, bias, target, signs, lse, mu, m2, need_explicit,
                                                   need_implicit)
-        ctx.save_for_backward(h, weight, bias, target, signs, lse, mu, var)
+        ctx.save_for_backward(h, weight, bias, target, signs, lse, mu, var, top_class)
         ctx.options = (need_explicit, need_implicit, row_block, vocab_chunk, epilogues)
         return ce, quadratic, sign_term, mu
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu):
-        h, weight, bias, target, signs, lse, mu, var = ctx.saved_tensors
+        h, weight, bias, target, signs, lse, mu, var, top_class = ctx.saved_tensors
         need_explicit, need_implicit, row_block, vocab_chunk, epilogues = ctx.options
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        types = operand_types(h.dtype)
-        acc = types.acc
-        n_rows, dim = h.shape
-        zeros = torch.zeros(n_rows, dtype=acc, device=h.device)
-        grad_ce, grad_quadratic, grad_sign_term = (zeros if g is None else g for g in
-                                                   (grad_ce, grad_quadratic, grad_sign_term))
-        modulated = need_explicit or need_implicit
-        n_row_blocks = math.ceil(n_rows / row_block)
-        grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-        grad_w, overwrite_w = _grad_weight_buffer(weight, acc, n_row_blocks) if want_w else (None, False)
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
-        buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
-                                        types.backward, h.device, second=modulated, outputs=2 if modulated else 1)
-        for r0, r1 in _spans(n_rows, row_block):
-            h_block, y = h[r0:r1].to(acc), target[r0:r1]
-            g_ce = grad_ce[r0:r1].to(acc)
-            rows = row_modulation(h_block, g_ce, mu, var, signs, grad_quadratic, grad_sign_term, grad_mu, r0, r1,
-                                  need_explicit, need_implicit)
-            grad_h_block = gradient_sweep(h_block, weight, bias, lse[r0:r1], y, g_ce, rows, need_explicit, types,
-                                          epilogues, buffers, vocab_chunk, grad_w=grad_w, grad_b=grad_b,
-                                          want_h=want_h, overwrite_w=overwrite_w)
-            if want_h:  # the row-wise parts of grad_input (docs/math.md 4.3)
-                if need_explicit:
-                    grad_h_block += 2 * rows.g_r * h_block * var[r0:r1]
-                if need_implicit:
-                    grad_h_block += rows.g_i * signs[r0:r1] * (mu[r0:r1] - weight[y].to(acc))
-                grad_h[r0:r1] = grad_h_block
-            if want_w and need_implicit:  # the implicit term's target scatter
-                grad_w.index_add_(0, y, (-rows.g_i * rows.u).to(grad_w.dtype))
-        return (None if grad_h is None else grad_h.to(h.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+        grad_h_vocab, grad_h_rows, grad_w, grad_b = terms_backward(
+            h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term, need_explicit,
+            need_implicit, row_block, vocab_chunk, ctx.needs_input_grad[:3], grad_mu=grad_mu, epilogues=epilogues,
+            top_class=top_class)
+        return (None if grad_h_vocab is None else (grad_h_vocab + grad_h_rows).to(h.dtype),
+                None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
 
 
 class ChunkedSoftmaxMean(torch.autograd.Function):
-    """``mu = W^T softmax(h W^T + b)`` on the chunked driver (docs/math.md 11.2): forward 2 NVd, backward 5 NVd
-    (the logit-gradient sweep with ``T = gbar``, ``row_const = -mu . gbar`` and no target)."""
+    """``mu = W^T softmax(h W^T + b)`` on the chunked driver (docs/math.md 11.2): forward 2 NVd, backward 5 NVd."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, row_block, vocab_chunk, epilogues):
-        types = operand_types(h.dtype)
-        lse, mu, _ = chunked_statistics(h, weight, bias, need_mu=True, need_m2=False, types=types,
-                                        epilogues=epilogues, row_block=row_block, vocab_chunk=vocab_chunk)
-        ctx.save_for_backward(h, weight, bias, lse, mu)
+        top_class = top_class_buffer(h, True)
+        lse, mu, _ = chunked_statistics(h, weight, bias, need_mu=True, need_m2=False, row_block=row_block,
+                                        vocab_chunk=vocab_chunk, epilogues=epilogues, top_class=top_class)
+        ctx.save_for_backward(h, weight, bias, lse, mu, top_class)
         ctx.options = (row_block, vocab_chunk, epilogues)
         return mu
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_mu):
-        h, weight, bias, lse, mu = ctx.saved_tensors
+        h, weight, bias, lse, mu, top_class = ctx.saved_tensors
         row_block, vocab_chunk, epilogues = ctx.options
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        types = operand_types(h.dtype)
-        acc = types.acc
-        n_rows, dim = h.shape
-        grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-        grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
-                               else (None, False))
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
-        buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
-                                        types.backward, h.device, second=True, outputs=2)
-        for r0, r1 in _spans(n_rows, row_block):
-            g_mu = grad_mu[r0:r1].to(acc)
-            rows = RowModulation(row_const=-(g_mu * mu[r0:r1]).sum(1), T_vec=g_mu, T_stack=g_mu, g_r=None,
-                                 g_r_q=None, g_i=None, u=None)
-            grad_h_block = gradient_sweep(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, rows, False,
-                                          types, epilogues, buffers, vocab_chunk, grad_w=grad_w, grad_b=grad_b,
-                                          want_h=want_h, overwrite_w=overwrite_w)
-            if want_h:
-                grad_h[r0:r1] = grad_h_block
+        grad_h, grad_w, grad_b = softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_chunk,
+                                                       ctx.needs_input_grad[:3], epilogues, top_class)
         return (None if grad_h is None else grad_h.to(h.dtype), None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
@@ -409,27 +565,11 @@ class ChunkedRDrop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h1, h2, weight, bias, target, row_block, vocab_chunk, epilogues):
-        types = operand_types(h1.dtype)
-        acc = types.acc
-        n_rows, vocab = h1.shape[0], weight.shape[0]
-        lse = torch.empty(2, n_rows, dtype=acc, device=h1.device)
-        expected_d = torch.empty(2, n_rows, dtype=acc, device=h1.device)
-        buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, vocab), acc, types.forward,
-                                        h1.device, second=True, outputs=0)
-        for r0, r1 in _spans(n_rows, row_block):
-            rows = r1 - r0
-            h_ops = [as_operand(h[r0:r1], types.forward) for h in (h1, h2)]
-            running_max = torch.full((2, rows), float("-inf"), dtype=acc, device=h1.device)
-            running_sum = torch.zeros(2, rows, dtype=acc, device=h1.device)
-            weighted_d = torch.zeros(2, rows, dtype=acc, device=h1.device)
-            for v0, v1 in _spans(vocab, vocab_chunk):
-                w_op = as_operand(weight[v0:v1], types.forward)
-                z1 = mm(h_ops[0], w_op.T, acc, out=ChunkBuffers.view(buffers.logits, rows, v1 - v0))
-                z2 = mm(h_ops[1], w_op.T, acc, out=ChunkBuffers.view(buffers.second, rows, v1 - v0))
-                epilogues.rdrop_softmax_chunk(z1, z2, None if bias is None else bias[v0:v1], running_max,
-                                              running_sum, weighted_d)
-            lse[:, r0:r1] = _logit_shift(running_max) + running_sum.log()
-            expected_d[:, r0:r1] = weighted_d / running_sum
+        acc = operand_types(h1.dtype).acc
+        row_max, exp_sum, weighted_d = rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk,
+                                                                epilogues)
+        lse = _logit_shift(row_max) + exp_sum.log()
+        expected_d = weighted_d / exp_sum
         ce1 = lse[0] - target_logit(h1.to(acc), weight, bias, target, acc)
         ce2 = lse[1] - target_logit(h2.to(acc), weight, bias, target, acc)
         kl = 0.5 * (expected_d[0] - expected_d[1])
@@ -442,43 +582,11 @@ class ChunkedRDrop(torch.autograd.Function):
     def backward(ctx, grad_ce1, grad_ce2, grad_kl):
         h1, h2, weight, bias, target, lse, expected_d = ctx.saved_tensors
         row_block, vocab_chunk, epilogues = ctx.options
-        want_h1, want_h2, want_w, want_b = ctx.needs_input_grad[:4]
-        types = operand_types(h1.dtype)
-        acc = types.acc
-        n_rows, dim = h1.shape
-        zeros = torch.zeros(n_rows, dtype=acc, device=h1.device)
-        grad_ce1, grad_ce2, grad_kl = (zeros if g is None else g.to(acc) for g in (grad_ce1, grad_ce2, grad_kl))
-        grad_h = torch.zeros(2, n_rows, dim, dtype=acc, device=h1.device)
-        grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
-                               else (None, False))
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h1.device) if want_b else None
-        buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
-                                        types.backward, h1.device, second=True, outputs=2)
-        for r0, r1 in _spans(n_rows, row_block):
-            rows = r1 - r0
-            h_ops = [as_operand(h[r0:r1], types.backward) for h in (h1, h2)]
-            stacked_rows = torch.cat(h_ops) if want_w else None
-            for v0, v1 in _spans(weight.shape[0], vocab_chunk):
-                cols = v1 - v0
-                w_op = as_operand(weight[v0:v1], types.backward)
-                z1 = mm(h_ops[0], w_op.T, acc, out=ChunkBuffers.view(buffers.logits, rows, cols))
-                z2 = mm(h_ops[1], w_op.T, acc, out=ChunkBuffers.view(buffers.second, rows, cols))
-                out = ChunkBuffers.view(buffers.outputs, 2 * rows, cols)
-                epilogues.rdrop_gradient_chunk(z1, z2, None if bias is None else bias[v0:v1], lse[:, r0:r1],
-                                               expected_d[:, r0:r1], grad_ce1[r0:r1], grad_ce2[r0:r1],
-                                               0.5 * grad_kl[r0:r1], target[r0:r1] - v0, out)
-                if want_h1:
-                    mm(out[:rows], w_op, acc, out=grad_h[0, r0:r1], accumulate=True)
-                if want_h2:
-                    mm(out[rows:], w_op, acc, out=grad_h[1, r0:r1], accumulate=True)
-                if want_w:
-                    g_w = mm(out.T, stacked_rows, acc)
-                    if overwrite_w:
-                        grad_w[v0:v1].copy_(g_w)
-                    else:
-                        grad_w[v0:v1] += g_w
-                if want_b:
-                    grad_b[v0:v1] += out.sum(dim=0, dtype=acc)
+        want_h1, want_h2 = ctx.needs_input_grad[:2]
+        zeros = torch.zeros_like(lse[0])
+        grads = [zeros if g is None else g for g in (grad_ce1, grad_ce2, grad_kl)]
+        grad_h, grad_w, grad_b = rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, *grads, row_block,
+                                                vocab_chunk, ctx.needs_input_grad[:4], epilogues)
         return (grad_h[0].to(h1.dtype) if want_h1 else None, grad_h[1].to(h2.dtype) if want_h2 else None,
                 None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)

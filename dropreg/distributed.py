@@ -133,11 +133,15 @@ class _Call:
         self._class_names = ""
 
     def describe(self, input: Tensor, weight: Tensor, bias: Optional[Tensor], *, options=(), seed: int = 0,
-                 classes=(), target: Optional[Tensor] = None) -> None:
+                 classes=(), target: Optional[Tensor] = None, given=()) -> None:
         """Record what the other ranks must agree with. ``classes``: ``(name, tensor, valid mask or None)`` triples
-        whose valid entries must lie in the full vocabulary; ``target`` (if any) must be identical on every rank."""
+        whose valid entries must lie in the full vocabulary; ``target`` (if any) must be identical on every rank,
+        and so must each tensor of ``given``: ``(name, tensor or None)`` pairs of explicitly passed tensors (signs,
+        sampled targets, sites), compared by shape and bit checksum as part of the options."""
         if not self.sharded:
             return
+        options = (*options, *(f"{name}: shape {tuple(t.shape)}, bits {_bit_checksum(t):#x}"
+                               for name, t in given if t is not None))
         lows, highs = [], []
         for _, values, valid in classes:
             picked = values.reshape(-1) if valid is None else values.reshape(-1)[valid.reshape(-1)]
@@ -242,18 +246,21 @@ def checked_call(group, op: str):
     call.exchange(None)
 
 
-# Which backends can do the local slice's work, per op: "torch" (the chunked PyTorch code, any device) everywhere;
-# "cpu" (the C++ kernels) where its ops return per-row states that merge across slices.
-_LOCAL_BACKENDS = {"linear_cross_entropy": ("torch", "cpu"), "explicit_regularizer": ("torch", "cpu"),
-                   "rdrop_linear_cross_entropy": ("torch", "cpu"), "softmax_mean": ("torch", "cpu"),
-                   "sample_targets": ("torch",), "site_regularizers": ("torch",)}
+# Which backends can do the local slice's work, per op: "torch" (the streamed PyTorch code, any device) and
+# "chunked" (the GPU path's driver, any device) everywhere but sampling; "cpu" (the C++ kernels) where its ops
+# return per-row states that merge across slices.
+_LOCAL_BACKENDS = {"linear_cross_entropy": ("torch", "chunked", "cpu"),
+                   "explicit_regularizer": ("torch", "chunked", "cpu"),
+                   "rdrop_linear_cross_entropy": ("torch", "chunked", "cpu"), "softmax_mean": ("torch", "chunked", "cpu"),
+                   "sample_targets": ("torch",), "site_regularizers": ("torch", "chunked")}
 
 
 def check_backend(op: str, backend: str, device: torch.device) -> str:
-    """The backend that does this rank's local work: ``"auto"`` is ``"torch"``."""
+    """The backend that does this rank's local work: ``"auto"`` is ``"chunked"`` for CUDA tensors (where it is
+    the fast path) when the op has it, else ``"torch"``."""
     allowed = _LOCAL_BACKENDS[op]
     if backend == "auto":
-        return "torch"
+        return "chunked" if device.type == "cuda" and "chunked" in allowed else "torch"
     if backend not in allowed:
         raise ValueError(f"backend: with process_group, {op} runs its local slice on {' or '.join(map(repr, allowed))} "
                          f"(or 'auto'); got {backend!r}")
@@ -268,8 +275,34 @@ def check_backend(op: str, backend: str, device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------- the sharded ops
 
 
-def _blocks(h: Tensor, weight: Tensor) -> tuple[int, int]:
-    return streamed.default_blocks(h.shape[0], weight.shape[0])
+@dataclass(frozen=True)
+class SliceDriver:
+    """The PyTorch functions that do a slice's local work, with dropreg.streamed's signatures: the streamed driver
+    ("torch") or the chunked one ("chunked", dropreg/chunked.py). ``blocks(h, weight)`` is the call's block plan;
+    ``top_class(h, modulated)`` the buffer in which the chunked driver's forward records each row's dominant class of
+    the slice for its backward (None: not needed)."""
+    blocks: object
+    partial_statistics: object
+    terms_backward: object
+    rdrop_partial_statistics: object
+    rdrop_backward: object
+    softmax_mean_backward: object
+    top_class: object = lambda h, modulated: None
+
+    def top_class_args(self, top_class) -> dict:
+        return {} if top_class is None else {"top_class": top_class}
+
+
+def slice_driver(local_backend: str) -> SliceDriver:
+    if local_backend == "chunked":
+        from . import chunked
+
+        return SliceDriver(lambda h, w: chunked.default_chunks(h.shape[0], w.shape[0], h.dtype, h.device),
+                           chunked.partial_statistics, chunked.terms_backward, chunked.rdrop_partial_statistics,
+                           chunked.rdrop_backward, chunked.softmax_mean_backward, chunked.top_class_buffer)
+    return SliceDriver(lambda h, w: streamed.default_blocks(h.shape[0], w.shape[0]), streamed.partial_statistics,
+                       streamed.terms_backward, streamed.rdrop_partial_statistics, streamed.rdrop_backward,
+                       streamed.softmax_mean_backward)
 
 
 def _merge_maxima(shard: Shard, row_max: Tensor) -> tuple[Tensor, Tensor]:
@@ -301,13 +334,15 @@ class ShardedTerms(torch.autograd.Function):
     """Per-row ``(ce, quadratic, sign_term)`` of :func:`dropreg.streamed.streamed_terms`, for a sliced head."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, shard):
+    def forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, shard, driver):
         acc = accumulation_dtype(h.dtype)
         dim = h.shape[1]
-        row_block, vocab_chunk = _blocks(h, weight)
+        row_block, vocab_chunk = driver.blocks(h, weight)
         need_mu = need_explicit or need_implicit
-        row_max, exp_sum, moments = streamed.partial_statistics(
-            h, weight, bias, need_mu=need_mu, need_m2=need_explicit, row_block=row_block, vocab_chunk=vocab_chunk)
+        top_class = driver.top_class(h, need_mu)
+        row_max, exp_sum, moments = driver.partial_statistics(
+            h, weight, bias, need_mu=need_mu, need_m2=need_explicit, row_block=row_block, vocab_chunk=vocab_chunk,
+            **driver.top_class_args(top_class))
         local_target, owned, safe, hc, u, picked = _owned_target_terms(shard, h, weight, bias, target, signs, acc)
         global_max, rescale = _merge_maxima(shard, row_max)
         packed = torch.cat([(exp_sum * rescale)[:, None], moments * rescale[:, None], torch.stack(picked, 1)], 1)
@@ -320,44 +355,45 @@ class ShardedTerms(torch.autograd.Function):
         sign_term = torch.zeros_like(ce)
         if need_implicit:
             sign_term = (u * mu).sum(1) - packed[:, 2 + n_moments]
-        ctx.save_for_backward(h, weight, bias, local_target, owned, signs, lse, mu, var)
-        ctx.options = (need_explicit, need_implicit, row_block, vocab_chunk, shard)
+        ctx.save_for_backward(h, weight, bias, local_target, owned, signs, lse, mu, var, top_class)
+        ctx.options = (need_explicit, need_implicit, row_block, vocab_chunk, shard, driver)
         return ce, quadratic, sign_term
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_ce, grad_quadratic, grad_sign_term):
-        h, weight, bias, local_target, owned, signs, lse, mu, var = ctx.saved_tensors
-        need_explicit, need_implicit, row_block, vocab_chunk, shard = ctx.options
+        h, weight, bias, local_target, owned, signs, lse, mu, var, top_class = ctx.saved_tensors
+        need_explicit, need_implicit, row_block, vocab_chunk, shard, driver = ctx.options
         zero = torch.zeros_like(lse)
         grads = [zero if g is None else g for g in (grad_ce, grad_quadratic, grad_sign_term)]
-        grad_h_vocab, grad_h_rows, grad_w, grad_b = streamed.terms_backward(
+        grad_h_vocab, grad_h_rows, grad_w, grad_b = driver.terms_backward(
             h, weight, bias, local_target, signs, lse, mu, var, *grads, need_explicit, need_implicit, row_block,
-            vocab_chunk, ctx.needs_input_grad[:3], owns_target=owned)
+            vocab_chunk, ctx.needs_input_grad[:3], owns_target=owned, **driver.top_class_args(top_class))
         grad_h = None
         if grad_h_vocab is not None:
             grad_h = (shard.all_reduce(grad_h_vocab, dist.ReduceOp.SUM, "backward") + grad_h_rows).to(h.dtype)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
 
 
 def sharded_terms(shard: Shard, input, weight, bias, target, signs, seed, need_explicit, need_implicit,
                   local_backend="torch"):
     """Per-row ``(ce, quadratic, sign_term)`` for a sliced head; ``target`` holds global classes."""
     signs = streamed.implicit_signs(input, signs, seed, need_implicit)
-    function = CppShardedTerms if local_backend == "cpu" else ShardedTerms
-    return function.apply(input, weight, bias, target, signs, need_explicit, need_implicit, shard)
+    if local_backend == "cpu":
+        return CppShardedTerms.apply(input, weight, bias, target, signs, need_explicit, need_implicit, shard)
+    return ShardedTerms.apply(input, weight, bias, target, signs, need_explicit, need_implicit, shard,
+                              slice_driver(local_backend))
 
 
 class ShardedRDrop(torch.autograd.Function):
     """Per-row ``(ce1, ce2, kl)`` of :func:`dropreg.streamed.streamed_rdrop`, for a sliced head."""
 
     @staticmethod
-    def forward(ctx, h1, h2, weight, bias, target, shard):
+    def forward(ctx, h1, h2, weight, bias, target, shard, driver):
         acc = accumulation_dtype(h1.dtype)
-        row_block, vocab_chunk = _blocks(h1, weight)
-        row_max, exp_sum, weighted_d = streamed.rdrop_partial_statistics(h1, h2, weight, bias, row_block,
-                                                                          vocab_chunk)
+        row_block, vocab_chunk = driver.blocks(h1, weight)
+        row_max, exp_sum, weighted_d = driver.rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk)
         local_target, owned = shard.localize(target)
         safe = torch.where(owned, local_target, torch.zeros_like(local_target))
         picked = torch.stack([_owned_pick(owned, streamed.target_logit(h.to(acc), weight, bias, safe, acc))
@@ -372,64 +408,69 @@ class ShardedRDrop(torch.autograd.Function):
         kl = 0.5 * (expected_d[0] - expected_d[1])
         sweep_target = torch.where(owned, local_target, torch.full_like(local_target, -1))  # -1: no correction
         ctx.save_for_backward(h1, h2, weight, bias, sweep_target, lse, expected_d)
-        ctx.options = (row_block, vocab_chunk, shard)
+        ctx.options = (row_block, vocab_chunk, shard, driver)
         return ce1, ce2, kl
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_ce1, grad_ce2, grad_kl):
         h1, h2, weight, bias, sweep_target, lse, expected_d = ctx.saved_tensors
-        row_block, vocab_chunk, shard = ctx.options
+        row_block, vocab_chunk, shard, driver = ctx.options
         want_h1, want_h2 = ctx.needs_input_grad[:2]
         zero = torch.zeros_like(lse[0])
         grads = [zero if g is None else g for g in (grad_ce1, grad_ce2, grad_kl)]
-        grad_h, grad_w, grad_b = streamed.rdrop_backward(h1, h2, weight, bias, sweep_target, lse, expected_d, *grads,
-                                                         row_block, vocab_chunk, ctx.needs_input_grad[:4])
+        grad_h, grad_w, grad_b = driver.rdrop_backward(h1, h2, weight, bias, sweep_target, lse, expected_d, *grads,
+                                                       row_block, vocab_chunk, ctx.needs_input_grad[:4])
         if want_h1 or want_h2:
             shard.all_reduce(grad_h, dist.ReduceOp.SUM, "backward")
         return (grad_h[0].to(h1.dtype) if want_h1 else None, grad_h[1].to(h2.dtype) if want_h2 else None,
                 None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
 
 def sharded_rdrop(shard: Shard, input1, input2, weight, bias, target, local_backend="torch"):
-    function = CppShardedRDrop if local_backend == "cpu" else ShardedRDrop
-    return function.apply(input1, input2, weight, bias, target, shard)
+    if local_backend == "cpu":
+        return CppShardedRDrop.apply(input1, input2, weight, bias, target, shard)
+    return ShardedRDrop.apply(input1, input2, weight, bias, target, shard, slice_driver(local_backend))
 
 
 class ShardedSoftmaxMean(torch.autograd.Function):
     """``mu = W^T softmax(z)`` of :func:`dropreg.streamed.streamed_softmax_mean`, for a sliced head."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, shard):
-        row_block, vocab_chunk = _blocks(h, weight)
-        row_max, exp_sum, moments = streamed.partial_statistics(h, weight, bias, need_mu=True, need_m2=False,
-                                                                row_block=row_block, vocab_chunk=vocab_chunk)
+    def forward(ctx, h, weight, bias, shard, driver):
+        row_block, vocab_chunk = driver.blocks(h, weight)
+        top_class = driver.top_class(h, True)
+        row_max, exp_sum, moments = driver.partial_statistics(h, weight, bias, need_mu=True, need_m2=False,
+                                                              row_block=row_block, vocab_chunk=vocab_chunk,
+                                                              **driver.top_class_args(top_class))
         global_max, rescale = _merge_maxima(shard, row_max)
         packed = shard.all_reduce(torch.cat([(exp_sum * rescale)[:, None], moments * rescale[:, None]], 1),
                                   dist.ReduceOp.SUM, "forward")
         lse, mu, _ = streamed.finish_statistics(global_max, packed[:, 0], packed[:, 1:], h.shape[1], need_mu=True,
                                                 need_m2=False)
-        ctx.save_for_backward(h, weight, bias, lse, mu)
-        ctx.options = (row_block, vocab_chunk, shard)
+        ctx.save_for_backward(h, weight, bias, lse, mu, top_class)
+        ctx.options = (row_block, vocab_chunk, shard, driver)
         return mu
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_mu):
-        h, weight, bias, lse, mu = ctx.saved_tensors
-        row_block, vocab_chunk, shard = ctx.options
-        grad_h, grad_w, grad_b = streamed.softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block,
-                                                                vocab_chunk, ctx.needs_input_grad[:3])
+        h, weight, bias, lse, mu, top_class = ctx.saved_tensors
+        row_block, vocab_chunk, shard, driver = ctx.options
+        grad_h, grad_w, grad_b = driver.softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block,
+                                                              vocab_chunk, ctx.needs_input_grad[:3],
+                                                              **driver.top_class_args(top_class))
         if grad_h is not None:
             grad_h = shard.all_reduce(grad_h, dist.ReduceOp.SUM, "backward").to(h.dtype)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
 
 
 def sharded_softmax_mean(shard: Shard, input, weight, bias, local_backend="torch"):
-    function = CppShardedSoftmaxMean if local_backend == "cpu" else ShardedSoftmaxMean
-    return function.apply(input, weight, bias, shard)
+    if local_backend == "cpu":
+        return CppShardedSoftmaxMean.apply(input, weight, bias, shard)
+    return ShardedSoftmaxMean.apply(input, weight, bias, shard, slice_driver(local_backend))
 
 
 @torch.no_grad()

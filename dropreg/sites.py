@@ -224,15 +224,18 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
         given_seed = seed
         seed = _check_seed(seed) if needs_seed else 0
         if call.sharded:
-            distributed.check_backend("site_regularizers", backend, head_input.device)
+            local_backend = distributed.check_backend("site_regularizers", backend, head_input.device)
         else:
             _, implementation = resolve_backend(backend, head_input.device)
         call.describe(head_input, linear_weight, linear_bias, seed=seed, target=target, classes=classes,
                       options=(reduction, explicit_coefs, implicit_coefs, samples if sampled_targets is None else None,
-                               ignore_index, signs is None, given_seed, len(sites)))
+                               ignore_index, signs is None, given_seed, len(sites)),
+                      given=[("sampled_targets", sampled_targets),
+                             *((f"signs[{k}]", sign) for k, sign in enumerate(signs or ())),
+                             *((f"sites[{k}]", site) for k, site in enumerate(sites))])
     weight_rows = _rows_of
     if call.sharded:
-        implementation, seed = distributed.ShardedHead(call.shard), call.seed
+        implementation, seed = distributed.ShardedHead(call.shard, local_backend), call.seed
         weight_rows = implementation.weight_rows
 
     zero = head_input.new_zeros((), dtype=rows.count.dtype)

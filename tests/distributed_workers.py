@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import dropreg
+import dropreg.chunked
 import dropreg.distributed
 import dropreg.streamed
 
@@ -119,23 +120,24 @@ def local_backends():
     import importlib.util
     from dropreg import cpu
     built = importlib.util.find_spec("dropreg._C") is not None
-    return ("torch", "cpu") if built and cpu.FAMILY.is_available() else ("torch",)
+    return ("torch", "chunked", "cpu") if built and cpu.FAMILY.is_available() else ("torch", "chunked")
 
 
 def compare_worlds(rank, world, sizes_by_world):
     """:func:`compare_all` on the subgroups of the first 1, 2, ... ranks, so that one spawn covers every size."""
     results = {"local_backends": local_backends()}
-    default_blocks = dropreg.streamed.default_blocks
+    default_blocks, default_chunks = dropreg.streamed.default_blocks, dropreg.chunked.default_chunks
     for size in sorted(sizes_by_world):
         group = dist.new_group(list(range(size)))  # every rank takes part in creating each group
-        # Odd sizes use 3-row blocks and 5-class chunks (as tests/conftest.py's "torch-small-tiles"), so the merge
-        # inside a slice and chunk tails are exercised too; the one-process runs use the same tiles.
+        # Odd sizes use 3-row blocks and 5-class chunks (as tests/conftest.py's "torch-small-tiles" and "chunked"),
+        # so the merge inside a slice and chunk tails are exercised too; the one-process runs use the same tiles.
         small = size % 2 == 1
         dropreg.streamed.default_blocks = (lambda n_rows, vocab: (3, 5)) if small else default_blocks
+        dropreg.chunked.default_chunks = (lambda n_rows, vocab, dtype, device: (3, 5)) if small else default_chunks
         if rank < size:
             results[size] = compare_all(rank, size, sizes_by_world[size], group)
         dist.barrier()
-    dropreg.streamed.default_blocks = default_blocks
+    dropreg.streamed.default_blocks, dropreg.chunked.default_chunks = default_blocks, default_chunks
     return results
 
 
@@ -344,6 +346,13 @@ def bad_calls(rank, world):
     outcomes.append(_expect_error("sampled target beyond the slices", lambda: dropreg.site_regularizers(
         h.clone().requires_grad_(), w, target, [h.clone().requires_grad_()], sampled_targets=beyond[None],
         process_group=group)))
+    signs = torch.ones_like(h)
+    signs[0, 0, 0] = -1.0 if rank == 1 else 1.0
+    outcomes.append(_expect_error("explicit signs differ on rank 1", lce(signs=signs)))
+    site = h.clone().requires_grad_()
+    moved = (site * (1 + 1e-12 * (rank == 2))).detach().requires_grad_()
+    outcomes.append(_expect_error("a site differs on rank 2", lambda: dropreg.site_regularizers(
+        h.clone().requires_grad_(), w, target, [moved], seed=1, process_group=group)))
     # After all those errors the group still works:
     out = dropreg.linear_cross_entropy(h, w, target, seed=3, process_group=group)
     return outcomes, float(out.loss)

@@ -71,6 +71,8 @@ def test_sliced_head_matches_one_process(tmp_path):
         assert "site_regularizers/grad_head.weight" in labels and "site_regularizers/float32/grad_body.weight" in labels
         assert "rdrop/float64/bias=True/none/grad_bias" in labels
         assert "RDropLoss/loss" in labels and "LinearCrossEntropyLoss/loss" in labels
+        assert "lce/float64/chunked/bias=True/none/grad_weight" in labels
+        assert "rdrop/float32/chunked/bias=True/mean/kl" in labels and "softmax_mean/float64/chunked" in labels
         if "cpu" in by_rank[0]["local_backends"]:  # the C++ kernels doing each slice's work, where built
             assert "lce/float64/cpu/bias=True/none/grad_weight" in labels and "softmax_mean/float32/cpu" in labels
 
@@ -93,6 +95,8 @@ EXPECTED_ERRORS = {
     "input dtype differs on rank 1": "every rank must pass the same dtype",
     "unsupported backend on rank 0": "refused its arguments",
     "sampled target beyond the slices": "sampled_targets",
+    "explicit signs differ on rank 1": "every rank must pass the same options",
+    "a site differs on rank 2": "sites[0]: shape",
 }
 
 

@@ -97,11 +97,17 @@ def test_seeded_signs_match_the_torch_backend_on_gpu(seed):
     assert _worst(ours, other) < 1e-11
 
 
-def test_auto_runs_the_triton_ops_on_cuda_tensors():
+def test_auto_runs_the_chunked_path_on_cuda_tensors():
+    """backend="auto" on CUDA is the chunked driver (cuBLAS GEMMs with fp32 results, Triton epilogues), not the
+    atomic Triton ops; naming backend="triton" still runs those."""
     from checks import RecordOps
-    h, w, b, y = _inputs(20, 16, 70, torch.float32)
+    h, w, b, y = _inputs(20, 16, 70, torch.bfloat16)
     with RecordOps() as ops:
         dropreg.linear_cross_entropy(h, w, y, linear_bias=b, seed=0)  # backend="auto"
+    assert not any(name.startswith("dropreg_triton") for name in ops.names), ops.names
+    assert any(name.startswith("aten.mm.dtype") or name.startswith("aten.addmm.dtype") for name in ops.names), ops.names
+    with RecordOps() as ops:
+        dropreg.linear_cross_entropy(h, w, y, linear_bias=b, seed=0, backend="triton")
     assert "dropreg_triton.linear_ce_forward.default" in ops.names, ops.names
 
 

@@ -120,6 +120,43 @@ MUTANTS = [
            "partial_d[i] = partial_d[i] * rescale +", "partial_d[i] = partial_d[i] +",
            "R-Drop forward: E_p[D] accumulator not rescaled when the max grows"),
 
+    # chunked backend (dropreg/chunked.py, dropreg/triton/epilogues.py).
+    Mutant("chunked-rescale", "chunked", "dropreg/chunked.py",
+           "block_moments.mul_(rescale[:, None])", "block_moments.mul_(rescale[:, None] * 1.00001)",
+           "moments: the rescale of earlier chunks off by 1e-5"),
+    Mutant("chunked-top", "chunked", "dropreg/chunked.py",
+           "block_moments[:, :dim].addcmul_(top_p[:, None], w_top)",
+           "block_moments[:, :dim].addcmul_(top_p[:, None] * 1.001, w_top)",
+           "bf16 forward: the kept-out top probability's A1 contribution * (1+1e-3)"),
+    Mutant("chunked-mass", "chunked", "dropreg/chunked.py",
+           "block_moments * (running_sum / mass)[:, None] if narrow", "block_moments * (running_sum / mass)[:, None] "
+           "* 1.001 if narrow", "bf16 forward: moments normalized by the rounded mass * (1+1e-3)"),
+    Mutant("chunked-2W", "chunked", "dropreg/chunked.py",
+           "mm(out[n_rows:].T, g_r_q_op, acc), value=2.0)", "mm(out[n_rows:].T, g_r_q_op, acc), value=2.001)",
+           "grad_weight term 2 W * (S^T gR' q) -> 2.001"),
+    Mutant("chunked-scatter", "chunked", "dropreg/chunked.py",
+           "grad_w.index_add_(0, y, (-g_i_owned * rows.u)", "grad_w.index_add_(0, y, (-1.00001 * g_i_owned * rows.u)",
+           "grad_weight implicit target scatter -gI' u * (1+1e-5)"),
+    Mutant("chunked-torch-G", "chunked", "dropreg/chunked.py",
+           "t.add_(row_const[:, None]).mul_(probs)", "t.add_(row_const[:, None] * 1.00001).mul_(probs)",
+           "PyTorch gradient epilogue: row constant * (1+1e-5)"),
+    Mutant("chunked-torch-rdrop", "chunked", "dropreg/chunked.py",
+           "weighted_d[i] = weighted_d[i] * rescale +", "weighted_d[i] = weighted_d[i] +",
+           "PyTorch R-Drop epilogue: E_p[D] accumulator not rescaled when the max grows"),
+    Mutant("chunked-ce-z", "chunked", "dropreg/chunked.py",
+           "softmax_scale = w_row + 2 * z_row * lse", "softmax_scale = w_row + 2.001 * z_row * lse",
+           "CE-only path: the z-loss's 2 zw lse -> 2.001"),
+    Mutant("chunked-triton-t", "chunked", "dropreg/triton/epilogues.py",
+           "modulation += tl.load(t_ptr + at, mask=inside, other=0.0)",
+           "modulation += 1.00001 * tl.load(t_ptr + at, mask=inside, other=0.0)",
+           "Triton gradient epilogue: t * (1+1e-5)"),
+    Mutant("chunked-triton-rescale", "chunked", "dropreg/triton/epilogues.py",
+           "rescale = tl.exp(old_max - shift)", "rescale = tl.exp(1.00001 * (old_max - shift))",
+           "Triton softmax epilogue: rescale e^{m - m'} off by 1e-5 in the exponent"),
+    Mutant("chunked-triton-rdrop", "chunked", "dropreg/triton/epilogues.py",
+           "k * (diff - ed1 + 1.0)", "k * (diff - ed1 + 1.00001)",
+           "Triton R-Drop gradient epilogue: dKL/dz1's p1 term (+1 -> +1.00001)"),
+
     # triton backend (dropreg/triton/), under TRITON_INTERPRET=1.
     Mutant("triton-var", "triton", "dropreg/triton/forward.py",
            "/ mass - mu * mu", "/ mass - 1.00001 * mu * mu",
@@ -286,7 +323,11 @@ SELECTIONS = {
     "triton": ["tests/test_against_oracle.py", "tests/test_rdrop.py",
                "tests/test_triton_backend.py::test_many_tiles_match_reference",
                "tests/test_triton_backend.py::test_rdrop_many_tiles_match_reference",
-               "-k", "triton and not gradcheck and not low_precision"],
+               "-k", "triton and not chunked and not gradcheck and not low_precision"],
+    # The chunked driver: both epilogue families ("chunked", "chunked-triton"), CE only, bf16 (where the top
+    # probability is kept out of the operand) and tests/test_chunked.py.
+    "chunked": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "tests/test_ce_only.py",
+                "tests/test_low_precision.py", "tests/test_chunked.py", "-k", "chunked and not gradcheck"],
 }
 SELECTIONS["sites"] = ["tests/test_sites.py", "-k", "reference or unbiased or follow_the_softmax or stream"]
 SELECTIONS["ce"] = ["tests/test_ce_only.py", "tests/test_loss_options.py", "-k", "not triton"]
@@ -311,6 +352,8 @@ if sys.argv[2] == "cpu":
     assert "dropreg._C" not in sys.modules, "a prebuilt dropreg._C was imported instead of the JIT build"
 if sys.argv[2] == "triton":
     import dropreg.triton.ops
+if sys.argv[2] == "chunked":
+    import dropreg.chunked, dropreg.triton.epilogues
 outside = [m.__file__ for name, m in list(sys.modules.items())
            if name.split(".")[0] == "dropreg" and getattr(m, "__file__", None)
            and not os.path.realpath(m.__file__).startswith(root + os.sep)]

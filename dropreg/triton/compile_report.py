@@ -160,10 +160,13 @@ def _describe(launch: Launch) -> tuple[str, str]:
     name = launch.kernel.__name__
     if name == "logit_gradient_kernel":
         name += " (ce+explicit+implicit)" if kw.get("MODULATED") else " (ce only)"
+    if name == "softmax_chunk_kernel":
+        name += " (probabilities)" if kw.get("WRITE_PROBS") else " (lse only)"
     if name == "gradient_chunk_kernel":
         name += " (ce+explicit+implicit)" if kw.get("HAS_T") else " (ce only)"
     blocks = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK_R", "BLOCK_C") if k in kw)
-    return name, f"{blocks} w{kw.get('num_warps')} s{kw.get('num_stages')}"
+    stages = f" s{kw['num_stages']}" if "num_stages" in kw else ""
+    return name, f"{blocks} w{kw.get('num_warps')}{stages}"
 
 
 def compile_launch(launch: Launch, capability: int):

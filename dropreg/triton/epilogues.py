@@ -111,10 +111,10 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
 
 
 @triton.jit
-def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr, target_ptr, out_ptr, R, C,
-                          HAS_BIAS: tl.constexpr, HAS_T: tl.constexpr, HAS_TARGET: tl.constexpr,
-                          WRITE_S: tl.constexpr, OPERAND: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr, target_ptr, top_col_ptr, t_top_ptr,
+                          out_ptr, R, C, HAS_BIAS: tl.constexpr, HAS_T: tl.constexpr, HAS_TARGET: tl.constexpr,
+                          HAS_TOP: tl.constexpr, WRITE_S: tl.constexpr, OPERAND: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < R
@@ -124,7 +124,12 @@ def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr,
     probs = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - lse[:, None])
     modulation = tl.load(row_const_ptr + rows, mask=row_ok, other=0.0)[:, None]
     if HAS_T:
-        modulation += tl.load(t_ptr + at, mask=inside, other=0.0)
+        t = tl.load(t_ptr + at, mask=inside, other=0.0)
+        if HAS_TOP:  # the row's dominant class: its exact t (dropreg.chunked.gradient_sweep)
+            top_col = tl.load(top_col_ptr + rows, mask=row_ok, other=-1)
+            t_top = tl.load(t_top_ptr + rows, mask=row_ok, other=0.0)
+            t = tl.where(cols[None, :] == top_col[:, None], t_top[:, None], t)
+        modulation += t
     g = probs * modulation
     if HAS_TARGET:
         target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
@@ -232,14 +237,17 @@ class TritonEpilogues:
             BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK, num_warps=NUM_WARPS)
         return rescale, top_p, top_col
 
-    def gradient_chunk(self, z, bias, t, lse, row_const, g_ce, target_col, out):
+    def gradient_chunk(self, z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None):
         rows, cols = z.shape
         has_target = target_col is not None
+        has_top = top_col is not None and t is not None
         self.launch(gradient_chunk_kernel)[(triton.cdiv(rows, TILE_R), triton.cdiv(cols, TILE_C))](
             z, _bias_arg(bias, z), z if t is None else t, lse.contiguous(), row_const.contiguous(),
-            g_ce.contiguous() if has_target else lse, target_col.contiguous() if has_target else lse, out, rows, cols,
-            HAS_BIAS=bias is not None, HAS_T=t is not None, HAS_TARGET=has_target, WRITE_S=out.shape[0] > rows,
-            OPERAND=_TL_DTYPES[out.dtype], BLOCK_R=TILE_R, BLOCK_C=TILE_C, num_warps=NUM_WARPS)
+            g_ce.contiguous() if has_target else lse, target_col.contiguous() if has_target else lse,
+            top_col.contiguous() if has_top else lse, t_top.contiguous() if has_top else lse, out, rows, cols,
+            HAS_BIAS=bias is not None, HAS_T=t is not None, HAS_TARGET=has_target, HAS_TOP=has_top,
+            WRITE_S=out.shape[0] > rows, OPERAND=_TL_DTYPES[out.dtype], BLOCK_R=TILE_R, BLOCK_C=TILE_C,
+            num_warps=NUM_WARPS)
 
     def rdrop_softmax_chunk(self, z1, z2, bias, running_max, running_sum, weighted_d):
         rows, cols = z1.shape
