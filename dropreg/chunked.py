@@ -30,7 +30,7 @@ from ._op_family import first_order_only
 from ._policy import workspace_bytes
 from .gemm import OperandTypes, as_operand, mm, operand_types
 from .streamed import (RowModulation, StreamedCrossEntropyWithGrads, _eager_under_compile, _logit_shift, _spans,
-                       ce_only_blocks, finish_statistics, gradients_wanted, implicit_signs, row_modulation, row_terms,
+                       add_ce_loss, ce_only_blocks, finish_statistics, gradients_wanted, implicit_signs, row_modulation, row_terms,
                        target_logit)
 
 # docs/math.md 8.4's precision fix; False only to measure what it buys (tests/test_chunked.py)
@@ -335,13 +335,18 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
                 g_w = mm(out.T, stacked_rows, acc)
                 if with_squares:
                     g_w.addcmul_(weight[v0:v1].to(acc), mm(out[n_rows:].T, g_r_q_op, acc), value=2.0)
-                if overwrite_w:
-                    grad_w[v0:v1].copy_(g_w)
-                else:
-                    grad_w[v0:v1] += g_w
+                _store_chunk(grad_w, v0, v1, g_w, overwrite_w)
         if grad_b is not None:
             grad_b[v0:v1] += g.sum(dim=0, dtype=acc)
     return grad_h_block
+
+
+def _store_chunk(grad_w, v0, v1, g_w, overwrite):
+    """A chunk's grad_W rows: written (one row block: each chunk once) or added to the fp32 buffer."""
+    if overwrite:
+        grad_w[v0:v1].copy_(g_w)
+    else:
+        grad_w[v0:v1] += g_w
 
 
 def _grad_weight_buffer(weight, acc, n_row_blocks):
@@ -492,10 +497,7 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
                 mm(out[rows:], w_op, acc, out=grad_h[1, r0:r1], accumulate=True)
             if want_w:
                 g_w = mm(out.T, stacked_rows, acc)
-                if overwrite_w:
-                    grad_w[v0:v1].copy_(g_w)
-                else:
-                    grad_w[v0:v1] += g_w
+                _store_chunk(grad_w, v0, v1, g_w, overwrite_w)
             if want_b:
                 grad_b[v0:v1] += out.sum(dim=0, dtype=acc)
     return grad_h, grad_w, grad_b
@@ -662,12 +664,7 @@ def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_c
                                         None, False, keep_logits=True)
         lse = _logit_shift(running_max) + running_sum.log()
         ce = lse - target_logit(h[r0:r1].to(acc), weight, bias, y, acc)
-        loss[0] += torch.where(w_row != 0, w_row * ce, torch.zeros_like(ce)).sum()
-        softmax_scale = w_row
-        if z_weight is not None:
-            z_row = z_weight[r0:r1].to(acc)
-            loss[1] += torch.where(z_row != 0, z_row * lse * lse, torch.zeros_like(lse)).sum()
-            softmax_scale = w_row + 2 * z_row * lse
+        softmax_scale = add_ce_loss(loss, lse, ce, w_row, None if z_weight is None else z_weight[r0:r1].to(acc))
         if not any(wants):
             continue
         h_backward = as_operand(h[r0:r1], types.backward)
@@ -682,10 +679,7 @@ def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_c
                 mm(g, as_operand(weight[v0:v1], types.backward), acc, out=grad_h_block, accumulate=True)
             if want_w:
                 g_w = mm(g.T, h_backward, acc)
-                if overwrite_w:
-                    grad_w[v0:v1].copy_(g_w)
-                else:
-                    grad_w[v0:v1] += g_w
+                _store_chunk(grad_w, v0, v1, g_w, overwrite_w)
             if want_b:
                 grad_b[v0:v1] += g.sum(dim=0, dtype=acc)
         if want_h:

@@ -381,13 +381,8 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
             # lse in place (torch.logsumexp would allocate a second block x V buffer): z becomes exp(z - shift)
             shift = _logit_shift(z.amax(dim=1))
             lse = shift + z.sub_(shift[:, None]).exp_().sum(dim=1).log()
-            ce = lse - target_logit
-            loss[0] += torch.where(w_row != 0, w_row * ce, torch.zeros_like(ce)).sum()
-            softmax_scale = w_row
-            if z_weight is not None:
-                z_row = z_weight[r0:r1].to(acc)
-                loss[1] += torch.where(z_row != 0, z_row * lse * lse, torch.zeros_like(lse)).sum()
-                softmax_scale = w_row + 2 * z_row * lse
+            softmax_scale = add_ce_loss(loss, lse, lse - target_logit, w_row,
+                                        None if z_weight is None else z_weight[r0:r1].to(acc))
         if not any(wants):
             continue
         with record_function("dropreg::ce_gradients"):
@@ -406,6 +401,16 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
             if want_h:
                 grad_h[r0:r1] = grad_h_block
     return loss, grad_h, grad_w, grad_b
+
+
+def add_ce_loss(loss, lse, ce, w_row, z_row):
+    """Adds a row block's ``sum w ce`` (and ``sum zw lse^2``) to the CE-only path's ``loss`` pair; returns the factor
+    of the softmax in ``G = (w + 2 zw lse) s - w e_y``. Rows of weight 0 add exactly 0 (their ce may be NaN)."""
+    loss[0] += torch.where(w_row != 0, w_row * ce, torch.zeros_like(ce)).sum()
+    if z_row is None:
+        return w_row
+    loss[1] += torch.where(z_row != 0, z_row * lse * lse, torch.zeros_like(lse)).sum()
+    return w_row + 2 * z_row * lse
 
 
 class StreamedCrossEntropyWithGrads(torch.autograd.Function):

@@ -37,6 +37,16 @@ def to_operand(x, OPERAND: tl.constexpr):
 
 
 @triton.jit
+def _tile(R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (BLOCK_R x BLOCK_C) tile of a contiguous R x C chunk: rows, columns, masks, offsets."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < R
+    inside = row_ok[:, None] & (cols[None, :] < C)
+    return rows, cols, row_ok, inside, rows.to(tl.int64)[:, None] * C + cols[None, :]
+
+
+@triton.jit
 def _chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS: tl.constexpr):
     """``z + b`` for a (rows x cols) tile of a contiguous R x C chunk; entries outside it read as -inf."""
     inside = (rows[:, None] < R) & (cols[None, :] < C)
@@ -115,11 +125,7 @@ def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr,
                           out_ptr, R, C, HAS_BIAS: tl.constexpr, HAS_T: tl.constexpr, HAS_TARGET: tl.constexpr,
                           HAS_TOP: tl.constexpr, WRITE_S: tl.constexpr, OPERAND: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < R
-    inside = row_ok[:, None] & (cols[None, :] < C)
-    at = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    rows, cols, row_ok, inside, at = _tile(R, C, BLOCK_R, BLOCK_C)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))  # rows past R: probability 0
     probs = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - lse[:, None])
     modulation = tl.load(row_const_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -185,11 +191,7 @@ def rdrop_softmax_chunk_kernel(z1_ptr, z2_ptr, b_ptr, max_ptr, sum_ptr, weighted
 def rdrop_gradient_chunk_kernel(z1_ptr, z2_ptr, b_ptr, lse_ptr, expected_d_ptr, g_ce1_ptr, g_ce2_ptr, half_kl_ptr,
                                 target_ptr, out_ptr, R, C, HAS_BIAS: tl.constexpr, OPERAND: tl.constexpr,
                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < R
-    inside = row_ok[:, None] & (cols[None, :] < C)
-    at = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    rows, cols, row_ok, inside, at = _tile(R, C, BLOCK_R, BLOCK_C)
     z1, z2, diff = _rdrop_tile(z1_ptr, z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
     p1 = tl.exp(z1 - tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))[:, None])
     p2 = tl.exp(z2 - tl.load(lse_ptr + R + rows, mask=row_ok, other=float("inf"))[:, None])
