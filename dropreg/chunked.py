@@ -30,8 +30,8 @@ from ._op_family import first_order_only
 from ._policy import workspace_bytes
 from .gemm import OperandTypes, as_operand, mm, operand_types
 from .streamed import (RowModulation, StreamedCrossEntropyWithGrads, _eager_under_compile, _logit_shift, _spans,
-                       add_ce_loss, ce_only_blocks, finish_statistics, gradients_wanted, implicit_signs, row_modulation, row_terms,
-                       target_logit)
+                       add_ce_loss, ce_only_blocks, finish_statistics, gradients_wanted, implicit_signs, online_state,
+                       row_modulation, row_terms, target_logit)
 
 # docs/math.md 8.4's precision fix; False only to measure what it buys (tests/test_chunked.py)
 KEEP_TOP = True
@@ -233,10 +233,7 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     acc = types.acc
     n_rows, dim = h.shape
     vocab = weight.shape[0]
-    n_moments = (1 + int(need_m2)) if need_mu else 0
-    row_max = torch.empty(n_rows, dtype=acc, device=h.device)
-    exp_sum = torch.empty(n_rows, dtype=acc, device=h.device)
-    moments = torch.empty(n_rows, n_moments * dim, dtype=acc, device=h.device)
+    row_max, exp_sum, moments = online_state(h, need_mu, need_m2)
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, vocab), acc, types.forward, h.device,
                                     second=False, outputs=1 if need_mu else 0)
     narrow = types.forward != acc  # probabilities rounded for the moment GEMMs: normalize by what was rounded
@@ -247,10 +244,11 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
         running_max = torch.full((rows,), float("-inf"), dtype=acc, device=h.device)
         running_sum = torch.zeros(rows, dtype=acc, device=h.device)
         mass = torch.zeros(rows, dtype=acc, device=h.device)
-        block_moments = torch.zeros(rows, n_moments * dim, dtype=acc, device=h.device)
+        block_moments = torch.zeros_like(moments[r0:r1])
+        best = None
         if top_class is not None:
             top_class[r0:r1] = 0
-        best = torch.full((rows,), float("-inf"), dtype=acc, device=h.device) if top_class is not None else None
+            best = torch.full((rows,), float("-inf"), dtype=acc, device=h.device)
         for v0, v1 in _spans(vocab, vocab_chunk):
             cols = v1 - v0
             w = weight[v0:v1]

@@ -74,6 +74,14 @@ class OnlineSoftmax:
         return _logit_shift(self.max) + self.sum.log()
 
 
+def online_state(h, need_mu, need_m2):
+    """Empty per-row ``(m, L, [A1 | A2])`` in the accumulation dtype for the rows of ``h`` (moments zeroed)."""
+    acc = accumulation_dtype(h.dtype)
+    n_moments = (1 + int(need_m2)) if need_mu else 0
+    return (torch.empty(h.shape[0], dtype=acc, device=h.device), torch.empty(h.shape[0], dtype=acc, device=h.device),
+            torch.zeros(h.shape[0], n_moments * h.shape[1], dtype=acc, device=h.device))
+
+
 def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk):
     """Per-row online state over ``weight``'s rows (docs/math.md 6.1): running max ``m``,
     ``L = sum exp(z - m)`` and the unnormalized moments ``[A1 | A2]`` (empty unless ``need_mu``).
@@ -82,10 +90,7 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     acc = accumulation_dtype(h.dtype)
     n_rows, dim = h.shape
     vocab = weight.shape[0]
-    n_moments = (1 + int(need_m2)) if need_mu else 0
-    row_max = torch.empty(n_rows, dtype=acc, device=h.device)
-    exp_sum = torch.empty(n_rows, dtype=acc, device=h.device)
-    moments = torch.zeros(n_rows, n_moments * dim, dtype=acc, device=h.device)
+    row_max, exp_sum, moments = online_state(h, need_mu, need_m2)
     for r0, r1 in _spans(n_rows, row_block):
         h_block = h[r0:r1].to(acc)
         softmax = OnlineSoftmax(r1 - r0, acc, h.device)
@@ -94,7 +99,7 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
             w, stacked, b = _weight_chunk(weight, bias, v0, v1, acc, need_m2)
             exp_logits = _chunk_logits(h_block, w, b)
             rescale = softmax.absorb(exp_logits)
-            if n_moments:
+            if need_mu:
                 acc_moments.mul_(rescale[:, None]).addmm_(exp_logits, stacked)
         row_max[r0:r1] = softmax.max
         exp_sum[r0:r1] = softmax.sum
