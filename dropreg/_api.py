@@ -342,8 +342,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     with) adds ``c lse^2`` per row, returned as ``.z_loss`` and reduced like ``ce``; the explicit and implicit terms
     then include its Hessian and gradient (docs/math.md 3.5). ``softcap`` (Gemma 2's final-logit softcapping) caps
     the logits, ``z = softcap * tanh(z / softcap)``, before everything else, the dropout terms included
-    (docs/math.md 3.6); it cannot be combined with ``label_smoothing`` yet. None of these is supported with
-    ``process_group`` yet.
+    (docs/math.md 3.6); it cannot be combined with ``label_smoothing`` yet, nor with ``process_group``.
 
     Returns a :class:`LinearCrossEntropyOutput`; with ``return_lse=True``, the pair ``(output, lse)``, ``lse`` the
     per-row logsumexp of the logits, shape ``input.shape[:-1]`` whatever the reduction, differentiable, 0 on ignored
@@ -352,7 +351,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     ``process_group``: a vocabulary-parallel head (:mod:`dropreg.distributed`): ``linear_weight`` and
     ``linear_bias`` are this rank's contiguous slice (slices in rank order), ``target`` holds global classes,
     ``input`` is the same on every rank; every rank gets the same outputs, the full gradient of ``input`` and
-    its own slice's weight gradient.
+    its own slice's weight gradient. ``weight`` (class weights) is then this rank's slice too, like ``linear_bias``;
+    ``label_smoothing``, ``z_loss`` and ``return_lse`` work as in one process (docs/math.md 12.5).
     """
     with distributed.checked_call(process_group, "linear_cross_entropy") as call:
         vocab, dim = _check_head(input, linear_weight, linear_bias)
@@ -374,10 +374,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         if softcap is not None and options.smoothing:
             raise ValueError("softcap: not supported with label_smoothing yet (the smoothed loss of a capped head "
                              "needs a further streamed statistic); pass label_smoothing=0.0")
-        if (options.active or softcap is not None) and call.sharded:
-            raise ValueError("weight, label_smoothing, z_loss, softcap, return_lse: not supported with process_group "
-                             "yet; pass weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None and "
-                             "return_lse=False")
+        if softcap is not None and call.sharded:
+            raise ValueError("softcap: not supported with process_group yet (each slice would stream the capped "
+                             "head's statistics); pass softcap=None")
         given_seed = seed
         if need_implicit and signs is None and seed is None and torch.compiler.is_compiling() and not call.sharded:
             # Inside a graph: signs drawn in the graph from torch's generator, not a Python int seed (a graph break)
@@ -392,47 +391,47 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         call.describe(input, linear_weight, linear_bias, seed=seed, target=target,
                       classes=[("target", target, target != ignore_index)],
                       options=(reduction, p, need_explicit, need_implicit, explicit_coef, implicit_coef, ignore_index,
-                               signs is None, given_seed),
+                               signs is None, given_seed, *options.agreement()),
                       given=[("signs", signs if need_implicit else None)])
 
     rows = _IgnoredRows(target, ignore_index, input.dtype)
     acc = accumulation_dtype(input.dtype)
+    classes = options.class_values(linear_weight, linear_bias, rows.safe_target, acc,
+                                   call.shard if call.sharded else None)
     if options.class_weight is not None:
-        rows.count_weighted(options.denominator_weights(rows.safe_target, acc))
+        rows.count_weighted(classes.target_class_weight())
     if (not call.sharded and not need_explicit and not need_implicit and reduction != "none"
             and not return_lse and softcap is None and implementation.ce_with_grads is not None):
         # Cross entropy alone (z-loss included), reduced: the gradients are formed in the forward, 3 NVd, not 4.
         h = rows.zero_ignored(input)
         row_weight = rows.row_weights(reduction)
         ce, z_value = implementation.ce_with_grads(h, linear_weight, linear_bias, rows.safe_target,
-                                                   row_weight * options.row_factor(rows.safe_target, acc)
+                                                   row_weight * options.row_factor(classes)
                                                    if options.reweights else row_weight,
                                                    row_weight * options.z_loss if options.z_loss else None)
         if options.smoothing:
-            ce = ce + options.ce_only_extra(h, linear_weight, linear_bias, rows.safe_target, row_weight)
+            ce = ce + options.ce_only_extra(h, classes, row_weight)
         out_dtype = _result_dtype(input.dtype)
         zero = torch.zeros((), dtype=out_dtype, device=input.device)
         return LinearCrossEntropyOutput(ce=ce.to(out_dtype), explicit=zero, implicit=zero,
                                         z_loss=z_value.to(out_dtype) if options.z_loss else zero)
     z_term = lse = None
+    h = rows.zero_ignored(input)
     if call.sharded:
-        ce, quadratic, sign_term = distributed.sharded_terms(
-            call.shard, rows.zero_ignored(input), linear_weight, linear_bias, rows.safe_target, flat_signs, call.seed,
-            need_explicit, need_implicit, local_backend)
+        seed = call.seed
+        ce, quadratic, sign_term, mu = distributed.sharded_terms(
+            call.shard, h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit,
+            need_implicit, local_backend)
+    elif softcap is None:
+        ce, quadratic, sign_term, mu = implementation.linear_ce(h, linear_weight, linear_bias, rows.safe_target,
+                                                                flat_signs, seed, need_explicit, need_implicit)
     else:
-        h = rows.zero_ignored(input)
-        if softcap is None:
-            ce, quadratic, sign_term, mu = implementation.linear_ce(h, linear_weight, linear_bias, rows.safe_target,
-                                                                    flat_signs, seed, need_explicit, need_implicit)
-        else:
-            ce, quadratic, sign_term, mu = implementation.linear_ce_softcap(
-                h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit, need_implicit,
-                softcap)
-        if options.active:
-            signs_used = implicit_signs(h, flat_signs, seed, need_implicit and options.needs_signs)
-            ce, quadratic, sign_term, z_term, lse = options.adjust(
-                ce, quadratic, sign_term, mu, h, linear_weight, linear_bias, rows.safe_target, signs_used,
-                need_explicit, need_implicit)
+        ce, quadratic, sign_term, mu = implementation.linear_ce_softcap(
+            h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit, need_implicit, softcap)
+    if options.active:
+        signs_used = implicit_signs(h, flat_signs, seed, need_implicit and options.needs_signs)
+        ce, quadratic, sign_term, z_term, lse = options.adjust(ce, quadratic, sign_term, mu, h, classes, signs_used,
+                                                               need_explicit, need_implicit)
     reduce = rows.reducer(reduction, _result_dtype(input.dtype))
     zero = reduce(torch.zeros_like(ce))
     out = LinearCrossEntropyOutput(
@@ -463,7 +462,7 @@ def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: O
         call.describe(input, linear_weight, linear_bias, options=(reduction,))
     rows = _IgnoredRows(torch.zeros(input.shape[:-1], dtype=torch.long, device=input.device), -1, input.dtype)
     if call.sharded:
-        _, quadratic, _ = distributed.sharded_terms(call.shard, input.reshape(-1, input.shape[-1]), linear_weight,
+        _, quadratic, _, _ = distributed.sharded_terms(call.shard, input.reshape(-1, input.shape[-1]), linear_weight,
                                                     linear_bias, rows.safe_target, None, 0, True, False, local_backend)
     else:
         _, quadratic, _, _ = implementation.linear_ce(input.reshape(-1, input.shape[-1]), linear_weight,
@@ -491,7 +490,8 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
     :func:`linear_cross_entropy` (``ce1`` and ``ce2``'s ``"mean"`` divides by the sum of ``w_y``); the KL compares
     two distributions and takes none of them (its ``"mean"`` divides by the number of rows kept). ``z_loss`` is
     ``z_loss * (lse1^2 + lse2^2)`` reduced like ``ce1``. A softcap is not supported on R-Drop yet (its KL would be
-    of the capped logits: a kernel change), and none of the three with ``process_group``.
+    of the capped logits: a kernel change). With ``process_group``, ``weight`` is this rank's slice of the class
+    weights.
     """
     with distributed.checked_call(process_group, "rdrop_linear_cross_entropy") as call:
         vocab, dim = _check_head(input1, linear_weight, linear_bias, name="input1")
@@ -501,9 +501,6 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
         alpha = _check_coefficient("alpha", alpha, 1.0)
         options = LossOptions(check_class_weight(weight, vocab, input1, _checking_values()),
                               check_label_smoothing(label_smoothing), _check_coefficient("z_loss", z_loss, 0.0))
-        if options.active and call.sharded:
-            raise ValueError("weight, label_smoothing, z_loss: not supported with process_group yet; pass weight=None, "
-                             "label_smoothing=0.0 and z_loss=0.0")
         if call.sharded:
             local_backend = distributed.check_backend("rdrop_linear_cross_entropy", backend, input1.device)
         else:
@@ -511,26 +508,28 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
         # One checksum covers both inputs: their difference is what R-Drop measures.
         call.describe(torch.stack([input1.detach(), input2.detach()]) if call.sharded else input1, linear_weight,
                       linear_bias, target=target, classes=[("target", target, target != ignore_index)],
-                      options=(reduction, alpha, ignore_index))
+                      options=(reduction, alpha, ignore_index, *options.agreement()))
     rows = _IgnoredRows(target, ignore_index, input1.dtype)
     out_dtype = _result_dtype(input1.dtype)
     reduce_kl = rows.reducer(reduction, out_dtype)  # before count_weighted: the KL's mean counts rows
     z_term = None
+    h1, h2 = rows.zero_ignored(input1), rows.zero_ignored(input2)
     if call.sharded:
-        ce1, ce2, kl = distributed.sharded_rdrop(call.shard, rows.zero_ignored(input1), rows.zero_ignored(input2),
-                                                 linear_weight, linear_bias, rows.safe_target, local_backend)
+        ce1, ce2, kl = distributed.sharded_rdrop(call.shard, h1, h2, linear_weight, linear_bias, rows.safe_target,
+                                                 local_backend)
     else:
-        h1, h2 = rows.zero_ignored(input1), rows.zero_ignored(input2)
         ce1, ce2, kl = implementation.rdrop(h1, h2, linear_weight, linear_bias, rows.safe_target)
-        if options.active:
-            zeros = torch.zeros_like(ce1)
-            adjusted = [options.adjust(ce, zeros, zeros, None, h, linear_weight, linear_bias, rows.safe_target, None,
-                                       False, False) for ce, h in ((ce1, h1), (ce2, h2))]
-            ce1, ce2 = adjusted[0].ce, adjusted[1].ce
-            if options.z_loss:
-                z_term = adjusted[0].z_term + adjusted[1].z_term
-            if options.class_weight is not None:
-                rows.count_weighted(options.denominator_weights(rows.safe_target, ce1.dtype))
+    if options.active:
+        classes = options.class_values(linear_weight, linear_bias, rows.safe_target, ce1.dtype,
+                                       call.shard if call.sharded else None)
+        zeros = torch.zeros_like(ce1)
+        adjusted = [options.adjust(ce, zeros, zeros, None, h, classes, None, False, False)
+                    for ce, h in ((ce1, h1), (ce2, h2))]
+        ce1, ce2 = adjusted[0].ce, adjusted[1].ce
+        if options.z_loss:
+            z_term = adjusted[0].z_term + adjusted[1].z_term
+        if options.class_weight is not None:
+            rows.count_weighted(classes.target_class_weight())
     reduce = rows.reducer(reduction, out_dtype)
     z_loss_value = reduce(torch.zeros_like(ce1) if z_term is None else z_term)
     ce1, ce2, kl = reduce(ce1), reduce(ce2), reduce_kl(kl)

@@ -30,6 +30,7 @@ from torch import Tensor
 from . import streamed
 from ._op_family import first_order_only
 from ._policy import accumulation_dtype
+from .loss_options import ClassValues
 
 # How long the handshake waits for every rank. A rank that did not pass process_group (or never calls) is only
 # noticed when this expires.
@@ -331,7 +332,8 @@ def _owned_target_terms(shard, h, weight, bias, target, signs, acc):
 
 
 class ShardedTerms(torch.autograd.Function):
-    """Per-row ``(ce, quadratic, sign_term)`` of :func:`dropreg.streamed.streamed_terms`, for a sliced head."""
+    """Per-row ``(ce, quadratic, sign_term, mu)`` of :func:`dropreg.streamed.streamed_terms`, for a sliced head (mu
+    None when neither dropout term is on)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, shard, driver):
@@ -357,18 +359,19 @@ class ShardedTerms(torch.autograd.Function):
             sign_term = (u * mu).sum(1) - packed[:, 2 + n_moments]
         ctx.save_for_backward(h, weight, bias, local_target, owned, signs, lse, mu, var, top_class)
         ctx.options = (need_explicit, need_implicit, row_block, vocab_chunk, shard, driver)
-        return ce, quadratic, sign_term
+        return ce, quadratic, sign_term, mu
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term):
+    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu):
         h, weight, bias, local_target, owned, signs, lse, mu, var, top_class = ctx.saved_tensors
         need_explicit, need_implicit, row_block, vocab_chunk, shard, driver = ctx.options
         zero = torch.zeros_like(lse)
         grads = [zero if g is None else g for g in (grad_ce, grad_quadratic, grad_sign_term)]
         grad_h_vocab, grad_h_rows, grad_w, grad_b = driver.terms_backward(
             h, weight, bias, local_target, signs, lse, mu, var, *grads, need_explicit, need_implicit, row_block,
-            vocab_chunk, ctx.needs_input_grad[:3], owns_target=owned, **driver.top_class_args(top_class))
+            vocab_chunk, ctx.needs_input_grad[:3], owns_target=owned, grad_mu=grad_mu,
+            **driver.top_class_args(top_class))
         grad_h = None
         if grad_h_vocab is not None:
             grad_h = (shard.all_reduce(grad_h_vocab, dist.ReduceOp.SUM, "backward") + grad_h_rows).to(h.dtype)
@@ -378,7 +381,7 @@ class ShardedTerms(torch.autograd.Function):
 
 def sharded_terms(shard: Shard, input, weight, bias, target, signs, seed, need_explicit, need_implicit,
                   local_backend="torch"):
-    """Per-row ``(ce, quadratic, sign_term)`` for a sliced head; ``target`` holds global classes."""
+    """Per-row ``(ce, quadratic, sign_term, mu)`` for a sliced head; ``target`` holds global classes."""
     signs = streamed.implicit_signs(input, signs, seed, need_implicit)
     if local_backend == "cpu":
         return CppShardedTerms.apply(input, weight, bias, target, signs, need_explicit, need_implicit, shard)
@@ -483,25 +486,65 @@ def sharded_sample_targets(shard: Shard, input, weight, bias, samples, seed):
     return shard.all_reduce(candidate, dist.ReduceOp.MIN, "forward")
 
 
-class ShardedRows(torch.autograd.Function):
-    """``W[classes]`` for global classes: the owning rank contributes each row, an all-reduce completes it. The
-    backward is local: every rank back-propagates the same upstream gradient, and its owned rows take their part."""
+class _SumOverSlices(torch.autograd.Function):
+    """A SUM all-reduce of per-slice parts into a value every rank holds. Its backward is the identity: every rank
+    back-propagates the same upstream gradient (the module's assumption), and each slice's part is all of its own
+    contribution to the sum."""
 
     @staticmethod
-    def forward(ctx, weight, classes, shard):
-        local, owned = shard.localize(classes)
-        safe = torch.where(owned, local, torch.zeros_like(local))
-        rows = torch.where(owned[:, None], weight[safe], torch.zeros((), dtype=weight.dtype, device=weight.device))
-        ctx.save_for_backward(safe, owned)
-        ctx.vocab_rows = weight.shape[0]
-        return shard.all_reduce(rows.contiguous(), dist.ReduceOp.SUM, "forward")
+    def forward(ctx, part, shard):
+        return shard.all_reduce(part.contiguous().clone(), dist.ReduceOp.SUM, "forward")
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        safe, owned = ctx.saved_tensors
-        grad_w = grad_rows.new_zeros(ctx.vocab_rows, grad_rows.shape[1])
-        grad_w = grad_w.index_add(0, safe, grad_rows * owned[:, None])
-        return grad_w, None, None
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sum_over_slices(shard: Shard, parts: list) -> list:
+    """Each tensor summed over the slices, in one all-reduce (flattened and packed; the tensors share a dtype)."""
+    if not parts:
+        return []
+    total = _SumOverSlices.apply(torch.cat([p.reshape(-1) for p in parts]), shard)
+    return [chunk.view(p.shape) for chunk, p in zip(total.split([p.numel() for p in parts]), parts)]
+
+
+def at_global_classes(shard: Shard, per_class: list, classes: Tensor, dtype=None) -> list:
+    """Each (V_slice,) or (V_slice, k) tensor's entries at global ``classes`` (N,): the owning slice contributes each
+    row, one all-reduce completes them all (``dtype``: the packed dtype, default the tensors' own). Differentiable;
+    the backward is local (each slice's owned rows take their part)."""
+    local, owned = shard.localize(classes)
+    safe = torch.where(owned, local, torch.zeros_like(local))
+    parts = []
+    for values in per_class:
+        rows = values[safe].reshape(classes.shape[0], -1)
+        rows = rows if dtype is None else rows.to(dtype)
+        parts.append(torch.where(owned[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device)))
+    if not parts:
+        return []
+    widths = [p.shape[1] for p in parts]
+    (packed,) = sum_over_slices(shard, [torch.cat(parts, 1)])
+    return [chunk.reshape(classes.shape + values.shape[1:])
+            for chunk, values in zip(packed.split(widths, 1), per_class)]
+
+
+class ShardedClassValues(ClassValues):
+    """:class:`dropreg.loss_options.ClassValues` of a vocabulary-parallel head: ``weight``, ``bias`` and the class
+    weights are this rank's slice; the rows' target values come from the owning slices and the class sums from all
+    of them, one all-reduce each (``N (d + 2)`` and ``d + 2`` numbers at most)."""
+
+    def __init__(self, shard: Shard, *args):
+        super().__init__(*args)
+        self.shard = shard
+
+    def _at_targets(self, per_class: list) -> list:
+        return at_global_classes(self.shard, per_class, self.target, self.acc)
+
+    def _over_all_classes(self, sums: list) -> list:
+        return sum_over_slices(self.shard, sums)
+
+    @property
+    def classes(self) -> int:
+        return self.shard.vocab
 
 
 class ShardedHead:
@@ -518,7 +561,7 @@ class ShardedHead:
         return sharded_sample_targets(self.shard, input, weight, bias, samples, seed)
 
     def weight_rows(self, weight, classes):
-        return ShardedRows.apply(weight, classes, self.shard)
+        return at_global_classes(self.shard, [weight], classes)[0]
 
 
 # ------------------------------------------------------------------------------- the C++ kernels on a local slice
@@ -590,11 +633,11 @@ class CppShardedTerms(torch.autograd.Function):
             sign_term = (u * mu).sum(1) - picked[1]
         ctx.save_for_backward(h, weight, bias, safe, owned, signs, lse, mu, var)
         ctx.options = (need_explicit, need_implicit, shard)
-        return ce, quadratic, sign_term
+        return ce, quadratic, sign_term, mu if moments else None
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term):
+    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu):
         h, weight, bias, safe, owned, signs, lse, mu, var = ctx.saved_tensors
         need_explicit, need_implicit, shard = ctx.options
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
@@ -603,8 +646,8 @@ class CppShardedTerms(torch.autograd.Function):
                           for g in (grad_ce, grad_quadratic, grad_sign_term)]
         class_zero = torch.zeros_like(safe)
         grad_h, grad_w, grad_b = _cpu_ops().linear_ce_backward(
-            g_ce, g_r, g_i, None, h, weight, bias, class_zero, signs, 0, lse, mu, var, need_explicit, need_implicit,
-            [want_h, want_w, want_b and bias is not None])
+            g_ce, g_r, g_i, None if grad_mu is None else grad_mu.to(acc).contiguous(), h, weight, bias, class_zero,
+            signs, 0, lse, mu, var, need_explicit, need_implicit, [want_h, want_w, want_b and bias is not None])
         hc = h.to(acc)
         owned_col = owned.to(acc)[:, None]
         w_zero, w_target = weight[0].to(acc), weight[safe].to(acc) * owned_col

@@ -11,6 +11,8 @@ backend. With ``w`` the class weights (1 when not given), ``eps`` the smoothing,
     sign'    = a sign_term + eps u . (wbar W_y - W~)          (u = sigma * h)
 
 ``"mean"`` divides by the sum of ``w_y`` over the rows that are not ignored, as ``F.cross_entropy`` does.
+Everything read of the head (``W_y``, ``b_y``, ``w_y``, ``wbar``, ``W~``, ``b~``) comes through
+:class:`ClassValues`, so a vocabulary-parallel head only changes where those values come from (docs/math.md 12.5).
 
 ``z_loss`` (coefficient ``c``, docs/math.md 3.5) adds ``c lse^2`` per row (with a softcap, of the capped logits:
 docs/math.md 3.6). It needs the row's ``lse = ce + z_y``
@@ -23,6 +25,7 @@ and ``mu`` as differentiable values (every backend returns mu and takes its grad
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import NamedTuple, Optional
 
@@ -30,7 +33,6 @@ import torch
 from torch import Tensor
 
 from .softcap import softcap_derivatives
-from .streamed import target_logit
 
 
 
@@ -62,6 +64,95 @@ def check_class_weight(weight, vocab: int, input: Tensor, check_values: bool) ->
 _CHUNK_ROWS = 8192  # vocabulary rows upcast at a time for W~
 
 
+class ClassValues:
+    """What the options read of the head, in ``acc`` and differentiable: per row, the target's weight row ``W_y``,
+    bias ``b_y`` and class weight ``w_y``; over all classes, ``wbar = mean_c w_c``, ``W~ = (1/V) sum_c w_c W_c`` and
+    ``b~ = (1/V) sum_c w_c b_c``. This class reads a head held whole; a vocabulary-parallel head
+    (:class:`dropreg.distributed.ShardedClassValues`) overrides the two lookups below to gather the same values from
+    the slices, one collective each. ``with_rows``: whether ``W_y`` and ``b_y`` are needed (lse, smoothing)."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], class_weight: Optional[Tensor], target: Tensor,
+                 acc: torch.dtype, with_rows: bool):
+        self.weight, self.bias, self.class_weight, self.target, self.acc = weight, bias, class_weight, target, acc
+        self.with_rows = with_rows
+
+    # -- the lookups a sliced head overrides
+    def _at_targets(self, per_class: list) -> list:
+        """Each (V,) or (V, k) tensor's entries at the rows' targets, in ``acc``."""
+        return [values[self.target].to(self.acc) for values in per_class]
+
+    def _over_all_classes(self, sums: list) -> list:
+        """Sums over this head's classes -> sums over every class (here the same)."""
+        return sums
+
+    @property
+    def classes(self) -> int:
+        return self.weight.shape[0]
+
+    # -- the values
+    @functools.cached_property
+    def _targets(self) -> dict:
+        wanted = {}
+        if self.with_rows:
+            wanted["w"] = self.weight
+            if self.bias is not None:
+                wanted["b"] = self.bias
+        if self.class_weight is not None:
+            wanted["cw"] = self.class_weight
+        return dict(zip(wanted, self._at_targets(list(wanted.values()))))
+
+    def target_row(self) -> Tensor:
+        return self._targets["w"]
+
+    def target_bias(self) -> Optional[Tensor]:
+        return self._targets.get("b")
+
+    def target_class_weight(self) -> Tensor:
+        """``w_y`` per row (ones without class weights)."""
+        if self.class_weight is None:
+            return torch.ones(self.target.shape, dtype=self.acc, device=self.target.device)
+        return self._targets["cw"]
+
+    def target_logit(self, h: Tensor) -> Tensor:
+        """``z_y = h . W_y + b_y`` per row (``h`` in ``acc``)."""
+        logit = (h * self.target_row()).sum(1)
+        bias = self.target_bias()
+        return logit if bias is None else logit + bias
+
+    def _class_sum(self, values: Tensor) -> Tensor:
+        """``sum_c w_c values_c`` over this head's classes, a chunk at a time: no full upcast copy of a
+        low-precision head."""
+        total = torch.zeros(values.shape[1:], dtype=self.acc, device=values.device)
+        for start in range(0, values.shape[0], _CHUNK_ROWS):
+            chunk = values[start:start + _CHUNK_ROWS].to(self.acc)
+            if self.class_weight is None:
+                total = total + chunk.sum(0)
+            else:
+                total = total + self.class_weight[start:start + _CHUNK_ROWS].to(self.acc) @ chunk
+        return total
+
+    @functools.cached_property
+    def _means(self) -> dict:
+        wanted = {"w": self._class_sum(self.weight)}
+        if self.bias is not None:
+            wanted["b"] = self._class_sum(self.bias)
+        if self.class_weight is not None:
+            wanted["cw"] = self.class_weight.to(self.acc).sum()
+        return {key: total / self.classes for key, total in zip(wanted, self._over_all_classes(list(wanted.values())))}
+
+    def class_weight_mean(self):
+        """``wbar`` (1.0 without class weights)."""
+        return 1.0 if self.class_weight is None else self._means["cw"]
+
+    def mean_row(self) -> Tensor:
+        """``W~``."""
+        return self._means["w"]
+
+    def mean_bias(self) -> Tensor:
+        """``b~`` (needs a bias)."""
+        return self._means["b"]
+
+
 class AdjustedTerms(NamedTuple):
     ce: Tensor
     quadratic: Tensor
@@ -84,66 +175,59 @@ class LossOptions:
         self.reweights = class_weight is not None or label_smoothing != 0.0
         self.active = self.reweights or self.want_lse
 
+    def agreement(self) -> tuple:
+        """What every rank of a vocabulary-parallel call must pass alike (each rank's class weights are its slice's)."""
+        return (self.class_weight is not None, self.smoothing, self.z_loss, self.want_lse, self.softcap)
+
     @property
     def needs_signs(self) -> bool:
         """Whether :meth:`adjust` reads the implicit term's signs (smoothing and z_loss add sign-weighted parts)."""
         return bool(self.smoothing) or bool(self.z_loss)
 
-    def _weights(self, target: Tensor, acc: torch.dtype):
-        if self.class_weight is None:
-            return torch.ones(target.shape, dtype=acc, device=target.device), 1.0
-        weight = self.class_weight.to(acc)
-        return weight[target], weight.mean()
+    def class_values(self, weight: Tensor, bias: Optional[Tensor], target: Tensor, acc: torch.dtype,
+                     shard=None) -> ClassValues:
+        """The head's values this call's options read; ``shard`` (a :class:`dropreg.distributed.Shard`) when
+        ``weight`` and ``bias`` are a vocabulary slice (and the class weights that slice's)."""
+        with_rows = self.want_lse or bool(self.smoothing)
+        if shard is None:
+            return ClassValues(weight, bias, self.class_weight, target, acc, with_rows)
+        from .distributed import ShardedClassValues
+        return ShardedClassValues(shard, weight, bias, self.class_weight, target, acc, with_rows)
 
-    def row_factor(self, target: Tensor, acc: torch.dtype) -> Tensor:
+    def row_factor(self, classes: ClassValues) -> Tensor:
         """``a = (1 - eps) w_y + eps wbar`` per row."""
-        w_y, w_bar = self._weights(target, acc)
-        return (1.0 - self.smoothing) * w_y + self.smoothing * w_bar
+        w_y = classes.target_class_weight()
+        if not self.smoothing:
+            return w_y
+        return (1.0 - self.smoothing) * w_y + self.smoothing * classes.class_weight_mean()
 
-    def denominator_weights(self, target: Tensor, acc: torch.dtype) -> Tensor:
-        """What "mean" counts per row: ``w_y`` (1 without class weights)."""
-        return self._weights(target, acc)[0]
-
-    def _weighted_mean(self, values: Tensor, acc: torch.dtype) -> Tensor:
-        """``(1/V) sum_c w_c values_c`` over the vocabulary (W~ for W's rows, b~ for the bias) in ``acc``, a chunk
-        at a time: no full upcast copy of a low-precision head."""
-        vocab = values.shape[0]
-        total = torch.zeros(values.shape[1:], dtype=acc, device=values.device)
-        for start in range(0, vocab, _CHUNK_ROWS):
-            chunk = values[start:start + _CHUNK_ROWS].to(acc)
-            if self.class_weight is None:
-                total = total + chunk.sum(0)
-            else:
-                total = total + self.class_weight[start:start + _CHUNK_ROWS].to(acc) @ chunk
-        return total / vocab
-
-    def _smoothing_terms(self, h, weight, bias, target, acc):
+    def _smoothing_terms(self, h, classes: ClassValues):
         """``(direction, shift)``: ``eps (wbar W_y - W~)`` per row (N, d) and ``eps (h . (wbar W_y - W~) + wbar b_y
         - b~)`` per row, the smoothed loss's part outside ``a ce``; differentiable in h, weight and bias."""
-        _, w_bar = self._weights(target, acc)
-        direction = self.smoothing * (w_bar * weight[target].to(acc) - self._weighted_mean(weight, acc))
-        shift = (h.to(acc) * direction).sum(1)
-        if bias is not None:
-            shift = shift + self.smoothing * (w_bar * bias[target].to(acc) - self._weighted_mean(bias, acc))
+        w_bar = classes.class_weight_mean()
+        direction = self.smoothing * (w_bar * classes.target_row() - classes.mean_row())
+        shift = (h.to(classes.acc) * direction).sum(1)
+        if classes.bias is not None:
+            shift = shift + self.smoothing * (w_bar * classes.target_bias() - classes.mean_bias())
         return direction, shift
 
-    def adjust(self, ce, quadratic, sign_term, mu, h, weight, bias, target, signs, need_explicit,
+    def adjust(self, ce, quadratic, sign_term, mu, h, classes: ClassValues, signs, need_explicit,
                need_implicit) -> AdjustedTerms:
         """The per-row terms with the options applied, from a backend's raw ``(ce, quadratic, sign_term, mu)``
         (``signs`` only needed when the implicit term is)."""
         acc = ce.dtype
         lse = z2_target = None
         if self.want_lse:
-            z_target = target_logit(h.to(acc), weight, bias, target, acc)
+            z_target = classes.target_logit(h.to(acc))
             if self.softcap is not None:
                 z_target, _, z2_target, _ = softcap_derivatives(z_target, self.softcap)
             lse = ce + z_target
         raw_quadratic = quadratic
         if self.reweights:
-            a = self.row_factor(target, acc)
+            a = self.row_factor(classes)
             ce, quadratic, sign_term = a * ce, a * quadratic, a * sign_term
         if self.smoothing:
-            direction, shift = self._smoothing_terms(h, weight, bias, target, acc)
+            direction, shift = self._smoothing_terms(h, classes)
             ce = ce + shift
             if need_implicit:
                 sign_term = sign_term + (signs.to(acc) * h.to(acc) * direction).sum(1)
@@ -155,16 +239,15 @@ class LossOptions:
             if need_explicit:
                 var_part = raw_quadratic  # sum_j q_j var_j (with a softcap: the raw term less its target part)
                 if z2_target is not None:
-                    w_target = weight[target].to(acc)
+                    w_target = classes.target_row()
                     var_part = var_part + (hc * hc * w_target * w_target).sum(1) * z2_target
                 quadratic = quadratic + 2 * c * (lse * var_part + (hc * hc * mu * mu).sum(1))
             if need_implicit:
                 sign_term = sign_term + 2 * c * lse * (signs.to(acc) * hc * mu).sum(1)
         return AdjustedTerms(ce, quadratic, sign_term, z_term, lse)
 
-    def ce_only_extra(self, h, weight, bias, target, row_weight):
+    def ce_only_extra(self, h, classes: ClassValues, row_weight):
         """``sum_n row_weight_n (ce' - a ce)``: the part of the smoothed loss outside the fused CE."""
-        acc = row_weight.dtype
         if not self.smoothing:
-            return torch.zeros((), dtype=acc, device=h.device)
-        return (row_weight * self._smoothing_terms(h, weight, bias, target, acc)[1]).sum()
+            return torch.zeros((), dtype=row_weight.dtype, device=h.device)
+        return (row_weight * self._smoothing_terms(h, classes)[1]).sum()

@@ -30,8 +30,8 @@ class LinearCrossEntropyLoss(nn.Module):
     returns the plain cross entropy (explicit and implicit are zero) unless ``regularize_in_eval=True``.
 
     ``process_group``: ``linear_weight`` (and ``linear_bias``) is this rank's slice of a vocabulary-parallel head
-    (see :func:`dropreg.linear_cross_entropy`). ``weight`` (class weights, a buffer), ``label_smoothing``, ``z_loss``
-    and ``softcap`` are :func:`dropreg.linear_cross_entropy`'s.
+    (see :func:`dropreg.linear_cross_entropy`; ``weight`` is then the slice's class weights). ``weight`` (class
+    weights, a buffer), ``label_smoothing``, ``z_loss`` and ``softcap`` are :func:`dropreg.linear_cross_entropy`'s.
 
     ``shift_labels=True`` applies the causal-LM convention of Hugging Face models: position t is scored
     against ``labels[..., t + 1]`` and the last position is ignored, so ``labels`` can be the input ids.

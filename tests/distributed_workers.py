@@ -174,6 +174,8 @@ def compare_all(rank, world, sizes, group):
                     report.compare(f"{label}/grad_bias", g_out[2], g_ref[2][sl], dtype, extra)
                 report.output(f"{label}/grad_input", g_out[0])
 
+        _options_cases(report, problem, sl, group, dtype, local, tag, p, coef_r)
+
         # explicit_regularizer, no bias, "mean"
         full, part = _leaves(problem, dtype, bias=False), _leaves(problem, dtype, sl, bias=False)
         ref = dropreg.explicit_regularizer(full[0], full[1], backend="torch")
@@ -239,6 +241,74 @@ def compare_all(rank, world, sizes, group):
 
     report.errors.update(_site_regularizers_case(rank, sizes, group, problem))
     return report.errors, report.outputs
+
+
+# Loss options on a sliced head: class weights (each rank passes its slice's), label smoothing, z-loss, return_lse.
+OPTION_CASES = {
+    "weight+smoothing": dict(bias=True, reduction="mean", weight=True, label_smoothing=0.2),
+    "z_loss+lse": dict(bias=False, reduction="none", z_loss=0.05, return_lse=True),
+    "all/ce-only": dict(bias=True, reduction="sum", weight=True, label_smoothing=0.1, z_loss=0.03, explicit=False,
+                        implicit=False),
+}
+
+
+def _class_weights(problem):
+    return 0.5 + torch.rand(problem["w"].shape[0], generator=torch.Generator().manual_seed(77), dtype=torch.float64)
+
+
+def _options_cases(report, problem, sl, group, dtype, local, tag, p, coef_r):
+    target = problem["target"]
+    class_weight = _class_weights(problem).to(dtype)
+    for case, spec in OPTION_CASES.items():
+        spec = dict(spec)
+        bias, reduction = spec.pop("bias"), spec.pop("reduction")
+        with_weight = spec.pop("weight", False)
+        label = f"options/{tag}/{case}"
+        full, part = _leaves(problem, dtype, bias=bias), _leaves(problem, dtype, sl, bias=bias)
+        kwargs = dict(p=p, seed=5, reduction=reduction, **spec)
+        ref = dropreg.linear_cross_entropy(full[0], full[1], target, linear_bias=full[2], backend="torch",
+                                           weight=class_weight if with_weight else None, **kwargs)
+        out = dropreg.linear_cross_entropy(part[0], part[1], target, linear_bias=part[2], process_group=group,
+                                           backend=local, weight=class_weight[sl] if with_weight else None, **kwargs)
+        names = ["ce", "explicit", "implicit", "z_loss"]
+        if spec.get("return_lse"):  # (output, lse)
+            (ref, ref_lse), (out, out_lse) = ref, out
+            names.append("lse")
+        ref_values, out_values = list(ref), list(out)
+        if spec.get("return_lse"):
+            ref_values.append(ref_lse)
+            out_values.append(out_lse)
+        extra = _explicit_extra(problem, coef_r)
+        for name, o, r in zip(names, out_values, ref_values):
+            report.compare(f"{label}/{name}", o, r, dtype, extra if name == "explicit" else 0.0)
+            report.output(f"{label}/{name}", o)
+        cots = [problem["cot"][i % 4] if reduction == "none" else torch.ones((), dtype=torch.float64)
+                for i in range(len(names))]
+        g_ref, g_out = _grads(ref_values, cots, full), _grads(out_values, cots, part)
+        report.compare(f"{label}/grad_input", g_out[0], g_ref[0], dtype, extra)
+        report.compare(f"{label}/grad_weight", g_out[1], g_ref[1][sl], dtype, extra)
+        if bias:
+            report.compare(f"{label}/grad_bias", g_out[2], g_ref[2][sl], dtype, extra)
+        report.output(f"{label}/grad_input", g_out[0])
+    # R-Drop with every option
+    label = f"options/{tag}/rdrop"
+    full, part = _leaves(problem, dtype), _leaves(problem, dtype, sl)
+    second_full = problem["h2"].to(dtype).clone().requires_grad_()
+    second_part = problem["h2"].to(dtype).clone().requires_grad_()
+    kwargs = dict(alpha=0.7, label_smoothing=0.15, z_loss=0.02)
+    ref = dropreg.rdrop_linear_cross_entropy(full[0], second_full, full[1], target, linear_bias=full[2],
+                                             weight=class_weight, backend="torch", **kwargs)
+    out = dropreg.rdrop_linear_cross_entropy(part[0], second_part, part[1], target, linear_bias=part[2],
+                                             weight=class_weight[sl], process_group=group, backend=local, **kwargs)
+    for name, o, r in zip(("ce1", "ce2", "kl", "loss", "z_loss"), out, ref):
+        report.compare(f"{label}/{name}", o, r, dtype)
+        report.output(f"{label}/{name}", o)
+    leaves_ref, leaves_out = (full[0], second_full, full[1], full[2]), (part[0], second_part, part[1], part[2])
+    g_ref, g_out = _grads([ref.loss], [torch.ones(())], leaves_ref), _grads([out.loss], [torch.ones(())], leaves_out)
+    for name, o, r in zip(("grad_input1", "grad_input2"), g_out, g_ref):
+        report.compare(f"{label}/{name}", o, r, dtype)
+    report.compare(f"{label}/grad_weight", g_out[2], g_ref[2][sl], dtype)
+    report.compare(f"{label}/grad_bias", g_out[3], g_ref[3][sl], dtype)
 
 
 class _TinyMLP(torch.nn.Module):
@@ -353,6 +423,13 @@ def bad_calls(rank, world):
     moved = (site * (1 + 1e-12 * (rank == 2))).detach().requires_grad_()
     outcomes.append(_expect_error("a site differs on rank 2", lambda: dropreg.site_regularizers(
         h.clone().requires_grad_(), w, target, [moved], seed=1, process_group=group)))
+    outcomes.append(_expect_error("label_smoothing differs on rank 1",
+                                  lce(label_smoothing=0.1 if rank == 1 else 0.0)))
+    outcomes.append(_expect_error("class weights on rank 0 only",
+                                  lce(weight=torch.ones(w.shape[0], dtype=torch.float64) if rank == 0 else None)))
+    outcomes.append(_expect_error("class weights of the full head on rank 2",
+                                  lce(weight=torch.ones(vocab if rank == 2 else w.shape[0], dtype=torch.float64))))
+    outcomes.append(_expect_error("softcap", lce(softcap=30.0)))
     # After all those errors the group still works:
     out = dropreg.linear_cross_entropy(h, w, target, seed=3, process_group=group)
     return outcomes, float(out.loss)
@@ -414,6 +491,23 @@ def edge_cases(rank, world):
         except RuntimeError as error:
             refused = "double backward" in str(error)
         errors[f"double backward refused/{local}"] = (0.0 if refused else 1.0, 0.0)
+    # The loss options' payload (docs/math.md 12.3): the targets' [W_y | b_y | w_y] and, with smoothing, the class
+    # sums [V W~ | V b~ | V wbar], on top of the op's own; nothing more in the backward.
+    n, d, e = h_full.shape[0], h_full.shape[1], 8
+    cases = {"no options": ({}, 0), "weight+smoothing+z_loss": (
+        dict(weight=torch.rand(w_full[sl].shape[0], dtype=torch.float64) + 0.5, label_smoothing=0.1, z_loss=0.01),
+        n * (d + 2) * e + (d + 2) * e), "weight only": (dict(weight=torch.ones(w_full[sl].shape[0],
+                                                                                dtype=torch.float64)), n * e)}
+    for name, (options, added) in cases.items():
+        hidden = h_full.clone().requires_grad_()
+        with dropreg.distributed.count_communication() as log:
+            out = dropreg.linear_cross_entropy(hidden, w_full[sl].clone().requires_grad_(), torch.tensor([0, 1, 2]),
+                                               linear_bias=torch.zeros(w_full[sl].shape[0], dtype=torch.float64),
+                                               p=0.2, seed=1, process_group=group, **options)
+            out.loss.backward()
+        expected = (n * (2 * d + 4) * e + added, n * d * e)
+        errors[f"option bytes/{name}"] = (float(abs(log.bytes["forward"] - expected[0])
+                                                + abs(log.bytes["backward"] - expected[1])), 0.0)
     h = h_full
     ref = dropreg.sample_targets(h, w_full, linear_bias=b_full, samples=4, seed=3, backend="torch")
     out = dropreg.sample_targets(h, w_full[sl], linear_bias=b_full[sl], samples=4, seed=3, process_group=group)

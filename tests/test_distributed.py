@@ -72,6 +72,12 @@ def test_sliced_head_matches_one_process(tmp_path):
         assert "rdrop/float64/bias=True/none/grad_bias" in labels
         assert "RDropLoss/loss" in labels and "LinearCrossEntropyLoss/loss" in labels
         assert "lce/float64/chunked/bias=True/none/grad_weight" in labels
+        for backend in ("", "/chunked"):  # the loss options on a sliced head
+            assert f"options/float64{backend}/weight+smoothing/grad_bias" in labels
+            assert f"options/float32{backend}/z_loss+lse/lse" in labels
+            assert f"options/float64{backend}/rdrop/z_loss" in labels
+        if "cpu" in by_rank[0]["local_backends"]:
+            assert "options/float64/cpu/all/ce-only/grad_weight" in labels
         assert "rdrop/float32/chunked/bias=True/mean/kl" in labels and "softmax_mean/float64/chunked" in labels
         if "cpu" in by_rank[0]["local_backends"]:  # the C++ kernels doing each slice's work, where built
             assert "lce/float64/cpu/bias=True/none/grad_weight" in labels and "softmax_mean/float32/cpu" in labels
@@ -80,6 +86,7 @@ def test_sliced_head_matches_one_process(tmp_path):
 def test_empty_batch_ignored_rows_a_masked_slice_and_no_double_backward(tmp_path):
     for rank, errors in enumerate(run_ranks(tmp_path, 3, "edge_cases")):
         assert "double backward refused/torch" in errors and "masked slice/grad_weight" in errors
+        assert "option bytes/weight+smoothing+z_loss" in errors
         failures = [f"rank {rank} {label}: error {err:.3e} > {tol:.3e}" for label, (err, tol) in errors.items()
                     if not err <= tol]
         assert not failures, "\n".join(failures)
@@ -97,6 +104,10 @@ EXPECTED_ERRORS = {
     "sampled target beyond the slices": "sampled_targets",
     "explicit signs differ on rank 1": "every rank must pass the same options",
     "a site differs on rank 2": "sites[0]: shape",
+    "label_smoothing differs on rank 1": "every rank must pass the same options",
+    "class weights on rank 0 only": "every rank must pass the same options",
+    "class weights of the full head on rank 2": "refused its arguments",
+    "softcap": "softcap: not supported with process_group",
 }
 
 
@@ -110,6 +121,8 @@ def test_bad_calls_raise_on_every_rank(tmp_path):
                 assert "expected last dimension d=6" in message  # the offending rank's own error
             elif label == "unsupported backend on rank 0" and rank == 0:
                 assert "got 'reference'" in message
+            elif label == "class weights of the full head on rank 2" and rank == 2:
+                assert "weight: expected shape (2,), one weight per class of linear_weight" in message
             else:
                 assert EXPECTED_ERRORS[label] in message, f"rank {rank}: {label}: {message}"
     assert len({loss for _, loss in results}) == 1  # the group still works after the errors

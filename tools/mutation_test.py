@@ -268,12 +268,12 @@ MUTANTS = [
            "z.scatter_add_(1, y[:, None], -w_row[:, None])", "z.scatter_add_(1, y[:, None], -1.00001 * w_row[:, None])",
            "torch CE only: the target's -w in G scaled by (1+1e-5)"),
     Mutant("ce-options-factor", "ce", "dropreg/loss_options.py",
-           "return (1.0 - self.smoothing) * w_y + self.smoothing * w_bar",
-           "return (1.0 - self.smoothing) * w_y + 1.0001 * self.smoothing * w_bar",
+           "return (1.0 - self.smoothing) * w_y + self.smoothing * classes.class_weight_mean()",
+           "return (1.0 - self.smoothing) * w_y + 1.0001 * self.smoothing * classes.class_weight_mean()",
            "loss options: the row factor's smoothing share * (1+1e-4)"),
     Mutant("ce-options-direction", "ce", "dropreg/loss_options.py",
-           "w_bar * weight[target].to(acc) - self._weighted_mean(weight, acc)",
-           "w_bar * weight[target].to(acc) - 1.0001 * self._weighted_mean(weight, acc)",
+           "(w_bar * classes.target_row() - classes.mean_row())",
+           "(w_bar * classes.target_row() - 1.0001 * classes.mean_row())",
            "loss options: the weighted mean row W~ * (1+1e-4)"),
 
     # z-loss (docs/math.md 3.5: mu's gradient in every backend) and softcap (3.6: dropreg/softcap.py, csrc/softcap.cpp).
