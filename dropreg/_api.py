@@ -342,7 +342,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     with) adds ``c lse^2`` per row, returned as ``.z_loss`` and reduced like ``ce``; the explicit and implicit terms
     then include its Hessian and gradient (docs/math.md 3.5). ``softcap`` (Gemma 2's final-logit softcapping) caps
     the logits, ``z = softcap * tanh(z / softcap)``, before everything else, the dropout terms included
-    (docs/math.md 3.6); it cannot be combined with ``label_smoothing`` yet, nor with ``process_group``.
+    (docs/math.md 3.6); it cannot be combined with ``label_smoothing`` yet.
 
     Returns a :class:`LinearCrossEntropyOutput`; with ``return_lse=True``, the pair ``(output, lse)``, ``lse`` the
     per-row logsumexp of the logits, shape ``input.shape[:-1]`` whatever the reduction, differentiable, 0 on ignored
@@ -352,7 +352,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     ``linear_bias`` are this rank's contiguous slice (slices in rank order), ``target`` holds global classes,
     ``input`` is the same on every rank; every rank gets the same outputs, the full gradient of ``input`` and
     its own slice's weight gradient. ``weight`` (class weights) is then this rank's slice too, like ``linear_bias``;
-    ``label_smoothing``, ``z_loss`` and ``return_lse`` work as in one process (docs/math.md 12.5).
+    ``label_smoothing``, ``z_loss``, ``return_lse`` and ``softcap`` work as in one process (docs/math.md 12.5,
+    12.6).
     """
     with distributed.checked_call(process_group, "linear_cross_entropy") as call:
         vocab, dim = _check_head(input, linear_weight, linear_bias)
@@ -374,9 +375,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         if softcap is not None and options.smoothing:
             raise ValueError("softcap: not supported with label_smoothing yet (the smoothed loss of a capped head "
                              "needs a further streamed statistic); pass label_smoothing=0.0")
-        if softcap is not None and call.sharded:
-            raise ValueError("softcap: not supported with process_group yet (each slice would stream the capped "
-                             "head's statistics); pass softcap=None")
         given_seed = seed
         if need_implicit and signs is None and seed is None and torch.compiler.is_compiling() and not call.sharded:
             # Inside a graph: signs drawn in the graph from torch's generator, not a Python int seed (a graph break)
@@ -419,9 +417,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     h = rows.zero_ignored(input)
     if call.sharded:
         seed = call.seed
-        ce, quadratic, sign_term, mu = distributed.sharded_terms(
-            call.shard, h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit,
-            need_implicit, local_backend)
+        if softcap is None:
+            ce, quadratic, sign_term, mu = distributed.sharded_terms(
+                call.shard, h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit,
+                need_implicit, local_backend)
+        else:
+            ce, quadratic, sign_term, mu = distributed.sharded_softcap_terms(
+                call.shard, h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit,
+                need_implicit, softcap, local_backend)
     elif softcap is None:
         ce, quadratic, sign_term, mu = implementation.linear_ce(h, linear_weight, linear_bias, rows.safe_target,
                                                                 flat_signs, seed, need_explicit, need_implicit)

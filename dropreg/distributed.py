@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import streamed
+from . import softcap, streamed
 from ._op_family import first_order_only
 from ._policy import accumulation_dtype
 from .loss_options import ClassValues
@@ -669,6 +669,76 @@ class CppShardedTerms(torch.autograd.Function):
             grad_h = (shard.all_reduce(vocab_part, dist.ReduceOp.SUM, "backward") + per_row).to(h.dtype)
         return (grad_h if want_h else None, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+
+
+class ShardedSoftcapTerms(torch.autograd.Function):
+    """Per-row ``(ce, quadratic, sign_term, M1)`` of :class:`dropreg.softcap.StreamedSoftcapTerms`, for a sliced
+    head: each slice's capped statistics (``passes``: chunked PyTorch or the C++ ops) merge like the uncapped
+    moments, and the target's pieces come from the slice that owns it (docs/math.md 12.6)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, signs, softcap_value, need_explicit, need_implicit, shard, passes):
+        acc = accumulation_dtype(h.dtype)
+        need_m1 = need_explicit or need_implicit
+        lse_r, m1_r, m2_r = passes.statistics(h, weight, bias, softcap_value, need_m1, need_explicit)
+        local_target, owned = shard.localize(target)
+        safe = torch.where(owned, local_target, torch.zeros_like(local_target))
+        hc = h.to(acc)
+        picked = [streamed.target_logit(hc, weight, bias, safe, acc)]
+        picked += [p for p in softcap.target_products(hc, weight[safe].to(acc), signs, need_explicit, need_implicit)
+                   if p is not None]
+        lse, moments, picked = _merge_normalized(shard, lse_r, [m for m in (m1_r, m2_r) if m is not None],
+                                                 [_owned_pick(owned, p) for p in picked])
+        m1, m2 = (moments + [None, None])[:2]
+        q_ww = picked[1] if need_explicit else None
+        y = softcap.TargetValues(picked[0], q_ww, picked[-1] if need_implicit else None, softcap_value)
+        ctx.save_for_backward(h, weight, bias, safe, owned, signs, lse, m1, m2)
+        ctx.options = (softcap_value, y, need_explicit, need_implicit, shard, passes)
+        return (*softcap.capped_terms(hc, signs, lse, m1, m2, y, need_explicit, need_implicit), m1)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_m1):
+        h, weight, bias, safe, owned, signs, lse, m1, m2 = ctx.saved_tensors
+        softcap_value, y, need_explicit, need_implicit, shard, passes = ctx.options
+        acc = lse.dtype
+        hc = h.to(acc)
+        upstream = [torch.zeros_like(lse) if g is None else g.to(acc)
+                    for g in (grad_ce, grad_quadratic, grad_sign_term)]
+        row_const, amount, T_vec, Q, direct_h = softcap.backward_row_terms(hc, signs, m1, m2, y, upstream, grad_m1,
+                                                                           need_explicit, need_implicit)
+        owned_acc = owned.to(acc)
+        # Only the owning slice subtracts at the target (safe is its class 0 elsewhere, with amount 0).
+        grad_h, grad_w, grad_b = passes.sweep(h, weight, bias, softcap_value, lse, safe, amount * owned_acc,
+                                              row_const, T_vec, Q, ctx.needs_input_grad[:3])
+        owned_col = owned_acc[:, None]
+        to_h, to_w = softcap.target_row_gradients(hc, signs, weight[safe].to(acc) * owned_col, y, upstream,
+                                                  need_explicit, need_implicit)
+        to_w *= owned_col  # the implicit term's -gI' c_y u does not vanish with the masked row
+        if grad_h is not None:
+            grad_h = (shard.all_reduce(grad_h + to_h, dist.ReduceOp.SUM, "backward") + direct_h).to(h.dtype)
+        if grad_w is not None:
+            grad_w = grad_w.index_add(0, safe, to_w).to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def sharded_softcap_terms(shard: Shard, input, weight, bias, target, signs, seed, need_explicit, need_implicit,
+                          softcap_value, local_backend="torch"):
+    """Per-row ``(ce, quadratic, sign_term, M1)`` of a softcapped, sliced head; ``target`` holds global classes.
+    ``"cpu"`` streams the slice with the C++ passes, ``"torch"`` and ``"chunked"`` with chunked PyTorch (as in one
+    process, where the chunked backend's capped head is the streamed one)."""
+    signs = streamed.implicit_signs(input, signs, seed, need_implicit)
+    if local_backend == "cpu":
+        _cpu_ops()
+        passes = softcap.CppPasses()
+        input, weight = input.contiguous(), weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+    else:
+        passes = softcap.TorchPasses(*streamed.default_blocks(input.shape[0], weight.shape[0]))
+    return ShardedSoftcapTerms.apply(input, weight, bias, target.contiguous(), signs, float(softcap_value),
+                                     need_explicit, need_implicit, shard, passes)
 
 
 class CppShardedSoftmaxMean(torch.autograd.Function):

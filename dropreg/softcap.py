@@ -29,12 +29,75 @@ def softcap_derivatives(raw_logits, softcap):
     return softcap * t, c, -2 * t * c / softcap, -2 * c * (c - 2 * t * t) / (softcap * softcap)
 
 
-class _TargetValues:
-    """Per row, the capped target logit and its derivatives (O(N d))."""
+class TargetValues:
+    """Per row, what the terms need of the target class: the capped target logit ``z`` and its derivatives ``c``,
+    ``z2``, ``z3`` (from the raw target logit), and the target row's products ``q_ww = sum_j h_j^2 W_yj^2`` (explicit
+    term) and ``u_w = u . W_y`` with ``u = sigma * h`` (implicit term; None when unused). O(N d). On a sliced head the
+    slice owning the target gives ``raw``, ``q_ww`` and ``u_w`` (docs/math.md 12.6)."""
 
-    def __init__(self, h, weight, bias, target, softcap, acc):
-        self.z, self.c, self.z2, self.z3 = softcap_derivatives(target_logit(h, weight, bias, target, acc), softcap)
-        self.w = weight[target].to(acc)
+    def __init__(self, raw, q_ww, u_w, softcap):
+        self.raw, self.q_ww, self.u_w = raw, q_ww, u_w
+        self.z, self.c, self.z2, self.z3 = softcap_derivatives(raw, softcap)
+
+
+def target_products(hc, target_row, signs, need_explicit, need_implicit):
+    """``(q_ww, u_w)`` of :class:`TargetValues` from the rows' target weight rows (None where the term is off)."""
+    q_ww = (hc * hc * target_row * target_row).sum(1) if need_explicit else None
+    u_w = (signs * hc * target_row).sum(1) if need_implicit else None
+    return q_ww, u_w
+
+
+def capped_terms(hc, signs, lse, m1, m2, y, need_explicit, need_implicit):
+    """Per-row ``(ce, quadratic, sign_term)`` from the merged statistics (docs/math.md 3.6)."""
+    ce = lse - y.z
+    quadratic = sign_term = torch.zeros_like(ce)
+    if need_explicit:
+        quadratic = (hc * hc * (m2 - m1 * m1)).sum(1) - y.z2 * y.q_ww
+    if need_implicit:
+        sign_term = (signs * hc * m1).sum(1) - y.c * y.u_w
+    return ce, quadratic, sign_term
+
+
+def backward_row_terms(hc, signs, m1, m2, y, upstream, grad_m1, need_explicit, need_implicit):
+    """What the vocabulary sweep needs, per row: ``(row_const, amount, T, Q)``, and the terms' own dependence on h
+    (not through the logits) that involves no weight row: the part of grad_input every rank of a sliced head
+    adds alike. ``upstream``: the three terms' gradients; dF/dlse = g_ce, dF/dM1 = T, dF/dM2 = Q,
+    row_const = g_ce - T.M1 - Q.M2."""
+    g_ce, g_r, g_i = upstream
+    row_const = g_ce.clone()
+    amount = g_ce * y.c  # what G loses at the target
+    T_vec = Q = None
+    direct_h = torch.zeros_like(hc)
+    if need_explicit or need_implicit:
+        T_vec = torch.zeros_like(hc) if grad_m1 is None else grad_m1.to(hc.dtype).clone()
+    if need_explicit:
+        Q = g_r[:, None] * hc * hc
+        T_vec -= 2 * Q * m1
+        row_const -= (Q * m2).sum(1)
+        amount += g_r * y.z3 * y.q_ww
+        direct_h += 2 * g_r[:, None] * hc * (m2 - m1 * m1)
+    if need_implicit:
+        T_vec += g_i[:, None] * signs * hc
+        amount += g_i * y.z2 * y.u_w
+        direct_h += g_i[:, None] * signs * m1
+    if T_vec is not None:
+        row_const -= (T_vec * m1).sum(1)
+    return row_const, amount, T_vec, Q, direct_h
+
+
+def target_row_gradients(hc, signs, target_row, y, upstream, need_explicit, need_implicit):
+    """The terms' own dependence on the target's weight row: ``(to grad_input, to grad_W[y])`` per row."""
+    _, g_r, g_i = upstream
+    to_h, to_w = torch.zeros_like(hc), torch.zeros_like(hc)
+    if need_explicit:
+        scaled = 2 * (g_r * y.z2)[:, None] * hc * target_row
+        to_h -= scaled * target_row
+        to_w -= scaled * hc
+    if need_implicit:
+        scaled = (g_i * y.c)[:, None] * signs
+        to_h -= scaled * target_row
+        to_w -= scaled * hc
+    return to_h, to_w
 
 
 class TorchPasses:
@@ -135,59 +198,31 @@ class StreamedSoftcapTerms(torch.autograd.Function):
         with record_function("dropreg::softcap_forward_stats"):
             lse, m1, m2 = passes.statistics(h, weight, bias, softcap, need_explicit or need_implicit, need_explicit)
         hc = h.to(acc)
-        y = _TargetValues(hc, weight, bias, target, softcap, acc)
-        ce = lse - y.z
-        quadratic = sign_term = torch.zeros_like(ce)
-        if need_explicit:
-            quadratic = (hc * hc * (m2 - m1 * m1 - y.z2[:, None] * y.w * y.w)).sum(1)
-        if need_implicit:
-            sign_term = (signs * hc * (m1 - y.c[:, None] * y.w)).sum(1)
+        y = TargetValues(target_logit(hc, weight, bias, target, acc),
+                         *target_products(hc, weight[target].to(acc), signs, need_explicit, need_implicit), softcap)
         ctx.save_for_backward(h, weight, bias, target, signs, lse, m1, m2)
-        ctx.options = (softcap, need_explicit, need_implicit, passes)
-        return ce, quadratic, sign_term, m1
+        ctx.options = (softcap, y, need_explicit, need_implicit, passes)
+        return (*capped_terms(hc, signs, lse, m1, m2, y, need_explicit, need_implicit), m1)
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_m1):
         h, weight, bias, target, signs, lse, m1, m2 = ctx.saved_tensors
-        softcap, need_explicit, need_implicit, passes = ctx.options
-        wants = ctx.needs_input_grad[:3]
+        softcap, y, need_explicit, need_implicit, passes = ctx.options
         acc = lse.dtype
         hc = h.to(acc)
-        zeros = torch.zeros_like(lse)
-        g_ce, g_r, g_i = (zeros if g is None else g.to(acc) for g in (grad_ce, grad_quadratic, grad_sign_term))
-        y = _TargetValues(hc, weight, bias, target, softcap, acc)
-        # dF/dlse = g_ce, dF/dM1 = T, dF/dM2 = Q; row_const = g_ce - T.M1 - Q.M2 (docs/math.md 3.6)
-        row_const = g_ce.clone()
-        amount = g_ce * y.c  # what G loses at the target
-        T_vec = Q = None
-        direct_h = torch.zeros_like(hc)  # the terms' own dependence on h (not through the logits)
-        direct_w = torch.zeros_like(hc)  # ... and on W_y, added at each row's target
-        if need_explicit or need_implicit:
-            T_vec = torch.zeros_like(hc) if grad_m1 is None else grad_m1.to(acc).clone()
-        if need_explicit:
-            q, g_r_col = hc * hc, g_r[:, None]
-            Q = g_r_col * q
-            T_vec -= 2 * Q * m1
-            row_const -= (Q * m2).sum(1)
-            amount += g_r * y.z3 * (q * y.w * y.w).sum(1)
-            direct_h += 2 * g_r_col * hc * (m2 - m1 * m1 - y.z2[:, None] * y.w * y.w)
-            direct_w -= 2 * g_r_col * y.z2[:, None] * q * y.w
-        if need_implicit:
-            g_i_col = g_i[:, None]
-            u = signs * hc
-            T_vec += g_i_col * u
-            amount += g_i * y.z2 * (u * y.w).sum(1)
-            direct_h += g_i_col * signs * (m1 - y.c[:, None] * y.w)
-            direct_w -= g_i_col * y.c[:, None] * u
-        if T_vec is not None:
-            row_const -= (T_vec * m1).sum(1)
-        grad_h, grad_w, grad_b = passes.sweep(h, weight, bias, softcap, lse, target, amount, row_const, T_vec, Q,
-                                              wants)
+        upstream = [torch.zeros_like(lse) if g is None else g.to(acc)
+                    for g in (grad_ce, grad_quadratic, grad_sign_term)]
+        row_const, amount, T_vec, Q, direct_h = backward_row_terms(hc, signs, m1, m2, y, upstream, grad_m1,
+                                                                   need_explicit, need_implicit)
+        grad_h, grad_w, grad_b = passes.sweep(h, weight, bias, softcap, lse, target, amount, row_const,
+                                              T_vec, Q, ctx.needs_input_grad[:3])
+        to_h, to_w = target_row_gradients(hc, signs, weight[target].to(acc), y, upstream, need_explicit,
+                                          need_implicit)
         if grad_h is not None:
-            grad_h = (grad_h + direct_h).to(h.dtype)
+            grad_h = (grad_h + direct_h + to_h).to(h.dtype)
         if grad_w is not None:
-            grad_w = grad_w.index_add(0, target, direct_w).to(weight.dtype)
+            grad_w = grad_w.index_add(0, target, to_w).to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None

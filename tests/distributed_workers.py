@@ -249,6 +249,12 @@ OPTION_CASES = {
     "z_loss+lse": dict(bias=False, reduction="none", z_loss=0.05, return_lse=True),
     "all/ce-only": dict(bias=True, reduction="sum", weight=True, label_smoothing=0.1, z_loss=0.03, explicit=False,
                         implicit=False),
+    # softcap 1.5 bends the problem's logits (|z| up to about 3)
+    "softcap": dict(bias=True, reduction="mean", softcap=1.5),
+    "softcap+weight+z_loss+lse": dict(bias=False, reduction="none", weight=True, z_loss=0.05, return_lse=True,
+                                      softcap=1.5),
+    "softcap/implicit": dict(bias=True, reduction="sum", softcap=2.5, explicit=False),
+    "softcap/ce-only": dict(bias=True, reduction="mean", softcap=1.5, z_loss=0.02, explicit=False, implicit=False),
 }
 
 
@@ -429,7 +435,8 @@ def bad_calls(rank, world):
                                   lce(weight=torch.ones(w.shape[0], dtype=torch.float64) if rank == 0 else None)))
     outcomes.append(_expect_error("class weights of the full head on rank 2",
                                   lce(weight=torch.ones(vocab if rank == 2 else w.shape[0], dtype=torch.float64))))
-    outcomes.append(_expect_error("softcap", lce(softcap=30.0)))
+    outcomes.append(_expect_error("softcap on rank 1 only", lce(softcap=30.0 if rank == 1 else None)))
+    outcomes.append(_expect_error("softcap with label_smoothing", lce(softcap=30.0, label_smoothing=0.1)))
     # After all those errors the group still works:
     out = dropreg.linear_cross_entropy(h, w, target, seed=3, process_group=group)
     return outcomes, float(out.loss)
@@ -493,11 +500,14 @@ def edge_cases(rank, world):
         errors[f"double backward refused/{local}"] = (0.0 if refused else 1.0, 0.0)
     # The loss options' payload (docs/math.md 12.3): the targets' [W_y | b_y | w_y] and, with smoothing, the class
     # sums [V W~ | V b~ | V wbar], on top of the op's own; nothing more in the backward.
+    # A softcap adds one value per row.
     n, d, e = h_full.shape[0], h_full.shape[1], 8
     cases = {"no options": ({}, 0), "weight+smoothing+z_loss": (
         dict(weight=torch.rand(w_full[sl].shape[0], dtype=torch.float64) + 0.5, label_smoothing=0.1, z_loss=0.01),
         n * (d + 2) * e + (d + 2) * e), "weight only": (dict(weight=torch.ones(w_full[sl].shape[0],
-                                                                                dtype=torch.float64)), n * e)}
+                                                                                dtype=torch.float64)), n * e),
+             # the capped head's target gives q . W_y^2 too (docs/math.md 12.6)
+             "softcap": (dict(softcap=2.0), n * e)}
     for name, (options, added) in cases.items():
         hidden = h_full.clone().requires_grad_()
         with dropreg.distributed.count_communication() as log:

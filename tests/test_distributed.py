@@ -107,7 +107,8 @@ EXPECTED_ERRORS = {
     "label_smoothing differs on rank 1": "every rank must pass the same options",
     "class weights on rank 0 only": "every rank must pass the same options",
     "class weights of the full head on rank 2": "refused its arguments",
-    "softcap": "softcap: not supported with process_group",
+    "softcap on rank 1 only": "every rank must pass the same options",
+    "softcap with label_smoothing": "softcap: not supported with label_smoothing",
 }
 
 

@@ -297,7 +297,7 @@ MUTANTS = [
            "(c * phi + 2 * c * z2 + z3)", "(c * phi + 2 * c * z2 + 1.001 * z3)",
            "softcap, torch passes: psi's third-derivative part * (1+1e-3)"),
     Mutant("opt-softcap-amount", "options", "dropreg/softcap.py",
-           "amount += g_r * y.z3 * (q * y.w * y.w).sum(1)", "amount += 1.001 * g_r * y.z3 * (q * y.w * y.w).sum(1)",
+           "amount += g_r * y.z3 * y.q_ww", "amount += 1.001 * g_r * y.z3 * y.q_ww",
            "softcap: the explicit term's target amount * (1+1e-3)"),
     Mutant("opt-cpp-softcap-psi", "options", "csrc/softcap.cpp",
            "T psi() const { return c * phi() + T(2) * c * z2 + z3; }",
