@@ -115,7 +115,7 @@ def write_outputs(args, times, rows):
         writer.writerow(["round", "method", "seconds"])
         for method in args.methods:
             for r, seconds in enumerate(times[method]):
-                writer.writerow([r, method, f"{seconds:.6f}"])
+                writer.writerow([r, method, f"{seconds:.9f}"])
     multiple = FLOOR_MULTIPLE[args.family]["forward_backward"]
     lines = [
         f"# Interleaved forward+backward, family {args.family}: N={args.rows}, d={args.dim}, V={args.vocab}, "

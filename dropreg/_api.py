@@ -231,6 +231,10 @@ def _check_coefficient(name: str, value, default: float) -> float:
     return float(value)
 
 
+_SOFTCAP_WITH_SMOOTHING = ("softcap: not supported with label_smoothing yet (the smoothed loss of a capped head "
+                           "needs a further streamed statistic); pass label_smoothing=0.0")
+
+
 def _check_softcap(softcap) -> Optional[float]:
     if softcap is None:
         return None
@@ -373,8 +377,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                               check_label_smoothing(label_smoothing), _check_coefficient("z_loss", z_loss, 0.0),
                               return_lse, softcap)
         if softcap is not None and options.smoothing:
-            raise ValueError("softcap: not supported with label_smoothing yet (the smoothed loss of a capped head "
-                             "needs a further streamed statistic); pass label_smoothing=0.0")
+            raise ValueError(_SOFTCAP_WITH_SMOOTHING)
         given_seed = seed
         if need_implicit and signs is None and seed is None and torch.compiler.is_compiling() and not call.sharded:
             # Inside a graph: signs drawn in the graph from torch's generator, not a Python int seed (a graph break)
@@ -478,7 +481,8 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
                                linear_bias: Optional[Tensor] = None, alpha: float = 1.0,
                                ignore_index: int = -100, reduction: str = "mean",
                                weight: Optional[Tensor] = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                               backend: str = "auto", process_group=None) -> RDropOutput:
+                               softcap: Optional[float] = None, backend: str = "auto",
+                               process_group=None) -> RDropOutput:
     """R-Drop (Liang et al., 2021) on an LM head, fused: two cross entropies and the symmetric KL.
 
     ``input1`` and ``input2`` are the head's inputs from two dropout passes over the same batch. Per token,
@@ -492,9 +496,10 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
     ``weight``, ``label_smoothing`` and ``z_loss`` act on each pass's cross entropy as in
     :func:`linear_cross_entropy` (``ce1`` and ``ce2``'s ``"mean"`` divides by the sum of ``w_y``); the KL compares
     two distributions and takes none of them (its ``"mean"`` divides by the number of rows kept). ``z_loss`` is
-    ``z_loss * (lse1^2 + lse2^2)`` reduced like ``ce1``. A softcap is not supported on R-Drop yet (its KL would be
-    of the capped logits: a kernel change). With ``process_group``, ``weight`` is this rank's slice of the class
-    weights.
+    ``z_loss * (lse1^2 + lse2^2)`` reduced like ``ce1``. ``softcap`` caps both passes' logits first, as in
+    :func:`linear_cross_entropy` (so the KL is between the capped softmaxes, docs/math.md 9.4); every backend then
+    runs the streamed PyTorch passes, and label smoothing is refused with it. With ``process_group``, ``weight`` is
+    this rank's slice of the class weights.
     """
     with distributed.checked_call(process_group, "rdrop_linear_cross_entropy") as call:
         vocab, dim = _check_head(input1, linear_weight, linear_bias, name="input1")
@@ -502,12 +507,16 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
         _check_target(target, input1, None if call.sharded else vocab, ignore_index, input_name="input1")
         _check_reduction(reduction)
         alpha = _check_coefficient("alpha", alpha, 1.0)
+        softcap = _check_softcap(softcap)
         options = LossOptions(check_class_weight(weight, vocab, input1, _checking_values()),
-                              check_label_smoothing(label_smoothing), _check_coefficient("z_loss", z_loss, 0.0))
+                              check_label_smoothing(label_smoothing), _check_coefficient("z_loss", z_loss, 0.0),
+                              softcap=softcap)
+        if softcap is not None and options.smoothing:
+            raise ValueError(_SOFTCAP_WITH_SMOOTHING)
         if call.sharded:
             local_backend = distributed.check_backend("rdrop_linear_cross_entropy", backend, input1.device)
         else:
-            _, implementation = resolve_backend(backend, input1.device)
+            _, implementation = resolve_backend(backend, input1.device, softcap=softcap is not None, op="rdrop")
         # One checksum covers both inputs: their difference is what R-Drop measures.
         call.describe(torch.stack([input1.detach(), input2.detach()]) if call.sharded else input1, linear_weight,
                       linear_bias, target=target, classes=[("target", target, target != ignore_index)],
@@ -519,9 +528,11 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
     h1, h2 = rows.zero_ignored(input1), rows.zero_ignored(input2)
     if call.sharded:
         ce1, ce2, kl = distributed.sharded_rdrop(call.shard, h1, h2, linear_weight, linear_bias, rows.safe_target,
-                                                 local_backend)
-    else:
+                                                 local_backend, softcap)
+    elif softcap is None:
         ce1, ce2, kl = implementation.rdrop(h1, h2, linear_weight, linear_bias, rows.safe_target)
+    else:
+        ce1, ce2, kl = implementation.rdrop_softcap(h1, h2, linear_weight, linear_bias, rows.safe_target, softcap)
     if options.active:
         classes = options.class_values(linear_weight, linear_bias, rows.safe_target, ce1.dtype,
                                        call.shard if call.sharded else None)

@@ -12,9 +12,10 @@ terms without coefficients (the caller applies coefficients, masks ignored rows 
   :func:`dropreg.reference.reference_softmax_mean`;
 * ``sample_targets(input, weight, bias, samples, seed) -> (samples, N) int64``, as
   :func:`dropreg.reference.reference_sample_targets`;
-* optionally ``linear_ce_softcap(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap)``:
-  ``linear_ce`` for a softcapped head (docs/math.md 3.6); a backend without it refuses ``softcap=``, and
-  ``"auto"`` skips it then;
+* optionally ``linear_ce_softcap(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap)``
+  and ``rdrop_softcap(input1, input2, weight, bias, target, softcap)``: ``linear_ce`` and ``rdrop`` for a softcapped
+  head (docs/math.md 3.6, 9.4); a backend without one refuses ``softcap=`` on that op, and ``"auto"`` skips it
+  then;
 * optionally ``ce_with_grads(input, weight, bias, target, row_weight, z_weight=None)
   -> [sum_i row_weight_i ce_i, sum_i z_weight_i lse_i^2]`` (shape (2,), differentiable as a sum), for cross
   entropy alone (z-loss included) under a "mean"/"sum" reduction: it forms the gradients during the forward
@@ -51,27 +52,30 @@ class Backend:
     is_available: Callable[[], bool] = lambda: True
     unavailable_reason: Callable[[], Optional[BaseException]] = lambda: None
     linear_ce_softcap: Optional[Callable[..., tuple]] = None
+    rdrop_softcap: Optional[Callable[..., tuple]] = None
 
 
 _BACKENDS: dict[str, Backend] = {
     "reference": Backend(reference_terms, reference_rdrop, reference_softmax_mean, reference_sample_targets,
-                         linear_ce_softcap=reference_softcap_terms),
+                         linear_ce_softcap=reference_softcap_terms, rdrop_softcap=reference_rdrop),
     "torch": Backend(streamed_terms, streamed_rdrop, streamed_softmax_mean, streamed_sample_targets,
-                     ce_with_grads=streamed_ce_with_grads, linear_ce_softcap=streamed_softcap_terms),
+                     ce_with_grads=streamed_ce_with_grads, linear_ce_softcap=streamed_softcap_terms,
+                     rdrop_softcap=streamed_rdrop),
     "cpu": Backend(cpu.FAMILY.linear_ce, cpu.FAMILY.rdrop, cpu.cpu_softmax_mean, cpu.cpu_sample_targets,
                    ce_with_grads=cpu.cpu_ce_with_grads, is_available=cpu.FAMILY.is_available,
-                   unavailable_reason=cpu.FAMILY.unavailable_reason, linear_ce_softcap=cpu_softcap_terms),
+                   unavailable_reason=cpu.FAMILY.unavailable_reason, linear_ce_softcap=cpu_softcap_terms,
+                   rdrop_softcap=streamed_rdrop),
     # The GPU path (docs/math.md 7.3): cuBLAS GEMMs per vocabulary chunk, Triton epilogues on CUDA (PyTorch ones on
     # other devices, where it is tested). Sampling and the softcapped head run the streamed PyTorch drivers.
     "chunked": Backend(chunked.chunked_terms, chunked.chunked_rdrop, chunked.chunked_softmax_mean,
                        streamed_sample_targets, ce_with_grads=chunked.chunked_ce_with_grads,
-                       linear_ce_softcap=streamed_softcap_terms),
+                       linear_ce_softcap=streamed_softcap_terms, rdrop_softcap=streamed_rdrop),
     # The first GPU kernels: one program per (row block, vocabulary block), gradients summed with atomics. Kept
     # until a GPU run compares them with "chunked" (README, "The GPU backend").
     "triton": Backend(triton_backend.FAMILY.linear_ce, triton_backend.FAMILY.rdrop, streamed_softmax_mean,
                       streamed_sample_targets, is_available=triton_backend.FAMILY.is_available,
                       unavailable_reason=triton_backend.FAMILY.unavailable_reason,
-                      linear_ce_softcap=streamed_softcap_terms),
+                      linear_ce_softcap=streamed_softcap_terms, rdrop_softcap=streamed_rdrop),
 }
 
 # Fastest first, per device type; "auto" takes the first registered and available one.
@@ -107,13 +111,14 @@ def _deterministic_here(name: str, device: torch.device) -> bool:
     return device.type not in _NONDETERMINISTIC.get(name, ())
 
 
-def _supports(name: str, softcap: bool) -> bool:
-    return not softcap or _BACKENDS[name].linear_ce_softcap is not None
+def _supports(name: str, softcap: bool, op: str) -> bool:
+    return not softcap or getattr(_BACKENDS[name], f"{op}_softcap") is not None
 
 
-def resolve_backend(name: str, device: torch.device, *, softcap: bool = False) -> tuple[str, Backend]:
+def resolve_backend(name: str, device: torch.device, *, softcap: bool = False,
+                    op: str = "linear_ce") -> tuple[str, Backend]:
     """``(name, backend)`` for ``backend=name``; ``"auto"`` picks the fastest usable one for ``device``
-    (that implements a softcapped head, when ``softcap``).
+    (that implements ``op``, "linear_ce" or "rdrop", on a softcapped head, when ``softcap``).
 
     Under ``torch.use_deterministic_algorithms(True)``, ``"auto"`` skips backends that are not deterministic on
     ``device`` and naming one raises, as torch does for its own nondeterministic ops."""
@@ -122,13 +127,13 @@ def resolve_backend(name: str, device: torch.device, *, softcap: bool = False) -
         for candidate in _AUTO_PREFERENCE.get(device.type, _AUTO_FALLBACK):
             if deterministic and not _deterministic_here(candidate, device):
                 continue
-            if candidate in _BACKENDS and _supports(candidate, softcap) and _usable(candidate):
+            if candidate in _BACKENDS and _supports(candidate, softcap, op) and _usable(candidate):
                 return candidate, _BACKENDS[candidate]
         name = _AUTO_FALLBACK[0]
     if name not in _BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {sorted(_BACKENDS)}, got {name!r}")
-    if not _supports(name, softcap):
-        supported = sorted(n for n in _BACKENDS if _supports(n, True))
+    if not _supports(name, softcap, op):
+        supported = sorted(n for n in _BACKENDS if _supports(n, True, op))
         raise ValueError(f"softcap: backend {name!r} does not implement a softcapped head yet; use backend='auto' or "
                          f"one of {supported}")
     if deterministic and not _deterministic_here(name, device):

@@ -389,18 +389,23 @@ def sharded_terms(shard: Shard, input, weight, bias, target, signs, seed, need_e
                               slice_driver(local_backend))
 
 
+def _softcap_args(softcap_value) -> dict:
+    return {} if softcap_value is None else {"softcap": softcap_value}  # only the streamed driver takes a cap
+
+
 class ShardedRDrop(torch.autograd.Function):
     """Per-row ``(ce1, ce2, kl)`` of :func:`dropreg.streamed.streamed_rdrop`, for a sliced head."""
 
     @staticmethod
-    def forward(ctx, h1, h2, weight, bias, target, shard, driver):
+    def forward(ctx, h1, h2, weight, bias, target, shard, driver, softcap_value):
         acc = accumulation_dtype(h1.dtype)
         row_block, vocab_chunk = driver.blocks(h1, weight)
-        row_max, exp_sum, weighted_d = driver.rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk)
+        row_max, exp_sum, weighted_d = driver.rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk,
+                                                                       **_softcap_args(softcap_value))
         local_target, owned = shard.localize(target)
         safe = torch.where(owned, local_target, torch.zeros_like(local_target))
-        picked = torch.stack([_owned_pick(owned, streamed.target_logit(h.to(acc), weight, bias, safe, acc))
-                              for h in (h1, h2)])
+        picked = torch.stack([_owned_pick(owned, streamed.capped_logits(
+            streamed.target_logit(h.to(acc), weight, bias, safe, acc), softcap_value)[0]) for h in (h1, h2)])
         global_max, rescale = _merge_maxima(shard, row_max)
         packed = shard.all_reduce(torch.cat([exp_sum * rescale, weighted_d * rescale, picked]), dist.ReduceOp.SUM,
                                   "forward")
@@ -411,30 +416,36 @@ class ShardedRDrop(torch.autograd.Function):
         kl = 0.5 * (expected_d[0] - expected_d[1])
         sweep_target = torch.where(owned, local_target, torch.full_like(local_target, -1))  # -1: no correction
         ctx.save_for_backward(h1, h2, weight, bias, sweep_target, lse, expected_d)
-        ctx.options = (row_block, vocab_chunk, shard, driver)
+        ctx.options = (row_block, vocab_chunk, shard, driver, softcap_value)
         return ce1, ce2, kl
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_ce1, grad_ce2, grad_kl):
         h1, h2, weight, bias, sweep_target, lse, expected_d = ctx.saved_tensors
-        row_block, vocab_chunk, shard, driver = ctx.options
+        row_block, vocab_chunk, shard, driver, softcap_value = ctx.options
         want_h1, want_h2 = ctx.needs_input_grad[:2]
         zero = torch.zeros_like(lse[0])
         grads = [zero if g is None else g for g in (grad_ce1, grad_ce2, grad_kl)]
         grad_h, grad_w, grad_b = driver.rdrop_backward(h1, h2, weight, bias, sweep_target, lse, expected_d, *grads,
-                                                       row_block, vocab_chunk, ctx.needs_input_grad[:4])
+                                                       row_block, vocab_chunk, ctx.needs_input_grad[:4],
+                                                       **_softcap_args(softcap_value))
         if want_h1 or want_h2:
             shard.all_reduce(grad_h, dist.ReduceOp.SUM, "backward")
         return (grad_h[0].to(h1.dtype) if want_h1 else None, grad_h[1].to(h2.dtype) if want_h2 else None,
                 None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
-def sharded_rdrop(shard: Shard, input1, input2, weight, bias, target, local_backend="torch"):
+def sharded_rdrop(shard: Shard, input1, input2, weight, bias, target, local_backend="torch", softcap_value=None):
+    """Per-row ``(ce1, ce2, kl)`` for a sliced head; with a softcap every local backend streams the slice with the
+    PyTorch driver (as in one process, where each backend's capped R-Drop is the streamed one)."""
+    if softcap_value is not None:
+        return ShardedRDrop.apply(input1, input2, weight, bias, target, shard, slice_driver("torch"),
+                                  float(softcap_value))
     if local_backend == "cpu":
         return CppShardedRDrop.apply(input1, input2, weight, bias, target, shard)
-    return ShardedRDrop.apply(input1, input2, weight, bias, target, shard, slice_driver(local_backend))
+    return ShardedRDrop.apply(input1, input2, weight, bias, target, shard, slice_driver(local_backend), None)
 
 
 class ShardedSoftmaxMean(torch.autograd.Function):

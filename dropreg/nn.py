@@ -91,17 +91,18 @@ class RDropLoss(nn.Module):
         out = loss_fn(hidden1, hidden2, model.lm_head.weight, input_ids)
         out.loss.backward()
 
-    ``weight`` (class weights, a buffer), ``label_smoothing`` and ``z_loss`` are
+    ``weight`` (class weights, a buffer), ``label_smoothing``, ``z_loss`` and ``softcap`` are
     :func:`dropreg.rdrop_linear_cross_entropy`'s.
     """
 
     def __init__(self, alpha: float = 1.0, *, ignore_index: int = -100, reduction: str = "mean",
                  shift_labels: bool = False, weight: Optional[Tensor] = None, label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, backend: str = "auto", process_group=None):
+                 z_loss: float = 0.0, softcap: Optional[float] = None, backend: str = "auto", process_group=None):
         super().__init__()
         self.register_buffer("weight", weight)
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
+        self.softcap = softcap
         self.process_group = process_group
         self.alpha = alpha
         self.ignore_index = ignore_index
@@ -117,7 +118,8 @@ class RDropLoss(nn.Module):
                                           alpha=self.alpha, ignore_index=self.ignore_index,
                                           reduction=self.reduction, weight=self.weight,
                                           label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-                                          backend=self.backend, process_group=self.process_group)
+                                          softcap=self.softcap, backend=self.backend,
+                                          process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, reduction={self.reduction!r}, shift_labels={self.shift_labels}, "

@@ -75,13 +75,16 @@ def reference_softcap_terms(input, weight, bias, target, signs, seed, need_expli
     return ce, quadratic, sign_term, m1
 
 
-def reference_rdrop(input1, input2, weight, bias, target):
-    """Per-row ``(ce1, ce2, kl)`` with ``kl = (KL(p1||p2) + KL(p2||p1)) / 2 = sum_v (p1 - p2)(z1 - z2) / 2``."""
+def reference_rdrop(input1, input2, weight, bias, target, softcap=None):
+    """Per-row ``(ce1, ce2, kl)`` with ``kl = (KL(p1||p2) + KL(p2||p1)) / 2 = sum_v (p1 - p2)(z1 - z2) / 2``, of
+    the logits capped to ``softcap * tanh(z / softcap)`` when ``softcap`` is given."""
     acc = accumulation_dtype(input1.dtype)
     w = weight.to(acc)
     logits = [h.to(acc) @ w.T for h in (input1, input2)]
     if bias is not None:
         logits = [z + bias.to(acc) for z in logits]
+    if softcap is not None:
+        logits = [softcap * torch.tanh(z / softcap) for z in logits]
     log_probs = [torch.log_softmax(z, dim=-1) for z in logits]
     ce1, ce2 = (-lp.gather(1, target[:, None]).squeeze(1) for lp in log_probs)
     kl = 0.5 * ((log_probs[0].exp() - log_probs[1].exp()) * (logits[0] - logits[1])).sum(-1)

@@ -472,44 +472,54 @@ def streamed_ce_with_grads(input, weight, bias, target, row_weight, z_weight=Non
                                                block_rows or default_rows, vocab_chunk or default_chunk)
 
 
+def capped_logits(raw, softcap):
+    """``(softcap tanh(raw / softcap), its derivative in raw)``; ``(raw, None)`` without a cap (docs/math.md 3.6)."""
+    if softcap is None:
+        return raw, None
+    t = torch.tanh(raw / softcap)
+    return softcap * t, 1 - t * t
+
+
 class StreamedRDrop(torch.autograd.Function):
     """R-Drop's per-row (ce1, ce2, kl) with kl = (KL(p1||p2) + KL(p2||p1)) / 2, streamed (docs/math.md).
 
     symKL = E_p1[D] - E_p2[D] with D = z1 - z2: two online softmaxes and one scalar accumulator each.
-    Forward 2 NVd (the two logit GEMMs); backward 6 NVd (recompute 2, grad_input 2, grad_weight 2).
+    Forward 2 NVd (the two logit GEMMs); backward 6 NVd (recompute 2, grad_input 2, grad_weight 2). With a softcap
+    every logit is capped first and the logit gradients are scaled by the cap's derivative (docs/math.md 9.4).
     """
 
     @staticmethod
-    def forward(ctx, h1, h2, weight, bias, target, row_block, vocab_chunk):
+    def forward(ctx, h1, h2, weight, bias, target, row_block, vocab_chunk, softcap):
         acc = accumulation_dtype(h1.dtype)
         with record_function("dropreg::rdrop_forward_stats"):
-            row_max, exp_sum, weighted_d = rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk)
+            row_max, exp_sum, weighted_d = rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk,
+                                                                    softcap)
         lse = _logit_shift(row_max) + exp_sum.log()
         expected_d = weighted_d / exp_sum  # E_p1[D], E_p2[D]
-        ce1 = lse[0] - target_logit(h1.to(acc), weight, bias, target, acc)
-        ce2 = lse[1] - target_logit(h2.to(acc), weight, bias, target, acc)
+        ce1 = lse[0] - capped_logits(target_logit(h1.to(acc), weight, bias, target, acc), softcap)[0]
+        ce2 = lse[1] - capped_logits(target_logit(h2.to(acc), weight, bias, target, acc), softcap)[0]
         kl = 0.5 * (expected_d[0] - expected_d[1])
         ctx.save_for_backward(h1, h2, weight, bias, target, lse, expected_d)
-        ctx.blocks = (row_block, vocab_chunk)
+        ctx.blocks = (row_block, vocab_chunk, softcap)
         return ce1, ce2, kl
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_ce1, grad_ce2, grad_kl):
         h1, h2, weight, bias, target, lse, expected_d = ctx.saved_tensors
-        row_block, vocab_chunk = ctx.blocks
+        row_block, vocab_chunk, softcap = ctx.blocks
         want_h1, want_h2, want_w, want_b = ctx.needs_input_grad[:4]
         grad_h, grad_w, grad_b = rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad_ce2,
-                                                grad_kl, row_block, vocab_chunk, ctx.needs_input_grad[:4])
+                                                grad_kl, row_block, vocab_chunk, ctx.needs_input_grad[:4], softcap)
         return (grad_h[0].to(h1.dtype) if want_h1 else None, grad_h[1].to(h2.dtype) if want_h2 else None,
                 None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
-def rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk):
+def rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk, softcap=None):
     """Per pass i and row, over ``weight``'s rows: running max ``m_i``, ``L_i = sum exp(z_i - m_i)`` and
     ``B_i = sum exp(z_i - m_i) D`` with ``D = z1 - z2``; each ``(2, N)``. Ranges merge by rescaling
-    (docs/math.md 9.2)."""
+    (docs/math.md 9.2). ``softcap``: of the capped logits."""
     acc = accumulation_dtype(h1.dtype)
     n_rows, vocab = h1.shape[0], weight.shape[0]
     row_max = torch.empty(2, n_rows, dtype=acc, device=h1.device)
@@ -521,7 +531,7 @@ def rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk):
         partial_d = [torch.zeros(r1 - r0, dtype=acc, device=h1.device) for _ in blocks]
         for v0, v1 in _spans(vocab, vocab_chunk):
             w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
-            logits = [_chunk_logits(h, w, b) for h in blocks]
+            logits = [capped_logits(_chunk_logits(h, w, b), softcap)[0] for h in blocks]
             diff = logits[0] - logits[1]
             for i in range(2):
                 rescale = softmaxes[i].absorb(logits[i])
@@ -534,8 +544,9 @@ def rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk):
 
 
 def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad_ce2, grad_kl, row_block, vocab_chunk,
-                   wants):
-    """R-Drop's backward over ``weight``'s rows given the per-row globals lse and E_p[D] (each ``(2, N)``).
+                   wants, softcap=None):
+    """R-Drop's backward over ``weight``'s rows given the per-row globals lse and E_p[D] (each ``(2, N)``), of the
+    capped logits with ``softcap``.
 
     Returns ``(grad_h (2, N, d), grad_w, grad_b)`` in the accumulation dtype; ``grad_h`` is ``W^T G`` for these rows of
     W only. A target outside ``[0, weight.shape[0])`` (e.g. -1) gets no target correction here."""
@@ -554,7 +565,7 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
         for v0, v1 in _spans(vocab, vocab_chunk):
             w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
             with record_function("dropreg::rdrop_logit_gradient"):
-                z1, z2 = (_chunk_logits(h, w, b) for h in blocks)
+                (z1, c1), (z2, c2) = (capped_logits(_chunk_logits(h, w, b), softcap) for h in blocks)
                 diff = z1 - z2
                 p1 = z1.sub_(lse[0, r0:r1, None]).exp_()
                 p2 = z2.sub_(lse[1, r0:r1, None]).exp_()
@@ -563,6 +574,9 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
                 g2 = p2 * (g_ce[1][:, None] - half_kl * (diff - expected_d[1, r0:r1, None] - 1)) - half_kl * p1
                 _subtract_at_target(g1, y, v0, v1, g_ce[0])
                 _subtract_at_target(g2, y, v0, v1, g_ce[1])
+                if softcap is not None:  # from the capped logits to the raw ones
+                    g1.mul_(c1)
+                    g2.mul_(c2)
             with record_function("dropreg::grad_input"):
                 if want_h1:
                     grad_h[0, r0:r1].addmm_(g1, w)
@@ -577,11 +591,11 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
 
 
 @_eager_under_compile
-def streamed_rdrop(input1, input2, weight, bias, target, *, row_block=None, vocab_chunk=None):
+def streamed_rdrop(input1, input2, weight, bias, target, softcap=None, *, row_block=None, vocab_chunk=None):
     """Per-row ``(ce1, ce2, kl)``, as :func:`dropreg.reference.reference_rdrop`, streamed."""
     default_rows, default_chunk = default_blocks(input1.shape[0], weight.shape[0])
     return StreamedRDrop.apply(input1, input2, weight, bias, target, row_block or default_rows,
-                               vocab_chunk or default_chunk)
+                               vocab_chunk or default_chunk, None if softcap is None else float(softcap))
 
 
 class StreamedSoftmaxMean(torch.autograd.Function):

@@ -296,25 +296,29 @@ def _options_cases(report, problem, sl, group, dtype, local, tag, p, coef_r):
         if bias:
             report.compare(f"{label}/grad_bias", g_out[2], g_ref[2][sl], dtype, extra)
         report.output(f"{label}/grad_input", g_out[0])
-    # R-Drop with every option
-    label = f"options/{tag}/rdrop"
-    full, part = _leaves(problem, dtype), _leaves(problem, dtype, sl)
-    second_full = problem["h2"].to(dtype).clone().requires_grad_()
-    second_part = problem["h2"].to(dtype).clone().requires_grad_()
-    kwargs = dict(alpha=0.7, label_smoothing=0.15, z_loss=0.02)
-    ref = dropreg.rdrop_linear_cross_entropy(full[0], second_full, full[1], target, linear_bias=full[2],
-                                             weight=class_weight, backend="torch", **kwargs)
-    out = dropreg.rdrop_linear_cross_entropy(part[0], second_part, part[1], target, linear_bias=part[2],
-                                             weight=class_weight[sl], process_group=group, backend=local, **kwargs)
-    for name, o, r in zip(("ce1", "ce2", "kl", "loss", "z_loss"), out, ref):
-        report.compare(f"{label}/{name}", o, r, dtype)
-        report.output(f"{label}/{name}", o)
-    leaves_ref, leaves_out = (full[0], second_full, full[1], full[2]), (part[0], second_part, part[1], part[2])
-    g_ref, g_out = _grads([ref.loss], [torch.ones(())], leaves_ref), _grads([out.loss], [torch.ones(())], leaves_out)
-    for name, o, r in zip(("grad_input1", "grad_input2"), g_out, g_ref):
-        report.compare(f"{label}/{name}", o, r, dtype)
-    report.compare(f"{label}/grad_weight", g_out[2], g_ref[2][sl], dtype)
-    report.compare(f"{label}/grad_bias", g_out[3], g_ref[3][sl], dtype)
+    # R-Drop with every option, and on a softcapped head (smoothing is refused with a cap)
+    rdrop_cases = {"rdrop": dict(alpha=0.7, label_smoothing=0.15, z_loss=0.02),
+                   "rdrop/softcap": dict(alpha=0.7, z_loss=0.02, softcap=1.5)}
+    for case, kwargs in rdrop_cases.items():
+        label = f"options/{tag}/{case}"
+        full, part = _leaves(problem, dtype), _leaves(problem, dtype, sl)
+        second_full = problem["h2"].to(dtype).clone().requires_grad_()
+        second_part = problem["h2"].to(dtype).clone().requires_grad_()
+        ref = dropreg.rdrop_linear_cross_entropy(full[0], second_full, full[1], target, linear_bias=full[2],
+                                                 weight=class_weight, backend="torch", **kwargs)
+        out = dropreg.rdrop_linear_cross_entropy(part[0], second_part, part[1], target, linear_bias=part[2],
+                                                 weight=class_weight[sl], process_group=group, backend=local,
+                                                 **kwargs)
+        for name, o, r in zip(("ce1", "ce2", "kl", "loss", "z_loss"), out, ref):
+            report.compare(f"{label}/{name}", o, r, dtype)
+            report.output(f"{label}/{name}", o)
+        leaves_ref, leaves_out = (full[0], second_full, full[1], full[2]), (part[0], second_part, part[1], part[2])
+        g_ref = _grads([ref.loss], [torch.ones(())], leaves_ref)
+        g_out = _grads([out.loss], [torch.ones(())], leaves_out)
+        for name, o, r in zip(("grad_input1", "grad_input2"), g_out, g_ref):
+            report.compare(f"{label}/{name}", o, r, dtype)
+        report.compare(f"{label}/grad_weight", g_out[2], g_ref[2][sl], dtype)
+        report.compare(f"{label}/grad_bias", g_out[3], g_ref[3][sl], dtype)
 
 
 class _TinyMLP(torch.nn.Module):

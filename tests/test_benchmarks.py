@@ -85,3 +85,35 @@ def test_profile_writes_a_trace_with_dropreg_phases(tmp_path):
     assert len(traces) == 1
     text = traces[0].read_text()
     assert "dropreg::forward_stats" in text and "dropreg::backward_tiles" in text
+
+
+@pytest.mark.slow
+def test_interleaved_rounds_and_ratios(tmp_path):
+    """benchmarks/interleaved.py: every method timed once per round; the summary's ratios are the medians of the
+    per-round ratios in rounds.csv."""
+    import statistics
+
+    rounds = 3
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "interleaved.py"), "--family", "ce",
+                           "--rows", "32", "--dim", "16", "--vocab", "300", "--rounds", str(rounds), "--threads", "1",
+                           "--methods", "ce-dropreg-torch,F.linear_cross_entropy,gemm", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(tmp_path / "rounds.csv") as f:
+        rows = list(csv.DictReader(f))
+    times = {}
+    for r in rows:
+        times.setdefault(r["method"], []).append(float(r["seconds"]))
+    assert {m: len(t) for m, t in times.items()} == {"ce-dropreg-torch": rounds, "F.linear_cross_entropy": rounds,
+                                                      "gemm": rounds}
+    assert all(t > 0 for ts in times.values() for t in ts)
+    table = (tmp_path / "results.md").read_text()
+    ours, theirs, gemm = times["ce-dropreg-torch"], times["F.linear_cross_entropy"], times["gemm"]
+    to_ours = statistics.median(t / o for t, o in zip(theirs, ours))
+    floor = statistics.median(t / (3 * g) for t, g in zip(theirs, gemm))
+    wins = sum(o < t for o, t in zip(ours, theirs))
+    line = next(row for row in table.splitlines() if row.startswith("| F.linear_cross_entropy |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[4:] == [f"{floor:.2f}", f"{to_ours:.3f}", f"{wins}/{rounds}"], line
+    assert next(row for row in table.splitlines() if row.startswith("| ce-dropreg-torch |")).split("|")[6].strip() \
+        == "1.000"

@@ -76,8 +76,11 @@ def test_sliced_head_matches_one_process(tmp_path):
             assert f"options/float64{backend}/weight+smoothing/grad_bias" in labels
             assert f"options/float32{backend}/z_loss+lse/lse" in labels
             assert f"options/float64{backend}/rdrop/z_loss" in labels
+            assert f"options/float32{backend}/rdrop/softcap/grad_input2" in labels
+            assert f"options/float64{backend}/softcap+weight+z_loss+lse/grad_weight" in labels
         if "cpu" in by_rank[0]["local_backends"]:
             assert "options/float64/cpu/all/ce-only/grad_weight" in labels
+            assert "options/float64/cpu/softcap/implicit/grad_input" in labels
         assert "rdrop/float32/chunked/bias=True/mean/kl" in labels and "softmax_mean/float64/chunked" in labels
         if "cpu" in by_rank[0]["local_backends"]:  # the C++ kernels doing each slice's work, where built
             assert "lce/float64/cpu/bias=True/none/grad_weight" in labels and "softmax_mean/float32/cpu" in labels

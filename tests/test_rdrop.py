@@ -26,11 +26,19 @@ def make_inputs(lead=(5,), d=4, vocab=11, bias=True, ignore=(), logit_scale=1.0,
     return h1, h2, w, b, y
 
 
-def authors_terms(h1, h2, w, b, y, reduction):
-    """Float64 oracle the way the R-Drop authors compute it: kl_div both ways on log-softmaxes, halved."""
+def softcapped(z, softcap):
+    """Gemma 2's final-logit softcapping, written here independently of dropreg."""
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def authors_terms(h1, h2, w, b, y, reduction, softcap=None):
+    """Float64 oracle the way the R-Drop authors compute it: kl_div both ways on log-softmaxes, halved (of the
+    capped logits with ``softcap``). Returns the terms and the raw logits of pass 1 (rounding grows with their
+    size, capped or not: tests/checks.py)."""
     d = h1.shape[-1]
-    z1 = h1.reshape(-1, d) @ w.T + (0 if b is None else b)
-    z2 = h2.reshape(-1, d) @ w.T + (0 if b is None else b)
+    raw1 = h1.reshape(-1, d) @ w.T + (0 if b is None else b)
+    z1 = softcapped(raw1, softcap)
+    z2 = softcapped(h2.reshape(-1, d) @ w.T + (0 if b is None else b), softcap)
     lp1, lp2 = F.log_softmax(z1, -1), F.log_softmax(z2, -1)
     flat_y = y.reshape(-1)
     valid = flat_y != -100
@@ -43,24 +51,25 @@ def authors_terms(h1, h2, w, b, y, reduction):
     kl = torch.where(valid, (p_loss + q_loss) / 2, 0.0)
     terms = [torch.where(valid, ce1, 0.0), torch.where(valid, ce2, 0.0), kl]
     if reduction == "none":
-        return [t.reshape(y.shape) for t in terms], z1.detach()
+        return [t.reshape(y.shape) for t in terms], raw1.detach()
     total = [t.sum() for t in terms]
-    return ([t / max(int(valid.sum()), 1) for t in total] if reduction == "mean" else total), z1.detach()
+    return ([t / max(int(valid.sum()), 1) for t in total] if reduction == "mean" else total), raw1.detach()
 
 
-def compare(backend, dtype, inputs, reduction="mean", factor=8.0, alpha=1.0):
+def compare(backend, dtype, inputs, reduction="mean", factor=8.0, alpha=1.0, softcap=None):
     """dropreg's ce1, ce2, kl and ``loss`` (with ``alpha``), values and gradients, against the authors' float64
     terms; the oracle loss is ``ce1 + ce2 + alpha * kl`` of those independently computed terms."""
     h1, h2, w, b, y = inputs
     leaves64 = [t.clone().requires_grad_() for t in (h1, h2, w) + ((b,) if b is not None else ())]
-    oracle_terms, logits = authors_terms(*leaves64[:3], leaves64[3] if b is not None else None, y, reduction)
+    oracle_terms, logits = authors_terms(*leaves64[:3], leaves64[3] if b is not None else None, y, reduction,
+                                         softcap)
     oracle_terms.append(oracle_terms[0] + oracle_terms[1] + alpha * oracle_terms[2])
     cotangent = torch.randn(y.shape, dtype=torch.float64)
     oracle = _terms_and_grads(oracle_terms, leaves64, cotangent, NAMES_AND_LOSS)
     leaves = [t.detach().to(dtype).requires_grad_() for t in leaves64]
     out = dropreg.rdrop_linear_cross_entropy(leaves[0], leaves[1], leaves[2], y,
                                              linear_bias=leaves[3] if b is not None else None,
-                                             reduction=reduction, alpha=alpha, backend=backend)
+                                             reduction=reduction, alpha=alpha, softcap=softcap, backend=backend)
     ours = _terms_and_grads(tuple(out), leaves, cotangent, NAMES_AND_LOSS)
     z_scale = 1.0 + float(logits.abs().max()) if logits.numel() else 1.0
     oracle_labelled = labelled(oracle, NAMES_AND_LOSS, LEAVES)
@@ -174,6 +183,45 @@ def test_loss_with_alpha_against_authors_oracle(backend, reduction):
     compare(backend, torch.float64, make_inputs(lead=(6,), ignore=(2,)), reduction=reduction, alpha=4.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_softcap_against_authors_oracle(backend, dtype, shape, reduction):
+    """Both passes' logits capped (softcap 1.5 bends logits of size ~2) before the cross entropies and the KL."""
+    compare(backend, dtype, make_inputs(**shape, logit_scale=3.0, dtype=dtype, ignore=(0,) if shape["lead"] != (1,)
+                                        else ()), reduction=reduction, alpha=0.6, softcap=1.5)
+
+
+@pytest.mark.parametrize("logit_scale", [30.0, 1e4], ids=["peaked", "huge-logits"])
+def test_softcap_saturated_logits(backend, logit_scale):
+    """Raw logits far beyond the cap: tanh saturates, every capped logit is within [-cap, cap], and the
+    gradients (scaled by 1 - tanh^2, about 0 there) stay finite and match the oracle."""
+    out = compare(backend, torch.float32, make_inputs(lead=(6,), d=5, vocab=19, logit_scale=logit_scale,
+                                                      dtype=torch.float32), softcap=5.0)
+    assert all(torch.isfinite(t).all() for t in out)
+
+
+def test_softcap_gradcheck(backend):
+    h1, h2, w, b, y = make_inputs(lead=(4,), d=3, vocab=7, ignore=(2,), logit_scale=2.0)
+    leaves = [t.clone().requires_grad_() for t in (h1, h2, w, b)]
+
+    def fn(a, c, w, b):
+        out = dropreg.rdrop_linear_cross_entropy(a, c, w, y, linear_bias=b, alpha=0.7, reduction="none",
+                                                 softcap=1.2, z_loss=0.1, backend=backend)
+        return out.ce1, out.ce2, out.kl, out.loss
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_softcap_identical_inputs_give_zero_kl(backend):
+    h1, _, w, b, y = make_inputs(lead=(6,), d=5, vocab=40, logit_scale=4.0)
+    h = h1.clone().requires_grad_()
+    out = dropreg.rdrop_linear_cross_entropy(h, h, w, y, linear_bias=b, softcap=2.0, backend=backend,
+                                             reduction="none")
+    assert torch.all(out.kl == 0)
+    assert torch.all(torch.autograd.grad(out.kl.sum(), h)[0] == 0)
+
+
 @pytest.mark.parametrize("override,error,argument", [
     (dict(input2=torch.randn(5, 3, dtype=torch.float64)), ValueError, "input2"),
     (dict(input2=torch.randn(5, 4, dtype=torch.float32)), TypeError, "input2"),
@@ -220,6 +268,7 @@ RDROP_OPTIONS = {
     "smoothing": lambda v: dict(label_smoothing=0.2),
     "z_loss": lambda v: dict(z_loss=0.3),
     "all": lambda v: dict(weight=torch.rand(v, dtype=torch.float64) + 0.5, label_smoothing=0.1, z_loss=0.05),
+    "softcap+weight+z_loss": lambda v: dict(weight=torch.rand(v, dtype=torch.float64) + 0.5, z_loss=0.2, softcap=1.0),
 }
 
 
@@ -233,14 +282,15 @@ def test_loss_options_against_oracle(backend, option, reduction):
     options = RDROP_OPTIONS[option](vocab)
     h1, h2, w, b, y = make_inputs(lead=(2, 3), d=4, vocab=vocab, ignore=(1, 4))
     leaves64 = [t.clone().requires_grad_() for t in (h1, h2, w, b)]
-    (kl_terms, logits) = authors_terms(*leaves64, y, "none")
+    softcap = options.get("softcap")
+    (kl_terms, logits) = authors_terms(*leaves64, y, "none", softcap)
     kl_rows = kl_terms[2].reshape(-1)
     flat_y = y.reshape(-1)
     valid = flat_y != -100
     class_weight = options.get("weight")
     ce_rows, z_rows = [], torch.zeros(flat_y.shape, dtype=torch.float64)
     for h in leaves64[:2]:
-        z = h.reshape(-1, 4) @ leaves64[2].T + leaves64[3]
+        z = softcapped(h.reshape(-1, 4) @ leaves64[2].T + leaves64[3], softcap)
         ce_rows.append(F.cross_entropy(z, flat_y, weight=class_weight, reduction="none",
                                        label_smoothing=options.get("label_smoothing", 0.0)))
         z_rows = z_rows + options.get("z_loss", 0.0) * torch.where(valid, torch.logsumexp(z, -1), 0.0) ** 2
@@ -268,9 +318,11 @@ def test_loss_options_against_oracle(backend, option, reduction):
         assert_within_rounding(label, value, oracle_labelled[label], torch.float64, z_scale)
 
 
-def test_loss_options_refused_with_softcap_and_process_group_named():
+def test_bad_softcap_and_softcap_with_smoothing_are_clear_errors():
     h, w, y = torch.randn(4, 3), torch.randn(7, 3), torch.randint(0, 7, (4,))
-    with pytest.raises(TypeError, match="softcap"):
-        dropreg.rdrop_linear_cross_entropy(h, h, w, y, softcap=30.0)
+    with pytest.raises(ValueError, match="softcap: not supported with label_smoothing yet"):
+        dropreg.rdrop_linear_cross_entropy(h, h, w, y, softcap=30.0, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="softcap: expected a finite, positive float or None"):
+        dropreg.rdrop_linear_cross_entropy(h, h, w, y, softcap=-1.0)
     with pytest.raises(ValueError, match="z_loss: expected a finite, non-negative float"):
         dropreg.rdrop_linear_cross_entropy(h, h, w, y, z_loss=-1.0)
