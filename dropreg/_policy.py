@@ -15,7 +15,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # The largest block of logits a fused op may hold at once (the CE-only path keeps a whole row block's logits
 # so that it needs no recompute). A GPU has the memory and needs big blocks for big GEMMs; a CPU does not.
 DEFAULT_WORKSPACE_BYTES = {"cuda": 1 << 30}
-DEFAULT_CPU_WORKSPACE_BYTES = 64 << 20
+DEFAULT_CPU_WORKSPACE_BYTES = 256 << 20
 MIN_WORKSPACE_BYTES = 1 << 20
 _workspace_override: dict[str, int] = {}
 

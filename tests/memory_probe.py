@@ -51,6 +51,9 @@ def triton_step(op, h, h2, w):
 def main():
     op, backend, (n_rows, dim, vocab, cap_mib) = sys.argv[1], sys.argv[2], map(int, sys.argv[3:7])
     torch.manual_seed(0)
+    # A 64 MiB logits workspace (the default is 256 MiB): the CE-only path must keep to whatever bound is set, and
+    # the probe's margin (test_memory.py) then tells a workspace from an N x V allocation.
+    dropreg.set_workspace_bytes(64 << 20, "cpu")
     h = torch.randn(n_rows, dim, requires_grad=True)
     w = (torch.randn(vocab, dim) / dim**0.5).requires_grad_()
     y = torch.randint(0, vocab, (n_rows,))

@@ -240,8 +240,14 @@ def test_workspace_setting():
             dropreg.set_workspace_bytes(1.5e9, device)
     finally:
         dropreg.set_workspace_bytes(None, device)
-    assert dropreg.workspace_bytes(device) == default
+    assert dropreg.workspace_bytes(device) == default == 256 << 20
     assert dropreg.workspace_bytes("cuda") == 1 << 30
+    # The default CPU workspace holds CPU_CE_BLOCK_ROWS rows at V = 2^17; smaller vocabularies stop at the cap,
+    # larger ones take what fits. A CUDA device takes all the workspace holds.
+    cap = dropreg.streamed.CPU_CE_BLOCK_ROWS
+    assert [dropreg.streamed.ce_only_blocks(10**6, v, torch.float32, device)[0] for v in (2**13, 2**17, 2**18)] == \
+        [cap, (256 << 20) // 2**19, (256 << 20) // 2**20] == [512, 512, 256]
+    assert dropreg.streamed.ce_only_blocks(10**6, 2**15, torch.float32, "cuda")[0] == (1 << 30) // 2**17
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.cpu_only  # tests/conftest.py: skipped with DROPREG_TES
 PROBE = os.path.join(os.path.dirname(__file__), "memory_probe.py")
 # N=4096, V=131072: the fp32 logits alone are 2 GiB; the cap allows 512 MiB above the process's size
 # once inputs exist. Streamed peak is a few row-block x chunk tiles plus grad_weight (V x d fp32, 32 MiB); CE only
-# holds the logits workspace (64 MiB by default on CPU) and grad_weight twice (formed, then saved).
+# holds the logits workspace (set to 64 MiB by memory_probe.py) and grad_weight twice (formed, then saved).
 CASE = ["4096", "64", "131072", "512"]
 
 
