@@ -350,8 +350,7 @@ def streamed_terms(input, weight, bias, target, signs, seed, need_explicit, need
 
 
 # CE-only row blocks on a CPU: at most this many rows. grad_W += G^T h has K = block rows, so much smaller blocks
-# re-read grad_W (V x d) too often (128 rows at V=131072 measured 11% slower than 512), and larger ones gain
-# nothing while holding more memory (docs/math.md 7.2).
+# re-read grad_W (V x d) too often, and larger ones gain nothing while holding more memory (docs/math.md 7.2).
 CPU_CE_BLOCK_ROWS = 512
 
 
