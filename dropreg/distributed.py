@@ -722,10 +722,9 @@ class ShardedSoftcapTerms(torch.autograd.Function):
         # Only the owning slice subtracts at the target (safe is its class 0 elsewhere, with amount 0).
         grad_h, grad_w, grad_b = passes.sweep(h, weight, bias, softcap_value, lse, safe, amount * owned_acc,
                                               row_const, T_vec, Q, ctx.needs_input_grad[:3])
-        owned_col = owned_acc[:, None]
-        to_h, to_w = softcap.target_row_gradients(hc, signs, weight[safe].to(acc) * owned_col, y, upstream,
-                                                  need_explicit, need_implicit)
-        to_w *= owned_col  # the implicit term's -gI' c_y u does not vanish with the masked row
+        # The target row's own terms, on the rows whose target this slice owns.
+        to_h, to_w = (g * owned_acc[:, None] for g in softcap.target_row_gradients(
+            hc, signs, weight[safe].to(acc), y, upstream, need_explicit, need_implicit))
         if grad_h is not None:
             grad_h = (shard.all_reduce(grad_h + to_h, dist.ReduceOp.SUM, "backward") + direct_h).to(h.dtype)
         if grad_w is not None:
