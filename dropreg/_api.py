@@ -231,10 +231,6 @@ def _check_coefficient(name: str, value, default: float) -> float:
     return float(value)
 
 
-_SOFTCAP_WITH_SMOOTHING = ("softcap: not supported with label_smoothing yet (the smoothed loss of a capped head "
-                           "needs a further streamed statistic); pass label_smoothing=0.0")
-
-
 def _check_softcap(softcap) -> Optional[float]:
     if softcap is None:
         return None
@@ -346,7 +342,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     with) adds ``c lse^2`` per row, returned as ``.z_loss`` and reduced like ``ce``; the explicit and implicit terms
     then include its Hessian and gradient (docs/math.md 3.5). ``softcap`` (Gemma 2's final-logit softcapping) caps
     the logits, ``z = softcap * tanh(z / softcap)``, before everything else, the dropout terms included
-    (docs/math.md 3.6); it cannot be combined with ``label_smoothing`` yet.
+    (docs/math.md 3.6); with ``label_smoothing`` too, smoothing's part of a capped head takes a further streamed
+    pass (docs/math.md 3.7).
 
     Returns a :class:`LinearCrossEntropyOutput`; with ``return_lse=True``, the pair ``(output, lse)``, ``lse`` the
     per-row logsumexp of the logits, shape ``input.shape[:-1]`` whatever the reduction, differentiable, 0 on ignored
@@ -376,8 +373,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         options = LossOptions(check_class_weight(weight, vocab, input, _checking_values()),
                               check_label_smoothing(label_smoothing), _check_coefficient("z_loss", z_loss, 0.0),
                               return_lse, softcap)
-        if softcap is not None and options.smoothing:
-            raise ValueError(_SOFTCAP_WITH_SMOOTHING)
         given_seed = seed
         if need_implicit and signs is None and seed is None and torch.compiler.is_compiling() and not call.sharded:
             # Inside a graph: signs drawn in the graph from torch's generator, not a Python int seed (a graph break)
@@ -498,7 +493,7 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
     two distributions and takes none of them (its ``"mean"`` divides by the number of rows kept). ``z_loss`` is
     ``z_loss * (lse1^2 + lse2^2)`` reduced like ``ce1``. ``softcap`` caps both passes' logits first, as in
     :func:`linear_cross_entropy` (so the KL is between the capped softmaxes, docs/math.md 9.4); every backend then
-    runs the streamed PyTorch passes, and label smoothing is refused with it. With ``process_group``, ``weight`` is
+    runs the streamed PyTorch passes (label smoothing's capped part too, docs/math.md 3.7). With ``process_group``, ``weight`` is
     this rank's slice of the class weights.
     """
     with distributed.checked_call(process_group, "rdrop_linear_cross_entropy") as call:
@@ -511,8 +506,6 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
         options = LossOptions(check_class_weight(weight, vocab, input1, _checking_values()),
                               check_label_smoothing(label_smoothing), _check_coefficient("z_loss", z_loss, 0.0),
                               softcap=softcap)
-        if softcap is not None and options.smoothing:
-            raise ValueError(_SOFTCAP_WITH_SMOOTHING)
         if call.sharded:
             local_backend = distributed.check_backend("rdrop_linear_cross_entropy", backend, input1.device)
         else:

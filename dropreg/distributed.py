@@ -511,6 +511,20 @@ class _SumOverSlices(torch.autograd.Function):
         return grad, None
 
 
+class _InputOfSlices(torch.autograd.Function):
+    """The identity on a tensor every rank holds alike (the input h) that feeds a per-slice part: the backward sums
+    the slices' gradients of it (a SUM all-reduce), so every rank gets the full gradient."""
+
+    @staticmethod
+    def forward(ctx, value, shard):
+        ctx.shard = shard
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.shard.all_reduce(grad.contiguous().clone(), dist.ReduceOp.SUM, "backward"), None
+
+
 def sum_over_slices(shard: Shard, parts: list) -> list:
     """Each tensor summed over the slices, in one all-reduce (flattened and packed; the tensors share a dtype)."""
     if not parts:
@@ -552,6 +566,9 @@ class ShardedClassValues(ClassValues):
 
     def _over_all_classes(self, sums: list) -> list:
         return sum_over_slices(self.shard, sums)
+
+    def slice_input(self, h: Tensor) -> Tensor:
+        return _InputOfSlices.apply(h, self.shard)
 
     @property
     def classes(self) -> int:

@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .softcap import softcap_derivatives
+from .softcap import capped_smoothing_sums, softcap_derivatives
 
 
 
@@ -69,12 +69,13 @@ class ClassValues:
     bias ``b_y`` and class weight ``w_y``; over all classes, ``wbar = mean_c w_c``, ``W~ = (1/V) sum_c w_c W_c`` and
     ``b~ = (1/V) sum_c w_c b_c``. This class reads a head held whole; a vocabulary-parallel head
     (:class:`dropreg.distributed.ShardedClassValues`) overrides the two lookups below to gather the same values from
-    the slices, one collective each. ``with_rows``: whether ``W_y`` and ``b_y`` are needed (lse, smoothing)."""
+    the slices, one collective each. ``with_rows``: whether ``W_y`` and ``b_y`` are needed (lse, smoothing);
+    ``with_mean_rows``: whether ``W~`` and ``b~`` are (smoothing without a softcap)."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], class_weight: Optional[Tensor], target: Tensor,
-                 acc: torch.dtype, with_rows: bool):
+                 acc: torch.dtype, with_rows: bool, with_mean_rows: bool):
         self.weight, self.bias, self.class_weight, self.target, self.acc = weight, bias, class_weight, target, acc
-        self.with_rows = with_rows
+        self.with_rows, self.with_mean_rows = with_rows, with_mean_rows
 
     # -- the lookups a sliced head overrides
     def _at_targets(self, per_class: list) -> list:
@@ -84,6 +85,10 @@ class ClassValues:
     def _over_all_classes(self, sums: list) -> list:
         """Sums over this head's classes -> sums over every class (here the same)."""
         return sums
+
+    def slice_input(self, h: Tensor) -> Tensor:
+        """``h`` as it enters a part computed from this head's classes (a sliced head sums the slices' gradients)."""
+        return h
 
     @property
     def classes(self) -> int:
@@ -133,9 +138,11 @@ class ClassValues:
 
     @functools.cached_property
     def _means(self) -> dict:
-        wanted = {"w": self._class_sum(self.weight)}
-        if self.bias is not None:
-            wanted["b"] = self._class_sum(self.bias)
+        wanted = {}
+        if self.with_mean_rows:
+            wanted["w"] = self._class_sum(self.weight)
+            if self.bias is not None:
+                wanted["b"] = self._class_sum(self.bias)
         if self.class_weight is not None:
             wanted["cw"] = self.class_weight.to(self.acc).sum()
         return {key: total / self.classes for key, total in zip(wanted, self._over_all_classes(list(wanted.values())))}
@@ -189,10 +196,11 @@ class LossOptions:
         """The head's values this call's options read; ``shard`` (a :class:`dropreg.distributed.Shard`) when
         ``weight`` and ``bias`` are a vocabulary slice (and the class weights that slice's)."""
         with_rows = self.want_lse or bool(self.smoothing)
+        with_mean_rows = bool(self.smoothing) and self.softcap is None
         if shard is None:
-            return ClassValues(weight, bias, self.class_weight, target, acc, with_rows)
+            return ClassValues(weight, bias, self.class_weight, target, acc, with_rows, with_mean_rows)
         from .distributed import ShardedClassValues
-        return ShardedClassValues(shard, weight, bias, self.class_weight, target, acc, with_rows)
+        return ShardedClassValues(shard, weight, bias, self.class_weight, target, acc, with_rows, with_mean_rows)
 
     def row_factor(self, classes: ClassValues) -> Tensor:
         """``a = (1 - eps) w_y + eps wbar`` per row."""
@@ -211,6 +219,26 @@ class LossOptions:
             shift = shift + self.smoothing * (w_bar * classes.target_bias() - classes.mean_bias())
         return direction, shift
 
+    def _capped_smoothing_terms(self, h, classes: ClassValues, signs, need_explicit, need_implicit):
+        """With a softcap (docs/math.md 3.7), per row: the smoothed loss's part outside ``a ce``,
+        ``eps wbar z_y - S``, and that part's explicit and implicit terms, ``eps wbar z2_y q . W_y^2 - Sq`` and
+        ``eps wbar c_y u . W_y - Ss``; ``S``, ``Sq``, ``Ss`` streamed over the classes (summed over the slices of a
+        vocabulary-parallel head)."""
+        hc = h.to(classes.acc)
+        z_target, c_target, z2_target, _ = softcap_derivatives(classes.target_logit(hc), self.softcap)
+        signs = None if signs is None else signs.to(classes.acc)
+        sums = capped_smoothing_sums(classes.slice_input(h), classes.weight, classes.bias, classes.class_weight, signs, self.softcap,
+                                     self.smoothing / classes.classes, need_explicit, need_implicit)
+        total, sum_quadratic, sum_sign = classes._over_all_classes(list(sums))
+        target_scale = self.smoothing * classes.class_weight_mean()
+        w_target = classes.target_row()
+        quadratic_part = sign_part = None
+        if need_explicit:
+            quadratic_part = target_scale * z2_target * (hc * hc * w_target * w_target).sum(1) - sum_quadratic
+        if need_implicit:
+            sign_part = target_scale * c_target * (signs * hc * w_target).sum(1) - sum_sign
+        return target_scale * z_target - total, quadratic_part, sign_part
+
     def adjust(self, ce, quadratic, sign_term, mu, h, classes: ClassValues, signs, need_explicit,
                need_implicit) -> AdjustedTerms:
         """The per-row terms with the options applied, from a backend's raw ``(ce, quadratic, sign_term, mu)``
@@ -226,7 +254,15 @@ class LossOptions:
         if self.reweights:
             a = self.row_factor(classes)
             ce, quadratic, sign_term = a * ce, a * quadratic, a * sign_term
-        if self.smoothing:
+        if self.smoothing and self.softcap is not None:
+            shift, quadratic_part, sign_part = self._capped_smoothing_terms(h, classes, signs, need_explicit,
+                                                                            need_implicit)
+            ce = ce + shift
+            if need_explicit:
+                quadratic = quadratic + quadratic_part
+            if need_implicit:
+                sign_term = sign_term + sign_part
+        elif self.smoothing:
             direction, shift = self._smoothing_terms(h, classes)
             ce = ce + shift
             if need_implicit:

@@ -7,6 +7,9 @@ The cap makes every statistic weight vocabulary entry v by a function of its own
 ``M2 = sum_v s_v phi_v W_v^2`` (in place of ``mu`` and ``m2``) and the backward's logit gradient becomes
 ``G = s (c row_const + phi (T W^T) + psi (Q (W*W)^T)) - amount [v = y]`` with ``psi = c phi + 2 c z2 + z3``: the
 same GEMMs as the uncapped path (docs/math.md 4.4), split where the uncapped path stacks them.
+
+Label smoothing's part of a capped loss, ``-(eps/V) sum_v w_v z_v``, is not linear in the raw logits; its sums
+and their dropout terms are :class:`CappedSmoothingSums`, a third streamed pass in PyTorch (docs/math.md 3.7).
 """
 from __future__ import annotations
 
@@ -187,6 +190,103 @@ class CppPasses:
         grads = torch.ops.dropreg.softcap_gradient_sweep(
             h, weight, bias, softcap, lse, target, amount, row_const, T_vec, Q, [want_h, want_w, want_b])
         return tuple(g if wanted else None for g, wanted in zip(grads, wants))
+
+
+class CappedSmoothingSums(torch.autograd.Function):
+    """Label smoothing's streamed part of a capped head (docs/math.md 3.7), per row: ``S = sum_v omega_v z_v``, and
+    the two dropout terms of ``S``, ``Sq = q . K2`` and ``Ss = u . K1``, with ``omega_v = scale w_v`` (``w`` the
+    class weights, 1 when None), ``K1 = sum_v omega_v c_v W_v``, ``K2 = sum_v omega_v z2_v W_v^2``, ``q = h*h``,
+    ``u = sigma*h``. Chunked PyTorch on any device; the backward recomputes the capped logits chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, class_weight, signs, softcap, scale, need_explicit, need_implicit, blocks):
+        acc = accumulation_dtype(h.dtype)
+        n_rows, dim = h.shape
+        total = torch.zeros(n_rows, dtype=acc, device=h.device)
+        k1 = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if need_implicit else None
+        k2 = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if need_explicit else None
+        for r0, r1, _, _, h_block, w, b, omega in _smoothing_chunks(h, weight, bias, class_weight, scale, acc,
+                                                                   blocks):
+            with record_function("dropreg::capped_smoothing_sums"):
+                z, c, z2, _ = softcap_derivatives(_chunk_logits(h_block, w, b), softcap)
+                total[r0:r1] += z @ omega
+                if k1 is not None:
+                    k1[r0:r1].addmm_(c * omega, w)
+                if k2 is not None:
+                    k2[r0:r1].addmm_(z2 * omega, w * w)
+        hc = h.to(acc)
+        sq = (hc * hc * k2).sum(1) if k2 is not None else torch.zeros_like(total)
+        ss = (signs * hc * k1).sum(1) if k1 is not None else torch.zeros_like(total)
+        ctx.save_for_backward(h, weight, bias, class_weight, signs, k1, k2)
+        ctx.options = (softcap, scale, blocks)
+        return total, sq, ss
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_total, grad_sq, grad_ss):
+        h, weight, bias, class_weight, signs, k1, k2 = ctx.saved_tensors
+        softcap, scale, blocks = ctx.options
+        acc = accumulation_dtype(h.dtype)
+        hc = h.to(acc)
+        g_total = torch.zeros(h.shape[0], dtype=acc, device=h.device) if grad_total is None else grad_total.to(acc)
+        # dF/dK1 = g_ss u and dF/dK2 = g_sq q per row; None where the term is off or gets no gradient
+        A = None if k1 is None or grad_ss is None else grad_ss.to(acc)[:, None] * signs * hc
+        B = None if k2 is None or grad_sq is None else grad_sq.to(acc)[:, None] * hc * hc
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hc) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
+        for r0, r1, v0, v1, h_block, w, b, omega in _smoothing_chunks(h, weight, bias, class_weight, scale, acc,
+                                                                     blocks):
+            with record_function("dropreg::capped_smoothing_gradient"):
+                _, c, z2, z3 = softcap_derivatives(_chunk_logits(h_block, w, b), softcap)
+                g_logits = c * g_total[r0:r1, None]
+                if A is not None:
+                    g_logits += z2 * (A[r0:r1] @ w.T)
+                if B is not None:
+                    g_logits += z3 * (B[r0:r1] @ (w * w).T)
+                g_logits *= omega
+            if want_h:
+                grad_h[r0:r1].addmm_(g_logits, w)
+            if want_w:
+                g_w = g_logits.T @ h_block
+                if A is not None:
+                    g_w += (c * omega).T @ A[r0:r1]
+                if B is not None:
+                    g_w += 2 * w * ((z2 * omega).T @ B[r0:r1])
+                grad_w[v0:v1] += g_w
+            if want_b:
+                grad_b[v0:v1] += g_logits.sum(0)
+        if want_h:
+            if A is not None:
+                grad_h += grad_ss.to(acc)[:, None] * signs * k1
+            if B is not None:
+                grad_h += 2 * grad_sq.to(acc)[:, None] * hc * k2
+            grad_h = grad_h.to(h.dtype)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
+
+
+def _smoothing_chunks(h, weight, bias, class_weight, scale, acc, blocks):
+    """``(r0, r1, v0, v1, h rows, W chunk, b chunk, omega chunk)`` over row blocks and vocabulary chunks, in ``acc``."""
+    row_block, vocab_chunk = blocks
+    for r0, r1 in _spans(h.shape[0], row_block):
+        h_block = h[r0:r1].to(acc)
+        for v0, v1 in _spans(weight.shape[0], vocab_chunk):
+            w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
+            omega = (torch.full((v1 - v0,), scale, dtype=acc, device=h.device) if class_weight is None
+                     else scale * class_weight[v0:v1].to(acc))
+            yield r0, r1, v0, v1, h_block, w, b, omega
+
+
+@_eager_under_compile
+def capped_smoothing_sums(h, weight, bias, class_weight, signs, softcap, scale, need_explicit, need_implicit):
+    """Per row ``(S, Sq, Ss)`` of :class:`CappedSmoothingSums` over this head's classes (a slice's part on a
+    vocabulary-parallel head: all three are sums over the classes)."""
+    blocks = streamed.default_blocks(h.shape[0], weight.shape[0])
+    class_weight = None if class_weight is None else class_weight.detach()
+    return CappedSmoothingSums.apply(h, weight, bias, class_weight, signs, float(softcap), float(scale),
+                                     need_explicit, need_implicit, blocks)
 
 
 class StreamedSoftcapTerms(torch.autograd.Function):

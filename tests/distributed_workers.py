@@ -255,6 +255,10 @@ OPTION_CASES = {
                                       softcap=1.5),
     "softcap/implicit": dict(bias=True, reduction="sum", softcap=2.5, explicit=False),
     "softcap/ce-only": dict(bias=True, reduction="mean", softcap=1.5, z_loss=0.02, explicit=False, implicit=False),
+    # label smoothing on a capped head: the slices' streamed sums S, q . K2, u . K1 are added (docs/math.md 3.7)
+    "softcap+weight+smoothing": dict(bias=True, reduction="none", weight=True, label_smoothing=0.2, softcap=1.5),
+    "softcap+smoothing+z_loss/ce-only": dict(bias=False, reduction="sum", label_smoothing=0.1, z_loss=0.02,
+                                             softcap=2.5, explicit=False, implicit=False),
 }
 
 
@@ -296,9 +300,10 @@ def _options_cases(report, problem, sl, group, dtype, local, tag, p, coef_r):
         if bias:
             report.compare(f"{label}/grad_bias", g_out[2], g_ref[2][sl], dtype, extra)
         report.output(f"{label}/grad_input", g_out[0])
-    # R-Drop with every option, and on a softcapped head (smoothing is refused with a cap)
+    # R-Drop with every option, and on a softcapped head
     rdrop_cases = {"rdrop": dict(alpha=0.7, label_smoothing=0.15, z_loss=0.02),
-                   "rdrop/softcap": dict(alpha=0.7, z_loss=0.02, softcap=1.5)}
+                   "rdrop/softcap": dict(alpha=0.7, z_loss=0.02, softcap=1.5),
+                   "rdrop/softcap+smoothing": dict(alpha=0.7, label_smoothing=0.15, softcap=1.5)}
     for case, kwargs in rdrop_cases.items():
         label = f"options/{tag}/{case}"
         full, part = _leaves(problem, dtype), _leaves(problem, dtype, sl)
@@ -440,7 +445,6 @@ def bad_calls(rank, world):
     outcomes.append(_expect_error("class weights of the full head on rank 2",
                                   lce(weight=torch.ones(vocab if rank == 2 else w.shape[0], dtype=torch.float64))))
     outcomes.append(_expect_error("softcap on rank 1 only", lce(softcap=30.0 if rank == 1 else None)))
-    outcomes.append(_expect_error("softcap with label_smoothing", lce(softcap=30.0, label_smoothing=0.1)))
     # After all those errors the group still works:
     out = dropreg.linear_cross_entropy(h, w, target, seed=3, process_group=group)
     return outcomes, float(out.loss)
@@ -502,16 +506,23 @@ def edge_cases(rank, world):
         except RuntimeError as error:
             refused = "double backward" in str(error)
         errors[f"double backward refused/{local}"] = (0.0 if refused else 1.0, 0.0)
-    # The loss options' payload (docs/math.md 12.3): the targets' [W_y | b_y | w_y] and, with smoothing, the class
-    # sums [V W~ | V b~ | V wbar], on top of the op's own; nothing more in the backward.
-    # A softcap adds one value per row.
+    # The loss options' payload (docs/math.md 12.3), (forward, backward) bytes on top of the op's own: the targets'
+    # [W_y | b_y | w_y] and, with smoothing, the class sums [V W~ | V b~ | V wbar]; nothing more in the backward.
+    # A softcap adds one value per row (q . W_y^2, docs/math.md 12.6); smoothing on a capped head the targets'
+    # [W_y | b_y], the slices' sums [S | Sq | Ss] and, backward, their parts of grad_input (docs/math.md 3.7).
     n, d, e = h_full.shape[0], h_full.shape[1], 8
-    cases = {"no options": ({}, 0), "weight+smoothing+z_loss": (
-        dict(weight=torch.rand(w_full[sl].shape[0], dtype=torch.float64) + 0.5, label_smoothing=0.1, z_loss=0.01),
-        n * (d + 2) * e + (d + 2) * e), "weight only": (dict(weight=torch.ones(w_full[sl].shape[0],
-                                                                                dtype=torch.float64)), n * e),
-             # the capped head's target gives q . W_y^2 too (docs/math.md 12.6)
-             "softcap": (dict(softcap=2.0), n * e)}
+    cases = {
+        "no options": ({}, (0, 0)),
+        "weight+smoothing+z_loss": (dict(weight=torch.rand(w_full[sl].shape[0], dtype=torch.float64) + 0.5,
+                                         label_smoothing=0.1, z_loss=0.01), (n * (d + 2) * e + (d + 2) * e, 0)),
+        "weight only": (dict(weight=torch.ones(w_full[sl].shape[0], dtype=torch.float64)), (n * e, 0)),
+        "softcap": (dict(softcap=2.0), (n * e, 0)),
+        "softcap+smoothing": (dict(softcap=2.0, label_smoothing=0.1), (n * e + n * (d + 1) * e + 3 * n * e, n * d * e)),
+        # with class weights: w_y per row, and wbar alone of the class sums
+        "softcap+weight+smoothing": (dict(softcap=2.0, label_smoothing=0.1,
+                                          weight=torch.rand(w_full[sl].shape[0], dtype=torch.float64) + 0.5),
+                                     (n * e + n * (d + 2) * e + e + 3 * n * e, n * d * e)),
+    }
     for name, (options, added) in cases.items():
         hidden = h_full.clone().requires_grad_()
         with dropreg.distributed.count_communication() as log:
@@ -519,7 +530,7 @@ def edge_cases(rank, world):
                                                linear_bias=torch.zeros(w_full[sl].shape[0], dtype=torch.float64),
                                                p=0.2, seed=1, process_group=group, **options)
             out.loss.backward()
-        expected = (n * (2 * d + 4) * e + added, n * d * e)
+        expected = (n * (2 * d + 4) * e + added[0], n * d * e + added[1])
         errors[f"option bytes/{name}"] = (float(abs(log.bytes["forward"] - expected[0])
                                                 + abs(log.bytes["backward"] - expected[1])), 0.0)
     h = h_full

@@ -1,7 +1,8 @@
 """Run one fused forward+backward under an address-space cap; print a JSON line with the outcome.
 
 Usage: python memory_probe.py OP BACKEND N d V CAP_MIB, OP being linear_ce, ce_only (cross entropy alone),
-softcap_zloss (all terms of a softcapped head with z-loss), rdrop, rdrop_softcap, sites (a training step with an
+softcap_zloss (all terms of a softcapped head with z-loss), softcap_smoothing (the same with label smoothing and
+class weights: its own streamed sums), rdrop, rdrop_softcap, sites (a training step with an
 inner dropout site: both every-site terms) or sites-implicit (the implicit every-site term only). Used by test_memory.py in a subprocess, so the cap
 (``resource.setrlimit(RLIMIT_AS)``) binds only this process. The cap is set *after* torch, the inputs and
 the thread pools exist, as that much address space above the current size.
@@ -75,6 +76,10 @@ def main():
                                                 backend=backend).loss
         if op == "softcap_zloss":  # the capped head's own streamed driver, with z-loss's mu gradient
             return dropreg.linear_cross_entropy(h[:rows], w[:vocab_rows], targets, softcap=30.0, z_loss=1e-4,
+                                                backend=backend, seed=0).loss
+        if op == "softcap_smoothing":  # ... and smoothing's capped sums (dropreg/softcap.py, CappedSmoothingSums)
+            return dropreg.linear_cross_entropy(h[:rows], w[:vocab_rows], targets, softcap=30.0, z_loss=1e-4,
+                                                label_smoothing=0.1, weight=torch.ones(vocab_rows) * 0.5,
                                                 backend=backend, seed=0).loss
         if op in ("rdrop", "rdrop_softcap"):  # rdrop_softcap: the streamed passes with the cap
             return dropreg.rdrop_linear_cross_entropy(h[:rows], h2[:rows], w[:vocab_rows], targets, backend=backend,

@@ -78,6 +78,8 @@ def test_sliced_head_matches_one_process(tmp_path):
             assert f"options/float64{backend}/rdrop/z_loss" in labels
             assert f"options/float32{backend}/rdrop/softcap/grad_input2" in labels
             assert f"options/float64{backend}/softcap+weight+z_loss+lse/grad_weight" in labels
+            assert f"options/float64{backend}/softcap+weight+smoothing/grad_bias" in labels
+            assert f"options/float32{backend}/rdrop/softcap+smoothing/grad_input2" in labels
         if "cpu" in by_rank[0]["local_backends"]:
             assert "options/float64/cpu/all/ce-only/grad_weight" in labels
             assert "options/float64/cpu/softcap/implicit/grad_input" in labels
@@ -90,6 +92,7 @@ def test_empty_batch_ignored_rows_a_masked_slice_and_no_double_backward(tmp_path
     for rank, errors in enumerate(run_ranks(tmp_path, 3, "edge_cases")):
         assert "double backward refused/torch" in errors and "masked slice/grad_weight" in errors
         assert "option bytes/weight+smoothing+z_loss" in errors
+        assert "option bytes/softcap+smoothing" in errors and "option bytes/softcap+weight+smoothing" in errors
         failures = [f"rank {rank} {label}: error {err:.3e} > {tol:.3e}" for label, (err, tol) in errors.items()
                     if not err <= tol]
         assert not failures, "\n".join(failures)
@@ -111,7 +114,6 @@ EXPECTED_ERRORS = {
     "class weights on rank 0 only": "every rank must pass the same options",
     "class weights of the full head on rank 2": "refused its arguments",
     "softcap on rank 1 only": "every rank must pass the same options",
-    "softcap with label_smoothing": "softcap: not supported with label_smoothing",
 }
 
 

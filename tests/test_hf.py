@@ -200,10 +200,18 @@ def test_softcapped_model_dropout_terms_are_the_capped_heads():
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
 
 
-def test_softcapped_model_with_label_smoothing_is_a_clear_error():
-    ids, mask, labels = batch()
-    with pytest.raises(ValueError, match="softcap: not supported with label_smoothing yet"):
-        hf.causal_lm_loss(gemma2(), ids, labels, label_smoothing=0.1)
+def test_softcapped_model_with_label_smoothing_matches_f_cross_entropy_on_hf_logits():
+    """Label smoothing on Gemma 2's capped head (docs/math.md 3.7): loss and every parameter gradient equal
+    F.cross_entropy(label_smoothing=) on HF's own capped logits."""
+    model = gemma2()
+    ids, mask, labels = right_padded_batch()
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, label_smoothing=0.1, **OFF)
+    ours = grads(model, out.loss)
+    logits = model(ids, attention_mask=mask).logits[:, :-1]
+    reference = F.cross_entropy(logits.reshape(-1, V), labels[:, 1:].reshape(-1), label_smoothing=0.1)
+    theirs = grads(model, reference)
+    torch.testing.assert_close(out.loss, reference, rtol=1e-10, atol=1e-12)
+    assert_grads_close(ours, theirs, rtol=1e-8, atol=1e-12)
 
 
 def test_z_loss_matches_its_definition_on_hf_logits():

@@ -147,6 +147,9 @@ SOFTCAP_OPTIONS = {
     "plain": lambda: dict(),
     "z_loss": lambda: dict(z_loss=0.2),
     "weight-z_loss": lambda: dict(weight=_class_weight(), z_loss=0.05),
+    # smoothing's capped part is streamed apart (docs/math.md 3.7)
+    "smoothing": lambda: dict(label_smoothing=0.1),
+    "weight-smoothing-z_loss": lambda: dict(weight=_class_weight(), label_smoothing=0.3, z_loss=0.05),
 }
 
 
@@ -168,7 +171,8 @@ def test_softcap_matches_oracle(backend, option, terms, reduction):
 def test_softcap_odd_shapes_and_logit_sizes(backend, shape, logit_scale):
     """Flat, peaked and huge raw logits (1e4 saturates tanh: c underflows to 0 and the capped softmax is flat
     across the saturated classes), N=1 and d=1, in float64; the cap is 10."""
-    problem = make_problem(**shape, vocab=V, logit_scale=logit_scale, softcap=10.0, z_loss=0.01, p=0.3)
+    problem = make_problem(**shape, vocab=V, logit_scale=logit_scale, softcap=10.0, z_loss=0.01, p=0.3,
+                           label_smoothing=0.1)
     ours, cotangent = run_dropreg(problem, torch.float64, backend)
     assert_close_to_oracle(ours, run_oracle(problem, cotangent), torch.float64, problem)
 
@@ -177,7 +181,7 @@ def test_softcap_odd_shapes_and_logit_sizes(backend, shape, logit_scale):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_softcap_float32_and_no_bias(backend, dtype, bias):
     problem = make_problem(lead=(7,), d=3, vocab=V, bias=bias, dtype=dtype, p=0.3, ignore=(0, 4), logit_scale=4.0,
-                           softcap=3.0, weight=_class_weight(), z_loss=0.1)
+                           softcap=3.0, weight=_class_weight(), z_loss=0.1, label_smoothing=0.2)
     ours, cotangent = run_dropreg(problem, dtype, backend)
     assert_close_to_oracle(ours, run_oracle(problem, cotangent), dtype, problem)
 
@@ -220,7 +224,6 @@ def test_softcap_all_rows_ignored_gives_zero(streamed_backend):
     (dict(softcap=-3.0), ValueError, "softcap: expected a finite, positive float or None"),
     (dict(softcap=float("nan")), ValueError, "softcap: expected a finite, positive float or None"),
     (dict(softcap="30"), TypeError, "softcap: expected a positive float or None"),
-    (dict(softcap=30.0, label_smoothing=0.1), ValueError, "softcap: not supported with label_smoothing yet"),
 ])
 def test_bad_softcap_is_a_clear_error(kwargs, error, message):
     h, w, y = torch.randn(4, 3), torch.randn(V, 3), torch.randint(0, V, (4,))
@@ -270,3 +273,35 @@ def test_cpp_softcap_ops_opcheck(with_terms):
     T_vec, Q = (torch.randn(9, 4), torch.randn(9, 4)) if with_terms else (None, None)
     torch.library.opcheck(torch.ops.dropreg.softcap_gradient_sweep.default,
                           (h, w, b, 3.0, lse, y, torch.randn(9), torch.randn(9), T_vec, Q, [True, True, True]))
+
+
+@pytest.mark.parametrize("terms", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["both", "explicit", "implicit", "ce-only"])
+@pytest.mark.parametrize("with_options", [True, False], ids=["bias+weight", "plain"])
+def test_capped_smoothing_sums_gradcheck(terms, with_options):
+    """docs/math.md 3.7's streamed (S, Sq, Ss) and its hand-written backward, by float64 gradcheck, over 2-row
+    blocks and 3-class chunks (tails in both: N=5, V=7); logits across tanh's bend (cap 1.5)."""
+    from dropreg.softcap import CappedSmoothingSums
+    need_explicit, need_implicit = terms
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(5, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = (2 * torch.randn(7, 3, dtype=torch.float64, generator=gen)).requires_grad_()
+    b = torch.randn(7, dtype=torch.float64, generator=gen, requires_grad=True) if with_options else None
+    class_weight = torch.rand(7, dtype=torch.float64, generator=gen) + 0.5 if with_options else None
+    signs = torch.randint(0, 2, (5, 3), generator=gen).double() * 2 - 1
+
+    def sums(h, w, b):
+        return CappedSmoothingSums.apply(h, w, b, class_weight, signs, 1.5, 0.3 / 7, need_explicit, need_implicit,
+                                         (2, 3))
+    inputs = (h, w, b) if with_options else (h, w)
+    assert torch.autograd.gradcheck(lambda *x: sums(*x) if with_options else sums(*x, None), inputs)
+    # and the values: S = sum_v omega_v z_v, Sq = q . K2, Ss = u . K1 on the materialized logits
+    raw = h @ w.T + (0 if b is None else b)
+    t = torch.tanh(raw / 1.5)
+    z, c, z2 = 1.5 * t, 1 - t * t, -2 * t * (1 - t * t) / 1.5
+    omega = 0.3 / 7 * (torch.ones(7, dtype=torch.float64) if class_weight is None else class_weight)
+    expected = [z @ omega,
+                (h * h * ((z2 * omega) @ (w * w))).sum(1) if need_explicit else torch.zeros(5, dtype=torch.float64),
+                (signs * h * ((c * omega) @ w)).sum(1) if need_implicit else torch.zeros(5, dtype=torch.float64)]
+    for ours, theirs in zip(sums(h, w, b), expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)

@@ -269,6 +269,8 @@ RDROP_OPTIONS = {
     "z_loss": lambda v: dict(z_loss=0.3),
     "all": lambda v: dict(weight=torch.rand(v, dtype=torch.float64) + 0.5, label_smoothing=0.1, z_loss=0.05),
     "softcap+weight+z_loss": lambda v: dict(weight=torch.rand(v, dtype=torch.float64) + 0.5, z_loss=0.2, softcap=1.0),
+    "softcap+all": lambda v: dict(weight=torch.rand(v, dtype=torch.float64) + 0.5, label_smoothing=0.3, z_loss=0.1,
+                                  softcap=1.5),
 }
 
 
@@ -318,10 +320,8 @@ def test_loss_options_against_oracle(backend, option, reduction):
         assert_within_rounding(label, value, oracle_labelled[label], torch.float64, z_scale)
 
 
-def test_bad_softcap_and_softcap_with_smoothing_are_clear_errors():
+def test_bad_softcap_is_a_clear_error():
     h, w, y = torch.randn(4, 3), torch.randn(7, 3), torch.randint(0, 7, (4,))
-    with pytest.raises(ValueError, match="softcap: not supported with label_smoothing yet"):
-        dropreg.rdrop_linear_cross_entropy(h, h, w, y, softcap=30.0, label_smoothing=0.1)
     with pytest.raises(ValueError, match="softcap: expected a finite, positive float or None"):
         dropreg.rdrop_linear_cross_entropy(h, h, w, y, softcap=-1.0)
     with pytest.raises(ValueError, match="z_loss: expected a finite, non-negative float"):
