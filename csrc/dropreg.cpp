@@ -39,11 +39,12 @@ TORCH_LIBRARY(dropreg, m) {
       "softmax_mean_backward(Tensor grad_mu, Tensor input, Tensor weight, Tensor? bias, Tensor lse, Tensor mu, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "softcap_statistics(Tensor input, Tensor weight, Tensor? bias, float softcap, bool need_m1, bool need_m2) "
-      "-> (Tensor, Tensor, Tensor)");
+      "softcap_statistics(Tensor input, Tensor weight, Tensor? bias, float softcap, bool need_m1, bool need_m2, "
+      "Tensor? smoothing_weights) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "softcap_gradient_sweep(Tensor input, Tensor weight, Tensor? bias, float softcap, Tensor lse, Tensor target, "
-      "Tensor amount, Tensor row_const, Tensor? T, Tensor? Q, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "Tensor amount, Tensor row_const, Tensor? T, Tensor? Q, Tensor? smoothing_weights, Tensor? grad_smoothing_sum, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("sample_targets(Tensor input, Tensor weight, Tensor? bias, int samples, int seed) -> Tensor");
   m.def("philox_signs(int seed, int rows, int dim) -> Tensor");
 }

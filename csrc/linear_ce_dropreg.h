@@ -40,16 +40,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_mean_backward(
     std::array<bool, 3> output_mask);
 
 // The vocabulary passes of a softcapped head (docs/math.md 3.6; the per-row algebra is dropreg/softcap.py's):
-// per row lse of the capped logits and M1 = sum_v s_v c_v W_v, M2 = sum_v s_v phi_v W_v^2 (empty unless asked);
+// per row lse of the capped logits and M1 = sum_v s_v c_v W_v, M2 = sum_v s_v phi_v W_v^2 (empty unless asked),
+// and label smoothing's S = sum_v omega_v z_v (docs/math.md 3.7; empty without smoothing_weights omega);
 // and the backward sweep: grad_input of sum_v G_v W_v, grad_weight of G^T h + (s c)^T T + 2 W * (s phi)^T Q and
-// grad_bias of sum_rows G, all in the accumulation dtype (empty when not asked for).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> softcap_statistics(const at::Tensor& input, const at::Tensor& weight,
-                                                                  const c10::optional<at::Tensor>& bias,
-                                                                  double softcap, bool need_m1, bool need_m2);
+// grad_bias of sum_rows G (G including S's gS omega c), all in the accumulation dtype (empty when not asked for).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softcap_statistics(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, double softcap,
+    bool need_m1, bool need_m2, const c10::optional<at::Tensor>& smoothing_weights);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softcap_gradient_sweep(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, double softcap,
     const at::Tensor& lse, const at::Tensor& target, const at::Tensor& amount, const at::Tensor& row_const,
-    const c10::optional<at::Tensor>& T, const c10::optional<at::Tensor>& Q, std::array<bool, 3> output_mask);
+    const c10::optional<at::Tensor>& T, const c10::optional<at::Tensor>& Q,
+    const c10::optional<at::Tensor>& smoothing_weights, const c10::optional<at::Tensor>& grad_smoothing_sum,
+    std::array<bool, 3> output_mask);
 
 // (samples, N) classes drawn from each row's softmax by streamed Gumbel-max (dropreg/signs.py).
 at::Tensor sample_targets(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

@@ -5,10 +5,12 @@
 // c = 1 - t^2, z2 = -2 t c / s, z3 = -2 c (c - 2 t^2) / s^2; phi = c^2 + z2 and psi = c phi + 2 c z2 + z3.
 //
 // softcap_statistics: row blocks in parallel, vocabulary tiles streamed with the online softmax of z;
-//   M1 += (e c) @ W_t (1 RCd) and M2 += (e phi) @ (W_t * W_t) (1 RCd) beside z = h W_t^T (1 RCd).
+//   M1 += (e c) @ W_t (1 RCd) and M2 += (e phi) @ (W_t * W_t) (1 RCd) beside z = h W_t^T (1 RCd); with label
+//   smoothing's weights omega (docs/math.md 3.7), S += sum_v omega_v z_v elementwise.
 // softcap_gradient_sweep: vocabulary tiles in parallel (each thread owns its rows of grad_weight, as in the
 //   uncapped backward); per tile and row block: the z recompute (1 RCd), T W_t^T and Q (W_t*W_t)^T (2 RCd),
-//   G = s (c row_const + phi (T W^T) + psi (Q (W*W)^T)) - amount [v = y], grad_input += G W_t (1 RCd),
+//   G = s (c row_const + phi (T W^T) + psi (Q (W*W)^T)) - amount [v = y] (+ gS omega c with smoothing),
+//   grad_input += G W_t (1 RCd),
 //   grad_W_t += G^T h + (s c)^T T + 2 W_t * (s phi)^T Q (3 RCd).
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
@@ -38,11 +40,13 @@ struct CapDerivatives {
 
 template <typename acc_t>
 void statistics_impl(const Tensor& h, const Tensor& weight, const Tensor& bias, acc_t cap, bool need_m1,
-                     bool need_m2, Tensor& lse, Tensor& m1, Tensor& m2) {
+                     bool need_m2, const Tensor& omega, Tensor& lse, Tensor& m1, Tensor& m2, Tensor& smoothing_sum) {
   const int64_t rows = h.size(0), dim = h.size(1), vocab = weight.size(0);
   const int64_t row_block = forward_row_block(rows);
   const auto opts = h.options();
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  const acc_t* om = omega.defined() ? omega.data_ptr<acc_t>() : nullptr;
+  acc_t* sum_ptr = om ? smoothing_sum.data_ptr<acc_t>() : nullptr;
   parallel_blocks(rows, row_block, [&] {
     Tensor logits_flat = at::empty({row_block * kVocabTile}, opts);
     Tensor ec_flat = at::empty({need_m1 ? row_block * kVocabTile : 0}, opts);
@@ -65,12 +69,15 @@ void statistics_impl(const Tensor& h, const Tensor& weight, const Tensor& bias, 
           acc_t* row = z + i * cols;
           acc_t* ec_row = need_m1 ? ec.data_ptr<acc_t>() + i * cols : nullptr;
           acc_t* ephi_row = need_m2 ? ephi.data_ptr<acc_t>() + i * cols : nullptr;
+          acc_t smoothed = 0;
           for (int64_t j = 0; j < cols; ++j) {  // the weights first, then the capped logit in place
             const CapDerivatives<acc_t> d(row[j], cap);
             if (need_m1) ec_row[j] = d.c;
             if (need_m2) ephi_row[j] = d.phi();
+            if (om) smoothed += om[v0 + j] * d.z;
             row[j] = d.z;
           }
+          if (om) sum_ptr[r0 + i] += smoothed;
           const acc_t rescale = softmax[i].rescale_for(row_max(row, cols));
           softmax[i].sum += exp_shifted_sum_inplace(row, cols, softmax[i].shift());
           for (int64_t j = 0; j < cols; ++j) {
@@ -97,6 +104,7 @@ void statistics_impl(const Tensor& h, const Tensor& weight, const Tensor& bias, 
 
 struct SweepRows {
   Tensor h, lse, amount, row_const, T, Q;  // accumulation dtype; T / Q undefined when unused
+  Tensor omega, grad_sum;                  // label smoothing's weights (V) and dF/dS (N); undefined without it
   const int64_t* target;
 };
 
@@ -109,6 +117,8 @@ void sweep_impl(const SweepRows& r, const Tensor& weight, const Tensor& bias, ac
   const acc_t* lse = r.lse.data_ptr<acc_t>();
   const acc_t* amount = r.amount.data_ptr<acc_t>();
   const acc_t* row_const = r.row_const.data_ptr<acc_t>();
+  const acc_t* om = r.omega.defined() ? r.omega.data_ptr<acc_t>() : nullptr;
+  const acc_t* grad_sum = om ? r.grad_sum.data_ptr<acc_t>() : nullptr;
   parallel_blocks(vocab, kVocabTile, [&] {
     struct Scratch {
       Tensor grad_h_part, probs, grad, t2, pc, pphi, weight_flat, acc_w, acc_st_Q;
@@ -158,6 +168,7 @@ void sweep_impl(const SweepRows& r, const Tensor& weight, const Tensor& bias, ac
             }
             s[k] = p;
             g[k] = p * inner;
+            if (om) g[k] += grad_sum[row] * om[v0 + j] * d.c;
           }
           subtract_at_target(g + i * cols, r.target[row], v0, cols, amount[row]);
           if (want_b) add_columns(t.acc_b.data(), g + i * cols, cols);
@@ -180,9 +191,19 @@ void sweep_impl(const SweepRows& r, const Tensor& weight, const Tensor& bias, ac
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> softcap_statistics(const Tensor& input, const Tensor& weight,
-                                                      const c10::optional<Tensor>& bias, double softcap,
-                                                      bool need_m1, bool need_m2) {
+// Label smoothing's weights (V,) in the accumulation dtype, or undefined.
+static Tensor smoothing_weights_acc(const c10::optional<Tensor>& omega, int64_t vocab, at::ScalarType acc,
+                                    const char* op) {
+  if (!omega.has_value() || !omega->defined()) return Tensor();
+  TORCH_CHECK(omega->dim() == 1 && omega->size(0) == vocab, op, ": smoothing_weights must have shape (", vocab,
+              ",), got ", omega->sizes());
+  return omega->to(acc).contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> softcap_statistics(const Tensor& input, const Tensor& weight,
+                                                              const c10::optional<Tensor>& bias, double softcap,
+                                                              bool need_m1, bool need_m2,
+                                                              const c10::optional<Tensor>& smoothing_weights) {
   TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
               "dropreg::softcap_statistics: input (N, d) and weight (V, d) expected");
   TORCH_CHECK(softcap > 0, "dropreg::softcap_statistics: softcap must be positive, got ", softcap);
@@ -195,17 +216,20 @@ std::tuple<Tensor, Tensor, Tensor> softcap_statistics(const Tensor& input, const
   Tensor lse = at::empty({rows}, h.options());
   Tensor m1 = at::zeros({need_m1 ? rows : 0, dim}, h.options());
   Tensor m2 = at::zeros({need_m2 ? rows : 0, dim}, h.options());
+  const Tensor omega = smoothing_weights_acc(smoothing_weights, weight.size(0), acc, "dropreg::softcap_statistics");
+  Tensor smoothing_sum = at::zeros({omega.defined() ? rows : 0}, h.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "softcap_statistics", [&] {
-    statistics_impl<scalar_t>(h, weight.contiguous(), b, static_cast<scalar_t>(softcap), need_m1, need_m2, lse, m1,
-                              m2);
+    statistics_impl<scalar_t>(h, weight.contiguous(), b, static_cast<scalar_t>(softcap), need_m1, need_m2, omega,
+                              lse, m1, m2, smoothing_sum);
   });
-  return {lse, m1, m2};
+  return {lse, m1, m2, smoothing_sum};
 }
 
 std::tuple<Tensor, Tensor, Tensor> softcap_gradient_sweep(
     const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, double softcap, const Tensor& lse,
     const Tensor& target, const Tensor& amount, const Tensor& row_const, const c10::optional<Tensor>& T,
-    const c10::optional<Tensor>& Q, std::array<bool, 3> output_mask) {
+    const c10::optional<Tensor>& Q, const c10::optional<Tensor>& smoothing_weights,
+    const c10::optional<Tensor>& grad_smoothing_sum, std::array<bool, 3> output_mask) {
   TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
               "dropreg::softcap_gradient_sweep: input (N, d) and weight (V, d) expected");
   TORCH_CHECK(softcap > 0, "dropreg::softcap_gradient_sweep: softcap must be positive, got ", softcap);
@@ -225,6 +249,13 @@ std::tuple<Tensor, Tensor, Tensor> softcap_gradient_sweep(
   r.row_const = row_const.to(acc).contiguous();
   if (has_T) r.T = T->to(acc).contiguous();
   if (has_Q) r.Q = Q->to(acc).contiguous();
+  r.omega = smoothing_weights_acc(smoothing_weights, vocab, acc, "dropreg::softcap_gradient_sweep");
+  if (r.omega.defined()) {
+    TORCH_CHECK(grad_smoothing_sum.has_value() && grad_smoothing_sum->defined() &&
+                    grad_smoothing_sum->dim() == 1 && grad_smoothing_sum->size(0) == rows,
+                "dropreg::softcap_gradient_sweep: smoothing_weights need grad_smoothing_sum of shape (", rows, ",)");
+    r.grad_sum = grad_smoothing_sum->to(acc).contiguous();
+  }
   const Tensor target_c = target.contiguous();
   r.target = target_c.data_ptr<int64_t>();
   const Tensor b = has_bias ? bias->to(acc).contiguous() : Tensor();

@@ -411,8 +411,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         zero = torch.zeros((), dtype=out_dtype, device=input.device)
         return LinearCrossEntropyOutput(ce=ce.to(out_dtype), explicit=zero, implicit=zero,
                                         z_loss=z_value.to(out_dtype) if options.z_loss else zero)
-    z_term = lse = None
+    z_term = lse = smoothing_sum = None
     h = rows.zero_ignored(input)
+    smoothing_weights = options.capped_smoothing_weights(classes)  # label smoothing's S from the capped passes
     if call.sharded:
         seed = call.seed
         if softcap is None:
@@ -420,19 +421,20 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                 call.shard, h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit,
                 need_implicit, local_backend)
         else:
-            ce, quadratic, sign_term, mu = distributed.sharded_softcap_terms(
+            ce, quadratic, sign_term, mu, smoothing_sum = distributed.sharded_softcap_terms(
                 call.shard, h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit,
-                need_implicit, softcap, local_backend)
+                need_implicit, softcap, local_backend, smoothing_weights)
     elif softcap is None:
         ce, quadratic, sign_term, mu = implementation.linear_ce(h, linear_weight, linear_bias, rows.safe_target,
                                                                 flat_signs, seed, need_explicit, need_implicit)
     else:
-        ce, quadratic, sign_term, mu = implementation.linear_ce_softcap(
-            h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit, need_implicit, softcap)
+        ce, quadratic, sign_term, mu, smoothing_sum = implementation.linear_ce_softcap(
+            h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit, need_implicit, softcap,
+            smoothing_weights)
     if options.active:
         signs_used = implicit_signs(h, flat_signs, seed, need_implicit and options.needs_signs)
         ce, quadratic, sign_term, z_term, lse = options.adjust(ce, quadratic, sign_term, mu, h, classes, signs_used,
-                                                               need_explicit, need_implicit)
+                                                               need_explicit, need_implicit, smoothing_sum)
     reduce = rows.reducer(reduction, _result_dtype(input.dtype))
     zero = reduce(torch.zeros_like(ce))
     out = LinearCrossEntropyOutput(

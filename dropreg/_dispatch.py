@@ -12,7 +12,8 @@ terms without coefficients (the caller applies coefficients, masks ignored rows 
   :func:`dropreg.reference.reference_softmax_mean`;
 * ``sample_targets(input, weight, bias, samples, seed) -> (samples, N) int64``, as
   :func:`dropreg.reference.reference_sample_targets`;
-* optionally ``linear_ce_softcap(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap)``
+* optionally ``linear_ce_softcap(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap,
+  smoothing_weights=None)`` (returning ``linear_ce``'s four and label smoothing's ``S``, docs/math.md 3.7)
   and ``rdrop_softcap(input1, input2, weight, bias, target, softcap)``: ``linear_ce`` and ``rdrop`` for a softcapped
   head (docs/math.md 3.6, 9.4); a backend without one refuses ``softcap=`` on that op, and ``"auto"`` skips it
   then;

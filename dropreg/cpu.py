@@ -164,18 +164,26 @@ def _register_ce_with_grads_kernels() -> None:
 def _register_softcap_kernels() -> None:
     """Fake kernels of the softcap passes; their autograd is dropreg/softcap.py's Function, which calls them."""
     @torch.library.register_fake("dropreg::softcap_statistics")
-    def _statistics_fake(input, weight, bias, softcap, need_m1, need_m2):
+    def _statistics_fake(input, weight, bias, softcap, need_m1, need_m2, smoothing_weights):
         op = "dropreg::softcap_statistics"
-        rows, dim, _ = _check_head(op, {"input": input}, weight, bias,
-                                   input.new_empty((input.shape[0],), dtype=torch.int64))
+        rows, dim, vocab = _check_head(op, {"input": input}, weight, bias,
+                                       input.new_empty((input.shape[0],), dtype=torch.int64))
+        if smoothing_weights is not None:
+            _check_shape(op, "smoothing_weights", smoothing_weights, (vocab,))
         acc = accumulation_dtype(input.dtype)
         return (input.new_empty((rows,), dtype=acc), input.new_empty((rows if need_m1 else 0, dim), dtype=acc),
-                input.new_empty((rows if need_m2 else 0, dim), dtype=acc))
+                input.new_empty((rows if need_m2 else 0, dim), dtype=acc),
+                input.new_empty((rows if smoothing_weights is not None else 0,), dtype=acc))
 
     @torch.library.register_fake("dropreg::softcap_gradient_sweep")
-    def _sweep_fake(input, weight, bias, softcap, lse, target, amount, row_const, T, Q, output_mask):
+    def _sweep_fake(input, weight, bias, softcap, lse, target, amount, row_const, T, Q, smoothing_weights,
+                    grad_smoothing_sum, output_mask):
         op = "dropreg::softcap_gradient_sweep"
         rows, dim, vocab = _check_head(op, {"input": input}, weight, bias, target)
+        if smoothing_weights is not None:
+            _check_shape(op, "smoothing_weights", smoothing_weights, (vocab,))
+            torch._check(grad_smoothing_sum is not None, lambda: f"{op}: smoothing_weights need grad_smoothing_sum")
+            _check_shape(op, "grad_smoothing_sum", grad_smoothing_sum, (rows,))
         acc = accumulation_dtype(input.dtype)
         for name, per_row in (("lse", lse), ("amount", amount), ("row_const", row_const)):
             _check_shape(op, name, per_row, (rows,))

@@ -700,34 +700,39 @@ class CppShardedTerms(torch.autograd.Function):
 
 
 class ShardedSoftcapTerms(torch.autograd.Function):
-    """Per-row ``(ce, quadratic, sign_term, M1)`` of :class:`dropreg.softcap.StreamedSoftcapTerms`, for a sliced
+    """Per-row ``(ce, quadratic, sign_term, M1, S)`` of :class:`dropreg.softcap.StreamedSoftcapTerms`, for a sliced
     head: each slice's capped statistics (``passes``: chunked PyTorch or the C++ ops) merge like the uncapped
-    moments, and the target's pieces come from the slice that owns it (docs/math.md 12.6)."""
+    moments, the target's pieces come from the slice that owns it (docs/math.md 12.6), and label smoothing's
+    ``S`` (``omega``: this slice's weights) is the sum of the slices' parts (3.7)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, signs, softcap_value, need_explicit, need_implicit, shard, passes):
+    def forward(ctx, h, weight, bias, target, signs, omega, softcap_value, need_explicit, need_implicit, shard,
+                passes):
         acc = accumulation_dtype(h.dtype)
         need_m1 = need_explicit or need_implicit
-        lse_r, m1_r, m2_r = passes.statistics(h, weight, bias, softcap_value, need_m1, need_explicit)
+        lse_r, m1_r, m2_r, smoothing_r = passes.statistics(h, weight, bias, softcap_value, need_m1, need_explicit,
+                                                           omega)
         local_target, owned = shard.localize(target)
         safe = torch.where(owned, local_target, torch.zeros_like(local_target))
         hc = h.to(acc)
         picked = [streamed.target_logit(hc, weight, bias, safe, acc)]
         picked += [p for p in softcap.target_products(hc, weight[safe].to(acc), signs, need_explicit, need_implicit)
                    if p is not None]
+        picked = [_owned_pick(owned, p) for p in picked]
         lse, moments, picked = _merge_normalized(shard, lse_r, [m for m in (m1_r, m2_r) if m is not None],
-                                                 [_owned_pick(owned, p) for p in picked])
+                                                 picked + ([] if smoothing_r is None else [smoothing_r]))
+        smoothing_sum = torch.zeros_like(lse) if smoothing_r is None else picked.pop()
         m1, m2 = (moments + [None, None])[:2]
         q_ww = picked[1] if need_explicit else None
         y = softcap.TargetValues(picked[0], q_ww, picked[-1] if need_implicit else None, softcap_value)
-        ctx.save_for_backward(h, weight, bias, safe, owned, signs, lse, m1, m2)
+        ctx.save_for_backward(h, weight, bias, safe, owned, signs, omega, lse, m1, m2)
         ctx.options = (softcap_value, y, need_explicit, need_implicit, shard, passes)
-        return (*softcap.capped_terms(hc, signs, lse, m1, m2, y, need_explicit, need_implicit), m1)
+        return (*softcap.capped_terms(hc, signs, lse, m1, m2, y, need_explicit, need_implicit), m1, smoothing_sum)
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_m1):
-        h, weight, bias, safe, owned, signs, lse, m1, m2 = ctx.saved_tensors
+    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_m1, grad_smoothing_sum):
+        h, weight, bias, safe, owned, signs, omega, lse, m1, m2 = ctx.saved_tensors
         softcap_value, y, need_explicit, need_implicit, shard, passes = ctx.options
         acc = lse.dtype
         hc = h.to(acc)
@@ -738,7 +743,8 @@ class ShardedSoftcapTerms(torch.autograd.Function):
         owned_acc = owned.to(acc)
         # Only the owning slice subtracts at the target (safe is its class 0 elsewhere, with amount 0).
         grad_h, grad_w, grad_b = passes.sweep(h, weight, bias, softcap_value, lse, safe, amount * owned_acc,
-                                              row_const, T_vec, Q, ctx.needs_input_grad[:3])
+                                              row_const, T_vec, Q, ctx.needs_input_grad[:3], omega,
+                                              softcap.smoothing_upstream(omega, grad_smoothing_sum, lse))
         # The target row's own terms, on the rows whose target this slice owns.
         to_h, to_w = (g * owned_acc[:, None] for g in softcap.target_row_gradients(
             hc, signs, weight[safe].to(acc), y, upstream, need_explicit, need_implicit))
@@ -748,12 +754,13 @@ class ShardedSoftcapTerms(torch.autograd.Function):
             grad_w = grad_w.index_add(0, safe, to_w).to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def sharded_softcap_terms(shard: Shard, input, weight, bias, target, signs, seed, need_explicit, need_implicit,
-                          softcap_value, local_backend="torch"):
-    """Per-row ``(ce, quadratic, sign_term, M1)`` of a softcapped, sliced head; ``target`` holds global classes.
+                          softcap_value, local_backend="torch", smoothing_weights=None):
+    """Per-row ``(ce, quadratic, sign_term, M1, S)`` of a softcapped, sliced head (``S`` None without
+    ``smoothing_weights``, this slice's); ``target`` holds global classes.
     ``"cpu"`` streams the slice with the C++ passes, ``"torch"`` and ``"chunked"`` with chunked PyTorch (as in one
     process, where the chunked backend's capped head is the streamed one)."""
     signs = streamed.implicit_signs(input, signs, seed, need_implicit)
@@ -764,8 +771,11 @@ def sharded_softcap_terms(shard: Shard, input, weight, bias, target, signs, seed
         bias = None if bias is None else bias.contiguous()
     else:
         passes = softcap.TorchPasses(*streamed.default_blocks(input.shape[0], weight.shape[0]))
-    return ShardedSoftcapTerms.apply(input, weight, bias, target.contiguous(), signs, float(softcap_value),
-                                     need_explicit, need_implicit, shard, passes)
+    omega = None if smoothing_weights is None else smoothing_weights.detach().contiguous()
+    *terms, smoothing_sum = ShardedSoftcapTerms.apply(input, weight, bias, target.contiguous(), signs, omega,
+                                                      float(softcap_value), need_explicit, need_implicit, shard,
+                                                      passes)
+    return (*terms, None if omega is None else smoothing_sum)
 
 
 class CppShardedSoftmaxMean(torch.autograd.Function):

@@ -219,17 +219,32 @@ class LossOptions:
             shift = shift + self.smoothing * (w_bar * classes.target_bias() - classes.mean_bias())
         return direction, shift
 
-    def _capped_smoothing_terms(self, h, classes: ClassValues, signs, need_explicit, need_implicit):
+    def capped_smoothing_weights(self, classes: ClassValues) -> Optional[Tensor]:
+        """``omega = (eps / V) w`` over this head's classes, for a capped head's own passes to form label
+        smoothing's ``S = sum_v omega_v z_v`` (docs/math.md 3.7); None unless smoothing on a softcapped head."""
+        if not self.smoothing or self.softcap is None:
+            return None
+        scale = self.smoothing / classes.classes
+        if classes.class_weight is None:
+            return torch.full((classes.weight.shape[0],), scale, dtype=classes.acc, device=classes.weight.device)
+        return scale * classes.class_weight.detach().to(classes.acc)
+
+    def _capped_smoothing_terms(self, h, classes: ClassValues, signs, need_explicit, need_implicit, smoothing_sum):
         """With a softcap (docs/math.md 3.7), per row: the smoothed loss's part outside ``a ce``,
         ``eps wbar z_y - S``, and that part's explicit and implicit terms, ``eps wbar z2_y q . W_y^2 - Sq`` and
-        ``eps wbar c_y u . W_y - Ss``; ``S``, ``Sq``, ``Ss`` streamed over the classes (summed over the slices of a
-        vocabulary-parallel head)."""
+        ``eps wbar c_y u . W_y - Ss``. ``smoothing_sum``: ``S`` from the capped head's passes, or None to stream it
+        here with ``Sq`` and ``Ss`` (summed over the slices of a vocabulary-parallel head)."""
         hc = h.to(classes.acc)
         z_target, c_target, z2_target, _ = softcap_derivatives(classes.target_logit(hc), self.softcap)
         signs = None if signs is None else signs.to(classes.acc)
-        sums = capped_smoothing_sums(classes.slice_input(h), classes.weight, classes.bias, classes.class_weight, signs, self.softcap,
-                                     self.smoothing / classes.classes, need_explicit, need_implicit)
-        total, sum_quadratic, sum_sign = classes._over_all_classes(list(sums))
+        wanted = (smoothing_sum is None, need_explicit, need_implicit)
+        total, sum_quadratic, sum_sign = smoothing_sum, None, None
+        if any(wanted):
+            sums = capped_smoothing_sums(classes.slice_input(h), classes.weight, classes.bias, classes.class_weight,
+                                         signs, self.softcap, self.smoothing / classes.classes, *wanted)
+            merged = iter(classes._over_all_classes([part for want, part in zip(wanted, sums) if want]))
+            total, sum_quadratic, sum_sign = (next(merged) if want else given
+                                              for want, given in zip(wanted, (smoothing_sum, None, None)))
         target_scale = self.smoothing * classes.class_weight_mean()
         w_target = classes.target_row()
         quadratic_part = sign_part = None
@@ -240,9 +255,10 @@ class LossOptions:
         return target_scale * z_target - total, quadratic_part, sign_part
 
     def adjust(self, ce, quadratic, sign_term, mu, h, classes: ClassValues, signs, need_explicit,
-               need_implicit) -> AdjustedTerms:
+               need_implicit, smoothing_sum=None) -> AdjustedTerms:
         """The per-row terms with the options applied, from a backend's raw ``(ce, quadratic, sign_term, mu)``
-        (``signs`` only needed when the implicit term is)."""
+        (``signs`` only needed when the implicit term is) and, on a capped head, label smoothing's ``S`` from its
+        passes (None: streamed here)."""
         acc = ce.dtype
         lse = z2_target = None
         if self.want_lse:
@@ -256,7 +272,7 @@ class LossOptions:
             ce, quadratic, sign_term = a * ce, a * quadratic, a * sign_term
         if self.smoothing and self.softcap is not None:
             shift, quadratic_part, sign_part = self._capped_smoothing_terms(h, classes, signs, need_explicit,
-                                                                            need_implicit)
+                                                                            need_implicit, smoothing_sum)
             ce = ce + shift
             if need_explicit:
                 quadratic = quadratic + quadratic_part

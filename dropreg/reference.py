@@ -21,7 +21,7 @@ def reference_terms(input, weight, bias, target, signs, seed, need_explicit, nee
     """
     if softcap is not None:
         return reference_softcap_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit,
-                                       softcap)
+                                       softcap)[:4]
     acc = accumulation_dtype(input.dtype)
     h, w = input.to(acc), weight.to(acc)
     logits = h @ w.T
@@ -46,10 +46,12 @@ def reference_terms(input, weight, bias, target, signs, seed, need_explicit, nee
     return ce, quadratic, sign_term, mu
 
 
-def reference_softcap_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap):
+def reference_softcap_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap,
+                            smoothing_weights=None):
     """:func:`reference_terms` for a softcapped head (docs/math.md 3.6), materialized: ``mu`` is then
     ``M1 = W^T (s c)``, ``quadratic = sum_j q_j (M2_j - M1_j^2 - z2_y W_yj^2)`` with ``M2 = (W*W)^T (s (c^2 + z2))``,
-    and ``sign_term = sum_j u_j (M1_j - c_y W_yj)``."""
+    and ``sign_term = sum_j u_j (M1_j - c_y W_yj)``; fifth, label smoothing's ``S = z @ smoothing_weights``
+    (docs/math.md 3.7; None without them)."""
     acc = accumulation_dtype(input.dtype)
     h, w = input.to(acc), weight.to(acc)
     raw = h @ w.T
@@ -58,9 +60,10 @@ def reference_softcap_terms(input, weight, bias, target, signs, seed, need_expli
     logits, c, z2, _ = softcap_derivatives(raw, softcap)
     at_target = target[:, None]
     ce = torch.logsumexp(logits, dim=-1) - logits.gather(1, at_target).squeeze(1)
+    smoothing_sum = None if smoothing_weights is None else logits @ smoothing_weights.detach().to(acc)
     zeros = torch.zeros_like(ce)
     if not (need_explicit or need_implicit):
-        return ce, zeros, zeros, None
+        return ce, zeros, zeros, None, smoothing_sum
     probs = torch.softmax(logits, dim=-1)
     m1 = (probs * c) @ w
     quadratic = sign_term = zeros
@@ -72,7 +75,7 @@ def reference_softcap_terms(input, weight, bias, target, signs, seed, need_expli
         if signs is None:
             signs = philox_signs(seed, h.shape[0], h.shape[1], device=h.device, dtype=acc)
         sign_term = (signs.to(acc) * h * (m1 - c.gather(1, at_target) * w_target)).sum(-1)
-    return ce, quadratic, sign_term, m1
+    return ce, quadratic, sign_term, m1, smoothing_sum
 
 
 def reference_rdrop(input1, input2, weight, bias, target, softcap=None):

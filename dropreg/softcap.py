@@ -111,11 +111,13 @@ class TorchPasses:
     def __init__(self, row_block, vocab_chunk):
         self.row_block, self.vocab_chunk = row_block, vocab_chunk
 
-    def statistics(self, h, weight, bias, softcap, need_m1, need_m2):
-        """Per row ``lse`` of the capped logits and, as asked, ``M1`` and ``M2`` (N x d each, else None)."""
+    def statistics(self, h, weight, bias, softcap, need_m1, need_m2, omega=None):
+        """Per row ``lse`` of the capped logits and, as asked, ``M1`` and ``M2`` (N x d each, else None) and label
+        smoothing's ``S = sum_v omega_v z_v`` (None without ``omega``, docs/math.md 3.7)."""
         acc = accumulation_dtype(h.dtype)
         n_rows, dim = h.shape
         lse = torch.empty(n_rows, dtype=acc, device=h.device)
+        smoothing_sum = None if omega is None else torch.zeros(n_rows, dtype=acc, device=h.device)
         m1 = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if need_m1 else None
         m2 = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if need_m2 else None
         for r0, r1 in _spans(n_rows, self.row_block):
@@ -124,6 +126,8 @@ class TorchPasses:
             for v0, v1 in _spans(weight.shape[0], self.vocab_chunk):
                 w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
                 logits, c, z2, _ = softcap_derivatives(_chunk_logits(h_block, w, b), softcap)
+                if omega is not None:
+                    smoothing_sum[r0:r1] += logits @ omega[v0:v1].to(acc)
                 rescale = softmax.absorb(logits)  # logits become exp(z - running max)
                 if need_m1:
                     m1[r0:r1].mul_(rescale[:, None]).addmm_(logits * c, w)
@@ -133,11 +137,12 @@ class TorchPasses:
             for moment in (m1, m2):
                 if moment is not None:
                     moment[r0:r1] /= softmax.sum[:, None]
-        return lse, m1, m2
+        return lse, m1, m2, smoothing_sum
 
-    def sweep(self, h, weight, bias, softcap, lse, target, amount, row_const, T_vec, Q, wants):
+    def sweep(self, h, weight, bias, softcap, lse, target, amount, row_const, T_vec, Q, wants, omega=None,
+              grad_sum=None):
         """``(grad_h_vocab, grad_w, grad_b)``: ``sum_v G_v W_v``, ``G^T h + (s c)^T T + 2 W * (s phi)^T Q`` and
-        ``sum_rows G`` (None where not wanted)."""
+        ``sum_rows G`` (None where not wanted); with ``omega``, G includes S's ``grad_sum omega c``."""
         want_h, want_w, want_b = wants
         acc = lse.dtype
         n_rows, dim = h.shape
@@ -161,6 +166,8 @@ class TorchPasses:
                         if Q_rows is not None:
                             g_logits += (c * phi + 2 * c * z2 + z3) * (Q_rows @ (w * w).T)
                     g_logits.mul_(probs)
+                    if omega is not None:
+                        g_logits += grad_sum[rows, None] * omega[v0:v1].to(acc) * c
                     _subtract_at_target(g_logits, target[rows], v0, v1, amount[rows])
                 if want_h:
                     grad_h[rows].addmm_(g_logits, w)
@@ -180,15 +187,17 @@ class CppPasses:
     """The two passes as the C++ ops of csrc/softcap.cpp (CPU tensors)."""
 
     @staticmethod
-    def statistics(h, weight, bias, softcap, need_m1, need_m2):
-        lse, m1, m2 = torch.ops.dropreg.softcap_statistics(h, weight, bias, softcap, need_m1, need_m2)
-        return lse, (m1 if need_m1 else None), (m2 if need_m2 else None)
+    def statistics(h, weight, bias, softcap, need_m1, need_m2, omega=None):
+        lse, m1, m2, smoothing_sum = torch.ops.dropreg.softcap_statistics(h, weight, bias, softcap, need_m1, need_m2,
+                                                                          omega)
+        return lse, (m1 if need_m1 else None), (m2 if need_m2 else None), (None if omega is None else smoothing_sum)
 
     @staticmethod
-    def sweep(h, weight, bias, softcap, lse, target, amount, row_const, T_vec, Q, wants):
+    def sweep(h, weight, bias, softcap, lse, target, amount, row_const, T_vec, Q, wants, omega=None, grad_sum=None):
         want_h, want_w, want_b = wants
         grads = torch.ops.dropreg.softcap_gradient_sweep(
-            h, weight, bias, softcap, lse, target, amount, row_const, T_vec, Q, [want_h, want_w, want_b])
+            h, weight, bias, softcap, lse, target, amount, row_const, T_vec, Q, omega, grad_sum,
+            [want_h, want_w, want_b])
         return tuple(g if wanted else None for g, wanted in zip(grads, wants))
 
 
@@ -196,10 +205,12 @@ class CappedSmoothingSums(torch.autograd.Function):
     """Label smoothing's streamed part of a capped head (docs/math.md 3.7), per row: ``S = sum_v omega_v z_v``, and
     the two dropout terms of ``S``, ``Sq = q . K2`` and ``Ss = u . K1``, with ``omega_v = scale w_v`` (``w`` the
     class weights, 1 when None), ``K1 = sum_v omega_v c_v W_v``, ``K2 = sum_v omega_v z2_v W_v^2``, ``q = h*h``,
-    ``u = sigma*h``. Chunked PyTorch on any device; the backward recomputes the capped logits chunk by chunk."""
+    ``u = sigma*h``. Chunked PyTorch on any device; the backward recomputes the capped logits chunk by chunk.
+    ``need_sum=False`` leaves ``S`` (zeros) to the capped head's own passes, which form it at no GEMM's cost."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, class_weight, signs, softcap, scale, need_explicit, need_implicit, blocks):
+    def forward(ctx, h, weight, bias, class_weight, signs, softcap, scale, need_sum, need_explicit, need_implicit,
+                blocks):
         acc = accumulation_dtype(h.dtype)
         n_rows, dim = h.shape
         total = torch.zeros(n_rows, dtype=acc, device=h.device)
@@ -209,7 +220,8 @@ class CappedSmoothingSums(torch.autograd.Function):
                                                                    blocks):
             with record_function("dropreg::capped_smoothing_sums"):
                 z, c, z2, _ = softcap_derivatives(_chunk_logits(h_block, w, b), softcap)
-                total[r0:r1] += z @ omega
+                if need_sum:
+                    total[r0:r1] += z @ omega
                 if k1 is not None:
                     k1[r0:r1].addmm_(c * omega, w)
                 if k2 is not None:
@@ -218,17 +230,17 @@ class CappedSmoothingSums(torch.autograd.Function):
         sq = (hc * hc * k2).sum(1) if k2 is not None else torch.zeros_like(total)
         ss = (signs * hc * k1).sum(1) if k1 is not None else torch.zeros_like(total)
         ctx.save_for_backward(h, weight, bias, class_weight, signs, k1, k2)
-        ctx.options = (softcap, scale, blocks)
+        ctx.options = (softcap, scale, need_sum, blocks)
         return total, sq, ss
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_total, grad_sq, grad_ss):
         h, weight, bias, class_weight, signs, k1, k2 = ctx.saved_tensors
-        softcap, scale, blocks = ctx.options
+        softcap, scale, need_sum, blocks = ctx.options
         acc = accumulation_dtype(h.dtype)
         hc = h.to(acc)
-        g_total = torch.zeros(h.shape[0], dtype=acc, device=h.device) if grad_total is None else grad_total.to(acc)
+        g_total = None if grad_total is None or not need_sum else grad_total.to(acc)
         # dF/dK1 = g_ss u and dF/dK2 = g_sq q per row; None where the term is off or gets no gradient
         A = None if k1 is None or grad_ss is None else grad_ss.to(acc)[:, None] * signs * hc
         B = None if k2 is None or grad_sq is None else grad_sq.to(acc)[:, None] * hc * hc
@@ -240,7 +252,7 @@ class CappedSmoothingSums(torch.autograd.Function):
                                                                      blocks):
             with record_function("dropreg::capped_smoothing_gradient"):
                 _, c, z2, z3 = softcap_derivatives(_chunk_logits(h_block, w, b), softcap)
-                g_logits = c * g_total[r0:r1, None]
+                g_logits = c * g_total[r0:r1, None] if g_total is not None else torch.zeros_like(c)
                 if A is not None:
                     g_logits += z2 * (A[r0:r1] @ w.T)
                 if B is not None:
@@ -264,7 +276,7 @@ class CappedSmoothingSums(torch.autograd.Function):
                 grad_h += 2 * grad_sq.to(acc)[:, None] * hc * k2
             grad_h = grad_h.to(h.dtype)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None, None)
 
 
 def _smoothing_chunks(h, weight, bias, class_weight, scale, acc, blocks):
@@ -280,34 +292,39 @@ def _smoothing_chunks(h, weight, bias, class_weight, scale, acc, blocks):
 
 
 @_eager_under_compile
-def capped_smoothing_sums(h, weight, bias, class_weight, signs, softcap, scale, need_explicit, need_implicit):
+def capped_smoothing_sums(h, weight, bias, class_weight, signs, softcap, scale, need_sum, need_explicit,
+                          need_implicit):
     """Per row ``(S, Sq, Ss)`` of :class:`CappedSmoothingSums` over this head's classes (a slice's part on a
     vocabulary-parallel head: all three are sums over the classes)."""
     blocks = streamed.default_blocks(h.shape[0], weight.shape[0])
     class_weight = None if class_weight is None else class_weight.detach()
-    return CappedSmoothingSums.apply(h, weight, bias, class_weight, signs, float(softcap), float(scale),
+    return CappedSmoothingSums.apply(h, weight, bias, class_weight, signs, float(softcap), float(scale), need_sum,
                                      need_explicit, need_implicit, blocks)
 
 
 class StreamedSoftcapTerms(torch.autograd.Function):
-    """Per-row ``(ce, quadratic, sign_term, M1)`` of a capped head; ``passes`` runs the two vocabulary passes."""
+    """Per-row ``(ce, quadratic, sign_term, M1, S)`` of a capped head; ``passes`` runs the two vocabulary passes.
+    ``S = sum_v omega_v z_v`` is label smoothing's part (docs/math.md 3.7), zeros without ``omega``."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, signs, softcap, need_explicit, need_implicit, passes):
+    def forward(ctx, h, weight, bias, target, signs, omega, softcap, need_explicit, need_implicit, passes):
         acc = accumulation_dtype(h.dtype)
         with record_function("dropreg::softcap_forward_stats"):
-            lse, m1, m2 = passes.statistics(h, weight, bias, softcap, need_explicit or need_implicit, need_explicit)
+            lse, m1, m2, smoothing_sum = passes.statistics(h, weight, bias, softcap, need_explicit or need_implicit,
+                                                           need_explicit, omega)
         hc = h.to(acc)
         y = TargetValues(target_logit(hc, weight, bias, target, acc),
                          *target_products(hc, weight[target].to(acc), signs, need_explicit, need_implicit), softcap)
-        ctx.save_for_backward(h, weight, bias, target, signs, lse, m1, m2)
+        ctx.save_for_backward(h, weight, bias, target, signs, omega, lse, m1, m2)
         ctx.options = (softcap, y, need_explicit, need_implicit, passes)
-        return (*capped_terms(hc, signs, lse, m1, m2, y, need_explicit, need_implicit), m1)
+        if smoothing_sum is None:
+            smoothing_sum = torch.zeros_like(lse)
+        return (*capped_terms(hc, signs, lse, m1, m2, y, need_explicit, need_implicit), m1, smoothing_sum)
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_m1):
-        h, weight, bias, target, signs, lse, m1, m2 = ctx.saved_tensors
+    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_m1, grad_smoothing_sum):
+        h, weight, bias, target, signs, omega, lse, m1, m2 = ctx.saved_tensors
         softcap, y, need_explicit, need_implicit, passes = ctx.options
         acc = lse.dtype
         hc = h.to(acc)
@@ -315,8 +332,9 @@ class StreamedSoftcapTerms(torch.autograd.Function):
                     for g in (grad_ce, grad_quadratic, grad_sign_term)]
         row_const, amount, T_vec, Q, direct_h = backward_row_terms(hc, signs, m1, m2, y, upstream, grad_m1,
                                                                    need_explicit, need_implicit)
+        grad_sum = smoothing_upstream(omega, grad_smoothing_sum, lse)
         grad_h, grad_w, grad_b = passes.sweep(h, weight, bias, softcap, lse, target, amount, row_const,
-                                              T_vec, Q, ctx.needs_input_grad[:3])
+                                              T_vec, Q, ctx.needs_input_grad[:3], omega, grad_sum)
         to_h, to_w = target_row_gradients(hc, signs, weight[target].to(acc), y, upstream, need_explicit,
                                           need_implicit)
         if grad_h is not None:
@@ -325,29 +343,41 @@ class StreamedSoftcapTerms(torch.autograd.Function):
             grad_w = grad_w.index_add(0, target, to_w).to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def smoothing_upstream(omega, grad_smoothing_sum, like):
+    """dF/dS per row for the sweep (None without smoothing; zeros when S got no gradient)."""
+    if omega is None:
+        return None
+    return torch.zeros_like(like) if grad_smoothing_sum is None else grad_smoothing_sum.to(like.dtype)
 
 
 @_eager_under_compile
-def streamed_softcap_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap, *,
-                           row_block=None, vocab_chunk=None):
-    """Per-row ``(ce, quadratic, sign_term, M1)`` of a softcapped head, as
-    :func:`dropreg.reference.reference_softcap_terms`, streamed in PyTorch."""
+def streamed_softcap_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap,
+                           smoothing_weights=None, *, row_block=None, vocab_chunk=None):
+    """Per-row ``(ce, quadratic, sign_term, M1, S)`` of a softcapped head, as
+    :func:`dropreg.reference.reference_softcap_terms`, streamed in PyTorch (``S`` None without
+    ``smoothing_weights``)."""
     # streamed.default_blocks looked up per call: the test suite's small-tile variant patches it
     default_rows, default_chunk = streamed.default_blocks(input.shape[0], weight.shape[0])
-    return _apply(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap,
+    return _apply(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap, smoothing_weights,
                   TorchPasses(row_block or default_rows, vocab_chunk or default_chunk))
 
 
 @_eager_under_compile
-def cpu_softcap_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap):
+def cpu_softcap_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap,
+                      smoothing_weights=None):
     """:func:`streamed_softcap_terms` with the C++ vocabulary passes (the ``"cpu"`` backend)."""
     load_cpp_library()  # built, or JIT-loaded on first use
     return _apply(input.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), target,
-                  signs, seed, need_explicit, need_implicit, softcap, CppPasses())
+                  signs, seed, need_explicit, need_implicit, softcap, smoothing_weights, CppPasses())
 
 
-def _apply(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap, passes):
+def _apply(input, weight, bias, target, signs, seed, need_explicit, need_implicit, softcap, smoothing_weights,
+           passes):
     signs = implicit_signs(input, signs, seed, need_implicit)
-    return StreamedSoftcapTerms.apply(input, weight, bias, target.contiguous(), signs, float(softcap),
-                                      need_explicit, need_implicit, passes)
+    omega = None if smoothing_weights is None else smoothing_weights.detach().contiguous()
+    *terms, smoothing_sum = StreamedSoftcapTerms.apply(input, weight, bias, target.contiguous(), signs, omega,
+                                                       float(softcap), need_explicit, need_implicit, passes)
+    return (*terms, None if omega is None else smoothing_sum)

@@ -93,6 +93,7 @@ def test_empty_batch_ignored_rows_a_masked_slice_and_no_double_backward(tmp_path
         assert "double backward refused/torch" in errors and "masked slice/grad_weight" in errors
         assert "option bytes/weight+smoothing+z_loss" in errors
         assert "option bytes/softcap+smoothing" in errors and "option bytes/softcap+weight+smoothing" in errors
+        assert "option bytes/softcap+smoothing/ce-only" in errors
         failures = [f"rank {rank} {label}: error {err:.3e} > {tol:.3e}" for label, (err, tol) in errors.items()
                     if not err <= tol]
         assert not failures, "\n".join(failures)

@@ -236,14 +236,15 @@ def test_bad_softcap_is_a_clear_error(kwargs, error, message):
 @pytest.mark.parametrize("terms", ["all-terms", "implicit-only", "explicit-only", "ce-only"])
 def test_cpp_softcap_passes_over_many_tiles(terms, threads):
     """csrc/softcap.cpp with several 256-row blocks and 256-class tiles (N=300, V=700: tails in both) and thread
-    counts, against the reference backend in float64 (every term, every gradient, z-loss and class weights)."""
+    counts, against the reference backend in float64 (every term, every gradient, z-loss, class weights and label
+    smoothing, whose S the C++ passes form)."""
     h = torch.randn(300, 5, dtype=torch.float64)
     w = torch.randn(700, 5, dtype=torch.float64)
     b = torch.randn(700, dtype=torch.float64)
     y = torch.randint(0, 700, (300,))
     y[::7] = -100
     options = dict(p=0.3, seed=4, softcap=2.5, z_loss=0.01, weight=torch.rand(700, dtype=torch.float64) + 0.5,
-                   **TERMS[terms])
+                   label_smoothing=0.2, **TERMS[terms])
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -263,22 +264,39 @@ def test_cpp_softcap_passes_over_many_tiles(terms, threads):
 
 
 @pytest.mark.cpu_only
+@pytest.mark.parametrize("with_smoothing", [True, False], ids=["smoothing", "no-smoothing"])
 @pytest.mark.parametrize("with_terms", [True, False])
-def test_cpp_softcap_ops_opcheck(with_terms):
+def test_cpp_softcap_ops_opcheck(with_terms, with_smoothing):
     dropreg.cpu.load()
     h, w, b = torch.randn(9, 4), torch.randn(300, 4), torch.randn(300)
     y = torch.randint(0, 300, (9,))
-    torch.library.opcheck(torch.ops.dropreg.softcap_statistics.default, (h, w, b, 3.0, with_terms, with_terms))
-    lse = torch.ops.dropreg.softcap_statistics(h, w, b, 3.0, False, False)[0]
+    omega, grad_sum = (torch.rand(300) / 300, torch.randn(9)) if with_smoothing else (None, None)
+    torch.library.opcheck(torch.ops.dropreg.softcap_statistics.default,
+                          (h, w, b, 3.0, with_terms, with_terms, omega))
+    lse = torch.ops.dropreg.softcap_statistics(h, w, b, 3.0, False, False, None)[0]
     T_vec, Q = (torch.randn(9, 4), torch.randn(9, 4)) if with_terms else (None, None)
     torch.library.opcheck(torch.ops.dropreg.softcap_gradient_sweep.default,
-                          (h, w, b, 3.0, lse, y, torch.randn(9), torch.randn(9), T_vec, Q, [True, True, True]))
+                          (h, w, b, 3.0, lse, y, torch.randn(9), torch.randn(9), T_vec, Q, omega, grad_sum,
+                           [True, True, True]))
+
+
+@pytest.mark.cpu_only
+def test_cpp_softcap_ops_refuse_bad_smoothing_arguments():
+    dropreg.cpu.load()
+    h, w = torch.randn(3, 2), torch.randn(5, 2)
+    with pytest.raises(RuntimeError, match=r"smoothing_weights must have shape \(5,\)"):
+        torch.ops.dropreg.softcap_statistics(h, w, None, 3.0, False, False, torch.ones(4))
+    lse, zeros = torch.zeros(3), torch.zeros(3)
+    with pytest.raises(RuntimeError, match="smoothing_weights need grad_smoothing_sum"):
+        torch.ops.dropreg.softcap_gradient_sweep(h, w, None, 3.0, lse, torch.zeros(3, dtype=torch.long), zeros,
+                                                 zeros, None, None, torch.ones(5), None, [True, True, False])
 
 
 @pytest.mark.parametrize("terms", [(True, True), (True, False), (False, True), (False, False)],
                          ids=["both", "explicit", "implicit", "ce-only"])
 @pytest.mark.parametrize("with_options", [True, False], ids=["bias+weight", "plain"])
-def test_capped_smoothing_sums_gradcheck(terms, with_options):
+@pytest.mark.parametrize("need_sum", [True, False], ids=["S", "no-S"])
+def test_capped_smoothing_sums_gradcheck(terms, with_options, need_sum):
     """docs/math.md 3.7's streamed (S, Sq, Ss) and its hand-written backward, by float64 gradcheck, over 2-row
     blocks and 3-class chunks (tails in both: N=5, V=7); logits across tanh's bend (cap 1.5)."""
     from dropreg.softcap import CappedSmoothingSums
@@ -291,8 +309,8 @@ def test_capped_smoothing_sums_gradcheck(terms, with_options):
     signs = torch.randint(0, 2, (5, 3), generator=gen).double() * 2 - 1
 
     def sums(h, w, b):
-        return CappedSmoothingSums.apply(h, w, b, class_weight, signs, 1.5, 0.3 / 7, need_explicit, need_implicit,
-                                         (2, 3))
+        return CappedSmoothingSums.apply(h, w, b, class_weight, signs, 1.5, 0.3 / 7, need_sum, need_explicit,
+                                         need_implicit, (2, 3))
     inputs = (h, w, b) if with_options else (h, w)
     assert torch.autograd.gradcheck(lambda *x: sums(*x) if with_options else sums(*x, None), inputs)
     # and the values: S = sum_v omega_v z_v, Sq = q . K2, Ss = u . K1 on the materialized logits
@@ -300,8 +318,9 @@ def test_capped_smoothing_sums_gradcheck(terms, with_options):
     t = torch.tanh(raw / 1.5)
     z, c, z2 = 1.5 * t, 1 - t * t, -2 * t * (1 - t * t) / 1.5
     omega = 0.3 / 7 * (torch.ones(7, dtype=torch.float64) if class_weight is None else class_weight)
-    expected = [z @ omega,
-                (h * h * ((z2 * omega) @ (w * w))).sum(1) if need_explicit else torch.zeros(5, dtype=torch.float64),
-                (signs * h * ((c * omega) @ w)).sum(1) if need_implicit else torch.zeros(5, dtype=torch.float64)]
+    zeros = torch.zeros(5, dtype=torch.float64)
+    expected = [z @ omega if need_sum else zeros,
+                (h * h * ((z2 * omega) @ (w * w))).sum(1) if need_explicit else zeros,
+                (signs * h * ((c * omega) @ w)).sum(1) if need_implicit else zeros]
     for ours, theirs in zip(sums(h, w, b), expected):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
