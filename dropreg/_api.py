@@ -495,8 +495,8 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
     two distributions and takes none of them (its ``"mean"`` divides by the number of rows kept). ``z_loss`` is
     ``z_loss * (lse1^2 + lse2^2)`` reduced like ``ce1``. ``softcap`` caps both passes' logits first, as in
     :func:`linear_cross_entropy` (so the KL is between the capped softmaxes, docs/math.md 9.4); every backend then
-    runs the streamed PyTorch passes (label smoothing's capped part too, docs/math.md 3.7). With ``process_group``, ``weight`` is
-    this rank's slice of the class weights.
+    runs the streamed PyTorch passes (label smoothing's capped part too, docs/math.md 3.7). With
+    ``process_group``, ``weight`` is this rank's slice of the class weights.
     """
     with distributed.checked_call(process_group, "rdrop_linear_cross_entropy") as call:
         vocab, dim = _check_head(input1, linear_weight, linear_bias, name="input1")
