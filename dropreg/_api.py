@@ -22,7 +22,7 @@ from ._dispatch import resolve_backend
 from ._policy import accumulation_dtype
 from .loss_options import LossOptions, check_class_weight, check_label_smoothing
 from .signs import draw_seed, random_signs
-from .streamed import implicit_signs
+from .streamed import eager_implicit_signs
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -432,7 +432,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit, need_implicit, softcap,
             smoothing_weights)
     if options.active:
-        signs_used = implicit_signs(h, flat_signs, seed, need_implicit and options.needs_signs)
+        signs_used = eager_implicit_signs(h, flat_signs, seed, need_implicit and options.needs_signs)
         ce, quadratic, sign_term, z_term, lse = options.adjust(ce, quadratic, sign_term, mu, h, classes, signs_used,
                                                                need_explicit, need_implicit, smoothing_sum)
     reduce = rows.reducer(reduction, _result_dtype(input.dtype))

@@ -339,6 +339,11 @@ def implicit_signs(input, signs, seed, need_implicit):
     return signs.to(acc)
 
 
+# The loss options' sign-weighted parts read the signs outside the fused ops: there Inductor would spend minutes
+# compiling the Philox rounds' integer ops, so they are drawn eagerly (O(N d), one graph break).
+eager_implicit_signs = _eager_under_compile(implicit_signs)
+
+
 @_eager_under_compile
 def streamed_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit,
                    *, row_block=None, vocab_chunk=None):
