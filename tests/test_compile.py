@@ -105,21 +105,18 @@ def test_inductor_matches_eager_with_a_seed(backend):
     _assert_same(_loss_and_grads(compiled, x, y, 0), _loss_and_grads(model, x, y, 0))
 
 
-class OptionsModel(torch.nn.Module):
-    """:class:`TinyModel`'s body and head with label smoothing and z-loss, capped or not: the loss options read the
+class OptionsModel(TermsModel):
+    """:class:`TermsModel`'s body and head with label smoothing and z-loss, capped or not: the loss options read the
     seed's signs outside the fused op (drawn eagerly: Inductor spent over four minutes on the Philox rounds)."""
 
     def __init__(self, softcap):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Linear(6, 6, dtype=torch.float64)
-        self.head = torch.nn.Linear(6, 40, dtype=torch.float64)
+        super().__init__("torch")
         self.softcap = softcap
 
     def forward(self, x, y):
         out = dropreg.linear_cross_entropy(torch.tanh(self.body(x)), self.head.weight, y, linear_bias=self.head.bias,
                                            p=0.3, seed=5, label_smoothing=0.1, z_loss=0.01, softcap=self.softcap,
-                                           backend="torch")
+                                           backend=self.backend)
         return out.loss
 
 
