@@ -240,8 +240,8 @@ class LossOptions:
         wanted = (smoothing_sum is None, need_explicit, need_implicit)
         total, sum_quadratic, sum_sign = smoothing_sum, None, None
         if any(wanted):
-            sums = capped_smoothing_sums(classes.slice_input(h), classes.weight, classes.bias, classes.class_weight,
-                                         signs, self.softcap, self.smoothing / classes.classes, *wanted)
+            sums = capped_smoothing_sums(classes.slice_input(h), classes.weight, classes.bias,
+                                         self.capped_smoothing_weights(classes), signs, self.softcap, *wanted)
             merged = iter(classes._over_all_classes([part for want, part in zip(wanted, sums) if want]))
             total, sum_quadratic, sum_sign = (next(merged) if want else given
                                               for want, given in zip(wanted, (smoothing_sum, None, None)))

@@ -203,41 +203,40 @@ class CppPasses:
 
 class CappedSmoothingSums(torch.autograd.Function):
     """Label smoothing's streamed part of a capped head (docs/math.md 3.7), per row: ``S = sum_v omega_v z_v``, and
-    the two dropout terms of ``S``, ``Sq = q . K2`` and ``Ss = u . K1``, with ``omega_v = scale w_v`` (``w`` the
-    class weights, 1 when None), ``K1 = sum_v omega_v c_v W_v``, ``K2 = sum_v omega_v z2_v W_v^2``, ``q = h*h``,
-    ``u = sigma*h``. Chunked PyTorch on any device; the backward recomputes the capped logits chunk by chunk.
+    the two dropout terms of ``S``, ``Sq = q . K2`` and ``Ss = u . K1``, with ``omega_v = (eps / V) w_v``
+    (:meth:`dropreg.loss_options.LossOptions.capped_smoothing_weights`), ``K1 = sum_v omega_v c_v W_v``,
+    ``K2 = sum_v omega_v z2_v W_v^2``, ``q = h*h``, ``u = sigma*h``. Chunked PyTorch on any device; the backward
+    recomputes the capped logits chunk by chunk.
     ``need_sum=False`` leaves ``S`` (zeros) to the capped head's own passes, which form it at no GEMM's cost."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, class_weight, signs, softcap, scale, need_sum, need_explicit, need_implicit,
-                blocks):
+    def forward(ctx, h, weight, bias, omega, signs, softcap, need_sum, need_explicit, need_implicit, blocks):
         acc = accumulation_dtype(h.dtype)
         n_rows, dim = h.shape
         total = torch.zeros(n_rows, dtype=acc, device=h.device)
         k1 = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if need_implicit else None
         k2 = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if need_explicit else None
-        for r0, r1, _, _, h_block, w, b, omega in _smoothing_chunks(h, weight, bias, class_weight, scale, acc,
-                                                                   blocks):
+        for r0, r1, _, _, h_block, w, b, omega_chunk in _smoothing_chunks(h, weight, bias, omega, acc, blocks):
             with record_function("dropreg::capped_smoothing_sums"):
                 z, c, z2, _ = softcap_derivatives(_chunk_logits(h_block, w, b), softcap)
                 if need_sum:
-                    total[r0:r1] += z @ omega
+                    total[r0:r1] += z @ omega_chunk
                 if k1 is not None:
-                    k1[r0:r1].addmm_(c * omega, w)
+                    k1[r0:r1].addmm_(c * omega_chunk, w)
                 if k2 is not None:
-                    k2[r0:r1].addmm_(z2 * omega, w * w)
+                    k2[r0:r1].addmm_(z2 * omega_chunk, w * w)
         hc = h.to(acc)
         sq = (hc * hc * k2).sum(1) if k2 is not None else torch.zeros_like(total)
         ss = (signs * hc * k1).sum(1) if k1 is not None else torch.zeros_like(total)
-        ctx.save_for_backward(h, weight, bias, class_weight, signs, k1, k2)
-        ctx.options = (softcap, scale, need_sum, blocks)
+        ctx.save_for_backward(h, weight, bias, omega, signs, k1, k2)
+        ctx.options = (softcap, need_sum, blocks)
         return total, sq, ss
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_total, grad_sq, grad_ss):
-        h, weight, bias, class_weight, signs, k1, k2 = ctx.saved_tensors
-        softcap, scale, need_sum, blocks = ctx.options
+        h, weight, bias, omega, signs, k1, k2 = ctx.saved_tensors
+        softcap, need_sum, blocks = ctx.options
         acc = accumulation_dtype(h.dtype)
         hc = h.to(acc)
         g_total = None if grad_total is None or not need_sum else grad_total.to(acc)
@@ -248,8 +247,7 @@ class CappedSmoothingSums(torch.autograd.Function):
         grad_h = torch.zeros_like(hc) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if want_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
-        for r0, r1, v0, v1, h_block, w, b, omega in _smoothing_chunks(h, weight, bias, class_weight, scale, acc,
-                                                                     blocks):
+        for r0, r1, v0, v1, h_block, w, b, omega_chunk in _smoothing_chunks(h, weight, bias, omega, acc, blocks):
             with record_function("dropreg::capped_smoothing_gradient"):
                 _, c, z2, z3 = softcap_derivatives(_chunk_logits(h_block, w, b), softcap)
                 g_logits = c * g_total[r0:r1, None] if g_total is not None else torch.zeros_like(c)
@@ -257,15 +255,15 @@ class CappedSmoothingSums(torch.autograd.Function):
                     g_logits += z2 * (A[r0:r1] @ w.T)
                 if B is not None:
                     g_logits += z3 * (B[r0:r1] @ (w * w).T)
-                g_logits *= omega
+                g_logits *= omega_chunk
             if want_h:
                 grad_h[r0:r1].addmm_(g_logits, w)
             if want_w:
                 g_w = g_logits.T @ h_block
                 if A is not None:
-                    g_w += (c * omega).T @ A[r0:r1]
+                    g_w += (c * omega_chunk).T @ A[r0:r1]
                 if B is not None:
-                    g_w += 2 * w * ((z2 * omega).T @ B[r0:r1])
+                    g_w += 2 * w * ((z2 * omega_chunk).T @ B[r0:r1])
                 grad_w[v0:v1] += g_w
             if want_b:
                 grad_b[v0:v1] += g_logits.sum(0)
@@ -276,30 +274,26 @@ class CappedSmoothingSums(torch.autograd.Function):
                 grad_h += 2 * grad_sq.to(acc)[:, None] * hc * k2
             grad_h = grad_h.to(h.dtype)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
 
 
-def _smoothing_chunks(h, weight, bias, class_weight, scale, acc, blocks):
+def _smoothing_chunks(h, weight, bias, omega, acc, blocks):
     """``(r0, r1, v0, v1, h rows, W chunk, b chunk, omega chunk)`` over row blocks and vocabulary chunks, in ``acc``."""
     row_block, vocab_chunk = blocks
     for r0, r1 in _spans(h.shape[0], row_block):
         h_block = h[r0:r1].to(acc)
         for v0, v1 in _spans(weight.shape[0], vocab_chunk):
             w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
-            omega = (torch.full((v1 - v0,), scale, dtype=acc, device=h.device) if class_weight is None
-                     else scale * class_weight[v0:v1].to(acc))
-            yield r0, r1, v0, v1, h_block, w, b, omega
+            yield r0, r1, v0, v1, h_block, w, b, omega[v0:v1].to(acc)
 
 
 @_eager_under_compile
-def capped_smoothing_sums(h, weight, bias, class_weight, signs, softcap, scale, need_sum, need_explicit,
-                          need_implicit):
+def capped_smoothing_sums(h, weight, bias, omega, signs, softcap, need_sum, need_explicit, need_implicit):
     """Per row ``(S, Sq, Ss)`` of :class:`CappedSmoothingSums` over this head's classes (a slice's part on a
     vocabulary-parallel head: all three are sums over the classes)."""
     blocks = streamed.default_blocks(h.shape[0], weight.shape[0])
-    class_weight = None if class_weight is None else class_weight.detach()
-    return CappedSmoothingSums.apply(h, weight, bias, class_weight, signs, float(softcap), float(scale), need_sum,
-                                     need_explicit, need_implicit, blocks)
+    return CappedSmoothingSums.apply(h, weight, bias, omega.detach(), signs, float(softcap), need_sum, need_explicit,
+                                     need_implicit, blocks)
 
 
 class StreamedSoftcapTerms(torch.autograd.Function):

@@ -308,16 +308,16 @@ def test_capped_smoothing_sums_gradcheck(terms, with_options, need_sum):
     class_weight = torch.rand(7, dtype=torch.float64, generator=gen) + 0.5 if with_options else None
     signs = torch.randint(0, 2, (5, 3), generator=gen).double() * 2 - 1
 
+    omega = 0.3 / 7 * (torch.ones(7, dtype=torch.float64) if class_weight is None else class_weight)
+
     def sums(h, w, b):
-        return CappedSmoothingSums.apply(h, w, b, class_weight, signs, 1.5, 0.3 / 7, need_sum, need_explicit,
-                                         need_implicit, (2, 3))
+        return CappedSmoothingSums.apply(h, w, b, omega, signs, 1.5, need_sum, need_explicit, need_implicit, (2, 3))
     inputs = (h, w, b) if with_options else (h, w)
     assert torch.autograd.gradcheck(lambda *x: sums(*x) if with_options else sums(*x, None), inputs)
     # and the values: S = sum_v omega_v z_v, Sq = q . K2, Ss = u . K1 on the materialized logits
     raw = h @ w.T + (0 if b is None else b)
     t = torch.tanh(raw / 1.5)
     z, c, z2 = 1.5 * t, 1 - t * t, -2 * t * (1 - t * t) / 1.5
-    omega = 0.3 / 7 * (torch.ones(7, dtype=torch.float64) if class_weight is None else class_weight)
     zeros = torch.zeros(5, dtype=torch.float64)
     expected = [z @ omega if need_sum else zeros,
                 (h * h * ((z2 * omega) @ (w * w))).sum(1) if need_explicit else zeros,
