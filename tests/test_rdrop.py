@@ -56,6 +56,10 @@ def authors_terms(h1, h2, w, b, y, reduction, softcap=None):
     return ([t / max(int(valid.sum()), 1) for t in total] if reduction == "mean" else total), raw1.detach()
 
 
+def _max_abs(t):
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
 def compare(backend, dtype, inputs, reduction="mean", factor=8.0, alpha=1.0, softcap=None):
     """dropreg's ce1, ce2, kl and ``loss`` (with ``alpha``), values and gradients, against the authors' float64
     terms; the oracle loss is ``ce1 + ce2 + alpha * kl`` of those independently computed terms."""
@@ -72,9 +76,16 @@ def compare(backend, dtype, inputs, reduction="mean", factor=8.0, alpha=1.0, sof
                                              reduction=reduction, alpha=alpha, softcap=softcap, backend=backend)
     ours = _terms_and_grads(tuple(out), leaves, cotangent, NAMES_AND_LOSS)
     z_scale = 1.0 + float(logits.abs().max()) if logits.numel() else 1.0
+    # A logit gradient's rounding error (eps * z_scale, relative to a probability's size 1) reaches the input
+    # gradients through W and the weight gradients through h. It must be allowed for even where the oracle
+    # gradient is exactly 0: with huge logits every row can be one-hot with one argmax in both passes, and the
+    # backward's recomputed logits round differently from the forward's (other GEMM blocking).
+    through = {"input1": _max_abs(w), "input2": _max_abs(w), "weight": max(_max_abs(h1), _max_abs(h2)),
+               "bias": 1.0}
     oracle_labelled = labelled(oracle, NAMES_AND_LOSS, LEAVES)
     for label, value in labelled(ours, NAMES_AND_LOSS, LEAVES).items():
-        assert_within_rounding(label, value, oracle_labelled[label], dtype, z_scale, factor=factor)
+        extra = through[label.split("/d")[1]] if "/" in label else 0.0
+        assert_within_rounding(label, value, oracle_labelled[label], dtype, z_scale, extra, factor)
     return out
 
 
