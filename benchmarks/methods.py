@@ -15,6 +15,7 @@ import dropreg
 
 P = 0.1
 EXPLICIT_COEF, IMPLICIT_COEF = dropreg.default_coefficients(P)
+SOFTCAP = 30.0  # Gemma 2's final-logit cap, for the capped-head methods
 
 
 def make_inputs(rows, dim, vocab, dtype, device, seed=0):
@@ -119,12 +120,19 @@ def build_ce_naive(hidden, weight, target, signs):
     return _closures(lambda: F.cross_entropy(hidden @ weight.T, target), hidden, weight)
 
 
-def build_cce(impl):
+def build_ce_naive_softcap(hidden, weight, target, signs):
+    """A capped head as Gemma 2's Hugging Face code computes it: materialized logits, capped, then F.cross_entropy."""
+    return _closures(lambda: F.cross_entropy(SOFTCAP * torch.tanh(hidden @ weight.T / SOFTCAP), target), hidden,
+                     weight)
+
+
+def build_cce(impl, **options):
     """Cut Cross-Entropy's ``linear_cross_entropy`` (apple/ml-cross-entropy); an optional package."""
     def build(hidden, weight, target, signs):
         from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
 
-        return _closures(lambda: cce_linear_cross_entropy(hidden, weight, target, impl=impl), hidden, weight)
+        return _closures(lambda: cce_linear_cross_entropy(hidden, weight, target, impl=impl, **options), hidden,
+                         weight)
     return build
 
 
@@ -210,9 +218,11 @@ CE_METHODS = {
     "ce-dropreg-triton": dropreg_method("triton", explicit=False, implicit=False),
     "ce-dropreg-chunked": dropreg_method("chunked", explicit=False, implicit=False),
     # a capped head (Gemma 2's softcap 30), and with label smoothing on it (docs/math.md 3.6, 3.7)
-    "ce-dropreg-cpu-softcap": dropreg_method("cpu", explicit=False, implicit=False, softcap=30.0),
-    "ce-dropreg-cpu-softcap-smoothing": dropreg_method("cpu", explicit=False, implicit=False, softcap=30.0,
+    "ce-dropreg-cpu-softcap": dropreg_method("cpu", explicit=False, implicit=False, softcap=SOFTCAP),
+    "ce-dropreg-cpu-softcap-smoothing": dropreg_method("cpu", explicit=False, implicit=False, softcap=SOFTCAP,
                                                        label_smoothing=0.1),
+    "ce-naive-softcap": build_ce_naive_softcap,
+    "cce-torch_compile-softcap": build_cce("torch_compile", softcap=SOFTCAP),
     "liger": build_liger,
     "ce-naive": build_ce_naive,
     "F.linear_cross_entropy-chunked": build_linear_cross_entropy_chunked,
@@ -233,8 +243,8 @@ METHODS = {
     "dropreg-torch": dropreg_method("torch"),
     "dropreg-triton": dropreg_method("triton"),
     "dropreg-chunked": dropreg_method("chunked"),
-    "dropreg-cpu-softcap": dropreg_method("cpu", softcap=30.0),
-    "dropreg-cpu-softcap-smoothing": dropreg_method("cpu", softcap=30.0, label_smoothing=0.1),
+    "dropreg-cpu-softcap": dropreg_method("cpu", softcap=SOFTCAP),
+    "dropreg-cpu-softcap-smoothing": dropreg_method("cpu", softcap=SOFTCAP, label_smoothing=0.1),
     "naive": build_naive,
     "naive-compiled": build_naive_compiled,
     "paper": build_paper,

@@ -11,6 +11,10 @@
 //   pass 2, per panel: G_t = (w + 2 zw lse) e exp(m_t - lse) - w [v = y] in place (zw: the z-loss's row weight,
 //           0 without it); grad_input += G_t W_t (1 RCd);
 //           grad_weight_t += G_t^T h (1 RCd); grad_bias_t += column sums of G_t.
+// With a softcap s (docs/math.md 3.6) pass 1 caps the panel in place, z = s tanh(r / s), and keeps it (the
+// cap's derivative 1 - (z / s)^2 needs it) instead of storing e; pass 2 forms G from z. Label smoothing's
+// weights omega (docs/math.md 3.7) add -rs sum_v omega_v z_v to the loss and -rs omega_v to G (before the cap's
+// factor), rs the rows' smoothing weights.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
@@ -45,8 +49,9 @@ int64_t thread_slot(int64_t threads) {
 template <typename acc_t>
 struct RowState {  // one thread's online softmax over its panels, for every row of the block
   std::vector<acc_t> max, sum;
+  std::vector<acc_t> smoothing_sum;  // sum_v omega_v z_v over the thread's panels (with label smoothing)
   explicit RowState(int64_t rows)
-      : max(rows, -std::numeric_limits<acc_t>::infinity()), sum(rows, acc_t(0)) {}
+      : max(rows, -std::numeric_limits<acc_t>::infinity()), sum(rows, acc_t(0)), smoothing_sum(rows, acc_t(0)) {}
   void absorb(int64_t i, acc_t part_max, acc_t part_sum) {  // part_sum = sum exp(z - shift_of(part_max))
     if (part_max == -std::numeric_limits<acc_t>::infinity()) return;  // an all -inf part adds nothing
     const acc_t new_max = nan_max(max[i], part_max);
@@ -55,6 +60,26 @@ struct RowState {  // one thread's online softmax over its panels, for every row
     max[i] = new_max;
   }
 };
+
+// A softcapped row's logit gradient in place of its capped logits z:
+// g_v = (scale exp(z_v - lse) - smoothing omega_v) (1 - (z_v / cap)^2); omega may be null (no smoothing).
+template <typename T>
+void capped_gradient_row(T* z, const T* omega, int64_t n, T lse, T scale, T smoothing, T cap) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec vlse(lse), vscale(scale), vsmoothing(smoothing), vcap(cap), one(T(1));
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec capped = Vec::loadu(z + j), t = capped / vcap;
+    Vec g = vscale * (capped - vlse).exp();
+    if (omega) g = g - vsmoothing * Vec::loadu(omega + j);
+    (g * (one - t * t)).store(z + j);
+  }
+  for (; j < n; ++j) {
+    const T t = z[j] / cap;
+    const T g = scale * std::exp(z[j] - lse) - (omega ? smoothing * omega[j] : T(0));
+    z[j] = g * (T(1) - t * t);
+  }
+}
 
 // Rows [v0, v0 + cols) of the weight in the accumulation dtype: a view when no upcast is needed (flat_buffer
 // undefined), else an upcast copy into flat_buffer.
@@ -65,9 +90,9 @@ inline Tensor weight_tile(const Tensor& weight, int64_t v0, int64_t cols, const 
 
 template <typename acc_t>
 void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bias, const Tensor& target,
-                        const Tensor& row_weight, const Tensor& z_weight, int64_t block_rows, bool want_h,
-                        bool want_w, bool want_b,
-                        Tensor& loss, Tensor& grad_h, Tensor& grad_w, Tensor& grad_b) {
+                        const Tensor& row_weight, const Tensor& z_weight, acc_t cap, const Tensor& omega_weights,
+                        const Tensor& smoothing_row_weight, int64_t block_rows, bool want_h, bool want_w,
+                        bool want_b, Tensor& loss, Tensor& grad_h, Tensor& grad_w, Tensor& grad_b) {
   const int64_t rows = h.size(0), dim = h.size(1), vocab = weight.size(0);
   const int64_t threads = at::get_num_threads();
   const int64_t panel = panel_width(vocab, threads);
@@ -78,6 +103,9 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
   const int64_t* y = target.data_ptr<int64_t>();
   const acc_t* rw = row_weight.data_ptr<acc_t>();
   const acc_t* zw = z_weight.defined() ? z_weight.data_ptr<acc_t>() : nullptr;
+  const bool capped = cap > acc_t(0);
+  const acc_t* omega = omega_weights.defined() ? omega_weights.data_ptr<acc_t>() : nullptr;
+  const acc_t* rs = omega ? smoothing_row_weight.data_ptr<acc_t>() : nullptr;
   Tensor logits = at::empty({block_rows, vocab}, opts);  // the workspace: e, then G, of one row block
   std::vector<acc_t> panel_max(block_rows * n_panels);
   std::vector<acc_t> target_logit(block_rows), lse(block_rows);
@@ -100,11 +128,14 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
         tile_logits(z_panel, h_block, w, bias, v0);
         for (int64_t i = 0; i < n; ++i) {
           acc_t* row = z + i * vocab + v0;
+          if (capped) softcap_inplace(row, cols, cap);
           const int64_t yt = y[r0 + i] - v0;
           if (yt >= 0 && yt < cols) target_logit[i] = row[yt];
+          if (omega) state.smoothing_sum[i] += dot(row, omega + v0, cols);
           const acc_t m = row_max(row, cols);
           panel_max[i * n_panels + t] = m;
-          state.absorb(i, m, exp_shifted_sum_inplace(row, cols, OnlineSoftmax<acc_t>::shift_of(m)));
+          const acc_t shift = OnlineSoftmax<acc_t>::shift_of(m);
+          state.absorb(i, m, capped ? exp_shifted_sum(row, cols, shift) : exp_shifted_sum_inplace(row, cols, shift));
         }
       }
     });
@@ -114,6 +145,11 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
       lse[i] = OnlineSoftmax<acc_t>::shift_of(merged.max[0]) + std::log(merged.sum[0]);
       if (rw[r0 + i] != acc_t(0)) total += rw[r0 + i] * (lse[i] - target_logit[i]);
       if (zw && zw[r0 + i] != acc_t(0)) total_z += zw[r0 + i] * lse[i] * lse[i];
+      if (rs && rs[r0 + i] != acc_t(0)) {
+        acc_t smoothing_sum = 0;
+        for (const auto& s : states) smoothing_sum += s.smoothing_sum[i];
+        total -= rs[r0 + i] * smoothing_sum;
+      }
     }
     if (!any_grad) continue;
     if (want_h) grad_h_partials.zero_();
@@ -127,10 +163,17 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
           acc_t* row = z + i * vocab + v0;
           const acc_t w_i = rw[r0 + i];
           const acc_t s_i = zw ? w_i + 2 * zw[r0 + i] * lse[i] : w_i;  // what the softmax part is scaled by
+          if (capped) {  // capped logits are finite: no empty panel
+            capped_gradient_row(row, omega ? omega + v0 : nullptr, cols, lse[i], s_i, rs ? rs[r0 + i] : acc_t(0), cap);
+            const acc_t t_y = target_logit[i] / cap;
+            subtract_at_target(row, y[r0 + i], v0, cols, w_i * (acc_t(1) - t_y * t_y));
+            continue;
+          }
           const acc_t m = panel_max[i * n_panels + t];
           // e = exp(z - m) is 0 on an all -inf panel: scale by 0 there, not by a factor that may overflow.
           const bool empty_panel = m == -std::numeric_limits<acc_t>::infinity();
           scale_inplace(row, cols, empty_panel ? acc_t(0) : s_i * std::exp(m - lse[i]));
+          if (omega) subtract_scaled(row, omega + v0, cols, rs[r0 + i]);
           subtract_at_target(row, y[r0 + i], v0, cols, w_i);
         }
         const Tensor g = block.narrow(1, v0, cols);
@@ -155,7 +198,8 @@ void ce_with_grads_impl(const Tensor& h, const Tensor& weight, const Tensor& bia
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_with_grads(
     const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
     const Tensor& row_weight, const c10::optional<Tensor>& z_weight, int64_t block_rows,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, c10::optional<double> softcap, const c10::optional<Tensor>& smoothing_weights,
+    const c10::optional<Tensor>& smoothing_row_weight) {
   TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
               "dropreg::linear_ce_with_grads: input (N, d) and weight (V, d) expected");
   TORCH_CHECK(block_rows >= 1, "dropreg::linear_ce_with_grads: block_rows must be >= 1, got ", block_rows);
@@ -166,6 +210,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_with_grads(
   const bool has_z = z_weight.has_value() && z_weight->defined();
   TORCH_CHECK(!has_z || (z_weight->dim() == 1 && z_weight->size(0) == input.size(0)),
               "dropreg::linear_ce_with_grads: z_weight must have shape (N,)");
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0, "dropreg::linear_ce_with_grads: softcap must be > 0, got ",
+              softcap.value_or(0.0));
+  const bool has_smoothing = smoothing_weights.has_value() && smoothing_weights->defined();
+  TORCH_CHECK(has_smoothing == (smoothing_row_weight.has_value() && smoothing_row_weight->defined()),
+              "dropreg::linear_ce_with_grads: smoothing_weights and smoothing_row_weight are given together");
+  TORCH_CHECK(!has_smoothing || (smoothing_weights->dim() == 1 && smoothing_weights->size(0) == weight.size(0)),
+              "dropreg::linear_ce_with_grads: smoothing_weights must have shape (", weight.size(0), ",), got ",
+              has_smoothing ? smoothing_weights->sizes() : at::IntArrayRef());
+  TORCH_CHECK(!has_smoothing || (smoothing_row_weight->dim() == 1 && smoothing_row_weight->size(0) == input.size(0)),
+              "dropreg::linear_ce_with_grads: smoothing_row_weight must have shape (", input.size(0), ",), got ",
+              has_smoothing ? smoothing_row_weight->sizes() : at::IntArrayRef());
   RECORD_FUNCTION("dropreg::ce_with_grads", std::vector<c10::IValue>());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // autograd is registered in Python
   const bool has_bias = bias.has_value() && bias->defined();
@@ -182,6 +237,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_with_grads(
   AT_DISPATCH_FLOATING_TYPES(acc, "linear_ce_with_grads", [&] {
     ce_with_grads_impl<scalar_t>(h, w, b, target.contiguous(), row_weight.to(acc).contiguous(),
                                  has_z ? z_weight->to(acc).contiguous() : Tensor(),
+                                 static_cast<scalar_t>(softcap.value_or(0.0)),
+                                 has_smoothing ? smoothing_weights->to(acc).contiguous() : Tensor(),
+                                 has_smoothing ? smoothing_row_weight->to(acc).contiguous() : Tensor(),
                                  std::min(block_rows, std::max<int64_t>(rows, 1)), want_h, want_w, want_b, loss,
                                  grad_h, grad_w, grad_b);
   });

@@ -33,7 +33,8 @@ TORCH_LIBRARY(dropreg, m) {
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_ce_with_grads(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor row_weight, "
-      "Tensor? z_weight, int block_rows, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? z_weight, int block_rows, bool[3] output_mask, float? softcap=None, Tensor? smoothing_weights=None, "
+      "Tensor? smoothing_row_weight=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("softmax_mean_forward(Tensor input, Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
   m.def(
       "softmax_mean_backward(Tensor grad_mu, Tensor input, Tensor weight, Tensor? bias, Tensor lse, Tensor mu, "

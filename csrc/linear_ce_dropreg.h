@@ -29,7 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_with_grads(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& row_weight, const c10::optional<at::Tensor>& z_weight,
-    int64_t block_rows, std::array<bool, 3> output_mask);
+    int64_t block_rows, std::array<bool, 3> output_mask, c10::optional<double> softcap,
+    const c10::optional<at::Tensor>& smoothing_weights, const c10::optional<at::Tensor>& smoothing_row_weight);
 
 // softmax_mean: (mu, lse) per row, and the gradients of mu (docs/math.md, every-site terms).
 std::tuple<at::Tensor, at::Tensor> softmax_mean_forward(const at::Tensor& input, const at::Tensor& weight,

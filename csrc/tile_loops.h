@@ -83,16 +83,16 @@ T row_max(const T* x, int64_t n) {
   return result;
 }
 
-// x[j] = exp(x[j] - shift); returns the sum of the new values.
-template <typename T>
-T exp_shifted_sum_inplace(T* x, int64_t n, T shift) {
+// sum_j exp(x[j] - shift); with kStore, x[j] = exp(x[j] - shift) in place as well.
+template <bool kStore, typename T>
+T exp_shifted_sum_impl(T* x, int64_t n, T shift) {
   using Vec = at::vec::Vectorized<T>;
   const Vec vshift(shift);
   Vec vsum(T(0));
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
     Vec e = (Vec::loadu(x + j) - vshift).exp();
-    e.store(x + j);
+    if (kStore) e.store(x + j);
     vsum = vsum + e;
   }
   T lanes[Vec::size()];
@@ -100,10 +100,50 @@ T exp_shifted_sum_inplace(T* x, int64_t n, T shift) {
   T sum = T(0);
   for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
   for (; j < n; ++j) {
-    x[j] = std::exp(x[j] - shift);
-    sum += x[j];
+    const T e = std::exp(x[j] - shift);
+    if (kStore) x[j] = e;
+    sum += e;
   }
   return sum;
+}
+
+// x[j] = exp(x[j] - shift); returns the sum of the new values.
+template <typename T>
+T exp_shifted_sum_inplace(T* x, int64_t n, T shift) { return exp_shifted_sum_impl<true>(x, n, shift); }
+
+// sum_j exp(x[j] - shift), x unchanged.
+template <typename T>
+T exp_shifted_sum(T* x, int64_t n, T shift) { return exp_shifted_sum_impl<false>(x, n, shift); }
+
+// x[j] = cap * tanh(x[j] / cap): Gemma 2's logit softcap (docs/math.md 3.6), in place.
+template <typename T>
+void softcap_inplace(T* x, int64_t n, T cap) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec vcap(cap);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) (vcap * (Vec::loadu(x + j) / vcap).tanh()).store(x + j);
+  for (; j < n; ++j) x[j] = cap * std::tanh(x[j] / cap);
+}
+
+// sum_j x[j] * y[j].
+template <typename T>
+T dot(const T* x, const T* y, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc(T(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(x + j), Vec::loadu(y + j), acc);
+  T lanes[Vec::size()];
+  acc.store(lanes);
+  T sum = T(0);
+  for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
+  for (; j < n; ++j) sum += x[j] * y[j];
+  return sum;
+}
+
+// x[j] -= factor * y[j].
+template <typename T>
+void subtract_scaled(T* x, const T* y, int64_t n, T factor) {
+  for (int64_t j = 0; j < n; ++j) x[j] -= factor * y[j];
 }
 
 template <typename T>

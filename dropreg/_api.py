@@ -396,15 +396,21 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                    call.shard if call.sharded else None)
     if options.class_weight is not None:
         rows.count_weighted(classes.target_class_weight())
-    if (not call.sharded and not need_explicit and not need_implicit and reduction != "none"
-            and not return_lse and softcap is None and implementation.ce_with_grads is not None):
+    ce_only = None if call.sharded else (implementation.ce_with_grads if softcap is None
+                                         else implementation.ce_with_grads_softcap)
+    if not need_explicit and not need_implicit and reduction != "none" and not return_lse and ce_only is not None:
         # Cross entropy alone (z-loss included), reduced: the gradients are formed in the forward, 3 NVd, not 4.
         h = rows.zero_ignored(input)
         row_weight = rows.row_weights(reduction)
-        ce, z_value = implementation.ce_with_grads(h, linear_weight, linear_bias, rows.safe_target,
-                                                   row_weight * options.row_factor(classes)
-                                                   if options.reweights else row_weight,
-                                                   row_weight * options.z_loss if options.z_loss else None)
+        fused = (h, linear_weight, linear_bias, rows.safe_target,
+                 row_weight * options.row_factor(classes) if options.reweights else row_weight,
+                 row_weight * options.z_loss if options.z_loss else None)
+        if softcap is None:
+            ce, z_value = ce_only(*fused)
+        else:  # label smoothing's S_n = sum_v omega_v z_v is formed in the same passes, row n weighted by row_weight
+            smoothing_weights = options.capped_smoothing_weights(classes)
+            ce, z_value = ce_only(*fused, softcap, smoothing_weights,
+                                  None if smoothing_weights is None else row_weight)
         if options.smoothing:
             ce = ce + options.ce_only_extra(h, classes, row_weight)
         out_dtype = _result_dtype(input.dtype)

@@ -20,7 +20,11 @@ terms without coefficients (the caller applies coefficients, masks ignored rows 
 * optionally ``ce_with_grads(input, weight, bias, target, row_weight, z_weight=None)
   -> [sum_i row_weight_i ce_i, sum_i z_weight_i lse_i^2]`` (shape (2,), differentiable as a sum), for cross
   entropy alone (z-loss included) under a "mean"/"sum" reduction: it forms the gradients during the forward
-  (3 NVd instead of 4, docs/math.md "CE only"). A backend without it gets the per-row path.
+  (3 NVd instead of 4, docs/math.md "CE only"). A backend without it gets the per-row path;
+* optionally ``ce_with_grads_softcap(input, weight, bias, target, row_weight, z_weight, softcap,
+  smoothing_weights=None, smoothing_row_weight=None)``: ``ce_with_grads`` of a softcapped head, whose first output
+  also subtracts label smoothing's ``sum_i smoothing_row_weight_i S_i`` when ``smoothing_weights`` (omega, docs/math.md
+  3.7) are given. A backend without it takes a capped head's per-row path.
 
 Ignored rows arrive with zeroed input rows and a valid dummy target. A new backend is added to ``_BACKENDS`` here and,
 by its name in ``tests/conftest.py``, gets the whole test suite.
@@ -38,7 +42,7 @@ from . import triton as triton_backend
 from .reference import (reference_rdrop, reference_sample_targets, reference_softcap_terms, reference_softmax_mean,
                         reference_terms)
 from .softcap import cpu_softcap_terms, streamed_softcap_terms
-from .streamed import (streamed_ce_with_grads, streamed_rdrop, streamed_sample_targets, streamed_softmax_mean,
+from .streamed import (streamed_ce_with_grads, streamed_ce_with_grads_softcap, streamed_rdrop, streamed_sample_targets, streamed_softmax_mean,
                        streamed_terms)
 
 
@@ -54,6 +58,7 @@ class Backend:
     unavailable_reason: Callable[[], Optional[BaseException]] = lambda: None
     linear_ce_softcap: Optional[Callable[..., tuple]] = None
     rdrop_softcap: Optional[Callable[..., tuple]] = None
+    ce_with_grads_softcap: Optional[Callable[..., torch.Tensor]] = None
 
 
 _BACKENDS: dict[str, Backend] = {
@@ -61,16 +66,17 @@ _BACKENDS: dict[str, Backend] = {
                          linear_ce_softcap=reference_softcap_terms, rdrop_softcap=reference_rdrop),
     "torch": Backend(streamed_terms, streamed_rdrop, streamed_softmax_mean, streamed_sample_targets,
                      ce_with_grads=streamed_ce_with_grads, linear_ce_softcap=streamed_softcap_terms,
-                     rdrop_softcap=streamed_rdrop),
+                     rdrop_softcap=streamed_rdrop, ce_with_grads_softcap=streamed_ce_with_grads_softcap),
     "cpu": Backend(cpu.FAMILY.linear_ce, cpu.FAMILY.rdrop, cpu.cpu_softmax_mean, cpu.cpu_sample_targets,
                    ce_with_grads=cpu.cpu_ce_with_grads, is_available=cpu.FAMILY.is_available,
                    unavailable_reason=cpu.FAMILY.unavailable_reason, linear_ce_softcap=cpu_softcap_terms,
-                   rdrop_softcap=streamed_rdrop),
+                   rdrop_softcap=streamed_rdrop, ce_with_grads_softcap=cpu.cpu_ce_with_grads_softcap),
     # The GPU path (docs/math.md 7.3): cuBLAS GEMMs per vocabulary chunk, Triton epilogues on CUDA (PyTorch ones on
     # other devices, where it is tested). Sampling and the softcapped head run the streamed PyTorch drivers.
     "chunked": Backend(chunked.chunked_terms, chunked.chunked_rdrop, chunked.chunked_softmax_mean,
                        streamed_sample_targets, ce_with_grads=chunked.chunked_ce_with_grads,
-                       linear_ce_softcap=streamed_softcap_terms, rdrop_softcap=streamed_rdrop),
+                       linear_ce_softcap=streamed_softcap_terms, rdrop_softcap=streamed_rdrop,
+                       ce_with_grads_softcap=streamed_ce_with_grads_softcap),
     # The first GPU kernels: one program per (row block, vocabulary block), gradients summed with atomics. Kept
     # until a GPU run compares them with "chunked" (README, "The GPU backend").
     "triton": Backend(triton_backend.FAMILY.linear_ce, triton_backend.FAMILY.rdrop, streamed_softmax_mean,

@@ -135,12 +135,19 @@ def _register_ce_with_grads_kernels() -> None:
     op = "dropreg::linear_ce_with_grads"
 
     @torch.library.register_fake(op)
-    def _fake(input, weight, bias, target, row_weight, z_weight, block_rows, output_mask):
-        rows, _, _ = _check_head(op, {"input": input}, weight, bias, target)
+    def _fake(input, weight, bias, target, row_weight, z_weight, block_rows, output_mask, softcap=None,
+              smoothing_weights=None, smoothing_row_weight=None):
+        rows, _, vocab = _check_head(op, {"input": input}, weight, bias, target)
         _check_per_row_grads(op, {"row_weight": row_weight}, rows)
         if z_weight is not None:
             _check_per_row_grads(op, {"z_weight": z_weight}, rows)
         torch._check(block_rows >= 1, lambda: f"{op}: block_rows must be >= 1, got {block_rows}")
+        torch._check(softcap is None or softcap > 0, lambda: f"{op}: softcap must be > 0, got {softcap}")
+        torch._check((smoothing_weights is None) == (smoothing_row_weight is None),
+                     lambda: f"{op}: smoothing_weights and smoothing_row_weight are given together")
+        if smoothing_weights is not None:
+            _check_shape(op, "smoothing_weights", smoothing_weights, (vocab,))
+            _check_per_row_grads(op, {"smoothing_row_weight": smoothing_row_weight}, rows)
         loss = input.new_empty((2,), dtype=accumulation_dtype(input.dtype))
         grad_h = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
         grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
@@ -148,7 +155,8 @@ def _register_ce_with_grads_kernels() -> None:
         return loss, grad_h, grad_w, grad_b
 
     def setup_context(ctx, inputs, output):
-        ctx.mask = [wanted and x is not None for wanted, x in zip(inputs[-1], inputs[:3])]
+        output_mask = inputs[7]
+        ctx.mask = [wanted and x is not None for wanted, x in zip(output_mask, inputs[:3])]
         ctx.has_z = inputs[5] is not None
         ctx.save_for_backward(*inputs[:3], *output[1:])  # the inputs only link first_order_only's guard to them
 
@@ -156,7 +164,7 @@ def _register_ce_with_grads_kernels() -> None:
     def backward(ctx, grad_loss, *_grads_of_gradients):  # the gradient outputs are saved results, not terms
         scale = streamed.combined_upstream(grad_loss, ctx.has_z)
         scaled = (g * scale.to(g.dtype) if wanted else None for g, wanted in zip(ctx.saved_tensors[3:], ctx.mask))
-        return (*scaled, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
@@ -269,12 +277,22 @@ def _register_site_kernels() -> None:
 def cpu_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None):
     """CE only: ``[sum_i row_weight_i ce_i, sum_i z_weight_i lse_i^2]`` with the gradients formed in the forward
     (see dropreg/_dispatch.py)."""
+    return cpu_ce_with_grads_softcap(input, weight, bias, target, row_weight, z_weight, None)
+
+
+def cpu_ce_with_grads_softcap(input, weight, bias, target, row_weight, z_weight, softcap, smoothing_weights=None,
+                              smoothing_row_weight=None):
+    """:func:`cpu_ce_with_grads` of a softcapped head (no cap when ``softcap`` is None), ``loss[0]`` less label
+    smoothing's ``sum_i smoothing_row_weight_i S_i`` when ``smoothing_weights`` are given (see dropreg/_dispatch.py)."""
     load()
     block_rows, _ = streamed.ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
+
+    def optional(t):
+        return None if t is None else t.contiguous()
     return torch.ops.dropreg.linear_ce_with_grads(
-        input.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), target.contiguous(),
-        row_weight.contiguous(), None if z_weight is None else z_weight.contiguous(), block_rows,
-        list(streamed.gradients_wanted(input, weight, bias)))[0]
+        input.contiguous(), weight.contiguous(), optional(bias), target.contiguous(), row_weight.contiguous(),
+        optional(z_weight), block_rows, list(streamed.gradients_wanted(input, weight, bias)), softcap,
+        optional(smoothing_weights), optional(smoothing_row_weight))[0]
 
 
 def cpu_softmax_mean(input, weight, bias):

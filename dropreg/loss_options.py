@@ -299,7 +299,11 @@ class LossOptions:
         return AdjustedTerms(ce, quadratic, sign_term, z_term, lse)
 
     def ce_only_extra(self, h, classes: ClassValues, row_weight):
-        """``sum_n row_weight_n (ce' - a ce)``: the part of the smoothed loss outside the fused CE."""
+        """``sum_n row_weight_n (ce' - a ce)``: the part of the smoothed loss outside the fused CE; with a softcap only
+        the target's ``eps wbar z_y``, the fused CE having taken ``-S`` (docs/math.md 3.7)."""
         if not self.smoothing:
             return torch.zeros((), dtype=row_weight.dtype, device=h.device)
+        if self.softcap is not None:
+            z_target = softcap_derivatives(classes.target_logit(h.to(classes.acc)), self.softcap)[0]
+            return (row_weight * self.smoothing * classes.class_weight_mean() * z_target).sum()
         return (row_weight * self._smoothing_terms(h, classes)[1]).sum()

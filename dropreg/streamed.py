@@ -368,7 +368,8 @@ def ce_only_blocks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.de
     return block_rows, default_blocks(block_rows, vocab)[1]
 
 
-def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight=None):
+def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight=None, softcap=None,
+                  smoothing_weights=None, smoothing_row_weight=None):
     """CE only: ``sum_i row_weight_i ce_i`` (``+ z_weight_i lse_i^2`` when ``z_weight`` is given: the z-loss) and
     its gradients formed in the same pass (docs/math.md, "CE only").
 
@@ -377,12 +378,18 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
     (1 NVd): 3 NVd, no recompute. Returns ``(loss, grad_h, grad_w, grad_b)`` in the accumulation dtype, ``loss`` the
     pair ``[sum row_weight ce, sum z_weight lse^2]`` and the gradients those of its sum; unwanted gradients are
     None.
+
+    ``softcap``: the logits are capped, ``z = softcap tanh(r / softcap)``, and the logit gradient is multiplied by
+    ``dz/dr = 1 - (z / softcap)^2`` (docs/math.md 7.1). ``smoothing_weights`` ``omega`` (V) with
+    ``smoothing_row_weight`` ``rs`` (N): ``loss[0]`` also subtracts ``sum_i rs_i S_i``, ``S_i = sum_v omega_v z_iv``
+    (label smoothing's part of a capped head, docs/math.md 3.7), and ``G`` gets ``-rs omega`` before the cap's factor.
     """
     acc = accumulation_dtype(h.dtype)
     want_h, want_w, want_b = wants
     n_rows, dim = h.shape
     vocab = weight.shape[0]
     device = h.device
+    omega = None if smoothing_weights is None else smoothing_weights.to(acc)
     loss = torch.zeros(2, dtype=acc, device=device)
     grad_h = torch.empty(n_rows, dim, dtype=acc, device=device) if want_h else None
     grad_w = torch.zeros(vocab, dim, dtype=acc, device=device) if want_w else None
@@ -394,18 +401,37 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
         with record_function("dropreg::ce_logits"):
             for v0, v1 in _spans(vocab, vocab_chunk):
                 w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
-                z[:, v0:v1] = _chunk_logits(h_block, w, b)
+                z[:, v0:v1] = capped_logits(_chunk_logits(h_block, w, b), softcap)[0]
             target_logit = z.gather(1, y[:, None]).squeeze(1)
-            # lse in place (torch.logsumexp would allocate a second block x V buffer): z becomes exp(z - shift)
+            if omega is not None:  # before the uncapped z turns into exp(z - shift)
+                smoothing_row = smoothing_row_weight[r0:r1].to(acc)
+                loss[0] -= torch.where(smoothing_row != 0, smoothing_row * (z @ omega), 0.0).sum()
             shift = _logit_shift(z.amax(dim=1))
-            lse = shift + z.sub_(shift[:, None]).exp_().sum(dim=1).log()
+            if softcap is None:
+                # lse in place (torch.logsumexp would allocate a second block x V buffer): z becomes exp(z - shift)
+                lse = shift + z.sub_(shift[:, None]).exp_().sum(dim=1).log()
+            else:  # the capped logits stay: the gradient needs them for the cap's derivative
+                lse = shift + sum(torch.exp(z[:, v0:v1] - shift[:, None]).sum(dim=1)
+                                  for v0, v1 in _spans(vocab, vocab_chunk)).log()
             softmax_scale = add_ce_loss(loss, lse, lse - target_logit, w_row,
                                         None if z_weight is None else z_weight[r0:r1].to(acc))
         if not any(wants):
             continue
         with record_function("dropreg::ce_gradients"):
-            z.mul_((softmax_scale * torch.exp(shift - lse))[:, None])  # G = (w + 2 zw lse) s ...
-            z.scatter_add_(1, y[:, None], -w_row[:, None])     # ... - w * e_y
+            if softcap is None:
+                z.mul_((softmax_scale * torch.exp(shift - lse))[:, None])  # G = (w + 2 zw lse) s ...
+                if omega is not None:
+                    z.sub_(smoothing_row[:, None] * omega)
+                z.scatter_add_(1, y[:, None], -w_row[:, None])     # ... - w * e_y
+            else:  # G = ((w + 2 zw lse) s - rs omega - w e_y) (1 - (z / softcap)^2), chunk by chunk in place
+                target_slope = capped_slope(target_logit, softcap)
+                for v0, v1 in _spans(vocab, vocab_chunk):
+                    capped = z[:, v0:v1]
+                    g = softmax_scale[:, None] * torch.exp(capped - lse[:, None])
+                    if omega is not None:
+                        g -= smoothing_row[:, None] * omega[v0:v1]
+                    capped.copy_(g.mul_(capped_slope(capped, softcap)))
+                z.scatter_add_(1, y[:, None], -(w_row * target_slope)[:, None])
             grad_h_block = torch.zeros_like(h_block) if want_h else None
             for v0, v1 in _spans(vocab, vocab_chunk):
                 g = z[:, v0:v1]
@@ -419,6 +445,12 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
             if want_h:
                 grad_h[r0:r1] = grad_h_block
     return loss, grad_h, grad_w, grad_b
+
+
+def capped_slope(capped, softcap):
+    """``dz/dr = 1 - t^2`` of the capped logits ``z = softcap t`` (docs/math.md 3.6)."""
+    t = capped / softcap
+    return 1 - t * t
 
 
 def add_ce_loss(loss, lse, ce, w_row, z_row):
@@ -437,9 +469,11 @@ class StreamedCrossEntropyWithGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, target, row_weight, z_weight, wants, block_rows, vocab_chunk,
-                compute=None):
+                compute=None, softcap=None, smoothing_weights=None, smoothing_row_weight=None):
+        capping = {} if softcap is None and smoothing_weights is None else dict(
+            softcap=softcap, smoothing_weights=smoothing_weights, smoothing_row_weight=smoothing_row_weight)
         loss, *grads = (compute or ce_with_grads)(h, weight, bias, target, row_weight, wants, block_rows,
-                                                  vocab_chunk, z_weight)
+                                                  vocab_chunk, z_weight, **capping)
         # Kept in the parameters' dtypes: until the backward they live beside the activations. The inputs are
         # saved only to link first_order_only's guard to them.
         ctx.save_for_backward(h, weight, bias,
@@ -452,7 +486,7 @@ class StreamedCrossEntropyWithGrads(torch.autograd.Function):
     def backward(ctx, grad_loss):
         scale = combined_upstream(grad_loss, ctx.has_z)
         return (*(None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors[3:]),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 CE_AND_Z_LOSS_MESSAGE = ("dropreg: cross entropy and z_loss were fused in the CE-only path, which keeps the "
@@ -483,6 +517,17 @@ def streamed_ce_with_grads(input, weight, bias, target, row_weight, z_weight=Non
     return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight, z_weight,
                                                gradients_wanted(input, weight, bias),
                                                block_rows or default_rows, vocab_chunk or default_chunk)
+
+
+@_eager_under_compile
+def streamed_ce_with_grads_softcap(input, weight, bias, target, row_weight, z_weight, softcap,
+                                   smoothing_weights=None, smoothing_row_weight=None):
+    """:func:`streamed_ce_with_grads` of a softcapped head, ``loss[0]`` less label smoothing's
+    ``sum_i smoothing_row_weight_i S_i`` when ``smoothing_weights`` are given (see dropreg/_dispatch.py)."""
+    block_rows, vocab_chunk = ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
+    return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight, z_weight,
+                                               gradients_wanted(input, weight, bias), block_rows, vocab_chunk,
+                                               None, softcap, smoothing_weights, smoothing_row_weight)
 
 
 def capped_logits(raw, softcap):

@@ -2,7 +2,8 @@
 
 Usage: python memory_probe.py OP BACKEND N d V CAP_MIB, OP being linear_ce, ce_only (cross entropy alone),
 softcap_zloss (all terms of a softcapped head with z-loss), softcap_smoothing (the same with label smoothing and
-class weights: its own streamed sums), rdrop, rdrop_softcap, sites (a training step with an
+class weights: its own streamed sums), softcap_ce_only (cross entropy alone of a capped head, with smoothing, class
+weights and z-loss), rdrop, rdrop_softcap, sites (a training step with an
 inner dropout site: both every-site terms) or sites-implicit (the implicit every-site term only). Used by test_memory.py in a subprocess, so the cap
 (``resource.setrlimit(RLIMIT_AS)``) binds only this process. The cap is set *after* torch, the inputs and
 the thread pools exist, as that much address space above the current size.
@@ -81,6 +82,10 @@ def main():
             return dropreg.linear_cross_entropy(h[:rows], w[:vocab_rows], targets, softcap=30.0, z_loss=1e-4,
                                                 label_smoothing=0.1, weight=torch.ones(vocab_rows) * 0.5,
                                                 backend=backend, seed=0).loss
+        if op == "softcap_ce_only":  # the CE-only path with the cap in its workspace
+            return dropreg.linear_cross_entropy(h[:rows], w[:vocab_rows], targets, softcap=30.0, z_loss=1e-4,
+                                                label_smoothing=0.1, weight=torch.ones(vocab_rows) * 0.5,
+                                                explicit=False, implicit=False, backend=backend).loss
         if op in ("rdrop", "rdrop_softcap"):  # rdrop_softcap: the streamed passes with the cap
             return dropreg.rdrop_linear_cross_entropy(h[:rows], h2[:rows], w[:vocab_rows], targets, backend=backend,
                                                       softcap=30.0 if op == "rdrop_softcap" else None).loss

@@ -117,3 +117,24 @@ def test_interleaved_rounds_and_ratios(tmp_path):
     assert cells[4:] == [f"{floor:.2f}", f"{to_ours:.3f}", f"{wins}/{rounds}"], line
     assert next(row for row in table.splitlines() if row.startswith("| ce-dropreg-torch |")).split("|")[6].strip() \
         == "1.000"
+
+
+def test_capped_ce_methods_compute_one_loss():
+    """The capped-head methods the benchmarks compare, dropreg's and the materialized one Gemma 2's code runs,
+    compute the same loss and gradients."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import methods
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    hidden = (torch.randn(64, 16) * 3).requires_grad_()
+    weight = (torch.randn(500, 16) * 3).requires_grad_()  # raw logits ~ +-150: the cap of 30 bites
+    target = torch.randint(0, 500, (64,))
+    results = []
+    for name in ("ce-dropreg-cpu-softcap", "ce-naive-softcap"):
+        _, forward_backward = methods.CE_METHODS[name](hidden, weight, target, None)
+        loss = forward_backward()
+        results.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)

@@ -271,3 +271,160 @@ def test_a_vocabulary_range_masked_by_minus_inf_bias(backend):
     torch.testing.assert_close(ours[0], reference.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours[1], hh.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours[2], ww.grad, rtol=1e-12, atol=1e-12)
+
+
+# A softcapped head (docs/math.md 3.6) on the CE-only path: the kernels cap the logits in place, and label
+# smoothing's S = sum_v omega_v z_v is formed in the same pass (3.7).
+CAPPED_OPTIONS = {
+    "plain": dict(),
+    "z_loss": dict(z_loss=0.2),
+    "smoothing": dict(label_smoothing=0.1),
+    "weight-smoothing-z_loss": dict(weight="random", label_smoothing=0.3, z_loss=0.05),
+}
+
+
+def _capped_problem(option, vocab, **kwargs):
+    options = dict(CAPPED_OPTIONS[option])
+    if options.get("weight") == "random":
+        options["weight"] = torch.rand(vocab, dtype=torch.float64) + 0.5
+    return make_problem(vocab=vocab, **options, **kwargs, **CE_ONLY)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("option", list(CAPPED_OPTIONS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"lead{s['lead']}-d{s['d']}-V{s['vocab']}")
+def test_softcap_matches_oracle(ce_backend, reduction, option, shape):
+    """logit_scale 3 with softcap 2 puts entries on tanh's linear and saturated parts; the oracle caps the logits
+    before F.cross_entropy. Every value and the gradient of ``.loss`` (the z-loss's is fused into it)."""
+    shape = dict(shape)
+    problem = _capped_problem(option, shape.pop("vocab"), **shape, logit_scale=3.0, softcap=2.0, reduction=reduction,
+                              ignore=(0,) if shape["lead"] != (1,) else ())
+    assert_loss_close_to_oracle(problem, torch.float64, ce_backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("logit_scale", [1e-3, 30.0, 1e4], ids=["flat", "peaked", "huge-logits"])
+def test_softcap_softmax_regimes(ce_backend, dtype, logit_scale):
+    """Raw logits of 1e4 saturate tanh (the cap's derivative underflows, the capped softmax is flat across the
+    saturated classes); the cap is 10."""
+    problem = _capped_problem("weight-smoothing-z_loss", 290, lead=(6,), d=5, logit_scale=logit_scale, dtype=dtype,
+                              softcap=10.0)
+    assert_loss_close_to_oracle(problem, dtype, ce_backend)
+
+
+def test_softcap_all_rows_ignored(ce_backend):
+    problem = _capped_problem("weight-smoothing-z_loss", 300, lead=(4,), d=3, ignore=(0, 1, 2, 3), softcap=2.0)
+    (values, grads), _ = run_dropreg(problem, torch.float64, ce_backend, cotangent=torch.ones(()),
+                                     gradients_of="loss")
+    assert all(v == 0 for v in values.values())
+    assert all(torch.all(g == 0) for g in grads["ce"])
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("option", ["plain", "weight-smoothing-z_loss"])
+def test_softcap_takes_the_fused_op(option):
+    """On "cpu" a capped head's cross entropy runs the one CE-only op, not the capped passes of the per-row path."""
+    problem = _capped_problem(option, 300, lead=(5,), d=4, softcap=3.0)
+    with RecordOps() as ops:
+        run_dropreg(problem, torch.float32, "cpu", cotangent=torch.ones(()), gradients_of="loss")
+    assert "dropreg::linear_ce_with_grads" in ops.names
+    assert not {"dropreg::softcap_statistics", "dropreg::softcap_gradient_sweep"} & ops.names
+
+
+@pytest.mark.parametrize("capping", [dict(softcap=5.0), dict(softcap=5.0, label_smoothing=0.1, z_loss=1e-3)],
+                         ids=["softcap", "softcap-smoothing-z_loss"])
+def test_softcap_gemm_count(capping):
+    """A capped head costs the uncapped CE-only GEMMs, 3 NVd: the cap and smoothing's sum are elementwise."""
+    n, d, v = 64, 16, 300
+    h = torch.randn(n, d, requires_grad=True)
+    w = torch.randn(v, d, requires_grad=True)
+    b = torch.randn(v, requires_grad=True)
+    y = torch.randint(0, v, (n,))
+
+    def step():
+        dropreg.linear_cross_entropy(h, w, y, linear_bias=b, backend="torch", **capping, **CE_ONLY).loss.backward()
+
+    assert _multiply_adds(step) == 3 * n * v * d
+
+
+def _op_outputs(backend_fn, h, w, b, y, row_weight, z_weight, softcap, omega, smoothing_rows):
+    """The CE-only op's four outputs (loss pair, grad_h, grad_w, grad_b), all gradients wanted."""
+    if backend_fn == "cpu":
+        return torch.ops.dropreg.linear_ce_with_grads(h, w, b, y, row_weight, z_weight, 7, [True, True, True],
+                                                      softcap, omega, smoothing_rows)
+    return dropreg.streamed.ce_with_grads(h, w, b, y, row_weight, (True, True, True), 7, 5, z_weight,
+                                          softcap=softcap, smoothing_weights=omega,
+                                          smoothing_row_weight=smoothing_rows)
+
+
+@pytest.mark.cpu_only
+# V=4500 with 3 threads: 3 panels, the last partial; 1 thread, V=1100: one panel. Uncapped smoothing is not a path
+# the API takes (it needs no pass over the vocabulary, docs/math.md 3.4) but the op defines it: checked too.
+@pytest.mark.parametrize("threads,vocab", [(1, 1100), (3, 4500)], ids=["1-thread", "3-threads"])
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["uncapped", "capped"])
+def test_cpu_op_matches_the_streamed_definition(threads, vocab, softcap):
+    dropreg.cpu.load()
+    h = torch.randn(17, 6, dtype=torch.float64) * 2
+    w = torch.randn(vocab, 6, dtype=torch.float64)
+    b = torch.randn(vocab, dtype=torch.float64)
+    y = torch.randint(0, vocab, (17,))
+    row_weight, z_weight, smoothing_rows = torch.rand(17, dtype=torch.float64), torch.rand(17, dtype=torch.float64), \
+        torch.rand(17, dtype=torch.float64)
+    omega = torch.rand(vocab, dtype=torch.float64) / vocab
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = _op_outputs("cpu", h, w, b, y, row_weight, z_weight, softcap, omega, smoothing_rows)
+    finally:
+        torch.set_num_threads(previous)
+    definition = _op_outputs("torch", h, w, b, y, row_weight, z_weight, softcap, omega, smoothing_rows)
+    for a, r in zip(ours, definition):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    # smoothing's part is really there: without it the loss differs by sum_n rs_n S_n
+    plain = _op_outputs("cpu", h, w, b, y, row_weight, z_weight, softcap, None, None)
+    capped = h @ w.T + b if softcap is None else softcap * torch.tanh((h @ w.T + b) / softcap)
+    torch.testing.assert_close(plain[0][0] - ours[0][0], (smoothing_rows * (capped @ omega)).sum(), rtol=1e-10,
+                               atol=1e-12)
+
+
+@pytest.mark.cpu_only
+def test_opcheck_softcap_and_smoothing():
+    dropreg.cpu.load()
+    h = torch.randn(9, 4, requires_grad=True)
+    w = torch.randn(300, 4, requires_grad=True)
+    b = torch.randn(300, requires_grad=True)
+    y = torch.randint(0, 300, (9,))
+    for omega, rows in ((None, None), (torch.rand(300) / 300, torch.rand(9))):
+        torch.library.opcheck(torch.ops.dropreg.linear_ce_with_grads.default,
+                              (h, w, b, y, torch.rand(9), torch.rand(9), 4, [True, True, True], 3.0, omega, rows))
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("bad,message", [
+    (dict(softcap=0.0), "softcap must be > 0"),
+    (dict(smoothing_weights=torch.rand(300)), "smoothing_weights and smoothing_row_weight are given together"),
+    (dict(smoothing_weights=torch.rand(299), smoothing_row_weight=torch.rand(9)),
+     r"smoothing_weights must have shape \(300,\), got"),
+    (dict(smoothing_weights=torch.rand(300), smoothing_row_weight=torch.rand(8)),
+     r"smoothing_row_weight must have shape \(9,\), got"),
+], ids=["softcap", "unpaired", "omega-shape", "rows-shape"])
+def test_op_refuses_bad_capping_arguments(bad, message):
+    dropreg.cpu.load()
+    args = dict(dict(softcap=3.0, smoothing_weights=None, smoothing_row_weight=None), **bad)
+    for device in ("cpu", "meta"):  # the C++ kernel and the fake kernel say the same
+        h, w, y = torch.randn(9, 4, device=device), torch.randn(300, 4, device=device), torch.zeros(9, dtype=torch.long,
+                                                                                                     device=device)
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.dropreg.linear_ce_with_grads(h, w, None, y, torch.ones(9, device=device), None, 4,
+                                                   [True, True, False], **moved)

@@ -38,17 +38,25 @@ TERMS = {
 def test_matches_oracle(backend, option, terms, reduction):
     problem = make_problem(lead=(2, 3), d=4, vocab=V, ignore=(1,), reduction=reduction, **OPTIONS[option](),
                            **TERMS[terms])
+    _assert_matches_oracle(problem, torch.float64, backend)
+
+
+def _assert_matches_oracle(problem, dtype, backend):
+    """Every term and gradient against the oracle; where the CE-only path fused the z-loss in, every value and the
+    gradient of ``.loss``."""
     if _fused_ce_and_z_loss(problem, backend):
-        assert_loss_close_to_oracle(problem, torch.float64, backend)
+        assert_loss_close_to_oracle(problem, dtype, backend)
         return
-    ours, cotangent = run_dropreg(problem, torch.float64, backend)
-    assert_close_to_oracle(ours, run_oracle(problem, cotangent), torch.float64, problem)
+    ours, cotangent = run_dropreg(problem, dtype, backend)
+    assert_close_to_oracle(ours, run_oracle(problem, cotangent), dtype, problem)
 
 
 def _fused_ce_and_z_loss(problem, backend):
     """Whether the call takes the CE-only path with the z-loss fused in: its gradients exist only as a sum."""
     kwargs = problem.kwargs
-    fused = dropreg._dispatch._BACKENDS[backend].ce_with_grads is not None
+    implementation = dropreg._dispatch._BACKENDS[backend]
+    fused = (implementation.ce_with_grads if kwargs.get("softcap") is None
+             else implementation.ce_with_grads_softcap) is not None
     return (fused and kwargs.get("z_loss") and not kwargs.get("explicit", True)
             and not kwargs.get("implicit", True) and kwargs.get("reduction", "mean") != "none")
 
@@ -161,8 +169,7 @@ def test_softcap_matches_oracle(backend, option, terms, reduction):
     softcap 2 puts rows across tanh's linear and saturated parts."""
     problem = make_problem(lead=(2, 3), d=4, vocab=V, ignore=(1,), reduction=reduction, logit_scale=3.0,
                            softcap=2.0, **SOFTCAP_OPTIONS[option](), **TERMS[terms])
-    ours, cotangent = run_dropreg(problem, torch.float64, backend)
-    assert_close_to_oracle(ours, run_oracle(problem, cotangent), torch.float64, problem)
+    _assert_matches_oracle(problem, torch.float64, backend)
 
 
 @pytest.mark.parametrize("shape", [dict(lead=(1,), d=1), dict(lead=(17,), d=1), dict(lead=(1,), d=6)],

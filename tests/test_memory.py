@@ -49,7 +49,7 @@ def test_streamed_backend_fits_under_cap(backend, op):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op", ["softcap_zloss", "softcap_smoothing", "rdrop_softcap"])
+@pytest.mark.parametrize("op", ["softcap_zloss", "softcap_smoothing", "softcap_ce_only", "rdrop_softcap"])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_softcap_and_z_loss_fit_under_cap(backend, op):
     """The capped head's passes (dropreg/softcap.py, csrc/softcap.cpp) with z-loss, and R-Drop's streamed passes
@@ -64,7 +64,8 @@ def test_softcap_and_z_loss_fit_under_cap(backend, op):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op", ["linear_ce", "rdrop", "softcap_zloss", "softcap_smoothing", "rdrop_softcap"])
+@pytest.mark.parametrize("op", ["linear_ce", "rdrop", "softcap_zloss", "softcap_smoothing", "softcap_ce_only",
+                                "rdrop_softcap"])
 def test_reference_backend_fails_under_the_same_cap(op):
     # Proves the cap bites: materializing the logits is impossible under it.
     result = run_probe("reference", op)
