@@ -2,7 +2,8 @@
 // dropreg/softcap.py's, shared with the "torch" backend.
 //
 // Each element's raw logit r gives t = tanh(r / s), the capped logit z = s t and its derivatives in r:
-// c = 1 - t^2, z2 = -2 t c / s, z3 = -2 c (c - 2 t^2) / s^2; phi = c^2 + z2 and psi = c phi + 2 c z2 + z3.
+// c = 1 - t^2, z2 = -2 t c / s, z3 = -2 c (c - 2 t^2) / s^2; phi = c^2 + z2 and psi = c phi + 2 c z2 + z3,
+// computed a vector of entries at a time (ATen's vectorized tanh and exp), the row's tail one by one.
 //
 // softcap_statistics: row blocks in parallel, vocabulary tiles streamed with the online softmax of z;
 //   M1 += (e c) @ W_t (1 RCd) and M2 += (e phi) @ (W_t * W_t) (1 RCd) beside z = h W_t^T (1 RCd); with label
@@ -24,19 +25,53 @@ namespace dropreg {
 
 namespace {
 
-template <typename T>
+// V: a scalar or an at::vec::Vectorized of one (the element loops run vector steps, then a scalar tail).
+template <typename V>
 struct CapDerivatives {
-  T z, c, z2, z3;
-  CapDerivatives(T raw, T cap) {
-    const T t = std::tanh(raw / cap);
+  V z, c, z2, z3;
+  CapDerivatives(V raw, V cap) {
+    const V t = tanh_of(raw / cap), one(1), two(2);
     z = cap * t;
-    c = T(1) - t * t;
-    z2 = T(-2) * t * c / cap;
-    z3 = T(-2) * c * (c - T(2) * t * t) / (cap * cap);
+    c = one - t * t;
+    z2 = V(-2) * t * c / cap;
+    z3 = V(-2) * c * (c - two * t * t) / (cap * cap);
   }
-  T phi() const { return c * c + z2; }
-  T psi() const { return c * phi() + T(2) * c * z2 + z3; }
+  V phi() const { return c * c + z2; }
+  V psi() const { return c * phi() + V(2) * c * z2 + z3; }
 };
+
+// Statistics pass, one element step at j (V wide): the softmax weights' factors c and phi where wanted, the capped
+// logit in place of the raw one; returns omega z (0 without smoothing) for the caller's sum.
+template <typename V, typename T>
+V statistics_step(T* row, T* ec_row, T* ephi_row, const T* omega, int64_t j, T cap) {
+  const CapDerivatives<V> d(load_at(row + j, V()), V(cap));
+  if (ec_row) store_at(ec_row + j, d.c);
+  if (ephi_row) store_at(ephi_row + j, d.phi());
+  store_at(row + j, d.z);
+  return omega ? load_at(omega + j, V()) * d.z : V(0);
+}
+
+// Gradient sweep, one element step at k (V wide): s and G in place of the raw logit and of T . W_v, s c and s phi
+// where wanted (docs/math.md 3.6, 3.7).
+template <typename V, typename T>
+void sweep_step(T* s, T* g, const T* q_dot, T* pc, T* pphi, const T* omega, int64_t k, int64_t j, T lse, T row_const,
+                T grad_sum, T cap) {
+  const CapDerivatives<V> d(load_at(s + k, V()), V(cap));
+  const V p = exp_of(d.z - V(lse));
+  V inner = d.c * V(row_const);
+  if (pc) {
+    inner = inner + d.phi() * load_at(g + k, V());
+    store_at(pc + k, p * d.c);
+  }
+  if (pphi) {
+    inner = inner + d.psi() * load_at(q_dot + k, V());
+    store_at(pphi + k, p * d.phi());
+  }
+  store_at(s + k, p);
+  V grad = p * inner;
+  if (omega) grad = grad + V(grad_sum) * load_at(omega + j, V()) * d.c;
+  store_at(g + k, grad);
+}
 
 template <typename acc_t>
 void statistics_impl(const Tensor& h, const Tensor& weight, const Tensor& bias, acc_t cap, bool need_m1,
@@ -69,14 +104,14 @@ void statistics_impl(const Tensor& h, const Tensor& weight, const Tensor& bias, 
           acc_t* row = z + i * cols;
           acc_t* ec_row = need_m1 ? ec.data_ptr<acc_t>() + i * cols : nullptr;
           acc_t* ephi_row = need_m2 ? ephi.data_ptr<acc_t>() + i * cols : nullptr;
-          acc_t smoothed = 0;
-          for (int64_t j = 0; j < cols; ++j) {  // the weights first, then the capped logit in place
-            const CapDerivatives<acc_t> d(row[j], cap);
-            if (need_m1) ec_row[j] = d.c;
-            if (need_m2) ephi_row[j] = d.phi();
-            if (om) smoothed += om[v0 + j] * d.z;
-            row[j] = d.z;
-          }
+          using Vec = at::vec::Vectorized<acc_t>;
+          const acc_t* om_tile = om ? om + v0 : nullptr;
+          Vec smoothed_lanes(0);
+          int64_t j = 0;
+          for (; j + Vec::size() <= cols; j += Vec::size())
+            smoothed_lanes = smoothed_lanes + statistics_step<Vec>(row, ec_row, ephi_row, om_tile, j, cap);
+          acc_t smoothed = sum_lanes(smoothed_lanes);
+          for (; j < cols; ++j) smoothed += statistics_step<acc_t>(row, ec_row, ephi_row, om_tile, j, cap);
           if (om) sum_ptr[r0 + i] += smoothed;
           const acc_t rescale = softmax[i].rescale_for(row_max(row, cols));
           softmax[i].sum += exp_shifted_sum_inplace(row, cols, softmax[i].shift());
@@ -152,24 +187,17 @@ void sweep_impl(const SweepRows& r, const Tensor& weight, const Tensor& bias, ac
         acc_t* pc_ptr = has_T ? pc.data_ptr<acc_t>() : nullptr;
         acc_t* pphi_ptr = has_Q ? pphi.data_ptr<acc_t>() : nullptr;
         for (int64_t i = 0; i < n; ++i) {
+          using Vec = at::vec::Vectorized<acc_t>;
           const int64_t row = r0 + i;
-          for (int64_t j = 0; j < cols; ++j) {
-            const int64_t k = i * cols + j;
-            const CapDerivatives<acc_t> d(s[k], cap);
-            const acc_t p = std::exp(d.z - lse[row]);
-            acc_t inner = d.c * row_const[row];
-            if (has_T) {
-              inner += d.phi() * g[k];
-              pc_ptr[k] = p * d.c;
-            }
-            if (has_Q) {
-              inner += d.psi() * q_dot[k];
-              pphi_ptr[k] = p * d.phi();
-            }
-            s[k] = p;
-            g[k] = p * inner;
-            if (om) g[k] += grad_sum[row] * om[v0 + j] * d.c;
-          }
+          const acc_t* om_tile = om ? om + v0 : nullptr;
+          const acc_t row_grad_sum = om ? grad_sum[row] : acc_t(0);
+          int64_t j = 0;
+          for (; j + Vec::size() <= cols; j += Vec::size())
+            sweep_step<Vec>(s, g, q_dot, pc_ptr, pphi_ptr, om_tile, i * cols + j, j, lse[row], row_const[row],
+                            row_grad_sum, cap);
+          for (; j < cols; ++j)
+            sweep_step<acc_t>(s, g, q_dot, pc_ptr, pphi_ptr, om_tile, i * cols + j, j, lse[row], row_const[row],
+                              row_grad_sum, cap);
           subtract_at_target(g + i * cols, r.target[row], v0, cols, amount[row]);
           if (want_b) add_columns(t.acc_b.data(), g + i * cols, cols);
         }

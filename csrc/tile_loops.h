@@ -83,6 +83,33 @@ T row_max(const T* x, int64_t n) {
   return result;
 }
 
+// One element loop body serves a vector step and its scalar tail: loads, stores, tanh, exp and lane sums for both
+// a scalar T and at::vec::Vectorized<T>.
+template <typename T>
+inline T load_at(const T* p, T) { return *p; }
+template <typename T>
+inline at::vec::Vectorized<T> load_at(const T* p, at::vec::Vectorized<T>) { return at::vec::Vectorized<T>::loadu(p); }
+template <typename T>
+inline void store_at(T* p, T x) { *p = x; }
+template <typename T>
+inline void store_at(T* p, const at::vec::Vectorized<T>& x) { x.store(p); }
+template <typename T>
+inline T tanh_of(T x) { return std::tanh(x); }
+template <typename T>
+inline at::vec::Vectorized<T> tanh_of(const at::vec::Vectorized<T>& x) { return x.tanh(); }
+template <typename T>
+inline T exp_of(T x) { return std::exp(x); }
+template <typename T>
+inline at::vec::Vectorized<T> exp_of(const at::vec::Vectorized<T>& x) { return x.exp(); }
+template <typename T>
+inline T sum_lanes(const at::vec::Vectorized<T>& x) {
+  T lanes[at::vec::Vectorized<T>::size()];
+  x.store(lanes);
+  T sum = T(0);
+  for (int64_t k = 0; k < at::vec::Vectorized<T>::size(); ++k) sum += lanes[k];
+  return sum;
+}
+
 // sum_j exp(x[j] - shift); with kStore, x[j] = exp(x[j] - shift) in place as well.
 template <bool kStore, typename T>
 T exp_shifted_sum_impl(T* x, int64_t n, T shift) {
@@ -95,10 +122,7 @@ T exp_shifted_sum_impl(T* x, int64_t n, T shift) {
     if (kStore) e.store(x + j);
     vsum = vsum + e;
   }
-  T lanes[Vec::size()];
-  vsum.store(lanes);
-  T sum = T(0);
-  for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
+  T sum = sum_lanes(vsum);
   for (; j < n; ++j) {
     const T e = std::exp(x[j] - shift);
     if (kStore) x[j] = e;
@@ -132,10 +156,7 @@ T dot(const T* x, const T* y, int64_t n) {
   Vec acc(T(0));
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(x + j), Vec::loadu(y + j), acc);
-  T lanes[Vec::size()];
-  acc.store(lanes);
-  T sum = T(0);
-  for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
+  T sum = sum_lanes(acc);
   for (; j < n; ++j) sum += x[j] * y[j];
   return sum;
 }

@@ -300,12 +300,20 @@ MUTANTS = [
            "amount += g_r * y.z3 * y.q_ww", "amount += 1.001 * g_r * y.z3 * y.q_ww",
            "softcap: the explicit term's target amount * (1+1e-3)"),
     Mutant("opt-cpp-softcap-psi", "options", "csrc/softcap.cpp",
-           "T psi() const { return c * phi() + T(2) * c * z2 + z3; }",
-           "T psi() const { return c * phi() + T(2) * c * z2 + T(1.001) * z3; }",
+           "V psi() const { return c * phi() + V(2) * c * z2 + z3; }",
+           "V psi() const { return c * phi() + V(2) * c * z2 + V(1.001) * z3; }",
            "softcap, C++ passes: psi's third-derivative part * (1+1e-3)"),
     Mutant("opt-cpp-softcap-m2", "options", "csrc/softcap.cpp",
-           "if (need_m2) ephi_row[j] = d.phi();", "if (need_m2) ephi_row[j] = d.phi() * acc_t(1.0001);",
+           "if (ephi_row) store_at(ephi_row + j, d.phi());",
+           "if (ephi_row) store_at(ephi_row + j, d.phi() * V(1.0001));",
            "softcap, C++ statistics: M2's weight phi * (1+1e-4)"),
+    Mutant("opt-cpp-ce-softcap-slope", "options", "csrc/ce_with_grads.cpp",
+           "(g * (one - t * t)).store(z + j);", "(g * (one - Vec(T(1.001)) * t * t)).store(z + j);",
+           "C++ CE only, capped: the cap's derivative 1 - t^2 with t^2 * (1+1e-3) (vector steps)"),
+    Mutant("opt-cpp-ce-softcap-smoothing", "options", "csrc/ce_with_grads.cpp",
+           "if (omega) g = g - vsmoothing * Vec::loadu(omega + j);",
+           "if (omega) g = g - vsmoothing * Vec(T(1.001)) * Vec::loadu(omega + j);",
+           "C++ CE only, capped: label smoothing's -rs omega in G * (1+1e-3), the loss unchanged (vector steps)"),
 ]
 
 # Per backend: the pytest arguments (run from the copy's root). Quick, but each includes the float64 oracle
