@@ -42,8 +42,8 @@ from . import triton as triton_backend
 from .reference import (reference_rdrop, reference_sample_targets, reference_softcap_terms, reference_softmax_mean,
                         reference_terms)
 from .softcap import cpu_softcap_terms, streamed_softcap_terms
-from .streamed import (streamed_ce_with_grads, streamed_ce_with_grads_softcap, streamed_rdrop, streamed_sample_targets, streamed_softmax_mean,
-                       streamed_terms)
+from .streamed import (streamed_ce_with_grads, streamed_ce_with_grads_softcap, streamed_rdrop, streamed_sample_targets,
+                       streamed_softmax_mean, streamed_terms)
 
 
 @dataclass(frozen=True)
