@@ -78,11 +78,13 @@ _BACKENDS: dict[str, Backend] = {
                        linear_ce_softcap=streamed_softcap_terms, rdrop_softcap=streamed_rdrop,
                        ce_with_grads_softcap=streamed_ce_with_grads_softcap),
     # The first GPU kernels: one program per (row block, vocabulary block), gradients summed with atomics. Kept
-    # until a GPU run compares them with "chunked" (README, "The GPU backend").
+    # until a GPU run compares them with "chunked" (README, "The GPU backend"). Its capped head, cross entropy
+    # alone included, runs the streamed PyTorch drivers.
     "triton": Backend(triton_backend.FAMILY.linear_ce, triton_backend.FAMILY.rdrop, streamed_softmax_mean,
                       streamed_sample_targets, is_available=triton_backend.FAMILY.is_available,
                       unavailable_reason=triton_backend.FAMILY.unavailable_reason,
-                      linear_ce_softcap=streamed_softcap_terms, rdrop_softcap=streamed_rdrop),
+                      linear_ce_softcap=streamed_softcap_terms, rdrop_softcap=streamed_rdrop,
+                      ce_with_grads_softcap=streamed_ce_with_grads_softcap),
 }
 
 # Fastest first, per device type; "auto" takes the first registered and available one.
