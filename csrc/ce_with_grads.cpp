@@ -61,24 +61,22 @@ struct RowState {  // one thread's online softmax over its panels, for every row
   }
 };
 
-// A softcapped row's logit gradient in place of its capped logits z:
+// A softcapped row's logit gradient in place of its capped logits z, one element step at j (V wide):
 // g_v = (scale exp(z_v - lse) - smoothing omega_v) (1 - (z_v / cap)^2); omega may be null (no smoothing).
+template <typename V, typename T>
+void capped_gradient_step(T* z, const T* omega, int64_t j, T lse, T scale, T smoothing, T cap) {
+  const V capped = load_at(z + j, V()), t = capped / V(cap);
+  V g = V(scale) * exp_of(capped - V(lse));
+  if (omega) g = g - V(smoothing) * load_at(omega + j, V());
+  store_at(z + j, g * (V(1) - t * t));
+}
+
 template <typename T>
 void capped_gradient_row(T* z, const T* omega, int64_t n, T lse, T scale, T smoothing, T cap) {
   using Vec = at::vec::Vectorized<T>;
-  const Vec vlse(lse), vscale(scale), vsmoothing(smoothing), vcap(cap), one(T(1));
   int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec capped = Vec::loadu(z + j), t = capped / vcap;
-    Vec g = vscale * (capped - vlse).exp();
-    if (omega) g = g - vsmoothing * Vec::loadu(omega + j);
-    (g * (one - t * t)).store(z + j);
-  }
-  for (; j < n; ++j) {
-    const T t = z[j] / cap;
-    const T g = scale * std::exp(z[j] - lse) - (omega ? smoothing * omega[j] : T(0));
-    z[j] = g * (T(1) - t * t);
-  }
+  for (; j + Vec::size() <= n; j += Vec::size()) capped_gradient_step<Vec>(z, omega, j, lse, scale, smoothing, cap);
+  for (; j < n; ++j) capped_gradient_step<T>(z, omega, j, lse, scale, smoothing, cap);
 }
 
 // Rows [v0, v0 + cols) of the weight in the accumulation dtype: a view when no upcast is needed (flat_buffer

@@ -396,6 +396,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                    call.shard if call.sharded else None)
     if options.class_weight is not None:
         rows.count_weighted(classes.target_class_weight())
+    smoothing_weights = options.capped_smoothing_weights(classes)  # label smoothing's S from the capped passes
     ce_only = None if call.sharded else (implementation.ce_with_grads if softcap is None
                                          else implementation.ce_with_grads_softcap)
     if not need_explicit and not need_implicit and reduction != "none" and not return_lse and ce_only is not None:
@@ -408,7 +409,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         if softcap is None:
             ce, z_value = ce_only(*fused)
         else:  # label smoothing's S_n = sum_v omega_v z_v is formed in the same passes, row n weighted by row_weight
-            smoothing_weights = options.capped_smoothing_weights(classes)
             ce, z_value = ce_only(*fused, softcap, smoothing_weights,
                                   None if smoothing_weights is None else row_weight)
         if options.smoothing:
@@ -419,7 +419,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                         z_loss=z_value.to(out_dtype) if options.z_loss else zero)
     z_term = lse = smoothing_sum = None
     h = rows.zero_ignored(input)
-    smoothing_weights = options.capped_smoothing_weights(classes)  # label smoothing's S from the capped passes
     if call.sharded:
         seed = call.seed
         if softcap is None:

@@ -308,12 +308,12 @@ MUTANTS = [
            "if (ephi_row) store_at(ephi_row + j, d.phi() * V(1.0001));",
            "softcap, C++ statistics: M2's weight phi * (1+1e-4)"),
     Mutant("opt-cpp-ce-softcap-slope", "options", "csrc/ce_with_grads.cpp",
-           "(g * (one - t * t)).store(z + j);", "(g * (one - Vec(T(1.001)) * t * t)).store(z + j);",
-           "C++ CE only, capped: the cap's derivative 1 - t^2 with t^2 * (1+1e-3) (vector steps)"),
+           "store_at(z + j, g * (V(1) - t * t));", "store_at(z + j, g * (V(1) - V(1.001) * t * t));",
+           "C++ CE only, capped: the cap's derivative 1 - t^2 with t^2 * (1+1e-3)"),
     Mutant("opt-cpp-ce-softcap-smoothing", "options", "csrc/ce_with_grads.cpp",
-           "if (omega) g = g - vsmoothing * Vec::loadu(omega + j);",
-           "if (omega) g = g - vsmoothing * Vec(T(1.001)) * Vec::loadu(omega + j);",
-           "C++ CE only, capped: label smoothing's -rs omega in G * (1+1e-3), the loss unchanged (vector steps)"),
+           "if (omega) g = g - V(smoothing) * load_at(omega + j, V());",
+           "if (omega) g = g - V(smoothing) * V(1.001) * load_at(omega + j, V());",
+           "C++ CE only, capped: label smoothing's -rs omega in G * (1+1e-3), the loss unchanged"),
 ]
 
 # Per backend: the pytest arguments (run from the copy's root). Quick, but each includes the float64 oracle
