@@ -123,7 +123,9 @@ def test_triton_gradient_epilogue_matches_torch(operand, modulated):
         epilogues.gradient_chunk(z.clone(), bias, None if t is None else t.clone(), lse, row_const, g_ce, target_col,
                                  out)
         outs.append(out.float())
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6 if operand == torch.float32 else 2**-8, atol=1e-7)
+    # Both form each entry in fp32 in a different order, so the rounding to bf16 may land on the neighbouring value:
+    # one bf16 ulp is at most 2^-7 of the value (measured: 2 of 200 seeds differed by one ulp at 2^-8 tolerance).
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6 if operand == torch.float32 else 2**-7, atol=1e-7)
 
 
 def test_triton_rdrop_epilogues_match_torch():
