@@ -2,7 +2,7 @@
 # Issue 16's GPU measurements in one device call (README, "The GPU backend"). Run from the project root on the lent
 # GPU machine, carrying .whl (../shared/tools/gpu_wheels.sh fetches Liger-Kernel and Cut Cross-Entropy):
 #   bash benchmarks/gpu_session.sh [PART ...]    PARTs, in this order by default:
-#     env tests dropreg ce rdrop sweep profile scale
+#     env tests dropreg ce rdrop sweep profile scale distributed
 # Everything goes under $OUT/gpu/ and is packed into $OUT/gpu_session.tar.gz (the device tool returns 8 files at
 # most). A PART that fails is logged and the next one runs; the budget of one call is 10 minutes, so pass fewer
 # PARTs to a call when the machine is slower than expected (each PART prints its seconds).
@@ -36,6 +36,8 @@ run_part() {
            done ;;
     profile) python3 benchmarks/vocab_scaling.py --profile --device cuda --dtype bfloat16 --rows 8192 --dim 4096 \
                --profile-vocab 128256 --out "$LOGS/profile" ;;
+    distributed) DROPREG_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -p no:cacheprovider \
+                   tests/test_distributed.py ;;  # issue 13: ranks on the GPU over gloo, and a one-rank NCCL group
     scale) python3 benchmarks/max_tokens.py --methods dropreg-chunked,naive,ce-dropreg-chunked,liger \
              --out "$LOGS/max_tokens.csv" ;;
     *) echo "unknown PART $1"; return 2 ;;
@@ -44,7 +46,7 @@ run_part() {
   echo "PART $1: exit $status, $((SECONDS - start)) s" | tee -a "$LOGS/parts.txt"
   tail -n 25 "$LOGS/$1.log"
 }
-for part in "${@:-env tests dropreg ce rdrop sweep profile scale}"; do
+for part in "${@:-env tests dropreg ce rdrop sweep profile scale distributed}"; do
   for p in $part; do run_part "$p"; done
 done
 rm -f "$LOGS"/profile/*.json  # Chrome traces: too large to bring back

@@ -2,6 +2,8 @@
 
 Every rank builds the same full problem from a fixed seed, runs dropreg on one process (backend "torch") and on
 its slice of the head with ``process_group``, and reports errors and tolerances; the parent process asserts.
+With DROPREG_TEST_DEVICE=cuda (inherited from the parent) every rank's tensors live on GPU 0: the problems are
+drawn on the CPU with the same generators and moved there, so the figures are the CPU runs' up to rounding.
 """
 from __future__ import annotations
 
@@ -23,12 +25,16 @@ import dropreg.streamed
 EPS32 = 2.0**-23
 
 
-def entry(rank, world, init_file, result_dir, case, args):
-    """Spawned rank: join the gloo group, run ``case``, write its result (or its exception) to a file."""
+def entry(rank, world, init_file, result_dir, case, args, process_group_backend="gloo"):
+    """Spawned rank: join the group (gloo, or NCCL on CUDA), run ``case``, write its result (or its exception) to a
+    file."""
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
+        if os.environ.get("DROPREG_TEST_DEVICE") == "cuda":
+            torch.cuda.set_device(0)  # one GPU lent: every rank shares it (NCCL only with world size 1)
+            torch.set_default_device("cuda")
+        dist.init_process_group(process_group_backend, init_method=f"file://{init_file}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=60))
         outcome = ("ok", globals()[case](rank, world, *args))
     except BaseException as error:  # reported to the parent, which fails the test
         outcome = ("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
@@ -46,9 +52,24 @@ def vocab_slices(sizes):
     return [slice(o, o + s) for o, s in zip(offsets, sizes)]
 
 
+def _on_cpu_then_moved(draw):
+    """``draw()`` run with CPU tensors (its generators are CPU ones), its tensors then moved to the ranks' default
+    device: the same values on every device."""
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        drawn = draw()
+    if isinstance(drawn, dict):
+        return {name: value.to(device) for name, value in drawn.items()}
+    return tuple(value.to(device) for value in drawn) if isinstance(drawn, tuple) else drawn.to(device)
+
+
 def make_problem(sizes, rows=(2, 3), dim=5, seed=1234):
     """float64 master tensors; targets avoid rank 1's slice (a shard that holds no target) and two rows are
     ignored."""
+    return _on_cpu_then_moved(lambda: _draw_problem(sizes, rows, dim, seed))
+
+
+def _draw_problem(sizes, rows, dim, seed):
     gen = torch.Generator().manual_seed(seed)
     vocab = sum(sizes)
     h = torch.randn(*rows, dim, generator=gen, dtype=torch.float64)
@@ -96,7 +117,7 @@ class Report:
         self.errors[label] = (err, _tolerance(dtype, reference, self.problem, extra))
 
     def output(self, label, value):
-        self.outputs[label] = value.detach().double().clone()
+        self.outputs[label] = value.detach().double().cpu().clone()
 
 
 def _leaves(problem, dtype, sl=None, bias=True):
@@ -120,7 +141,8 @@ def local_backends():
     import importlib.util
     from dropreg import cpu
     built = importlib.util.find_spec("dropreg._C") is not None
-    return ("torch", "chunked", "cpu") if built and cpu.FAMILY.is_available() else ("torch", "chunked")
+    on_cpu = torch.get_default_device().type == "cpu"
+    return ("torch", "chunked", "cpu") if on_cpu and built and cpu.FAMILY.is_available() else ("torch", "chunked")
 
 
 def compare_worlds(rank, world, sizes_by_world):
@@ -263,7 +285,8 @@ OPTION_CASES = {
 
 
 def _class_weights(problem):
-    return 0.5 + torch.rand(problem["w"].shape[0], generator=torch.Generator().manual_seed(77), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(77)
+    return _on_cpu_then_moved(lambda: 0.5 + torch.rand(problem["w"].shape[0], generator=gen, dtype=torch.float64))
 
 
 def _options_cases(report, problem, sl, group, dtype, local, tag, p, coef_r):
@@ -361,8 +384,8 @@ def _site_regularizers_case(rank, sizes, group, problem):
     vocab, dim = sum(sizes), 6
     torch.manual_seed(99)
     model = _TinyMLP(vocab, dim).double()
-    ids = torch.randint(0, vocab, (2, 4), generator=torch.Generator().manual_seed(5))
-    target = torch.randint(0, vocab, (2, 4), generator=torch.Generator().manual_seed(6))
+    ids, target = _on_cpu_then_moved(
+        lambda: tuple(torch.randint(0, vocab, (2, 4), generator=torch.Generator().manual_seed(s)) for s in (5, 6)))
     target[0, 1] = -100
     ref, ref_grads, hidden = _site_step(model, ids, target, sl, False, group, samples=2, seed=21)
     out, out_grads, _ = _site_step(model, ids, target, sl, True, group, samples=2, seed=21)
@@ -471,10 +494,10 @@ def edge_cases(rank, world):
     sizes = [3, 4, 2][:world]
     sl = vocab_slices(sizes)[rank]
     gen = torch.Generator().manual_seed(8)
-    w_full = torch.randn(sum(sizes), 4, generator=gen, dtype=torch.float64)
+    w_full, h_full = _on_cpu_then_moved(lambda: (torch.randn(sum(sizes), 4, generator=gen, dtype=torch.float64),
+                                                 torch.randn(3, 4, generator=gen, dtype=torch.float64)))
     b_full = torch.zeros(sum(sizes), dtype=torch.float64)
     b_full[vocab_slices(sizes)[-1]] = float("-inf")  # the last rank's classes are all masked
-    h_full = torch.randn(3, 4, generator=gen, dtype=torch.float64)
     cases = {"empty": (h_full[:0], torch.zeros(0, dtype=torch.long), None),
              "all ignored": (h_full, torch.full((3,), -100), None),
              "masked slice": (h_full, torch.tensor([0, 1, 2]), b_full)}

@@ -1,4 +1,6 @@
 """Vocabulary-parallel heads (dropreg.distributed) across real processes: gloo on CPU, one thread per rank.
+With DROPREG_TEST_DEVICE=cuda (a GPU machine, one GPU) the ranks keep their tensors on that GPU and talk over gloo,
+and one test runs a single-rank NCCL group (NCCL refuses two ranks on one device).
 
 Each test spawns its ranks once and runs many cases in them (spawning costs seconds per rank); the ranks'
 results come back through files and are asserted here. A run that outlives its timeout is killed and fails.
@@ -17,19 +19,19 @@ import torch.multiprocessing as mp
 
 import distributed_workers
 
-pytestmark = pytest.mark.cpu_only  # tests/conftest.py: skipped with DROPREG_TEST_DEVICE=cuda
-
+ON_CUDA = os.environ.get("DROPREG_TEST_DEVICE") == "cuda"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Uneven slices, including a one-row slice; rank 1 never holds a target (distributed_workers.make_problem).
 SIZES = {1: [13], 2: [9, 4], 3: [2, 7, 4], 4: [5, 1, 4, 3]}
 
 
-def run_ranks(tmp_path, world, case, *args, timeout=120.0):
+def run_ranks(tmp_path, world, case, *args, timeout=120.0, process_group_backend="gloo"):
     """Run ``distributed_workers.<case>(rank, world, *args)`` on ``world`` spawned ranks; their results by rank."""
     context = mp.get_context("spawn")
     init_file = str(tmp_path / "init")
     procs = [context.Process(target=distributed_workers.entry,
-                             args=(rank, world, init_file, str(tmp_path), case, args)) for rank in range(world)]
+                             args=(rank, world, init_file, str(tmp_path), case, args, process_group_backend))
+             for rank in range(world)]
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + timeout
@@ -52,8 +54,19 @@ def run_ranks(tmp_path, world, case, *args, timeout=120.0):
 
 def test_sliced_head_matches_one_process(tmp_path):
     """World sizes 1-4 (subgroups of one 4-rank spawn)."""
-    by_rank = run_ranks(tmp_path, 4, "compare_worlds", SIZES)
-    for world, sizes in SIZES.items():
+    _check_worlds(run_ranks(tmp_path, 4, "compare_worlds", SIZES), SIZES)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="NCCL needs CUDA tensors (DROPREG_TEST_DEVICE=cuda)")
+def test_nccl_single_rank_matches_one_process(tmp_path):
+    """Every op through NCCL's collectives, the handshake's all_gather and all_gather_object included; one rank,
+    since NCCL refuses two ranks on one GPU."""
+    _check_worlds(run_ranks(tmp_path, 1, "compare_worlds", {1: SIZES[1]}, process_group_backend="nccl"),
+                  {1: SIZES[1]})
+
+
+def _check_worlds(by_rank, sizes_by_world):
+    for world, sizes in sizes_by_world.items():
         results = [by_rank[rank][world] for rank in range(world)]
         failures = []
         for rank, (errors, _) in enumerate(results):
@@ -142,6 +155,7 @@ def test_a_rank_without_process_group_gives_a_timeout_error_not_a_hang(tmp_path)
     # Rank 1 ran the single-process function on its slice: it cannot know that rank 0 expected a collective.
 
 
+@pytest.mark.cpu_only  # tests/conftest.py: skipped with DROPREG_TEST_DEVICE=cuda
 def test_benchmark_bytes_equal_the_formula(tmp_path):
     """benchmarks/distributed.py on a tiny problem: it asserts the counted payloads equal docs/math.md 12.3."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -162,6 +176,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.cpu_only
 def test_readme_torchrun_example_runs(tmp_path):
     """The README's torchrun example, launched the way the README says, on two ranks."""
     script = os.path.join(ROOT, "examples", "vocab_parallel.py")
