@@ -36,7 +36,7 @@ run_part() {
            done ;;
     profile) python3 benchmarks/vocab_scaling.py --profile --device cuda --dtype bfloat16 --rows 8192 --dim 4096 \
                --profile-vocab 128256 --out "$LOGS/profile" ;;
-    distributed) DROPREG_TEST_DEVICE=cuda timeout 400 python3 -m pytest -q -p no:cacheprovider \
+    distributed) DROPREG_TEST_DEVICE=cuda timeout 500 python3 -m pytest -q -p no:cacheprovider \
                    tests/test_distributed.py ;;  # issue 13: ranks on the GPU over gloo, and a one-rank NCCL group
     scale) python3 benchmarks/max_tokens.py --methods dropreg-chunked,naive,ce-dropreg-chunked,liger \
              --out "$LOGS/max_tokens.csv" ;;

@@ -27,6 +27,8 @@ SIZES = {1: [13], 2: [9, 4], 3: [2, 7, 4], 4: [5, 1, 4, 3]}
 
 def run_ranks(tmp_path, world, case, *args, timeout=120.0, process_group_backend="gloo"):
     """Run ``distributed_workers.<case>(rank, world, *args)`` on ``world`` spawned ranks; their results by rank."""
+    if ON_CUDA:
+        timeout *= 3  # every rank starts CUDA and compiles the Triton epilogues of the chunked backend
     context = mp.get_context("spawn")
     init_file = str(tmp_path / "init")
     procs = [context.Process(target=distributed_workers.entry,
