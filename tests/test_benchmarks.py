@@ -1,6 +1,7 @@
 """The benchmark harness runs end to end (its --quick mode), so it cannot rot."""
 import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -138,3 +139,26 @@ def test_capped_ce_methods_compute_one_loss():
         results.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def _gpu_session(tmp_path, budget_s, *parts):
+    """benchmarks/gpu_session.sh with its output folder in tmp_path; the lines of its parts.txt and packed files."""
+    env = dict(os.environ, OUT=str(tmp_path), GPU_SESSION_BUDGET_S=str(budget_s))
+    done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh"), *parts], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    listing = subprocess.run(["tar", "-tzf", str(tmp_path / "gpu_session.tar.gz")], capture_output=True, text=True,
+                             check=True).stdout.split()
+    return (tmp_path / "gpu" / "parts.txt").read_text().splitlines(), listing
+
+
+def test_gpu_session_logs_each_part_and_skips_what_the_budget_cannot_hold(tmp_path):
+    """The one-call GPU script (README, "To measure it"): a failing part is logged with its exit status and the next
+    runs; parts that would start with under 30 s of the budget left are skipped; the tarball holds the logs."""
+    lines, listing = _gpu_session(tmp_path / "runs", 600, "no-such-part", "another-one")
+    assert [line.split(",")[0] for line in lines] == ["PART no-such-part: exit 2", "PART another-one: exit 2"]
+    assert {"gpu/parts.txt", "gpu/no-such-part.log", "gpu/another-one.log"} <= set(listing)
+    lines, listing = _gpu_session(tmp_path / "short", 39, "env", "tests")
+    assert [re.fullmatch(r"PART (\w+): skipped, \d+ s of the 39 s budget left", line)[1] for line in lines] == \
+        ["env", "tests"], lines
+    assert "gpu/parts.txt" in listing and "gpu/env.log" not in listing
