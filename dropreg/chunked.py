@@ -205,11 +205,27 @@ class ChunkBuffers:
         return flat[:rows * cols].view(rows, cols)
 
 
-def _stacked_weights(w, with_squares, dtype):
+def _stacked_weights(w, with_squares, dtype, square_scale=None):
     """``[W_c | W_c*W_c]`` (or ``W_c``) as an operand: the square is rounded once to ``dtype``, as a tensor core
-    would see it (a bf16 product of bf16 values is the exact square rounded)."""
-    w = as_operand(w, dtype)
-    return torch.cat([w, w * w], dim=1) if with_squares else w
+    would see it (a bf16 product of bf16 values is the exact square rounded); with ``square_scale`` (see
+    :func:`_square_scale`) the exact square times that power of two, rounded once."""
+    w_op = as_operand(w, dtype)
+    if not with_squares:
+        return w_op
+    if square_scale is None:
+        return torch.cat([w_op, w_op * w_op], dim=1)
+    return torch.cat([w_op, as_operand(w.to(square_scale.dtype).square() * square_scale, dtype)], dim=1)
+
+
+def _square_scale(weight, types, need_m2):
+    """The power of two that the fp16 forward's W*W operand is multiplied by (m2 is divided by it afterwards, both
+    exact), or None. fp16's range is too narrow for the squares: |W| >= 256 overflows (256^2 > 65504) and
+    |W| < 2^-7 lands among the subnormals; scaled, the largest square lies in [2^14, 2^15). bf16 has fp32's range."""
+    if not need_m2 or types.forward != torch.float16:
+        return None
+    peak = weight.detach().abs().amax().to(types.acc)
+    exponent = torch.floor(torch.log2(peak * peak)).clamp(-100, 100)  # an all-zero W gives -inf: clamped
+    return torch.exp2(14 - exponent)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,6 +254,7 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
                                     second=False, outputs=1 if need_mu else 0)
     narrow = types.forward != acc  # probabilities rounded for the moment GEMMs: normalize by what was rounded
     keep_top = narrow and KEEP_TOP
+    square_scale = _square_scale(weight, types, need_m2)  # the moments' m2 half holds m2 * square_scale
     for r0, r1 in _spans(n_rows, row_block):
         rows = r1 - r0
         h_op = as_operand(h[r0:r1], types.forward)
@@ -271,11 +288,15 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
                     w_top = w[top_col].to(acc)
                     block_moments[:, :dim].addcmul_(top_p[:, None], w_top)
                     if need_m2:
-                        block_moments[:, dim:].addcmul_(top_p[:, None], w_top * w_top)
-                mm(probs, _stacked_weights(w, need_m2, types.forward), acc, out=block_moments, accumulate=True)
+                        top_square = w_top * w_top if square_scale is None else w_top * w_top * square_scale
+                        block_moments[:, dim:].addcmul_(top_p[:, None], top_square)
+                mm(probs, _stacked_weights(w, need_m2, types.forward, square_scale), acc, out=block_moments,
+                   accumulate=True)
         row_max[r0:r1] = running_max
         exp_sum[r0:r1] = running_sum
         if need_mu:
+            if square_scale is not None:
+                block_moments[:, dim:].div_(square_scale)
             moments[r0:r1] = block_moments * (running_sum / mass)[:, None] if narrow else block_moments
     return row_max, exp_sum, moments
 
