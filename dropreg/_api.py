@@ -56,6 +56,7 @@ class RDropOutput(NamedTuple):
 
 def default_coefficients(p: float) -> tuple[float, float]:
     """docs/math.md's defaults: ``explicit_coef = p / (2 (1-p))`` and ``implicit_coef = sqrt(p / (1-p))``."""
+    p = _check_probability(p)
     kappa = p / (1.0 - p)
     return kappa / 2.0, math.sqrt(kappa)
 
@@ -206,6 +207,8 @@ def _check_target(target, input: Tensor, vocab: int, ignore_index: int, input_na
         raise ValueError(f"target: expected a tensor on {input_name}'s device {input.device}, got {target.device}")
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index: expected an int64 value (target's class indices), got {ignore_index}")
     if vocab is not None and _checking_values() and target.numel():  # None: the ranks check the range together
         bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
         if bool(bad.any()):
@@ -238,7 +241,13 @@ def _check_softcap(softcap) -> Optional[float]:
         raise TypeError(f"softcap: expected a positive float or None, got {softcap!r}")
     if not (math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap: expected a finite, positive float or None, got {softcap!r}")
+    if not _SOFTCAP_RANGE[0] <= softcap <= _SOFTCAP_RANGE[1]:  # the kernels compute the cap in fp32
+        raise ValueError(f"softcap: expected a value in fp32's normal range [{_SOFTCAP_RANGE[0]:.3g}, "
+                         f"{_SOFTCAP_RANGE[1]:.3g}], got {softcap!r}")
     return float(softcap)
+
+
+_SOFTCAP_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
 
 
 def _check_seed(seed) -> int:
@@ -249,6 +258,14 @@ def _check_seed(seed) -> int:
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed: expected an int in [0, 2**64), got {seed}")
     return int(seed)
+
+
+def _check_unused_draws(seed, signs) -> None:
+    """``seed`` and ``signs`` are checked when given, also where this call does not need them."""
+    if seed is not None:
+        _check_seed(seed)
+    if signs is not None and not isinstance(signs, Tensor):
+        raise TypeError(f"signs: expected a torch.Tensor of +-1 or None, got {type(signs).__name__}")
 
 
 def _flatten_signs(signs, input: Tensor) -> Tensor:
@@ -367,6 +384,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         need_explicit = bool(explicit) and explicit_coef != 0.0
         need_implicit = bool(implicit) and implicit_coef != 0.0
         flat_signs = _flatten_signs(signs, input) if signs is not None and need_implicit else None
+        _check_unused_draws(seed, signs)
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse: expected a bool, got {return_lse!r}")
         softcap = _check_softcap(softcap)

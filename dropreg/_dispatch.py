@@ -124,6 +124,12 @@ def _supports(name: str, softcap: bool, op: str) -> bool:
     return not softcap or getattr(_BACKENDS[name], f"{op}_softcap") is not None
 
 
+def check_backend_name(name) -> None:
+    """``backend=``: "auto" or a registered backend's name (whether it runs on a given device is resolve_backend's)."""
+    if not isinstance(name, str) or (name != "auto" and name not in _BACKENDS):
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(_BACKENDS)}, got {name!r}")
+
+
 def resolve_backend(name: str, device: torch.device, *, softcap: bool = False,
                     op: str = "linear_ce") -> tuple[str, Backend]:
     """``(name, backend)`` for ``backend=name``; ``"auto"`` picks the fastest usable one for ``device``
@@ -131,6 +137,7 @@ def resolve_backend(name: str, device: torch.device, *, softcap: bool = False,
 
     Under ``torch.use_deterministic_algorithms(True)``, ``"auto"`` skips backends that are not deterministic on
     ``device`` and naming one raises, as torch does for its own nondeterministic ops."""
+    check_backend_name(name)
     deterministic = torch.are_deterministic_algorithms_enabled()
     if name == "auto":
         for candidate in _AUTO_PREFERENCE.get(device.type, _AUTO_FALLBACK):

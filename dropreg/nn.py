@@ -6,15 +6,31 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._api import (LinearCrossEntropyOutput, RDropOutput, _check_probability, linear_cross_entropy,
-                   rdrop_linear_cross_entropy)
+from ._api import (LinearCrossEntropyOutput, RDropOutput, _check_coefficient, _check_probability, _check_reduction,
+                   linear_cross_entropy, rdrop_linear_cross_entropy)
+from ._dispatch import check_backend_name
 
 
 def shift_labels(target: Tensor, ignore_index: int) -> Tensor:
     """Causal-LM labels: position t is scored against ``target[..., t + 1]``; the last position is ignored."""
     if not isinstance(target, Tensor) or target.dim() < 1:
         raise ValueError("target: shift_labels=True expects labels of shape (..., sequence)")
+    if target.dtype in _NARROW_INTEGERS:  # the padding ignore_index (-100 by default) needs int64's range
+        target = target.long()
     return torch.nn.functional.pad(target[..., 1:], (0, 1), value=ignore_index)
+
+
+_NARROW_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32)
+
+
+def _check_module_options(p=None, alpha=None, reduction="mean", backend="auto") -> None:
+    """Refuse bad constructor arguments when the module is built, not at its first forward."""
+    if p is not None:
+        _check_probability(p)
+    if alpha is not None:
+        _check_coefficient("alpha", alpha, 1.0)
+    _check_reduction(reduction)
+    check_backend_name(backend)
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -43,6 +59,7 @@ class LinearCrossEntropyLoss(nn.Module):
                  regularize_in_eval: bool = False, weight: Optional[Tensor] = None, label_smoothing: float = 0.0,
                  z_loss: float = 0.0, softcap: Optional[float] = None, backend: str = "auto", process_group=None):
         super().__init__()
+        _check_module_options(p=p, reduction=reduction, backend=backend)
         self.register_buffer("weight", weight)  # class weights move with .to(), as nn.CrossEntropyLoss's do
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
@@ -99,6 +116,7 @@ class RDropLoss(nn.Module):
                  shift_labels: bool = False, weight: Optional[Tensor] = None, label_smoothing: float = 0.0,
                  z_loss: float = 0.0, softcap: Optional[float] = None, backend: str = "auto", process_group=None):
         super().__init__()
+        _check_module_options(alpha=alpha, reduction=reduction, backend=backend)
         self.register_buffer("weight", weight)
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss

@@ -61,6 +61,9 @@ def philox4x32(counter: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.Tens
 def philox_signs(seed: int, rows: int, dim: int, *, stream: int = 0, device=None,
                  dtype=torch.float32) -> torch.Tensor:
     """The ``(rows, dim)`` tensor of +-1 signs for ``seed`` and ``stream`` (see the module docstring)."""
+    for name, value, bound in (("seed", seed, 2**64), ("stream", stream, 2**32)):
+        if isinstance(value, int) and not 0 <= value < bound:  # the Philox key and counter words are unsigned
+            raise ValueError(f"{name}: expected an int in [0, 2**{bound.bit_length() - 1}), got {value}")
     total = rows * dim
     n_counters = -(-total // SIGNS_PER_COUNTER)
     counter = torch.arange(n_counters, device=device, dtype=torch.int64)

@@ -76,7 +76,9 @@ def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optiona
     Gumbel-max streamed over the vocabulary: class ``v`` of row ``n`` in draw ``k`` gets counter-based Philox
     noise keyed by ``(seed, k, n, v)`` (:mod:`dropreg.signs`), so every backend and every tiling draws the
     same classes for a given seed. ``seed=None`` draws one from torch's default generator. No gradient.
-    A bias entry of ``-inf`` masks its class; NaN or +inf inputs are an error. ``process_group``: a
+    A bias entry of ``-inf`` masks its class; NaN or +inf inputs, or a bias that masks every class, are an error.
+    A row whose logits overflow fp32 (finite inputs of magnitude near 1e19 and above) has no defined draw.
+    ``process_group``: a
     vocabulary-parallel head, as in :func:`dropreg.linear_cross_entropy`; the draws are the single-process ones
     for the same seed (``seed=None`` takes rank 0's draw).
     """
@@ -90,6 +92,9 @@ def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optiona
         if linear_bias is not None and _checking_values() and \
                 bool((torch.isnan(linear_bias) | (linear_bias == float("inf"))).any()):
             raise ValueError("linear_bias: expected no NaN or +inf entries (-inf masks a class)")
+        if linear_bias is not None and _checking_values() and not call.sharded and linear_bias.numel() and \
+                bool((linear_bias == float("-inf")).all()):  # on a slice, the other ranks may hold classes
+            raise ValueError("linear_bias: every class is masked (-inf): there is no distribution to sample from")
         if call.sharded:
             distributed.check_backend("sample_targets", backend, input.device)
         else:
@@ -222,6 +227,8 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
             signs = _check_site_signs(signs, sites)
         needs_seed = (need_implicit and signs is None) or (need_explicit and sampled_targets is None)
         given_seed = seed
+        if seed is not None:  # checked when given, also where this call draws nothing
+            _check_seed(seed)
         seed = _check_seed(seed) if needs_seed else 0
         if call.sharded:
             local_backend = distributed.check_backend("site_regularizers", backend, head_input.device)

@@ -47,6 +47,11 @@ def _bad_cases():
         ("unknown backend", dict(backend="cuda-magic"), ValueError, "backend"),
         ("seed negative", dict(seed=-1), ValueError, "seed"),
         ("seed float", dict(seed=1.5), TypeError, "seed"),
+        ("seed string, implicit off", dict(seed="abc", implicit=False), TypeError, "seed"),
+        ("seed negative, signs given", dict(seed=-5, signs=torch.ones(3, dtype=torch.float64)), ValueError, "seed"),
+        ("signs string, implicit off", dict(signs="x", implicit=False), TypeError, "signs"),
+        ("ignore_index beyond int64", dict(ignore_index=2**70), ValueError, "ignore_index"),
+        ("backend not a string", dict(backend=["cpu"]), ValueError, "backend"),
         ("input not a tensor", dict(input=[[1.0, 2.0, 3.0]]), TypeError, "input"),
     ]
 
@@ -58,6 +63,41 @@ def test_bad_input_names_the_argument(label, override, error, argument):
     args.update(override)
     with pytest.raises(error, match=rf"^{argument}:"):
         dropreg.linear_cross_entropy(args.pop("input"), args.pop("linear_weight"), args.pop("target"), **args)
+
+
+def test_module_constructors_refuse_bad_options():
+    """At construction, not at the first forward."""
+    for kwargs, argument in ((dict(p=2.0), "p"), (dict(reduction="bad"), "reduction"), (dict(backend="bad"), "backend")):
+        with pytest.raises(ValueError, match=rf"^{argument}:"):
+            dropreg.LinearCrossEntropyLoss(**kwargs)
+    for kwargs, argument in ((dict(alpha=-1.0), "alpha"), (dict(reduction="bad"), "reduction")):
+        with pytest.raises(ValueError, match=rf"^{argument}:"):
+            dropreg.RDropLoss(**kwargs)
+
+
+@pytest.mark.parametrize("p", [1.0, -1.0])
+def test_default_coefficients_refuses_p_outside_0_1(p):
+    with pytest.raises(ValueError, match="^p:"):
+        dropreg.default_coefficients(p)
+
+
+def test_philox_signs_refuses_seeds_and_streams_outside_their_words():
+    with pytest.raises(ValueError, match="^seed:"):
+        philox_signs(-1, 2, 3)
+    with pytest.raises(ValueError, match="^stream:"):
+        philox_signs(0, 2, 3, stream=2**32)
+
+
+@pytest.mark.parametrize("module", ["LinearCrossEntropyLoss", "RDropLoss"])
+def test_shift_labels_widens_narrow_integer_labels(module):
+    """uint8 labels cannot hold the padding's ignore_index (-100): shift_labels widens them to int64."""
+    h, w, _, _ = small(dtype=torch.float32, lead=(2, 5))
+    labels = torch.randint(0, 7, (2, 5), dtype=torch.uint8)
+    loss_fn = getattr(dropreg, module)(shift_labels=True)
+    inputs = (h,) if module == "LinearCrossEntropyLoss" else (h, h + 0.01)
+    seeded = dict(seed=0) if module == "LinearCrossEntropyLoss" else {}
+    ours = loss_fn(*inputs, w, labels, **seeded).loss
+    assert torch.equal(ours, loss_fn(*inputs, w, labels.long(), **seeded).loss)
 
 
 def test_explicit_regularizer_bad_input():

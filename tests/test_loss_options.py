@@ -231,6 +231,8 @@ def test_softcap_all_rows_ignored_gives_zero(streamed_backend):
     (dict(softcap=-3.0), ValueError, "softcap: expected a finite, positive float or None"),
     (dict(softcap=float("nan")), ValueError, "softcap: expected a finite, positive float or None"),
     (dict(softcap="30"), TypeError, "softcap: expected a positive float or None"),
+    (dict(softcap=1e39), ValueError, "softcap: expected a value in fp32's normal range"),  # s tanh(z / s): inf * 0
+    (dict(softcap=1e-46), ValueError, "softcap: expected a value in fp32's normal range"),  # rounds to 0 in fp32
 ])
 def test_bad_softcap_is_a_clear_error(kwargs, error, message):
     h, w, y = torch.randn(4, 3), torch.randn(V, 3), torch.randint(0, V, (4,))

@@ -291,6 +291,8 @@ def test_sample_targets_bad_input():
         sample_targets(h, w, linear_bias=torch.full((5,), float("inf")), seed=0)
     with pytest.raises(TypeError, match="^samples"):
         sample_targets(h, w, samples=1.5, seed=0)
+    with pytest.raises(ValueError, match="^linear_bias: every class is masked"):
+        sample_targets(h, w, linear_bias=torch.full((5,), float("-inf")), seed=0)
     with pytest.raises(ValueError, match="^input"):
         softmax_mean(torch.randn(3, 4), w)
 
