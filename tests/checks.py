@@ -40,7 +40,7 @@ def make_problem(lead=(5,), d=4, vocab=11, *, bias=True, logit_scale=1.0, ignore
     target = torch.randint(0, vocab, lead)
     flat = target.view(-1)
     for i in ignore:
-        flat[i if i >= 0 else flat.numel() + i] = -100
+        flat[i if i >= 0 else flat.numel() + i] = kwargs.get("ignore_index", -100)
     signs = torch.randint(0, 2, (*lead, d)).double() * 2 - 1
     return Problem(h, w, b, target, signs, dict(p=p, **kwargs))
 
@@ -104,13 +104,15 @@ def _as_ce_gradients(loss_grads):
 
 def run_oracle(problem: Problem, cotangent, **overrides):
     kwargs = dict(problem.kwargs, **overrides)
+    ignore_index = kwargs.get("ignore_index", -100)
     leaves = _leaves(problem, torch.float64)
     d = problem.input.shape[-1]
     flat_target = problem.target.reshape(-1)
     class_weight = kwargs.get("weight")
     ce, quad, sign, z_term = oracle_rows(leaves[0].reshape(-1, d), leaves[1],
                                          leaves[2] if len(leaves) == 3 else None, flat_target,
-                                         problem.signs.reshape(-1, d), class_weight=class_weight,
+                                         problem.signs.reshape(-1, d), ignore_index=ignore_index,
+                                         class_weight=class_weight,
                                          label_smoothing=kwargs.get("label_smoothing", 0.0),
                                          z_loss=kwargs.get("z_loss", 0.0), softcap=kwargs.get("softcap"))
     coef_r, coef_i = dropreg.default_coefficients(kwargs.get("p", 0.1))
@@ -119,7 +121,7 @@ def run_oracle(problem: Problem, cotangent, **overrides):
     rows = [ce, coef_r * quad if kwargs.get("explicit", True) else 0 * quad,
             coef_i * sign if kwargs.get("implicit", True) else 0 * sign, z_term]
     reduction = kwargs.get("reduction", "mean")
-    kept = flat_target != -100
+    kept = flat_target != ignore_index
     if class_weight is None:
         n_valid = max(int(kept.sum()), 1)
     else:  # F.cross_entropy's "mean" divides by the weights of the rows kept
@@ -237,3 +239,21 @@ class RecordOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def assert_ignore_index_acts_as_minus_100(run, target, ignore_index, leaves):
+    """``run(target, ignore_index)`` returns output tensors differentiable in ``leaves``. Rows marked by a custom
+    ``ignore_index`` must give the outputs and gradients of the same rows marked -100, the convention the oracle
+    suites check."""
+    assert bool((target == ignore_index).any()), "the case must ignore some row"
+    renamed = torch.where(target == ignore_index, torch.full_like(target, -100), target)
+    results, cotangents = [], None
+    for t, index in ((target, ignore_index), (renamed, -100)):
+        outputs = run(t, index)
+        if cotangents is None:
+            cotangents = [torch.randn(o.shape, dtype=torch.float64) for o in outputs]
+        total = sum((o.double() * c).sum() for o, c in zip(outputs, cotangents))
+        grads = torch.autograd.grad(total, leaves)
+        results.append(([o.detach() for o in outputs], grads))
+    for ours, renamed_result in zip(*[values + list(grads) for values, grads in results]):
+        torch.testing.assert_close(ours, renamed_result, rtol=1e-12, atol=1e-12)

@@ -39,6 +39,17 @@ def test_reductions_and_ignored_rows(backend, reduction, ignore):
             assert all(torch.all(g == 0) for g in grads[name]), name
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("ignore_index", [3, -1, 10**6], ids=["a-class", "negative", "beyond-vocab"])
+def test_ignore_index_other_than_minus_100(backend, reduction, ignore_index):
+    """Rows whose target is ignore_index are out of every term (a class index too: its rows are ignored, the
+    class stays in every softmax); the oracle honours the same ignore_index, independently of dropreg."""
+    problem = make_problem(lead=(7,), d=4, vocab=9, ignore=(0, 4), reduction=reduction, ignore_index=ignore_index)
+    assert int((problem.target == ignore_index).sum()) >= 2
+    ours, cotangent = run_dropreg(problem, torch.float64, backend)
+    assert_close_to_oracle(ours, run_oracle(problem, cotangent), torch.float64, problem)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("logit_scale", [1e-3, 30.0, 1e4], ids=["flat", "peaked", "huge-logits"])
 def test_softmax_regimes(backend, dtype, logit_scale):

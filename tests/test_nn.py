@@ -1,8 +1,10 @@
 """The nn.Module wrapper in training code."""
+import pytest
 import torch
 from torch import nn
 
 import dropreg
+from checks import assert_ignore_index_acts_as_minus_100
 
 
 class TinyLM(nn.Module):
@@ -89,3 +91,18 @@ def test_modules_pass_their_loss_options_on():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     plain = dropreg.RDropLoss(alpha=0.5)(hidden, hidden2, head, target)
     assert not torch.equal(plain.ce1, ref.ce1)  # the options changed the result
+
+
+@pytest.mark.parametrize("ignore_index", [2, -1])
+def test_loss_module_custom_ignore_index_acts_as_minus_100(ignore_index):
+    """The module passes its ignore_index on, also to shift_labels' padding."""
+    h = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 6, (2, 5))
+    labels[0, 1] = labels[1, 3] = ignore_index
+    for shift in (False, True):
+        def run(target, index, shift=shift):
+            loss_fn = dropreg.LinearCrossEntropyLoss(p=0.2, ignore_index=index, shift_labels=shift)
+            out = loss_fn(h, w, target, seed=4)
+            return out.ce.reshape(1), out.explicit.reshape(1), out.implicit.reshape(1)
+        assert_ignore_index_acts_as_minus_100(run, labels, ignore_index, [h, w])

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import dropreg
-from checks import _terms_and_grads, assert_beats_same_dtype, assert_within_rounding, labelled, strided
+from checks import (_terms_and_grads, assert_beats_same_dtype, assert_ignore_index_acts_as_minus_100,
+                    assert_within_rounding, labelled, strided)
 
 NAMES = ("ce1", "ce2", "kl")
 NAMES_AND_LOSS = NAMES + ("loss",)
@@ -337,3 +338,20 @@ def test_bad_softcap_is_a_clear_error():
         dropreg.rdrop_linear_cross_entropy(h, h, w, y, softcap=-1.0)
     with pytest.raises(ValueError, match="z_loss: expected a finite, non-negative float"):
         dropreg.rdrop_linear_cross_entropy(h, h, w, y, z_loss=-1.0)
+
+
+@pytest.mark.parametrize("ignore_index", [3, -1])
+def test_custom_ignore_index_acts_as_minus_100(backend, ignore_index):
+    h1, h2, w, b, y = make_inputs(lead=(6,), d=4, vocab=9)
+    y[[0, 4]] = ignore_index
+    leaves = [t.clone().requires_grad_() for t in (h1, h2, w, b)]
+
+    def run(target, index):
+        out = dropreg.rdrop_linear_cross_entropy(*leaves[:3], target, linear_bias=leaves[3], ignore_index=index,
+                                                 reduction="none", backend=backend)
+        return out.ce1, out.ce2, out.kl
+    assert_ignore_index_acts_as_minus_100(run, y, ignore_index, leaves)
+    module = dropreg.RDropLoss(ignore_index=ignore_index, backend=backend)
+    assert_ignore_index_acts_as_minus_100(
+        lambda target, index: (module if index != -100 else dropreg.RDropLoss(backend=backend))(
+            *leaves[:3], target, leaves[3]).loss.reshape(1), y, ignore_index, leaves)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropreg
-from checks import seeded_generator
+from checks import assert_ignore_index_acts_as_minus_100, seeded_generator
 from dropreg.sites import sample_targets, site_regularizers, softmax_mean
 
 
@@ -382,3 +382,14 @@ def test_gumbel_noise_follows_the_stated_stream():
         expected = -math.log(-math.log(u))
         got = gumbel_noise(seed, sample, torch.tensor([row]), v, v + 1)
         assert float(got) == pytest.approx(expected, rel=1e-15, abs=1e-15)
+
+
+@pytest.mark.parametrize("ignore_index", [2, -1])
+def test_custom_ignore_index_acts_as_minus_100(backend, ignore_index):
+    x, _, w, y = _site_problem()
+    y[[1, 3]] = ignore_index
+
+    def run(target, index):  # a fresh graph from x per call: site_regularizers differentiates through it
+        reg = site_regularizers(torch.tanh(x), w, target, [x], seed=3, ignore_index=index, backend=backend)
+        return reg.explicit.reshape(1), reg.implicit.reshape(1)
+    assert_ignore_index_acts_as_minus_100(run, y, ignore_index, [x])
