@@ -217,6 +217,21 @@ def test_sample_targets_identical_on_every_backend_and_tiling(backend, dtype):
     assert torch.equal(ours, reference)
 
 
+def test_sample_targets_and_softmax_mean_across_vocabulary_tiles(backend):
+    """V=700 spans three of the C++ kernels' 256-entry vocabulary tiles (the last one partial) and many of the
+    streamed backends' chunks; flat softmaxes put most draws beyond the first tile, where a wrong tile offset
+    would show."""
+    h = torch.randn(9, 6, dtype=torch.float64) * 0.05
+    w = torch.randn(700, 6, dtype=torch.float64)
+    b = torch.randn(700, dtype=torch.float64) * 0.05
+    seed = int(torch.randint(0, 2**62, ()))
+    reference = sample_targets(h, w, linear_bias=b, samples=4, seed=seed, backend="reference")
+    assert (reference >= 256).float().mean() > 0.3
+    assert torch.equal(sample_targets(h, w, linear_bias=b, samples=4, seed=seed, backend=backend), reference)
+    exact = torch.softmax(h @ w.T + b, dim=-1) @ w
+    torch.testing.assert_close(softmax_mean(h, w, linear_bias=b, backend=backend), exact, rtol=1e-12, atol=1e-12)
+
+
 def test_sample_targets_follow_the_softmax():
     """Chi-square goodness of fit: 6000 rows with the same logits (independent draws: each row has its own
     Philox counters). Seeded; the threshold 40.0 with 7 degrees of freedom has a false-failure rate of about
