@@ -70,6 +70,16 @@ MUTANTS = [
     Mutant("api-implicit-scale", "api", "dropreg/_api.py",
            "reduce(implicit_coef * sign_term)", "reduce(implicit_coef * 1.00001 * sign_term)",
            "implicit coefficient applied as c_I * (1+1e-5)"),
+    Mutant("api-lce-ignore-index", "api", "dropreg/_api.py",
+           "rows = _IgnoredRows(target, ignore_index, input.dtype)", "rows = _IgnoredRows(target, -100, input.dtype)",
+           "linear_cross_entropy ignores the rows marked -100, not those marked ignore_index"),
+    Mutant("api-rdrop-ignore-index", "api", "dropreg/_api.py",
+           "rows = _IgnoredRows(target, ignore_index, input1.dtype)", "rows = _IgnoredRows(target, -100, input1.dtype)",
+           "R-Drop ignores the rows marked -100, not those marked ignore_index"),
+    Mutant("api-module-ignore-index", "api", "dropreg/nn.py",
+           "            ignore_index=self.ignore_index, reduction=self.reduction, weight=self.weight,",
+           "            reduction=self.reduction, weight=self.weight,",
+           "LinearCrossEntropyLoss does not pass its ignore_index on"),
     Mutant("api-mean-count", "api", "dropreg/_api.py",
            "self.count = self.valid.sum().clamp(min=1)", "self.count = torch.tensor(self.valid.numel()).clamp(min=1)",
            "'mean' divides by all rows, ignored ones included"),
@@ -252,6 +262,9 @@ MUTANTS = [
            "r.row_const = (r.T_stack * mu).sum(1).neg_().contiguous();",
            "r.row_const = (r.T_stack * mu).sum(1).mul_(1.00001).neg_().contiguous();",
            "softmax_mean backward: row constant -mu . gbar * (1+1e-5)"),
+    Mutant("cpu-sample-tile-offset", "cpu", "csrc/sampling.cpp",
+           "best_class[k * n + i] = v0 + j;", "best_class[k * n + i] = j + (v0 > 0 ? v0 - 1 : 0);",
+           "sampled targets: the class index of a draw from any vocabulary tile after the first is off by one"),
     Mutant("cpu-gumbel", "cpu", "csrc/sampling.cpp",
            "static_cast<double>(words[v % 4])", "static_cast<double>(words[(v + 1) % 4])",
            "sampled targets: class v takes word (v + 1) % 4 of its Philox call"),
@@ -320,8 +333,10 @@ MUTANTS = [
 # comparisons for that backend; cpu and triton add their multi-tile tests, where tile merges happen.
 SELECTIONS = {
     "reference": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "-k", "reference"],
-    # _api.py is shared by every backend: the reference backend is the fastest way through it.
-    "api": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "-k", "reference or default_coefficients"],
+    # _api.py and nn.py are shared by every backend: the reference backend is the fastest way through them; the
+    # default coefficients are checked against dropout's moments (the oracle takes them from dropreg).
+    "api": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "tests/test_dropout_identity.py", "tests/test_nn.py",
+            "-k", "reference or default_coefficients or ignore_index"],
     # "torch" also selects "torch-small-tiles" (3-row blocks, 5-entry chunks: the online merge).
     "torch": ["tests/test_against_oracle.py", "tests/test_rdrop.py", "tests/test_api.py", "tests/test_sites.py",
               "-k", "torch"],
