@@ -3,7 +3,9 @@
 Usage: python memory_probe.py OP BACKEND N d V CAP_MIB, OP being linear_ce, ce_only (cross entropy alone),
 softcap_zloss (all terms of a softcapped head with z-loss), softcap_smoothing (the same with label smoothing and
 class weights: its own streamed sums), softcap_ce_only (cross entropy alone of a capped head, with smoothing, class
-weights and z-loss), rdrop, rdrop_softcap, sites (a training step with an
+weights and z-loss), options and options_ce_only (the uncapped head with label smoothing, class weights and z-loss,
+both terms or cross entropy alone), sample_targets (one streamed draw per row), rdrop, rdrop_softcap, sites (a
+training step with an
 inner dropout site: both every-site terms) or sites-implicit (the implicit every-site term only). Used by test_memory.py in a subprocess, so the cap
 (``resource.setrlimit(RLIMIT_AS)``) binds only this process. The cap is set *after* torch, the inputs and
 the thread pools exist, as that much address space above the current size.
@@ -86,12 +88,21 @@ def main():
             return dropreg.linear_cross_entropy(h[:rows], w[:vocab_rows], targets, softcap=30.0, z_loss=1e-4,
                                                 label_smoothing=0.1, weight=torch.ones(vocab_rows) * 0.5,
                                                 explicit=False, implicit=False, backend=backend).loss
+        if op in ("options", "options_ce_only"):  # the uncapped per-row and CE-only paths with every loss option
+            both_terms = op == "options"
+            return dropreg.linear_cross_entropy(h[:rows], w[:vocab_rows], targets, z_loss=1e-4, label_smoothing=0.1,
+                                                weight=torch.ones(vocab_rows) * 0.5, explicit=both_terms,
+                                                implicit=both_terms, backend=backend, seed=0).loss
         if op in ("rdrop", "rdrop_softcap"):  # rdrop_softcap: the streamed passes with the cap
             return dropreg.rdrop_linear_cross_entropy(h[:rows], h2[:rows], w[:vocab_rows], targets, backend=backend,
                                                       softcap=30.0 if op == "rdrop_softcap" else None).loss
         return dropreg.linear_cross_entropy(h[:rows], w[:vocab_rows], targets, backend=backend, seed=0).loss
 
     def step(rows, vocab_rows, targets):
+        if op == "sample_targets":  # no gradient: the draws' mean, and a stand-in "gradient" that is finite
+            drawn = dropreg.sample_targets(h[:rows].detach(), w[:vocab_rows].detach(), samples=1, seed=0,
+                                           backend=backend)
+            return drawn.double().mean().item(), torch.zeros(1)
         w.grad = h.grad = h2.grad = None
         value = loss(rows, vocab_rows, targets)
         value.backward()
