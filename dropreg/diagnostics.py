@@ -21,6 +21,7 @@ batch, dropout off or with fixed masks, fixed ``seed=`` for dropreg's random ter
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -110,11 +111,21 @@ def _random_like(params: Sequence[Tensor], generator: Optional[torch.Generator],
     return out
 
 
+def _check_count(name: str, value, minimum: int, why: str = "") -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected at least {minimum}{why}, got {value}")
+
+
 def top_hessian_eigenvalue(loss_fn: LossFn, params: Sequence[Tensor], *, iterations: int = 100,
                            tolerance: float = 1e-4, method: str = "finite-difference", eps: Optional[float] = None,
                            generator: Optional[torch.Generator] = None) -> HessianEigen:
     """Power iteration on Hessian-vector products: the eigenvalue of largest magnitude (for a minimum, the
     sharpness), stopping when the Rayleigh quotient changes by less than ``tolerance`` relative."""
+    _check_count("iterations", iterations, 1)
+    if not (isinstance(tolerance, numbers.Real) and tolerance >= 0):
+        raise ValueError(f"tolerance: expected a non-negative float, got {tolerance!r}")
     params = _params(params)
     vector = _random_like(params, generator, rademacher=False)
     scale = _norm(vector)
@@ -137,9 +148,8 @@ def hessian_trace(loss_fn: LossFn, params: Sequence[Tensor], *, samples: int = 1
                   method: str = "finite-difference", eps: Optional[float] = None,
                   generator: Optional[torch.Generator] = None) -> TraceEstimate:
     """Hutchinson's estimator ``E[z^T H z]`` with Rademacher ``z``: unbiased, with its standard error."""
+    _check_count("samples", samples, 2, why=" (for a standard error)")
     params = _params(params)
-    if samples < 2:
-        raise ValueError(f"samples: expected at least 2 (for a standard error), got {samples}")
     values = []
     for _ in range(samples):
         z = _random_like(params, generator, rademacher=True)

@@ -135,3 +135,10 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="^params"):
         diagnostics.hessian_trace(loss_fn, [torch.zeros(3)])
     assert math.isfinite(diagnostics.hessian_trace(loss_fn, params, samples=2).value)
+    for kwargs, error, argument in ((dict(samples=1), ValueError, "samples"), (dict(samples=2.5), TypeError, "samples")):
+        with pytest.raises(error, match=rf"^{argument}:"):
+            diagnostics.hessian_trace(loss_fn, params, **kwargs)
+    for kwargs, error, argument in ((dict(iterations=0), ValueError, "iterations"),
+                                    (dict(tolerance=-1.0), ValueError, "tolerance")):
+        with pytest.raises(error, match=rf"^{argument}:"):
+            diagnostics.top_hessian_eigenvalue(loss_fn, params, **kwargs)
