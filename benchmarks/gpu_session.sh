@@ -39,7 +39,9 @@ part_command() {  # runs in a child bash under timeout: it sees exported variabl
                    tests/test_rdrop.py tests/test_sites.py)
   case "$1" in
     env) nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; git log --oneline -1 ;;
-    tests) DROPREG_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider "${GPU_TESTS[@]}" -k "chunked or gpu" ;;
+    # pytest-xdist is in the device image: 4 workers compile the Triton kernels in parallel (tested on CPU).
+    tests) DROPREG_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider $(python3 -c "import xdist" 2>/dev/null \
+             && echo "-n 4") "${GPU_TESTS[@]}" -k "chunked or gpu" ;;
     dropreg) python3 benchmarks/vocab_scaling.py "${SHAPE[@]}" --vocabs "$VOCABS" --family dropreg \
                --methods dropreg-chunked,dropreg-triton,naive,naive-compiled --out "$LOGS/dropreg" ;;
     ce) python3 benchmarks/vocab_scaling.py "${SHAPE[@]}" --vocabs "$VOCABS" --family ce \
