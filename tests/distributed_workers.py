@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import math
 import os
 import pickle
 import sys
@@ -566,3 +567,59 @@ def edge_cases(rank, world):
     out = dropreg.sample_targets(h, w_full[sl], linear_bias=b_full[sl], samples=4, seed=3, process_group=group)
     errors["masked slice/sample_targets"] = (float((out != ref).sum()), 0.0)
     return errors
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def _vm_size_bytes():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def sliced_head_under_cap(rank, world, n_rows, dim, vocab_per_rank, cap_mib, backends):
+    """Every rank's slice holds ``vocab_per_rank`` classes, so its own logits would be n_rows x vocab_per_rank; the
+    rank's address space is capped at ``cap_mib`` above its size once inputs, threads and the group's buffers exist.
+    Runs both terms and R-Drop forward+backward per local backend, then checks that the cap forbids the slice's
+    logits. Returns ``{label: (ok, detail)}``."""
+    import resource
+    group = dist.group.WORLD
+    # A 64 MiB workspace (the CPU default is 256 MiB), as in tests/memory_probe.py: the workspace is bounded by
+    # whatever is set, and the cap's margin then tells it from an N x V allocation.
+    dropreg.set_workspace_bytes(64 << 20, "cpu")
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(n_rows, dim, generator=gen)
+    h2 = h + 0.1 * torch.randn(n_rows, dim, generator=gen)
+    w = torch.randn(vocab_per_rank, dim, generator=torch.Generator().manual_seed(100 + rank)) / dim**0.5
+    target = torch.randint(0, vocab_per_rank * world, (n_rows,), generator=gen)
+
+    def step(rows, backend):
+        leaves = [t[:rows].clone().requires_grad_() for t in (h, h2)] + [w.clone().requires_grad_()]
+        out = dropreg.linear_cross_entropy(leaves[0], leaves[2], target[:rows], seed=0,
+                                           backend=backend, process_group=group)
+        rdrop = dropreg.rdrop_linear_cross_entropy(leaves[0], leaves[1], leaves[2], target[:rows], backend=backend,
+                                                   process_group=group)
+        (out.loss + rdrop.loss).backward()
+        return float(out.loss + rdrop.loss), bool(torch.isfinite(leaves[2].grad).all())
+
+    for backend in backends:  # warm-up: threads, malloc arenas and gloo's buffers before the cap
+        step(8, backend)
+    cap = _vm_size_bytes() + cap_mib * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    results = {}
+    for backend in backends:
+        try:
+            value, finite = step(n_rows, backend)
+            results[backend] = (finite and math.isfinite(value), f"loss {value:.4f}")
+        except (RuntimeError, MemoryError) as error:
+            results[backend] = (False, str(error).splitlines()[0][:200])
+    try:
+        logits = h @ w.T
+        results["materialized logits"] = (True, f"{tuple(logits.shape)} fit under the cap")
+    except (RuntimeError, MemoryError) as error:
+        results["materialized logits"] = (False, str(error).splitlines()[0][:200])
+    dist.barrier(group)
+    return results
