@@ -260,17 +260,21 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
-def _check_unused_draws(seed, signs) -> None:
-    """``seed`` and ``signs`` are checked when given, also where this call does not need them."""
-    if seed is not None:
-        _check_seed(seed)
-    if signs is not None and not isinstance(signs, Tensor):
+def _checked_seed(seed, needed: bool) -> int:
+    """The seed a call uses: checked whenever given (also where nothing is drawn), drawn from torch's generator
+    when needed and not given, 0 when not needed."""
+    if seed is not None or needed:
+        seed = _check_seed(seed)
+    return seed if needed else 0
+
+
+def _check_signs_type(signs) -> None:
+    if not isinstance(signs, Tensor):
         raise TypeError(f"signs: expected a torch.Tensor of +-1 or None, got {type(signs).__name__}")
 
 
 def _flatten_signs(signs, input: Tensor) -> Tensor:
-    if not isinstance(signs, Tensor):
-        raise TypeError(f"signs: expected a torch.Tensor of +-1 or None, got {type(signs).__name__}")
+    _check_signs_type(signs)
     if signs.device != input.device:
         raise ValueError(f"signs: expected a tensor on input's device {input.device}, got {signs.device}")
     if signs.dtype == torch.bool or signs.dtype.is_complex:
@@ -384,7 +388,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         need_explicit = bool(explicit) and explicit_coef != 0.0
         need_implicit = bool(implicit) and implicit_coef != 0.0
         flat_signs = _flatten_signs(signs, input) if signs is not None and need_implicit else None
-        _check_unused_draws(seed, signs)
+        if signs is not None and not need_implicit:  # unused, but checked when given
+            _check_signs_type(signs)
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse: expected a bool, got {return_lse!r}")
         softcap = _check_softcap(softcap)
@@ -397,7 +402,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             flat_signs = random_signs(input.numel() // dim, dim, input.device, accumulation_dtype(input.dtype))
             seed = 0
         else:
-            seed = _check_seed(seed) if need_implicit and signs is None else 0
+            seed = _checked_seed(seed, need_implicit and signs is None)
         if call.sharded:
             local_backend = distributed.check_backend("linear_cross_entropy", backend, input.device)
         else:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._api import (_autocast_aware, _check_coefficient, _check_head, _check_probability, _check_seed, _check_target,
-                   _checking_values, _IgnoredRows, _result_dtype, default_coefficients)
+                   _checked_seed, _checking_values, _IgnoredRows, _result_dtype, default_coefficients)
 from . import distributed
 from ._dispatch import resolve_backend
 from .signs import philox_signs
@@ -89,12 +89,12 @@ def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optiona
         seed = _check_seed(seed)
         for name, value in (("input", input), ("linear_weight", linear_weight)):
             _check_finite(name, value)
-        if linear_bias is not None and _checking_values() and \
-                bool((torch.isnan(linear_bias) | (linear_bias == float("inf"))).any()):
-            raise ValueError("linear_bias: expected no NaN or +inf entries (-inf masks a class)")
-        if linear_bias is not None and _checking_values() and not call.sharded and linear_bias.numel() and \
-                bool((linear_bias == float("-inf")).all()):  # on a slice, the other ranks may hold classes
-            raise ValueError("linear_bias: every class is masked (-inf): there is no distribution to sample from")
+        if linear_bias is not None and _checking_values():
+            if bool((torch.isnan(linear_bias) | (linear_bias == float("inf"))).any()):
+                raise ValueError("linear_bias: expected no NaN or +inf entries (-inf masks a class)")
+            # On a slice the other ranks may hold the unmasked classes.
+            if not call.sharded and linear_bias.numel() and bool((linear_bias == float("-inf")).all()):
+                raise ValueError("linear_bias: every class is masked (-inf): there is no distribution to sample from")
         if call.sharded:
             distributed.check_backend("sample_targets", backend, input.device)
         else:
@@ -227,9 +227,7 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
             signs = _check_site_signs(signs, sites)
         needs_seed = (need_implicit and signs is None) or (need_explicit and sampled_targets is None)
         given_seed = seed
-        if seed is not None:  # checked when given, also where this call draws nothing
-            _check_seed(seed)
-        seed = _check_seed(seed) if needs_seed else 0
+        seed = _checked_seed(seed, needs_seed)
         if call.sharded:
             local_backend = distributed.check_backend("site_regularizers", backend, head_input.device)
         else:

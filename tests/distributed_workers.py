@@ -572,20 +572,14 @@ def edge_cases(rank, world):
 # ------------------------------------------------------------------------------------------------ memory
 
 
-def _vm_size_bytes():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize in /proc/self/status")
-
-
 def sliced_head_under_cap(rank, world, n_rows, dim, vocab_per_rank, cap_mib, backends):
     """Every rank's slice holds ``vocab_per_rank`` classes, so its own logits would be n_rows x vocab_per_rank; the
     rank's address space is capped at ``cap_mib`` above its size once inputs, threads and the group's buffers exist.
     Runs both terms and R-Drop forward+backward per local backend, then checks that the cap forbids the slice's
     logits. Returns ``{label: (ok, detail)}``."""
     import resource
+
+    from memory_probe import vm_size_bytes
     group = dist.group.WORLD
     # A 64 MiB workspace (the CPU default is 256 MiB), as in tests/memory_probe.py: the workspace is bounded by
     # whatever is set, and the cap's margin then tells it from an N x V allocation.
@@ -607,7 +601,7 @@ def sliced_head_under_cap(rank, world, n_rows, dim, vocab_per_rank, cap_mib, bac
 
     for backend in backends:  # warm-up: threads, malloc arenas and gloo's buffers before the cap
         step(8, backend)
-    cap = _vm_size_bytes() + cap_mib * 2**20
+    cap = vm_size_bytes() + cap_mib * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     results = {}
     for backend in backends:
