@@ -35,14 +35,8 @@ def problem(kind, n_rows, dim, vocab, seed):
 
 
 def chunked_quadratic(h, w, keep_top, chunk):
-    previous = chunked.KEEP_TOP
-    chunked.KEEP_TOP = keep_top
-    try:
-        stats = chunked.chunked_statistics(h, w, None, need_mu=True, need_m2=True, row_block=h.shape[0],
-                                           vocab_chunk=chunk, epilogues=chunked.TorchEpilogues)
-    finally:
-        chunked.KEEP_TOP = previous
-    _, mu, m2 = stats
+    _, mu, m2 = chunked.chunked_statistics(h, w, None, need_mu=True, need_m2=True, row_block=h.shape[0],
+                                           vocab_chunk=chunk, epilogues=chunked.TorchEpilogues, keep_top=keep_top)
     return (h.float() ** 2 * (m2 - mu * mu)).sum(1).double()
 
 

@@ -11,21 +11,24 @@ Public API::
     dropreg.LinearCrossEntropyLoss(p=0.1, ...), dropreg.RDropLoss(alpha=1.0, ...)   # nn.Module wrappers
     dropreg.DropoutSite(p=0.1)                                             # put where nn.Dropout was
     dropreg.set_workspace_bytes(size, device="cpu"), dropreg.workspace_bytes(device="cpu")  # logits workspace
+    dropreg.get_backend("torch").with_plan(dropreg.BlockPlan(row_block=256))  # a backend with chosen blocks
 
 The math is docs/math.md; README.md lists the backends.
 """
 from ._api import (LinearCrossEntropyOutput, RDropOutput, default_coefficients, explicit_regularizer,
                    linear_cross_entropy, rdrop_linear_cross_entropy)
-from ._dispatch import available_backends
+from ._dispatch import available_backends, get_backend
 from ._policy import set_workspace_bytes, workspace_bytes
 from .nn import DropoutSite, LinearCrossEntropyLoss, RDropLoss
 from . import diagnostics
+from .plan import BlockPlan
 from .signs import philox_signs
 from .sites import SiteRegularizers, sample_targets, site_regularizers, softmax_mean
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockPlan",
     "DropoutSite",
     "LinearCrossEntropyLoss",
     "LinearCrossEntropyOutput",
@@ -34,6 +37,7 @@ __all__ = [
     "available_backends",
     "default_coefficients",
     "explicit_regularizer",
+    "get_backend",
     "linear_cross_entropy",
     "philox_signs",
     "rdrop_linear_cross_entropy",

@@ -18,11 +18,16 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from ._dispatch import resolve_backend
+from ._dispatch import resolve_backend, resolve_slice_backend
 from ._policy import accumulation_dtype
 from .loss_options import LossOptions, check_class_weight, check_label_smoothing
+from .rows import implicit_signs
+from .reducers import LOCAL
 from .signs import draw_seed, random_signs
-from .streamed import eager_implicit_signs
+
+# The loss options' sign-weighted parts read the signs outside the fused ops: there Inductor would spend minutes
+# compiling the Philox rounds' integer ops, so they are drawn eagerly (O(N d), one graph break).
+eager_implicit_signs = torch.compiler.disable(implicit_signs)
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -289,6 +294,14 @@ def _flatten_signs(signs, input: Tensor) -> Tensor:
     return expanded.reshape(-1, input.shape[-1])
 
 
+def on_reducer(reducer) -> dict:
+    """The ``reducer=`` keyword of a backend's op: given only for a sliced head (the backends that cannot run on a
+    slice take none, and are refused before this)."""
+    return {} if reducer is LOCAL else {"reducer": reducer}
+
+
+
+
 class _IgnoredRows:
     """Rows whose target is ignore_index: zeroed before a backend sees them, masked out of every term,
     and not counted by "mean" (which divides by at least 1, so an all-ignored batch gives 0, not NaN)."""
@@ -404,7 +417,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         else:
             seed = _checked_seed(seed, need_implicit and signs is None)
         if call.sharded:
-            local_backend = distributed.check_backend("linear_cross_entropy", backend, input.device)
+            implementation = resolve_slice_backend("linear_cross_entropy", backend, input.device)
         else:
             _, implementation = resolve_backend(backend, input.device, softcap=softcap is not None)
         call.describe(input, linear_weight, linear_bias, seed=seed, target=target,
@@ -415,8 +428,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     rows = _IgnoredRows(target, ignore_index, input.dtype)
     acc = accumulation_dtype(input.dtype)
-    classes = options.class_values(linear_weight, linear_bias, rows.safe_target, acc,
-                                   call.shard if call.sharded else None)
+    reducer = call.reducer
+    classes = options.class_values(linear_weight, linear_bias, rows.safe_target, acc, reducer)
     if options.class_weight is not None:
         rows.count_weighted(classes.target_class_weight())
     smoothing_weights = options.capped_smoothing_weights(classes)  # label smoothing's S from the capped passes
@@ -444,21 +457,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     h = rows.zero_ignored(input)
     if call.sharded:
         seed = call.seed
-        if softcap is None:
-            ce, quadratic, sign_term, mu = distributed.sharded_terms(
-                call.shard, h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit,
-                need_implicit, local_backend)
-        else:
-            ce, quadratic, sign_term, mu, smoothing_sum = distributed.sharded_softcap_terms(
-                call.shard, h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit,
-                need_implicit, softcap, local_backend, smoothing_weights)
-    elif softcap is None:
+    if softcap is None:
         ce, quadratic, sign_term, mu = implementation.linear_ce(h, linear_weight, linear_bias, rows.safe_target,
-                                                                flat_signs, seed, need_explicit, need_implicit)
+                                                                flat_signs, seed, need_explicit, need_implicit,
+                                                                **on_reducer(reducer))
     else:
         ce, quadratic, sign_term, mu, smoothing_sum = implementation.linear_ce_softcap(
             h, linear_weight, linear_bias, rows.safe_target, flat_signs, seed, need_explicit, need_implicit, softcap,
-            smoothing_weights)
+            smoothing_weights, **on_reducer(reducer))
     if options.active:
         signs_used = eager_implicit_signs(h, flat_signs, seed, need_implicit and options.needs_signs)
         ce, quadratic, sign_term, z_term, lse = options.adjust(ce, quadratic, sign_term, mu, h, classes, signs_used,
@@ -487,17 +493,13 @@ def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: O
         _check_head(input, linear_weight, linear_bias)
         _check_reduction(reduction)
         if call.sharded:
-            local_backend = distributed.check_backend("explicit_regularizer", backend, input.device)
+            implementation = resolve_slice_backend("explicit_regularizer", backend, input.device)
         else:
             _, implementation = resolve_backend(backend, input.device)
         call.describe(input, linear_weight, linear_bias, options=(reduction,))
     rows = _IgnoredRows(torch.zeros(input.shape[:-1], dtype=torch.long, device=input.device), -1, input.dtype)
-    if call.sharded:
-        _, quadratic, _, _ = distributed.sharded_terms(call.shard, input.reshape(-1, input.shape[-1]), linear_weight,
-                                                    linear_bias, rows.safe_target, None, 0, True, False, local_backend)
-    else:
-        _, quadratic, _, _ = implementation.linear_ce(input.reshape(-1, input.shape[-1]), linear_weight,
-                                                      linear_bias, rows.safe_target, None, 0, True, False)
+    _, quadratic, _, _ = implementation.linear_ce(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias,
+                                                  rows.safe_target, None, 0, True, False, **on_reducer(call.reducer))
     return rows.reducer(reduction, _result_dtype(input.dtype))(quadratic)
 
 
@@ -537,7 +539,7 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
                               check_label_smoothing(label_smoothing), _check_coefficient("z_loss", z_loss, 0.0),
                               softcap=softcap)
         if call.sharded:
-            local_backend = distributed.check_backend("rdrop_linear_cross_entropy", backend, input1.device)
+            implementation = resolve_slice_backend("rdrop_linear_cross_entropy", backend, input1.device)
         else:
             _, implementation = resolve_backend(backend, input1.device, softcap=softcap is not None, op="rdrop")
         # One checksum covers both inputs: their difference is what R-Drop measures.
@@ -549,16 +551,13 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
     reduce_kl = rows.reducer(reduction, out_dtype)  # before count_weighted: the KL's mean counts rows
     z_term = None
     h1, h2 = rows.zero_ignored(input1), rows.zero_ignored(input2)
-    if call.sharded:
-        ce1, ce2, kl = distributed.sharded_rdrop(call.shard, h1, h2, linear_weight, linear_bias, rows.safe_target,
-                                                 local_backend, softcap)
-    elif softcap is None:
-        ce1, ce2, kl = implementation.rdrop(h1, h2, linear_weight, linear_bias, rows.safe_target)
+    if softcap is None:
+        ce1, ce2, kl = implementation.rdrop(h1, h2, linear_weight, linear_bias, rows.safe_target, **on_reducer(call.reducer))
     else:
-        ce1, ce2, kl = implementation.rdrop_softcap(h1, h2, linear_weight, linear_bias, rows.safe_target, softcap)
+        ce1, ce2, kl = implementation.rdrop_softcap(h1, h2, linear_weight, linear_bias, rows.safe_target, softcap,
+                                                    **on_reducer(call.reducer))
     if options.active:
-        classes = options.class_values(linear_weight, linear_bias, rows.safe_target, ce1.dtype,
-                                       call.shard if call.sharded else None)
+        classes = options.class_values(linear_weight, linear_bias, rows.safe_target, ce1.dtype, call.reducer)
         zeros = torch.zeros_like(ce1)
         adjusted = [options.adjust(ce, zeros, zeros, None, h, classes, None, False, False)
                     for ce, h in ((ce1, h1), (ce2, h2))]

@@ -31,23 +31,35 @@ by its name in ``tests/conftest.py``, gets the whole test suite.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 from dataclasses import KW_ONLY, dataclass
 from typing import Callable, Optional
 
 import torch
 
-from . import chunked, cpu
+from . import cpu, ops
 from . import triton as triton_backend
+from .chunked import ChunkedPasses
+from .cpp_passes import CppPasses
+from .plan import DEFAULT_PLAN, BlockPlan
+from .reducers import LOCAL
 from .reference import (reference_rdrop, reference_sample_targets, reference_softcap_terms, reference_softmax_mean,
                         reference_terms)
-from .softcap import cpu_softcap_terms, streamed_softcap_terms
-from .streamed import (streamed_ce_with_grads, streamed_ce_with_grads_softcap, streamed_rdrop, streamed_sample_targets,
-                       streamed_softmax_mean, streamed_terms)
+from .streamed import StreamedPasses
+
+# The public ops that a vocabulary-parallel head (process_group=) runs, by the name the handshake knows them by.
+SLICE_OPS = ("linear_cross_entropy", "explicit_regularizer", "rdrop_linear_cross_entropy", "softmax_mean",
+             "sample_targets", "site_regularizers")
 
 
 @dataclass(frozen=True)
 class Backend:
+    """One row of the dispatch table: the backend contract's functions (module docstring). Those of a backend built
+    on passes (dropreg/ops.py) take ``reducer=`` too, and run the ops of ``slice_ops`` on a vocabulary slice.
+    ``with_plan(plan)`` gives the same backend with another :class:`dropreg.plan.BlockPlan`."""
+    name: str
     linear_ce: Callable[..., tuple]
     rdrop: Callable[..., tuple]
     softmax_mean: Callable[..., torch.Tensor]
@@ -59,33 +71,89 @@ class Backend:
     linear_ce_softcap: Optional[Callable[..., tuple]] = None
     rdrop_softcap: Optional[Callable[..., tuple]] = None
     ce_with_grads_softcap: Optional[Callable[..., torch.Tensor]] = None
+    slice_ops: tuple = ()
+    plan: BlockPlan = DEFAULT_PLAN
+    build: Optional[Callable[[BlockPlan], "Backend"]] = None
+
+    def with_plan(self, plan: BlockPlan) -> "Backend":
+        """This backend with ``plan`` (a :class:`dropreg.plan.BlockPlan`) instead of its own."""
+        if not isinstance(plan, BlockPlan):
+            raise TypeError(f"plan: expected a dropreg.BlockPlan, got {type(plan).__name__}")
+        if self.build is None:
+            raise ValueError(f"backend {self.name!r} takes no block plan (those that do: "
+                             f"{sorted(n for n, b in _BACKENDS.items() if b.build is not None)})")
+        return self.build(plan)
 
 
+def _on_passes(passes, *, slice_ops, ce_with_grads=None, ce_with_grads_softcap=None, **kwargs) -> Backend:
+    """A backend whose fused ops are dropreg/ops.py's over ``passes`` (which carries the plan)."""
+    bind = functools.partial
+    return Backend(passes.name, bind(ops.linear_ce, passes), bind(ops.rdrop, passes),
+                   bind(ops.softmax_mean, passes), passes.sample_targets,
+                   ce_with_grads=ce_with_grads or bind(ops.ce_with_grads, passes),
+                   linear_ce_softcap=bind(ops.linear_ce_softcap, passes), rdrop_softcap=bind(ops.rdrop, passes),
+                   ce_with_grads_softcap=ce_with_grads_softcap or bind(ops.ce_with_grads, passes),
+                   slice_ops=slice_ops, plan=passes.plan, **kwargs)
+
+
+def _whole_head_op(registered, sliced):
+    """The registered C++ op for a head held whole (``torch.compile(fullgraph=True)`` traces it), the passes'
+    op on a vocabulary slice."""
+    def run(*args, reducer=LOCAL):
+        return registered(*args) if reducer is LOCAL else sliced(*args, reducer=reducer)
+    return run
+
+
+def torch_backend(plan: BlockPlan = DEFAULT_PLAN) -> Backend:
+    return _on_passes(StreamedPasses(plan), slice_ops=SLICE_OPS, build=torch_backend)
+
+
+def chunked_backend(plan: BlockPlan = DEFAULT_PLAN) -> Backend:
+    return _on_passes(ChunkedPasses(plan), slice_ops=tuple(op for op in SLICE_OPS if op != "sample_targets"),
+                      build=chunked_backend)
+
+
+def cpu_backend(plan: BlockPlan = DEFAULT_PLAN) -> Backend:
+    passes = CppPasses(plan)
+    on_passes = _on_passes(passes, slice_ops=SLICE_OPS[:4], build=cpu_backend,
+                           ce_with_grads=functools.partial(cpu.cpu_ce_with_grads, block_rows=plan.ce_row_block),
+                           ce_with_grads_softcap=functools.partial(cpu.cpu_ce_with_grads_softcap,
+                                                                   block_rows=plan.ce_row_block),
+                           is_available=cpu.FAMILY.is_available, unavailable_reason=cpu.FAMILY.unavailable_reason)
+    return dataclasses.replace(on_passes, linear_ce=_whole_head_op(cpu.FAMILY.linear_ce, on_passes.linear_ce),
+                               rdrop=_whole_head_op(cpu.FAMILY.rdrop, on_passes.rdrop),
+                               softmax_mean=_whole_head_op(cpu.cpu_softmax_mean, on_passes.softmax_mean))
+
+
+_TORCH = torch_backend()
 _BACKENDS: dict[str, Backend] = {
-    "reference": Backend(reference_terms, reference_rdrop, reference_softmax_mean, reference_sample_targets,
-                         linear_ce_softcap=reference_softcap_terms, rdrop_softcap=reference_rdrop),
-    "torch": Backend(streamed_terms, streamed_rdrop, streamed_softmax_mean, streamed_sample_targets,
-                     ce_with_grads=streamed_ce_with_grads, linear_ce_softcap=streamed_softcap_terms,
-                     rdrop_softcap=streamed_rdrop, ce_with_grads_softcap=streamed_ce_with_grads_softcap),
-    "cpu": Backend(cpu.FAMILY.linear_ce, cpu.FAMILY.rdrop, cpu.cpu_softmax_mean, cpu.cpu_sample_targets,
-                   ce_with_grads=cpu.cpu_ce_with_grads, is_available=cpu.FAMILY.is_available,
-                   unavailable_reason=cpu.FAMILY.unavailable_reason, linear_ce_softcap=cpu_softcap_terms,
-                   rdrop_softcap=streamed_rdrop, ce_with_grads_softcap=cpu.cpu_ce_with_grads_softcap),
+    "reference": Backend("reference", reference_terms, reference_rdrop, reference_softmax_mean,
+                         reference_sample_targets, linear_ce_softcap=reference_softcap_terms,
+                         rdrop_softcap=reference_rdrop),
+    "torch": _TORCH,
+    "cpu": cpu_backend(),
     # The GPU path (docs/math.md 7.3): cuBLAS GEMMs per vocabulary chunk, Triton epilogues on CUDA (PyTorch ones on
-    # other devices, where it is tested). Sampling and the softcapped head run the streamed PyTorch drivers.
-    "chunked": Backend(chunked.chunked_terms, chunked.chunked_rdrop, chunked.chunked_softmax_mean,
-                       streamed_sample_targets, ce_with_grads=chunked.chunked_ce_with_grads,
-                       linear_ce_softcap=streamed_softcap_terms, rdrop_softcap=streamed_rdrop,
-                       ce_with_grads_softcap=streamed_ce_with_grads_softcap),
+    # other devices, where it is tested). Sampling and the softcapped head run the streamed PyTorch passes.
+    "chunked": chunked_backend(),
     # The first GPU kernels: one program per (row block, vocabulary block), gradients summed with atomics. Kept
     # until a GPU run compares them with "chunked" (README, "The GPU backend"). Its capped head, cross entropy
-    # alone included, runs the streamed PyTorch drivers.
-    "triton": Backend(triton_backend.FAMILY.linear_ce, triton_backend.FAMILY.rdrop, streamed_softmax_mean,
-                      streamed_sample_targets, is_available=triton_backend.FAMILY.is_available,
+    # alone included, runs the streamed PyTorch passes.
+    "triton": Backend("triton", triton_backend.FAMILY.linear_ce, triton_backend.FAMILY.rdrop, _TORCH.softmax_mean,
+                      _TORCH.sample_targets, is_available=triton_backend.FAMILY.is_available,
                       unavailable_reason=triton_backend.FAMILY.unavailable_reason,
-                      linear_ce_softcap=streamed_softcap_terms, rdrop_softcap=streamed_rdrop,
-                      ce_with_grads_softcap=streamed_ce_with_grads_softcap),
+                      linear_ce_softcap=_TORCH.linear_ce_softcap, rdrop_softcap=_TORCH.rdrop_softcap,
+                      ce_with_grads_softcap=_TORCH.ce_with_grads_softcap),
 }
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend ``name`` (see :func:`available_backends`), e.g. to give it a block plan:
+    ``get_backend("torch").with_plan(BlockPlan(row_block=256))``, passed as ``backend=``."""
+    check_backend_name(name)
+    if name == "auto":
+        raise ValueError("backend: 'auto' is chosen per call; name a registered backend")
+    return _BACKENDS[name]
+
 
 # Fastest first, per device type; "auto" takes the first registered and available one.
 _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
@@ -120,36 +188,42 @@ def _deterministic_here(name: str, device: torch.device) -> bool:
     return device.type not in _NONDETERMINISTIC.get(name, ())
 
 
-def _supports(name: str, softcap: bool, op: str) -> bool:
-    return not softcap or getattr(_BACKENDS[name], f"{op}_softcap") is not None
+def _supports(backend: Backend, softcap: bool, op: str) -> bool:
+    return not softcap or getattr(backend, f"{op}_softcap") is not None
 
 
 def check_backend_name(name) -> None:
-    """``backend=``: "auto" or a registered backend's name (whether it runs on a given device is resolve_backend's)."""
+    """``backend=``: "auto", a registered backend's name or a :class:`Backend` (whether it runs on a given device is
+    resolve_backend's)."""
+    if isinstance(name, Backend):
+        return
     if not isinstance(name, str) or (name != "auto" and name not in _BACKENDS):
         raise ValueError(f"backend: expected 'auto' or one of {sorted(_BACKENDS)}, got {name!r}")
 
 
-def resolve_backend(name: str, device: torch.device, *, softcap: bool = False,
+def resolve_backend(name, device: torch.device, *, softcap: bool = False,
                     op: str = "linear_ce") -> tuple[str, Backend]:
-    """``(name, backend)`` for ``backend=name``; ``"auto"`` picks the fastest usable one for ``device``
-    (that implements ``op``, "linear_ce" or "rdrop", on a softcapped head, when ``softcap``).
+    """``(name, backend)`` for ``backend=name`` (a name or a :class:`Backend`); ``"auto"`` picks the fastest usable
+    one for ``device`` (that implements ``op``, "linear_ce" or "rdrop", on a softcapped head, when ``softcap``).
 
     Under ``torch.use_deterministic_algorithms(True)``, ``"auto"`` skips backends that are not deterministic on
     ``device`` and naming one raises, as torch does for its own nondeterministic ops."""
     check_backend_name(name)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    if name == "auto":
+    if isinstance(name, Backend):
+        backend, name = name, name.name
+    elif name == "auto":
         for candidate in _AUTO_PREFERENCE.get(device.type, _AUTO_FALLBACK):
             if deterministic and not _deterministic_here(candidate, device):
                 continue
-            if candidate in _BACKENDS and _supports(candidate, softcap, op) and _usable(candidate):
+            if candidate in _BACKENDS and _supports(_BACKENDS[candidate], softcap, op) and _usable(candidate):
                 return candidate, _BACKENDS[candidate]
         name = _AUTO_FALLBACK[0]
-    if name not in _BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or one of {sorted(_BACKENDS)}, got {name!r}")
-    if not _supports(name, softcap, op):
-        supported = sorted(n for n in _BACKENDS if _supports(n, True, op))
+        backend = _BACKENDS[name]
+    else:
+        backend = _BACKENDS[name]
+    if not _supports(backend, softcap, op):
+        supported = sorted(n for n, b in _BACKENDS.items() if _supports(b, True, op))
         raise ValueError(f"softcap: backend {name!r} does not implement a softcapped head yet; use backend='auto' or "
                          f"one of {supported}")
     if deterministic and not _deterministic_here(name, device):
@@ -159,4 +233,22 @@ def resolve_backend(name: str, device: torch.device, *, softcap: bool = False,
         if not torch.is_deterministic_algorithms_warn_only_enabled():
             raise RuntimeError(message)
         warnings.warn(message, UserWarning, stacklevel=3)  # warn_only=True: as torch does for its own ops
-    return name, _BACKENDS[name]
+    return name, backend
+
+
+def resolve_slice_backend(op: str, name, device: torch.device) -> Backend:
+    """The backend that does this rank's work on its vocabulary slice for the public ``op`` (one of
+    :data:`SLICE_OPS`): ``"auto"`` is ``"chunked"`` for CUDA tensors (where it is the fast path) when it runs ``op``
+    on a slice, else ``"torch"``."""
+    check_backend_name(name)
+    allowed = [n for n, b in _BACKENDS.items() if op in b.slice_ops]
+    if name == "auto":
+        return _BACKENDS["chunked" if device.type == "cuda" and "chunked" in allowed else "torch"]
+    backend = name if isinstance(name, Backend) else _BACKENDS[name]
+    if op not in backend.slice_ops:
+        raise ValueError(f"backend: with process_group, {op} runs its local slice on {' or '.join(map(repr, allowed))} "
+                         f"(or 'auto'); got {name!r}")
+    if backend.name == "cpu" and (device.type != "cpu" or not backend.is_available()):
+        raise ValueError(f"backend: 'cpu' needs CPU tensors and the C++ kernels (reason: "
+                         f"{backend.unavailable_reason() if device.type == 'cpu' else device})")
+    return backend

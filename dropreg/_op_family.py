@@ -131,6 +131,25 @@ class OpFamily:
         return out[0], out[1], out[2]
 
 
+CE_AND_Z_LOSS_MESSAGE = ("dropreg: cross entropy and z_loss were fused in the CE-only path, which keeps the "
+                         "gradient of their sum only: back-propagate them with equal weights (out.loss), or pass "
+                         "return_lse=True to take the per-row path")
+
+
+def combined_upstream(grad_loss, has_z):
+    """The one scalar that scales the CE-only path's saved gradients: the upstream of ``[ce, z_loss]``'s first
+    part, which must equal the second's when a z-loss was fused in (checked without a host sync)."""
+    if has_z:
+        torch._assert_async(grad_loss[0] == grad_loss[1], CE_AND_Z_LOSS_MESSAGE)
+    return grad_loss[0]
+
+
+def gradients_wanted(*tensors) -> tuple[bool, ...]:
+    """Which of ``tensors`` (None allowed) a backward will ask a gradient of, as decided now, in the forward."""
+    enabled = torch.is_grad_enabled()
+    return tuple(enabled and t is not None and t.requires_grad for t in tensors)
+
+
 DOUBLE_BACKWARD_MESSAGE = ("double backward through dropreg's fused ops is not implemented; for Hessian-vector "
                            "products use dropreg.diagnostics (finite differences of fused gradients) or "
                            "backend='reference'")

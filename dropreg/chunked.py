@@ -29,12 +29,10 @@ from torch.profiler import record_function
 from ._op_family import first_order_only
 from ._policy import workspace_bytes
 from .gemm import OperandTypes, as_operand, mm, operand_types
-from .streamed import (RowModulation, StreamedCrossEntropyWithGrads, _eager_under_compile, _logit_shift, _spans,
-                       add_ce_loss, ce_only_blocks, finish_statistics, gradients_wanted, implicit_signs, online_state,
-                       row_modulation, row_terms, target_logit)
+from .plan import DEFAULT_PLAN, BlockPlan
+from .rows import RowModulation, SliceStatistics, logit_shift, row_modulation, softmax_mean_modulation, target_logit
+from .streamed import StreamedPasses, add_ce_loss, ce_only_blocks, finish_statistics, online_state, spans
 
-# docs/math.md 8.4's precision fix; False only to measure what it buys (tests/test_chunked.py)
-KEEP_TOP = True
 CHUNK_ALIGN = 256  # chunk widths are multiples of this (whole GEMM and epilogue tiles), except the last
 MIN_CHUNK = 1024  # below this the GEMMs get thin; rows are split into blocks instead
 
@@ -64,7 +62,7 @@ class TorchEpilogues:
             z += bias.to(z.dtype)
         chunk_max, top_col = z.max(dim=1)
         new_max = torch.maximum(running_max, chunk_max)
-        shift = _logit_shift(new_max)
+        shift = logit_shift(new_max)
         rescale = torch.exp(running_max - shift)
         e = z.sub_(shift[:, None]).exp_()
         running_sum.mul_(rescale).add_(e.sum(dim=1))
@@ -111,7 +109,7 @@ class TorchEpilogues:
             if bias is not None:
                 z += bias.to(z.dtype)
             new_max = torch.maximum(running_max[i], z.amax(dim=1))
-            shift = _logit_shift(new_max)
+            shift = logit_shift(new_max)
             rescale = torch.exp(running_max[i] - shift)
             e = z.sub_(shift[:, None]).exp_()
             running_sum[i] = running_sum[i] * rescale + e.sum(dim=1)
@@ -147,10 +145,10 @@ def _replace_at(values, cols, replacement):
     values.scatter_(1, safe, torch.where(inside, replacement, values.gather(1, safe).squeeze(1))[:, None])
 
 
-def epilogues_for(device: torch.device, dtype: torch.dtype):
-    """The Triton epilogues for CUDA tensors accumulated in fp32, PyTorch's elsewhere (fp64 problems, CPU tensors;
-    the tests swap in Triton's under the interpreter)."""
-    if device.type == "cuda" and operand_types(dtype).acc == torch.float32:
+def epilogues_for(device: torch.device, dtype: torch.dtype, choice=None):
+    """The epilogues a plan names (``choice``: "torch" or "triton"), or by default the Triton ones for CUDA tensors
+    accumulated in fp32 and PyTorch's elsewhere (fp64 problems, CPU tensors)."""
+    if choice == "triton" or (choice is None and device.type == "cuda" and operand_types(dtype).acc == torch.float32):
         from .triton import epilogues as triton_epilogues  # imported on first use: triton is optional
 
         return triton_epilogues.TRITON_EPILOGUES
@@ -233,7 +231,7 @@ def _square_scale(weight, types, need_m2):
 # ---------------------------------------------------------------------------------------------------------
 
 def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk, epilogues=None,
-                       top_class=None):
+                       top_class=None, keep_top=True, scale_squares=True):
     """Per-row online state over ``weight``'s rows, as :func:`dropreg.streamed.partial_statistics` returns it:
     running max ``m``, ``L = sum exp(z - m)`` and moments ``[A1 | A2]`` on the scale of ``L`` (so that
     :func:`dropreg.streamed.finish_statistics` divides them by ``L``, and states of vocabulary slices merge by the
@@ -243,7 +241,8 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     kept-out top), normalized by their own sum (the ``mass``) and then put on the scale of ``L``: ``var = m2 - mu^2``
     stays the variance of one distribution (docs/math.md 8.4), of a mixture of them once slices merge.
     ``top_class`` (N int64, optional, needs ``need_mu``) receives each row's largest logit's row of ``weight``:
-    the backward keeps that class's modulation exact."""
+    the backward keeps that class's modulation exact. ``keep_top``, ``scale_squares``: docs/math.md 8.4's and 7.3's
+    precision measures (switched off only to measure them)."""
     types = operand_types(h.dtype)
     epilogues = epilogues or epilogues_for(h.device, h.dtype)
     acc = types.acc
@@ -253,9 +252,10 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, vocab), acc, types.forward, h.device,
                                     second=False, outputs=1 if need_mu else 0)
     narrow = types.forward != acc  # probabilities rounded for the moment GEMMs: normalize by what was rounded
-    keep_top = narrow and KEEP_TOP
-    square_scale = _square_scale(weight, types, need_m2)  # the moments' m2 half holds m2 * square_scale
-    for r0, r1 in _spans(n_rows, row_block):
+    keep_top = narrow and keep_top
+    # the moments' m2 half holds m2 * square_scale
+    square_scale = _square_scale(weight, types, need_m2) if scale_squares else None
+    for r0, r1 in spans(n_rows, row_block):
         rows = r1 - r0
         h_op = as_operand(h[r0:r1], types.forward)
         running_max = torch.full((rows,), float("-inf"), dtype=acc, device=h.device)
@@ -266,7 +266,7 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
         if top_class is not None:
             top_class[r0:r1] = 0
             best = torch.full((rows,), float("-inf"), dtype=acc, device=h.device)
-        for v0, v1 in _spans(vocab, vocab_chunk):
+        for v0, v1 in spans(vocab, vocab_chunk):
             cols = v1 - v0
             w = weight[v0:v1]
             with record_function("dropreg::chunk_logits"):
@@ -278,7 +278,7 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
             if not need_mu:
                 continue
             if best is not None:  # the chunk's top logit, log(p_top) above the new shift
-                chunk_max = top_p.log() + _logit_shift(running_max)
+                chunk_max = top_p.log() + logit_shift(running_max)
                 better = chunk_max > best
                 best = torch.where(better, chunk_max, best)
                 top_class[r0:r1] = torch.where(better, top_col + v0, top_class[r0:r1])
@@ -302,10 +302,11 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
 
 
 def chunked_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk, epilogues=None,
-                       top_class=None):
+                       top_class=None, keep_top=True, scale_squares=True):
     """Per-row ``(lse, mu, m2)`` (mu, m2 None unless needed) in one streamed pass."""
     state = partial_statistics(h, weight, bias, need_mu=need_mu, need_m2=need_m2, row_block=row_block,
-                               vocab_chunk=vocab_chunk, epilogues=epilogues, top_class=top_class)
+                               vocab_chunk=vocab_chunk, epilogues=epilogues, top_class=top_class, keep_top=keep_top,
+                               scale_squares=scale_squares)
     return finish_statistics(*state, h.shape[1], need_mu=need_mu, need_m2=need_m2)
 
 
@@ -331,7 +332,7 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
     stacked_rows = torch.cat([h_op, as_operand(rows.T_vec, types.backward)]) if modulated else h_op
     g_r_q_op = as_operand(rows.g_r_q, types.backward) if with_squares else None
     grad_h_block = torch.zeros(n_rows, dim, dtype=acc, device=h_block.device) if want_h else None
-    for v0, v1 in _spans(weight.shape[0], vocab_chunk):
+    for v0, v1 in spans(weight.shape[0], vocab_chunk):
         cols = v1 - v0
         w_op = as_operand(weight[v0:v1], types.backward)
         with record_function("dropreg::chunk_logits"):
@@ -401,7 +402,7 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
         sweep_target = target
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
                                     types.backward, h.device, second=modulated, outputs=2 if modulated else 1)
-    for r0, r1 in _spans(n_rows, row_block):
+    for r0, r1 in spans(n_rows, row_block):
         h_block, y = h[r0:r1].to(acc), target[r0:r1]
         g_ce = grad_ce[r0:r1].to(acc)
         rows = row_modulation(h_block, g_ce, mu, var, signs, grad_quadratic, grad_sign_term, grad_mu, r0, r1,
@@ -440,10 +441,9 @@ def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_ch
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
                                     types.backward, h.device, second=True, outputs=2)
-    for r0, r1 in _spans(n_rows, row_block):
+    for r0, r1 in spans(n_rows, row_block):
         g_mu = grad_mu[r0:r1].to(acc)
-        rows = RowModulation(row_const=-(g_mu * mu[r0:r1]).sum(1), T_vec=g_mu, T_stack=g_mu, g_r=None,
-                             g_r_q=None, g_i=None, u=None)
+        rows = softmax_mean_modulation(g_mu, mu[r0:r1])
         grad_h_block = gradient_sweep(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, rows, False, types,
                                       epilogues, buffers, vocab_chunk, grad_w=grad_w, grad_b=grad_b, want_h=want_h,
                                       overwrite_w=overwrite_w,
@@ -465,13 +465,13 @@ def rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk, epilo
     weighted_d = torch.empty(2, n_rows, dtype=acc, device=h1.device)
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, vocab), acc, types.forward, h1.device,
                                     second=True, outputs=0)
-    for r0, r1 in _spans(n_rows, row_block):
+    for r0, r1 in spans(n_rows, row_block):
         rows = r1 - r0
         h_ops = [as_operand(h[r0:r1], types.forward) for h in (h1, h2)]
         running_max = torch.full((2, rows), float("-inf"), dtype=acc, device=h1.device)
         running_sum = torch.zeros(2, rows, dtype=acc, device=h1.device)
         block_d = torch.zeros(2, rows, dtype=acc, device=h1.device)
-        for v0, v1 in _spans(vocab, vocab_chunk):
+        for v0, v1 in spans(vocab, vocab_chunk):
             w_op = as_operand(weight[v0:v1], types.forward)
             z1 = mm(h_ops[0], w_op.T, acc, out=ChunkBuffers.view(buffers.logits, rows, v1 - v0))
             z2 = mm(h_ops[1], w_op.T, acc, out=ChunkBuffers.view(buffers.second, rows, v1 - v0))
@@ -497,11 +497,11 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h1.device) if want_b else None
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc, types.backward,
                                     h1.device, second=True, outputs=2)
-    for r0, r1 in _spans(n_rows, row_block):
+    for r0, r1 in spans(n_rows, row_block):
         rows = r1 - r0
         h_ops = [as_operand(h[r0:r1], types.backward) for h in (h1, h2)]
         stacked_rows = torch.cat(h_ops) if want_w else None  # [H1; H2]: grad_W's two products as one, K = 2R
-        for v0, v1 in _spans(weight.shape[0], vocab_chunk):
+        for v0, v1 in spans(weight.shape[0], vocab_chunk):
             cols = v1 - v0
             w_op = as_operand(weight[v0:v1], types.backward)
             z1 = mm(h_ops[0], w_op.T, acc, out=ChunkBuffers.view(buffers.logits, rows, cols))
@@ -529,120 +529,13 @@ def top_class_buffer(h, modulated):
     return torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
 
 
-class ChunkedTerms(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, row_block, vocab_chunk, epilogues):
-        top_class = top_class_buffer(h, need_explicit or need_implicit)
-        lse, mu, m2 = chunked_statistics(h, weight, bias, need_mu=need_explicit or need_implicit,
-                                         need_m2=need_explicit, row_block=row_block, vocab_chunk=vocab_chunk,
-                                         epilogues=epilogues, top_class=top_class)
-        ce, quadratic, sign_term, var = row_terms(h, weight, bias, target, signs, lse, mu, m2, need_explicit,
-                                                  need_implicit)
-        ctx.save_for_backward(h, weight, bias, target, signs, lse, mu, var, top_class)
-        ctx.options = (need_explicit, need_implicit, row_block, vocab_chunk, epilogues)
-        return ce, quadratic, sign_term, mu
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu):
-        h, weight, bias, target, signs, lse, mu, var, top_class = ctx.saved_tensors
-        need_explicit, need_implicit, row_block, vocab_chunk, epilogues = ctx.options
-        grad_h_vocab, grad_h_rows, grad_w, grad_b = terms_backward(
-            h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term, need_explicit,
-            need_implicit, row_block, vocab_chunk, ctx.needs_input_grad[:3], grad_mu=grad_mu, epilogues=epilogues,
-            top_class=top_class)
-        return (None if grad_h_vocab is None else (grad_h_vocab + grad_h_rows).to(h.dtype),
-                None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
-
-
-class ChunkedSoftmaxMean(torch.autograd.Function):
-    """``mu = W^T softmax(h W^T + b)`` on the chunked driver (docs/math.md 11.2): forward 2 NVd, backward 5 NVd."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, row_block, vocab_chunk, epilogues):
-        top_class = top_class_buffer(h, True)
-        lse, mu, _ = chunked_statistics(h, weight, bias, need_mu=True, need_m2=False, row_block=row_block,
-                                        vocab_chunk=vocab_chunk, epilogues=epilogues, top_class=top_class)
-        ctx.save_for_backward(h, weight, bias, lse, mu, top_class)
-        ctx.options = (row_block, vocab_chunk, epilogues)
-        return mu
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_mu):
-        h, weight, bias, lse, mu, top_class = ctx.saved_tensors
-        row_block, vocab_chunk, epilogues = ctx.options
-        grad_h, grad_w, grad_b = softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_chunk,
-                                                       ctx.needs_input_grad[:3], epilogues, top_class)
-        return (None if grad_h is None else grad_h.to(h.dtype), None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
-
-
-class ChunkedRDrop(torch.autograd.Function):
-    """R-Drop's per-row ``(ce1, ce2, kl)`` on the chunked driver (docs/math.md 9): forward 2 NVd (z1, z2 per chunk,
-    the softmaxes and ``E_p[D]`` in the epilogue), backward 6 NVd (z1, z2; ``G1 W``, ``G2 W``;
-    ``grad_W_c = [G1; G2]^T [H1; H2]`` with K = 2R)."""
-
-    @staticmethod
-    def forward(ctx, h1, h2, weight, bias, target, row_block, vocab_chunk, epilogues):
-        acc = operand_types(h1.dtype).acc
-        row_max, exp_sum, weighted_d = rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk,
-                                                                epilogues)
-        lse = _logit_shift(row_max) + exp_sum.log()
-        expected_d = weighted_d / exp_sum
-        ce1 = lse[0] - target_logit(h1.to(acc), weight, bias, target, acc)
-        ce2 = lse[1] - target_logit(h2.to(acc), weight, bias, target, acc)
-        kl = 0.5 * (expected_d[0] - expected_d[1])
-        ctx.save_for_backward(h1, h2, weight, bias, target, lse, expected_d)
-        ctx.options = (row_block, vocab_chunk, epilogues)
-        return ce1, ce2, kl
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_ce1, grad_ce2, grad_kl):
-        h1, h2, weight, bias, target, lse, expected_d = ctx.saved_tensors
-        row_block, vocab_chunk, epilogues = ctx.options
-        want_h1, want_h2 = ctx.needs_input_grad[:2]
-        zeros = torch.zeros_like(lse[0])
-        grads = [zeros if g is None else g for g in (grad_ce1, grad_ce2, grad_kl)]
-        grad_h, grad_w, grad_b = rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, *grads, row_block,
-                                                vocab_chunk, ctx.needs_input_grad[:4], epilogues)
-        return (grad_h[0].to(h1.dtype) if want_h1 else None, grad_h[1].to(h2.dtype) if want_h2 else None,
-                None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The backend's functions (dropreg/_dispatch.py)
 # ---------------------------------------------------------------------------------------------------------
 
 def default_chunks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """The block plan of a call (tests patch this to force several blocks and chunks)."""
+    """``(rows per block, vocabulary chunk)`` of a call whose plan leaves them open."""
     return chunk_plan(n_rows, vocab, chunk_bytes_per_entry(operand_types(dtype), device), device)
-
-
-@_eager_under_compile
-def chunked_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
-    """Per-row ``(ce, quadratic, sign_term, mu)``, as :func:`dropreg.reference.reference_terms`."""
-    row_block, vocab_chunk = default_chunks(input.shape[0], weight.shape[0], input.dtype, input.device)
-    signs = implicit_signs(input, signs, seed, need_implicit)
-    return ChunkedTerms.apply(input, weight, bias, target, signs, need_explicit, need_implicit, row_block,
-                              vocab_chunk, epilogues_for(input.device, input.dtype))
-
-
-@_eager_under_compile
-def chunked_softmax_mean(input, weight, bias):
-    row_block, vocab_chunk = default_chunks(input.shape[0], weight.shape[0], input.dtype, input.device)
-    return ChunkedSoftmaxMean.apply(input, weight, bias, row_block, vocab_chunk,
-                                    epilogues_for(input.device, input.dtype))
-
-
-@_eager_under_compile
-def chunked_rdrop(input1, input2, weight, bias, target):
-    row_block, vocab_chunk = default_chunks(input1.shape[0], weight.shape[0], input1.dtype, input1.device)
-    return ChunkedRDrop.apply(input1, input2, weight, bias, target, row_block, vocab_chunk,
-                              epilogues_for(input1.device, input1.dtype))
 
 
 def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight=None, *,
@@ -665,11 +558,11 @@ def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_c
     grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / block_rows)) if want_w
                            else (None, False))
     grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
-    chunks = list(_spans(vocab, vocab_chunk))
+    chunks = list(spans(vocab, vocab_chunk))
     block = min(block_rows, n_rows)
     logits = torch.empty(block * vocab, dtype=acc, device=device)  # chunk-major: chunk [v0, v1) at block * v0
     gradient = torch.empty(block * min(vocab_chunk, vocab) if any(wants) else 0, dtype=types.backward, device=device)
-    for r0, r1 in _spans(n_rows, block_rows):
+    for r0, r1 in spans(n_rows, block_rows):
         rows = r1 - r0
         y, w_row = target[r0:r1], row_weight[r0:r1].to(acc)
         h_forward = as_operand(h[r0:r1], types.forward)
@@ -681,7 +574,7 @@ def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_c
                 mm(h_forward, as_operand(weight[v0:v1], types.forward).T, acc, out=z)
                 epilogues.softmax_chunk(z, None if bias is None else bias[v0:v1], running_max, running_sum, None,
                                         None, False, keep_logits=True)
-        lse = _logit_shift(running_max) + running_sum.log()
+        lse = logit_shift(running_max) + running_sum.log()
         ce = lse - target_logit(h[r0:r1].to(acc), weight, bias, y, acc)
         softmax_scale = add_ce_loss(loss, lse, ce, w_row, None if z_weight is None else z_weight[r0:r1].to(acc))
         if not any(wants):
@@ -706,18 +599,77 @@ def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_c
     return loss, grad_h, grad_w, grad_b
 
 
-@_eager_under_compile
-def chunked_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None):
-    """Cross entropy alone with its gradients formed in the forward (3 NVd, docs/math.md 7.1) on this driver."""
-    block_rows, vocab_chunk = ce_chunks(input.shape[0], weight.shape[0], input.dtype, input.device)
-    epilogues = epilogues_for(input.device, input.dtype)
-    return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight, z_weight,
-                                               gradients_wanted(input, weight, bias), block_rows, vocab_chunk,
-                                               functools.partial(ce_gradients, epilogues=epilogues))
-
-
 def ce_chunks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
     """The CE-only path's blocks: as many rows as the workspace holds whole logit rows of, and chunks at least
     8 * MIN_CHUNK entries wide (the streamed driver's CPU-sized chunks would make thin GPU products)."""
     block_rows, vocab_chunk = ce_only_blocks(n_rows, vocab, dtype, device)
     return block_rows, max(vocab_chunk, min(vocab, 8 * MIN_CHUNK))
+
+
+class ChunkedPasses(StreamedPasses):
+    """The ``"chunked"`` backend's passes (the contract of dropreg/ops.py): cuBLAS-sized GEMMs per vocabulary chunk and
+    fused epilogues between them (Triton's on CUDA, PyTorch's elsewhere or as the plan says), with the plan's blocks
+    (else :func:`default_chunks`, :func:`ce_chunks`). The capped head runs the streamed PyTorch passes, the
+    inherited ones."""
+
+    name = "chunked"
+
+    def __init__(self, plan: BlockPlan = DEFAULT_PLAN, epilogues=None):
+        super().__init__(plan)
+        self.epilogues = epilogues  # an epilogues object that overrides the plan's choice (the compile report's)
+
+    def blocks(self, n_rows: int, vocab: int, dtype=None, device=None) -> tuple[int, int]:
+        """The streamed (capped) passes' blocks without ``dtype``; this driver's with it."""
+        if dtype is None:
+            return super().blocks(n_rows, vocab)
+        return self.plan.blocks(default_chunks(n_rows, vocab, dtype, device))
+
+    def ce_blocks(self, n_rows: int, vocab: int, dtype, device) -> tuple[int, int]:
+        return self.plan.ce_blocks(ce_chunks(n_rows, vocab, dtype, device))
+
+    def _chunks(self, h, weight) -> dict:
+        row_block, vocab_chunk = self.blocks(h.shape[0], weight.shape[0], h.dtype, h.device)
+        return {"row_block": row_block, "vocab_chunk": vocab_chunk,
+                "epilogues": self.epilogues or epilogues_for(h.device, h.dtype, self.plan.epilogues)}
+
+    def statistics(self, h, weight, bias, *, need_mu, need_m2) -> SliceStatistics:
+        top_class = top_class_buffer(h, need_mu) if self.plan.top_class else None
+        lse, mu, m2 = chunked_statistics(h, weight, bias, need_mu=need_mu, need_m2=need_m2, top_class=top_class,
+                                         keep_top=self.plan.keep_top, scale_squares=self.plan.scale_squares,
+                                         **self._chunks(h, weight))
+        return SliceStatistics(lse, mu, m2=m2, extra=top_class)
+
+    def terms_sweep(self, h, weight, bias, target, owned, signs, lse, mu, var, grad_ce, grad_quadratic,
+                    grad_sign_term, grad_mu, need_explicit, need_implicit, wants, extra):
+        return terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
+                              need_explicit, need_implicit, wants=wants, owns_target=owned, grad_mu=grad_mu,
+                              top_class=extra, **self._chunks(h, weight))
+
+    def softmax_mean_sweep(self, h, weight, bias, lse, mu, grad_mu, wants, extra):
+        return softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, wants=wants, top_class=extra,
+                                     **self._chunks(h, weight))
+
+    def rdrop_statistics(self, h1, h2, weight, bias, softcap):
+        if softcap is not None:
+            return super().rdrop_statistics(h1, h2, weight, bias, softcap)
+        row_max, exp_sum, weighted_d = rdrop_partial_statistics(h1, h2, weight, bias, **self._chunks(h1, weight))
+        return logit_shift(row_max) + exp_sum.log(), weighted_d / exp_sum
+
+    def rdrop_sweep(self, h1, h2, weight, bias, target, owned, lse, expected_d, grad_ce1, grad_ce2, grad_kl, wants,
+                    softcap):
+        if softcap is not None:
+            return super().rdrop_sweep(h1, h2, weight, bias, target, owned, lse, expected_d, grad_ce1, grad_ce2,
+                                       grad_kl, wants, softcap)
+        if owned is not None:
+            target = torch.where(owned, target, torch.full_like(target, -1))  # -1: no target correction here
+        return rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad_ce2, grad_kl,
+                              wants=wants, **self._chunks(h1, weight))
+
+    def ce_gradients(self, h, weight, bias, target, row_weight, wants, z_weight=None, softcap=None,
+                     smoothing_weights=None, smoothing_row_weight=None):
+        if softcap is not None:
+            return super().ce_gradients(h, weight, bias, target, row_weight, wants, z_weight, softcap,
+                                        smoothing_weights, smoothing_row_weight)
+        block_rows, vocab_chunk = self.ce_blocks(h.shape[0], weight.shape[0], h.dtype, h.device)
+        return ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight,
+                            epilogues=self.epilogues or epilogues_for(h.device, h.dtype, self.plan.epilogues))

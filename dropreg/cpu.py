@@ -12,7 +12,8 @@ import sys
 import torch
 
 from . import _build, streamed
-from ._op_family import (BackendUnavailable, OpFamily, first_order_only, int64_seed, refuse_double_backward,
+from ._op_family import (BackendUnavailable, OpFamily, combined_upstream, first_order_only, gradients_wanted,
+                         int64_seed, refuse_double_backward,
                          register_linear_ce_autograd, register_rdrop_autograd)
 from ._policy import accumulation_dtype
 
@@ -162,7 +163,7 @@ def _register_ce_with_grads_kernels() -> None:
 
     @first_order_only
     def backward(ctx, grad_loss, *_grads_of_gradients):  # the gradient outputs are saved results, not terms
-        scale = streamed.combined_upstream(grad_loss, ctx.has_z)
+        scale = combined_upstream(grad_loss, ctx.has_z)
         scaled = (g * scale.to(g.dtype) if wanted else None for g, wanted in zip(ctx.saved_tensors[3:], ctx.mask))
         return (*scaled, None, None, None, None, None, None, None, None)
 
@@ -274,24 +275,25 @@ def _register_site_kernels() -> None:
     refuse_double_backward("dropreg::softmax_mean_backward")
 
 
-def cpu_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None):
+def cpu_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None, *, block_rows=None):
     """CE only: ``[sum_i row_weight_i ce_i, sum_i z_weight_i lse_i^2]`` with the gradients formed in the forward
     (see dropreg/_dispatch.py)."""
-    return cpu_ce_with_grads_softcap(input, weight, bias, target, row_weight, z_weight, None)
+    return cpu_ce_with_grads_softcap(input, weight, bias, target, row_weight, z_weight, None, block_rows=block_rows)
 
 
 def cpu_ce_with_grads_softcap(input, weight, bias, target, row_weight, z_weight, softcap, smoothing_weights=None,
-                              smoothing_row_weight=None):
+                              smoothing_row_weight=None, *, block_rows=None):
     """:func:`cpu_ce_with_grads` of a softcapped head (no cap when ``softcap`` is None), ``loss[0]`` less label
-    smoothing's ``sum_i smoothing_row_weight_i S_i`` when ``smoothing_weights`` are given (see dropreg/_dispatch.py)."""
+    smoothing's ``sum_i smoothing_row_weight_i S_i`` when ``smoothing_weights`` are given (see dropreg/_dispatch.py).
+    ``block_rows``: rows per block (None: :func:`dropreg.streamed.ce_only_blocks`'s)."""
     load()
-    block_rows, _ = streamed.ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
+    block_rows = block_rows or streamed.ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)[0]
 
     def optional(t):
         return None if t is None else t.contiguous()
     return torch.ops.dropreg.linear_ce_with_grads(
         input.contiguous(), weight.contiguous(), optional(bias), target.contiguous(), row_weight.contiguous(),
-        optional(z_weight), block_rows, list(streamed.gradients_wanted(input, weight, bias)), softcap,
+        optional(z_weight), block_rows, list(gradients_wanted(input, weight, bias)), softcap,
         optional(smoothing_weights), optional(smoothing_row_weight))[0]
 
 

@@ -32,7 +32,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .softcap import capped_smoothing_sums, softcap_derivatives
+from .reducers import LOCAL
+from .rows import softcap_derivatives
+from .softcap import capped_smoothing_sums
 
 
 
@@ -67,32 +69,31 @@ _CHUNK_ROWS = 8192  # vocabulary rows upcast at a time for W~
 class ClassValues:
     """What the options read of the head, in ``acc`` and differentiable: per row, the target's weight row ``W_y``,
     bias ``b_y`` and class weight ``w_y``; over all classes, ``wbar = mean_c w_c``, ``W~ = (1/V) sum_c w_c W_c`` and
-    ``b~ = (1/V) sum_c w_c b_c``. This class reads a head held whole; a vocabulary-parallel head
-    (:class:`dropreg.distributed.ShardedClassValues`) overrides the two lookups below to gather the same values from
-    the slices, one collective each. ``with_rows``: whether ``W_y`` and ``b_y`` are needed (lse, smoothing);
+    ``b~ = (1/V) sum_c w_c b_c``. ``reducer`` (:mod:`dropreg.reducers`) gathers them from the slices of a
+    vocabulary-parallel head (``weight``, ``bias`` and the class weights that slice's), one collective each. ``with_rows``: whether ``W_y`` and ``b_y`` are needed (lse, smoothing);
     ``with_mean_rows``: whether ``W~`` and ``b~`` are (smoothing without a softcap)."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], class_weight: Optional[Tensor], target: Tensor,
-                 acc: torch.dtype, with_rows: bool, with_mean_rows: bool):
+                 acc: torch.dtype, with_rows: bool, with_mean_rows: bool, reducer=LOCAL):
         self.weight, self.bias, self.class_weight, self.target, self.acc = weight, bias, class_weight, target, acc
         self.with_rows, self.with_mean_rows = with_rows, with_mean_rows
+        self.reducer = reducer
 
-    # -- the lookups a sliced head overrides
     def _at_targets(self, per_class: list) -> list:
         """Each (V,) or (V, k) tensor's entries at the rows' targets, in ``acc``."""
-        return [values[self.target].to(self.acc) for values in per_class]
+        return self.reducer.at_classes(per_class, self.target, self.acc)
 
-    def _over_all_classes(self, sums: list) -> list:
-        """Sums over this head's classes -> sums over every class (here the same)."""
-        return sums
+    def over_all_classes(self, sums: list) -> list:
+        """Sums over this head's classes -> sums over every class."""
+        return self.reducer.sum_parts(sums)
 
     def slice_input(self, h: Tensor) -> Tensor:
         """``h`` as it enters a part computed from this head's classes (a sliced head sums the slices' gradients)."""
-        return h
+        return self.reducer.slice_input(h)
 
     @property
     def classes(self) -> int:
-        return self.weight.shape[0]
+        return self.reducer.classes(self.weight)
 
     # -- the values
     @functools.cached_property
@@ -145,7 +146,7 @@ class ClassValues:
                 wanted["b"] = self._class_sum(self.bias)
         if self.class_weight is not None:
             wanted["cw"] = self.class_weight.to(self.acc).sum()
-        return {key: total / self.classes for key, total in zip(wanted, self._over_all_classes(list(wanted.values())))}
+        return {key: total / self.classes for key, total in zip(wanted, self.over_all_classes(list(wanted.values())))}
 
     def class_weight_mean(self):
         """``wbar`` (1.0 without class weights)."""
@@ -192,15 +193,12 @@ class LossOptions:
         return bool(self.smoothing) or bool(self.z_loss)
 
     def class_values(self, weight: Tensor, bias: Optional[Tensor], target: Tensor, acc: torch.dtype,
-                     shard=None) -> ClassValues:
-        """The head's values this call's options read; ``shard`` (a :class:`dropreg.distributed.Shard`) when
+                     reducer=LOCAL) -> ClassValues:
+        """The head's values this call's options read; ``reducer`` a :class:`dropreg.reducers.SliceReducer` when
         ``weight`` and ``bias`` are a vocabulary slice (and the class weights that slice's)."""
         with_rows = self.want_lse or bool(self.smoothing)
         with_mean_rows = bool(self.smoothing) and self.softcap is None
-        if shard is None:
-            return ClassValues(weight, bias, self.class_weight, target, acc, with_rows, with_mean_rows)
-        from .distributed import ShardedClassValues
-        return ShardedClassValues(shard, weight, bias, self.class_weight, target, acc, with_rows, with_mean_rows)
+        return ClassValues(weight, bias, self.class_weight, target, acc, with_rows, with_mean_rows, reducer)
 
     def row_factor(self, classes: ClassValues) -> Tensor:
         """``a = (1 - eps) w_y + eps wbar`` per row."""
@@ -242,7 +240,7 @@ class LossOptions:
         if any(wanted):
             sums = capped_smoothing_sums(classes.slice_input(h), classes.weight, classes.bias,
                                          self.capped_smoothing_weights(classes), signs, self.softcap, *wanted)
-            merged = iter(classes._over_all_classes([part for want, part in zip(wanted, sums) if want]))
+            merged = iter(classes.over_all_classes([part for want, part in zip(wanted, sums) if want]))
             total, sum_quadratic, sum_sign = (next(merged) if want else given
                                               for want, given in zip(wanted, (smoothing_sum, None, None)))
         target_scale = self.smoothing * classes.class_weight_mean()

@@ -9,6 +9,7 @@ rest through the network.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -16,9 +17,9 @@ import torch
 from torch import Tensor
 
 from ._api import (_autocast_aware, _check_coefficient, _check_head, _check_probability, _check_seed, _check_target,
-                   _checked_seed, _checking_values, _IgnoredRows, _result_dtype, default_coefficients)
+                   _checked_seed, _checking_values, _IgnoredRows, _result_dtype, default_coefficients, on_reducer)
 from . import distributed
-from ._dispatch import resolve_backend
+from ._dispatch import resolve_backend, resolve_slice_backend
 from .signs import philox_signs
 
 PerSite = Union[float, Sequence[float], None]
@@ -44,14 +45,10 @@ def softmax_mean(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[
     """
     with distributed.checked_call(process_group, "softmax_mean") as call:
         _check_head(input, linear_weight, linear_bias)
-        if call.sharded:
-            local_backend = distributed.check_backend("softmax_mean", backend, input.device)
-        else:
-            _, implementation = resolve_backend(backend, input.device)
+        implementation = _implementation("softmax_mean", call, backend, input.device)
         call.describe(input, linear_weight, linear_bias)
-    if call.sharded:
-        implementation = distributed.ShardedHead(call.shard, local_backend)
-    mu = implementation.softmax_mean(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias)
+    mu = implementation.softmax_mean(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias,
+                                     **on_reducer(call.reducer))
     return mu.reshape(input.shape).to(_result_dtype(input.dtype))
 
 
@@ -95,16 +92,13 @@ def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optiona
             # On a slice the other ranks may hold the unmasked classes.
             if not call.sharded and linear_bias.numel() and bool((linear_bias == float("-inf")).all()):
                 raise ValueError("linear_bias: every class is masked (-inf): there is no distribution to sample from")
-        if call.sharded:
-            distributed.check_backend("sample_targets", backend, input.device)
-        else:
-            _, implementation = resolve_backend(backend, input.device)
+        implementation = _implementation("sample_targets", call, backend, input.device)
         call.describe(input, linear_weight, linear_bias, seed=seed, options=(samples, given_seed))
     if call.sharded:
-        implementation, seed = distributed.ShardedHead(call.shard), call.seed
+        seed = call.seed
     with torch.no_grad():
-        drawn = implementation.sample_targets(input.detach().reshape(-1, input.shape[-1]), linear_weight.detach(),
-                                              None if linear_bias is None else linear_bias.detach(), samples, seed)
+        drawn = _sampler(implementation, call)(input.detach().reshape(-1, input.shape[-1]), linear_weight.detach(),
+                                               None if linear_bias is None else linear_bias.detach(), samples, seed)
     return drawn.reshape(samples, *input.shape[:-1])
 
 
@@ -148,6 +142,25 @@ def _check_site_signs(signs, sites: list[Tensor]) -> list[Tensor]:
             raise ValueError(f"signs[{k}]: expected every value to be +1 or -1")
         checked.append(sign)
     return checked
+
+
+def _implementation(op: str, call, backend, device):
+    """The backend that runs ``op`` here: on this rank's vocabulary slice when the call is sharded."""
+    if call.sharded:
+        return resolve_slice_backend(op, backend, device)
+    return resolve_backend(backend, device)[1]
+
+
+def _sampler(implementation, call):
+    """Gumbel-max draws over the whole vocabulary: the backend's, or merged over the slices of a sharded call."""
+    if call.sharded:
+        return functools.partial(distributed.sharded_sample_targets, call.reducer)
+    return implementation.sample_targets
+
+
+def _rows_of_slices(reducer, weight: Tensor, classes: Tensor) -> Tensor:
+    """``weight[classes]`` of a head sliced over the vocabulary: each row from the slice that owns it."""
+    return reducer.at_classes([weight], classes)[0]
 
 
 def _rows_of(weight: Tensor, classes: Tensor) -> Tensor:
@@ -228,10 +241,7 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
         needs_seed = (need_implicit and signs is None) or (need_explicit and sampled_targets is None)
         given_seed = seed
         seed = _checked_seed(seed, needs_seed)
-        if call.sharded:
-            local_backend = distributed.check_backend("site_regularizers", backend, head_input.device)
-        else:
-            _, implementation = resolve_backend(backend, head_input.device)
+        implementation = _implementation("site_regularizers", call, backend, head_input.device)
         call.describe(head_input, linear_weight, linear_bias, seed=seed, target=target, classes=classes,
                       options=(reduction, explicit_coefs, implicit_coefs, samples if sampled_targets is None else None,
                                ignore_index, signs is None, given_seed, len(sites)),
@@ -240,14 +250,14 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
                              *((f"sites[{k}]", site) for k, site in enumerate(sites))])
     weight_rows = _rows_of
     if call.sharded:
-        implementation, seed = distributed.ShardedHead(call.shard, local_backend), call.seed
-        weight_rows = implementation.weight_rows
+        seed = call.seed
+        weight_rows = functools.partial(_rows_of_slices, call.reducer)
 
     zero = head_input.new_zeros((), dtype=rows.count.dtype)
     if not (need_explicit or need_implicit):
         return SiteRegularizers(zero.to(_result_dtype(head_input.dtype)), zero.to(_result_dtype(head_input.dtype)))
     flat_input = rows.zero_ignored(head_input)
-    mu = implementation.softmax_mean(flat_input, linear_weight, linear_bias)
+    mu = implementation.softmax_mean(flat_input, linear_weight, linear_bias, **on_reducer(call.reducer))
     acc = mu.dtype
     valid = rows.valid[:, None]
 
@@ -272,9 +282,9 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
             implicit_total = implicit_total + implicit_coefs[k] * (sigma.to(acc) * x.to(acc) * g.to(acc)).sum()
     if need_explicit:
         if sampled_targets is None:
-            sampled_targets = implementation.sample_targets(flat_input.detach(), linear_weight.detach(),
-                                                            None if linear_bias is None else linear_bias.detach(),
-                                                            samples, seed)
+            sampled_targets = _sampler(implementation, call)(flat_input.detach(), linear_weight.detach(),
+                                                             None if linear_bias is None else linear_bias.detach(),
+                                                             samples, seed)
         n_draws = sampled_targets.shape[0]
         for draw in sampled_targets:
             classes = torch.where(rows.valid, draw, rows.safe_target)

@@ -1,4 +1,5 @@
-"""The ``"torch"`` backend: docs/math.md's one-pass algorithm in chunked PyTorch, any device.
+"""The ``"torch"`` backend's passes (:class:`StreamedPasses`): docs/math.md's one-pass algorithm in chunked PyTorch,
+any device.
 
 Forward streams vocabulary chunks per row block, keeping the online state (running max, L, A1, A2).
 Backward recomputes the logits chunk by chunk and forms the logit gradient G without storing it.
@@ -11,43 +12,33 @@ forward ``z = h W_c^T`` (RCd) and ``e @ [W_c | W_c*W_c]`` (2RCd); backward the z
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 from torch.profiler import record_function
 
-from ._op_family import first_order_only
 from ._policy import accumulation_dtype, workspace_rows
-from .signs import gumbel_noise, philox_signs
-
-# torch.compile runs the chunk loops eagerly (a graph break): Inductor did not finish compiling them in
-# minutes even at N=15, V=40, and the loops' GEMMs gain nothing from it.
-_eager_under_compile = torch.compiler.disable
+from .plan import DEFAULT_PLAN, BlockPlan
+from .rows import (SliceStatistics, capped_logits, capped_slope, logit_shift, row_modulation,
+                   softcap_derivatives)
+from .signs import gumbel_noise
 
 DEFAULT_ROW_BLOCK = 1024
 TILE_ELEMENTS = 1 << 21  # one R x C fp32 tile is 8 MiB: large enough for GEMM speed, small next to N x V
 MIN_VOCAB_CHUNK = 256
 
 
-def _spans(total: int, step: int):
+def spans(total: int, step: int):
     for start in range(0, total, step):
         yield start, min(start + step, total)
 
 
-def _logit_shift(running_max: torch.Tensor) -> torch.Tensor:
-    # A row whose logits so far are all -inf has max -inf; shifting by it would give exp(-inf + inf) = NaN.
-    return torch.where(running_max == float("-inf"), torch.zeros_like(running_max), running_max)
-
-
-def _weight_chunk(weight, bias, v0, v1, acc, with_squares):
+def weight_chunk(weight, bias, v0, v1, acc, with_squares):
     w = weight[v0:v1].to(acc)
     stacked = torch.cat([w, w * w], dim=1) if with_squares else w
     b = None if bias is None else bias[v0:v1].to(acc)
     return w, stacked, b
 
 
-def _chunk_logits(h, w, b):
+def chunk_logits(h, w, b):
     return h @ w.T if b is None else torch.addmm(b, h, w.T)
 
 
@@ -63,7 +54,7 @@ class OnlineSoftmax:
 
         Returns the per-row factor that rescales whatever was accumulated from earlier chunks."""
         new_max = torch.maximum(self.max, logits.amax(dim=1))
-        shift = _logit_shift(new_max)
+        shift = logit_shift(new_max)
         rescale = torch.exp(self.max - shift)
         logits.sub_(shift[:, None]).exp_()
         self.sum = self.sum * rescale + logits.sum(dim=1)
@@ -71,7 +62,7 @@ class OnlineSoftmax:
         return rescale
 
     def lse(self):
-        return _logit_shift(self.max) + self.sum.log()
+        return logit_shift(self.max) + self.sum.log()
 
 
 def online_state(h, need_mu, need_m2):
@@ -91,13 +82,13 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     n_rows, dim = h.shape
     vocab = weight.shape[0]
     row_max, exp_sum, moments = online_state(h, need_mu, need_m2)
-    for r0, r1 in _spans(n_rows, row_block):
+    for r0, r1 in spans(n_rows, row_block):
         h_block = h[r0:r1].to(acc)
         softmax = OnlineSoftmax(r1 - r0, acc, h.device)
         acc_moments = moments[r0:r1]
-        for v0, v1 in _spans(vocab, vocab_chunk):
-            w, stacked, b = _weight_chunk(weight, bias, v0, v1, acc, need_m2)
-            exp_logits = _chunk_logits(h_block, w, b)
+        for v0, v1 in spans(vocab, vocab_chunk):
+            w, stacked, b = weight_chunk(weight, bias, v0, v1, acc, need_m2)
+            exp_logits = chunk_logits(h_block, w, b)
             rescale = softmax.absorb(exp_logits)
             if need_mu:
                 acc_moments.mul_(rescale[:, None]).addmm_(exp_logits, stacked)
@@ -108,7 +99,7 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
 
 def finish_statistics(row_max, exp_sum, moments, dim, *, need_mu, need_m2):
     """``(lse, mu, m2)`` from a (merged) online state: ``lse = m + log L``, moments divided by ``L``."""
-    lse = _logit_shift(row_max) + exp_sum.log()
+    lse = logit_shift(row_max) + exp_sum.log()
     moments = moments / exp_sum[:, None]
     mu = moments[:, :dim] if need_mu else None
     m2 = moments[:, dim:] if need_m2 else None
@@ -122,13 +113,7 @@ def forward_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     return finish_statistics(*state, h.shape[1], need_mu=need_mu, need_m2=need_m2)
 
 
-def target_logit(h, weight, bias, target, acc):
-    """``z_y = h . W_y + b_y`` per row (``h`` already in ``acc``), differentiable: O(N d)."""
-    logit = (h * weight[target].to(acc)).sum(1)
-    return logit if bias is None else logit + bias[target].to(acc)
-
-
-def _subtract_at_target(g_logits, target, v0, v1, amount):
+def subtract_at_target(g_logits, target, v0, v1, amount):
     """g_logits[i, target[i] - v0] -= amount[i] for the rows whose target lies in [v0, v1)."""
     in_chunk = (target >= v0) & (target < v1)
     g_logits.scatter_add_(1, (target - v0).clamp(0, v1 - v0 - 1)[:, None],
@@ -147,16 +132,16 @@ def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, T_stack, row_
     acc = lse.dtype
     dim = h_block.shape[1]
     grad_h_block = torch.zeros_like(h_block) if want_h else None
-    for v0, v1 in _spans(weight.shape[0], vocab_chunk):
-        w, stacked, b = _weight_chunk(weight, bias, v0, v1, acc, with_squares)
+    for v0, v1 in spans(weight.shape[0], vocab_chunk):
+        w, stacked, b = weight_chunk(weight, bias, v0, v1, acc, with_squares)
         with record_function("dropreg::logit_gradient"):
-            probs = _chunk_logits(h_block, w, b).sub_(lse[:, None]).exp_()
+            probs = chunk_logits(h_block, w, b).sub_(lse[:, None]).exp_()
             if T_stack is not None:
                 g_logits = (T_stack @ stacked.T).add_(row_const[:, None]).mul_(probs)
             else:
                 g_logits = probs * g_ce[:, None]
             if target is not None:
-                _subtract_at_target(g_logits, target, v0, v1, g_ce)
+                subtract_at_target(g_logits, target, v0, v1, g_ce)
         if want_h:
             with record_function("dropreg::grad_input"):
                 grad_h_block.addmm_(g_logits, w)
@@ -172,97 +157,6 @@ def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, T_stack, row_
         if grad_b is not None:
             grad_b[v0:v1] += g_logits.sum(0)
     return grad_h_block
-
-
-def row_terms(h, weight, bias, target, signs, lse, mu, m2, need_explicit, need_implicit):
-    """``(ce, quadratic, sign_term, var)`` per row from the statistics ``lse``, ``mu``, ``m2`` (docs/math.md 6.1):
-    O(N d), shared by every PyTorch driver."""
-    acc = lse.dtype
-    hc = h.to(acc)
-    w_target = weight[target].to(acc)
-    ce = lse - target_logit(hc, weight, bias, target, acc)
-    var, quadratic = explicit_quadratic(hc, mu, m2, ce, need_explicit)
-    sign_term = torch.zeros_like(ce)
-    if need_implicit:
-        sign_term = (signs * hc * (mu - w_target)).sum(1)
-    return ce, quadratic, sign_term, var
-
-
-class StreamedTerms(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, row_block, vocab_chunk):
-        with record_function("dropreg::forward_stats"):
-            lse, mu, m2 = forward_statistics(
-                h, weight, bias, need_mu=need_explicit or need_implicit,
-                need_m2=need_explicit, row_block=row_block, vocab_chunk=vocab_chunk)
-        ce, quadratic, sign_term, var = row_terms(h, weight, bias, target, signs, lse, mu, m2, need_explicit,
-                                                  need_implicit)
-        ctx.save_for_backward(h, weight, bias, target, signs, lse, mu, var)
-        ctx.options = (need_explicit, need_implicit, row_block, vocab_chunk)
-        return ce, quadratic, sign_term, mu
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu):
-        h, weight, bias, target, signs, lse, mu, var = ctx.saved_tensors
-        need_explicit, need_implicit, row_block, vocab_chunk = ctx.options
-        grad_h_vocab, grad_h_rows, grad_w, grad_b = terms_backward(
-            h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
-            need_explicit, need_implicit, row_block, vocab_chunk, ctx.needs_input_grad[:3], grad_mu=grad_mu)
-        return (
-            None if grad_h_vocab is None else (grad_h_vocab + grad_h_rows).to(h.dtype),
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-            None, None, None, None, None, None,
-        )
-
-
-@dataclass
-class RowModulation:
-    """The per-row vectors of one row block's logit gradient (docs/math.md 4.4, names as in dropreg/_op_family.py):
-    ``G_v = s_v (row_const + T_stack . [W_v | W_v*W_v]) - g_ce [v = y]``. ``T_stack`` is ``[T | gR' q]`` with the
-    explicit term, ``T`` alone with the implicit term only, None for cross entropy alone; ``g_r``, ``g_r_q``,
-    ``g_i``, ``u`` are None for a term that is off."""
-    row_const: torch.Tensor
-    T_vec: torch.Tensor
-    T_stack: Optional[torch.Tensor]
-    g_r: Optional[torch.Tensor]
-    g_r_q: Optional[torch.Tensor]
-    g_i: Optional[torch.Tensor]
-    u: Optional[torch.Tensor]
-
-
-def row_modulation(h_block, g_ce, mu, var, signs, grad_quadratic, grad_sign_term, grad_mu, r0, r1, need_explicit,
-                   need_implicit) -> RowModulation:
-    """:class:`RowModulation` of rows ``[r0, r1)``: ``h_block`` and ``g_ce`` are those rows (accumulation dtype),
-    the other tensors the full per-row globals and upstream gradients (``grad_mu`` None when mu has none)."""
-    acc = h_block.dtype
-    # Row-wise parts of G_v = s_v * (g_ce + gR'(r_v - Rt) + gI'(a_v - abar)) - g_ce [v = y]:
-    # gR' r_v + gI' a_v = [T | gR' q] . [W_v | W_v*W_v] + const (docs/math.md, GEMM-friendly form).
-    row_const = g_ce.clone()
-    T_vec = torch.zeros_like(h_block)
-    g_r = g_r_q = g_i = u = T_stack = None
-    if need_explicit:
-        g_r = grad_quadratic[r0:r1].to(acc)[:, None]
-        mu_b, var_b = mu[r0:r1], var[r0:r1]
-        q = h_block * h_block
-        g_r_q = g_r * q
-        T_vec -= 2 * g_r_q * mu_b
-        row_const += (g_r_q * (mu_b * mu_b - var_b)).sum(1)
-    if need_implicit:
-        g_i = grad_sign_term[r0:r1].to(acc)[:, None]
-        mu_b = mu[r0:r1]
-        u = signs[r0:r1] * h_block
-        T_vec += g_i * u
-        row_const -= (g_i * mu_b * u).sum(1)
-    modulated = need_explicit or need_implicit
-    if grad_mu is not None and modulated:  # mu's own gradient gbar: T += gbar, row_const -= mu . gbar
-        g_mu = grad_mu[r0:r1].to(acc)
-        T_vec += g_mu
-        row_const -= (g_mu * mu[r0:r1]).sum(1)
-    if modulated:
-        T_stack = torch.cat([T_vec, g_r_q], dim=1) if need_explicit else T_vec
-    return RowModulation(row_const, T_vec, T_stack, g_r, g_r_q, g_i, u)
 
 
 def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
@@ -288,7 +182,7 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
         target = torch.where(owns_target, target, torch.zeros_like(target))
     else:
         sweep_target = target
-    for r0, r1 in _spans(n_rows, row_block):
+    for r0, r1 in spans(n_rows, row_block):
         h_block, y = h[r0:r1].to(acc), target[r0:r1]
         g_ce = grad_ce[r0:r1].to(acc)
         rows = row_modulation(h_block, g_ce, mu, var, signs, grad_quadratic, grad_sign_term, grad_mu, r0, r1,
@@ -320,42 +214,6 @@ def default_blocks(n_rows: int, vocab: int) -> tuple[int, int]:
     return row_block, vocab_chunk
 
 
-def explicit_quadratic(hc, mu, m2, like, need_explicit):
-    """``(var, sum_j h_j^2 var_j)`` per row with ``var = m2 - mu^2``; ``(None, zeros like like)`` when off."""
-    if not need_explicit:
-        return None, torch.zeros_like(like)
-    var = m2 - mu * mu
-    return var, (hc * hc * var).sum(1)
-
-
-def implicit_signs(input, signs, seed, need_implicit):
-    """The implicit term's signs in the accumulation dtype: the given ones or the Philox stream of ``seed``.
-    They are indexed by (row, hidden index), never by class, so a vocabulary slice draws the same ones."""
-    if not need_implicit:
-        return None
-    acc = accumulation_dtype(input.dtype)
-    if signs is None:
-        signs = philox_signs(seed, input.shape[0], input.shape[1], device=input.device, dtype=acc)
-    return signs.to(acc)
-
-
-# The loss options' sign-weighted parts read the signs outside the fused ops: there Inductor would spend minutes
-# compiling the Philox rounds' integer ops, so they are drawn eagerly (O(N d), one graph break).
-eager_implicit_signs = _eager_under_compile(implicit_signs)
-
-
-@_eager_under_compile
-def streamed_terms(input, weight, bias, target, signs, seed, need_explicit, need_implicit,
-                   *, row_block=None, vocab_chunk=None):
-    """Per-row ``(ce, quadratic, sign_term, mu)``, as :func:`dropreg.reference.reference_terms`, streamed."""
-    default_rows, default_chunk = default_blocks(input.shape[0], weight.shape[0])
-    signs = implicit_signs(input, signs, seed, need_implicit)
-    return StreamedTerms.apply(input, weight, bias, target, signs, need_explicit, need_implicit,
-                               row_block or default_rows, vocab_chunk or default_chunk)
-
-
-# CE-only row blocks on a CPU: at most this many rows. grad_W += G^T h has K = block rows, so much smaller blocks
-# re-read grad_W (V x d) too often, and larger ones gain nothing while holding more memory (docs/math.md 7.2).
 CPU_CE_BLOCK_ROWS = 512
 
 
@@ -395,24 +253,24 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
     grad_w = torch.zeros(vocab, dim, dtype=acc, device=device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
     logits = torch.empty(min(block_rows, n_rows), vocab, dtype=acc, device=device)
-    for r0, r1 in _spans(n_rows, block_rows):
+    for r0, r1 in spans(n_rows, block_rows):
         h_block, y, w_row = h[r0:r1].to(acc), target[r0:r1], row_weight[r0:r1].to(acc)
         z = logits[:r1 - r0]
         with record_function("dropreg::ce_logits"):
-            for v0, v1 in _spans(vocab, vocab_chunk):
-                w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
-                z[:, v0:v1] = capped_logits(_chunk_logits(h_block, w, b), softcap)[0]
+            for v0, v1 in spans(vocab, vocab_chunk):
+                w, _, b = weight_chunk(weight, bias, v0, v1, acc, False)
+                z[:, v0:v1] = capped_logits(chunk_logits(h_block, w, b), softcap)[0]
             target_logit = z.gather(1, y[:, None]).squeeze(1)
             if omega is not None:  # before the uncapped z turns into exp(z - shift)
                 smoothing_row = smoothing_row_weight[r0:r1].to(acc)
                 loss[0] -= torch.where(smoothing_row != 0, smoothing_row * (z @ omega), 0.0).sum()
-            shift = _logit_shift(z.amax(dim=1))
+            shift = logit_shift(z.amax(dim=1))
             if softcap is None:
                 # lse in place (torch.logsumexp would allocate a second block x V buffer): z becomes exp(z - shift)
                 lse = shift + z.sub_(shift[:, None]).exp_().sum(dim=1).log()
             else:  # the capped logits stay: the gradient needs them for the cap's derivative
                 lse = shift + sum(torch.exp(z[:, v0:v1] - shift[:, None]).sum(dim=1)
-                                  for v0, v1 in _spans(vocab, vocab_chunk)).log()
+                                  for v0, v1 in spans(vocab, vocab_chunk)).log()
             softmax_scale = add_ce_loss(loss, lse, lse - target_logit, w_row,
                                         None if z_weight is None else z_weight[r0:r1].to(acc))
         if not any(wants):
@@ -425,7 +283,7 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
                 z.scatter_add_(1, y[:, None], -w_row[:, None])     # ... - w * e_y
             else:  # G = ((w + 2 zw lse) s - rs omega - w e_y) (1 - (z / softcap)^2), chunk by chunk in place
                 target_slope = capped_slope(target_logit, softcap)
-                for v0, v1 in _spans(vocab, vocab_chunk):
+                for v0, v1 in spans(vocab, vocab_chunk):
                     capped = z[:, v0:v1]
                     g = softmax_scale[:, None] * torch.exp(capped - lse[:, None])
                     if omega is not None:
@@ -433,10 +291,10 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
                     capped.copy_(g.mul_(capped_slope(capped, softcap)))
                 z.scatter_add_(1, y[:, None], -(w_row * target_slope)[:, None])
             grad_h_block = torch.zeros_like(h_block) if want_h else None
-            for v0, v1 in _spans(vocab, vocab_chunk):
+            for v0, v1 in spans(vocab, vocab_chunk):
                 g = z[:, v0:v1]
                 if want_h:
-                    w, _, _ = _weight_chunk(weight, None, v0, v1, acc, False)
+                    w, _, _ = weight_chunk(weight, None, v0, v1, acc, False)
                     grad_h_block.addmm_(g, w)
                 if want_w:
                     grad_w[v0:v1].addmm_(g.T, h_block)
@@ -445,12 +303,6 @@ def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_
             if want_h:
                 grad_h[r0:r1] = grad_h_block
     return loss, grad_h, grad_w, grad_b
-
-
-def capped_slope(capped, softcap):
-    """``dz/dr = 1 - t^2`` of the capped logits ``z = softcap t`` (docs/math.md 3.6)."""
-    t = capped / softcap
-    return 1 - t * t
 
 
 def add_ce_loss(loss, lse, ce, w_row, z_row):
@@ -463,117 +315,6 @@ def add_ce_loss(loss, lse, ce, w_row, z_row):
     return w_row + 2 * z_row * lse
 
 
-class StreamedCrossEntropyWithGrads(torch.autograd.Function):
-    """A CE-only driver (:func:`ce_with_grads`, or ``compute`` with its signature) as a differentiable scalar: the
-    backward only scales the gradients it saved."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, target, row_weight, z_weight, wants, block_rows, vocab_chunk,
-                compute=None, softcap=None, smoothing_weights=None, smoothing_row_weight=None):
-        capping = {} if softcap is None and smoothing_weights is None else dict(
-            softcap=softcap, smoothing_weights=smoothing_weights, smoothing_row_weight=smoothing_row_weight)
-        loss, *grads = (compute or ce_with_grads)(h, weight, bias, target, row_weight, wants, block_rows,
-                                                  vocab_chunk, z_weight, **capping)
-        # Kept in the parameters' dtypes: until the backward they live beside the activations. The inputs are
-        # saved only to link first_order_only's guard to them.
-        ctx.save_for_backward(h, weight, bias,
-                              *(None if g is None else g.to(like.dtype) for g, like in zip(grads, (h, weight, bias))))
-        ctx.has_z = z_weight is not None
-        return loss
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_loss):
-        scale = combined_upstream(grad_loss, ctx.has_z)
-        return (*(None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors[3:]),
-                None, None, None, None, None, None, None, None, None, None)
-
-
-CE_AND_Z_LOSS_MESSAGE = ("dropreg: cross entropy and z_loss were fused in the CE-only path, which keeps the "
-                         "gradient of their sum only: back-propagate them with equal weights (out.loss), or pass "
-                         "return_lse=True to take the per-row path")
-
-
-def combined_upstream(grad_loss, has_z):
-    """The one scalar that scales the CE-only path's saved gradients: the upstream of ``[ce, z_loss]``'s first
-    part, which must equal the second's when a z-loss was fused in (checked without a host sync)."""
-    if has_z:
-        torch._assert_async(grad_loss[0] == grad_loss[1], CE_AND_Z_LOSS_MESSAGE)
-    return grad_loss[0]
-
-
-def gradients_wanted(*tensors) -> tuple[bool, ...]:
-    """Which of ``tensors`` (None allowed) a backward will ask a gradient of, as decided now, in the forward."""
-    enabled = torch.is_grad_enabled()
-    return tuple(enabled and t is not None and t.requires_grad for t in tensors)
-
-
-@_eager_under_compile
-def streamed_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None, *, block_rows=None,
-                           vocab_chunk=None):
-    """``[sum_i row_weight_i ce_i, sum_i z_weight_i lse_i^2]`` (accumulation dtype), differentiable, from the CE-only
-    driver."""
-    default_rows, default_chunk = ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
-    return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight, z_weight,
-                                               gradients_wanted(input, weight, bias),
-                                               block_rows or default_rows, vocab_chunk or default_chunk)
-
-
-@_eager_under_compile
-def streamed_ce_with_grads_softcap(input, weight, bias, target, row_weight, z_weight, softcap,
-                                   smoothing_weights=None, smoothing_row_weight=None):
-    """:func:`streamed_ce_with_grads` of a softcapped head, ``loss[0]`` less label smoothing's
-    ``sum_i smoothing_row_weight_i S_i`` when ``smoothing_weights`` are given (see dropreg/_dispatch.py)."""
-    block_rows, vocab_chunk = ce_only_blocks(input.shape[0], weight.shape[0], input.dtype, input.device)
-    return StreamedCrossEntropyWithGrads.apply(input, weight, bias, target, row_weight, z_weight,
-                                               gradients_wanted(input, weight, bias), block_rows, vocab_chunk,
-                                               None, softcap, smoothing_weights, smoothing_row_weight)
-
-
-def capped_logits(raw, softcap):
-    """``(softcap tanh(raw / softcap), its derivative in raw)``; ``(raw, None)`` without a cap (docs/math.md 3.6)."""
-    if softcap is None:
-        return raw, None
-    t = torch.tanh(raw / softcap)
-    return softcap * t, 1 - t * t
-
-
-class StreamedRDrop(torch.autograd.Function):
-    """R-Drop's per-row (ce1, ce2, kl) with kl = (KL(p1||p2) + KL(p2||p1)) / 2, streamed (docs/math.md).
-
-    symKL = E_p1[D] - E_p2[D] with D = z1 - z2: two online softmaxes and one scalar accumulator each.
-    Forward 2 NVd (the two logit GEMMs); backward 6 NVd (recompute 2, grad_input 2, grad_weight 2). With a softcap
-    every logit is capped first and the logit gradients are scaled by the cap's derivative (docs/math.md 9.4).
-    """
-
-    @staticmethod
-    def forward(ctx, h1, h2, weight, bias, target, row_block, vocab_chunk, softcap):
-        acc = accumulation_dtype(h1.dtype)
-        with record_function("dropreg::rdrop_forward_stats"):
-            row_max, exp_sum, weighted_d = rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk,
-                                                                    softcap)
-        lse = _logit_shift(row_max) + exp_sum.log()
-        expected_d = weighted_d / exp_sum  # E_p1[D], E_p2[D]
-        ce1 = lse[0] - capped_logits(target_logit(h1.to(acc), weight, bias, target, acc), softcap)[0]
-        ce2 = lse[1] - capped_logits(target_logit(h2.to(acc), weight, bias, target, acc), softcap)[0]
-        kl = 0.5 * (expected_d[0] - expected_d[1])
-        ctx.save_for_backward(h1, h2, weight, bias, target, lse, expected_d)
-        ctx.blocks = (row_block, vocab_chunk, softcap)
-        return ce1, ce2, kl
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_ce1, grad_ce2, grad_kl):
-        h1, h2, weight, bias, target, lse, expected_d = ctx.saved_tensors
-        row_block, vocab_chunk, softcap = ctx.blocks
-        want_h1, want_h2, want_w, want_b = ctx.needs_input_grad[:4]
-        grad_h, grad_w, grad_b = rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad_ce2,
-                                                grad_kl, row_block, vocab_chunk, ctx.needs_input_grad[:4], softcap)
-        return (grad_h[0].to(h1.dtype) if want_h1 else None, grad_h[1].to(h2.dtype) if want_h2 else None,
-                None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
-
-
 def rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk, softcap=None):
     """Per pass i and row, over ``weight``'s rows: running max ``m_i``, ``L_i = sum exp(z_i - m_i)`` and
     ``B_i = sum exp(z_i - m_i) D`` with ``D = z1 - z2``; each ``(2, N)``. Ranges merge by rescaling
@@ -583,13 +324,13 @@ def rdrop_partial_statistics(h1, h2, weight, bias, row_block, vocab_chunk, softc
     row_max = torch.empty(2, n_rows, dtype=acc, device=h1.device)
     exp_sum = torch.empty(2, n_rows, dtype=acc, device=h1.device)
     weighted_d = torch.empty(2, n_rows, dtype=acc, device=h1.device)
-    for r0, r1 in _spans(n_rows, row_block):
+    for r0, r1 in spans(n_rows, row_block):
         blocks = (h1[r0:r1].to(acc), h2[r0:r1].to(acc))
         softmaxes = [OnlineSoftmax(r1 - r0, acc, h1.device) for _ in blocks]
         partial_d = [torch.zeros(r1 - r0, dtype=acc, device=h1.device) for _ in blocks]
-        for v0, v1 in _spans(vocab, vocab_chunk):
-            w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
-            logits = [capped_logits(_chunk_logits(h, w, b), softcap)[0] for h in blocks]
+        for v0, v1 in spans(vocab, vocab_chunk):
+            w, _, b = weight_chunk(weight, bias, v0, v1, acc, False)
+            logits = [capped_logits(chunk_logits(h, w, b), softcap)[0] for h in blocks]
             diff = logits[0] - logits[1]
             for i in range(2):
                 rescale = softmaxes[i].absorb(logits[i])
@@ -615,23 +356,23 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
     grad_h = torch.zeros(2, n_rows, dim, dtype=acc, device=h1.device)
     grad_w = torch.zeros(vocab, dim, dtype=acc, device=h1.device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=h1.device) if want_b else None
-    for r0, r1 in _spans(n_rows, row_block):
+    for r0, r1 in spans(n_rows, row_block):
         y = target[r0:r1]
         blocks = (h1[r0:r1].to(acc), h2[r0:r1].to(acc))
         g_ce = (grad_ce1[r0:r1].to(acc), grad_ce2[r0:r1].to(acc))
         half_kl = 0.5 * grad_kl[r0:r1].to(acc)[:, None]
-        for v0, v1 in _spans(vocab, vocab_chunk):
-            w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
+        for v0, v1 in spans(vocab, vocab_chunk):
+            w, _, b = weight_chunk(weight, bias, v0, v1, acc, False)
             with record_function("dropreg::rdrop_logit_gradient"):
-                (z1, c1), (z2, c2) = (capped_logits(_chunk_logits(h, w, b), softcap) for h in blocks)
+                (z1, c1), (z2, c2) = (capped_logits(chunk_logits(h, w, b), softcap) for h in blocks)
                 diff = z1 - z2
                 p1 = z1.sub_(lse[0, r0:r1, None]).exp_()
                 p2 = z2.sub_(lse[1, r0:r1, None]).exp_()
                 # d symKL/dz1 = p1 (D - E_p1 D) + p1 - p2;  d symKL/dz2 = -p2 (D - E_p2 D) - (p1 - p2)
                 g1 = p1 * (g_ce[0][:, None] + half_kl * (diff - expected_d[0, r0:r1, None] + 1)) - half_kl * p2
                 g2 = p2 * (g_ce[1][:, None] - half_kl * (diff - expected_d[1, r0:r1, None] - 1)) - half_kl * p1
-                _subtract_at_target(g1, y, v0, v1, g_ce[0])
-                _subtract_at_target(g2, y, v0, v1, g_ce[1])
+                subtract_at_target(g1, y, v0, v1, g_ce[0])
+                subtract_at_target(g2, y, v0, v1, g_ce[1])
                 if softcap is not None:  # from the capped logits to the raw ones
                     g1.mul_(c1)
                     g2.mul_(c2)
@@ -648,40 +389,6 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
     return grad_h, grad_w, grad_b
 
 
-@_eager_under_compile
-def streamed_rdrop(input1, input2, weight, bias, target, softcap=None, *, row_block=None, vocab_chunk=None):
-    """Per-row ``(ce1, ce2, kl)``, as :func:`dropreg.reference.reference_rdrop`, streamed."""
-    default_rows, default_chunk = default_blocks(input1.shape[0], weight.shape[0])
-    return StreamedRDrop.apply(input1, input2, weight, bias, target, row_block or default_rows,
-                               vocab_chunk or default_chunk, None if softcap is None else float(softcap))
-
-
-class StreamedSoftmaxMean(torch.autograd.Function):
-    """``mu = W^T softmax(h W^T + b)`` per row, streamed, differentiable (docs/math.md, every-site terms).
-
-    Forward 2 NVd (z and s @ W, with the online rescale). Backward 5 NVd: with ``gbar = dL/dmu``,
-    ``G_v = s_v (W_v . gbar - mu . gbar)``, ``grad_input = G W``, ``grad_W = G^T h + S^T gbar``, ``grad_b = sum G``.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, row_block, vocab_chunk):
-        with record_function("dropreg::softmax_mean_forward"):
-            lse, mu, _ = forward_statistics(h, weight, bias, need_mu=True, need_m2=False,
-                                            row_block=row_block, vocab_chunk=vocab_chunk)
-        ctx.save_for_backward(h, weight, bias, lse, mu)
-        ctx.blocks = (row_block, vocab_chunk)
-        return mu
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_mu):
-        h, weight, bias, lse, mu = ctx.saved_tensors
-        grad_h, grad_w, grad_b = softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, *ctx.blocks,
-                                                       ctx.needs_input_grad[:3])
-        return (None if grad_h is None else grad_h.to(h.dtype), None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
-
-
 def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_chunk, wants):
     """softmax_mean's backward over ``weight``'s rows given the per-row globals lse and mu: ``(grad_h, grad_w, grad_b)``
     in the accumulation dtype, ``grad_h = W^T G`` for these rows of W only."""
@@ -691,7 +398,7 @@ def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_ch
     grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
     grad_w = torch.zeros(weight.shape[0], dim, dtype=acc, device=h.device) if want_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
-    for r0, r1 in _spans(n_rows, row_block):
+    for r0, r1 in spans(n_rows, row_block):
         g_mu = grad_mu[r0:r1].to(acc)
         row_const = -(g_mu * mu[r0:r1]).sum(1)
         grad_h_block = logit_gradient_sweep(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, g_mu,
@@ -702,14 +409,80 @@ def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_ch
     return grad_h, grad_w, grad_b
 
 
-@_eager_under_compile
-def streamed_softmax_mean(input, weight, bias, *, row_block=None, vocab_chunk=None):
-    """Per-row ``mu`` (N, d) in the accumulation dtype, as :func:`dropreg.reference.reference_softmax_mean`."""
-    default_rows, default_chunk = default_blocks(input.shape[0], weight.shape[0])
-    return StreamedSoftmaxMean.apply(input, weight, bias, row_block or default_rows, vocab_chunk or default_chunk)
+def capped_statistics(h, weight, bias, softcap, need_m1, need_m2, omega, row_block, vocab_chunk):
+    """Per row ``lse`` of the capped logits and, as asked, ``M1`` and ``M2`` (N x d each, else None) and label
+    smoothing's ``S = sum_v omega_v z_v`` (None without ``omega``, docs/math.md 3.7)."""
+    acc = accumulation_dtype(h.dtype)
+    n_rows, dim = h.shape
+    lse = torch.empty(n_rows, dtype=acc, device=h.device)
+    smoothing_sum = None if omega is None else torch.zeros(n_rows, dtype=acc, device=h.device)
+    m1 = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if need_m1 else None
+    m2 = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if need_m2 else None
+    for r0, r1 in spans(n_rows, row_block):
+        h_block = h[r0:r1].to(acc)
+        softmax = OnlineSoftmax(r1 - r0, acc, h.device)
+        for v0, v1 in spans(weight.shape[0], vocab_chunk):
+            w, _, b = weight_chunk(weight, bias, v0, v1, acc, False)
+            logits, c, z2, _ = softcap_derivatives(chunk_logits(h_block, w, b), softcap)
+            if omega is not None:
+                smoothing_sum[r0:r1] += logits @ omega[v0:v1].to(acc)
+            rescale = softmax.absorb(logits)  # logits become exp(z - running max)
+            if need_m1:
+                m1[r0:r1].mul_(rescale[:, None]).addmm_(logits * c, w)
+            if need_m2:
+                m2[r0:r1].mul_(rescale[:, None]).addmm_(logits * (c * c + z2), w * w)
+        lse[r0:r1] = softmax.lse()
+        for moment in (m1, m2):
+            if moment is not None:
+                moment[r0:r1] /= softmax.sum[:, None]
+    return lse, m1, m2, smoothing_sum
 
 
-@_eager_under_compile
+def capped_sweep(h, weight, bias, softcap, lse, target, amount, row_const, T_vec, Q, wants, omega, grad_sum, row_block,
+                 vocab_chunk):
+    """``(grad_h_vocab, grad_w, grad_b)``: ``sum_v G_v W_v``, ``G^T h + (s c)^T T + 2 W * (s phi)^T Q`` and
+    ``sum_rows G`` (None where not wanted); with ``omega``, G includes S's ``grad_sum omega c``."""
+    want_h, want_w, want_b = wants
+    acc = lse.dtype
+    n_rows, dim = h.shape
+    vocab = weight.shape[0]
+    grad_h = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+    grad_w = torch.zeros(vocab, dim, dtype=acc, device=h.device) if want_w else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=h.device) if want_b else None
+    for r0, r1 in spans(n_rows, row_block):
+        h_block, rows = h[r0:r1].to(acc), slice(r0, r1)
+        T_rows = None if T_vec is None else T_vec[rows]
+        Q_rows = None if Q is None else Q[rows]
+        for v0, v1 in spans(vocab, vocab_chunk):
+            w, _, b = weight_chunk(weight, bias, v0, v1, acc, False)
+            with record_function("dropreg::softcap_logit_gradient"):
+                logits, c, z2, z3 = softcap_derivatives(chunk_logits(h_block, w, b), softcap)
+                probs = logits.sub_(lse[rows, None]).exp_()
+                g_logits = c * row_const[rows, None]
+                if T_rows is not None:
+                    phi = c * c + z2
+                    g_logits += phi * (T_rows @ w.T)
+                    if Q_rows is not None:
+                        g_logits += (c * phi + 2 * c * z2 + z3) * (Q_rows @ (w * w).T)
+                g_logits.mul_(probs)
+                if omega is not None:
+                    g_logits += grad_sum[rows, None] * omega[v0:v1].to(acc) * c
+                subtract_at_target(g_logits, target[rows], v0, v1, amount[rows])
+            if want_h:
+                grad_h[rows].addmm_(g_logits, w)
+            if want_w:
+                g_w = g_logits.T @ h_block
+                if T_rows is not None:
+                    g_w += (probs * c).T @ T_rows
+                    if Q_rows is not None:
+                        g_w += 2 * w * ((probs * phi).T @ Q_rows)
+                grad_w[v0:v1] += g_w
+            if want_b:
+                grad_b[v0:v1] += g_logits.sum(0)
+    return grad_h, grad_w, grad_b
+
+
+@torch.compiler.disable
 @torch.no_grad()
 def streamed_sample_targets(input, weight, bias, samples, seed, *, row_block=None, vocab_chunk=None):
     """(samples, N) classes drawn from each row's softmax by Gumbel-max over vocabulary chunks (dropreg.signs)."""
@@ -726,12 +499,12 @@ def gumbel_max(input, weight, bias, samples, seed, *, class_offset=0, row_block=
     n_rows = input.shape[0]
     drawn = torch.zeros(samples, n_rows, dtype=torch.int64, device=input.device)
     best = torch.full((samples, n_rows), float("-inf"), dtype=torch.float64, device=input.device)
-    for r0, r1 in _spans(n_rows, row_block):
+    for r0, r1 in spans(n_rows, row_block):
         h_block = input[r0:r1].to(acc)
         rows = torch.arange(r0, r1, device=input.device)
-        for v0, v1 in _spans(weight.shape[0], vocab_chunk):
-            w, _, b = _weight_chunk(weight, bias, v0, v1, acc, False)
-            logits = _chunk_logits(h_block, w, b).to(torch.float64)
+        for v0, v1 in spans(weight.shape[0], vocab_chunk):
+            w, _, b = weight_chunk(weight, bias, v0, v1, acc, False)
+            logits = chunk_logits(h_block, w, b).to(torch.float64)
             for k in range(samples):
                 noise = gumbel_noise(seed, k, rows, class_offset + v0, class_offset + v1)
                 top, where = (logits + noise).max(dim=1)
@@ -739,3 +512,78 @@ def gumbel_max(input, weight, bias, samples, seed, *, class_offset=0, row_block=
                 best[k, r0:r1] = torch.where(better, top, best[k, r0:r1])
                 drawn[k, r0:r1] = torch.where(better, where + v0 + class_offset, drawn[k, r0:r1])
     return best, drawn
+
+
+class StreamedPasses:
+    """The ``"torch"`` backend's passes (the contract of dropreg/ops.py), with its block plan: chunked PyTorch on any
+    device. ``row_block`` rows and ``vocab_chunk`` classes at a time (the plan's, else :func:`default_blocks`)."""
+
+    name = "torch"
+
+    def __init__(self, plan: BlockPlan = DEFAULT_PLAN):
+        self.plan = plan
+
+    def with_plan(self, plan: BlockPlan) -> "StreamedPasses":
+        return type(self)(plan)
+
+    @staticmethod
+    def operands(input, weight, bias):
+        return input, weight, bias
+
+    def blocks(self, n_rows: int, vocab: int) -> tuple[int, int]:
+        return self.plan.blocks(default_blocks(n_rows, vocab))
+
+    def ce_blocks(self, n_rows: int, vocab: int, dtype, device) -> tuple[int, int]:
+        return self.plan.ce_blocks(ce_only_blocks(n_rows, vocab, dtype, device))
+
+    def statistics(self, h, weight, bias, *, need_mu, need_m2) -> SliceStatistics:
+        lse, mu, m2 = forward_statistics(h, weight, bias, need_mu=need_mu, need_m2=need_m2,
+                                         **self._blocks_of(h, weight))
+        return SliceStatistics(lse, mu, m2=m2)
+
+    def terms_sweep(self, h, weight, bias, target, owned, signs, lse, mu, var, grad_ce, grad_quadratic,
+                    grad_sign_term, grad_mu, need_explicit, need_implicit, wants, extra):
+        row_block, vocab_chunk = self.blocks(h.shape[0], weight.shape[0])
+        return terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
+                              need_explicit, need_implicit, row_block, vocab_chunk, wants, owns_target=owned,
+                              grad_mu=grad_mu)
+
+    def softmax_mean_sweep(self, h, weight, bias, lse, mu, grad_mu, wants, extra):
+        return softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, *self.blocks(h.shape[0], weight.shape[0]),
+                                     wants)
+
+    def rdrop_statistics(self, h1, h2, weight, bias, softcap):
+        row_max, exp_sum, weighted_d = rdrop_partial_statistics(h1, h2, weight, bias,
+                                                                *self.blocks(h1.shape[0], weight.shape[0]), softcap)
+        return logit_shift(row_max) + exp_sum.log(), weighted_d / exp_sum
+
+    def rdrop_sweep(self, h1, h2, weight, bias, target, owned, lse, expected_d, grad_ce1, grad_ce2, grad_kl, wants,
+                    softcap):
+        if owned is not None:
+            target = torch.where(owned, target, torch.full_like(target, -1))  # -1: no target correction here
+        return rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad_ce2, grad_kl,
+                              *self.blocks(h1.shape[0], weight.shape[0]), wants, softcap)
+
+    def capped_statistics(self, h, weight, bias, softcap, need_m1, need_m2, omega=None):
+        return capped_statistics(h, weight, bias, softcap, need_m1, need_m2, omega,
+                                 *self.blocks(h.shape[0], weight.shape[0]))
+
+    def capped_sweep(self, h, weight, bias, softcap, lse, target, amount, row_const, T_vec, Q, wants, omega=None,
+                     grad_sum=None):
+        return capped_sweep(h, weight, bias, softcap, lse, target, amount, row_const, T_vec, Q, wants, omega,
+                            grad_sum, *self.blocks(h.shape[0], weight.shape[0]))
+
+    def ce_gradients(self, h, weight, bias, target, row_weight, wants, z_weight=None, softcap=None,
+                     smoothing_weights=None, smoothing_row_weight=None):
+        """Cross entropy alone with its gradients formed in the forward: :func:`ce_with_grads`."""
+        return ce_with_grads(h, weight, bias, target, row_weight, wants,
+                             *self.ce_blocks(h.shape[0], weight.shape[0], h.dtype, h.device), z_weight, softcap,
+                             smoothing_weights, smoothing_row_weight)
+
+    def sample_targets(self, input, weight, bias, samples, seed):
+        return streamed_sample_targets(input, weight, bias, samples, seed,
+                                       **self._blocks_of(input, weight))
+
+    def _blocks_of(self, h, weight) -> dict:
+        row_block, vocab_chunk = self.blocks(h.shape[0], weight.shape[0])
+        return {"row_block": row_block, "vocab_chunk": vocab_chunk}

@@ -24,8 +24,7 @@ else:
     torch.set_default_device("cuda")
 
 import dropreg  # noqa: E402
-import dropreg.chunked  # noqa: E402
-import dropreg.streamed  # noqa: E402
+from dropreg import BlockPlan, get_backend  # noqa: E402
 
 # Every backend runs the whole oracle suite. "torch-small-tiles" is the streamed backend with 3-row
 # blocks and 5-entry vocabulary chunks, so row and vocabulary tails and the online merge are exercised.
@@ -41,22 +40,32 @@ if TEST_DEVICE == "cuda":
 STREAMED_BACKENDS = ["torch", "torch-small-tiles"]
 
 
-def use_backend(name: str, monkeypatch) -> str:
-    if name == "torch-small-tiles":
-        monkeypatch.setattr(dropreg.streamed, "default_blocks", lambda n_rows, vocab: (3, 5))
-        monkeypatch.setattr(dropreg.streamed, "ce_only_blocks", lambda n_rows, vocab, dtype, device: (3, 5))
-        return "torch"
-    if name in ("chunked", "chunked-triton"):
-        blocks = (3, 5) if name == "chunked" else (4, 7)
-        monkeypatch.setattr(dropreg.chunked, "default_chunks", lambda n_rows, vocab, dtype, device: blocks)
-        monkeypatch.setattr(dropreg.chunked, "ce_chunks", lambda n_rows, vocab, dtype, device: blocks)
-        if name == "chunked-triton":
-            from dropreg.triton.epilogues import TRITON_EPILOGUES
-            monkeypatch.setattr(dropreg.chunked, "epilogues_for", lambda device, dtype: TRITON_EPILOGUES)
-        else:
-            monkeypatch.setattr(dropreg.chunked, "epilogues_for", lambda device, dtype: dropreg.chunked.TorchEpilogues)
-        return "chunked"
-    return name
+def small_blocks(rows: int, chunk: int, **plan) -> BlockPlan:
+    """A plan whose every driver (terms, CE only) runs ``rows``-row blocks and ``chunk``-entry vocabulary chunks."""
+    return BlockPlan(row_block=rows, vocab_chunk=chunk, ce_row_block=rows, ce_vocab_chunk=chunk, **plan)
+
+
+# The suite's backend variants: a registered backend with a block plan, passed as backend=.
+VARIANTS = {
+    "torch-small-tiles": lambda: get_backend("torch").with_plan(small_blocks(3, 5)),
+    "chunked": lambda: get_backend("chunked").with_plan(small_blocks(3, 5, epilogues="torch")),
+    "chunked-triton": lambda: get_backend("chunked").with_plan(small_blocks(4, 7, epilogues="triton")),
+}
+
+
+def use_backend(name: str, monkeypatch=None):
+    """``backend=`` for the suite's backend ``name``: a registered name, or one of :data:`VARIANTS`."""
+    return VARIANTS[name]() if name in VARIANTS else name
+
+
+def backend_name(backend) -> str:
+    """The registered name behind a ``backend=`` value."""
+    return backend if isinstance(backend, str) else backend.name
+
+
+def as_backend(backend):
+    """The :class:`dropreg._dispatch.Backend` behind a ``backend=`` value."""
+    return get_backend(backend) if isinstance(backend, str) else backend
 
 
 @pytest.fixture(params=BACKENDS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import math
 import os
 import pickle
@@ -19,9 +20,7 @@ import torch
 import torch.distributed as dist
 
 import dropreg
-import dropreg.chunked
 import dropreg.distributed
-import dropreg.streamed
 
 EPS32 = 2.0**-23
 
@@ -149,23 +148,26 @@ def local_backends():
 def compare_worlds(rank, world, sizes_by_world):
     """:func:`compare_all` on the subgroups of the first 1, 2, ... ranks, so that one spawn covers every size."""
     results = {"local_backends": local_backends()}
-    default_blocks, default_chunks = dropreg.streamed.default_blocks, dropreg.chunked.default_chunks
     for size in sorted(sizes_by_world):
         group = dist.new_group(list(range(size)))  # every rank takes part in creating each group
         # Odd sizes use 3-row blocks and 5-class chunks (as tests/conftest.py's "torch-small-tiles" and "chunked"),
         # so the merge inside a slice and chunk tails are exercised too; the one-process runs use the same tiles.
-        small = size % 2 == 1
-        dropreg.streamed.default_blocks = (lambda n_rows, vocab: (3, 5)) if small else default_blocks
-        dropreg.chunked.default_chunks = (lambda n_rows, vocab, dtype, device: (3, 5)) if small else default_chunks
+        plan = dropreg.BlockPlan(row_block=3, vocab_chunk=5) if size % 2 == 1 else None
         if rank < size:
-            results[size] = compare_all(rank, size, sizes_by_world[size], group)
+            results[size] = compare_all(rank, size, sizes_by_world[size], group, plan)
         dist.barrier()
-    dropreg.streamed.default_blocks, dropreg.chunked.default_chunks = default_blocks, default_chunks
     return results
 
 
-def compare_all(rank, world, sizes, group):
-    """Every op, reduction, dtype and bias setting: the sliced head against one process."""
+def _with_plan(plan, name):
+    """``backend=`` for the registered backend ``name`` with ``plan`` (None: its own)."""
+    return name if plan is None or name == "reference" else dropreg.get_backend(name).with_plan(plan)
+
+
+def compare_all(rank, world, sizes, group, plan=None):
+    """Every op, reduction, dtype and bias setting: the sliced head against one process (both with ``plan``'s
+    blocks, when given)."""
+    tiles = functools.partial(_with_plan, plan)
     problem = make_problem(sizes)
     sl = vocab_slices(sizes)[rank]
     report = Report(problem)
@@ -179,10 +181,10 @@ def compare_all(rank, world, sizes, group):
                 label = f"lce/{tag}/bias={bias}/{reduction}"
                 full, part = _leaves(problem, dtype, bias=bias), _leaves(problem, dtype, sl, bias=bias)
                 kwargs = dict(p=p, seed=7, reduction=reduction)
-                ref = dropreg.linear_cross_entropy(full[0], full[1], target, linear_bias=full[2], backend="torch",
+                ref = dropreg.linear_cross_entropy(full[0], full[1], target, linear_bias=full[2], backend=tiles("torch"),
                                                    **kwargs)
                 out = dropreg.linear_cross_entropy(part[0], part[1], target, linear_bias=part[2],
-                                                   process_group=group, backend=local, **kwargs)
+                                                   process_group=group, backend=tiles(local), **kwargs)
                 cots = problem["cot"][:3] if reduction == "none" else torch.ones(3, dtype=torch.float64)
                 for name, o, r in zip(("ce", "explicit", "implicit"), out, ref):
                     extra = _explicit_extra(problem, coef_r) if name == "explicit" else 0.0
@@ -197,12 +199,12 @@ def compare_all(rank, world, sizes, group):
                     report.compare(f"{label}/grad_bias", g_out[2], g_ref[2][sl], dtype, extra)
                 report.output(f"{label}/grad_input", g_out[0])
 
-        _options_cases(report, problem, sl, group, dtype, local, tag, p, coef_r)
+        _options_cases(report, problem, sl, group, dtype, local, tag, p, coef_r, tiles)
 
         # explicit_regularizer, no bias, "mean"
         full, part = _leaves(problem, dtype, bias=False), _leaves(problem, dtype, sl, bias=False)
-        ref = dropreg.explicit_regularizer(full[0], full[1], backend="torch")
-        out = dropreg.explicit_regularizer(part[0], part[1], process_group=group, backend=local)
+        ref = dropreg.explicit_regularizer(full[0], full[1], backend=tiles("torch"))
+        out = dropreg.explicit_regularizer(part[0], part[1], process_group=group, backend=tiles(local))
         extra = _explicit_extra(problem, 1.0)
         report.compare(f"explicit_regularizer/{tag}", out, ref, dtype, extra)
         g_ref, g_out = _grads([ref], [torch.ones(())], full), _grads([out], [torch.ones(())], part)
@@ -217,10 +219,10 @@ def compare_all(rank, world, sizes, group):
                 second_full = problem["h2"].to(dtype).clone().requires_grad_()
                 second_part = problem["h2"].to(dtype).clone().requires_grad_()
                 ref = dropreg.rdrop_linear_cross_entropy(full[0], second_full, full[1], target, linear_bias=full[2],
-                                                         alpha=0.7, reduction=reduction, backend="torch")
+                                                         alpha=0.7, reduction=reduction, backend=tiles("torch"))
                 out = dropreg.rdrop_linear_cross_entropy(part[0], second_part, part[1], target, linear_bias=part[2],
                                                          alpha=0.7, reduction=reduction, process_group=group,
-                                                         backend=local)
+                                                         backend=tiles(local))
                 for name, o, r in zip(("ce1", "ce2", "kl", "loss"), out, ref):
                     report.compare(f"{label}/{name}", o, r, dtype)
                     report.output(f"{label}/{name}", o)
@@ -235,8 +237,8 @@ def compare_all(rank, world, sizes, group):
 
         # softmax_mean
         full, part = _leaves(problem, dtype), _leaves(problem, dtype, sl)
-        ref = dropreg.softmax_mean(full[0], full[1], linear_bias=full[2], backend="torch")
-        out = dropreg.softmax_mean(part[0], part[1], linear_bias=part[2], process_group=group, backend=local)
+        ref = dropreg.softmax_mean(full[0], full[1], linear_bias=full[2], backend=tiles("torch"))
+        out = dropreg.softmax_mean(part[0], part[1], linear_bias=part[2], process_group=group, backend=tiles(local))
         report.compare(f"softmax_mean/{tag}", out, ref, dtype)
         report.output(f"softmax_mean/{tag}", out)
         g_ref, g_out = _grads([ref], [problem["cot_mu"]], full), _grads([out], [problem["cot_mu"]], part)
@@ -246,19 +248,19 @@ def compare_all(rank, world, sizes, group):
 
     # sample_targets: identical draws (float64 scores, so ties between classes do not occur)
     full, part = _leaves(problem, torch.float64), _leaves(problem, torch.float64, sl)
-    ref = dropreg.sample_targets(full[0], full[1], linear_bias=full[2], samples=3, seed=11, backend="torch")
+    ref = dropreg.sample_targets(full[0], full[1], linear_bias=full[2], samples=3, seed=11, backend=tiles("torch"))
     out = dropreg.sample_targets(part[0], part[1], linear_bias=part[2], samples=3, seed=11, process_group=group)
     report.errors["sample_targets/float64"] = (float((out != ref).sum()), 0.0)
     report.output("sample_targets", out)
 
     # The nn modules pass process_group through.
     full, part = _leaves(problem, torch.float64), _leaves(problem, torch.float64, sl)
-    ref = dropreg.LinearCrossEntropyLoss(p=0.3, shift_labels=True, backend="torch")(full[0], full[1], target,
+    ref = dropreg.LinearCrossEntropyLoss(p=0.3, shift_labels=True, backend=tiles("torch"))(full[0], full[1], target,
                                                                                     full[2], seed=4)
     out = dropreg.LinearCrossEntropyLoss(p=0.3, shift_labels=True, process_group=group)(part[0], part[1], target,
                                                                                         part[2], seed=4)
     report.compare("LinearCrossEntropyLoss/loss", out.loss, ref.loss, torch.float64)
-    ref = dropreg.RDropLoss(alpha=0.5, backend="torch")(full[0], problem["h2"], full[1], target, full[2])
+    ref = dropreg.RDropLoss(alpha=0.5, backend=tiles("torch"))(full[0], problem["h2"], full[1], target, full[2])
     out = dropreg.RDropLoss(alpha=0.5, process_group=group)(part[0], problem["h2"], part[1], target, part[2])
     report.compare("RDropLoss/loss", out.loss, ref.loss, torch.float64)
 
@@ -290,7 +292,7 @@ def _class_weights(problem):
     return _on_cpu_then_moved(lambda: 0.5 + torch.rand(problem["w"].shape[0], generator=gen, dtype=torch.float64))
 
 
-def _options_cases(report, problem, sl, group, dtype, local, tag, p, coef_r):
+def _options_cases(report, problem, sl, group, dtype, local, tag, p, coef_r, tiles):
     target = problem["target"]
     class_weight = _class_weights(problem).to(dtype)
     for case, spec in OPTION_CASES.items():
@@ -300,10 +302,10 @@ def _options_cases(report, problem, sl, group, dtype, local, tag, p, coef_r):
         label = f"options/{tag}/{case}"
         full, part = _leaves(problem, dtype, bias=bias), _leaves(problem, dtype, sl, bias=bias)
         kwargs = dict(p=p, seed=5, reduction=reduction, **spec)
-        ref = dropreg.linear_cross_entropy(full[0], full[1], target, linear_bias=full[2], backend="torch",
+        ref = dropreg.linear_cross_entropy(full[0], full[1], target, linear_bias=full[2], backend=tiles("torch"),
                                            weight=class_weight if with_weight else None, **kwargs)
         out = dropreg.linear_cross_entropy(part[0], part[1], target, linear_bias=part[2], process_group=group,
-                                           backend=local, weight=class_weight[sl] if with_weight else None, **kwargs)
+                                           backend=tiles(local), weight=class_weight[sl] if with_weight else None, **kwargs)
         names = ["ce", "explicit", "implicit", "z_loss"]
         if spec.get("return_lse"):  # (output, lse)
             (ref, ref_lse), (out, out_lse) = ref, out
@@ -334,9 +336,9 @@ def _options_cases(report, problem, sl, group, dtype, local, tag, p, coef_r):
         second_full = problem["h2"].to(dtype).clone().requires_grad_()
         second_part = problem["h2"].to(dtype).clone().requires_grad_()
         ref = dropreg.rdrop_linear_cross_entropy(full[0], second_full, full[1], target, linear_bias=full[2],
-                                                 weight=class_weight, backend="torch", **kwargs)
+                                                 weight=class_weight, backend=tiles("torch"), **kwargs)
         out = dropreg.rdrop_linear_cross_entropy(part[0], second_part, part[1], target, linear_bias=part[2],
-                                                 weight=class_weight[sl], process_group=group, backend=local,
+                                                 weight=class_weight[sl], process_group=group, backend=tiles(local),
                                                  **kwargs)
         for name, o, r in zip(("ce1", "ce2", "kl", "loss", "z_loss"), out, ref):
             report.compare(f"{label}/{name}", o, r, dtype)

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dropreg
 import dropreg.streamed
-from conftest import use_backend
+from conftest import small_blocks, use_backend
 from checks import assert_close_to_oracle, assert_loss_close_to_oracle, make_problem, run_dropreg, run_oracle
 
 CE_ONLY = dict(explicit=False, implicit=False)
@@ -24,14 +24,11 @@ if torch.get_default_device().type == "cuda":  # tests/conftest.py, DROPREG_TEST
 
 
 @pytest.fixture(params=CE_BACKENDS)
-def ce_backend(request, monkeypatch):
+def ce_backend(request):
     name = request.param
-    if name.startswith("chunked"):
-        return use_backend(name, monkeypatch)
     if name.endswith("-small-blocks"):
-        monkeypatch.setattr(dropreg.streamed, "ce_only_blocks", lambda *args: (3, 5))
-        name = name[: -len("-small-blocks")]
-    return name
+        return dropreg.get_backend(name[: -len("-small-blocks")]).with_plan(small_blocks(3, 5))
+    return use_backend(name)
 
 
 SHAPES = [

@@ -1,6 +1,7 @@
 """The chunked driver (dropreg/chunked.py, docs/math.md 7.3) beyond the oracle suites it runs as "chunked" and
 "chunked-triton": its block plan, its GEMM count, the Triton epilogues against the PyTorch ones, the precision of
 the explicit term on confident rows with bf16 operands, and determinism."""
+import dataclasses
 import math
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 import dropreg
 import dropreg.chunked as chunked
-from dropreg import _dispatch
+from dropreg import BlockPlan, _dispatch
+from conftest import small_blocks
 from dropreg.gemm import mm, operand_types
 from test_ce_only import CountMultiplyAdds
 
@@ -60,17 +62,16 @@ def test_cpu_products_see_the_rounded_operands_exactly():
                                          (dict(explicit=False, implicit=False, reduction="none"), 4),
                                          (dict(explicit=False, implicit=False), 3)],
                          ids=["both", "implicit-only", "explicit-only", "ce-per-row", "ce-gradients-in-forward"])
-def test_gemm_count_is_the_floor(terms, gemms, monkeypatch):
+def test_gemm_count_is_the_floor(terms, gemms):
     """docs/math.md 4.5: 10 NVd with both terms (3 forward, 7 backward), 7 with the implicit term alone, 4 for cross
     entropy per row and 3 with its gradients formed in the forward (7.1), over several row blocks and chunks."""
-    monkeypatch.setattr(chunked, "default_chunks", lambda n_rows, vocab, dtype, device: (24, 96))
-    monkeypatch.setattr(chunked, "ce_chunks", lambda n_rows, vocab, dtype, device: (24, 96))
+    backend = dropreg.get_backend("chunked").with_plan(small_blocks(24, 96))
     n, d, v = 64, 16, 300
     h = torch.randn(n, d, requires_grad=True)
     w = torch.randn(v, d, requires_grad=True)
     y = torch.randint(0, v, (n,))
     with CountMultiplyAdds() as counter:
-        out = dropreg.linear_cross_entropy(h, w, y, p=0.2, seed=3, backend="chunked", **terms)
+        out = dropreg.linear_cross_entropy(h, w, y, p=0.2, seed=3, backend=backend, **terms)
         (out.loss if out.loss.dim() == 0 else out.loss.sum()).backward()
     assert counter.total == gemms * n * v * d
 
@@ -161,28 +162,28 @@ def _confident_problem(n_rows=256, dim=128, vocab=4096, margin=14.0, seed=0):
     return h, w, own
 
 
-def _explicit_relative_error(h, w, keep_top, monkeypatch):
-    monkeypatch.setattr(chunked, "default_chunks", lambda n_rows, vocab, dtype, device: (n_rows, 1024))
-    monkeypatch.setattr(chunked, "KEEP_TOP", keep_top)
+def _explicit_relative_error(h, w, keep_top):
+    backend = dropreg.get_backend("chunked").with_plan(BlockPlan(row_block=len(h), vocab_chunk=1024,
+                                                                 keep_top=keep_top))
     # The backend's per-row quadratic form in fp32, before the API rounds results to the input dtype (bf16's own
     # rounding, relative 2^-9, would be the error then).
-    _, ours, _, _ = chunked.chunked_terms(h, w, None, torch.zeros(len(h), dtype=torch.long), None, 0, True, False)
+    _, ours, _, _ = backend.linear_ce(h, w, None, torch.zeros(len(h), dtype=torch.long), None, 0, True, False)
     assert ours.dtype == torch.float32
     ours = ours.double()
     truth = dropreg.explicit_regularizer(h.double(), w.double(), reduction="none", backend="reference")
     return ((ours - truth).abs() / truth).median().item(), truth
 
 
-def test_explicit_term_on_confident_rows_within_1e3_of_float64(monkeypatch):
+def test_explicit_term_on_confident_rows_within_1e3_of_float64():
     """Issue 16's requirement, with the GPU's operand rounding (bf16 probabilities and weights, fp32 sums): the
     explicit term on confident rows within 1e-3 median relative error of float64. Without keeping each chunk's
     top probability out of the bf16 operand (docs/math.md 8.4) the same check fails, so it can."""
     h, w, _ = _confident_problem()
     top = torch.softmax(h.double() @ w.double().T, dim=1).amax(dim=1)
     assert top.median() > 0.98  # the regime where var = m2 - mu^2 cancels
-    error, truth = _explicit_relative_error(h, w, True, monkeypatch)
+    error, truth = _explicit_relative_error(h, w, True)
     assert error < 1e-3, error
-    rounded_error, _ = _explicit_relative_error(h, w, False, monkeypatch)
+    rounded_error, _ = _explicit_relative_error(h, w, False)
     assert rounded_error > 10 * error and rounded_error > 1e-3, (rounded_error, error)
 
 
@@ -233,13 +234,13 @@ def test_driver_allocates_nothing_vocabulary_by_rows_at_lm_shape(dtype):
         assert torch.Size(size).numel() <= vocab * shape["dim"], (op, size)
 
 
-def test_explicit_gradient_on_confident_rows_keeps_the_dominant_class_exact(monkeypatch):
+def test_explicit_gradient_on_confident_rows_keeps_the_dominant_class_exact():
     """The backward's bf16 ``[T | gR' q]`` would perturb the dominant class's t by 2^-9 |T . W_k| where
     ``row_const + t_k`` cancels (docs/math.md 7.3): with that class's t formed in fp32, grad_input of the explicit
     term on confident rows is within 1e-2 (median over rows, relative) of float64, bf16's own output rounding
     included; without it the same check fails (about 0.1)."""
     h, w, _ = _confident_problem()
-    monkeypatch.setattr(chunked, "default_chunks", lambda n_rows, vocab, dtype, device: (n_rows, 1024))
+    plan = BlockPlan(row_block=len(h), vocab_chunk=1024)
 
     def grad_input(hidden, weight, backend):
         hidden = hidden.clone().requires_grad_()
@@ -248,18 +249,17 @@ def test_explicit_gradient_on_confident_rows_keeps_the_dominant_class_exact(monk
 
     truth = grad_input(h.double(), w.double(), "reference")
 
-    def error():
-        ours = grad_input(h, w, "chunked")
+    def error(plan):
+        ours = grad_input(h, w, dropreg.get_backend("chunked").with_plan(plan))
         return ((ours - truth).norm(dim=1) / truth.norm(dim=1)).median().item()
 
-    exact = error()
+    exact = error(plan)
     assert exact < 1e-2, exact
-    monkeypatch.setattr(chunked, "top_class_buffer", lambda hidden, modulated: None)
-    rounded = error()
+    rounded = error(dataclasses.replace(plan, top_class=False))
     assert rounded > 1e-2 and rounded > 10 * exact, (rounded, exact)
 
 
-def test_fp16_squares_beyond_fp16_range_stay_finite_and_accurate(monkeypatch):
+def test_fp16_squares_beyond_fp16_range_stay_finite_and_accurate():
     """fp16's forward moment operand W*W overflows once |W| >= 256 (256^2 > 65504) and is subnormal below 2^-7;
     the driver scales the squares by a power of two and divides m2 by it afterwards. Against float64 on the same
     fp16 values: each row's explicit term within 2e-3 relative (4 fp16 unit roundoffs: the probabilities and the
@@ -274,8 +274,9 @@ def test_fp16_squares_beyond_fp16_range_stay_finite_and_accurate(monkeypatch):
     h = (torch.randn(n, d, generator=gen) * 3e-3).half()
     target = torch.zeros(n, dtype=torch.long)
 
-    def explicit_terms():
-        return chunked.chunked_terms(h, w, None, target, None, 0, True, False)[1].double()
+    def explicit_terms(scale_squares=True):
+        backend = dropreg.get_backend("chunked").with_plan(BlockPlan(scale_squares=scale_squares))
+        return backend.linear_ce(h, w, None, target, None, 0, True, False)[1].double()
 
     truth = dropreg.explicit_regularizer(h.double(), w.double(), reduction="none", backend="reference")
     assert ((explicit_terms() - truth).abs() / truth).max() < 2e-3
@@ -285,5 +286,4 @@ def test_fp16_squares_beyond_fp16_range_stay_finite_and_accurate(monkeypatch):
     dropreg.explicit_regularizer(*leaves64, backend="reference").backward()
     for ours, exact in zip(leaves, leaves64):
         assert (ours.grad.double() - exact.grad).abs().max() < 1e-2 * exact.grad.abs().max()
-    monkeypatch.setattr(chunked, "_square_scale", lambda *args: None)
-    assert not explicit_terms().isfinite().all()
+    assert not explicit_terms(scale_squares=False).isfinite().all()

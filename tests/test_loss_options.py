@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import dropreg
 import dropreg.cpu
 from checks import assert_close_to_oracle, assert_loss_close_to_oracle, make_problem, run_dropreg, run_oracle
+from conftest import as_backend
 
 V = 13
 
@@ -54,7 +55,7 @@ def _assert_matches_oracle(problem, dtype, backend):
 def _fused_ce_and_z_loss(problem, backend):
     """Whether the call takes the CE-only path with the z-loss fused in: its gradients exist only as a sum."""
     kwargs = problem.kwargs
-    implementation = dropreg._dispatch._BACKENDS[backend]
+    implementation = as_backend(backend)
     fused = (implementation.ce_with_grads if kwargs.get("softcap") is None
              else implementation.ce_with_grads_softcap) is not None
     return (fused and kwargs.get("z_loss") and not kwargs.get("explicit", True)

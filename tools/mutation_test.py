@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Mutation test: perturb one coefficient or term of one backend at a time and check that the tests fail.
 
-Each mutant replaces one short snippet that must occur exactly once in its file (the script refuses to run
-otherwise, so the list below is kept in step with the code). For each mutant the repository's tracked files
+Each mutant replaces one short snippet in its file, located by the snippet itself when it occurs once there, or by
+an ``anchor`` (a line of context that occurs once, e.g. ``def capped_sweep(``) and the snippet's first occurrence
+after it; the script refuses to run a mutant it cannot locate, so the list below is kept in step with the code and
+a refactor that moves code only has to keep the anchors. For each mutant the repository's tracked files
 (working-tree contents) are copied into a fresh temporary directory, the one edit is applied there, and a
 focused pytest selection for that backend runs in the copy. Verdicts:
 
@@ -49,6 +51,7 @@ class Mutant:
     original: str
     replacement: str
     description: str
+    anchor: Optional[str] = None  # context that occurs once; the snippet is its first occurrence after it
 
 
 MUTANTS = [
@@ -88,21 +91,19 @@ MUTANTS = [
            "ignored rows are not masked out of the per-row terms"),
 
     # torch backend (dropreg/streamed.py).
-    Mutant("torch-ce", "torch", "dropreg/streamed.py",
-           "ce = lse - target_logit(hc, weight, bias, target, acc)",
-           "ce = lse - 1.00001 * target_logit(hc, weight, bias, target, acc)",
+    Mutant("torch-ce", "torch", "dropreg/rows.py",
+           "ce = lse - z_target", "ce = lse - 1.00001 * z_target",
            "cross entropy forward: lse - (1+1e-5) z_y"),
-    Mutant("torch-var", "torch", "dropreg/streamed.py",
-           "var = m2 - mu * mu", "var = m2 - 1.00001 * mu * mu",
+    Mutant("torch-var", "torch", "dropreg/reducers.py",
+           "var = stats.m2 - stats.mu * stats.mu", "var = stats.m2 - 1.00001 * stats.mu * stats.mu",
            "explicit forward: var = m2 - (1+1e-5) mu^2"),
-    Mutant("torch-sign-term", "torch", "dropreg/streamed.py",
-           "sign_term = (signs * hc * (mu - w_target)).sum(1)",
-           "sign_term = (signs * hc * (mu - 1.00001 * w_target)).sum(1)",
+    Mutant("torch-sign-term", "torch", "dropreg/rows.py",
+           "(u * (mu - target_part)).sum(1)", "(u * (mu - 1.00001 * target_part)).sum(1)",
            "implicit forward: sigma h (mu - (1+1e-5) W[y])"),
-    Mutant("torch-T-coef", "torch", "dropreg/streamed.py",
+    Mutant("torch-T-coef", "torch", "dropreg/rows.py",
            "T_vec -= 2 * g_r_q * mu_b", "T_vec -= 2.001 * g_r_q * mu_b",
            "logit gradient: the 2 in T = gI' u - 2 gR' q mu -> 2.001"),
-    Mutant("torch-G-sign", "torch", "dropreg/streamed.py",
+    Mutant("torch-G-sign", "torch", "dropreg/rows.py",
            "row_const -= (g_i * mu_b * u).sum(1)", "row_const += (g_i * mu_b * u).sum(1)",
            "logit gradient: sign of the implicit row constant -gI' abar"),
     Mutant("torch-grad-h-row", "torch", "dropreg/streamed.py",
@@ -116,12 +117,12 @@ MUTANTS = [
            "grad_weight implicit target scatter -gI' u * (1+1e-5)"),
     Mutant("torch-grad-b", "torch", "dropreg/streamed.py",
            "grad_b[v0:v1] += g_logits.sum(0)", "grad_b[v0:v1] += 1.00001 * g_logits.sum(0)",
-           "grad_bias = sum G * (1+1e-5)"),
+           "grad_bias = sum G * (1+1e-5)", anchor="def logit_gradient_sweep("),
     Mutant("torch-rescale", "torch", "dropreg/streamed.py",
            "rescale = torch.exp(self.max - shift)", "rescale = torch.exp(1.00001 * (self.max - shift))",
            "online softmax: rescale e^{m - m'} off by 1e-5 in the exponent"),
-    Mutant("torch-rdrop-kl", "torch", "dropreg/streamed.py",
-           "kl = 0.5 * (expected_d[0] - expected_d[1])", "kl = 0.50001 * (expected_d[0] - expected_d[1])",
+    Mutant("torch-rdrop-kl", "torch", "dropreg/ops.py",
+           "0.5 * (expected_d[0] - expected_d[1])", "0.50001 * (expected_d[0] - expected_d[1])",
            "R-Drop KL forward: 0.5 -> 0.50001"),
     Mutant("torch-rdrop-grad", "torch", "dropreg/streamed.py",
            "expected_d[0, r0:r1, None] + 1)", "expected_d[0, r0:r1, None] + 1.00001)",
@@ -306,10 +307,10 @@ MUTANTS = [
     Mutant("opt-cpp-ce-zloss", "options", "csrc/ce_with_grads.cpp",
            "w_i + 2 * zw[r0 + i] * lse[i]", "w_i + acc_t(2.0002) * zw[r0 + i] * lse[i]",
            "C++ CE only with z-loss: G's 2 zw lse s part * (1+1e-4)"),
-    Mutant("opt-softcap-psi", "options", "dropreg/softcap.py",
+    Mutant("opt-softcap-psi", "options", "dropreg/streamed.py",
            "(c * phi + 2 * c * z2 + z3)", "(c * phi + 2 * c * z2 + 1.001 * z3)",
            "softcap, torch passes: psi's third-derivative part * (1+1e-3)"),
-    Mutant("opt-softcap-amount", "options", "dropreg/softcap.py",
+    Mutant("opt-softcap-amount", "options", "dropreg/rows.py",
            "amount += g_r * y.z3 * y.q_ww", "amount += 1.001 * g_r * y.z3 * y.q_ww",
            "softcap: the explicit term's target amount * (1+1e-3)"),
     Mutant("opt-cpp-softcap-psi", "options", "csrc/softcap.cpp",
@@ -398,21 +399,36 @@ class Outcome:
     seconds: float
 
 
+def locate(text: str, mutant: Mutant) -> tuple[int, str]:
+    """``(offset, problem)``: where the mutant's snippet is in ``text`` (-1 and why when it cannot be located)."""
+    start = 0
+    if mutant.anchor is not None:
+        anchors = text.count(mutant.anchor)
+        if anchors != 1:
+            return -1, f"anchor {mutant.anchor!r} occurs {anchors} times (expected exactly once)"
+        start = text.index(mutant.anchor)
+    elif text.count(mutant.original) != 1:
+        return -1, f"snippet {mutant.original!r} occurs {text.count(mutant.original)} times (expected exactly once)"
+    offset = text.find(mutant.original, start)
+    return offset, "" if offset >= 0 else f"snippet {mutant.original!r} does not occur after the anchor"
+
+
 def count_occurrences(root: str, mutant: Mutant) -> int:
+    """1 when the mutant can be located in its file, else 0."""
     with open(os.path.join(root, mutant.file), encoding="utf-8") as f:
-        return f.read().count(mutant.original)
+        return int(locate(f.read(), mutant)[0] >= 0)
 
 
 def apply_mutant(root: str, mutant: Mutant) -> None:
     path = os.path.join(root, mutant.file)
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    found = text.count(mutant.original)
-    if found != 1:
-        raise SystemExit(f"mutant {mutant.id}: snippet {mutant.original!r} occurs {found} times in {mutant.file} "
-                         f"(expected exactly once): update the mutant list in tools/mutation_test.py")
+    offset, problem = locate(text, mutant)
+    if offset < 0:
+        raise SystemExit(f"mutant {mutant.id}: {problem} in {mutant.file}: update the mutant list in "
+                         f"tools/mutation_test.py")
     with open(path, "w", encoding="utf-8") as f:
-        f.write(text.replace(mutant.original, mutant.replacement))
+        f.write(text[:offset] + mutant.replacement + text[offset + len(mutant.original):])
 
 
 def tracked_files() -> list[str]:

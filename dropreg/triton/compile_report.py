@@ -122,12 +122,15 @@ def record_chunked_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int)
     """The epilogue launches of the chunked driver (dropreg/chunked.py) for a training step with both terms, cross
     entropy per row, R-Drop, on meta tensors with the CUDA block plan; one launch per distinct kernel
     specialization (the chunks differ only in their sizes)."""
-    from .. import chunked
+    from .. import chunked, ops
+    from ..plan import BlockPlan
+    from ..reducers import LOCAL
     from .epilogues import TritonEpilogues
 
     recorder = Recorder()
-    epilogues = TritonEpilogues(recorder)
     row_block, vocab_chunk = chunked.default_chunks(rows, vocab, dtype, torch.device("cuda"))
+    passes = chunked.ChunkedPasses(BlockPlan(row_block=row_block, vocab_chunk=vocab_chunk),
+                                   epilogues=TritonEpilogues(recorder))
 
     def meta(*shape, dtype=dtype, grad=True):
         return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad and dtype.is_floating_point)
@@ -135,9 +138,9 @@ def record_chunked_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int)
     h, h2, w, b, y = meta(rows, dim), meta(rows, dim), meta(vocab, dim), meta(vocab), meta(rows, dtype=torch.int64)
     signs = meta(rows, dim, dtype=chunked.operand_types(dtype).acc, grad=False)
     for need in ((True, True), (False, False)):
-        out = chunked.ChunkedTerms.apply(h, w, b, y, signs, *need, row_block, vocab_chunk, epilogues)
+        out = ops.Terms.apply(h, w, b, y, signs, *need, passes, LOCAL)
         torch.autograd.grad([o.sum() for o in out[:3]], (h, w, b))
-    out = chunked.ChunkedRDrop.apply(h, h2, w, b, y, row_block, vocab_chunk, epilogues)
+    out = ops.RDrop.apply(h, h2, w, b, y, None, passes, LOCAL)
     torch.autograd.grad([o.sum() for o in out], (h, h2, w, b))
     distinct = {}
     for launch in recorder.launches:
