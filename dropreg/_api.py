@@ -5,32 +5,26 @@ flags saying which terms to compute (see :mod:`dropreg._dispatch`).
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 import math
-import numbers
-import sys
-import threading
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from . import distributed
+from ._autocast import autocast_aware, result_dtype
+from ._checks import (check_coefficient, check_head, check_probability, check_reduction, check_same_shape_device_dtype,
+                      check_signs_type, check_softcap, check_target, checked_seed, checking_values, flatten_signs)
 from ._dispatch import resolve_backend, resolve_slice_backend
 from ._policy import accumulation_dtype
 from .loss_options import LossOptions, check_class_weight, check_label_smoothing
 from .rows import implicit_signs
 from .reducers import LOCAL
-from .signs import draw_seed, random_signs
+from .signs import random_signs
 
 # The loss options' sign-weighted parts read the signs outside the fused ops: there Inductor would spend minutes
 # compiling the Philox rounds' integer ops, so they are drawn eagerly (O(N d), one graph break).
 eager_implicit_signs = torch.compiler.disable(implicit_signs)
-
-REDUCTIONS = ("mean", "sum", "none")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class LinearCrossEntropyOutput(NamedTuple):
@@ -61,237 +55,9 @@ class RDropOutput(NamedTuple):
 
 def default_coefficients(p: float) -> tuple[float, float]:
     """docs/math.md's defaults: ``explicit_coef = p / (2 (1-p))`` and ``implicit_coef = sqrt(p / (1-p))``."""
-    p = _check_probability(p)
+    p = check_probability(p)
     kappa = p / (1.0 - p)
     return kappa / 2.0, math.sqrt(kappa)
-
-
-def _checking_values() -> bool:
-    # Value checks read tensor data (a host sync); they cannot run inside a torch.compile graph.
-    return not torch.compiler.is_compiling()
-
-
-def _is_dtensor(value) -> bool:
-    # No DTensor can exist unless its module was imported: skip the import otherwise.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and not torch.compiler.is_compiling() and isinstance(value, module.DTensor)
-
-
-def _check_not_dtensor(name: str, value) -> None:
-    if _is_dtensor(value):
-        raise TypeError(f"{name}: DTensor inputs are not supported yet; pass this rank's local tensor "
-                        f"({name}.to_local()) and, for a head sharded over the vocabulary, process_group= "
-                        f"(README, 'Vocabulary-parallel heads')")
-
-
-def autocast_operands(*tensors: Optional[Tensor]) -> tuple[tuple[Optional[Tensor], ...], Optional[torch.dtype]]:
-    """Under ``torch.autocast`` for the tensors' device: cast them to the autocast dtype as ``F.linear`` would
-    (float64 stays), and return ``(tensors, torch.float32)``: outputs then come back in fp32, as
-    ``F.cross_entropy``'s do under autocast. Otherwise ``(tensors, None)``."""
-    first = tensors[0]
-    eligible = (torch.float16, torch.bfloat16, torch.float32)
-    if (not isinstance(first, Tensor) or first.dtype not in eligible
-            or not torch.is_autocast_enabled(first.device.type)):
-        return tensors, None
-    dtype = torch.get_autocast_dtype(first.device.type)
-
-    def cast(t):
-        return t.to(dtype) if isinstance(t, Tensor) and t.dtype in eligible else t
-    return tuple(cast(t) for t in tensors), torch.float32
-
-
-def _autocast_aware(*operand_names: str):
-    """Decorates a public function so that under ``torch.autocast`` its float operands are cast as ``F.linear`` casts
-    them (:func:`autocast_operands`), it runs with autocast off (so dropreg's own fp32 accumulation is kept), and
-    its floating outputs come back in fp32. Outside autocast it is a plain call."""
-    def decorate(fn):
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            first = args[0] if args else kwargs.get(operand_names[0])  # the first operand comes first
-            if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
-                return fn(*args, **kwargs)
-            bound = signature.bind(*args, **kwargs)
-            given = [name for name in operand_names if name in bound.arguments]
-            cast, out_dtype = autocast_operands(*(bound.arguments[name] for name in given))
-            if out_dtype is None:  # float64 operands: autocast leaves them alone, and so do we
-                return fn(*args, **kwargs)
-            bound.arguments.update(zip(given, cast))
-            with results_in(out_dtype), torch.autocast(first.device.type, enabled=False):
-                return fn(*bound.args, **bound.kwargs)
-        return wrapper
-    return decorate
-
-
-_autocast_results = threading.local()  # the results' dtype while an autocast-aware call runs, else unset/None
-
-
-@contextlib.contextmanager
-def results_in(dtype: Optional[torch.dtype]):
-    """Inside, dropreg's functions return their floating results in ``dtype`` (from their fp32/fp64 accumulators,
-    not rounded to the operands' dtype first); gradients still come back in the operands' dtypes."""
-    previous = getattr(_autocast_results, "dtype", None)
-    _autocast_results.dtype = dtype
-    try:
-        yield
-    finally:
-        _autocast_results.dtype = previous
-
-
-def _result_dtype(operand_dtype: torch.dtype) -> torch.dtype:
-    return getattr(_autocast_results, "dtype", None) or operand_dtype
-
-
-def _check_float_tensor(name: str, value, ndim: Optional[int] = None) -> None:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    _check_not_dtensor(name, value)
-    if value.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or "
-                        f"float64), got dtype {value.dtype}")
-    if ndim is not None and value.dim() != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
-
-
-def _check_same_device_and_dtype(input: Tensor, others: dict, input_name: str = "input") -> None:
-    for name, value in others.items():
-        if value is None:
-            continue
-        if value.device != input.device:
-            raise ValueError(f"{name}: expected a tensor on {input_name}'s device {input.device}, "
-                             f"got device {value.device}")
-        if value.dtype != input.dtype:
-            raise TypeError(f"{name}: expected {input_name}'s dtype {input.dtype}, got dtype {value.dtype}")
-
-
-def _check_head(input, linear_weight, linear_bias, name: str = "input") -> tuple[int, int]:
-    _check_float_tensor(name, input)
-    if input.dim() < 1:
-        raise ValueError(f"{name}: expected shape (..., d), got a 0-D tensor")
-    _check_float_tensor("linear_weight", linear_weight, ndim=2)
-    vocab, dim = linear_weight.shape
-    if vocab < 1 or dim < 1:
-        raise ValueError(f"linear_weight: expected shape (V, d) with V >= 1 and d >= 1, "
-                         f"got {tuple(linear_weight.shape)}")
-    if input.shape[-1] != dim:
-        raise ValueError(f"{name}: expected last dimension d={dim} to match linear_weight of shape "
-                         f"{tuple(linear_weight.shape)}, got {name} shape {tuple(input.shape)}")
-    if linear_bias is not None:
-        _check_float_tensor("linear_bias", linear_bias)
-        if tuple(linear_bias.shape) != (vocab,):
-            raise ValueError(f"linear_bias: expected shape ({vocab},) to match linear_weight, "
-                             f"got {tuple(linear_bias.shape)}")
-    _check_same_device_and_dtype(input, {"linear_weight": linear_weight, "linear_bias": linear_bias}, name)
-    return vocab, dim
-
-
-def _check_same_shape_device_dtype(name: str, value, reference_name: str, reference: Tensor) -> None:
-    _check_float_tensor(name, value)
-    if value.shape != reference.shape:
-        raise ValueError(f"{name}: expected {reference_name}'s shape {tuple(reference.shape)}, "
-                         f"got {tuple(value.shape)}")
-    _check_same_device_and_dtype(reference, {name: value}, reference_name)
-
-
-def _check_reduction(reduction) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-
-
-def _check_target(target, input: Tensor, vocab: int, ignore_index: int, input_name: str = "input") -> None:
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
-    _check_not_dtensor("target", target)
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target: expected an integer tensor of class indices (int64), got dtype {target.dtype}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"target: expected shape {tuple(input.shape[:-1])} ({input_name}.shape[:-1]), "
-                         f"got {tuple(target.shape)}")
-    if target.device != input.device:
-        raise ValueError(f"target: expected a tensor on {input_name}'s device {input.device}, got {target.device}")
-    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
-    if not -2**63 <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index: expected an int64 value (target's class indices), got {ignore_index}")
-    if vocab is not None and _checking_values() and target.numel():  # None: the ranks check the range together
-        bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
-        if bool(bad.any()):
-            raise ValueError(f"target: expected class indices in [0, {vocab}) or ignore_index={ignore_index}, "
-                             f"got {int(target[bad][0])}")
-
-
-def _check_probability(p, name: str = "p") -> float:
-    if not isinstance(p, numbers.Real) or isinstance(p, bool):
-        raise TypeError(f"{name}: expected a float in [0, 1), got {p!r}")
-    if not (0.0 <= float(p) < 1.0):
-        raise ValueError(f"{name}: expected a drop probability in [0, 1), got {p!r}")
-    return float(p)
-
-
-def _check_coefficient(name: str, value, default: float) -> float:
-    if value is None:
-        return default
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected a non-negative float or None, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name}: expected a finite, non-negative float, got {value!r}")
-    return float(value)
-
-
-def _check_softcap(softcap) -> Optional[float]:
-    if softcap is None:
-        return None
-    if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool):
-        raise TypeError(f"softcap: expected a positive float or None, got {softcap!r}")
-    if not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap: expected a finite, positive float or None, got {softcap!r}")
-    if not _SOFTCAP_RANGE[0] <= softcap <= _SOFTCAP_RANGE[1]:  # the kernels compute the cap in fp32
-        raise ValueError(f"softcap: expected a value in fp32's normal range [{_SOFTCAP_RANGE[0]:.3g}, "
-                         f"{_SOFTCAP_RANGE[1]:.3g}], got {softcap!r}")
-    return float(softcap)
-
-
-_SOFTCAP_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
-
-
-def _check_seed(seed) -> int:
-    if seed is None:
-        return draw_seed()
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"seed: expected an int in [0, 2**64) or None, got {seed!r}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed}")
-    return int(seed)
-
-
-def _checked_seed(seed, needed: bool) -> int:
-    """The seed a call uses: checked whenever given (also where nothing is drawn), drawn from torch's generator
-    when needed and not given, 0 when not needed."""
-    if seed is not None or needed:
-        seed = _check_seed(seed)
-    return seed if needed else 0
-
-
-def _check_signs_type(signs) -> None:
-    if not isinstance(signs, Tensor):
-        raise TypeError(f"signs: expected a torch.Tensor of +-1 or None, got {type(signs).__name__}")
-
-
-def _flatten_signs(signs, input: Tensor) -> Tensor:
-    _check_signs_type(signs)
-    if signs.device != input.device:
-        raise ValueError(f"signs: expected a tensor on input's device {input.device}, got {signs.device}")
-    if signs.dtype == torch.bool or signs.dtype.is_complex:
-        raise TypeError(f"signs: expected a real tensor of +-1 values, got dtype {signs.dtype}")
-    try:
-        expanded = signs.expand(input.shape)
-    except RuntimeError:
-        raise ValueError(f"signs: expected a shape broadcastable to input's {tuple(input.shape)}, "
-                         f"got {tuple(signs.shape)}") from None
-    if _checking_values() and signs.numel() and not bool(((signs == 1) | (signs == -1)).all()):
-        raise ValueError("signs: expected every value to be +1 or -1")
-    return expanded.reshape(-1, input.shape[-1])
 
 
 def on_reducer(reducer) -> dict:
@@ -300,9 +66,7 @@ def on_reducer(reducer) -> dict:
     return {} if reducer is LOCAL else {"reducer": reducer}
 
 
-
-
-class _IgnoredRows:
+class IgnoredRows:
     """Rows whose target is ignore_index: zeroed before a backend sees them, masked out of every term,
     and not counted by "mean" (which divides by at least 1, so an all-ignored batch gives 0, not NaN)."""
 
@@ -341,7 +105,7 @@ class _IgnoredRows:
         return reduce
 
 
-@_autocast_aware("input", "linear_weight", "linear_bias")
+@autocast_aware("input", "linear_weight", "linear_bias")
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                          linear_bias: Optional[Tensor] = None, p: float = 0.1,
                          explicit: bool = True, implicit: bool = True,
@@ -391,23 +155,23 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     12.6).
     """
     with distributed.checked_call(process_group, "linear_cross_entropy") as call:
-        vocab, dim = _check_head(input, linear_weight, linear_bias)
-        _check_target(target, input, None if call.sharded else vocab, ignore_index)
-        _check_reduction(reduction)
-        p = _check_probability(p)
+        vocab, dim = check_head(input, linear_weight, linear_bias)
+        check_target(target, input, None if call.sharded else vocab, ignore_index)
+        check_reduction(reduction)
+        p = check_probability(p)
         default_explicit, default_implicit = default_coefficients(p)
-        explicit_coef = _check_coefficient("explicit_coef", explicit_coef, default_explicit)
-        implicit_coef = _check_coefficient("implicit_coef", implicit_coef, default_implicit)
+        explicit_coef = check_coefficient("explicit_coef", explicit_coef, default_explicit)
+        implicit_coef = check_coefficient("implicit_coef", implicit_coef, default_implicit)
         need_explicit = bool(explicit) and explicit_coef != 0.0
         need_implicit = bool(implicit) and implicit_coef != 0.0
-        flat_signs = _flatten_signs(signs, input) if signs is not None and need_implicit else None
+        flat_signs = flatten_signs(signs, input) if signs is not None and need_implicit else None
         if signs is not None and not need_implicit:  # unused, but checked when given
-            _check_signs_type(signs)
+            check_signs_type(signs)
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse: expected a bool, got {return_lse!r}")
-        softcap = _check_softcap(softcap)
-        options = LossOptions(check_class_weight(weight, vocab, input, _checking_values()),
-                              check_label_smoothing(label_smoothing), _check_coefficient("z_loss", z_loss, 0.0),
+        softcap = check_softcap(softcap)
+        options = LossOptions(check_class_weight(weight, vocab, input, checking_values()),
+                              check_label_smoothing(label_smoothing), check_coefficient("z_loss", z_loss, 0.0),
                               return_lse, softcap)
         given_seed = seed
         if need_implicit and signs is None and seed is None and torch.compiler.is_compiling() and not call.sharded:
@@ -415,7 +179,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             flat_signs = random_signs(input.numel() // dim, dim, input.device, accumulation_dtype(input.dtype))
             seed = 0
         else:
-            seed = _checked_seed(seed, need_implicit and signs is None)
+            seed = checked_seed(seed, need_implicit and signs is None)
         if call.sharded:
             implementation = resolve_slice_backend("linear_cross_entropy", backend, input.device)
         else:
@@ -426,7 +190,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                signs is None, given_seed, *options.agreement()),
                       given=[("signs", signs if need_implicit else None)])
 
-    rows = _IgnoredRows(target, ignore_index, input.dtype)
+    rows = IgnoredRows(target, ignore_index, input.dtype)
     acc = accumulation_dtype(input.dtype)
     reducer = call.reducer
     classes = options.class_values(linear_weight, linear_bias, rows.safe_target, acc, reducer)
@@ -449,7 +213,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                   None if smoothing_weights is None else row_weight)
         if options.smoothing:
             ce = ce + options.ce_only_extra(h, classes, row_weight)
-        out_dtype = _result_dtype(input.dtype)
+        out_dtype = result_dtype(input.dtype)
         zero = torch.zeros((), dtype=out_dtype, device=input.device)
         return LinearCrossEntropyOutput(ce=ce.to(out_dtype), explicit=zero, implicit=zero,
                                         z_loss=z_value.to(out_dtype) if options.z_loss else zero)
@@ -469,7 +233,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         signs_used = eager_implicit_signs(h, flat_signs, seed, need_implicit and options.needs_signs)
         ce, quadratic, sign_term, z_term, lse = options.adjust(ce, quadratic, sign_term, mu, h, classes, signs_used,
                                                                need_explicit, need_implicit, smoothing_sum)
-    reduce = rows.reducer(reduction, _result_dtype(input.dtype))
+    reduce = rows.reducer(reduction, result_dtype(input.dtype))
     zero = reduce(torch.zeros_like(ce))
     out = LinearCrossEntropyOutput(
         ce=reduce(ce),
@@ -477,10 +241,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         implicit=reduce(implicit_coef * sign_term) if need_implicit else zero,
         z_loss=zero if z_term is None else reduce(z_term),
     )
-    return (out, rows.reducer("none", _result_dtype(input.dtype))(lse)) if return_lse else out
+    return (out, rows.reducer("none", result_dtype(input.dtype))(lse)) if return_lse else out
 
 
-@_autocast_aware("input", "linear_weight", "linear_bias")
+@autocast_aware("input", "linear_weight", "linear_bias")
 def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None,
                          reduction: str = "mean", backend: str = "auto", process_group=None) -> Tensor:
     """Per row ``sum_j h_j^2 var_j``: the softmax-Hessian quadratic form, with no coefficient.
@@ -490,20 +254,20 @@ def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: O
     vocabulary-parallel head, as in :func:`linear_cross_entropy`.
     """
     with distributed.checked_call(process_group, "explicit_regularizer") as call:
-        _check_head(input, linear_weight, linear_bias)
-        _check_reduction(reduction)
+        check_head(input, linear_weight, linear_bias)
+        check_reduction(reduction)
         if call.sharded:
             implementation = resolve_slice_backend("explicit_regularizer", backend, input.device)
         else:
             _, implementation = resolve_backend(backend, input.device)
         call.describe(input, linear_weight, linear_bias, options=(reduction,))
-    rows = _IgnoredRows(torch.zeros(input.shape[:-1], dtype=torch.long, device=input.device), -1, input.dtype)
+    rows = IgnoredRows(torch.zeros(input.shape[:-1], dtype=torch.long, device=input.device), -1, input.dtype)
     _, quadratic, _, _ = implementation.linear_ce(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias,
                                                   rows.safe_target, None, 0, True, False, **on_reducer(call.reducer))
-    return rows.reducer(reduction, _result_dtype(input.dtype))(quadratic)
+    return rows.reducer(reduction, result_dtype(input.dtype))(quadratic)
 
 
-@_autocast_aware("input1", "input2", "linear_weight", "linear_bias")
+@autocast_aware("input1", "input2", "linear_weight", "linear_bias")
 def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Tensor, target: Tensor, *,
                                linear_bias: Optional[Tensor] = None, alpha: float = 1.0,
                                ignore_index: int = -100, reduction: str = "mean",
@@ -529,14 +293,14 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
     ``process_group``, ``weight`` is this rank's slice of the class weights.
     """
     with distributed.checked_call(process_group, "rdrop_linear_cross_entropy") as call:
-        vocab, dim = _check_head(input1, linear_weight, linear_bias, name="input1")
-        _check_same_shape_device_dtype("input2", input2, "input1", input1)
-        _check_target(target, input1, None if call.sharded else vocab, ignore_index, input_name="input1")
-        _check_reduction(reduction)
-        alpha = _check_coefficient("alpha", alpha, 1.0)
-        softcap = _check_softcap(softcap)
-        options = LossOptions(check_class_weight(weight, vocab, input1, _checking_values()),
-                              check_label_smoothing(label_smoothing), _check_coefficient("z_loss", z_loss, 0.0),
+        vocab, dim = check_head(input1, linear_weight, linear_bias, name="input1")
+        check_same_shape_device_dtype("input2", input2, "input1", input1)
+        check_target(target, input1, None if call.sharded else vocab, ignore_index, input_name="input1")
+        check_reduction(reduction)
+        alpha = check_coefficient("alpha", alpha, 1.0)
+        softcap = check_softcap(softcap)
+        options = LossOptions(check_class_weight(weight, vocab, input1, checking_values()),
+                              check_label_smoothing(label_smoothing), check_coefficient("z_loss", z_loss, 0.0),
                               softcap=softcap)
         if call.sharded:
             implementation = resolve_slice_backend("rdrop_linear_cross_entropy", backend, input1.device)
@@ -546,8 +310,8 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
         call.describe(torch.stack([input1.detach(), input2.detach()]) if call.sharded else input1, linear_weight,
                       linear_bias, target=target, classes=[("target", target, target != ignore_index)],
                       options=(reduction, alpha, ignore_index, *options.agreement()))
-    rows = _IgnoredRows(target, ignore_index, input1.dtype)
-    out_dtype = _result_dtype(input1.dtype)
+    rows = IgnoredRows(target, ignore_index, input1.dtype)
+    out_dtype = result_dtype(input1.dtype)
     reduce_kl = rows.reducer(reduction, out_dtype)  # before count_weighted: the KL's mean counts rows
     z_term = None
     h1, h2 = rows.zero_ignored(input1), rows.zero_ignored(input2)

@@ -25,6 +25,13 @@ Names used for docs/math.md's quantities in every backend (Python, Triton, C++),
   gradient is ``G = s * (row_const + t) - g_ce [v = y]``.
 * ``st_T_stack = S^T [T | gR' q]`` (per vocabulary entry, 2d): grad_W's modulation terms.
 * R-Drop: ``D = z1 - z2``, ``expected_d = E_p[D]`` per pass.
+* A softcapped head (docs/math.md 3.6): ``softcap``; per logit ``c = dz/draw``, ``z2``, ``z3`` (higher
+  derivatives), ``phi = c^2 + z2``, ``psi = c phi + 2 c z2 + z3``; per row ``M1 = E_s[c W]`` (in mu's place),
+  ``M2 = E_s[phi W*W]``, ``Q = gR' q`` (the capped ``g_r_q``), ``amount`` (what G loses at the target).
+* Label smoothing on a capped head (3.7): ``omega = (eps / V) w`` per class, ``S = sum_v omega_v z_v`` per row
+  (``smoothing_sum``).
+* A vocabulary slice: ``owned`` (per row, whether the slice holds the row's class), ``safe`` (the class's index in
+  the slice, 0 where not owned), ``picked`` (per-row values only the owning slice gives, summed over slices).
 """
 from __future__ import annotations
 

@@ -18,212 +18,29 @@ R-Drop and softmax_mean run on the same loops; cross entropy alone under "mean"/
 """
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch.profiler import record_function
 
-from ._op_family import first_order_only
-from ._policy import workspace_bytes
-from .gemm import OperandTypes, as_operand, mm, operand_types
-from .plan import DEFAULT_PLAN, BlockPlan
+from .chunk_buffers import (ChunkBuffers, grad_weight_buffer, squares_scale, stacked_weights, store_chunk,
+                            top_class_buffer)
+from .gemm import as_operand, mm, operand_types
+from .plan import DEFAULT_PLAN, BlockPlan, ce_chunks, default_chunks
 from .rows import RowModulation, SliceStatistics, logit_shift, row_modulation, softmax_mean_modulation, target_logit
-from .streamed import StreamedPasses, add_ce_loss, ce_only_blocks, finish_statistics, online_state, spans
-
-CHUNK_ALIGN = 256  # chunk widths are multiples of this (whole GEMM and epilogue tiles), except the last
-MIN_CHUNK = 1024  # below this the GEMMs get thin; rows are split into blocks instead
+from .streamed import StreamedPasses, add_ce_loss, finish_statistics, online_state
+from .tiles import spans
+from .torch_epilogues import TorchEpilogues, epilogues_for
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Epilogues: the elementwise work on one chunk. Triton's (dropreg/triton/epilogues.py) have the same signatures.
 # ---------------------------------------------------------------------------------------------------------
 
-class TorchEpilogues:
-    """The chunk epilogues in PyTorch: any device, and the definition the Triton kernels are tested against."""
-
-    name = "torch"
-
-    @staticmethod
-    def softmax_chunk(z, bias, running_max, running_sum, mass, probs, keep_top, *, keep_logits=False):
-        """Absorbs the logit chunk ``z + bias`` (R x C, accumulation dtype) into the online softmax, in place.
-
-        Updates ``running_max``, ``running_sum`` (exact ``sum exp(z - max)``) and, when ``probs`` (R x C, operand
-        dtype) is given, writes ``probs = exp(z + b - new_max)`` rounded to its dtype and adds the sum of what was
-        written to ``mass``. With ``keep_top`` each row's largest entry is written as 0 and counted in ``mass``
-        exactly instead. Returns ``(rescale, top_p, top_col)`` per row: the factor for what earlier chunks
-        accumulated, the kept-out probability ``exp(chunk max - new max)`` and its column. ``z`` is overwritten
-        unless ``keep_logits``."""
-        if keep_logits:
-            z = z.clone()
-        if bias is not None:
-            z += bias.to(z.dtype)
-        chunk_max, top_col = z.max(dim=1)
-        new_max = torch.maximum(running_max, chunk_max)
-        shift = logit_shift(new_max)
-        rescale = torch.exp(running_max - shift)
-        e = z.sub_(shift[:, None]).exp_()
-        running_sum.mul_(rescale).add_(e.sum(dim=1))
-        top_p = torch.exp(chunk_max - shift)
-        if probs is not None:
-            if keep_top:
-                e.scatter_(1, top_col[:, None], 0.0)
-            probs.copy_(e)
-            mass.mul_(rescale).add_(probs.sum(dim=1, dtype=mass.dtype))
-            if keep_top:
-                mass.add_(top_p)
-        running_max.copy_(new_max)
-        return rescale, top_p, top_col
-
-    @staticmethod
-    def gradient_chunk(z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None):
-        """The logit gradient of one chunk into ``out`` (operand dtype): rows ``[0, R)`` get
-        ``G = s (row_const + t) - g_ce [col = target_col]`` with ``s = exp(z + b - lse)``, rows ``[R, 2R)`` get ``S``
-        when ``out`` has them (the modulated backward needs S for grad_W). ``t`` None: ``G = s row_const - ...``;
-        ``target_col`` None: no target (softmax_mean). ``top_col``/``t_top``: per row, a column whose ``t`` is
-        replaced by the exact ``t_top`` (the row's dominant class, docs/math.md 7.3); columns outside the chunk
-        change nothing. ``z`` and ``t`` are overwritten."""
-        rows = z.shape[0]
-        if top_col is not None:
-            _replace_at(t, top_col, t_top)
-        if bias is not None:
-            z += bias.to(z.dtype)
-        probs = z.sub_(lse[:, None]).exp_()
-        if out.shape[0] > rows:
-            out[rows:].copy_(probs)
-        g = probs.mul_(row_const[:, None]) if t is None else t.add_(row_const[:, None]).mul_(probs)
-        if target_col is not None:
-            in_chunk = (target_col >= 0) & (target_col < z.shape[1])
-            g.scatter_add_(1, target_col.clamp(0, z.shape[1] - 1)[:, None],
-                           torch.where(in_chunk, -g_ce, torch.zeros_like(g_ce))[:, None])
-        out[:rows].copy_(g)
-
-    @staticmethod
-    def rdrop_softmax_chunk(z1, z2, bias, running_max, running_sum, weighted_d):
-        """R-Drop's forward epilogue, in place on the (2, R) states: per pass i the online softmax of ``z_i + b``
-        and ``B_i = sum exp(z_i + b - max_i) D`` with ``D = z1 - z2`` (the bias cancels in D)."""
-        diff = z1 - z2
-        for i, z in enumerate((z1, z2)):
-            if bias is not None:
-                z += bias.to(z.dtype)
-            new_max = torch.maximum(running_max[i], z.amax(dim=1))
-            shift = logit_shift(new_max)
-            rescale = torch.exp(running_max[i] - shift)
-            e = z.sub_(shift[:, None]).exp_()
-            running_sum[i] = running_sum[i] * rescale + e.sum(dim=1)
-            weighted_d[i] = weighted_d[i] * rescale + (e * diff).sum(dim=1)
-            running_max[i] = new_max
-
-    @staticmethod
-    def rdrop_gradient_chunk(z1, z2, bias, lse, expected_d, g_ce1, g_ce2, half_kl, target_col, out):
-        """R-Drop's logit gradients of one chunk (docs/math.md 9.3) into ``out`` (2R x C, operand dtype): G1 in rows
-        ``[0, R)``, G2 in ``[R, 2R)``. ``z1``, ``z2`` are overwritten."""
-        rows = z1.shape[0]
-        diff = z1 - z2
-        if bias is not None:
-            z1 += bias.to(z1.dtype)
-            z2 += bias.to(z2.dtype)
-        p1 = z1.sub_(lse[0][:, None]).exp_()
-        p2 = z2.sub_(lse[1][:, None]).exp_()
-        k = half_kl[:, None]
-        g1 = p1 * (g_ce1[:, None] + k * (diff - expected_d[0][:, None] + 1)) - k * p2
-        g2 = p2 * (g_ce2[:, None] - k * (diff - expected_d[1][:, None] - 1)) - k * p1
-        in_chunk = (target_col >= 0) & (target_col < z1.shape[1])
-        col = target_col.clamp(0, z1.shape[1] - 1)[:, None]
-        for g, g_ce in ((g1, g_ce1), (g2, g_ce2)):
-            g.scatter_add_(1, col, torch.where(in_chunk, -g_ce, torch.zeros_like(g_ce))[:, None])
-        out[:rows].copy_(g1)
-        out[rows:].copy_(g2)
-
-
-def _replace_at(values, cols, replacement):
-    """``values[i, cols[i]] = replacement[i]`` for the rows whose column lies in ``[0, values.shape[1])``."""
-    inside = (cols >= 0) & (cols < values.shape[1])
-    safe = cols.clamp(0, values.shape[1] - 1)[:, None]
-    values.scatter_(1, safe, torch.where(inside, replacement, values.gather(1, safe).squeeze(1))[:, None])
-
-
-def epilogues_for(device: torch.device, dtype: torch.dtype, choice=None):
-    """The epilogues a plan names (``choice``: "torch" or "triton"), or by default the Triton ones for CUDA tensors
-    accumulated in fp32 and PyTorch's elsewhere (fp64 problems, CPU tensors)."""
-    if choice == "triton" or (choice is None and device.type == "cuda" and operand_types(dtype).acc == torch.float32):
-        from .triton import epilogues as triton_epilogues  # imported on first use: triton is optional
-
-        return triton_epilogues.TRITON_EPILOGUES
-    return TorchEpilogues
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Block plan: how many rows and vocabulary entries one chunk holds (docs/math.md 7.2, 7.3)
 # ---------------------------------------------------------------------------------------------------------
-
-def chunk_bytes_per_entry(types: OperandTypes, device: torch.device, stacked_outputs: int = 2) -> int:
-    """Workspace bytes per (row, chunk entry): the backward's two fp32 products (Z and t) and ``stacked_outputs``
-    operand-dtype epilogue outputs ([G; S]), which outweigh the forward's Z and P. On a CPU :func:`mm` upcasts narrow
-    operands, one more accumulation-dtype copy of the epilogue outputs."""
-    acc_size = types.acc.itemsize
-    per_entry = 2 * acc_size + stacked_outputs * types.backward.itemsize
-    if device.type != "cuda" and types.backward != types.acc:
-        per_entry += stacked_outputs * acc_size
-    return per_entry
-
-
-def chunk_plan(n_rows: int, vocab: int, bytes_per_entry: int, device: torch.device) -> tuple[int, int]:
-    """``(rows per block, vocabulary chunk)``: all rows and the widest multiple of CHUNK_ALIGN entries that fit the
-    workspace, or, when fewer than MIN_CHUNK entries would fit, chunks of MIN_CHUNK and as many rows as fit."""
-    budget = workspace_bytes(device)
-    n_rows, vocab = max(1, n_rows), max(1, vocab)
-    chunk = budget // (n_rows * bytes_per_entry)
-    if chunk >= vocab:
-        return n_rows, vocab
-    if chunk >= MIN_CHUNK:
-        return n_rows, chunk // CHUNK_ALIGN * CHUNK_ALIGN
-    chunk = min(vocab, MIN_CHUNK)
-    return max(1, min(n_rows, budget // (chunk * bytes_per_entry))), chunk
-
-
-@dataclass
-class ChunkBuffers:
-    """The workspace of one call: flat buffers viewed as contiguous R x C (or 2R x C) matrices per chunk."""
-    logits: torch.Tensor
-    second: Optional[torch.Tensor]  # t (linear_ce backward) or z2 (R-Drop), accumulation dtype
-    outputs: Optional[torch.Tensor]  # probs (forward) or [G; S] / [G1; G2] (backward), operand dtype
-
-    @staticmethod
-    def allocate(row_block, vocab_chunk, acc, operand, device, *, second, outputs):
-        entries = row_block * vocab_chunk
-        return ChunkBuffers(torch.empty(entries, dtype=acc, device=device),
-                            torch.empty(entries, dtype=acc, device=device) if second else None,
-                            torch.empty(outputs * entries, dtype=operand, device=device) if outputs else None)
-
-    @staticmethod
-    def view(flat, rows, cols):
-        return flat[:rows * cols].view(rows, cols)
-
-
-def _stacked_weights(w, with_squares, dtype, square_scale=None):
-    """``[W_c | W_c*W_c]`` (or ``W_c``) as an operand: the square is rounded once to ``dtype``, as a tensor core
-    would see it (a bf16 product of bf16 values is the exact square rounded); with ``square_scale`` (see
-    :func:`_square_scale`) the exact square times that power of two, rounded once."""
-    w_op = as_operand(w, dtype)
-    if not with_squares:
-        return w_op
-    if square_scale is None:
-        return torch.cat([w_op, w_op * w_op], dim=1)
-    return torch.cat([w_op, as_operand(w.to(square_scale.dtype).square() * square_scale, dtype)], dim=1)
-
-
-def _square_scale(weight, types, need_m2):
-    """The power of two that the fp16 forward's W*W operand is multiplied by (m2 is divided by it afterwards, both
-    exact), or None. fp16's range is too narrow for the squares: |W| >= 256 overflows (256^2 > 65504) and
-    |W| < 2^-7 lands among the subnormals; scaled, the largest square lies in [2^14, 2^15). bf16 has fp32's range."""
-    if not need_m2 or types.forward != torch.float16:
-        return None
-    peak = weight.detach().abs().amax().to(types.acc)
-    exponent = torch.floor(torch.log2(peak * peak)).clamp(-100, 100)  # an all-zero W gives -inf: clamped
-    return torch.exp2(14 - exponent)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,7 +71,7 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     narrow = types.forward != acc  # probabilities rounded for the moment GEMMs: normalize by what was rounded
     keep_top = narrow and keep_top
     # the moments' m2 half holds m2 * square_scale
-    square_scale = _square_scale(weight, types, need_m2) if scale_squares else None
+    square_scale = squares_scale(weight, types, need_m2) if scale_squares else None
     for r0, r1 in spans(n_rows, row_block):
         rows = r1 - r0
         h_op = as_operand(h[r0:r1], types.forward)
@@ -290,7 +107,7 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
                     if need_m2:
                         top_square = w_top * w_top if square_scale is None else w_top * w_top * square_scale
                         block_moments[:, dim:].addcmul_(top_p[:, None], top_square)
-                mm(probs, _stacked_weights(w, need_m2, types.forward, square_scale), acc, out=block_moments,
+                mm(probs, stacked_weights(w, need_m2, types.forward, square_scale), acc, out=block_moments,
                    accumulate=True)
         row_max[r0:r1] = running_max
         exp_sum[r0:r1] = running_sum
@@ -339,7 +156,7 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
             z = mm(h_op, w_op.T, acc, out=ChunkBuffers.view(buffers.logits, n_rows, cols))
             t = None
             if modulated:
-                t = mm(t_op, _stacked_weights(weight[v0:v1], with_squares, types.backward).T, acc,
+                t = mm(t_op, stacked_weights(weight[v0:v1], with_squares, types.backward).T, acc,
                        out=ChunkBuffers.view(buffers.second, n_rows, cols))
         out = ChunkBuffers.view(buffers.outputs, (2 if modulated else 1) * n_rows, cols)
         with record_function("dropreg::gradient_epilogue"):
@@ -355,26 +172,10 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
                 g_w = mm(out.T, stacked_rows, acc)
                 if with_squares:
                     g_w.addcmul_(weight[v0:v1].to(acc), mm(out[n_rows:].T, g_r_q_op, acc), value=2.0)
-                _store_chunk(grad_w, v0, v1, g_w, overwrite_w)
+                store_chunk(grad_w, v0, v1, g_w, overwrite_w)
         if grad_b is not None:
             grad_b[v0:v1] += g.sum(dim=0, dtype=acc)
     return grad_h_block
-
-
-def _store_chunk(grad_w, v0, v1, g_w, overwrite):
-    """A chunk's grad_W rows: written (one row block: each chunk once) or added to the fp32 buffer."""
-    if overwrite:
-        grad_w[v0:v1].copy_(g_w)
-    else:
-        grad_w[v0:v1] += g_w
-
-
-def _grad_weight_buffer(weight, acc, n_row_blocks):
-    """grad_W in the weight's dtype when one row block writes each chunk once (no V x d fp32 copy), else in the
-    accumulation dtype."""
-    if n_row_blocks == 1:
-        return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device), True
-    return torch.zeros(weight.shape, dtype=acc, device=weight.device), False
 
 
 def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
@@ -392,7 +193,7 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
     modulated = need_explicit or need_implicit
     grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
     grad_h_rows = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-    grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
+    grad_w, overwrite_w = (grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
                            else (None, False))
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
     if owns_target is not None:
@@ -436,7 +237,7 @@ def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_ch
     acc = types.acc
     n_rows, dim = h.shape
     grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-    grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
+    grad_w, overwrite_w = (grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
                            else (None, False))
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
@@ -492,7 +293,7 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
     n_rows, dim = h1.shape
     grad_ce1, grad_ce2, grad_kl = (g.to(acc) for g in (grad_ce1, grad_ce2, grad_kl))
     grad_h = torch.zeros(2, n_rows, dim, dtype=acc, device=h1.device)
-    grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
+    grad_w, overwrite_w = (grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
                            else (None, False))
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h1.device) if want_b else None
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc, types.backward,
@@ -516,26 +317,15 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
                 mm(out[rows:], w_op, acc, out=grad_h[1, r0:r1], accumulate=True)
             if want_w:
                 g_w = mm(out.T, stacked_rows, acc)
-                _store_chunk(grad_w, v0, v1, g_w, overwrite_w)
+                store_chunk(grad_w, v0, v1, g_w, overwrite_w)
             if want_b:
                 grad_b[v0:v1] += out.sum(dim=0, dtype=acc)
     return grad_h, grad_w, grad_b
 
 
-def top_class_buffer(h, modulated):
-    """Where the forward records each row's dominant class, when the backward's operands are narrow (else None)."""
-    if not modulated or operand_types(h.dtype).backward == operand_types(h.dtype).acc:
-        return None
-    return torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The backend's functions (dropreg/_dispatch.py)
 # ---------------------------------------------------------------------------------------------------------
-
-def default_chunks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """``(rows per block, vocabulary chunk)`` of a call whose plan leaves them open."""
-    return chunk_plan(n_rows, vocab, chunk_bytes_per_entry(operand_types(dtype), device), device)
 
 
 def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight=None, *,
@@ -555,7 +345,7 @@ def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_c
     device = h.device
     loss = torch.zeros(2, dtype=acc, device=device)
     grad_h = torch.empty(n_rows, dim, dtype=acc, device=device) if want_h else None
-    grad_w, overwrite_w = (_grad_weight_buffer(weight, acc, math.ceil(n_rows / block_rows)) if want_w
+    grad_w, overwrite_w = (grad_weight_buffer(weight, acc, math.ceil(n_rows / block_rows)) if want_w
                            else (None, False))
     grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
     chunks = list(spans(vocab, vocab_chunk))
@@ -591,19 +381,12 @@ def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_c
                 mm(g, as_operand(weight[v0:v1], types.backward), acc, out=grad_h_block, accumulate=True)
             if want_w:
                 g_w = mm(g.T, h_backward, acc)
-                _store_chunk(grad_w, v0, v1, g_w, overwrite_w)
+                store_chunk(grad_w, v0, v1, g_w, overwrite_w)
             if want_b:
                 grad_b[v0:v1] += g.sum(dim=0, dtype=acc)
         if want_h:
             grad_h[r0:r1] = grad_h_block
     return loss, grad_h, grad_w, grad_b
-
-
-def ce_chunks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """The CE-only path's blocks: as many rows as the workspace holds whole logit rows of, and chunks at least
-    8 * MIN_CHUNK entries wide (the streamed driver's CPU-sized chunks would make thin GPU products)."""
-    block_rows, vocab_chunk = ce_only_blocks(n_rows, vocab, dtype, device)
-    return block_rows, max(vocab_chunk, min(vocab, 8 * MIN_CHUNK))
 
 
 class ChunkedPasses(StreamedPasses):

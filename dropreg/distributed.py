@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import zlib
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,9 +29,23 @@ from torch import Tensor
 from . import streamed
 from .reducers import LOCAL, Shard, SliceReducer, count_communication, log_payload  # noqa: F401 (re-exported)
 
-# How long the handshake waits for every rank. A rank that did not pass process_group (or never calls) is only
-# noticed when this expires.
+# How long the handshake waits for every rank by default. A rank that did not pass process_group (or never calls) is
+# only noticed when this expires.
 HANDSHAKE_TIMEOUT_S = 60.0
+_handshake_timeout_s = HANDSHAKE_TIMEOUT_S
+
+
+def set_handshake_timeout(seconds: float | None) -> float:
+    """How long every sharded call's handshake waits for the other ranks (``None``: back to
+    :data:`HANDSHAKE_TIMEOUT_S`); returns the previous value."""
+    global _handshake_timeout_s
+    previous = _handshake_timeout_s
+    if seconds is None:
+        seconds = HANDSHAKE_TIMEOUT_S
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"seconds: expected a positive number of seconds or None, got {seconds!r}")
+    _handshake_timeout_s = float(seconds)
+    return previous
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OPS = ("linear_cross_entropy", "explicit_regularizer", "rdrop_linear_cross_entropy", "softmax_mean",
@@ -114,11 +127,11 @@ class _Call:
         log_payload("handshake", mine)
         work = dist.all_gather(gathered, mine, group=self.group, async_op=True)
         try:
-            work.wait(timeout=datetime.timedelta(seconds=HANDSHAKE_TIMEOUT_S))
+            work.wait(timeout=datetime.timedelta(seconds=_handshake_timeout_s))
         except RuntimeError as error:
             raise RuntimeError(
                 f"dropreg.{self.op}(process_group=...): rank {rank} got no answer from every rank of the group "
-                f"within {HANDSHAKE_TIMEOUT_S:g} s. Every rank must make the same dropreg call with process_group "
+                f"within {_handshake_timeout_s:g} s. Every rank must make the same dropreg call with process_group "
                 f"(did a rank pass process_group=None, or call a different function?). Cause: {error}") from None
         table = [dict(zip(_HEADER_FIELDS, row.tolist())) for row in gathered]
         failed = [r for r, row in enumerate(table) if row["failed"]]

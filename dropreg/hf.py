@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._api import LinearCrossEntropyOutput, linear_cross_entropy, results_in
+from ._api import LinearCrossEntropyOutput, linear_cross_entropy
+from ._autocast import results_in
 
 IGNORE_INDEX = -100  # HF's causal-LM loss ignores this label
 _BASE_NAMES = ("model", "transformer", "gpt_neox", "decoder", "language_model")

@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._api import (LinearCrossEntropyOutput, RDropOutput, _check_coefficient, _check_probability, _check_reduction,
-                   linear_cross_entropy, rdrop_linear_cross_entropy)
+from ._api import LinearCrossEntropyOutput, RDropOutput, linear_cross_entropy, rdrop_linear_cross_entropy
+from ._checks import check_coefficient, check_probability, check_reduction
 from ._dispatch import check_backend_name
 
 
@@ -26,10 +26,10 @@ _NARROW_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32)
 def _check_module_options(p=None, alpha=None, reduction="mean", backend="auto") -> None:
     """Refuse bad constructor arguments when the module is built, not at its first forward."""
     if p is not None:
-        _check_probability(p)
+        check_probability(p)
     if alpha is not None:
-        _check_coefficient("alpha", alpha, 1.0)
-    _check_reduction(reduction)
+        check_coefficient("alpha", alpha, 1.0)
+    check_reduction(reduction)
     check_backend_name(backend)
 
 
@@ -163,7 +163,7 @@ class DropoutSite(nn.Module):
 
     def __init__(self, p: float = 0.1):
         super().__init__()
-        self.p = _check_probability(p)
+        self.p = check_probability(p)
         self.recorded: list[Tensor] = []
 
     def forward(self, input: Tensor) -> Tensor:

@@ -29,103 +29,116 @@ def _in_dtype(grad, like):
 
 
 class Terms(torch.autograd.Function):
-    """Per-row ``(ce, quadratic, sign_term, mu)`` of an uncapped head (mu None when neither term is on).
-    Forward: the statistics pass (lse, mu, var) and the target's pieces, merged over the slices; backward: the
-    gradient sweep, its grad_input summed over the slices."""
+    """Per-row ``(ce, quadratic, sign_term, mu, S)`` of a head, uncapped or softcapped (``softcap`` None or a float).
+    Forward: the statistics pass and the target's pieces, merged over the slices (the target's from the slice that
+    owns it, docs/math.md 12.6); backward: the gradient sweep, its grad_input summed over the slices.
 
-    @staticmethod
-    def forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, passes, reducer):
-        acc = accumulation_dtype(h.dtype)
-        with record_function("dropreg::forward_stats"):
-            stats = passes.statistics(h, weight, bias, need_mu=need_explicit or need_implicit, need_m2=need_explicit)
-        safe, owned = reducer.localize(target)
-        hc = h.to(acc)
-        target_rows = weight[safe].to(acc)
-        z_target = (hc * target_rows).sum(1)
-        if bias is not None:
-            z_target = z_target + bias[safe].to(acc)
-        picked = [z_target]
-        if need_implicit and owned is not None:  # u . W_y from the owning slice
-            picked.append((signs * hc * target_rows).sum(1))
-        lse, mu, var, picked = reducer.merge_moments(stats, rows.owned_only(owned, picked))
-        target_part = target_rows if owned is None else picked[-1]
-        ce, quadratic, sign_term = rows.terms(hc, signs, lse, mu, var, picked[0], target_part, need_explicit,
-                                              need_implicit)
-        ctx.save_for_backward(h, weight, bias, safe, owned, signs, lse, mu, var, stats.extra)
-        ctx.options = (need_explicit, need_implicit, passes, reducer)
-        return ce, quadratic, sign_term, mu
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu):
-        h, weight, bias, safe, owned, signs, lse, mu, var, extra = ctx.saved_tensors
-        need_explicit, need_implicit, passes, reducer = ctx.options
-        zero = torch.zeros_like(lse)
-        upstream = [zero if g is None else g for g in (grad_ce, grad_quadratic, grad_sign_term)]
-        grad_h_vocab, grad_h_rows, grad_w, grad_b = passes.terms_sweep(
-            h, weight, bias, safe, owned, signs, lse, mu, var, *upstream, grad_mu, need_explicit, need_implicit,
-            ctx.needs_input_grad[:3], extra)
-        grad_h = None
-        if grad_h_vocab is not None:
-            grad_h = reducer.sum_partial(grad_h_vocab)
-            grad_h = (grad_h if grad_h_rows is None else grad_h + grad_h_rows).to(h.dtype)
-        return grad_h, _in_dtype(grad_w, weight), _in_dtype(grad_b, bias), None, None, None, None, None, None
-
-
-class CappedTerms(torch.autograd.Function):
-    """Per-row ``(ce, quadratic, sign_term, M1, S)`` of a softcapped head (docs/math.md 3.6): the capped statistics
-    merge like the uncapped moments, the target's pieces come from the slice that owns it (12.6), and label
-    smoothing's ``S = sum_v omega_v z_v`` (``omega``: this slice's weights; zeros without them) is the sum of the
-    slices' parts (3.7)."""
+    Uncapped, mu (None when neither term is on) is ``E_s[W]`` and the statistics are lse, mu, var (6.1). Capped
+    (3.6), mu is ``M1`` and the statistics lse, M1, M2; ``S = sum_v omega_v z_v`` is label smoothing's part (3.7),
+    summed over the slices (``omega``: this slice's weights; zeros without them, and always zeros uncapped)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, target, signs, omega, softcap, need_explicit, need_implicit, passes, reducer):
-        acc = accumulation_dtype(h.dtype)
-        with record_function("dropreg::softcap_forward_stats"):
-            lse, m1, m2, smoothing_sum = passes.capped_statistics(h, weight, bias, softcap,
-                                                                  need_explicit or need_implicit, need_explicit, omega)
-        safe, owned = reducer.localize(target)
-        hc = h.to(acc)
-        picked = [rows.target_logit(hc, weight, bias, safe, acc)]
-        picked += [p for p in rows.target_products(hc, weight[safe].to(acc), signs, need_explicit, need_implicit)
-                   if p is not None]
-        picked = rows.owned_only(owned, picked)
-        lse, moments, picked = reducer.merge(lse, [m for m in (m1, m2) if m is not None],
-                                             picked + ([] if smoothing_sum is None else [smoothing_sum]))
-        smoothing_sum = torch.zeros_like(lse) if smoothing_sum is None else picked.pop()
-        m1, m2 = (moments + [None, None])[:2]
-        y = rows.TargetValues(picked[0], picked[1] if need_explicit else None,
-                              picked[-1] if need_implicit else None, softcap)
-        ctx.save_for_backward(h, weight, bias, safe, owned, signs, omega, lse, m1, m2)
-        ctx.options = (softcap, y, need_explicit, need_implicit, passes, reducer)
-        return (*rows.capped_terms(hc, signs, lse, m1, m2, y, need_explicit, need_implicit), m1, smoothing_sum)
+        ctx.options = (softcap, need_explicit, need_implicit, passes, reducer)
+        if softcap is None:
+            return _uncapped_forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, passes,
+                                     reducer)
+        return _capped_forward(ctx, h, weight, bias, target, signs, omega, softcap, need_explicit, need_implicit,
+                               passes, reducer)
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_m1, grad_smoothing_sum):
-        h, weight, bias, safe, owned, signs, omega, lse, m1, m2 = ctx.saved_tensors
-        softcap, y, need_explicit, need_implicit, passes, reducer = ctx.options
-        acc = lse.dtype
-        hc = h.to(acc)
-        upstream = [torch.zeros_like(lse) if g is None else g.to(acc)
-                    for g in (grad_ce, grad_quadratic, grad_sign_term)]
-        row_const, amount, T_vec, Q, direct_h = rows.capped_backward_rows(hc, signs, m1, m2, y, upstream, grad_m1,
-                                                                          need_explicit, need_implicit)
-        # Only the owning slice subtracts at the target (safe is its class 0 elsewhere, with amount 0).
-        (amount,) = rows.owned_only(owned, [amount])
-        grad_h, grad_w, grad_b = passes.capped_sweep(h, weight, bias, softcap, lse, safe, amount, row_const, T_vec,
-                                                     Q, ctx.needs_input_grad[:3], omega,
-                                                     rows.smoothing_upstream(omega, grad_smoothing_sum, lse))
-        # The target row's own terms, on the rows whose target this slice owns.
-        to_h, to_w = rows.capped_target_row_gradients(hc, signs, weight[safe].to(acc), y, upstream, need_explicit,
-                                                      need_implicit)
-        if owned is not None:
-            to_h, to_w = (g * owned.to(acc)[:, None] for g in (to_h, to_w))
-        if grad_h is not None:
-            grad_h = (reducer.sum_partial(grad_h + to_h) + direct_h).to(h.dtype)
-        if grad_w is not None:
-            grad_w = grad_w.index_add(0, safe, to_w).to(weight.dtype)
-        return grad_h, grad_w, _in_dtype(grad_b, bias), None, None, None, None, None, None, None, None
+    def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu, grad_smoothing_sum):
+        if ctx.options[0] is None:
+            grads = _uncapped_backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu)
+        else:
+            grads = _capped_backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu, grad_smoothing_sum)
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def _uncapped_forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, passes, reducer):
+    acc = accumulation_dtype(h.dtype)
+    with record_function("dropreg::forward_stats"):
+        stats = passes.statistics(h, weight, bias, need_mu=need_explicit or need_implicit, need_m2=need_explicit)
+    safe, owned = reducer.localize(target)
+    hc = h.to(acc)
+    target_rows = weight[safe].to(acc)
+    z_target = (hc * target_rows).sum(1)
+    if bias is not None:
+        z_target = z_target + bias[safe].to(acc)
+    picked = [z_target]
+    if need_implicit and owned is not None:  # u . W_y from the owning slice
+        picked.append((signs * hc * target_rows).sum(1))
+    lse, mu, var, picked = reducer.merge_moments(stats, rows.owned_only(owned, picked))
+    target_part = target_rows if owned is None else picked[-1]
+    ce, quadratic, sign_term = rows.terms(hc, signs, lse, mu, var, picked[0], target_part, need_explicit,
+                                          need_implicit)
+    ctx.save_for_backward(h, weight, bias, safe, owned, signs, lse, mu, var, stats.extra)
+    return ce, quadratic, sign_term, mu, torch.zeros_like(ce)
+
+
+def _uncapped_backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu):
+    h, weight, bias, safe, owned, signs, lse, mu, var, extra = ctx.saved_tensors
+    _, need_explicit, need_implicit, passes, reducer = ctx.options
+    zero = torch.zeros_like(lse)
+    upstream = [zero if g is None else g for g in (grad_ce, grad_quadratic, grad_sign_term)]
+    grad_h_vocab, grad_h_rows, grad_w, grad_b = passes.terms_sweep(
+        h, weight, bias, safe, owned, signs, lse, mu, var, *upstream, grad_mu, need_explicit, need_implicit,
+        ctx.needs_input_grad[:3], extra)
+    grad_h = None
+    if grad_h_vocab is not None:
+        grad_h = reducer.sum_partial(grad_h_vocab)
+        grad_h = (grad_h if grad_h_rows is None else grad_h + grad_h_rows).to(h.dtype)
+    return grad_h, _in_dtype(grad_w, weight), _in_dtype(grad_b, bias)
+
+
+def _capped_forward(ctx, h, weight, bias, target, signs, omega, softcap, need_explicit, need_implicit, passes,
+                    reducer):
+    acc = accumulation_dtype(h.dtype)
+    with record_function("dropreg::softcap_forward_stats"):
+        lse, m1, m2, smoothing_sum = passes.capped_statistics(h, weight, bias, softcap, need_explicit or need_implicit,
+                                                              need_explicit, omega)
+    safe, owned = reducer.localize(target)
+    hc = h.to(acc)
+    picked = [rows.target_logit(hc, weight, bias, safe, acc)]
+    picked += [p for p in rows.target_products(hc, weight[safe].to(acc), signs, need_explicit, need_implicit)
+               if p is not None]
+    picked = rows.owned_only(owned, picked)
+    lse, moments, picked = reducer.merge(lse, [m for m in (m1, m2) if m is not None],
+                                         picked + ([] if smoothing_sum is None else [smoothing_sum]))
+    smoothing_sum = torch.zeros_like(lse) if smoothing_sum is None else picked.pop()
+    m1, m2 = (moments + [None, None])[:2]
+    y = rows.TargetValues(picked[0], picked[1] if need_explicit else None, picked[-1] if need_implicit else None,
+                          softcap)
+    ctx.save_for_backward(h, weight, bias, safe, owned, signs, omega, lse, m1, m2)
+    ctx.target_values = y
+    return (*rows.capped_terms(hc, signs, lse, m1, m2, y, need_explicit, need_implicit), m1, smoothing_sum)
+
+
+def _capped_backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_m1, grad_smoothing_sum):
+    h, weight, bias, safe, owned, signs, omega, lse, m1, m2 = ctx.saved_tensors
+    softcap, need_explicit, need_implicit, passes, reducer = ctx.options
+    y = ctx.target_values
+    acc = lse.dtype
+    hc = h.to(acc)
+    upstream = [torch.zeros_like(lse) if g is None else g.to(acc) for g in (grad_ce, grad_quadratic, grad_sign_term)]
+    row_const, amount, T_vec, Q, direct_h = rows.capped_backward_rows(hc, signs, m1, m2, y, upstream, grad_m1,
+                                                                      need_explicit, need_implicit)
+    # Only the owning slice subtracts at the target (safe is its class 0 elsewhere, with amount 0).
+    (amount,) = rows.owned_only(owned, [amount])
+    grad_h, grad_w, grad_b = passes.capped_sweep(h, weight, bias, softcap, lse, safe, amount, row_const, T_vec, Q,
+                                                 ctx.needs_input_grad[:3], omega,
+                                                 rows.smoothing_upstream(omega, grad_smoothing_sum, lse))
+    # The target row's own terms, on the rows whose target this slice owns.
+    to_h, to_w = rows.capped_target_row_gradients(hc, signs, weight[safe].to(acc), y, upstream, need_explicit,
+                                                  need_implicit)
+    if owned is not None:
+        to_h, to_w = (g * owned.to(acc)[:, None] for g in (to_h, to_w))
+    if grad_h is not None:
+        grad_h = (reducer.sum_partial(grad_h + to_h) + direct_h).to(h.dtype)
+    if grad_w is not None:
+        grad_w = grad_w.index_add(0, safe, to_w).to(weight.dtype)
+    return grad_h, grad_w, _in_dtype(grad_b, bias)
 
 
 class RDrop(torch.autograd.Function):
@@ -224,7 +237,8 @@ def linear_ce(passes, input, weight, bias, target, signs, seed, need_explicit, n
     head's classes (global ones on a sliced head)."""
     input, weight, bias = passes.operands(input, weight, bias)
     signs = rows.implicit_signs(input, signs, seed, need_implicit)
-    return Terms.apply(input, weight, bias, target, signs, need_explicit, need_implicit, passes, reducer)
+    return Terms.apply(input, weight, bias, target, signs, None, None, need_explicit, need_implicit, passes,
+                       reducer)[:4]
 
 
 @eager_under_compile
@@ -235,8 +249,8 @@ def linear_ce_softcap(passes, input, weight, bias, target, signs, seed, need_exp
     input, weight, bias = passes.operands(input, weight, bias)
     signs = rows.implicit_signs(input, signs, seed, need_implicit)
     omega = None if smoothing_weights is None else smoothing_weights.detach().contiguous()
-    *terms, smoothing_sum = CappedTerms.apply(input, weight, bias, target.contiguous(), signs, omega,
-                                              float(softcap), need_explicit, need_implicit, passes, reducer)
+    *terms, smoothing_sum = Terms.apply(input, weight, bias, target.contiguous(), signs, omega, float(softcap),
+                                        need_explicit, need_implicit, passes, reducer)
     return (*terms, None if omega is None else smoothing_sum)
 
 

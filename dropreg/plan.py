@@ -11,6 +11,11 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Optional
 
+import torch
+
+from ._policy import accumulation_dtype, workspace_bytes, workspace_rows
+from .gemm import OperandTypes, operand_types
+
 EPILOGUES = ("torch", "triton")
 
 
@@ -56,3 +61,77 @@ class BlockPlan:
 
 
 DEFAULT_PLAN = BlockPlan()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The blocks a plan leaves open, chosen per call (docs/math.md 7.2, 7.3)
+# ---------------------------------------------------------------------------------------------------------
+
+DEFAULT_ROW_BLOCK = 1024
+
+
+TILE_ELEMENTS = 1 << 21  # one R x C fp32 tile is 8 MiB: large enough for GEMM speed, small next to N x V
+
+
+MIN_VOCAB_CHUNK = 256
+
+
+def default_blocks(n_rows: int, vocab: int) -> tuple[int, int]:
+    row_block = max(1, min(n_rows, DEFAULT_ROW_BLOCK))
+    vocab_chunk = max(1, min(vocab, max(MIN_VOCAB_CHUNK, TILE_ELEMENTS // row_block)))
+    return row_block, vocab_chunk
+
+
+CPU_CE_BLOCK_ROWS = 512
+
+
+def ce_only_blocks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """(rows per block, vocabulary chunk) of the CE-only driver: a block's full-vocabulary logits fit the workspace
+    (and on a CPU, at most CPU_CE_BLOCK_ROWS rows)."""
+    block_rows = workspace_rows(n_rows, vocab, accumulation_dtype(dtype), device)
+    if torch.device(device).type == "cpu":
+        block_rows = min(block_rows, CPU_CE_BLOCK_ROWS)
+    return block_rows, default_blocks(block_rows, vocab)[1]
+
+
+CHUNK_ALIGN = 256  # chunk widths are multiples of this (whole GEMM and epilogue tiles), except the last
+
+
+MIN_CHUNK = 1024  # below this the GEMMs get thin; rows are split into blocks instead
+
+
+def chunk_bytes_per_entry(types: OperandTypes, device: torch.device, stacked_outputs: int = 2) -> int:
+    """Workspace bytes per (row, chunk entry): the backward's two fp32 products (Z and t) and ``stacked_outputs``
+    operand-dtype epilogue outputs ([G; S]), which outweigh the forward's Z and P. On a CPU :func:`mm` upcasts narrow
+    operands, one more accumulation-dtype copy of the epilogue outputs."""
+    acc_size = types.acc.itemsize
+    per_entry = 2 * acc_size + stacked_outputs * types.backward.itemsize
+    if device.type != "cuda" and types.backward != types.acc:
+        per_entry += stacked_outputs * acc_size
+    return per_entry
+
+
+def chunk_plan(n_rows: int, vocab: int, bytes_per_entry: int, device: torch.device) -> tuple[int, int]:
+    """``(rows per block, vocabulary chunk)``: all rows and the widest multiple of CHUNK_ALIGN entries that fit the
+    workspace, or, when fewer than MIN_CHUNK entries would fit, chunks of MIN_CHUNK and as many rows as fit."""
+    budget = workspace_bytes(device)
+    n_rows, vocab = max(1, n_rows), max(1, vocab)
+    chunk = budget // (n_rows * bytes_per_entry)
+    if chunk >= vocab:
+        return n_rows, vocab
+    if chunk >= MIN_CHUNK:
+        return n_rows, chunk // CHUNK_ALIGN * CHUNK_ALIGN
+    chunk = min(vocab, MIN_CHUNK)
+    return max(1, min(n_rows, budget // (chunk * bytes_per_entry))), chunk
+
+
+def default_chunks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """``(rows per block, vocabulary chunk)`` of a call whose plan leaves them open."""
+    return chunk_plan(n_rows, vocab, chunk_bytes_per_entry(operand_types(dtype), device), device)
+
+
+def ce_chunks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """The CE-only path's blocks: as many rows as the workspace holds whole logit rows of, and chunks at least
+    8 * MIN_CHUNK entries wide (the streamed driver's CPU-sized chunks would make thin GPU products)."""
+    block_rows, vocab_chunk = ce_only_blocks(n_rows, vocab, dtype, device)
+    return block_rows, max(vocab_chunk, min(vocab, 8 * MIN_CHUNK))

@@ -16,8 +16,9 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._api import (_autocast_aware, _check_coefficient, _check_head, _check_probability, _check_seed, _check_target,
-                   _checked_seed, _checking_values, _IgnoredRows, _result_dtype, default_coefficients, on_reducer)
+from ._api import IgnoredRows, default_coefficients, on_reducer
+from ._autocast import autocast_aware, result_dtype
+from ._checks import check_coefficient, check_head, check_probability, check_seed, check_target, checked_seed, checking_values
 from . import distributed
 from ._dispatch import resolve_backend, resolve_slice_backend
 from .signs import philox_signs
@@ -32,7 +33,7 @@ class SiteRegularizers(NamedTuple):
     implicit: Tensor
 
 
-@_autocast_aware("input", "linear_weight", "linear_bias")
+@autocast_aware("input", "linear_weight", "linear_bias")
 def softmax_mean(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None,
                  backend: str = "auto", process_group=None) -> Tensor:
     """Per row, ``mu = W^T softmax(input @ W^T + b)``: the softmax-weighted mean row of ``linear_weight``.
@@ -44,12 +45,12 @@ def softmax_mean(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[
     Under ``torch.autocast`` the operands are cast as ``F.linear`` casts them and mu comes back in fp32.
     """
     with distributed.checked_call(process_group, "softmax_mean") as call:
-        _check_head(input, linear_weight, linear_bias)
+        check_head(input, linear_weight, linear_bias)
         implementation = _implementation("softmax_mean", call, backend, input.device)
         call.describe(input, linear_weight, linear_bias)
     mu = implementation.softmax_mean(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias,
                                      **on_reducer(call.reducer))
-    return mu.reshape(input.shape).to(_result_dtype(input.dtype))
+    return mu.reshape(input.shape).to(result_dtype(input.dtype))
 
 
 def _check_samples(samples) -> int:
@@ -61,11 +62,11 @@ def _check_samples(samples) -> int:
 
 
 def _check_finite(name: str, value: Optional[Tensor]) -> None:
-    if value is not None and _checking_values() and value.numel() and not bool(torch.isfinite(value).all()):
+    if value is not None and checking_values() and value.numel() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name}: expected finite values to sample from (found NaN or inf)")
 
 
-@_autocast_aware("input", "linear_weight", "linear_bias")
+@autocast_aware("input", "linear_weight", "linear_bias")
 def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None, samples: int = 1,
                    seed: Optional[int] = None, backend: str = "auto", process_group=None) -> Tensor:
     """``samples`` exact draws from each row's softmax, shape ``(samples, *input.shape[:-1])``, int64.
@@ -80,13 +81,13 @@ def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optiona
     for the same seed (``seed=None`` takes rank 0's draw).
     """
     with distributed.checked_call(process_group, "sample_targets") as call:
-        _check_head(input, linear_weight, linear_bias)
+        check_head(input, linear_weight, linear_bias)
         samples = _check_samples(samples)
         given_seed = seed
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         for name, value in (("input", input), ("linear_weight", linear_weight)):
             _check_finite(name, value)
-        if linear_bias is not None and _checking_values():
+        if linear_bias is not None and checking_values():
             if bool((torch.isnan(linear_bias) | (linear_bias == float("inf"))).any()):
                 raise ValueError("linear_bias: expected no NaN or +inf entries (-inf masks a class)")
             # On a slice the other ranks may hold the unmasked classes.
@@ -138,7 +139,7 @@ def _check_site_signs(signs, sites: list[Tensor]) -> list[Tensor]:
         except RuntimeError:
             raise ValueError(f"signs[{k}]: expected a shape broadcastable to sites[{k}]'s {tuple(site.shape)}, "
                              f"got {tuple(sign.shape)}") from None
-        if _checking_values() and sign.numel() and not bool(((sign == 1) | (sign == -1)).all()):
+        if checking_values() and sign.numel() and not bool(((sign == 1) | (sign == -1)).all()):
             raise ValueError(f"signs[{k}]: expected every value to be +1 or -1")
         checked.append(sign)
     return checked
@@ -178,13 +179,13 @@ def _check_sampled_targets(sampled, head_input: Tensor, vocab: Optional[int], va
         raise ValueError(f"sampled_targets: expected a tensor on head_input's device {head_input.device}, "
                          f"got {sampled.device}")
     flat = sampled.reshape(sampled.shape[0], -1).long()
-    if vocab is not None and _checking_values() and flat.numel() and \
+    if vocab is not None and checking_values() and flat.numel() and \
             bool((((flat < 0) | (flat >= vocab)) & valid).any()):
         raise ValueError(f"sampled_targets: expected class indices in [0, {vocab}) on the rows that are not ignored")
     return flat
 
 
-@_autocast_aware("head_input", "linear_weight", "linear_bias")
+@autocast_aware("head_input", "linear_weight", "linear_bias")
 def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor, sites: Sequence[Tensor], *,
                       linear_bias: Optional[Tensor] = None, p: PerSite = 0.1, explicit: bool = True,
                       implicit: bool = True, explicit_coef: PerSite = None, implicit_coef: PerSite = None,
@@ -211,10 +212,10 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
     Under ``torch.autocast`` the head's operands are cast as ``F.linear`` casts them and both terms come back in fp32.
     """
     with distributed.checked_call(process_group, "site_regularizers") as call:
-        vocab, _ = _check_head(head_input, linear_weight, linear_bias, name="head_input")
+        vocab, _ = check_head(head_input, linear_weight, linear_bias, name="head_input")
         if call.sharded:
             vocab = None  # the ranks check class ranges together, against the full vocabulary
-        _check_target(target, head_input, vocab, ignore_index, input_name="head_input")
+        check_target(target, head_input, vocab, ignore_index, input_name="head_input")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction: expected 'mean' or 'sum' (a site element can feed many rows, so there is "
                              f"no per-row 'none'), got {reduction!r}")
@@ -222,14 +223,14 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
         if not head_input.requires_grad:
             raise ValueError("head_input: expected a tensor that requires grad (the output of the network whose "
                              "sites are regularized)")
-        ps = [_check_probability(value, name) for name, value in _per_site("p", p, len(sites))]
-        explicit_coefs = [_check_coefficient(name, value, default_coefficients(p_k)[0]) if explicit else 0.0
+        ps = [check_probability(value, name) for name, value in _per_site("p", p, len(sites))]
+        explicit_coefs = [check_coefficient(name, value, default_coefficients(p_k)[0]) if explicit else 0.0
                           for (name, value), p_k in zip(_per_site("explicit_coef", explicit_coef, len(sites)), ps)]
-        implicit_coefs = [_check_coefficient(name, value, default_coefficients(p_k)[1]) if implicit else 0.0
+        implicit_coefs = [check_coefficient(name, value, default_coefficients(p_k)[1]) if implicit else 0.0
                           for (name, value), p_k in zip(_per_site("implicit_coef", implicit_coef, len(sites)), ps)]
         need_explicit = any(c != 0.0 for c in explicit_coefs)
         need_implicit = any(c != 0.0 for c in implicit_coefs)
-        rows = _IgnoredRows(target, ignore_index, head_input.dtype)
+        rows = IgnoredRows(target, ignore_index, head_input.dtype)
         classes = [("target", target, target != ignore_index)]
         if sampled_targets is not None:
             sampled_targets = _check_sampled_targets(sampled_targets, head_input, vocab, rows.valid)
@@ -240,7 +241,7 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
             signs = _check_site_signs(signs, sites)
         needs_seed = (need_implicit and signs is None) or (need_explicit and sampled_targets is None)
         given_seed = seed
-        seed = _checked_seed(seed, needs_seed)
+        seed = checked_seed(seed, needs_seed)
         implementation = _implementation("site_regularizers", call, backend, head_input.device)
         call.describe(head_input, linear_weight, linear_bias, seed=seed, target=target, classes=classes,
                       options=(reduction, explicit_coefs, implicit_coefs, samples if sampled_targets is None else None,
@@ -255,7 +256,7 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
 
     zero = head_input.new_zeros((), dtype=rows.count.dtype)
     if not (need_explicit or need_implicit):
-        return SiteRegularizers(zero.to(_result_dtype(head_input.dtype)), zero.to(_result_dtype(head_input.dtype)))
+        return SiteRegularizers(zero.to(result_dtype(head_input.dtype)), zero.to(result_dtype(head_input.dtype)))
     flat_input = rows.zero_ignored(head_input)
     mu = implementation.softmax_mean(flat_input, linear_weight, linear_bias, **on_reducer(call.reducer))
     acc = mu.dtype
@@ -294,5 +295,5 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
                     explicit_total = explicit_total + (explicit_coefs[k] / n_draws) * (scaled * scaled).sum()
     if reduction == "mean":
         explicit_total, implicit_total = explicit_total / rows.count, implicit_total / rows.count
-    out_dtype = _result_dtype(head_input.dtype)
+    out_dtype = result_dtype(head_input.dtype)
     return SiteRegularizers(explicit_total.to(out_dtype), implicit_total.to(out_dtype))

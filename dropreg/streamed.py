@@ -15,54 +15,12 @@ from __future__ import annotations
 import torch
 from torch.profiler import record_function
 
-from ._policy import accumulation_dtype, workspace_rows
-from .plan import DEFAULT_PLAN, BlockPlan
-from .rows import (SliceStatistics, capped_logits, capped_slope, logit_shift, row_modulation,
-                   softcap_derivatives)
+from ._policy import accumulation_dtype
+from .plan import DEFAULT_PLAN, BlockPlan, ce_only_blocks, default_blocks
+from .rows import SliceStatistics, capped_logits, capped_slope, logit_shift, row_modulation
 from .signs import gumbel_noise
-
-DEFAULT_ROW_BLOCK = 1024
-TILE_ELEMENTS = 1 << 21  # one R x C fp32 tile is 8 MiB: large enough for GEMM speed, small next to N x V
-MIN_VOCAB_CHUNK = 256
-
-
-def spans(total: int, step: int):
-    for start in range(0, total, step):
-        yield start, min(start + step, total)
-
-
-def weight_chunk(weight, bias, v0, v1, acc, with_squares):
-    w = weight[v0:v1].to(acc)
-    stacked = torch.cat([w, w * w], dim=1) if with_squares else w
-    b = None if bias is None else bias[v0:v1].to(acc)
-    return w, stacked, b
-
-
-def chunk_logits(h, w, b):
-    return h @ w.T if b is None else torch.addmm(b, h, w.T)
-
-
-class OnlineSoftmax:
-    """Per-row running max and sum of exp over vocabulary chunks: docs/math.md's online merge."""
-
-    def __init__(self, rows, dtype, device):
-        self.max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
-        self.sum = torch.zeros(rows, dtype=dtype, device=device)
-
-    def absorb(self, logits):
-        """Exponentiate ``logits`` in place, shifted by the new running max, and add them to the sum.
-
-        Returns the per-row factor that rescales whatever was accumulated from earlier chunks."""
-        new_max = torch.maximum(self.max, logits.amax(dim=1))
-        shift = logit_shift(new_max)
-        rescale = torch.exp(self.max - shift)
-        logits.sub_(shift[:, None]).exp_()
-        self.sum = self.sum * rescale + logits.sum(dim=1)
-        self.max = new_max
-        return rescale
-
-    def lse(self):
-        return logit_shift(self.max) + self.sum.log()
+from .softcap import capped_statistics, capped_sweep
+from .tiles import OnlineSoftmax, chunk_logits, spans, subtract_at_target, weight_chunk
 
 
 def online_state(h, need_mu, need_m2):
@@ -111,13 +69,6 @@ def forward_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     state = partial_statistics(h, weight, bias, need_mu=need_mu, need_m2=need_m2, row_block=row_block,
                                vocab_chunk=vocab_chunk)
     return finish_statistics(*state, h.shape[1], need_mu=need_mu, need_m2=need_m2)
-
-
-def subtract_at_target(g_logits, target, v0, v1, amount):
-    """g_logits[i, target[i] - v0] -= amount[i] for the rows whose target lies in [v0, v1)."""
-    in_chunk = (target >= v0) & (target < v1)
-    g_logits.scatter_add_(1, (target - v0).clamp(0, v1 - v0 - 1)[:, None],
-                          torch.where(in_chunk, -amount, torch.zeros_like(amount))[:, None])
 
 
 def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, T_stack, row_const, with_squares, vocab_chunk, *,
@@ -206,24 +157,6 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
         if want_w and need_implicit:
             grad_w.index_add_(0, y, -g_i_owned * u)
     return grad_h, grad_h_rows, grad_w, grad_b
-
-
-def default_blocks(n_rows: int, vocab: int) -> tuple[int, int]:
-    row_block = max(1, min(n_rows, DEFAULT_ROW_BLOCK))
-    vocab_chunk = max(1, min(vocab, max(MIN_VOCAB_CHUNK, TILE_ELEMENTS // row_block)))
-    return row_block, vocab_chunk
-
-
-CPU_CE_BLOCK_ROWS = 512
-
-
-def ce_only_blocks(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """(rows per block, vocabulary chunk) of the CE-only driver: a block's full-vocabulary logits fit the workspace
-    (and on a CPU, at most CPU_CE_BLOCK_ROWS rows)."""
-    block_rows = workspace_rows(n_rows, vocab, accumulation_dtype(dtype), device)
-    if torch.device(device).type == "cpu":
-        block_rows = min(block_rows, CPU_CE_BLOCK_ROWS)
-    return block_rows, default_blocks(block_rows, vocab)[1]
 
 
 def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight=None, softcap=None,
@@ -406,79 +339,6 @@ def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_ch
                                             want_h=want_h)
         if want_h:
             grad_h[r0:r1] = grad_h_block
-    return grad_h, grad_w, grad_b
-
-
-def capped_statistics(h, weight, bias, softcap, need_m1, need_m2, omega, row_block, vocab_chunk):
-    """Per row ``lse`` of the capped logits and, as asked, ``M1`` and ``M2`` (N x d each, else None) and label
-    smoothing's ``S = sum_v omega_v z_v`` (None without ``omega``, docs/math.md 3.7)."""
-    acc = accumulation_dtype(h.dtype)
-    n_rows, dim = h.shape
-    lse = torch.empty(n_rows, dtype=acc, device=h.device)
-    smoothing_sum = None if omega is None else torch.zeros(n_rows, dtype=acc, device=h.device)
-    m1 = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if need_m1 else None
-    m2 = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if need_m2 else None
-    for r0, r1 in spans(n_rows, row_block):
-        h_block = h[r0:r1].to(acc)
-        softmax = OnlineSoftmax(r1 - r0, acc, h.device)
-        for v0, v1 in spans(weight.shape[0], vocab_chunk):
-            w, _, b = weight_chunk(weight, bias, v0, v1, acc, False)
-            logits, c, z2, _ = softcap_derivatives(chunk_logits(h_block, w, b), softcap)
-            if omega is not None:
-                smoothing_sum[r0:r1] += logits @ omega[v0:v1].to(acc)
-            rescale = softmax.absorb(logits)  # logits become exp(z - running max)
-            if need_m1:
-                m1[r0:r1].mul_(rescale[:, None]).addmm_(logits * c, w)
-            if need_m2:
-                m2[r0:r1].mul_(rescale[:, None]).addmm_(logits * (c * c + z2), w * w)
-        lse[r0:r1] = softmax.lse()
-        for moment in (m1, m2):
-            if moment is not None:
-                moment[r0:r1] /= softmax.sum[:, None]
-    return lse, m1, m2, smoothing_sum
-
-
-def capped_sweep(h, weight, bias, softcap, lse, target, amount, row_const, T_vec, Q, wants, omega, grad_sum, row_block,
-                 vocab_chunk):
-    """``(grad_h_vocab, grad_w, grad_b)``: ``sum_v G_v W_v``, ``G^T h + (s c)^T T + 2 W * (s phi)^T Q`` and
-    ``sum_rows G`` (None where not wanted); with ``omega``, G includes S's ``grad_sum omega c``."""
-    want_h, want_w, want_b = wants
-    acc = lse.dtype
-    n_rows, dim = h.shape
-    vocab = weight.shape[0]
-    grad_h = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-    grad_w = torch.zeros(vocab, dim, dtype=acc, device=h.device) if want_w else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=h.device) if want_b else None
-    for r0, r1 in spans(n_rows, row_block):
-        h_block, rows = h[r0:r1].to(acc), slice(r0, r1)
-        T_rows = None if T_vec is None else T_vec[rows]
-        Q_rows = None if Q is None else Q[rows]
-        for v0, v1 in spans(vocab, vocab_chunk):
-            w, _, b = weight_chunk(weight, bias, v0, v1, acc, False)
-            with record_function("dropreg::softcap_logit_gradient"):
-                logits, c, z2, z3 = softcap_derivatives(chunk_logits(h_block, w, b), softcap)
-                probs = logits.sub_(lse[rows, None]).exp_()
-                g_logits = c * row_const[rows, None]
-                if T_rows is not None:
-                    phi = c * c + z2
-                    g_logits += phi * (T_rows @ w.T)
-                    if Q_rows is not None:
-                        g_logits += (c * phi + 2 * c * z2 + z3) * (Q_rows @ (w * w).T)
-                g_logits.mul_(probs)
-                if omega is not None:
-                    g_logits += grad_sum[rows, None] * omega[v0:v1].to(acc) * c
-                subtract_at_target(g_logits, target[rows], v0, v1, amount[rows])
-            if want_h:
-                grad_h[rows].addmm_(g_logits, w)
-            if want_w:
-                g_w = g_logits.T @ h_block
-                if T_rows is not None:
-                    g_w += (probs * c).T @ T_rows
-                    if Q_rows is not None:
-                        g_w += 2 * w * ((probs * phi).T @ Q_rows)
-                grad_w[v0:v1] += g_w
-            if want_b:
-                grad_b[v0:v1] += g_logits.sum(0)
     return grad_h, grad_w, grad_b
 
 

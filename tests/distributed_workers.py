@@ -478,7 +478,7 @@ def bad_calls(rank, world):
 
 def missing_process_group(rank, world):
     """Rank 0 passes process_group, rank 1 does not: rank 0 must raise within the handshake timeout."""
-    dropreg.distributed.HANDSHAKE_TIMEOUT_S = 3.0
+    dropreg.distributed.set_handshake_timeout(3.0)
     sizes = [5, 6]
     problem = make_problem(sizes)
     sl = vocab_slices(sizes)[rank]

@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dropreg
+import dropreg.plan
 import dropreg.streamed
 from conftest import small_blocks, use_backend
 from checks import assert_close_to_oracle, assert_loss_close_to_oracle, make_problem, run_dropreg, run_oracle
@@ -228,9 +229,9 @@ def test_workspace_setting():
     previous = dropreg.set_workspace_bytes(8 << 20, device)
     try:
         assert previous == default and dropreg.workspace_bytes(device) == 8 << 20
-        assert dropreg.streamed.ce_only_blocks(10**6, 2**15, torch.float32, device)[0] == (8 << 20) // 2**17
-        assert dropreg.streamed.ce_only_blocks(5, 2**15, torch.float32, device)[0] == 5
-        assert dropreg.streamed.ce_only_blocks(5, 2**40, torch.float32, device)[0] == 1
+        assert dropreg.plan.ce_only_blocks(10**6, 2**15, torch.float32, device)[0] == (8 << 20) // 2**17
+        assert dropreg.plan.ce_only_blocks(5, 2**15, torch.float32, device)[0] == 5
+        assert dropreg.plan.ce_only_blocks(5, 2**40, torch.float32, device)[0] == 1
         with pytest.raises(ValueError, match="size: expected at least"):
             dropreg.set_workspace_bytes(1000, device)
         with pytest.raises(TypeError, match="size: expected an int"):
@@ -241,10 +242,10 @@ def test_workspace_setting():
     assert dropreg.workspace_bytes("cuda") == 1 << 30
     # The default CPU workspace holds CPU_CE_BLOCK_ROWS rows at V = 2^17; smaller vocabularies stop at the cap,
     # larger ones take what fits. A CUDA device takes all the workspace holds.
-    cap = dropreg.streamed.CPU_CE_BLOCK_ROWS
-    assert [dropreg.streamed.ce_only_blocks(10**6, v, torch.float32, device)[0] for v in (2**13, 2**17, 2**18)] == \
+    cap = dropreg.plan.CPU_CE_BLOCK_ROWS
+    assert [dropreg.plan.ce_only_blocks(10**6, v, torch.float32, device)[0] for v in (2**13, 2**17, 2**18)] == \
         [cap, (256 << 20) // 2**19, (256 << 20) // 2**20] == [512, 512, 256]
-    assert dropreg.streamed.ce_only_blocks(10**6, 2**15, torch.float32, "cuda")[0] == (1 << 30) // 2**17
+    assert dropreg.plan.ce_only_blocks(10**6, 2**15, torch.float32, "cuda")[0] == (1 << 30) // 2**17
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

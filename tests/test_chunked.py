@@ -12,6 +12,8 @@ import dropreg.chunked as chunked
 from dropreg import BlockPlan, _dispatch
 from conftest import small_blocks
 from dropreg.gemm import mm, operand_types
+from dropreg.torch_epilogues import TorchEpilogues
+import dropreg.plan
 from test_ce_only import CountMultiplyAdds
 
 GiB = 1 << 30
@@ -19,22 +21,22 @@ GiB = 1 << 30
 
 def test_chunk_plan_fills_the_workspace_and_never_holds_n_by_v():
     cuda = torch.device("cuda")  # workspace_bytes needs only the device type: no GPU here
-    bf16 = chunked.chunk_bytes_per_entry(operand_types(torch.bfloat16), cuda)
+    bf16 = dropreg.plan.chunk_bytes_per_entry(operand_types(torch.bfloat16), cuda)
     assert bf16 == 12  # Z and t in fp32, [G; S] in bf16
-    rows, chunk = chunked.chunk_plan(8192, 128256, bf16, cuda)
-    assert rows == 8192 and chunk % chunked.CHUNK_ALIGN == 0 and rows * chunk * bf16 <= GiB
-    assert rows * (chunk + chunked.CHUNK_ALIGN) * bf16 > GiB  # the widest aligned chunk that fits
+    rows, chunk = dropreg.plan.chunk_plan(8192, 128256, bf16, cuda)
+    assert rows == 8192 and chunk % dropreg.plan.CHUNK_ALIGN == 0 and rows * chunk * bf16 <= GiB
+    assert rows * (chunk + dropreg.plan.CHUNK_ALIGN) * bf16 > GiB  # the widest aligned chunk that fits
     # Too many rows for MIN_CHUNK-wide chunks: rows are split instead.
-    rows, chunk = chunked.chunk_plan(10**6, 128256, bf16, cuda)
-    assert chunk == chunked.MIN_CHUNK and rows * chunk * bf16 <= GiB < (rows + 1) * chunk * bf16
-    assert chunked.chunk_plan(100, 5000, bf16, cuda) == (100, 5000)  # small problems: one chunk
-    assert chunked.chunk_plan(1, 1, bf16, cuda) == (1, 1)
+    rows, chunk = dropreg.plan.chunk_plan(10**6, 128256, bf16, cuda)
+    assert chunk == dropreg.plan.MIN_CHUNK and rows * chunk * bf16 <= GiB < (rows + 1) * chunk * bf16
+    assert dropreg.plan.chunk_plan(100, 5000, bf16, cuda) == (100, 5000)  # small problems: one chunk
+    assert dropreg.plan.chunk_plan(1, 1, bf16, cuda) == (1, 1)
     # On a CPU, narrow operands are upcast for the product: that copy is counted too.
-    assert chunked.chunk_bytes_per_entry(operand_types(torch.bfloat16), torch.device("cpu")) == 20
-    assert chunked.chunk_bytes_per_entry(operand_types(torch.float64), torch.device("cpu")) == 32
+    assert dropreg.plan.chunk_bytes_per_entry(operand_types(torch.bfloat16), torch.device("cpu")) == 20
+    assert dropreg.plan.chunk_bytes_per_entry(operand_types(torch.float64), torch.device("cpu")) == 32
     previous = dropreg.set_workspace_bytes(8 << 20, "cpu")
     try:
-        rows, chunk = chunked.default_chunks(4096, 50000, torch.float32, torch.device("cpu"))
+        rows, chunk = dropreg.plan.default_chunks(4096, 50000, torch.float32, torch.device("cpu"))
         assert rows * chunk * 16 <= 8 << 20 and rows < 4096
     finally:
         dropreg.set_workspace_bytes(previous, "cpu")
@@ -97,7 +99,7 @@ def test_triton_softmax_epilogue_matches_torch(operand, first):
         start = [torch.full((rows,), float("-inf")), torch.zeros(rows), torch.zeros(rows)]
     else:
         start = [torch.randn(rows) * 3, torch.rand(rows) + 0.5, torch.rand(rows) + 0.5]
-    for epilogues in (chunked.TorchEpilogues, TRITON_EPILOGUES):
+    for epilogues in (TorchEpilogues, TRITON_EPILOGUES):
         state = [s.clone() for s in start]
         probs = torch.full((rows, cols), 7.0, dtype=operand)
         out = epilogues.softmax_chunk(z.clone(), bias, *state, probs, keep_top)
@@ -119,7 +121,7 @@ def test_triton_gradient_epilogue_matches_torch(operand, modulated):
     row_const, g_ce = torch.randn(rows), torch.randn(rows)
     target_col = torch.tensor([0, 28, 29, -1, 5, 5, 100, 3, 1, 2, 7])  # some outside the chunk
     outs = []
-    for epilogues in (chunked.TorchEpilogues, TRITON_EPILOGUES):
+    for epilogues in (TorchEpilogues, TRITON_EPILOGUES):
         out = torch.full(((2 if modulated else 1) * rows, cols), 7.0, dtype=operand)
         epilogues.gradient_chunk(z.clone(), bias, None if t is None else t.clone(), lse, row_const, g_ce, target_col,
                                  out)
@@ -137,7 +139,7 @@ def test_triton_rdrop_epilogues_match_torch():
     z2 = z1 + 0.3 * torch.randn(rows, cols)
     states, grads = [], []
     start = [torch.randn(2, rows), torch.rand(2, rows) + 0.5, torch.randn(2, rows)]
-    for epilogues in (chunked.TorchEpilogues, TRITON_EPILOGUES):
+    for epilogues in (TorchEpilogues, TRITON_EPILOGUES):
         state = [s.clone() for s in start]
         epilogues.rdrop_softmax_chunk(z1.clone(), z2.clone(), bias, *state)
         states.append(state)
@@ -209,8 +211,8 @@ def test_backward_is_deterministic_and_auto_prefers_it_on_cuda():
 
 
 def test_triton_epilogues_are_chosen_for_cuda_fp32_accumulation_only():
-    assert chunked.epilogues_for(torch.device("cpu"), torch.bfloat16) is chunked.TorchEpilogues
-    assert chunked.epilogues_for(torch.device("cuda"), torch.float64) is chunked.TorchEpilogues
+    assert chunked.epilogues_for(torch.device("cpu"), torch.bfloat16) is TorchEpilogues
+    assert chunked.epilogues_for(torch.device("cuda"), torch.float64) is TorchEpilogues
     pytest.importorskip("triton")
     assert chunked.epilogues_for(torch.device("cuda"), torch.bfloat16).name == "triton"
 

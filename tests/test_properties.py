@@ -3,7 +3,6 @@
 Hypothesis draws new examples each run, but nothing here is statistical: every property is exact in real
 arithmetic and compared in float64 with tolerances (1e-9, 1e-7) far above its rounding, so a failure is a
 counterexample (replay it from the printed blob), not bad luck; the false-failure rate is zero."""
-from unittest import mock
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +10,6 @@ from hypothesis import strategies as st
 
 import dropreg
 from checks import seeded_generator
-import dropreg.streamed
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                     print_blob=True)
@@ -55,8 +53,8 @@ def _run(h, w, b, y, options, backend):
 @given(problems())
 def test_streamed_matches_reference_for_any_tiling(problem):
     h, w, b, y, options, tiles = problem
-    with mock.patch.object(dropreg.streamed, "default_blocks", lambda n, v: tiles):
-        ours = _run(h, w, b, y, options, "torch")
+    tiled = dropreg.get_backend("torch").with_plan(dropreg.BlockPlan(row_block=tiles[0], vocab_chunk=tiles[1]))
+    ours = _run(h, w, b, y, options, tiled)
     ref = _run(h, w, b, y, options, "reference")
     for a, r in zip(ours[0] + list(ours[1]), ref[0] + list(ref[1])):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)

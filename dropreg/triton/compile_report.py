@@ -138,7 +138,7 @@ def record_chunked_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int)
     h, h2, w, b, y = meta(rows, dim), meta(rows, dim), meta(vocab, dim), meta(vocab), meta(rows, dtype=torch.int64)
     signs = meta(rows, dim, dtype=chunked.operand_types(dtype).acc, grad=False)
     for need in ((True, True), (False, False)):
-        out = ops.Terms.apply(h, w, b, y, signs, *need, passes, LOCAL)
+        out = ops.Terms.apply(h, w, b, y, signs, None, None, *need, passes, LOCAL)
         torch.autograd.grad([o.sum() for o in out[:3]], (h, w, b))
     out = ops.RDrop.apply(h, h2, w, b, y, None, passes, LOCAL)
     torch.autograd.grad([o.sum() for o in out], (h, h2, w, b))

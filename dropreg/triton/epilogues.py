@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRETED, _TL_DTYPES
+from .utils import FP_FUSION, INTERPRETED, TL_DTYPES
 
 # Rows per program of the row-wise kernels and the column tile; the interpreter gets small tiles so that the
 # tests' tiny chunks still span several tiles.
@@ -235,8 +235,8 @@ class TritonEpilogues:
         self.launch(softmax_chunk_kernel)[(triton.cdiv(rows, ROW_BLOCK),)](
             z, _bias_arg(bias, z), probs if write_probs else z, running_max, running_sum,
             mass if write_probs else running_sum, rescale, top_p, top_col, rows, cols, HAS_BIAS=bias is not None,
-            WRITE_PROBS=write_probs, KEEP_TOP=keep_top, OPERAND=_TL_DTYPES[(probs if write_probs else z).dtype],
-            BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK, num_warps=NUM_WARPS)
+            WRITE_PROBS=write_probs, KEEP_TOP=keep_top, OPERAND=TL_DTYPES[(probs if write_probs else z).dtype],
+            BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
         return rescale, top_p, top_col
 
     def gradient_chunk(self, z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None):
@@ -248,22 +248,22 @@ class TritonEpilogues:
             g_ce.contiguous() if has_target else lse, target_col.contiguous() if has_target else lse,
             top_col.contiguous() if has_top else lse, t_top.contiguous() if has_top else lse, out, rows, cols,
             HAS_BIAS=bias is not None, HAS_T=t is not None, HAS_TARGET=has_target, HAS_TOP=has_top,
-            WRITE_S=out.shape[0] > rows, OPERAND=_TL_DTYPES[out.dtype], BLOCK_R=TILE_R, BLOCK_C=TILE_C,
-            num_warps=NUM_WARPS)
+            WRITE_S=out.shape[0] > rows, OPERAND=TL_DTYPES[out.dtype], BLOCK_R=TILE_R, BLOCK_C=TILE_C,
+            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def rdrop_softmax_chunk(self, z1, z2, bias, running_max, running_sum, weighted_d):
         rows, cols = z1.shape
         self.launch(rdrop_softmax_chunk_kernel)[(triton.cdiv(rows, ROW_BLOCK),)](
             z1, z2, _bias_arg(bias, z1), running_max, running_sum, weighted_d, rows, cols, HAS_BIAS=bias is not None,
-            BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK, num_warps=NUM_WARPS)
+            BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def rdrop_gradient_chunk(self, z1, z2, bias, lse, expected_d, g_ce1, g_ce2, half_kl, target_col, out):
         rows, cols = z1.shape
         self.launch(rdrop_gradient_chunk_kernel)[(triton.cdiv(rows, TILE_R), triton.cdiv(cols, TILE_C))](
             z1, z2, _bias_arg(bias, z1), lse.contiguous(), expected_d.contiguous(), g_ce1.contiguous(),
             g_ce2.contiguous(), half_kl.contiguous(), target_col.contiguous(), out, rows, cols,
-            HAS_BIAS=bias is not None, OPERAND=_TL_DTYPES[out.dtype], BLOCK_R=TILE_R, BLOCK_C=TILE_C,
-            num_warps=NUM_WARPS)
+            HAS_BIAS=bias is not None, OPERAND=TL_DTYPES[out.dtype], BLOCK_R=TILE_R, BLOCK_C=TILE_C,
+            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
 
 

@@ -19,11 +19,12 @@ import torch
 
 from .._policy import accumulation_dtype
 
-# Triton 3.9 warns that this default changes in 3.10; pin today's behaviour (fused multiply-add allowed).
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import triton
+import triton.language as tl
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+# Fused multiply-add allowed, passed at launch (Triton 3.9 warns that its default changes in 3.10). The one-pass
+# kernels launch through torch.library.wrap_triton, which takes no such option: they keep Triton's default.
+FP_FUSION = True
 
 # Read once, when the kernels are defined: that is when Triton decides to interpret them.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -155,7 +156,7 @@ def online_softmax_update(running_max, running_sum, z):
 # Host-side helpers
 # ---------------------------------------------------------------------------------------------------------
 
-_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
               torch.float16: tl.float16}
 
 
@@ -303,9 +304,9 @@ def dot_types(dtype: torch.dtype, interpreted: bool = INTERPRETED) -> DotTypes:
     """bf16/fp16 inputs: narrow dots on tensor cores in that dtype, wide dots in tf32/tf32x3. fp32 inputs: tf32
     when ``torch.get_float32_matmul_precision()`` allows it ("high"/"medium"), else exact ieee fp32.
     Accumulation follows dropreg/_policy.py: fp32, fp64 for fp64 inputs."""
-    operand = _TL_DTYPES[dtype]
+    operand = TL_DTYPES[dtype]
     low_precision = dtype in (torch.bfloat16, torch.float16)
-    acc = _TL_DTYPES[accumulation_dtype(dtype)]
+    acc = TL_DTYPES[accumulation_dtype(dtype)]
     compute = tl.float32 if interpreted and low_precision else operand
     fp32_precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     precision = fp32_precision if dtype == torch.float32 else None

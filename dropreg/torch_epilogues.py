@@ -1,0 +1,123 @@
+"""The chunked driver's epilogues in PyTorch (:class:`TorchEpilogues`): the elementwise work on one R x C chunk
+between its GEMMs, on any device, and the definition the Triton kernels (dropreg/triton/epilogues.py, same
+signatures) are tested against. :func:`epilogues_for` picks one of the two."""
+from __future__ import annotations
+
+import torch
+
+from .gemm import operand_types
+from .rows import logit_shift
+
+
+class TorchEpilogues:
+    """The chunk epilogues in PyTorch: any device, and the definition the Triton kernels are tested against."""
+
+    name = "torch"
+
+    @staticmethod
+    def softmax_chunk(z, bias, running_max, running_sum, mass, probs, keep_top, *, keep_logits=False):
+        """Absorbs the logit chunk ``z + bias`` (R x C, accumulation dtype) into the online softmax, in place.
+
+        Updates ``running_max``, ``running_sum`` (exact ``sum exp(z - max)``) and, when ``probs`` (R x C, operand
+        dtype) is given, writes ``probs = exp(z + b - new_max)`` rounded to its dtype and adds the sum of what was
+        written to ``mass``. With ``keep_top`` each row's largest entry is written as 0 and counted in ``mass``
+        exactly instead. Returns ``(rescale, top_p, top_col)`` per row: the factor for what earlier chunks
+        accumulated, the kept-out probability ``exp(chunk max - new max)`` and its column. ``z`` is overwritten
+        unless ``keep_logits``."""
+        if keep_logits:
+            z = z.clone()
+        if bias is not None:
+            z += bias.to(z.dtype)
+        chunk_max, top_col = z.max(dim=1)
+        new_max = torch.maximum(running_max, chunk_max)
+        shift = logit_shift(new_max)
+        rescale = torch.exp(running_max - shift)
+        e = z.sub_(shift[:, None]).exp_()
+        running_sum.mul_(rescale).add_(e.sum(dim=1))
+        top_p = torch.exp(chunk_max - shift)
+        if probs is not None:
+            if keep_top:
+                e.scatter_(1, top_col[:, None], 0.0)
+            probs.copy_(e)
+            mass.mul_(rescale).add_(probs.sum(dim=1, dtype=mass.dtype))
+            if keep_top:
+                mass.add_(top_p)
+        running_max.copy_(new_max)
+        return rescale, top_p, top_col
+
+    @staticmethod
+    def gradient_chunk(z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None):
+        """The logit gradient of one chunk into ``out`` (operand dtype): rows ``[0, R)`` get
+        ``G = s (row_const + t) - g_ce [col = target_col]`` with ``s = exp(z + b - lse)``, rows ``[R, 2R)`` get ``S``
+        when ``out`` has them (the modulated backward needs S for grad_W). ``t`` None: ``G = s row_const - ...``;
+        ``target_col`` None: no target (softmax_mean). ``top_col``/``t_top``: per row, a column whose ``t`` is
+        replaced by the exact ``t_top`` (the row's dominant class, docs/math.md 7.3); columns outside the chunk
+        change nothing. ``z`` and ``t`` are overwritten."""
+        rows = z.shape[0]
+        if top_col is not None:
+            _replace_at(t, top_col, t_top)
+        if bias is not None:
+            z += bias.to(z.dtype)
+        probs = z.sub_(lse[:, None]).exp_()
+        if out.shape[0] > rows:
+            out[rows:].copy_(probs)
+        g = probs.mul_(row_const[:, None]) if t is None else t.add_(row_const[:, None]).mul_(probs)
+        if target_col is not None:
+            in_chunk = (target_col >= 0) & (target_col < z.shape[1])
+            g.scatter_add_(1, target_col.clamp(0, z.shape[1] - 1)[:, None],
+                           torch.where(in_chunk, -g_ce, torch.zeros_like(g_ce))[:, None])
+        out[:rows].copy_(g)
+
+    @staticmethod
+    def rdrop_softmax_chunk(z1, z2, bias, running_max, running_sum, weighted_d):
+        """R-Drop's forward epilogue, in place on the (2, R) states: per pass i the online softmax of ``z_i + b``
+        and ``B_i = sum exp(z_i + b - max_i) D`` with ``D = z1 - z2`` (the bias cancels in D)."""
+        diff = z1 - z2
+        for i, z in enumerate((z1, z2)):
+            if bias is not None:
+                z += bias.to(z.dtype)
+            new_max = torch.maximum(running_max[i], z.amax(dim=1))
+            shift = logit_shift(new_max)
+            rescale = torch.exp(running_max[i] - shift)
+            e = z.sub_(shift[:, None]).exp_()
+            running_sum[i] = running_sum[i] * rescale + e.sum(dim=1)
+            weighted_d[i] = weighted_d[i] * rescale + (e * diff).sum(dim=1)
+            running_max[i] = new_max
+
+    @staticmethod
+    def rdrop_gradient_chunk(z1, z2, bias, lse, expected_d, g_ce1, g_ce2, half_kl, target_col, out):
+        """R-Drop's logit gradients of one chunk (docs/math.md 9.3) into ``out`` (2R x C, operand dtype): G1 in rows
+        ``[0, R)``, G2 in ``[R, 2R)``. ``z1``, ``z2`` are overwritten."""
+        rows = z1.shape[0]
+        diff = z1 - z2
+        if bias is not None:
+            z1 += bias.to(z1.dtype)
+            z2 += bias.to(z2.dtype)
+        p1 = z1.sub_(lse[0][:, None]).exp_()
+        p2 = z2.sub_(lse[1][:, None]).exp_()
+        k = half_kl[:, None]
+        g1 = p1 * (g_ce1[:, None] + k * (diff - expected_d[0][:, None] + 1)) - k * p2
+        g2 = p2 * (g_ce2[:, None] - k * (diff - expected_d[1][:, None] - 1)) - k * p1
+        in_chunk = (target_col >= 0) & (target_col < z1.shape[1])
+        col = target_col.clamp(0, z1.shape[1] - 1)[:, None]
+        for g, g_ce in ((g1, g_ce1), (g2, g_ce2)):
+            g.scatter_add_(1, col, torch.where(in_chunk, -g_ce, torch.zeros_like(g_ce))[:, None])
+        out[:rows].copy_(g1)
+        out[rows:].copy_(g2)
+
+
+def _replace_at(values, cols, replacement):
+    """``values[i, cols[i]] = replacement[i]`` for the rows whose column lies in ``[0, values.shape[1])``."""
+    inside = (cols >= 0) & (cols < values.shape[1])
+    safe = cols.clamp(0, values.shape[1] - 1)[:, None]
+    values.scatter_(1, safe, torch.where(inside, replacement, values.gather(1, safe).squeeze(1))[:, None])
+
+
+def epilogues_for(device: torch.device, dtype: torch.dtype, choice=None):
+    """The epilogues a plan names (``choice``: "torch" or "triton"), or by default the Triton ones for CUDA tensors
+    accumulated in fp32 and PyTorch's elsewhere (fp64 problems, CPU tensors)."""
+    if choice == "triton" or (choice is None and device.type == "cuda" and operand_types(dtype).acc == torch.float32):
+        from .triton import epilogues as triton_epilogues  # imported on first use: triton is optional
+
+        return triton_epilogues.TRITON_EPILOGUES
+    return TorchEpilogues
