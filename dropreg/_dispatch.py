@@ -247,7 +247,7 @@ def resolve_slice_backend(op: str, name, device: torch.device) -> Backend:
     backend = name if isinstance(name, Backend) else _BACKENDS[name]
     if op not in backend.slice_ops:
         raise ValueError(f"backend: with process_group, {op} runs its local slice on {' or '.join(map(repr, allowed))} "
-                         f"(or 'auto'); got {name!r}")
+                         f"(or 'auto'); got {backend.name!r}")
     if backend.name == "cpu" and (device.type != "cpu" or not backend.is_available()):
         raise ValueError(f"backend: 'cpu' needs CPU tensors and the C++ kernels (reason: "
                          f"{backend.unavailable_reason() if device.type == 'cpu' else device})")
