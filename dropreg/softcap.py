@@ -19,7 +19,7 @@ from ._op_family import first_order_only
 from ._policy import accumulation_dtype
 from .plan import default_blocks
 from .rows import softcap_derivatives
-from .tiles import OnlineSoftmax, chunk_logits, spans, subtract_at_target, weight_chunk
+from .tiles import OnlineSoftmax, chunk_logits, gradient_buffers, spans, subtract_at_target, weight_chunk
 
 
 def capped_statistics(h, weight, bias, softcap, need_m1, need_m2, omega, row_block, vocab_chunk):
@@ -59,9 +59,7 @@ def capped_sweep(h, weight, bias, softcap, lse, target, amount, row_const, T_vec
     acc = lse.dtype
     n_rows, dim = h.shape
     vocab = weight.shape[0]
-    grad_h = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-    grad_w = torch.zeros(vocab, dim, dtype=acc, device=h.device) if want_w else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=h.device) if want_b else None
+    grad_h, grad_w, grad_b = gradient_buffers(wants, n_rows, vocab, dim, acc, h.device)
     for r0, r1 in spans(n_rows, row_block):
         h_block, rows = h[r0:r1].to(acc), slice(r0, r1)
         T_rows = None if T_vec is None else T_vec[rows]

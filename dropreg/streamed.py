@@ -20,7 +20,7 @@ from .plan import DEFAULT_PLAN, BlockPlan, ce_only_blocks, default_blocks
 from .rows import SliceStatistics, capped_logits, capped_slope, logit_shift, row_modulation
 from .signs import gumbel_noise
 from .softcap import capped_statistics, capped_sweep
-from .tiles import OnlineSoftmax, chunk_logits, spans, subtract_at_target, weight_chunk
+from .tiles import OnlineSoftmax, chunk_logits, gradient_buffers, spans, subtract_at_target, weight_chunk
 
 
 def online_state(h, need_mu, need_m2):
@@ -123,11 +123,8 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
     want_h, want_w, want_b = wants
     acc = lse.dtype
     n_rows, dim = h.shape
-    vocab = weight.shape[0]
-    grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+    grad_h, grad_w, grad_b = gradient_buffers(wants, n_rows, weight.shape[0], dim, acc, h.device)
     grad_h_rows = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-    grad_w = torch.zeros(vocab, dim, dtype=acc, device=h.device) if want_w else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=h.device) if want_b else None
     if owns_target is not None:
         sweep_target = torch.where(owns_target, target, torch.full_like(target, -1))  # -1: in no chunk
         target = torch.where(owns_target, target, torch.zeros_like(target))
@@ -325,12 +322,10 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
 def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_chunk, wants):
     """softmax_mean's backward over ``weight``'s rows given the per-row globals lse and mu: ``(grad_h, grad_w, grad_b)``
     in the accumulation dtype, ``grad_h = W^T G`` for these rows of W only."""
-    want_h, want_w, want_b = wants
+    want_h = wants[0]
     acc = lse.dtype
     n_rows, dim = h.shape
-    grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-    grad_w = torch.zeros(weight.shape[0], dim, dtype=acc, device=h.device) if want_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
+    grad_h, grad_w, grad_b = gradient_buffers(wants, n_rows, weight.shape[0], dim, acc, h.device)
     for r0, r1 in spans(n_rows, row_block):
         g_mu = grad_mu[r0:r1].to(acc)
         row_const = -(g_mu * mu[r0:r1]).sum(1)

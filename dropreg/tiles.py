@@ -52,3 +52,11 @@ def subtract_at_target(g_logits, target, v0, v1, amount):
     in_chunk = (target >= v0) & (target < v1)
     g_logits.scatter_add_(1, (target - v0).clamp(0, v1 - v0 - 1)[:, None],
                           torch.where(in_chunk, -amount, torch.zeros_like(amount))[:, None])
+
+
+def gradient_buffers(wants, n_rows: int, vocab: int, dim: int, dtype, device):
+    """Zeroed ``(grad_h (N, d), grad_w (V, d), grad_b (V,))`` for a sweep to accumulate into, None where not wanted."""
+    want_h, want_w, want_b = wants
+    return (torch.zeros(n_rows, dim, dtype=dtype, device=device) if want_h else None,
+            torch.zeros(vocab, dim, dtype=dtype, device=device) if want_w else None,
+            torch.zeros(vocab, dtype=dtype, device=device) if want_b else None)
