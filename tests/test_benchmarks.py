@@ -51,8 +51,10 @@ def test_vocab_scaling_quick(tmp_path):
 
 @pytest.mark.slow
 def test_vocab_scaling_quick_rdrop(tmp_path):
+    # forward_backward only: the forward-only mode runs the same script code, covered by test_vocab_scaling_quick
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vocab_scaling.py"), "--quick",
-                           "--family", "rdrop", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                           "--family", "rdrop", "--modes", "forward_backward", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -66,7 +68,8 @@ def test_vocab_scaling_quick_rdrop(tmp_path):
 def test_vocab_scaling_quick_ce(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vocab_scaling.py"), "--quick",
                            "--family", "ce", "--methods", "ce-dropreg-cpu,ce-dropreg-torch,F.linear_cross_entropy",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                           "--modes", "forward_backward", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))

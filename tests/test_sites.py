@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropreg
+from conftest import BACKENDS
 from checks import assert_ignore_index_acts_as_minus_100, seeded_generator
 from dropreg.sites import sample_targets, site_regularizers, softmax_mean
 
@@ -178,6 +179,9 @@ def test_sampled_explicit_term_is_unbiased_for_the_gauss_newton_form():
 
 
 # ---- softmax_mean ---------------------------------------------------------------------------------------
+# "chunked-triton" differs from "chunked" only by its epilogues, which tests/test_chunked.py compares with the PyTorch
+# ones entry by entry: gradcheck's float64 runs of them under the interpreter would repeat the driver's check.
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "chunked-triton"], indirect=True)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 17), (7, 6, 23)], ids=lambda s: "N{}-d{}-V{}".format(*s))
 def test_softmax_mean_gradcheck(backend, shape):
     n, d, v = shape
