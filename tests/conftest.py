@@ -53,6 +53,19 @@ VARIANTS = {
 }
 
 
+def load_tool(name: str):
+    """The script tools/<name>.py as a module (tools are not part of the package)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while a class is built
+    spec.loader.exec_module(module)
+    return module
+
+
 def use_backend(name: str, monkeypatch=None):
     """``backend=`` for the suite's backend ``name``: a registered name, or one of :data:`VARIANTS`."""
     return VARIANTS[name]() if name in VARIANTS else name

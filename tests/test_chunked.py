@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dropreg
+from conftest import load_tool
 import dropreg.chunked as chunked
 from dropreg import BlockPlan, _dispatch
 from conftest import small_blocks
@@ -222,7 +223,7 @@ def test_driver_allocates_nothing_vocabulary_by_rows_at_lm_shape(dtype):
     """The whole driver (both terms, cross entropy per row, R-Drop; forward and backward) on meta tensors of the
     compile report's LM shape with the CUDA block plan: N x V = 1.05e9 logits would be needed naively; no tensor it
     makes spans rows and the whole vocabulary, and none is larger than grad_weight (V x d)."""
-    from dropreg.triton import compile_report
+    compile_report = load_tool("compile_report")
     from test_triton_backend import _Allocations
 
     shape = compile_report.REPORT_SHAPE

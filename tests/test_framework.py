@@ -124,6 +124,13 @@ def test_chunked_on_cuda_is_picked_and_triton_can_be_named_outside_deterministic
     assert _dispatch.resolve_backend("triton", torch.device("cuda"))[0] == "triton"
 
 
+def test_auto_never_picks_the_one_pass_triton_backend():
+    """"triton" is opt-in: measured slower than naive PyTorch on the one GPU run, it is used only when named."""
+    for device in ("cpu", "cuda", "meta"):
+        for candidate in _dispatch._AUTO_PREFERENCE.get(device, _dispatch._AUTO_FALLBACK):
+            assert candidate != "triton", device
+
+
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("backend", ["torch", "cpu", "reference", "chunked"])
 @pytest.mark.parametrize("call", list(CALLS))

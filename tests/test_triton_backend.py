@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dropreg
+from conftest import load_tool
 import dropreg.cpu
 from checks import TERMS, seeded_generator
 
@@ -256,7 +257,7 @@ def test_launchers_allocate_nothing_vocabulary_by_rows_at_lm_shape(dtype):
     # The real launchers (the code behind the registered ops), on meta tensors of the compile report's LM
     # shape, record every tensor they create. The logits would be N x V = 1.05e9 elements; the largest
     # buffer allowed is grad_weight (V x d = 5.3e8, fp32), and nothing may span both rows and vocabulary.
-    from dropreg.triton import compile_report
+    compile_report = load_tool("compile_report")
 
     shape = compile_report.REPORT_SHAPE
     with _Allocations() as allocations:
@@ -277,7 +278,8 @@ def test_compile_report_passes_for_sm80_and_sm90(tmp_path):
     bf16, fp16 and tf32 configurations (exact fp32 and fp64 dots run on FMA units by design)."""
     table = tmp_path / "report.md"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "dropreg.triton.compile_report", "--markdown", str(table)],
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])  # this checkout
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compile_report.py"), "--markdown", str(table)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in table.read_text().splitlines()[2:]]

@@ -2,8 +2,9 @@
 
 One file per pass: forward.py (statistics, moments, row terms), backward.py (row preparation, logit
 gradient), rdrop.py (R-Drop's two passes), utils.py (shared device helpers and every tile configuration),
-ops.py (``torch.library.triton_op`` registration + autograd), compile_report.py (ahead-of-time sm_80/sm_90
-compilation report). Triton is imported lazily: importing dropreg never requires it. The dispatch
+ops.py (``torch.library.triton_op`` registration + autograd); epilogues.py holds the chunked driver's kernels.
+The ahead-of-time sm_80/sm_90 compilation report is tools/compile_report.py. An opt-in backend: ``"auto"`` never
+picks it (measured slower than naive PyTorch on the one GPU run). Triton is imported lazily: importing dropreg never requires it. The dispatch
 wrappers are the shared :class:`dropreg._op_family.OpFamily`.
 """
 from __future__ import annotations

@@ -201,7 +201,7 @@ class DotTypes:
 # Per kernel and dot class: "tensor" (bf16 operands; tf32 regularizer dots), "fp16" (fp16 operands; tf32x3
 # regularizer dots, which need more registers), "tf32" (fp32 operands on tf32 tensor cores) and "ieee"
 # (exact fp32 or fp64 dots: FMA units, no tensor cores, so smaller tiles). Every entry compiles without
-# spills and within sm_80's shared memory (python -m dropreg.triton.compile_report). Only the bf16 moments
+# spills and within sm_80's shared memory (tools/compile_report.py). Only the bf16 moments
 # and logit-gradient tiles were timed (one H100 session, docs/gpu/h100/tile_sweep.md); the rest are
 # chosen to compile cleanly. Under the interpreter a single small config is used so that tiny test shapes
 # still span several tiles in every dimension.

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation report: every Triton kernel of dropreg, for sm_80 and sm_90, without a GPU.
 
-    python -m dropreg.triton.compile_report [--targets 80,90] [--configs bf16,fp32] [--markdown FILE]
+    python tools/compile_report.py [--targets 80,90] [--configs bf16,fp32] [--markdown FILE]
 
 The kernels are specialized exactly as a real launch would specialize them: the launchers of forward.py,
 backward.py and rdrop.py run on ``meta`` tensors of a realistic LM shape (N=8192, d=4096, V=128256) with
@@ -96,8 +96,8 @@ class Recorder:
 def record_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int, plan=None) -> list[Launch]:
     """Every kernel launch of a full training step (both terms, all gradients, bias) and of R-Drop, with
     ``plan`` (default: the launchers' own choice for meta tensors, i.e. ``REPORT_CAPABILITY``)."""
-    from .._policy import accumulation_dtype
-    from . import backward, forward, rdrop
+    from dropreg._policy import accumulation_dtype
+    from dropreg.triton import backward, forward, rdrop
 
     recorder = Recorder()
 
@@ -122,10 +122,10 @@ def record_chunked_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int)
     """The epilogue launches of the chunked driver (dropreg/chunked.py) for a training step with both terms, cross
     entropy per row, R-Drop, on meta tensors with the CUDA block plan; one launch per distinct kernel
     specialization (the chunks differ only in their sizes)."""
-    from .. import chunked, ops
-    from ..plan import BlockPlan
-    from ..reducers import LOCAL
-    from .epilogues import TritonEpilogues
+    from dropreg import chunked, ops
+    from dropreg.plan import BlockPlan
+    from dropreg.reducers import LOCAL
+    from dropreg.triton.epilogues import TritonEpilogues
 
     recorder = Recorder()
     row_block, vocab_chunk = chunked.default_chunks(rows, vocab, dtype, torch.device("cuda"))
@@ -150,7 +150,7 @@ def record_chunked_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int)
 
 
 def _record_for(capability: int, dtype: torch.dtype, shape: dict) -> list[Launch]:
-    from .utils import launch_plan
+    from dropreg.triton.utils import launch_plan
 
     launches = record_launches(dtype, **shape, plan=launch_plan(dtype, torch.device("meta"), capability=capability))
     if dtype != torch.float64:  # fp64 problems run the PyTorch epilogues (dropreg.chunked.epilogues_for)
