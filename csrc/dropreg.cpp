@@ -1,9 +1,10 @@
-// Op schemas and CPU registrations. Fake (meta) kernels and autograd are registered in Python
-// (dropreg/cpu.py), as torch.library recommends for C++ ops.
+// Op schemas and CPU registrations of the C++ passes. Fake (meta) kernels are registered in Python (dropreg/cpu.py),
+// as torch.library recommends for C++ ops; the whole-head ops built on these passes (linear_ce_forward, ...) are
+// defined in Python (dropreg/cpu_ops.py).
 #include <Python.h>
 #include <torch/library.h>
 
-#include "linear_ce_dropreg.h"
+#include "vocab_passes.h"
 #include "philox.h"
 #include "rdrop.h"
 
@@ -17,28 +18,21 @@ at::Tensor philox_signs_op(int64_t seed, int64_t rows, int64_t dim) {
 
 TORCH_LIBRARY(dropreg, m) {
   m.def(
-      "linear_ce_forward(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? signs, int seed, "
-      "bool need_explicit, bool need_implicit) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "vocab_statistics(Tensor input, Tensor weight, Tensor? bias, bool need_mu, bool need_m2) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "linear_ce_backward(Tensor grad_ce, Tensor grad_quadratic, Tensor grad_sign_term, Tensor? grad_mu, "
-      "Tensor input, "
-      "Tensor weight, Tensor? bias, Tensor target, Tensor? signs, int seed, Tensor lse, Tensor mu, Tensor var, "
-      "bool need_explicit, bool need_implicit, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "logit_gradient_sweep(Tensor input, Tensor weight, Tensor? bias, Tensor lse, Tensor row_const, "
+      "Tensor? T_stack, bool with_squares, Tensor? target, Tensor? target_amount, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("rdrop_statistics(Tensor input1, Tensor input2, Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
   m.def(
-      "rdrop_forward(Tensor input1, Tensor input2, Tensor weight, Tensor? bias, Tensor target) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "rdrop_backward(Tensor grad_ce1, Tensor grad_ce2, Tensor grad_kl, Tensor input1, Tensor input2, "
-      "Tensor weight, Tensor? bias, Tensor target, Tensor lse, Tensor expected_d, bool[4] output_mask) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "rdrop_gradient_sweep(Tensor input1, Tensor input2, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
+      "Tensor expected_d, Tensor grad_ce1, Tensor grad_ce2, Tensor grad_kl, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "linear_ce_with_grads(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor row_weight, "
       "Tensor? z_weight, int block_rows, bool[3] output_mask, float? softcap=None, Tensor? smoothing_weights=None, "
       "Tensor? smoothing_row_weight=None) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("softmax_mean_forward(Tensor input, Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
-  m.def(
-      "softmax_mean_backward(Tensor grad_mu, Tensor input, Tensor weight, Tensor? bias, Tensor lse, Tensor mu, "
-      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def(
       "softcap_statistics(Tensor input, Tensor weight, Tensor? bias, float softcap, bool need_m1, bool need_m2, "
       "Tensor? smoothing_weights) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -51,13 +45,11 @@ TORCH_LIBRARY(dropreg, m) {
 }
 
 TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
-  m.impl("linear_ce_forward", &dropreg::linear_ce_forward);
-  m.impl("linear_ce_backward", &dropreg::linear_ce_backward);
-  m.impl("rdrop_forward", &dropreg::rdrop_forward);
-  m.impl("rdrop_backward", &dropreg::rdrop_backward);
+  m.impl("vocab_statistics", &dropreg::vocab_statistics);
+  m.impl("logit_gradient_sweep", &dropreg::logit_gradient_sweep);
+  m.impl("rdrop_statistics", &dropreg::rdrop_statistics);
+  m.impl("rdrop_gradient_sweep", &dropreg::rdrop_gradient_sweep);
   m.impl("linear_ce_with_grads", &dropreg::linear_ce_with_grads);
-  m.impl("softmax_mean_forward", &dropreg::softmax_mean_forward);
-  m.impl("softmax_mean_backward", &dropreg::softmax_mean_backward);
   m.impl("softcap_statistics", &dropreg::softcap_statistics);
   m.impl("softcap_gradient_sweep", &dropreg::softcap_gradient_sweep);
   m.impl("sample_targets", &dropreg::sample_targets);

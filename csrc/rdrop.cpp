@@ -1,6 +1,7 @@
-// CPU forward and backward of R-Drop's fused loss: two cross entropies and the symmetric KL between the
-// softmaxes of two dropout passes (docs/math.md, "R-Drop"). Same tile loops as linear_ce_dropreg.cpp:
-// row-parallel forward with two online softmaxes per row, vocabulary-parallel backward.
+// The CPU kernels' vocabulary passes for R-Drop's fused loss: two cross entropies and the symmetric KL between the
+// softmaxes of two dropout passes (docs/math.md, "R-Drop"); the per-row terms from these statistics are
+// dropreg/ops.py's. Same tile loops as vocab_passes.cpp: row-parallel statistics with two online softmaxes per
+// row, vocabulary-parallel gradient sweep.
 //
 // kl = (E_p1[D] - E_p2[D]) / 2 with D = z1 - z2 (the bias cancels). Multiply-adds: forward 2 NVd (the two
 // logit GEMMs; D and its expectations come from the same tiles); backward 6 NVd (logit recompute 2,
@@ -186,60 +187,48 @@ void rdrop_backward_tiles(const Tensor& h1, const Tensor& h2, const Tensor& weig
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rdrop_forward(const Tensor& input1, const Tensor& input2,
-                                                                 const Tensor& weight,
-                                                                 const c10::optional<Tensor>& bias,
-                                                                 const Tensor& target) {
+std::tuple<Tensor, Tensor> rdrop_statistics(const Tensor& input1, const Tensor& input2, const Tensor& weight,
+                                            const c10::optional<Tensor>& bias) {
   TORCH_CHECK(input1.dim() == 2 && input1.sizes() == input2.sizes() && input1.size(1) == weight.size(1),
-              "dropreg::rdrop_forward: inputs (N, d) of equal shape and weight (V, d) expected");
+              "dropreg::rdrop_statistics: inputs (N, d) of equal shape and weight (V, d) expected");
   RECORD_FUNCTION("dropreg::rdrop_forward_stats", std::vector<c10::IValue>());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = accumulation_type(input1);
   const int64_t rows = input1.size(0);
   const Tensor h1 = input1.to(acc).contiguous(), h2 = input2.to(acc).contiguous();
-  const Tensor w = weight.contiguous();
   const Tensor b = bias.has_value() && bias->defined() ? bias->to(acc).contiguous() : Tensor();
   Tensor lse = at::empty({2, rows}, h1.options());
   Tensor expected_d = at::empty({2, rows}, h1.options());  // E_p1[D], E_p2[D]
-  AT_DISPATCH_FLOATING_TYPES(acc, "rdrop_forward", [&] {
-    rdrop_forward_statistics<scalar_t>(h1, h2, w, b, lse, expected_d);
+  AT_DISPATCH_FLOATING_TYPES(acc, "rdrop_statistics", [&] {
+    rdrop_forward_statistics<scalar_t>(h1, h2, weight.contiguous(), b, lse, expected_d);
   });
-  Tensor ce1 = lse[0] - target_logits(h1, w, b, target);
-  Tensor ce2 = lse[1] - target_logits(h2, w, b, target);
-  Tensor kl = 0.5 * (expected_d[0] - expected_d[1]);
-  return {ce1, ce2, kl, lse, expected_d};
+  return {lse, expected_d};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> rdrop_backward(
-    const Tensor& grad_ce1, const Tensor& grad_ce2, const Tensor& grad_kl, const Tensor& input1,
-    const Tensor& input2, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& target,
-    const Tensor& lse, const Tensor& expected_d, std::array<bool, 4> output_mask) {
+std::tuple<Tensor, Tensor, Tensor> rdrop_gradient_sweep(
+    const Tensor& input1, const Tensor& input2, const Tensor& weight, const c10::optional<Tensor>& bias,
+    const Tensor& target, const Tensor& lse, const Tensor& expected_d, const Tensor& grad_ce1, const Tensor& grad_ce2,
+    const Tensor& grad_kl, std::array<bool, 4> output_mask) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const bool has_bias = bias.has_value() && bias->defined();
   const bool want_h = output_mask[0] || output_mask[1], want_w = output_mask[2], want_b = output_mask[3] && has_bias;
   const auto acc = accumulation_type(input1);
   const int64_t rows = input1.size(0), dim = input1.size(1), vocab = weight.size(0);
   const Tensor h1 = input1.to(acc).contiguous(), h2 = input2.to(acc).contiguous();
-  const Tensor w = weight.contiguous();
   const Tensor b = has_bias ? bias->to(acc).contiguous() : Tensor();
   Tensor grad_h_partials = want_h ? at::zeros({at::get_num_threads(), 2, rows, dim}, h1.options()) : Tensor();
-  Tensor grad_w = want_w ? at::empty_like(w) : at::empty({0}, w.options());
-  Tensor grad_b_acc = want_b ? at::empty({vocab}, h1.options()) : Tensor();
+  Tensor grad_w = want_w ? at::empty({vocab, dim}, h1.options()) : at::empty({0}, h1.options());
+  Tensor grad_b = want_b ? at::empty({vocab}, h1.options()) : at::empty({0}, h1.options());
   if (want_h || want_w || want_b) {
     RECORD_FUNCTION("dropreg::rdrop_backward_tiles", std::vector<c10::IValue>());
-    AT_DISPATCH_FLOATING_TYPES(acc, "rdrop_backward", [&] {
-      rdrop_backward_tiles<scalar_t>(h1, h2, w, b, target.contiguous(), lse.contiguous(), expected_d.contiguous(),
-                                     grad_ce1.to(acc).contiguous(), grad_ce2.to(acc).contiguous(),
-                                     grad_kl.to(acc).contiguous(), want_h, want_w, want_b, grad_h_partials,
-                                     grad_w, grad_b_acc);
+    AT_DISPATCH_FLOATING_TYPES(acc, "rdrop_gradient_sweep", [&] {
+      rdrop_backward_tiles<scalar_t>(h1, h2, weight.contiguous(), b, target.contiguous(), lse.to(acc).contiguous(),
+                                     expected_d.to(acc).contiguous(), grad_ce1.to(acc).contiguous(),
+                                     grad_ce2.to(acc).contiguous(), grad_kl.to(acc).contiguous(), want_h, want_w,
+                                     want_b, grad_h_partials, grad_w, grad_b);
     });
   }
-  Tensor grad_h = want_h ? grad_h_partials.sum(0) : Tensor();
-  // Outputs must not alias each other (the schema says so): copy out of grad_h, fresh empties.
-  auto empty = [&] { return at::empty({0}, input1.options()); };
-  return {output_mask[0] ? grad_h[0].to(input1.scalar_type(), false, /*copy=*/true) : empty(),
-          output_mask[1] ? grad_h[1].to(input2.scalar_type(), false, /*copy=*/true) : empty(), grad_w,
-          want_b ? grad_b_acc.to(bias->scalar_type()) : empty()};
+  return {want_h ? grad_h_partials.sum(0) : at::empty({0}, h1.options()), grad_w, grad_b};
 }
 
 }  // namespace dropreg

@@ -9,7 +9,7 @@
 
 #include <vector>
 
-#include "linear_ce_dropreg.h"
+#include "vocab_passes.h"
 #include "tile_loops.h"
 
 namespace dropreg {

@@ -39,7 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import cpu, ops
+from . import cpu, cpu_ops, ops
 from . import triton as triton_backend
 from .chunked import ChunkedPasses
 from .cpp_passes import CppPasses
@@ -97,8 +97,8 @@ def _on_passes(passes, *, slice_ops, ce_with_grads=None, ce_with_grads_softcap=N
 
 
 def _whole_head_op(registered, sliced):
-    """The registered C++ op for a head held whole (``torch.compile(fullgraph=True)`` traces it), the passes'
-    op on a vocabulary slice."""
+    """The registered op for a head held whole (dropreg/cpu_ops.py: ``torch.compile(fullgraph=True)`` traces it),
+    the passes' op on a vocabulary slice."""
     def run(*args, reducer=LOCAL):
         return registered(*args) if reducer is LOCAL else sliced(*args, reducer=reducer)
     return run
@@ -122,7 +122,7 @@ def cpu_backend(plan: BlockPlan = DEFAULT_PLAN) -> Backend:
                            is_available=cpu.FAMILY.is_available, unavailable_reason=cpu.FAMILY.unavailable_reason)
     return dataclasses.replace(on_passes, linear_ce=_whole_head_op(cpu.FAMILY.linear_ce, on_passes.linear_ce),
                                rdrop=_whole_head_op(cpu.FAMILY.rdrop, on_passes.rdrop),
-                               softmax_mean=_whole_head_op(cpu.cpu_softmax_mean, on_passes.softmax_mean))
+                               softmax_mean=_whole_head_op(cpu_ops.softmax_mean, on_passes.softmax_mean))
 
 
 _TORCH = torch_backend()
@@ -169,15 +169,27 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def _usable(name: str) -> bool:
-    backend = _BACKENDS[name]
+def _usable(backend: Backend) -> bool:
     if backend.is_available():
         return True
-    if name not in _warned_unavailable:  # never fall back silently
-        _warned_unavailable.add(name)
-        warnings.warn(f"dropreg: backend {name!r} is unavailable, backend='auto' falls back to a slower one. "
-                      f"Reason: {backend.unavailable_reason()}", RuntimeWarning, stacklevel=4)
+    if backend.name not in _warned_unavailable:  # never fall back silently
+        _warned_unavailable.add(backend.name)
+        warnings.warn(f"dropreg: backend {backend.name!r} is unavailable, backend='auto' falls back to a slower one. "
+                      f"Reason: {backend.unavailable_reason()}", RuntimeWarning, stacklevel=5)
     return False
+
+
+def pick_auto(candidates, device: torch.device, *, softcap: bool = False, op: str = "linear_ce") -> Optional[Backend]:
+    """The first of ``candidates`` (backends, fastest first) that is usable, deterministic on ``device`` when
+    ``torch.use_deterministic_algorithms(True)`` is set and implements ``op`` on a softcapped head when ``softcap``;
+    None if none is."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    for backend in candidates:
+        if deterministic and not _deterministic_here(backend.name, device):
+            continue
+        if _supports(backend, softcap, op) and _usable(backend):
+            return backend
+    return None
 
 
 # Backends whose results may vary from run to run on a device type: the Triton kernels add into grad_input and
@@ -214,11 +226,10 @@ def resolve_backend(name, device: torch.device, *, softcap: bool = False,
     if isinstance(name, Backend):
         backend, name = name, name.name
     elif name == "auto":
-        for candidate in _AUTO_PREFERENCE.get(device.type, _AUTO_FALLBACK):
-            if deterministic and not _deterministic_here(candidate, device):
-                continue
-            if candidate in _BACKENDS and _supports(_BACKENDS[candidate], softcap, op) and _usable(candidate):
-                return candidate, _BACKENDS[candidate]
+        preference = _AUTO_PREFERENCE.get(device.type, _AUTO_FALLBACK)
+        backend = pick_auto([_BACKENDS[n] for n in preference if n in _BACKENDS], device, softcap=softcap, op=op)
+        if backend is not None:
+            return backend.name, backend
         name = _AUTO_FALLBACK[0]
         backend = _BACKENDS[name]
     else:

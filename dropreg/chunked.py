@@ -27,7 +27,8 @@ from .chunk_buffers import (ChunkBuffers, grad_weight_buffer, squares_scale, sta
                             top_class_buffer)
 from .gemm import as_operand, mm, operand_types
 from .plan import DEFAULT_PLAN, BlockPlan, ce_chunks, default_chunks
-from .rows import RowModulation, SliceStatistics, logit_shift, row_modulation, softmax_mean_modulation, target_logit
+from .rows import (RowModulation, SliceStatistics, input_row_gradient, logit_shift, row_modulation,
+                   softmax_mean_modulation, target_logit)
 from .streamed import StreamedPasses, add_ce_loss, finish_statistics, online_state
 from .tiles import spans
 from .torch_epilogues import TorchEpilogues, epilogues_for
@@ -192,7 +193,7 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
     n_rows, dim = h.shape
     modulated = need_explicit or need_implicit
     grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-    grad_h_rows = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+    grad_h_rows = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
     grad_w, overwrite_w = (grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
                            else (None, False))
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
@@ -216,11 +217,13 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
         if need_implicit:
             g_i_owned = rows.g_i if owns_target is None else rows.g_i * owns_target[r0:r1, None]
         if want_h:  # the row-wise parts of grad_input (docs/math.md 4.3)
-            if need_explicit:
-                grad_h_rows[r0:r1] += 2 * rows.g_r * h_block * var[r0:r1]
+            grad_h_rows[r0:r1] = input_row_gradient(h_block, signs[r0:r1] if need_implicit else None,
+                                                    mu[r0:r1] if need_implicit else None,
+                                                    var[r0:r1] if need_explicit else None,
+                                                    grad_quadratic[r0:r1].to(acc), grad_sign_term[r0:r1].to(acc),
+                                                    need_explicit, need_implicit)
             if need_implicit:
                 grad_h_block -= g_i_owned * signs[r0:r1] * weight[y].to(acc)
-                grad_h_rows[r0:r1] += rows.g_i * signs[r0:r1] * mu[r0:r1]
             grad_h[r0:r1] = grad_h_block
         if want_w and need_implicit:  # the implicit term's target scatter
             grad_w.index_add_(0, y, (-g_i_owned * rows.u).to(grad_w.dtype))

@@ -1,9 +1,10 @@
-"""The ``"cpu"`` backend: the C++ kernels of csrc/, registered as ``torch.ops.dropreg.*``.
+"""The ``"cpu"`` backend's C++ kernels of csrc/, registered as ``torch.ops.dropreg.*``: the vocabulary passes, the
+CE-only op and sampling.
 
 The library is ``dropreg._C``, built by ``pip install``. When it is missing (a plain checkout), it is
 JIT-built once with ``torch.utils.cpp_extension.load`` and cached under ``TORCH_EXTENSIONS_DIR``.
-This module adds the fake (meta) kernels, which check shapes and dtypes, and autograd for the C++ ops;
-the dispatch wrappers are the shared :class:`dropreg._op_family.OpFamily`.
+This module adds their fake (meta) kernels, which check shapes and dtypes, and the CE-only op's autograd; the
+whole-head ops built on the passes are dropreg/cpu_ops.py's.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import torch
 
 from . import _build, streamed
 from ._op_family import (BackendUnavailable, OpFamily, combined_upstream, first_order_only, gradients_wanted,
-                         int64_seed, refuse_double_backward,
-                         register_linear_ce_autograd, register_rdrop_autograd)
+                         int64_seed)
 from ._policy import accumulation_dtype
 
 
@@ -41,7 +41,7 @@ is_available = FAMILY.is_available
 unavailable_reason = FAMILY.unavailable_reason
 
 
-def _check_shape(op: str, name: str, tensor, shape) -> None:
+def check_shape(op: str, name: str, tensor, shape) -> None:
     def message():
         return f"{op}: {name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}"
     torch._check(tensor.dim() == len(shape), message)
@@ -49,11 +49,11 @@ def _check_shape(op: str, name: str, tensor, shape) -> None:
         torch._check(size == expected, message)
 
 
-def _check_dtype(op: str, name: str, tensor, dtype) -> None:
+def check_dtype(op: str, name: str, tensor, dtype) -> None:
     torch._check(tensor.dtype == dtype, lambda: f"{op}: {name} must have dtype {dtype}, got {tensor.dtype}")
 
 
-def _check_head(op: str, inputs: dict, weight, bias, target) -> tuple:
+def check_head(op: str, inputs: dict, weight, bias, target) -> tuple:
     """(N, d) inputs of one floating dtype, weight (V, d) and bias (V,) of the same dtype, target (N,) int64.
     Returns (N, d, V)."""
     first_name, first = next(iter(inputs.items()))
@@ -62,74 +62,104 @@ def _check_head(op: str, inputs: dict, weight, bias, target) -> tuple:
                  lambda: f"{op}: {first_name} must be floating point, got {first.dtype}")
     rows, dim = first.shape
     for name, tensor in inputs.items():
-        _check_shape(op, name, tensor, (rows, dim))
-        _check_dtype(op, name, tensor, first.dtype)
+        check_shape(op, name, tensor, (rows, dim))
+        check_dtype(op, name, tensor, first.dtype)
     torch._check(weight.dim() == 2 and weight.shape[1] == dim,
                  lambda: f"{op}: weight must be (V, d) with d={dim} as {first_name}, got {tuple(weight.shape)}")
-    _check_dtype(op, "weight", weight, first.dtype)
+    check_dtype(op, "weight", weight, first.dtype)
     vocab = weight.shape[0]
     if bias is not None:
-        _check_shape(op, "bias", bias, (vocab,))
-        _check_dtype(op, "bias", bias, first.dtype)
-    _check_shape(op, "target", target, (rows,))
-    _check_dtype(op, "target", target, torch.int64)
+        check_shape(op, "bias", bias, (vocab,))
+        check_dtype(op, "bias", bias, first.dtype)
+    check_shape(op, "target", target, (rows,))
+    check_dtype(op, "target", target, torch.int64)
     return rows, dim, vocab
 
 
-def _check_per_row_grads(op: str, grads: dict, rows: int) -> None:
+def check_per_row_grads(op: str, grads: dict, rows: int) -> None:
     for name, grad in grads.items():
-        _check_shape(op, name, grad, (rows,))
+        check_shape(op, name, grad, (rows,))
         torch._check(grad.dtype.is_floating_point, lambda: f"{op}: {name} must be floating point, got {grad.dtype}")
 
 
-def _check_signs(op: str, signs, rows: int, dim: int) -> None:
+def check_signs(op: str, signs, rows: int, dim: int) -> None:
     if signs is not None:
-        _check_shape(op, "signs", signs, (rows, dim))
+        check_shape(op, "signs", signs, (rows, dim))
         torch._check(signs.dtype.is_floating_point, lambda: f"{op}: signs must be floating point, got {signs.dtype}")
 
 
 def _register_python_kernels() -> None:
-    @torch.library.register_fake("dropreg::linear_ce_forward")
-    def _forward_fake(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
-        op = "dropreg::linear_ce_forward"
-        rows, dim, _ = _check_head(op, {"input": input}, weight, bias, target)
-        _check_signs(op, signs, rows, dim)
-        acc = accumulation_dtype(input.dtype)
-        per_row = [input.new_empty((rows,), dtype=acc) for _ in range(4)]
-        mu = input.new_empty((rows if (need_explicit or need_implicit) else 0, dim), dtype=acc)
-        var = input.new_empty((rows if need_explicit else 0, dim), dtype=acc)
-        return (*per_row, mu, var)
-
-    @torch.library.register_fake("dropreg::linear_ce_backward")
-    def _backward_fake(grad_ce, grad_quadratic, grad_sign_term, grad_mu, input, weight, bias, target, signs, seed,
-                       lse, mu, var, need_explicit, need_implicit, output_mask):
-        op = "dropreg::linear_ce_backward"
-        rows, dim, _ = _check_head(op, {"input": input}, weight, bias, target)
-        _check_signs(op, signs, rows, dim)
-        _check_per_row_grads(op, dict(grad_ce=grad_ce, grad_quadratic=grad_quadratic, grad_sign_term=grad_sign_term),
-                             rows)
-        acc = accumulation_dtype(input.dtype)
-        _check_shape(op, "lse", lse, (rows,))
-        _check_shape(op, "mu", mu, (rows if (need_explicit or need_implicit) else 0, dim))
-        _check_shape(op, "var", var, (rows if need_explicit else 0, dim))
-        if grad_mu is not None:
-            _check_shape(op, "grad_mu", grad_mu, tuple(mu.shape))
-        for name, saved in (("lse", lse), ("mu", mu), ("var", var)):
-            _check_dtype(op, name, saved, acc)
-        grad_h = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
-        grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
-        grad_b = torch.empty_like(bias) if (output_mask[2] and bias is not None) else input.new_empty((0,))
-        return grad_h, grad_w, grad_b
-
     @torch.library.register_fake("dropreg::philox_signs")
     def _signs_fake(seed, rows, dim):
         return torch.empty((rows, dim), dtype=torch.float32)
 
-    register_linear_ce_autograd("dropreg::linear_ce_forward", torch.ops.dropreg.linear_ce_backward)
+    _register_vocab_pass_kernels()
     _register_ce_with_grads_kernels()
     _register_softcap_kernels()
-    _register_rdrop_kernels()
     _register_site_kernels()
+
+
+def _register_vocab_pass_kernels() -> None:
+    """Fake kernels of the uncapped head's and R-Drop's passes (csrc/vocab_passes.h, csrc/rdrop.h)."""
+    @torch.library.register_fake("dropreg::vocab_statistics")
+    def _statistics_fake(input, weight, bias, need_mu, need_m2):
+        op = "dropreg::vocab_statistics"
+        rows, dim, _ = check_head(op, {"input": input}, weight, bias, _stand_in_target(input))
+        acc = accumulation_dtype(input.dtype)
+        return (input.new_empty((rows,), dtype=acc), input.new_empty((rows if need_mu else 0, dim), dtype=acc),
+                input.new_empty((rows if need_m2 else 0, dim), dtype=acc))
+
+    @torch.library.register_fake("dropreg::logit_gradient_sweep")
+    def _sweep_fake(input, weight, bias, lse, row_const, T_stack, with_squares, target, target_amount, output_mask):
+        op = "dropreg::logit_gradient_sweep"
+        rows, dim, vocab = check_head(op, {"input": input}, weight, bias,
+                                      _stand_in_target(input) if target is None else target)
+        for name, per_row in (("lse", lse), ("row_const", row_const)):
+            check_shape(op, name, per_row, (rows,))
+        if T_stack is not None:
+            check_shape(op, "T_stack", T_stack, (rows, (2 if with_squares else 1) * dim))
+        torch._check((target is None) == (target_amount is None),
+                     lambda: f"{op}: target and target_amount are given together")
+        if target_amount is not None:
+            check_shape(op, "target_amount", target_amount, (rows,))
+        acc = accumulation_dtype(input.dtype)
+        want_b = output_mask[2] and bias is not None
+        return (input.new_empty((rows, dim) if output_mask[0] else (0,), dtype=acc),
+                input.new_empty((vocab, dim) if output_mask[1] else (0,), dtype=acc),
+                input.new_empty((vocab,) if want_b else (0,), dtype=acc))
+
+    @torch.library.register_fake("dropreg::rdrop_statistics")
+    def _rdrop_statistics_fake(input1, input2, weight, bias):
+        rows, _, _ = check_head("dropreg::rdrop_statistics", {"input1": input1, "input2": input2}, weight, bias,
+                                _stand_in_target(input1))
+        acc = accumulation_dtype(input1.dtype)
+        return input1.new_empty((2, rows), dtype=acc), input1.new_empty((2, rows), dtype=acc)
+
+    @torch.library.register_fake("dropreg::rdrop_gradient_sweep")
+    def _rdrop_sweep_fake(input1, input2, weight, bias, target, lse, expected_d, grad_ce1, grad_ce2, grad_kl,
+                          output_mask):
+        rows, dim, vocab = check_rdrop_backward("dropreg::rdrop_gradient_sweep", input1, input2, weight, bias, target,
+                                                (grad_ce1, grad_ce2, grad_kl), lse, expected_d)
+        acc = accumulation_dtype(input1.dtype)
+        want_b = output_mask[3] and bias is not None
+        return (input1.new_empty((2, rows, dim) if output_mask[0] or output_mask[1] else (0,), dtype=acc),
+                input1.new_empty((vocab, dim) if output_mask[2] else (0,), dtype=acc),
+                input1.new_empty((vocab,) if want_b else (0,), dtype=acc))
+
+
+def check_rdrop_backward(op, input1, input2, weight, bias, target, upstream, lse, expected_d) -> tuple:
+    """The checks of an R-Drop backward's operands; returns (N, d, V)."""
+    rows, dim, vocab = check_head(op, {"input1": input1, "input2": input2}, weight, bias, target)
+    check_per_row_grads(op, dict(zip(("grad_ce1", "grad_ce2", "grad_kl"), upstream)), rows)
+    for name, saved in (("lse", lse), ("expected_d", expected_d)):
+        check_shape(op, name, saved, (2, rows))
+        check_dtype(op, name, saved, accumulation_dtype(input1.dtype))
+    return rows, dim, vocab
+
+
+def _stand_in_target(input):
+    """The passes that take no target check the head on a stand-in (N,) int64 one."""
+    return input.new_empty((input.shape[0],), dtype=torch.int64)
 
 
 def _register_ce_with_grads_kernels() -> None:
@@ -138,17 +168,17 @@ def _register_ce_with_grads_kernels() -> None:
     @torch.library.register_fake(op)
     def _fake(input, weight, bias, target, row_weight, z_weight, block_rows, output_mask, softcap=None,
               smoothing_weights=None, smoothing_row_weight=None):
-        rows, _, vocab = _check_head(op, {"input": input}, weight, bias, target)
-        _check_per_row_grads(op, {"row_weight": row_weight}, rows)
+        rows, _, vocab = check_head(op, {"input": input}, weight, bias, target)
+        check_per_row_grads(op, {"row_weight": row_weight}, rows)
         if z_weight is not None:
-            _check_per_row_grads(op, {"z_weight": z_weight}, rows)
+            check_per_row_grads(op, {"z_weight": z_weight}, rows)
         torch._check(block_rows >= 1, lambda: f"{op}: block_rows must be >= 1, got {block_rows}")
         torch._check(softcap is None or softcap > 0, lambda: f"{op}: softcap must be > 0, got {softcap}")
         torch._check((smoothing_weights is None) == (smoothing_row_weight is None),
                      lambda: f"{op}: smoothing_weights and smoothing_row_weight are given together")
         if smoothing_weights is not None:
-            _check_shape(op, "smoothing_weights", smoothing_weights, (vocab,))
-            _check_per_row_grads(op, {"smoothing_row_weight": smoothing_row_weight}, rows)
+            check_shape(op, "smoothing_weights", smoothing_weights, (vocab,))
+            check_per_row_grads(op, {"smoothing_row_weight": smoothing_row_weight}, rows)
         loss = input.new_empty((2,), dtype=accumulation_dtype(input.dtype))
         grad_h = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
         grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
@@ -175,10 +205,10 @@ def _register_softcap_kernels() -> None:
     @torch.library.register_fake("dropreg::softcap_statistics")
     def _statistics_fake(input, weight, bias, softcap, need_m1, need_m2, smoothing_weights):
         op = "dropreg::softcap_statistics"
-        rows, dim, vocab = _check_head(op, {"input": input}, weight, bias,
+        rows, dim, vocab = check_head(op, {"input": input}, weight, bias,
                                        input.new_empty((input.shape[0],), dtype=torch.int64))
         if smoothing_weights is not None:
-            _check_shape(op, "smoothing_weights", smoothing_weights, (vocab,))
+            check_shape(op, "smoothing_weights", smoothing_weights, (vocab,))
         acc = accumulation_dtype(input.dtype)
         return (input.new_empty((rows,), dtype=acc), input.new_empty((rows if need_m1 else 0, dim), dtype=acc),
                 input.new_empty((rows if need_m2 else 0, dim), dtype=acc),
@@ -188,91 +218,29 @@ def _register_softcap_kernels() -> None:
     def _sweep_fake(input, weight, bias, softcap, lse, target, amount, row_const, T, Q, smoothing_weights,
                     grad_smoothing_sum, output_mask):
         op = "dropreg::softcap_gradient_sweep"
-        rows, dim, vocab = _check_head(op, {"input": input}, weight, bias, target)
+        rows, dim, vocab = check_head(op, {"input": input}, weight, bias, target)
         if smoothing_weights is not None:
-            _check_shape(op, "smoothing_weights", smoothing_weights, (vocab,))
+            check_shape(op, "smoothing_weights", smoothing_weights, (vocab,))
             torch._check(grad_smoothing_sum is not None, lambda: f"{op}: smoothing_weights need grad_smoothing_sum")
-            _check_shape(op, "grad_smoothing_sum", grad_smoothing_sum, (rows,))
+            check_shape(op, "grad_smoothing_sum", grad_smoothing_sum, (rows,))
         acc = accumulation_dtype(input.dtype)
         for name, per_row in (("lse", lse), ("amount", amount), ("row_const", row_const)):
-            _check_shape(op, name, per_row, (rows,))
+            check_shape(op, name, per_row, (rows,))
         for name, per_row in (("T", T), ("Q", Q)):
             if per_row is not None:
-                _check_shape(op, name, per_row, (rows, dim))
+                check_shape(op, name, per_row, (rows, dim))
         want_b = output_mask[2] and bias is not None
         return (input.new_empty((rows, dim) if output_mask[0] else (0,), dtype=acc),
                 input.new_empty((vocab, dim) if output_mask[1] else (0,), dtype=acc),
                 input.new_empty((vocab,) if want_b else (0,), dtype=acc))
 
 
-def _register_rdrop_kernels() -> None:
-    @torch.library.register_fake("dropreg::rdrop_forward")
-    def _forward_fake(input1, input2, weight, bias, target):
-        rows, _, _ = _check_head("dropreg::rdrop_forward", {"input1": input1, "input2": input2}, weight, bias,
-                                 target)
-        acc = accumulation_dtype(input1.dtype)
-        per_row = [input1.new_empty((rows,), dtype=acc) for _ in range(3)]
-        return (*per_row, input1.new_empty((2, rows), dtype=acc), input1.new_empty((2, rows), dtype=acc))
-
-    @torch.library.register_fake("dropreg::rdrop_backward")
-    def _backward_fake(grad_ce1, grad_ce2, grad_kl, input1, input2, weight, bias, target, lse, expected_d,
-                       output_mask):
-        op = "dropreg::rdrop_backward"
-        rows, _, _ = _check_head(op, {"input1": input1, "input2": input2}, weight, bias, target)
-        _check_per_row_grads(op, dict(grad_ce1=grad_ce1, grad_ce2=grad_ce2, grad_kl=grad_kl), rows)
-        for name, saved in (("lse", lse), ("expected_d", expected_d)):
-            _check_shape(op, name, saved, (2, rows))
-            _check_dtype(op, name, saved, accumulation_dtype(input1.dtype))
-
-        def grad_or_empty(wanted, like):
-            return torch.empty_like(like) if wanted and like is not None else input1.new_empty((0,))
-        return (grad_or_empty(output_mask[0], input1), grad_or_empty(output_mask[1], input2),
-                grad_or_empty(output_mask[2], weight), grad_or_empty(output_mask[3], bias))
-
-    register_rdrop_autograd("dropreg::rdrop_forward", torch.ops.dropreg.rdrop_backward)
-
-
 def _register_site_kernels() -> None:
-    def check_head(op, input, weight, bias):
-        """softmax_mean/sample_targets take no target: the head checks on a stand-in (N,) int64 target."""
-        return _check_head(op, {"input": input}, weight, bias, input.new_empty((input.shape[0],), dtype=torch.int64))
-
-    @torch.library.register_fake("dropreg::softmax_mean_forward")
-    def _forward_fake(input, weight, bias):
-        check_head("softmax_mean_forward", input, weight, bias)
-        acc = accumulation_dtype(input.dtype)
-        return input.new_empty(input.shape, dtype=acc), input.new_empty((input.shape[0],), dtype=acc)
-
-    @torch.library.register_fake("dropreg::softmax_mean_backward")
-    def _backward_fake(grad_mu, input, weight, bias, lse, mu, output_mask):
-        rows, dim, _ = check_head("softmax_mean_backward", input, weight, bias)
-        for name, tensor, shape in (("grad_mu", grad_mu, (rows, dim)), ("lse", lse, (rows,)), ("mu", mu, (rows, dim))):
-            _check_shape("softmax_mean_backward", name, tensor, shape)
-        grad_h = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
-        grad_w = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
-        grad_b = torch.empty_like(bias) if (output_mask[2] and bias is not None) else input.new_empty((0,))
-        return grad_h, grad_w, grad_b
-
     @torch.library.register_fake("dropreg::sample_targets")
     def _sample_fake(input, weight, bias, samples, seed):
-        check_head("sample_targets", input, weight, bias)
+        check_head("sample_targets", {"input": input}, weight, bias, _stand_in_target(input))
         torch._check(samples >= 1, lambda: f"sample_targets: samples must be >= 1, got {samples}")
         return input.new_empty((samples, input.shape[0]), dtype=torch.int64)
-
-    def setup_context(ctx, inputs, output):
-        input, weight, bias = inputs
-        ctx.save_for_backward(input, weight, bias, output[1], output[0])
-        ctx.has_bias = bias is not None
-
-    def backward(ctx, grad_mu, _grad_lse):
-        input, weight, bias, lse, mu = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        grad_mu = torch.zeros_like(mu) if grad_mu is None else grad_mu.contiguous()
-        grads = torch.ops.dropreg.softmax_mean_backward(grad_mu, input, weight, bias, lse, mu, mask)
-        return tuple(g if wanted else None for g, wanted in zip(grads, mask))
-
-    torch.library.register_autograd("dropreg::softmax_mean_forward", backward, setup_context=setup_context)
-    refuse_double_backward("dropreg::softmax_mean_backward")
 
 
 def cpu_ce_with_grads(input, weight, bias, target, row_weight, z_weight=None, *, block_rows=None):
@@ -295,13 +263,6 @@ def cpu_ce_with_grads_softcap(input, weight, bias, target, row_weight, z_weight,
         input.contiguous(), weight.contiguous(), optional(bias), target.contiguous(), row_weight.contiguous(),
         optional(z_weight), block_rows, list(gradients_wanted(input, weight, bias)), softcap,
         optional(smoothing_weights), optional(smoothing_row_weight))[0]
-
-
-def cpu_softmax_mean(input, weight, bias):
-    """Per-row ``mu`` from the C++ kernels (see dropreg/_dispatch.py)."""
-    load()
-    return torch.ops.dropreg.softmax_mean_forward(input.contiguous(), weight.contiguous(),
-                                                  None if bias is None else bias.contiguous())[0]
 
 
 def cpu_sample_targets(input, weight, bias, samples, seed):

@@ -41,8 +41,10 @@ class Terms(torch.autograd.Function):
     def forward(ctx, h, weight, bias, target, signs, omega, softcap, need_explicit, need_implicit, passes, reducer):
         ctx.options = (softcap, need_explicit, need_implicit, passes, reducer)
         if softcap is None:
-            return _uncapped_forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, passes,
-                                     reducer)
+            outputs, saved = uncapped_forward(h, weight, bias, target, signs, need_explicit, need_implicit, passes,
+                                              reducer)
+            ctx.save_for_backward(h, weight, bias, signs, *saved)
+            return (*outputs, torch.zeros_like(outputs[0]))
         return _capped_forward(ctx, h, weight, bias, target, signs, omega, softcap, need_explicit, need_implicit,
                                passes, reducer)
 
@@ -50,41 +52,45 @@ class Terms(torch.autograd.Function):
     @first_order_only
     def backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu, grad_smoothing_sum):
         if ctx.options[0] is None:
-            grads = _uncapped_backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu)
+            h, weight, bias, signs, *saved = ctx.saved_tensors
+            _, need_explicit, need_implicit, passes, reducer = ctx.options
+            grads = uncapped_backward(h, weight, bias, signs, saved, (grad_ce, grad_quadratic, grad_sign_term),
+                                      grad_mu, need_explicit, need_implicit, ctx.needs_input_grad[:3], passes, reducer)
         else:
             grads = _capped_backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu, grad_smoothing_sum)
         return (*grads, None, None, None, None, None, None, None, None)
 
 
-def _uncapped_forward(ctx, h, weight, bias, target, signs, need_explicit, need_implicit, passes, reducer):
+def uncapped_forward(h, weight, bias, target, signs, need_explicit, need_implicit, passes, reducer):
+    """The uncapped head's forward (docs/math.md 6.1): ``((ce, quadratic, sign_term, mu), saved)``, ``saved`` what
+    :func:`uncapped_backward` takes: ``(safe, owned, lse, mu, var, extra)``. Also the body of the ``"cpu"``
+    backend's registered op (dropreg/cpu_ops.py)."""
     acc = accumulation_dtype(h.dtype)
     with record_function("dropreg::forward_stats"):
         stats = passes.statistics(h, weight, bias, need_mu=need_explicit or need_implicit, need_m2=need_explicit)
     safe, owned = reducer.localize(target)
     hc = h.to(acc)
     target_rows = weight[safe].to(acc)
-    z_target = (hc * target_rows).sum(1)
-    if bias is not None:
-        z_target = z_target + bias[safe].to(acc)
-    picked = [z_target]
+    picked = [rows.target_logit(hc, weight, bias, safe, acc)]
     if need_implicit and owned is not None:  # u . W_y from the owning slice
         picked.append((signs * hc * target_rows).sum(1))
     lse, mu, var, picked = reducer.merge_moments(stats, rows.owned_only(owned, picked))
     target_part = target_rows if owned is None else picked[-1]
     ce, quadratic, sign_term = rows.terms(hc, signs, lse, mu, var, picked[0], target_part, need_explicit,
                                           need_implicit)
-    ctx.save_for_backward(h, weight, bias, safe, owned, signs, lse, mu, var, stats.extra)
-    return ce, quadratic, sign_term, mu, torch.zeros_like(ce)
+    return (ce, quadratic, sign_term, mu), (safe, owned, lse, mu, var, stats.extra)
 
 
-def _uncapped_backward(ctx, grad_ce, grad_quadratic, grad_sign_term, grad_mu):
-    h, weight, bias, safe, owned, signs, lse, mu, var, extra = ctx.saved_tensors
-    _, need_explicit, need_implicit, passes, reducer = ctx.options
+def uncapped_backward(h, weight, bias, signs, saved, upstream, grad_mu, need_explicit, need_implicit, wants, passes,
+                      reducer):
+    """``(grad_h, grad_w, grad_b)`` (None where not in ``wants``) of the uncapped head's per-row terms given their
+    upstream gradients ``(grad_ce, grad_quadratic, grad_sign_term)`` (None: zero) and mu's (``grad_mu``)."""
+    safe, owned, lse, mu, var, extra = saved
     zero = torch.zeros_like(lse)
-    upstream = [zero if g is None else g for g in (grad_ce, grad_quadratic, grad_sign_term)]
+    upstream = [zero if g is None else g for g in upstream]
     grad_h_vocab, grad_h_rows, grad_w, grad_b = passes.terms_sweep(
-        h, weight, bias, safe, owned, signs, lse, mu, var, *upstream, grad_mu, need_explicit, need_implicit,
-        ctx.needs_input_grad[:3], extra)
+        h, weight, bias, safe, owned, signs, lse, mu, var, *upstream, grad_mu, need_explicit, need_implicit, wants,
+        extra)
     grad_h = None
     if grad_h_vocab is not None:
         grad_h = reducer.sum_partial(grad_h_vocab)
@@ -148,34 +154,48 @@ class RDrop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h1, h2, weight, bias, target, softcap, passes, reducer):
-        acc = accumulation_dtype(h1.dtype)
-        with record_function("dropreg::rdrop_forward_stats"):
-            lse, expected_d = passes.rdrop_statistics(h1, h2, weight, bias, softcap)
-        safe, owned = reducer.localize(target)
-        picked = [torch.stack([rows.capped_logits(rows.target_logit(h.to(acc), weight, bias, safe, acc), softcap)[0]
-                               for h in (h1, h2)])]
-        lse, (expected_d,), (z_target,) = reducer.merge(lse, [expected_d.unsqueeze(-1)],
-                                                        rows.owned_only(owned, picked))
-        expected_d = expected_d[..., 0].contiguous()
-        lse = lse.contiguous()
-        ctx.save_for_backward(h1, h2, weight, bias, safe, owned, lse, expected_d)
+        outputs, saved = rdrop_forward(h1, h2, weight, bias, target, softcap, passes, reducer)
+        ctx.save_for_backward(h1, h2, weight, bias, *saved)
         ctx.options = (softcap, passes, reducer)
-        return lse[0] - z_target[0], lse[1] - z_target[1], 0.5 * (expected_d[0] - expected_d[1])
+        return outputs
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_ce1, grad_ce2, grad_kl):
-        h1, h2, weight, bias, safe, owned, lse, expected_d = ctx.saved_tensors
-        softcap, passes, reducer = ctx.options
-        want_h1, want_h2 = ctx.needs_input_grad[:2]
-        zero = torch.zeros_like(lse[0])
-        upstream = [zero if g is None else g for g in (grad_ce1, grad_ce2, grad_kl)]
-        grad_h, grad_w, grad_b = passes.rdrop_sweep(h1, h2, weight, bias, safe, owned, lse, expected_d, *upstream,
-                                                    ctx.needs_input_grad[:4], softcap)
-        if want_h1 or want_h2:
-            grad_h = reducer.sum_partial(grad_h)
-        return (grad_h[0].to(h1.dtype) if want_h1 else None, grad_h[1].to(h2.dtype) if want_h2 else None,
-                _in_dtype(grad_w, weight), _in_dtype(grad_b, bias), None, None, None, None)
+        h1, h2, weight, bias, *saved = ctx.saved_tensors
+        grads = rdrop_backward(h1, h2, weight, bias, saved, (grad_ce1, grad_ce2, grad_kl), ctx.needs_input_grad[:4],
+                               *ctx.options)
+        return (*grads, None, None, None, None)
+
+
+def rdrop_forward(h1, h2, weight, bias, target, softcap, passes, reducer):
+    """``((ce1, ce2, kl), saved)``, ``saved = (safe, owned, lse, expected_d)`` for :func:`rdrop_backward`."""
+    acc = accumulation_dtype(h1.dtype)
+    with record_function("dropreg::rdrop_forward_stats"):
+        lse, expected_d = passes.rdrop_statistics(h1, h2, weight, bias, softcap)
+    safe, owned = reducer.localize(target)
+    picked = [torch.stack([rows.capped_logits(rows.target_logit(h.to(acc), weight, bias, safe, acc), softcap)[0]
+                           for h in (h1, h2)])]
+    lse, (expected_d,), (z_target,) = reducer.merge(lse, [expected_d.unsqueeze(-1)], rows.owned_only(owned, picked))
+    expected_d = expected_d[..., 0].contiguous()
+    lse = lse.contiguous()
+    outputs = (lse[0] - z_target[0], lse[1] - z_target[1], 0.5 * (expected_d[0] - expected_d[1]))
+    return outputs, (safe, owned, lse, expected_d)
+
+
+def rdrop_backward(h1, h2, weight, bias, saved, upstream, wants, softcap, passes, reducer):
+    """``(grad_h1, grad_h2, grad_w, grad_b)`` (None where not in ``wants``) given the upstream gradients of
+    ``(ce1, ce2, kl)`` (None: zero)."""
+    safe, owned, lse, expected_d = saved
+    want_h1, want_h2 = wants[:2]
+    zero = torch.zeros_like(lse[0])
+    upstream = [zero if g is None else g for g in upstream]
+    grad_h, grad_w, grad_b = passes.rdrop_sweep(h1, h2, weight, bias, safe, owned, lse, expected_d, *upstream, wants,
+                                                softcap)
+    if want_h1 or want_h2:
+        grad_h = reducer.sum_partial(grad_h)
+    return (grad_h[0].to(h1.dtype) if want_h1 else None, grad_h[1].to(h2.dtype) if want_h2 else None,
+            _in_dtype(grad_w, weight), _in_dtype(grad_b, bias))
 
 
 class SoftmaxMean(torch.autograd.Function):
@@ -185,24 +205,35 @@ class SoftmaxMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, passes, reducer):
-        with record_function("dropreg::softmax_mean_forward"):
-            stats = passes.statistics(h, weight, bias, need_mu=True, need_m2=False)
-        lse, mu, _, _ = reducer.merge_moments(stats, [])
-        mu = mu.contiguous()
-        ctx.save_for_backward(h, weight, bias, lse, mu, stats.extra)
+        mu, saved = softmax_mean_forward(h, weight, bias, passes, reducer)
+        ctx.save_for_backward(h, weight, bias, *saved)
         ctx.options = (passes, reducer)
         return mu
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_mu):
-        h, weight, bias, lse, mu, extra = ctx.saved_tensors
-        passes, reducer = ctx.options
-        grad_h, grad_w, grad_b = passes.softmax_mean_sweep(h, weight, bias, lse, mu, grad_mu, ctx.needs_input_grad[:3],
-                                                           extra)
-        if grad_h is not None:
-            grad_h = reducer.sum_partial(grad_h).to(h.dtype)
-        return grad_h, _in_dtype(grad_w, weight), _in_dtype(grad_b, bias), None, None
+        h, weight, bias, *saved = ctx.saved_tensors
+        return (*softmax_mean_backward(h, weight, bias, saved, grad_mu, ctx.needs_input_grad[:3], *ctx.options),
+                None, None)
+
+
+def softmax_mean_forward(h, weight, bias, passes, reducer):
+    """``(mu, saved)``, ``saved = (lse, mu, extra)`` for :func:`softmax_mean_backward`."""
+    with record_function("dropreg::softmax_mean_forward"):
+        stats = passes.statistics(h, weight, bias, need_mu=True, need_m2=False)
+    lse, mu, _, _ = reducer.merge_moments(stats, [])
+    mu = mu.contiguous()
+    return mu, (lse, mu, stats.extra)
+
+
+def softmax_mean_backward(h, weight, bias, saved, grad_mu, wants, passes, reducer):
+    """``(grad_h, grad_w, grad_b)`` (None where not in ``wants``) given mu's upstream gradient."""
+    lse, mu, extra = saved
+    grad_h, grad_w, grad_b = passes.softmax_mean_sweep(h, weight, bias, lse, mu, grad_mu, wants, extra)
+    if grad_h is not None:
+        grad_h = reducer.sum_partial(grad_h).to(h.dtype)
+    return grad_h, _in_dtype(grad_w, weight), _in_dtype(grad_b, bias)
 
 
 class CrossEntropyWithGrads(torch.autograd.Function):

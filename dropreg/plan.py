@@ -8,7 +8,7 @@ Tests and tools pick blocks by building a backend with a plan, e.g.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -54,10 +54,6 @@ class BlockPlan:
 
     def ce_blocks(self, default: tuple[int, int]) -> tuple[int, int]:
         return self.ce_row_block or default[0], self.ce_vocab_chunk or default[1]
-
-    def describe(self) -> str:
-        given = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default]
-        return ", ".join(given)
 
 
 DEFAULT_PLAN = BlockPlan()

@@ -70,7 +70,7 @@ def terms(hc, signs, lse, mu, var, z_target, target_part, need_explicit, need_im
     ``target_part`` is what the implicit term needs of the target: its weight rows ``W_y`` (N x d) when this
     process holds them all, else ``u . W_y`` per row merged over the slices (N)."""
     ce = lse - z_target
-    quadratic = sign_term = torch.zeros_like(ce)
+    quadratic, sign_term = torch.zeros_like(ce), torch.zeros_like(ce)  # distinct: a registered op's outputs
     if need_explicit:
         quadratic = (hc * hc * var).sum(1)
     if need_implicit:

@@ -17,10 +17,11 @@ from torch.profiler import record_function
 
 from ._policy import accumulation_dtype
 from .plan import DEFAULT_PLAN, BlockPlan, ce_only_blocks, default_blocks
-from .rows import SliceStatistics, capped_logits, capped_slope, logit_shift, row_modulation
+from .rows import (SliceStatistics, capped_logits, capped_slope, input_row_gradient, logit_shift,
+                   row_modulation, softmax_mean_modulation)
 from .signs import gumbel_noise
 from .softcap import capped_statistics, capped_sweep
-from .tiles import OnlineSoftmax, chunk_logits, gradient_buffers, spans, subtract_at_target, weight_chunk
+from .tiles import OnlineSoftmax, chunk_logits, spans, subtract_at_target, weight_chunk
 
 
 def online_state(h, need_mu, need_m2):
@@ -71,18 +72,24 @@ def forward_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     return finish_statistics(*state, h.shape[1], need_mu=need_mu, need_m2=need_m2)
 
 
-def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, T_stack, row_const, with_squares, vocab_chunk, *,
-                         grad_w=None, grad_b=None, want_h=True):
-    """One row block's backward over every vocabulary chunk; returns its grad_input (or None).
+def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, T_stack, row_const, with_squares, vocab_chunk,
+                         wants, grad_w=None, grad_b=None):
+    """One row block's backward over every vocabulary chunk: ``(grad_input or None, grad_w, grad_b)``.
 
-    Per chunk: ``G = s * (T_stack @ [W_c | W_c*W_c]^T + row_const) - g_ce [v = y]``, or ``G = s * g_ce - g_ce [v = y]``
-    when ``T_stack`` is None (plain cross entropy); then ``grad_input += G W_c`` and, into the caller's buffers,
-    ``grad_w[c] += G^T h + S^T T_stack[:, :d] (+ 2 W_c * S^T T_stack[:, d:])`` and ``grad_b[c] += sum_rows G``.
-    ``target=None`` skips the target correction (softmax_mean's backward has none).
+    Per chunk: ``G = s * (T_stack @ [W_c | W_c*W_c]^T + row_const) - g_ce [v = y]``, or ``G = s * row_const - g_ce
+    [v = y]`` when ``T_stack`` is None; then ``grad_input = G W``, ``grad_w += G^T h + S^T T_stack[:, :d] (+ 2 W_c *
+    S^T T_stack[:, d:])`` and ``grad_b += sum_rows G`` into the given buffers (zeroed ones when wanted and None).
+    ``target=None`` skips the target correction (softmax_mean's backward has none), as does a target of -1.
+    :func:`dropreg.cpp_passes.cpp_logit_gradient_sweep` is the same contract on the C++ kernels.
     """
+    want_h, want_w, want_b = wants
     acc = lse.dtype
     dim = h_block.shape[1]
     grad_h_block = torch.zeros_like(h_block) if want_h else None
+    if want_w and grad_w is None:
+        grad_w = torch.zeros(weight.shape[0], dim, dtype=acc, device=h_block.device)
+    if want_b and grad_b is None:
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h_block.device)
     for v0, v1 in spans(weight.shape[0], vocab_chunk):
         w, stacked, b = weight_chunk(weight, bias, v0, v1, acc, with_squares)
         with record_function("dropreg::logit_gradient"):
@@ -90,13 +97,13 @@ def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, T_stack, row_
             if T_stack is not None:
                 g_logits = (T_stack @ stacked.T).add_(row_const[:, None]).mul_(probs)
             else:
-                g_logits = probs * g_ce[:, None]
+                g_logits = probs * row_const[:, None]
             if target is not None:
                 subtract_at_target(g_logits, target, v0, v1, g_ce)
         if want_h:
             with record_function("dropreg::grad_input"):
                 grad_h_block.addmm_(g_logits, w)
-        if grad_w is not None:
+        if want_w:
             with record_function("dropreg::grad_weight"):
                 g_w = g_logits.T @ h_block
                 if T_stack is not None:
@@ -105,15 +112,17 @@ def logit_gradient_sweep(h_block, weight, bias, lse, target, g_ce, T_stack, row_
                     if with_squares:
                         g_w += 2 * w * st_T_stack[:, dim:]
                 grad_w[v0:v1] += g_w
-        if grad_b is not None:
+        if want_b:
             grad_b[v0:v1] += g_logits.sum(0)
-    return grad_h_block
+    return grad_h_block, grad_w, grad_b
 
 
 def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
-                   need_explicit, need_implicit, row_block, vocab_chunk, wants, owns_target=None, grad_mu=None):
+                   need_explicit, need_implicit, row_block, vocab_chunk, wants, owns_target=None, grad_mu=None,
+                   sweep=logit_gradient_sweep):
     """The backward of the three per-row terms over ``weight``'s rows, given the per-row globals lse, mu, var, and
-    of mu itself when ``grad_mu`` (its upstream gradient, N x d) is given.
+    of mu itself when ``grad_mu`` (its upstream gradient, N x d) is given; each row block's vocabulary part is
+    ``sweep`` (:func:`logit_gradient_sweep`'s contract).
 
     Returns ``(grad_h_vocab, grad_h_rows, grad_w, grad_b)`` in the accumulation dtype, ``grad_h = grad_h_vocab +
     grad_h_rows``: ``grad_h_vocab = W^T G - g_I sigma W[y]`` sums over vocabulary ranges, ``grad_h_rows =
@@ -123,8 +132,9 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
     want_h, want_w, want_b = wants
     acc = lse.dtype
     n_rows, dim = h.shape
-    grad_h, grad_w, grad_b = gradient_buffers(wants, n_rows, weight.shape[0], dim, acc, h.device)
+    grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
     grad_h_rows = torch.zeros(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+    grad_w = grad_b = None
     if owns_target is not None:
         sweep_target = torch.where(owns_target, target, torch.full_like(target, -1))  # -1: in no chunk
         target = torch.where(owns_target, target, torch.zeros_like(target))
@@ -135,25 +145,32 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
         g_ce = grad_ce[r0:r1].to(acc)
         rows = row_modulation(h_block, g_ce, mu, var, signs, grad_quadratic, grad_sign_term, grad_mu, r0, r1,
                               need_explicit, need_implicit)
-        g_r, g_i, u, row_const, T_stack = rows.g_r, rows.g_i, rows.u, rows.row_const, rows.T_stack
+        grad_h_block, grad_w, grad_b = sweep(h_block, weight, bias, lse[r0:r1], sweep_target[r0:r1], g_ce,
+                                             rows.T_stack, rows.row_const, need_explicit, vocab_chunk, wants, grad_w,
+                                             grad_b)
         if need_implicit:
-            if owns_target is not None:
-                g_i_owned = g_i * owns_target[r0:r1, None]
-            else:
-                g_i_owned = g_i
-        grad_h_block = logit_gradient_sweep(
-            h_block, weight, bias, lse[r0:r1], sweep_target[r0:r1], g_ce, T_stack, row_const, need_explicit,
-            vocab_chunk, grad_w=grad_w, grad_b=grad_b, want_h=want_h)
+            g_i_owned = rows.g_i if owns_target is None else rows.g_i * owns_target[r0:r1, None]
         if want_h:
-            if need_explicit:
-                grad_h_rows[r0:r1] += 2 * g_r * h_block * var[r0:r1]
+            grad_h_rows[r0:r1] = input_row_gradient(h_block, signs[r0:r1] if need_implicit else None,
+                                                    mu[r0:r1] if need_implicit else None,
+                                                    var[r0:r1] if need_explicit else None,
+                                                    grad_quadratic[r0:r1].to(acc), grad_sign_term[r0:r1].to(acc),
+                                                    need_explicit, need_implicit)
             if need_implicit:
                 grad_h_block -= g_i_owned * signs[r0:r1] * weight[y].to(acc)
-                grad_h_rows[r0:r1] += g_i * signs[r0:r1] * mu[r0:r1]
             grad_h[r0:r1] = grad_h_block
-        if want_w and need_implicit:
-            grad_w.index_add_(0, y, -g_i_owned * u)
-    return grad_h, grad_h_rows, grad_w, grad_b
+        if want_w and need_implicit:  # the implicit term's target scatter
+            grad_w.index_add_(0, y, -g_i_owned * rows.u)
+    return (grad_h, grad_h_rows, *_zeros_if_no_rows(wants, grad_w, grad_b, weight, acc))
+
+
+def _zeros_if_no_rows(wants, grad_w, grad_b, weight, acc):
+    """``(grad_w, grad_b)`` as the sweeps left them, zeros where wanted but no row block ran (N = 0)."""
+    if wants[1] and grad_w is None:
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    if wants[2] and grad_b is None:
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
+    return grad_w, grad_b
 
 
 def ce_with_grads(h, weight, bias, target, row_weight, wants, block_rows, vocab_chunk, z_weight=None, softcap=None,
@@ -319,22 +336,22 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
     return grad_h, grad_w, grad_b
 
 
-def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_chunk, wants):
+def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_chunk, wants,
+                          sweep=logit_gradient_sweep):
     """softmax_mean's backward over ``weight``'s rows given the per-row globals lse and mu: ``(grad_h, grad_w, grad_b)``
-    in the accumulation dtype, ``grad_h = W^T G`` for these rows of W only."""
-    want_h = wants[0]
+    in the accumulation dtype, ``grad_h = W^T G`` for these rows of W only (the sweep with ``T = gbar``,
+    ``row_const = -mu . gbar`` and no target, docs/math.md 11.2)."""
     acc = lse.dtype
     n_rows, dim = h.shape
-    grad_h, grad_w, grad_b = gradient_buffers(wants, n_rows, weight.shape[0], dim, acc, h.device)
+    grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if wants[0] else None
+    grad_w = grad_b = None
     for r0, r1 in spans(n_rows, row_block):
-        g_mu = grad_mu[r0:r1].to(acc)
-        row_const = -(g_mu * mu[r0:r1]).sum(1)
-        grad_h_block = logit_gradient_sweep(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, g_mu,
-                                            row_const, False, vocab_chunk, grad_w=grad_w, grad_b=grad_b,
-                                            want_h=want_h)
-        if want_h:
+        rows = softmax_mean_modulation(grad_mu[r0:r1].to(acc), mu[r0:r1])
+        grad_h_block, grad_w, grad_b = sweep(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, rows.T_stack,
+                                             rows.row_const, False, vocab_chunk, wants, grad_w, grad_b)
+        if wants[0]:
             grad_h[r0:r1] = grad_h_block
-    return grad_h, grad_w, grad_b
+    return (grad_h, *_zeros_if_no_rows(wants, grad_w, grad_b, weight, acc))
 
 
 @torch.compiler.disable

@@ -66,7 +66,7 @@ def load_tool(name: str):
     return module
 
 
-def use_backend(name: str, monkeypatch=None):
+def use_backend(name: str):
     """``backend=`` for the suite's backend ``name``: a registered name, or one of :data:`VARIANTS`."""
     return VARIANTS[name]() if name in VARIANTS else name
 
@@ -82,13 +82,13 @@ def as_backend(backend):
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    return use_backend(request.param, monkeypatch)
+def backend(request):
+    return use_backend(request.param)
 
 
 @pytest.fixture(params=STREAMED_BACKENDS)
-def streamed_backend(request, monkeypatch):
-    return use_backend(request.param, monkeypatch)
+def streamed_backend(request):
+    return use_backend(request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -123,10 +123,11 @@ def test_nothing_writes_os_environ_at_import():
 
 @pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.dirname(__file__)) if n.endswith(".py")))
 def test_no_test_patches_a_dropreg_module(name):
-    """Tests pick blocks and epilogues with a BlockPlan (dropreg.get_backend(...).with_plan(...)), not by replacing
-    a module's functions or constants."""
+    """Tests pick blocks and epilogues with a BlockPlan (dropreg.get_backend(...).with_plan(...)) and try other
+    backends by passing them as ``backend=``, not by replacing a module's functions, constants or table entries."""
     with open(os.path.join(os.path.dirname(__file__), name), encoding="utf-8") as f:
         text = f.read()
-    patched = re.findall(r"monkeypatch\.setattr\((?:dropreg\.\w+|chunked|streamed)[^)]*\)", text)
+    patched = re.findall(r"monkeypatch\.(?:setattr|setitem|delattr|delitem)\((?:dropreg\.[\w.]+|chunked|streamed)[^)]*\)",
+                         text)
     patched += re.findall(r"^\s*dropreg\.\w+\.\w+\s*=", text, flags=re.MULTILINE)
     assert not patched, patched

@@ -203,18 +203,18 @@ def test_softcap_ce_equals_capped_f_cross_entropy(backend):
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
-def test_a_backend_without_softcap_is_skipped_by_auto_and_refused_by_name(monkeypatch):
-    """A backend registered without ``linear_ce_softcap`` (docs/math.md 3.6: every built-in one has it)."""
+def test_a_backend_without_softcap_is_skipped_by_auto_and_refused():
+    """A backend built without ``linear_ce_softcap`` (docs/math.md 3.6: every built-in one has it)."""
     import dataclasses
-    capless = dataclasses.replace(dropreg._dispatch._BACKENDS["torch"], linear_ce_softcap=None)
-    monkeypatch.setitem(dropreg._dispatch._BACKENDS, "capless", capless)
-    monkeypatch.setitem(dropreg._dispatch._AUTO_PREFERENCE, "cpu", ("capless", "torch"))
+    torch_backend = dropreg.get_backend("torch")
+    capless = dataclasses.replace(torch_backend, name="capless", linear_ce_softcap=None)
     device = torch.device("cpu")
-    assert dropreg._dispatch.resolve_backend("auto", device)[0] == "capless"
-    assert dropreg._dispatch.resolve_backend("auto", device, softcap=True)[0] == "torch"
+    assert dropreg._dispatch.pick_auto([capless, torch_backend], device) is capless
+    assert dropreg._dispatch.pick_auto([capless, torch_backend], device, softcap=True) is torch_backend
+    assert dropreg._dispatch.pick_auto([capless], device, softcap=True) is None
     h, w, y = torch.randn(4, 3), torch.randn(V, 3), torch.randint(0, V, (4,))
     with pytest.raises(ValueError, match="softcap: backend 'capless' does not implement a softcapped head"):
-        dropreg.linear_cross_entropy(h, w, y, softcap=5.0, backend="capless")
+        dropreg.linear_cross_entropy(h, w, y, softcap=5.0, backend=capless)
 
 
 def test_softcap_all_rows_ignored_gives_zero(streamed_backend):

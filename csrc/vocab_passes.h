@@ -7,20 +7,23 @@
 
 namespace dropreg {
 
-// Per-row (ce, quadratic, sign_term) plus the saved statistics (lse, mu, var) that backward needs.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_forward(
-    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& target, const c10::optional<at::Tensor>& signs, int64_t seed, bool need_explicit,
-    bool need_implicit);
+// The vocabulary passes of the CPU kernels. They know no per-row algebra: that is dropreg/rows.py's, which turns
+// their statistics into the terms and the upstream gradients into the per-row vectors they take back.
 
-// (grad_input, grad_weight, grad_bias); an output not asked for in output_mask is an empty tensor. grad_mu
-// (optional): the upstream gradient of the mu output, used by loss options whose terms depend on mu (z_loss).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
-    const at::Tensor& grad_ce, const at::Tensor& grad_quadratic, const at::Tensor& grad_sign_term,
-    const c10::optional<at::Tensor>& grad_mu,
-    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& target, const c10::optional<at::Tensor>& signs, int64_t seed, const at::Tensor& lse,
-    const at::Tensor& mu, const at::Tensor& var, bool need_explicit, bool need_implicit,
+// Statistics pass: per row lse, mu = E_s[W] and m2 = E_s[W*W] (normalized; empty (0, d) unless asked; m2 implies
+// mu's pass), in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vocab_statistics(const at::Tensor& input, const at::Tensor& weight,
+                                                                const c10::optional<at::Tensor>& bias, bool need_mu,
+                                                                bool need_m2);
+
+// Gradient sweep: G_v = s_v (row_const + T_stack . [W_v | W_v*W_v]) - target_amount [v = target] (T_stack's second
+// half only with_squares; no T_stack: G_v = s_v row_const; no target: no correction; a target outside [0, V): none
+// on that row). Returns (G W, G^T h + S^T T_stack[:, :d] + 2 W * S^T T_stack[:, d:], sum_rows G) in the
+// accumulation dtype; an output not asked for in output_mask is empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logit_gradient_sweep(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& lse,
+    const at::Tensor& row_const, const c10::optional<at::Tensor>& T_stack, bool with_squares,
+    const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& target_amount,
     std::array<bool, 3> output_mask);
 
 // CE only: ([sum_i row_weight_i ce_i, sum_i z_weight_i lse_i^2], grad_input, grad_weight, grad_bias) in one pass
@@ -32,15 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_with_grads(
     int64_t block_rows, std::array<bool, 3> output_mask, c10::optional<double> softcap,
     const c10::optional<at::Tensor>& smoothing_weights, const c10::optional<at::Tensor>& smoothing_row_weight);
 
-// softmax_mean: (mu, lse) per row, and the gradients of mu (docs/math.md, every-site terms).
-std::tuple<at::Tensor, at::Tensor> softmax_mean_forward(const at::Tensor& input, const at::Tensor& weight,
-                                                        const c10::optional<at::Tensor>& bias);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_mean_backward(
-    const at::Tensor& grad_mu, const at::Tensor& input, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& mu,
-    std::array<bool, 3> output_mask);
-
-// The vocabulary passes of a softcapped head (docs/math.md 3.6; the per-row algebra is dropreg/softcap.py's):
+// The vocabulary passes of a softcapped head (docs/math.md 3.6; the per-row algebra is dropreg/rows.py's):
 // per row lse of the capped logits and M1 = sum_v s_v c_v W_v, M2 = sum_v s_v phi_v W_v^2 (empty unless asked),
 // and label smoothing's S = sum_v omega_v z_v (docs/math.md 3.7; empty without smoothing_weights omega);
 // and the backward sweep: grad_input of sum_v G_v W_v, grad_weight of G^T h + (s c)^T T + 2 W * (s phi)^T Q and
