@@ -59,11 +59,20 @@ print(json.dumps(times))
 """
 
 
+# Imported first in each revision's process (its tree is on PYTHONPATH): an editable install of dropreg maps
+# dropreg._C to this checkout's build, which would shadow the revision's own kernels.
+_SITECUSTOMIZE = """import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+"""
+
+
 def export(revision: str, folder: str, library: list[str]) -> str:
     tree = os.path.join(folder, revision.replace("/", "_"))
     os.makedirs(tree)
     archive = subprocess.run(["git", "archive", revision], cwd=REPO, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    with open(os.path.join(tree, "sitecustomize.py"), "w") as f:
+        f.write(_SITECUSTOMIZE)
     for path in library:
         shutil.copy(path, os.path.join(tree, "dropreg"))
     return tree
@@ -101,7 +110,8 @@ def main(argv=None):
             order = ("base", "new") if round_index % 2 == 0 else ("new", "base")
             measured = {}
             for label in order:
-                env = dict(os.environ, PYTHONPATH=trees[label], OMP_NUM_THREADS=str(args.threads))
+                env = dict(os.environ, PYTHONPATH=trees[label], OMP_NUM_THREADS=str(args.threads),
+                           TORCH_EXTENSIONS_DIR=os.path.join(folder, f"extensions_{label}"))  # one JIT build each
                 out = subprocess.run([sys.executable, "-c", _TIMER, json.dumps(settings)], cwd=trees[label], env=env,
                                      check=True, capture_output=True, text=True).stdout
                 measured[label] = json.loads(out.strip().splitlines()[-1])
