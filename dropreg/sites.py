@@ -10,21 +10,18 @@ rest through the network.
 from __future__ import annotations
 
 import functools
-import numbers
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ._api import IgnoredRows, default_coefficients, on_reducer
 from ._autocast import autocast_aware, result_dtype
-from ._checks import check_coefficient, check_head, check_probability, check_seed, check_target, checked_seed, checking_values
+from ._checks import check_head, check_seed, check_target, checked_seed, checking_values
 from . import distributed
 from ._dispatch import resolve_backend, resolve_slice_backend
-from .signs import philox_signs
-
-PerSite = Union[float, Sequence[float], None]
-
+from .site_terms import (PerSite, SiteClasses, check_sampled_targets, check_samples, check_site_signs, check_sites,
+                         class_rows, sampler, site_coefficients, site_sums)
 
 class SiteRegularizers(NamedTuple):
     """Sums over the sites; scalars in ``head_input``'s dtype."""
@@ -53,14 +50,6 @@ def softmax_mean(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[
     return mu.reshape(input.shape).to(result_dtype(input.dtype))
 
 
-def _check_samples(samples) -> int:
-    if not isinstance(samples, numbers.Integral) or isinstance(samples, bool):
-        raise TypeError(f"samples: expected a positive int, got {samples!r}")
-    if samples < 1:
-        raise ValueError(f"samples: expected a positive int, got {samples}")
-    return int(samples)
-
-
 def _check_finite(name: str, value: Optional[Tensor]) -> None:
     if value is not None and checking_values() and value.numel() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name}: expected finite values to sample from (found NaN or inf)")
@@ -82,7 +71,7 @@ def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optiona
     """
     with distributed.checked_call(process_group, "sample_targets") as call:
         check_head(input, linear_weight, linear_bias)
-        samples = _check_samples(samples)
+        samples = check_samples(samples)
         given_seed = seed
         seed = check_seed(seed)
         for name, value in (("input", input), ("linear_weight", linear_weight)):
@@ -98,51 +87,9 @@ def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optiona
     if call.sharded:
         seed = call.seed
     with torch.no_grad():
-        drawn = _sampler(implementation, call)(input.detach().reshape(-1, input.shape[-1]), linear_weight.detach(),
+        drawn = sampler(implementation, call)(input.detach().reshape(-1, input.shape[-1]), linear_weight.detach(),
                                                None if linear_bias is None else linear_bias.detach(), samples, seed)
     return drawn.reshape(samples, *input.shape[:-1])
-
-
-def _per_site(name: str, value, n_sites: int) -> list[tuple[str, object]]:
-    """``(argument name for errors, value)`` per site, from one value or a sequence of one per site."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n_sites:
-            raise ValueError(f"{name}: expected one value per site ({n_sites}), got {len(value)}")
-        return [(f"{name}[{k}]", v) for k, v in enumerate(value)]
-    return [(name, value)] * n_sites
-
-
-def _check_sites(sites, head_input: Tensor) -> list[Tensor]:
-    if isinstance(sites, Tensor) or not isinstance(sites, Sequence) or not sites:
-        raise TypeError("sites: expected a non-empty sequence of tensors (the activations where dropout would act)")
-    for k, site in enumerate(sites):
-        if not isinstance(site, Tensor) or not site.dtype.is_floating_point:
-            raise TypeError(f"sites[{k}]: expected a floating-point torch.Tensor, got "
-                            f"{type(site).__name__ if not isinstance(site, Tensor) else site.dtype}")
-        if site.device != head_input.device:
-            raise ValueError(f"sites[{k}]: expected a tensor on head_input's device {head_input.device}, "
-                             f"got {site.device}")
-        if not site.requires_grad:
-            raise ValueError(f"sites[{k}]: expected a tensor in head_input's autograd graph (requires_grad=True)")
-    return list(sites)
-
-
-def _check_site_signs(signs, sites: list[Tensor]) -> list[Tensor]:
-    if not isinstance(signs, (list, tuple)) or len(signs) != len(sites):
-        raise TypeError(f"signs: expected a sequence of {len(sites)} tensors of +-1 (one per site)")
-    checked = []
-    for k, (sign, site) in enumerate(zip(signs, sites)):
-        if not isinstance(sign, Tensor) or sign.dtype == torch.bool or sign.dtype.is_complex:
-            raise TypeError(f"signs[{k}]: expected a real tensor of +-1 values")
-        try:
-            sign = sign.to(site.device).expand(site.shape)
-        except RuntimeError:
-            raise ValueError(f"signs[{k}]: expected a shape broadcastable to sites[{k}]'s {tuple(site.shape)}, "
-                             f"got {tuple(sign.shape)}") from None
-        if checking_values() and sign.numel() and not bool(((sign == 1) | (sign == -1)).all()):
-            raise ValueError(f"signs[{k}]: expected every value to be +1 or -1")
-        checked.append(sign)
-    return checked
 
 
 def _implementation(op: str, call, backend, device):
@@ -150,39 +97,6 @@ def _implementation(op: str, call, backend, device):
     if call.sharded:
         return resolve_slice_backend(op, backend, device)
     return resolve_backend(backend, device)[1]
-
-
-def _sampler(implementation, call):
-    """Gumbel-max draws over the whole vocabulary: the backend's, or merged over the slices of a sharded call."""
-    if call.sharded:
-        return functools.partial(distributed.sharded_sample_targets, call.reducer)
-    return implementation.sample_targets
-
-
-def _rows_of_slices(reducer, weight: Tensor, classes: Tensor) -> Tensor:
-    """``weight[classes]`` of a head sliced over the vocabulary: each row from the slice that owns it."""
-    return reducer.at_classes([weight], classes)[0]
-
-
-def _rows_of(weight: Tensor, classes: Tensor) -> Tensor:
-    return weight[classes]
-
-
-def _check_sampled_targets(sampled, head_input: Tensor, vocab: Optional[int], valid: Tensor) -> Tensor:
-    if not isinstance(sampled, Tensor) or sampled.dtype.is_floating_point or sampled.dtype == torch.bool:
-        raise TypeError("sampled_targets: expected an integer tensor of shape (samples, *head_input.shape[:-1])")
-    if sampled.dim() != head_input.dim() or tuple(sampled.shape[1:]) != tuple(head_input.shape[:-1]) \
-            or sampled.shape[0] < 1:
-        raise ValueError(f"sampled_targets: expected shape (samples, {', '.join(map(str, head_input.shape[:-1]))}) "
-                         f"with samples >= 1, got {tuple(sampled.shape)}")
-    if sampled.device != head_input.device:
-        raise ValueError(f"sampled_targets: expected a tensor on head_input's device {head_input.device}, "
-                         f"got {sampled.device}")
-    flat = sampled.reshape(sampled.shape[0], -1).long()
-    if vocab is not None and checking_values() and flat.numel() and \
-            bool((((flat < 0) | (flat >= vocab)) & valid).any()):
-        raise ValueError(f"sampled_targets: expected class indices in [0, {vocab}) on the rows that are not ignored")
-    return flat
 
 
 @autocast_aware("head_input", "linear_weight", "linear_bias")
@@ -219,26 +133,23 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction: expected 'mean' or 'sum' (a site element can feed many rows, so there is "
                              f"no per-row 'none'), got {reduction!r}")
-        sites = _check_sites(sites, head_input)
+        sites = check_sites(sites, head_input)
         if not head_input.requires_grad:
             raise ValueError("head_input: expected a tensor that requires grad (the output of the network whose "
                              "sites are regularized)")
-        ps = [check_probability(value, name) for name, value in _per_site("p", p, len(sites))]
-        explicit_coefs = [check_coefficient(name, value, default_coefficients(p_k)[0]) if explicit else 0.0
-                          for (name, value), p_k in zip(_per_site("explicit_coef", explicit_coef, len(sites)), ps)]
-        implicit_coefs = [check_coefficient(name, value, default_coefficients(p_k)[1]) if implicit else 0.0
-                          for (name, value), p_k in zip(_per_site("implicit_coef", implicit_coef, len(sites)), ps)]
+        explicit_coefs, implicit_coefs = site_coefficients(p, explicit_coef, implicit_coef, explicit, implicit,
+                                                           len(sites), default_coefficients)
         need_explicit = any(c != 0.0 for c in explicit_coefs)
         need_implicit = any(c != 0.0 for c in implicit_coefs)
         rows = IgnoredRows(target, ignore_index, head_input.dtype)
         classes = [("target", target, target != ignore_index)]
         if sampled_targets is not None:
-            sampled_targets = _check_sampled_targets(sampled_targets, head_input, vocab, rows.valid)
+            sampled_targets = check_sampled_targets(sampled_targets, head_input, vocab, rows.valid)
             classes.append(("sampled_targets", sampled_targets, rows.valid.expand_as(sampled_targets)))
         else:
-            samples = _check_samples(samples)
+            samples = check_samples(samples)
         if signs is not None:
-            signs = _check_site_signs(signs, sites)
+            signs = check_site_signs(signs, sites)
         needs_seed = (need_implicit and signs is None) or (need_explicit and sampled_targets is None)
         given_seed = seed
         seed = checked_seed(seed, needs_seed)
@@ -249,50 +160,22 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
                       given=[("sampled_targets", sampled_targets),
                              *((f"signs[{k}]", sign) for k, sign in enumerate(signs or ())),
                              *((f"sites[{k}]", site) for k, site in enumerate(sites))])
-    weight_rows = _rows_of
+    weight_rows = functools.partial(class_rows, call.reducer if call.sharded else None, linear_weight)
     if call.sharded:
         seed = call.seed
-        weight_rows = functools.partial(_rows_of_slices, call.reducer)
-
     zero = head_input.new_zeros((), dtype=rows.count.dtype)
     if not (need_explicit or need_implicit):
         return SiteRegularizers(zero.to(result_dtype(head_input.dtype)), zero.to(result_dtype(head_input.dtype)))
     flat_input = rows.zero_ignored(head_input)
     mu = implementation.softmax_mean(flat_input, linear_weight, linear_bias, **on_reducer(call.reducer))
-    acc = mu.dtype
-    valid = rows.valid[:, None]
-
-    def site_gradients(classes: Tensor) -> list[Tensor]:
-        """g_x(classes) for every site: one vector-Jacobian product with the cotangent mu - W[classes]."""
-        cotangent = torch.where(valid, mu - weight_rows(linear_weight, classes).to(acc),
-                                torch.zeros((), dtype=acc, device=mu.device))
-        grads = torch.autograd.grad(head_input, sites, cotangent.reshape(head_input.shape).to(head_input.dtype),
-                                    create_graph=True, allow_unused=True)
-        for k, g in enumerate(grads):
-            if g is None:
-                raise ValueError(f"sites[{k}]: not in head_input's autograd graph (head_input does not depend on it)")
-        return list(grads)
-
-    explicit_total, implicit_total = zero, zero
-    if need_implicit:
-        for k, (x, g) in enumerate(zip(sites, site_gradients(rows.safe_target))):
-            if implicit_coefs[k] == 0.0:
-                continue
-            sigma = signs[k] if signs is not None else \
-                philox_signs(seed, 1, x.numel(), stream=k + 1, device=x.device, dtype=acc).reshape(x.shape)
-            implicit_total = implicit_total + implicit_coefs[k] * (sigma.to(acc) * x.to(acc) * g.to(acc)).sum()
-    if need_explicit:
-        if sampled_targets is None:
-            sampled_targets = _sampler(implementation, call)(flat_input.detach(), linear_weight.detach(),
-                                                             None if linear_bias is None else linear_bias.detach(),
-                                                             samples, seed)
-        n_draws = sampled_targets.shape[0]
-        for draw in sampled_targets:
-            classes = torch.where(rows.valid, draw, rows.safe_target)
-            for k, (x, g) in enumerate(zip(sites, site_gradients(classes))):
-                if explicit_coefs[k] != 0.0:
-                    scaled = x.to(acc) * g.to(acc)
-                    explicit_total = explicit_total + (explicit_coefs[k] / n_draws) * (scaled * scaled).sum()
+    if need_explicit and sampled_targets is None:
+        sampled_targets = sampler(implementation, call)(flat_input.detach(), linear_weight.detach(),
+                                                        None if linear_bias is None else linear_bias.detach(),
+                                                        samples, seed)
+    explicit_total, implicit_total = site_sums(
+        head_input, sites, mu, weight_rows, rows.valid, SiteClasses(rows.safe_target, sampled_targets if need_explicit
+                                                                    else None),
+        explicit_coefs, implicit_coefs, signs, seed)
     if reduction == "mean":
         explicit_total, implicit_total = explicit_total / rows.count, implicit_total / rows.count
     out_dtype = result_dtype(head_input.dtype)
