@@ -5,8 +5,7 @@ flags saying which terms to compute (see :mod:`dropreg._dispatch`).
 """
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -14,13 +13,15 @@ from torch import Tensor
 from . import distributed
 from ._autocast import autocast_aware, result_dtype
 from ._checks import (check_coefficient, check_head, check_probability, check_reduction, check_same_shape_device_dtype,
-                      check_signs_type, check_softcap, check_target, checked_seed, checking_values, flatten_signs)
+                      check_signs_type, check_softcap, check_target, checked_seed, checking_values, default_coefficients,
+                      flatten_signs)
 from ._dispatch import resolve_backend, resolve_slice_backend
 from ._policy import accumulation_dtype
 from .loss_options import LossOptions, check_class_weight, check_label_smoothing
 from .rows import implicit_signs
 from .reducers import LOCAL
 from .signs import random_signs
+from .site_terms import PerSite, SiteCall
 
 # The loss options' sign-weighted parts read the signs outside the fused ops: there Inductor would spend minutes
 # compiling the Philox rounds' integer ops, so they are drawn eagerly (O(N d), one graph break).
@@ -51,13 +52,6 @@ class RDropOutput(NamedTuple):
     kl: Tensor
     loss: Tensor  # ce1 + ce2 + alpha * kl + z_loss
     z_loss: Tensor  # z_loss * (lse1^2 + lse2^2), reduced like ce1 (zero when the option is off)
-
-
-def default_coefficients(p: float) -> tuple[float, float]:
-    """docs/math.md's defaults: ``explicit_coef = p / (2 (1-p))`` and ``implicit_coef = sqrt(p / (1-p))``."""
-    p = check_probability(p)
-    kappa = p / (1.0 - p)
-    return kappa / 2.0, math.sqrt(kappa)
 
 
 def on_reducer(reducer) -> dict:
@@ -114,7 +108,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          ignore_index: int = -100, reduction: str = "mean",
                          weight: Optional[Tensor] = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          softcap: Optional[float] = None, return_lse: bool = False, backend: str = "auto",
-                         process_group=None):
+                         process_group=None, sites: Optional[Sequence[Tensor]] = None, site_p: PerSite = None,
+                         site_explicit_coef: PerSite = None, site_implicit_coef: PerSite = None,
+                         samples: Optional[int] = None, sampled_targets: Optional[Tensor] = None,
+                         site_signs: Optional[Sequence[Tensor]] = None):
     """Cross entropy of ``input @ linear_weight.T + linear_bias`` plus dropout's explicit and implicit terms.
 
     For each row ``h`` with target ``y`` (docs/math.md): ``ce = lse(z) - z_y``,
@@ -153,6 +150,18 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     its own slice's weight gradient. ``weight`` (class weights) is then this rank's slice too, like ``linear_bias``;
     ``label_smoothing``, ``z_loss``, ``return_lse`` and ``softcap`` work as in one process (docs/math.md 12.5,
     12.6).
+
+    ``sites``: the paper's method in one call (docs/math.md 11.4): dropout's terms at every listed site (activations
+    in ``input``'s autograd graph, e.g. from :meth:`dropreg.DropoutSite.collect`), as
+    :func:`dropreg.site_regularizers` computes them with the same ``seed``, added to ``.explicit`` and ``.implicit``;
+    the cross entropy, its gradient and the sites' ``mu`` share one pass over the vocabulary. ``site_p`` (default
+    0.1), ``site_explicit_coef``, ``site_implicit_coef`` (one value or one per site), ``samples`` (default 1),
+    ``sampled_targets`` and ``site_signs`` are site_regularizers' ``p``, ``explicit_coef``, ``implicit_coef``,
+    ``samples``, ``sampled_targets`` and ``signs``; ``p``, ``explicit_coef``, ``implicit_coef`` and ``signs`` stay the
+    head input's own exact terms (``p=0`` turns them off, and only then may ``input`` itself be a site);
+    ``explicit``/``implicit`` switch a kind of term everywhere. An empty ``sites`` (``collect`` in eval mode) adds
+    nothing. With sites, ``reduction`` is ``"mean"`` or ``"sum"``, and ``weight``, ``label_smoothing``, ``z_loss`` and
+    ``softcap`` are refused.
     """
     with distributed.checked_call(process_group, "linear_cross_entropy") as call:
         vocab, dim = check_head(input, linear_weight, linear_bias)
@@ -173,22 +182,26 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         options = LossOptions(check_class_weight(weight, vocab, input, checking_values()),
                               check_label_smoothing(label_smoothing), check_coefficient("z_loss", z_loss, 0.0),
                               return_lse, softcap)
+        site_call = SiteCall.check(input, target, None if call.sharded else vocab, ignore_index, reduction, options,
+                                   need_explicit or need_implicit, explicit, implicit, sites, site_p,
+                                   site_explicit_coef, site_implicit_coef, samples, sampled_targets, site_signs)
         given_seed = seed
-        if need_implicit and signs is None and seed is None and torch.compiler.is_compiling() and not call.sharded:
+        if need_implicit and signs is None and seed is None and torch.compiler.is_compiling() and not call.sharded \
+                and not site_call.needs_seed:
             # Inside a graph: signs drawn in the graph from torch's generator, not a Python int seed (a graph break)
             flat_signs = random_signs(input.numel() // dim, dim, input.device, accumulation_dtype(input.dtype))
             seed = 0
         else:
-            seed = checked_seed(seed, need_implicit and signs is None)
+            seed = checked_seed(seed, (need_implicit and signs is None) or site_call.needs_seed)
         if call.sharded:
             implementation = resolve_slice_backend("linear_cross_entropy", backend, input.device)
         else:
             _, implementation = resolve_backend(backend, input.device, softcap=softcap is not None)
         call.describe(input, linear_weight, linear_bias, seed=seed, target=target,
-                      classes=[("target", target, target != ignore_index)],
+                      classes=[("target", target, target != ignore_index), *site_call.classes],
                       options=(reduction, p, need_explicit, need_implicit, explicit_coef, implicit_coef, ignore_index,
-                               signs is None, given_seed, *options.agreement()),
-                      given=[("signs", signs if need_implicit else None)])
+                               signs is None, given_seed, *options.agreement(), *site_call.agreement()),
+                      given=[("signs", signs if need_implicit else None), *site_call.given()])
 
     rows = IgnoredRows(target, ignore_index, input.dtype)
     acc = accumulation_dtype(input.dtype)
@@ -199,7 +212,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     smoothing_weights = options.capped_smoothing_weights(classes)  # label smoothing's S from the capped passes
     ce_only = None if call.sharded else (implementation.ce_with_grads if softcap is None
                                          else implementation.ce_with_grads_softcap)
-    if not need_explicit and not need_implicit and reduction != "none" and not return_lse and ce_only is not None:
+    if not need_explicit and not need_implicit and reduction != "none" and not return_lse and ce_only is not None \
+            and not site_call.active:
         # Cross entropy alone (z-loss included), reduced: the gradients are formed in the forward, 3 NVd, not 4.
         h = rows.zero_ignored(input)
         row_weight = rows.row_weights(reduction)
@@ -222,8 +236,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if call.sharded:
         seed = call.seed
     if softcap is None:
+        # The sites need mu: without the head's implicit term, its path with zero signs forms exactly mu (and takes
+        # mu's gradient in the same sweep), its sign term being 0.
+        head_signs = flat_signs if need_implicit else site_call.stand_in_signs(h, acc)
         ce, quadratic, sign_term, mu = implementation.linear_ce(h, linear_weight, linear_bias, rows.safe_target,
-                                                                flat_signs, seed, need_explicit, need_implicit,
+                                                                head_signs, seed, need_explicit,
+                                                                need_implicit or site_call.active,
                                                                 **on_reducer(reducer))
     else:
         ce, quadratic, sign_term, mu, smoothing_sum = implementation.linear_ce_softcap(
@@ -241,6 +259,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         implicit=reduce(implicit_coef * sign_term) if need_implicit else zero,
         z_loss=zero if z_term is None else reduce(z_term),
     )
+    if site_call.active:
+        site_explicit, site_implicit = site_call.sums(input, h, mu, linear_weight, linear_bias, rows, implementation,
+                                                      call, seed)
+        scale = rows.count if reduction == "mean" else 1.0
+        out = out._replace(explicit=out.explicit + (site_explicit / scale).to(out.explicit.dtype),
+                           implicit=out.implicit + (site_implicit / scale).to(out.implicit.dtype))
     return (out, rows.reducer("none", result_dtype(input.dtype))(lse)) if return_lse else out
 
 

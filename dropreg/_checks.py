@@ -186,3 +186,10 @@ def flatten_signs(signs, input: Tensor) -> Tensor:
     if checking_values() and signs.numel() and not bool(((signs == 1) | (signs == -1)).all()):
         raise ValueError("signs: expected every value to be +1 or -1")
     return expanded.reshape(-1, input.shape[-1])
+
+
+def default_coefficients(p: float) -> tuple[float, float]:
+    """docs/math.md's defaults: ``explicit_coef = p / (2 (1-p))`` and ``implicit_coef = sqrt(p / (1-p))``."""
+    p = check_probability(p)
+    kappa = p / (1.0 - p)
+    return kappa / 2.0, math.sqrt(kappa)

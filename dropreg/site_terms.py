@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from ._checks import check_coefficient, check_probability, checking_values
+from ._checks import check_coefficient, check_probability, checking_values, default_coefficients
 from .signs import philox_signs
 
 PerSite = Union[float, Sequence[float], None]
@@ -45,7 +45,7 @@ def check_sites(sites, head_input: Tensor, *, allow_empty: bool = False,
     """The site tensors: floating point, on ``head_input``'s device, in its autograd graph (``input_name``: what the
     caller calls the head input)."""
     name = "sites"
-    if isinstance(sites, Tensor) or not isinstance(sites, Sequence) or (not sites and not allow_empty):
+    if isinstance(sites, (Tensor, str)) or not isinstance(sites, Sequence) or (not sites and not allow_empty):
         raise TypeError(f"{name}: expected a {'' if allow_empty else 'non-empty '}sequence of tensors (the activations "
                         f"where dropout would act)")
     for k, site in enumerate(sites):
@@ -180,3 +180,100 @@ def sampler(implementation, call):
     if call.sharded:
         return functools.partial(distributed.sharded_sample_targets, call.reducer)
     return implementation.sample_targets
+
+
+_SITE_ARGUMENTS = ("site_p", "site_explicit_coef", "site_implicit_coef", "samples", "sampled_targets", "site_signs")
+
+
+class SiteCall(NamedTuple):
+    """The site arguments of ``linear_cross_entropy(..., sites=...)``, checked (:meth:`check`); ``active`` when a
+    site term is on."""
+    sites: list
+    explicit_coefs: list
+    implicit_coefs: list
+    samples: int
+    sampled_targets: Optional[Tensor]
+    signs: Optional[list]
+    classes: list  # the class tensors the cross-rank handshake checks: (name, classes, rows kept)
+
+    @property
+    def need_explicit(self) -> bool:
+        return any(c != 0.0 for c in self.explicit_coefs)
+
+    @property
+    def need_implicit(self) -> bool:
+        return any(c != 0.0 for c in self.implicit_coefs)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sites) and (self.need_explicit or self.need_implicit)
+
+    @property
+    def needs_seed(self) -> bool:
+        return self.active and ((self.need_implicit and self.signs is None) or
+                                (self.need_explicit and self.sampled_targets is None))
+
+    @staticmethod
+    def check(input, target, vocab, ignore_index, reduction, options, head_terms_on, explicit, implicit, sites,
+              site_p, site_explicit_coef, site_implicit_coef, samples, sampled_targets, site_signs) -> "SiteCall":
+        if sites is None:
+            given = [name for name, value in zip(_SITE_ARGUMENTS, (site_p, site_explicit_coef, site_implicit_coef,
+                                                                   samples, sampled_targets, site_signs))
+                     if value is not None]
+            if given:
+                raise TypeError(f"{given[0]}: only used with sites= (the activations where dropout would act)")
+            return SiteCall([], [], [], 1, None, None, [])
+        sites = check_sites(sites, input, allow_empty=True, input_name="input")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction: expected 'mean' or 'sum' with sites= (a site element can feed many rows, so "
+                             f"there is no per-row 'none'), got {reduction!r}")
+        refused = [name for name, on in (("weight", options.class_weight is not None),
+                                         ("label_smoothing", options.smoothing), ("z_loss", options.z_loss != 0.0),
+                                         ("softcap", options.softcap is not None)) if on]
+        if refused:
+            raise ValueError(f"{refused[0]}: not defined with sites= (the site terms are those of the plain cross "
+                             f"entropy, docs/math.md 11); drop one of them")
+        explicit_coefs, implicit_coefs = site_coefficients(
+            0.1 if site_p is None else site_p, site_explicit_coef, site_implicit_coef, explicit, implicit, len(sites),
+            default_coefficients, names=("site_p", "site_explicit_coef", "site_implicit_coef"))
+        if head_terms_on and any(site is input for site in sites):
+            raise ValueError("sites: input itself is a site while the head input's own exact terms are on; pass p=0 "
+                             "to regularize it as a sampled site, or leave it out of sites")
+        valid = target.reshape(-1) != ignore_index
+        classes = []
+        if sampled_targets is not None:
+            sampled_targets = check_sampled_targets(sampled_targets, input, vocab, valid, input_name="input")
+            classes.append(("sampled_targets", sampled_targets, valid.expand_as(sampled_targets)))
+        samples = check_samples(1 if samples is None else samples)
+        if site_signs is not None:
+            site_signs = check_site_signs(site_signs, sites, name="site_signs")
+        call = SiteCall(sites, explicit_coefs, implicit_coefs, samples, sampled_targets, site_signs, classes)
+        if call.active and not input.requires_grad:
+            raise ValueError("input: expected a tensor that requires grad with sites= (the output of the network "
+                             "whose sites are regularized)")
+        return call
+
+    def agreement(self) -> tuple:
+        """What every rank of a vocabulary-parallel call must agree on."""
+        return (len(self.sites), self.explicit_coefs, self.implicit_coefs,
+                self.samples if self.sampled_targets is None else None, self.signs is None)
+
+    def given(self) -> list:
+        return [("sampled_targets", self.sampled_targets),
+                *((f"site_signs[{k}]", sign) for k, sign in enumerate(self.signs or ())),
+                *((f"sites[{k}]", site) for k, site in enumerate(self.sites))]
+
+    def stand_in_signs(self, h: Tensor, acc) -> Optional[Tensor]:
+        """Zeros in the implicit term's place when only the sites need mu (its sign term is then 0), else None."""
+        return torch.zeros(h.shape, dtype=acc, device=h.device) if self.active else None
+
+    def sums(self, input, h, mu, weight, bias, rows, implementation, call, seed) -> tuple[Tensor, Tensor]:
+        """``(explicit, implicit)`` summed over the sites and the rows kept (not reduced)."""
+        draws = self.sampled_targets
+        if self.need_explicit and draws is None:
+            draws = sampler(implementation, call)(h.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                                  self.samples, seed)
+        weight_rows = functools.partial(class_rows, call.reducer if call.sharded else None, weight)
+        return site_sums(input, self.sites, mu, weight_rows, rows.valid,
+                         SiteClasses(rows.safe_target, draws if self.need_explicit else None), self.explicit_coefs,
+                         self.implicit_coefs, self.signs, seed, input_name="input")

@@ -15,9 +15,9 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._api import IgnoredRows, default_coefficients, on_reducer
+from ._api import IgnoredRows, on_reducer
 from ._autocast import autocast_aware, result_dtype
-from ._checks import check_head, check_seed, check_target, checked_seed, checking_values
+from ._checks import check_head, check_seed, check_target, checked_seed, checking_values, default_coefficients
 from . import distributed
 from ._dispatch import resolve_backend, resolve_slice_backend
 from .site_terms import (PerSite, SiteClasses, check_sampled_targets, check_samples, check_site_signs, check_sites,

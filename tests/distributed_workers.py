@@ -364,15 +364,22 @@ class _TinyMLP(torch.nn.Module):
         return self.sites[1](torch.tanh(self.body(self.sites[0](self.embed(ids)))))
 
 
-def _site_step(model, ids, target, sl, sharded, group, **kwargs):
+def _site_step(model, ids, target, sl, sharded, group, fused=False, **kwargs):
+    """site_regularizers, or with ``fused`` the one call linear_cross_entropy(sites=...) (its ce in the loss too)."""
     model.zero_grad()
     head_w = model.head.weight[sl].detach().clone().requires_grad_() if sharded else model.head.weight
     head_b = model.head.bias[sl].detach().clone().requires_grad_() if sharded else model.head.bias
     hidden = model(ids)
     sites, ps = dropreg.DropoutSite.collect(model)
-    reg = dropreg.site_regularizers(hidden, head_w, target, sites, linear_bias=head_b, p=ps, backend="torch",
-                                    process_group=group if sharded else None, **kwargs)
-    (reg.explicit + 2 * reg.implicit).backward()
+    group = group if sharded else None
+    if fused:
+        reg = dropreg.linear_cross_entropy(hidden, head_w, target, linear_bias=head_b, p=0.0, sites=sites, site_p=ps,
+                                           backend="torch", process_group=group, **kwargs)
+        (reg.ce + reg.explicit + 2 * reg.implicit).backward()
+    else:
+        reg = dropreg.site_regularizers(hidden, head_w, target, sites, linear_bias=head_b, p=ps, backend="torch",
+                                        process_group=group, **kwargs)
+        (reg.explicit + 2 * reg.implicit).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if not name.startswith("head.")}
     grads["head.weight"] = (head_w.grad if sharded else model.head.weight.grad[sl]).clone()
     grads["head.bias"] = (head_b.grad if sharded else model.head.bias.grad[sl]).clone()
@@ -406,6 +413,15 @@ def _site_regularizers_case(rank, sizes, group, problem):
         errors[f"site_regularizers/grad_{name}"] = (float((out_grads[name] - g).abs().max()), 1e-12 * (1 + scale))
         errors[f"site_regularizers/float32/grad_{name}"] = (float((out32_grads[name].double() - g).abs().max()),
                                                             2e-5 * (scale + 1e-3))
+    # The fused call on the sliced head against the fused call in one process.
+    ref, ref_grads, _ = _site_step(model, ids, target, sl, False, group, fused=True, samples=2, seed=21)
+    out, out_grads, _ = _site_step(model, ids, target, sl, True, group, fused=True, samples=2, seed=21)
+    for name in ("ce", "explicit", "implicit"):
+        r = float(getattr(ref, name))
+        errors[f"fused_sites/{name}"] = (abs(float(getattr(out, name)) - r), 1e-12 * (1 + abs(r)))
+    for name, g in ref_grads.items():
+        errors[f"fused_sites/grad_{name}"] = (float((out_grads[name] - g).abs().max()),
+                                              1e-12 * (1 + float(g.abs().max())))
     return errors
 
 

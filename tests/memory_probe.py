@@ -5,8 +5,8 @@ softcap_zloss (all terms of a softcapped head with z-loss), softcap_smoothing (t
 class weights: its own streamed sums), softcap_ce_only (cross entropy alone of a capped head, with smoothing, class
 weights and z-loss), options and options_ce_only (the uncapped head with label smoothing, class weights and z-loss,
 both terms or cross entropy alone), sample_targets (one streamed draw per row), rdrop, rdrop_softcap, sites (a
-training step with an
-inner dropout site: both every-site terms) or sites-implicit (the implicit every-site term only). Used by test_memory.py in a subprocess, so the cap
+training step with an inner dropout site through the fused call linear_cross_entropy(sites=...): both every-site
+terms) or sites-implicit (site_regularizers' implicit term only). Used by test_memory.py in a subprocess, so the cap
 (``resource.setrlimit(RLIMIT_AS)``) binds only this process. The cap is set *after* torch, the inputs and
 the thread pools exist, as that much address space above the current size.
 """
@@ -69,10 +69,13 @@ def main():
         if op.startswith("sites"):
             site = h[:rows] * 1.0  # the activation where dropout would act, inside the graph
             hidden = torch.tanh(site @ body)
+            if op == "sites":  # the fused call: cross entropy and the site terms over one pass
+                return dropreg.linear_cross_entropy(hidden, w[:vocab_rows], targets, p=0.0, sites=[site], site_p=0.3,
+                                                    seed=0, backend=backend).loss
             ce = dropreg.linear_cross_entropy(hidden, w[:vocab_rows], targets, explicit=False, implicit=False,
                                               backend=backend).ce
             reg = dropreg.site_regularizers(hidden, w[:vocab_rows], targets, [site], p=0.3, seed=0,
-                                            explicit=op == "sites", backend=backend)
+                                            explicit=False, backend=backend)
             return ce + reg.explicit + reg.implicit
         if op == "ce_only":  # gradients formed in the forward, one workspace of row-block logits at a time
             return dropreg.linear_cross_entropy(h[:rows], w[:vocab_rows], targets, explicit=False, implicit=False,

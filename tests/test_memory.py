@@ -107,9 +107,10 @@ def test_triton_kernels_fit_under_cap(op):
     assert not run_probe("reference", op, INTERPRETER_CASE)["ok"]
 
 
-# A training step with an inner dropout site (softmax_mean forward/backward, sampled targets and double
-# backprop through the network): N=2048, V=131072, fp32 logits 1 GiB against a 512 MiB cap. The "torch"
-# backend runs the implicit term only: its pure-PyTorch Philox sampling is too slow for CI at this size.
+# A training step with an inner dropout site (the fused call on "cpu": cross entropy, mu, sampled targets and double
+# backprop through the network; site_regularizers' softmax_mean on "torch" and "chunked"): N=2048, V=131072, fp32
+# logits 1 GiB against a 512 MiB cap. "torch" and "chunked" run the implicit term only: the pure-PyTorch Philox
+# sampling is too slow for CI at this size.
 SITES_CASE = ["2048", "64", "131072", "512"]
 
 

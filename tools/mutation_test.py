@@ -64,7 +64,7 @@ MUTANTS = [
            "R-Drop KL: 0.5 -> 0.50001"),
 
     # public layer (dropreg/_api.py): coefficients, reductions, ignored rows.
-    Mutant("api-implicit-coef", "api", "dropreg/_api.py",
+    Mutant("api-implicit-coef", "api", "dropreg/_checks.py",
            "return kappa / 2.0, math.sqrt(kappa)", "return kappa / 2.0, math.sqrt(kappa) * 1.00001",
            "default implicit coefficient sqrt(kappa) * (1+1e-5)"),
     Mutant("api-explicit-scale", "api", "dropreg/_api.py",
