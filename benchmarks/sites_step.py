@@ -2,12 +2,16 @@
 
     python benchmarks/sites_step.py            # V in {10k, 33k, 131k, 262k}, N=512 tokens, d=256 (~10 min, 2 cores)
     python benchmarks/sites_step.py --quick    # tiny sizes (CI smoke run)
+    python benchmarks/sites_step.py --interleaved --vocabs 10000,33278,131072 --rounds 8
+        # the regularized step against the dropout step, alternating in one process: median per-round ratio
 
 Methods, one forward + backward + optimizer-free step each, same model and data:
 
 * ``dropreg``: the sites (embedding output, LSTM output = head input) are ``dropreg.DropoutSite``; the loss is
-  ``linear_cross_entropy(...).ce + site_regularizers(...)`` (both terms, one sampled label): streamed head, no
-  N x V tensor.
+  ``linear_cross_entropy(..., p=0, sites=sites, site_p=ps).loss``, the one call (both terms at both sites, one
+  sampled label, the head input a sampled site): streamed head, no N x V tensor.
+* ``dropreg-blocks``: the same terms from the building blocks, ``linear_cross_entropy(...).ce +
+  site_regularizers(...)`` (two trips over the vocabulary).
 * ``authors``: the approach of Wei, Kakade & Ma's code: materialized logits, one label sampled with
   ``torch.multinomial`` from the softmax, ``g_x`` by ``autograd.grad(create_graph=True)`` of the summed cross
   entropy, explicit ``sum (x g_x(y_hat))^2`` and implicit ``sum sigma x g_x(y)``, then backward (double backprop
@@ -33,7 +37,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-METHODS = ("dropreg", "authors", "dropout")
+METHODS = ("dropreg", "dropreg-blocks", "authors", "dropout")
 DEFAULT_VOCABS = [10000, 33278, 131072, 262144]
 QUICK = dict(rows=64, dim=32, vocabs=[500, 2000], repeats=1)
 
@@ -71,6 +75,13 @@ def build_case(method: str, batch: int, bptt: int, dim: int, vocab: int, p: floa
         model.zero_grad(set_to_none=True)
         hidden = model(ids)
         sites, ps = dropreg.DropoutSite.collect(model)
+        dropreg.linear_cross_entropy(hidden, model.head.weight, target, linear_bias=model.head.bias, p=0.0,
+                                     sites=sites, site_p=ps, seed=1).loss.backward()
+
+    def step_dropreg_blocks():
+        model.zero_grad(set_to_none=True)
+        hidden = model(ids)
+        sites, ps = dropreg.DropoutSite.collect(model)
         ce = dropreg.linear_cross_entropy(hidden, model.head.weight, target, linear_bias=model.head.bias,
                                           explicit=False, implicit=False).ce
         reg = dropreg.site_regularizers(hidden, model.head.weight, target, sites, linear_bias=model.head.bias,
@@ -100,7 +111,8 @@ def build_case(method: str, batch: int, bptt: int, dim: int, vocab: int, p: floa
         F.cross_entropy(model.head(model(ids)).reshape(-1, vocab), target.reshape(-1)).backward()
 
     model.train()
-    return dict(dropreg=step_dropreg, authors=step_authors, dropout=step_dropout)[method]
+    return {"dropreg": step_dropreg, "dropreg-blocks": step_dropreg_blocks, "authors": step_authors,
+            "dropout": step_dropout}[method]
 
 
 def run_case(args) -> dict:
@@ -124,6 +136,52 @@ def run_case(args) -> dict:
         return dict(result, status="oom" if "allocate" in str(error) else "error", error=str(error)[:300])
     return dict(result, status="ok", seconds=seconds, repeats=repeats,
                 peak_mib=(_status_kib("VmHWM") * 1024 - base) / 2**20)
+
+
+def run_interleaved(args) -> dict:
+    """Runs in the subprocess: ``--pair``'s two methods alternate, one step each per round, after a warm-up; returns
+    each round's seconds and the median of the per-round ratios (first / second)."""
+    import statistics
+    import time
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    first, second = args.pair
+    steps = {m: build_case(m, args.batch, args.bptt, args.dim, args.vocab, args.p) for m in (first, second)}
+    for step in steps.values():
+        step()
+    rounds = []
+    for index in range(args.rounds):
+        seconds = {}
+        for method in ((first, second) if index % 2 == 0 else (second, first)):
+            begin = time.perf_counter()
+            steps[method]()
+            seconds[method] = time.perf_counter() - begin
+        rounds.append(seconds)
+    ratios = [r[first] / r[second] for r in rounds]
+    return dict(vocab=args.vocab, first=first, second=second, rows=args.batch * args.bptt, dim=args.dim,
+                threads=torch.get_num_threads(), first_median_s=statistics.median(r[first] for r in rounds),
+                second_median_s=statistics.median(r[second] for r in rounds), ratio=statistics.median(ratios),
+                ratio_min=min(ratios), ratio_max=max(ratios), rounds=len(rounds))
+
+
+def write_interleaved(rows: list[dict], out: str, header: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    fields = ["vocab", "first", "second", "rows", "dim", "threads", "first_median_s", "second_median_s", "ratio",
+              "ratio_min", "ratio_max", "rounds"]
+    with open(os.path.join(out, "interleaved.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [header, "", "| V | step | s (median) | dropout step s (median) | median per-round ratio | range |",
+             "|---:|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['vocab']} | {r['first']} | {r['first_median_s']:.3f} | {r['second_median_s']:.3f} | "
+                     f"{r['ratio']:.2f}x | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} |")
+    with open(os.path.join(out, "interleaved.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def write_results(rows: list[dict], out: str, header: str) -> None:
@@ -189,18 +247,25 @@ def main(argv=None):
     parser.add_argument("--timeout-s", type=float, default=900)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "sites"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="time the regularized step against the dropout step, alternating in one process")
+    parser.add_argument("--rounds", type=int, default=8, help="--interleaved: rounds (one step of each per round)")
+    parser.add_argument("--pair", type=lambda s: s.split(","), default=["dropreg", "dropout"],
+                        help="--interleaved: the two methods, the ratio is first / second")
     parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)  # internal: run one case
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(args)))
+        print(json.dumps(run_interleaved(args) if args.interleaved else run_case(args)))
         return 0
     if args.quick:
         args.batch, args.bptt = 4, QUICK["rows"] // 4
         args.dim, args.repeats = QUICK["dim"], QUICK["repeats"]
     if args.vocabs is None:  # an explicit --vocabs wins over --quick's sizes
         args.vocabs = QUICK["vocabs"] if args.quick else DEFAULT_VOCABS
+    if args.interleaved:
+        return interleaved_main(args)
     rows = []
     for vocab in args.vocabs:
         for method in args.methods:
@@ -228,6 +293,32 @@ def main(argv=None):
     for r in failed:  # an out-of-memory or timeout is a result; an error is a broken benchmark
         print(f"V={r['vocab']} {r['method']} failed:\n{r.get('error', '')}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def interleaved_main(args) -> int:
+    import torch
+    rows = []
+    for vocab in args.vocabs:
+        command = [sys.executable, os.path.abspath(__file__), "--case", "--interleaved", "--vocab", str(vocab),
+                   "--pair", ",".join(args.pair), "--rounds", str(args.rounds), "--batch", str(args.batch),
+                   "--bptt", str(args.bptt), "--dim", str(args.dim), "--p", str(args.p)] + \
+            (["--threads", str(args.threads)] if args.threads else [])
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            return 1
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"V={vocab:>7}: {r['first']} {r['first_median_s']:.3f} s, {r['second']} {r['second_median_s']:.3f} s, "
+              f"ratio {r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})", flush=True)
+    header = (f"{args.pair[0]} step against {args.pair[1]} step, alternating in one process ({args.rounds} rounds "
+              f"after a warm-up), LSTM LM, N={args.batch * args.bptt} tokens, d={args.dim}, p={args.p} at 2 sites "
+              f"(embedding output, head input), fp32, torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
+              f"threads; `python benchmarks/sites_step.py --interleaved --vocabs "
+              f"{','.join(map(str, args.vocabs))} --rounds {args.rounds}`")
+    write_interleaved(rows, args.out, header)
+    print(open(os.path.join(args.out, "interleaved.md")).read())
+    return 0
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     ``label_smoothing``, ``z_loss``, ``return_lse`` and ``softcap`` work as in one process (docs/math.md 12.5,
     12.6).
 
-    ``sites``: the paper's method in one call (docs/math.md 11.4): dropout's terms at every listed site (activations
+    ``sites``: the paper's method in one call (docs/math.md 11.5): dropout's terms at every listed site (activations
     in ``input``'s autograd graph, e.g. from :meth:`dropreg.DropoutSite.collect`), as
     :func:`dropreg.site_regularizers` computes them with the same ``seed``, added to ``.explicit`` and ``.implicit``;
     the cross entropy, its gradient and the sites' ``mu`` share one pass over the vocabulary. ``site_p`` (default
