@@ -156,11 +156,69 @@ def _logit_scale(model: nn.Module) -> float:
     return scale
 
 
+_ATTENTION_DROPOUT_NAMES = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")
+
+
+def _attention_dropout(model: nn.Module) -> Optional[tuple[str, float]]:
+    """``(config name, p)`` of attention dropout the model's attention function applies itself, if any."""
+    for name in _ATTENTION_DROPOUT_NAMES:
+        value = _config_value(model, name)
+        if isinstance(value, (int, float)) and value > 0:
+            return name, float(value)
+    return None
+
+
+@contextlib.contextmanager
+def dropout_as_sites(model: nn.Module):
+    """For the duration, every ``nn.Dropout`` of ``model`` that would act (training, ``p > 0``) is the identity and
+    records its input as a dropout site: yields ``(sites, ps)``, filled as the forward runs, in call order.
+
+    Attention dropout that the attention function applies itself (HF's ``dropout=`` of the attention interface,
+    eager or SDPA alike) is not a module call: a model in training with attention dropout is refused."""
+    sites: list[Tensor] = []
+    ps: list[float] = []
+    kinds = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+    acting = [m for m in model.modules() if isinstance(m, kinds) and m.training and m.p > 0]
+    for module in acting:
+        if type(module) is not nn.Dropout:
+            raise NotImplementedError(f"causal_lm_loss(sites='dropout'): {type(module).__name__}(p={module.p}) drops "
+                                      f"whole channels or keeps the mean and variance (not elementwise dropout), "
+                                      f"which dropreg's terms do not model; set its p to 0")
+    attention = _attention_dropout(model) if model.training else None
+    if attention is not None:
+        raise NotImplementedError(
+            f"causal_lm_loss(sites='dropout'): the model's attention applies its own dropout ({attention[0]}="
+            f"{attention[1]}) inside the attention function, not through an nn.Dropout call, so it cannot be made a "
+            f"site and would still drop during the call; build the model with {attention[0]}=0.0")
+
+    def recording(module):
+        def forward(x):
+            if not x.requires_grad:  # e.g. a frozen embedding's output: a leaf the sites' products can start from
+                x = x.detach().requires_grad_()
+            sites.append(x)
+            ps.append(float(module.p))
+            return x
+        return forward
+
+    saved = [(module, vars(module).get("forward")) for module in acting]
+    for module in acting:
+        module.forward = recording(module)
+    try:
+        yield sites, ps
+    finally:
+        for module, own in saved:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+
 def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None, *,
                    num_items_in_batch=None, p: float = 0.1, explicit: bool = True, implicit: bool = True,
                    explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
                    seed: Optional[int] = None, decoder: Optional[nn.Module] = None,
                    label_smoothing: float = 0.0, weight: Optional[Tensor] = None, z_loss: float = 0.0,
+                   sites: Optional[str] = None, samples: Optional[int] = None,
                    backend: str = "auto", **model_inputs) -> LinearCrossEntropyOutput:
     """HF's causal-LM loss of ``model`` plus dropout's regularizers at the head, without the logits.
 
@@ -171,6 +229,13 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
     ``decoder``: the module returning the last hidden state, when it cannot be found. ``label_smoothing``,
     ``weight`` (class weights) and ``z_loss`` are :func:`dropreg.linear_cross_entropy`'s; with class weights and
     ``num_items_in_batch``, the latter is what the sum is divided by.
+
+    ``sites="dropout"``: the paper's method at every dropout site (docs/math.md 11.5). Every ``nn.Dropout`` of the
+    model that would act (training, ``p > 0``) runs as the identity for this call and its input becomes a site with
+    that module's ``p`` (``linear_cross_entropy(..., sites=...)``; ``samples`` draws per row for the explicit term,
+    default 1); ``p`` stays the head input's own exact terms. In eval mode no module acts: no site terms. Attention
+    dropout applied inside the attention function (eager or SDPA) is not a module call: a model in training with
+    attention dropout > 0 is refused.
 
     ``model`` may be wrapped in ``DistributedDataParallel``: the loss is then computed inside the wrapper's forward
     (the inner model's ``forward`` is swapped for the fused loss during the call), so that DDP synchronizes the
@@ -183,8 +248,8 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
             return causal_lm_loss(inner, input_ids, labels, num_items_in_batch=num_items_in_batch, p=p,
                                   explicit=explicit, implicit=implicit, explicit_coef=explicit_coef,
                                   implicit_coef=implicit_coef, seed=seed, decoder=decoder,
-                                  label_smoothing=label_smoothing, weight=weight, z_loss=z_loss, backend=backend,
-                                  **model_inputs)
+                                  label_smoothing=label_smoothing, weight=weight, z_loss=z_loss, sites=sites,
+                                  samples=samples, backend=backend, **model_inputs)
         return _call_through(wrapper, inner, fused_loss)
     shift_labels = model_inputs.pop("shift_labels", None)
     if labels is None and shift_labels is None:
@@ -194,8 +259,13 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
     softcap = _config_value(model, "final_logit_softcapping")  # Gemma 2: cap * tanh(logits / cap), after the scale
     head_weight, bias = _head_parameters(model)
     decoder = find_decoder(model) if decoder is None else decoder
+    if sites not in (None, "dropout"):
+        raise ValueError(f"sites: expected 'dropout' (every nn.Dropout of the model is a site) or None, got {sites!r}")
+    if sites is None and samples is not None:
+        raise TypeError("samples: only used with sites='dropout'")
 
-    outputs = decoder(input_ids=input_ids, **model_inputs)
+    with dropout_as_sites(model) if sites else contextlib.nullcontext((None, None)) as (site_list, site_ps):
+        outputs = decoder(input_ids=input_ids, **model_inputs)
     hidden = getattr(outputs, "last_hidden_state", None)
     if hidden is None:
         hidden = outputs[0]
@@ -213,11 +283,13 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
     # a bf16/fp16 model's loss comes back in fp32, as HF's ForCausalLMLoss (logits.float()) returns it
     low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
     with results_in(torch.float32) if low_precision else contextlib.nullcontext():
+        site_options = {} if site_list is None else dict(sites=site_list, site_p=site_ps, samples=samples)
         out = linear_cross_entropy(hidden, head_weight, target, linear_bias=bias, p=p, explicit=explicit,
                                    implicit=implicit, explicit_coef=explicit_coef, implicit_coef=implicit_coef,
                                    seed=seed, ignore_index=IGNORE_INDEX, reduction=reduction,
                                    label_smoothing=label_smoothing, weight=weight, z_loss=z_loss,
-                                   softcap=None if softcap is None else float(softcap), backend=backend)
+                                   softcap=None if softcap is None else float(softcap), backend=backend,
+                                   **site_options)
     if num_items_in_batch is None:
         return out
     if isinstance(num_items_in_batch, Tensor):
@@ -245,15 +317,19 @@ def _make_trainer_class():
     class DropregTrainer(transformers.Trainer):
         """``transformers.Trainer`` whose loss is :func:`causal_lm_loss` (causal LMs only).
 
-        Keyword arguments ``p, explicit, implicit, explicit_coef, implicit_coef`` set the regularizers and
-        ``z_loss`` the z-loss; in eval mode only the cross entropy is computed. ``args.label_smoothing_factor`` is
+        Keyword arguments ``p, explicit, implicit, explicit_coef, implicit_coef`` set the regularizers, ``sites``
+        and ``samples`` the every-site terms (``sites="dropout"``: see :func:`causal_lm_loss`) and ``z_loss`` the
+        z-loss; in eval mode only the cross entropy is computed. ``args.label_smoothing_factor`` is
         honoured. Signs change every step (seeded from
         ``args.seed``, the global step and the micro-batch index).
         """
 
         def __init__(self, *args, p: float = 0.1, explicit: bool = True, implicit: bool = True,
                      explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
-                     z_loss: float = 0.0, **kwargs):
+                     z_loss: float = 0.0, sites: Optional[str] = None, samples: Optional[int] = None,
+                     **kwargs):
+            if sites not in (None, "dropout"):
+                raise ValueError(f"sites: expected 'dropout' or None, got {sites!r}")
             super().__init__(*args, **kwargs)
             if self.compute_loss_func is not None:
                 raise NotImplementedError("DropregTrainer: compute_loss_func is not supported (the loss is "
@@ -262,7 +338,8 @@ def _make_trainer_class():
             # which HF's LabelSmoother also computes)
             smoothing = self.label_smoother.epsilon if self.label_smoother is not None else 0.0
             self.dropreg_options = dict(p=p, explicit=explicit, implicit=implicit, explicit_coef=explicit_coef,
-                                        implicit_coef=implicit_coef, label_smoothing=smoothing, z_loss=z_loss)
+                                        implicit_coef=implicit_coef, label_smoothing=smoothing, z_loss=z_loss,
+                                        sites=sites, samples=samples)
             # causal_lm_loss uses num_items_in_batch, so let the Trainer count it and not rescale for GA
             self.model_accepts_loss_kwargs = True
             self._dropreg_step = (-1, 0)
@@ -285,7 +362,7 @@ def _make_trainer_class():
             if inner.training:
                 seed = self._dropreg_seed()
             else:
-                options.update(explicit=False, implicit=False, z_loss=0.0)
+                options.update(explicit=False, implicit=False, z_loss=0.0, sites=None, samples=None)
                 seed = None
             with self.accelerator.autocast():
                 out = causal_lm_loss(model, input_ids, labels, num_items_in_batch=num_items_in_batch,

@@ -410,3 +410,79 @@ def test_import_dropreg_needs_no_transformers():
     code = ("import sys; sys.modules['transformers'] = None; import dropreg, dropreg.hf; "
             "assert 'DropregTrainer' not in vars(dropreg.hf)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def gpt2_with_dropout(dtype=torch.float64, attn_pdrop=0.0):
+    config = transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=32, resid_pdrop=0.2,
+                                     embd_pdrop=0.1, attn_pdrop=attn_pdrop, bos_token_id=1, eos_token_id=2,
+                                     attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).to(dtype)
+
+
+def test_every_dropout_of_a_gpt2_as_a_site_matches_the_authors_formulation():
+    """sites='dropout' on a tiny GPT-2 in float64: its three nn.Dropout calls (embeddings, attention output, MLP
+    output) become sites; against the authors' formulation (tests/test_sites.py) on HF's materialized logits with the
+    same draws and signs, values and every parameter gradient."""
+    from dropreg.signs import philox_signs
+    from test_sites import authors_terms
+
+    model = gpt2_with_dropout()
+    model.train()
+    ids, mask, labels = batch()
+    seed, samples = 5, 2
+
+    model.zero_grad()
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, p=0.0, sites="dropout", samples=samples,
+                            seed=seed)
+    (out.ce + out.explicit + 2 * out.implicit).backward()
+    ours = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+    model.zero_grad()
+    recorded = []  # the reference forward: every dropout the identity, its input a site, in call order
+    handles = [m.register_forward_hook(lambda m, inputs, output: recorded.append((inputs[0], m.p)))
+               for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()  # the identity; the hook still records its input
+    hidden = model.transformer(ids, attention_mask=mask).last_hidden_state[:, :-1]
+    for handle in handles:
+        handle.remove()
+    model.train()
+    sites, ps = [x for x, _ in recorded], [p for _, p in recorded]
+    assert len(sites) == 3 and ps == [0.1, 0.2, 0.2]
+    target = labels[:, 1:]
+    flat_hidden = torch.where((target != -100).reshape(-1, 1), hidden.reshape(-1, 16), 0.0)
+    draws = dropreg.sample_targets(flat_hidden.detach(), model.lm_head.weight.detach(), samples=samples, seed=seed)
+    signs = [philox_signs(seed, 1, x.numel(), stream=k + 1, dtype=torch.float64).reshape(x.shape)
+             for k, x in enumerate(sites)]
+    coefs = [dropreg.default_coefficients(p) for p in ps]
+    explicit, implicit = authors_terms(hidden, model.lm_head.weight, None, target, sites, draws, signs,
+                                       [c[0] for c in coefs], [c[1] for c in coefs])
+    ce = F.cross_entropy(model.lm_head(hidden).reshape(-1, V), target.reshape(-1), ignore_index=-100)
+    (ce + explicit + 2 * implicit).backward()
+    theirs = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+    assert abs(explicit.item()) > 1e-8 and abs(implicit.item()) > 1e-8
+    torch.testing.assert_close(out.ce, ce, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.explicit, explicit, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.implicit, implicit, rtol=1e-9, atol=1e-12)
+    assert_grads_close(ours, theirs, rtol=1e-8, atol=1e-11)
+
+
+def test_sites_dropout_in_eval_mode_and_the_refusals():
+    model = gpt2_with_dropout()
+    ids, mask, labels = batch()
+    model.eval()  # no dropout acts: no site terms, the plain loss
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, p=0.0, sites="dropout", seed=1)
+    plain = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, p=0.0, seed=1)
+    assert out.explicit == 0 and out.implicit == 0
+    torch.testing.assert_close(out.ce, plain.ce, rtol=0, atol=0)
+    model.train()
+    with pytest.raises(ValueError, match="sites: expected 'dropout'"):
+        hf.causal_lm_loss(model, ids, labels, sites="all")
+    with pytest.raises(TypeError, match="samples: only used with sites='dropout'"):
+        hf.causal_lm_loss(model, ids, labels, samples=2)
+    with pytest.raises(NotImplementedError, match=r"attention applies its own dropout \(attn_pdrop=0.1\)"):
+        hf.causal_lm_loss(gpt2_with_dropout(attn_pdrop=0.1).train(), ids, labels, p=0.0, sites="dropout", seed=1)
+    assert all(type(m).forward is m.forward.__func__ for m in model.modules()
+               if isinstance(m, torch.nn.Dropout))  # the call restored every module's own forward
