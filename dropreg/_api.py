@@ -16,7 +16,7 @@ from ._checks import (check_coefficient, check_head, check_probability, check_re
                       check_signs_type, check_softcap, check_target, checked_seed, checking_values, default_coefficients,
                       flatten_signs)
 from ._dispatch import resolve_backend, resolve_slice_backend
-from ._policy import accumulation_dtype
+from ._policy import accumulation_dtype, eager_under_compile
 from .loss_options import LossOptions, check_class_weight, check_label_smoothing
 from .rows import implicit_signs
 from .reducers import LOCAL
@@ -25,7 +25,7 @@ from .site_terms import PerSite, SiteCall
 
 # The loss options' sign-weighted parts read the signs outside the fused ops: there Inductor would spend minutes
 # compiling the Philox rounds' integer ops, so they are drawn eagerly (O(N d), one graph break).
-eager_implicit_signs = torch.compiler.disable(implicit_signs)
+eager_implicit_signs = eager_under_compile(implicit_signs)
 
 
 class LinearCrossEntropyOutput(NamedTuple):

@@ -2,7 +2,9 @@
 definition, imported everywhere."""
 from __future__ import annotations
 
+import functools
 import numbers
+import sys
 
 import torch
 
@@ -45,3 +47,20 @@ def workspace_rows(rows: int, vocab: int, dtype: torch.dtype, device: torch.devi
     """How many rows' full-vocabulary logits (in ``dtype``) fit the workspace: at least 1, at most ``rows``."""
     per_row = vocab * dtype.itemsize
     return max(1, min(rows, workspace_bytes(device) // per_row))
+
+
+def eager_under_compile(fn):
+    """``torch.compiler.disable(fn)``: under ``torch.compile`` a graph break, ``fn`` running eagerly. Applied at the
+    first call made once ``torch._dynamo`` is loaded: importing it costs about a second, which ``import dropreg``
+    should not pay, and nothing can be compiling before it is loaded."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+    return wrapper

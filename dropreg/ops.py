@@ -16,12 +16,9 @@ from torch.profiler import record_function
 
 from . import rows
 from ._op_family import combined_upstream, first_order_only, gradients_wanted
-from ._policy import accumulation_dtype
+from ._policy import accumulation_dtype, eager_under_compile
 from .reducers import LOCAL
 
-# torch.compile runs the chunk loops eagerly (a graph break): Inductor did not finish compiling them in
-# minutes even at N=15, V=40, and the loops' GEMMs gain nothing from it.
-eager_under_compile = torch.compiler.disable
 
 
 def _in_dtype(grad, like):
@@ -261,6 +258,8 @@ class CrossEntropyWithGrads(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------ entry points (the backend contract)
+# Under torch.compile the entry points run eagerly (a graph break): Inductor did not finish compiling the chunk loops
+# in minutes even at N=15, V=40, and the loops' GEMMs gain nothing from it.
 
 @eager_under_compile
 def linear_ce(passes, input, weight, bias, target, signs, seed, need_explicit, need_implicit, reducer=LOCAL):

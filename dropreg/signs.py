@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ._policy import eager_under_compile
+
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
 PHILOX_KEY_A = 0x9E3779B9
@@ -90,7 +92,7 @@ def gumbel_noise(seed: int, sample: int, rows: torch.Tensor, v0: int, v1: int) -
     return -torch.log(-torch.log(uniform))
 
 
-@torch.compiler.disable  # under torch.compile, Inductor's RNG would draw a different seed than eager
+@eager_under_compile  # under torch.compile, Inductor's RNG would draw a different seed than eager
 def draw_seed() -> int:
     """A 63-bit seed drawn from torch's default generator, so ``torch.manual_seed`` reproduces it."""
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())

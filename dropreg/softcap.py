@@ -16,7 +16,7 @@ import torch
 from torch.profiler import record_function
 
 from ._op_family import first_order_only
-from ._policy import accumulation_dtype
+from ._policy import accumulation_dtype, eager_under_compile
 from .plan import default_blocks
 from .rows import softcap_derivatives
 from .tiles import OnlineSoftmax, chunk_logits, gradient_buffers, spans, subtract_at_target, weight_chunk
@@ -179,7 +179,7 @@ def _smoothing_chunks(h, weight, bias, omega, acc, blocks):
             yield r0, r1, v0, v1, h_block, w, b, omega[v0:v1].to(acc)
 
 
-@torch.compiler.disable  # a graph break: Inductor gains nothing on the chunk loops
+@eager_under_compile  # a graph break: Inductor gains nothing on the chunk loops
 def capped_smoothing_sums(h, weight, bias, omega, signs, softcap, need_sum, need_explicit, need_implicit):
     """Per row ``(S, Sq, Ss)`` of :class:`CappedSmoothingSums` over this head's classes (a slice's part on a
     vocabulary-parallel head: all three are sums over the classes)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.profiler import record_function
 
-from ._policy import accumulation_dtype
+from ._policy import accumulation_dtype, eager_under_compile
 from .plan import DEFAULT_PLAN, BlockPlan, ce_only_blocks, default_blocks
 from .rows import (SliceStatistics, capped_logits, capped_slope, input_row_gradient, logit_shift,
                    row_modulation, softmax_mean_modulation)
@@ -354,7 +354,7 @@ def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_ch
     return (grad_h, *_zeros_if_no_rows(wants, grad_w, grad_b, weight, acc))
 
 
-@torch.compiler.disable
+@eager_under_compile
 @torch.no_grad()
 def streamed_sample_targets(input, weight, bias, samples, seed, *, row_block=None, vocab_chunk=None):
     """(samples, N) classes drawn from each row's softmax by Gumbel-max over vocabulary chunks (dropreg.signs)."""
