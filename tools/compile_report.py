@@ -5,10 +5,12 @@
 The kernels are specialized exactly as a real launch would specialize them: the launchers of forward.py,
 backward.py and rdrop.py run on ``meta`` tensors of a realistic LM shape (N=8192, d=4096, V=128256) with
 a recording ``launch``, so block sizes, warps, stages, constexprs and argument specializations (16-byte
-divisibility) are the ones the launcher chooses. Each recorded launch is then compiled with
-``triton.compile`` for the target. ptxas's own log gives registers and spill bytes; Triton's metadata
-gives the shared memory; the PTX shows whether tensor-core instructions (``mma.sync`` on sm_80,
-``wgmma.mma_async`` on sm_90) were emitted.
+divisibility) are the ones the launcher chooses. The chunked driver's epilogues are recorded at that shape and at
+the edge shapes of ``EDGE_SHAPES`` (one row, a last row block of one row, d=1, V=1, odd sizes), one launch per
+specialization Triton's JIT would derive (:func:`jit_specialization`: an integer equal to 1 becomes a constant).
+Each recorded launch is then compiled with ``triton.compile`` for the target. ptxas's own log gives registers and
+spill bytes; Triton's metadata gives the shared memory; the PTX shows whether tensor-core instructions
+(``mma.sync`` on sm_80, ``wgmma.mma_async`` on sm_90) were emitted.
 
 Exit status 1 on a compile error, any spill, or shared memory over the target's per-block limit.
 Run it in a process where TRITON_INTERPRET is not set.
@@ -118,18 +120,39 @@ def record_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int, plan=No
     return recorder.launches
 
 
-def record_chunked_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int) -> list[Launch]:
+def jit_specialization(launch: Launch) -> tuple:
+    """What Triton's JIT keys a compiled kernel on, as it derives it from the arguments: the constexprs, each
+    integer argument's value when it is 1 (then a constant) or whether it is divisible by 16, each tensor's dtype
+    (meta tensors are 16-byte aligned, as fresh CUDA allocations are)."""
+    def argument(value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return str(value.dtype) if isinstance(value, torch.Tensor) else repr(value)
+        return "1" if value == 1 else ("16k" if value % 16 == 0 else "int")
+    constexprs = tuple(sorted((k, v) for k, v in launch.kwargs.items() if k.isupper() or k.startswith("num_")))
+    return launch.kernel.__name__, constexprs, tuple(argument(a) for a in launch.args)
+
+
+# Shapes besides the report's LM shape whose chunks reach the JIT's other specializations: a batch of one row, a last
+# row block of one row, d = 1, V = 1, sizes neither 1 nor a multiple of 16. (rows, dim, vocab, row_block, vocab_chunk),
+# blocks None: the CUDA driver's own choice.
+EDGE_SHAPES = ((1, 64, 1000, None, None), (33, 8, 40, 16, 16), (5, 1, 1, None, None), (1, 4, 1, None, None),
+               (7, 3, 37, 7, 16))
+
+
+def record_chunked_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int, row_block: Optional[int] = None,
+                            vocab_chunk: Optional[int] = None) -> list[Launch]:
     """The epilogue launches of the chunked driver (dropreg/chunked.py) for a training step with both terms, cross
-    entropy per row, R-Drop, on meta tensors with the CUDA block plan; one launch per distinct kernel
-    specialization (the chunks differ only in their sizes)."""
+    entropy per row, R-Drop, on meta tensors with the CUDA block plan (or the blocks given); one launch per
+    :func:`jit_specialization`."""
     from dropreg import chunked, ops
     from dropreg.plan import BlockPlan
     from dropreg.reducers import LOCAL
     from dropreg.triton.epilogues import TritonEpilogues
 
     recorder = Recorder()
-    row_block, vocab_chunk = chunked.default_chunks(rows, vocab, dtype, torch.device("cuda"))
-    passes = chunked.ChunkedPasses(BlockPlan(row_block=row_block, vocab_chunk=vocab_chunk),
+    default_rows, default_chunk = chunked.default_chunks(rows, vocab, dtype, torch.device("cuda"))
+    passes = chunked.ChunkedPasses(BlockPlan(row_block=row_block or default_rows,
+                                             vocab_chunk=vocab_chunk or default_chunk),
                                    epilogues=TritonEpilogues(recorder))
 
     def meta(*shape, dtype=dtype, grad=True):
@@ -142,20 +165,27 @@ def record_chunked_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int)
         torch.autograd.grad([o.sum() for o in out[:3]], (h, w, b))
     out = ops.RDrop.apply(h, h2, w, b, y, None, passes, LOCAL)
     torch.autograd.grad([o.sum() for o in out], (h, h2, w, b))
-    distinct = {}
-    for launch in recorder.launches:
-        key = (launch.kernel.__name__, tuple(sorted((k, v) for k, v in launch.kwargs.items() if k.isupper())))
-        distinct.setdefault(key, launch)
-    return list(distinct.values())
+    return distinct(recorder.launches)
+
+
+def distinct(launches: list[Launch]) -> list[Launch]:
+    """One launch per :func:`jit_specialization`, in first-seen order."""
+    found = {}
+    for launch in launches:
+        found.setdefault(jit_specialization(launch), launch)
+    return list(found.values())
 
 
 def _record_for(capability: int, dtype: torch.dtype, shape: dict) -> list[Launch]:
     from dropreg.triton.utils import launch_plan
 
     launches = record_launches(dtype, **shape, plan=launch_plan(dtype, torch.device("meta"), capability=capability))
-    if dtype != torch.float64:  # fp64 problems run the PyTorch epilogues (dropreg.chunked.epilogues_for)
-        launches += record_chunked_launches(dtype, **shape)
-    return launches
+    # fp64 problems run the PyTorch epilogues by default (dropreg.chunked.epilogues_for), but the tests force the
+    # Triton ones, so they are compiled too
+    chunked = record_chunked_launches(dtype, **shape)
+    for edge in EDGE_SHAPES:
+        chunked += record_chunked_launches(dtype, *edge)
+    return launches + distinct(chunked)
 
 
 def _describe(launch: Launch) -> tuple[str, str]:
@@ -167,6 +197,9 @@ def _describe(launch: Launch) -> tuple[str, str]:
         name += " (probabilities)" if kw.get("WRITE_PROBS") else " (lse only)"
     if name == "gradient_chunk_kernel":
         name += " (ce+explicit+implicit)" if kw.get("HAS_T") else " (ce only)"
+    if name.startswith(EPILOGUE_KERNELS):  # which integer arguments the JIT specialized (to 1, or as multiples of 16)
+        ints = [spec for spec in jit_specialization(launch)[2] if spec in ("1", "16k", "int")]
+        name += f" [{','.join(ints)}]"
     blocks = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK_R", "BLOCK_C") if k in kw)
     stages = f" s{kw['num_stages']}" if "num_stages" in kw else ""
     return name, f"{blocks} w{kw.get('num_warps')}{stages}"
@@ -204,6 +237,7 @@ def build_rows(config_names, targets, shape=REPORT_SHAPE, progress=print, kernel
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
     rows: list[Row] = []
+    compiled_epilogues = set()  # (target, dtype, specialization): fp32 and fp32-tf32 share their epilogues
     for config in config_names:
         dtype, matmul_precision = CONFIGS[config]
         previous = torch.get_float32_matmul_precision()
@@ -219,6 +253,11 @@ def build_rows(config_names, targets, shape=REPORT_SHAPE, progress=print, kernel
                 name, meta = _describe(launch)
                 if kernels and not any(k in name for k in kernels):
                     continue
+                if launch.kernel.__name__ in EPILOGUE_KERNELS:
+                    key = (capability, dtype, jit_specialization(launch))
+                    if key in compiled_epilogues:
+                        continue
+                    compiled_epilogues.add(key)
                 row = Row(config, name, capability, "x".join(map(str, launch.grid)), meta)
                 start = time.perf_counter()
                 log = io.StringIO()

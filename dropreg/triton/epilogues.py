@@ -20,9 +20,24 @@ from .utils import FP_FUSION, INTERPRETED, TL_DTYPES
 
 # Rows per program of the row-wise kernels and the column tile; the interpreter gets small tiles so that the
 # tests' tiny chunks still span several tiles.
-ROW_BLOCK, COL_BLOCK = (4, 8) if INTERPRETED else (8, 1024)
-TILE_R, TILE_C = (4, 8) if INTERPRETED else (32, 256)
 NUM_WARPS = 1 if INTERPRETED else 8
+
+
+def row_tile(dtype: torch.dtype) -> tuple[int, int]:
+    """(rows per program, column tile) of the softmax epilogues, which loop over the chunk's columns: 4 x 512, or
+    4 x 256 for fp64 logits (8 x 1024 spilled registers in edge specializations, tools/compile_report.py)."""
+    if INTERPRETED:
+        return 4, 8
+    return (4, 256) if dtype == torch.float64 else (4, 512)
+
+
+def gradient_tile(dtype: torch.dtype) -> tuple[int, int]:
+    """(rows, columns) of a gradient epilogue's tile: 16 x 128, 4 x 128 for fp64 logits (two registers per value).
+    Larger tiles spilled registers in specializations the JIT makes for edge sizes (a size of 1 or not a multiple of
+    16; tools/compile_report.py compiles them all)."""
+    if INTERPRETED:
+        return 4, 8
+    return (4, 128) if dtype == torch.float64 else (16, 128)
 
 
 @triton.jit
@@ -34,6 +49,13 @@ def to_operand(x, OPERAND: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
     return x.to(OPERAND)
+
+
+@triton.jit
+def second_block(at, R, C):
+    """Offsets ``at`` of an (R, C) block moved to the second block of a (2R, C) buffer, in int64. R or C may arrive as
+    the Python int 1 (Triton's JIT specializes an integer argument equal to 1 to a constant), which has no ``.to``."""
+    return at + tl.full((), R, tl.int64) * C
 
 
 @triton.jit
@@ -80,7 +102,8 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
                          OPERAND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
-    chunk_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    acc: tl.constexpr = max_ptr.dtype.element_ty  # the states' dtype: fp32, or fp64 for fp64 problems
+    chunk_max = tl.full((BLOCK_R,), float("-inf"), dtype=acc)
     top_col = tl.zeros((BLOCK_R,), dtype=tl.int32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -93,8 +116,8 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
     old_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
     new_max = tl.maximum(old_max, chunk_max)
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows whose logits so far are all -inf
-    exp_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    rounded_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    exp_sum = tl.zeros((BLOCK_R,), dtype=acc)
+    rounded_sum = tl.zeros((BLOCK_R,), dtype=acc)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         e = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - shift[:, None])
@@ -105,7 +128,7 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
             p = to_operand(e, OPERAND)
             inside = row_ok[:, None] & (cols[None, :] < C)
             tl.store(probs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], p, mask=inside)
-            rounded_sum += tl.sum(p.to(tl.float32), axis=1)
+            rounded_sum += tl.sum(p.to(acc), axis=1)
     rescale = tl.exp(old_max - shift)
     top_p = tl.exp(chunk_max - shift)
     tl.store(sum_ptr + rows, tl.load(sum_ptr + rows, mask=row_ok, other=0.0) * rescale + exp_sum, mask=row_ok)
@@ -143,7 +166,7 @@ def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr,
         g -= tl.where(cols[None, :] == target[:, None], g_ce[:, None], 0.0)
     tl.store(out_ptr + at, to_operand(g, OPERAND), mask=inside)
     if WRITE_S:
-        tl.store(out_ptr + R.to(tl.int64) * C + at, to_operand(probs, OPERAND), mask=inside)
+        tl.store(out_ptr + second_block(at, R, C), to_operand(probs, OPERAND), mask=inside)
 
 
 @triton.jit
@@ -152,8 +175,9 @@ def rdrop_softmax_chunk_kernel(z1_ptr, z2_ptr, b_ptr, max_ptr, sum_ptr, weighted
     """The (2, R) states are updated in place: row r of pass i at ``i * R + r``."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
-    max1 = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
-    max2 = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    acc: tl.constexpr = max_ptr.dtype.element_ty  # the states' dtype: fp32, or fp64 for fp64 problems
+    max1 = tl.full((BLOCK_R,), float("-inf"), dtype=acc)
+    max2 = tl.full((BLOCK_R,), float("-inf"), dtype=acc)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         max1 = tl.maximum(max1, tl.max(_chunk_logits(z1_ptr, b_ptr, rows, cols, R, C, HAS_BIAS), axis=1))
@@ -163,10 +187,10 @@ def rdrop_softmax_chunk_kernel(z1_ptr, z2_ptr, b_ptr, max_ptr, sum_ptr, weighted
     new1, new2 = tl.maximum(old1, max1), tl.maximum(old2, max2)
     shift1 = tl.where(new1 == float("-inf"), 0.0, new1)
     shift2 = tl.where(new2 == float("-inf"), 0.0, new2)
-    sum1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    sum2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    d1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    d2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    sum1 = tl.zeros((BLOCK_R,), dtype=acc)
+    sum2 = tl.zeros((BLOCK_R,), dtype=acc)
+    d1 = tl.zeros((BLOCK_R,), dtype=acc)
+    d2 = tl.zeros((BLOCK_R,), dtype=acc)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         z1, z2, diff = _rdrop_tile(z1_ptr, z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
@@ -204,7 +228,7 @@ def rdrop_gradient_chunk_kernel(z1_ptr, z2_ptr, b_ptr, lse_ptr, expected_d_ptr, 
     g1 = p1 * (g_ce1 + k * (diff - ed1 + 1.0)) - k * p2 - tl.where(at_target, g_ce1, 0.0)
     g2 = p2 * (g_ce2 - k * (diff - ed2 - 1.0)) - k * p1 - tl.where(at_target, g_ce2, 0.0)
     tl.store(out_ptr + at, to_operand(g1, OPERAND), mask=inside)
-    tl.store(out_ptr + R.to(tl.int64) * C + at, to_operand(g2, OPERAND), mask=inside)
+    tl.store(out_ptr + second_block(at, R, C), to_operand(g2, OPERAND), mask=inside)
 
 
 def _bias_arg(bias, like):
@@ -232,37 +256,41 @@ class TritonEpilogues:
         top_p = torch.empty_like(running_max)
         top_col = torch.empty(rows, dtype=torch.int64, device=z.device)
         write_probs = probs is not None
-        self.launch(softmax_chunk_kernel)[(triton.cdiv(rows, ROW_BLOCK),)](
+        block_r, block_c = row_tile(z.dtype)
+        self.launch(softmax_chunk_kernel)[(triton.cdiv(rows, block_r),)](
             z, _bias_arg(bias, z), probs if write_probs else z, running_max, running_sum,
             mass if write_probs else running_sum, rescale, top_p, top_col, rows, cols, HAS_BIAS=bias is not None,
             WRITE_PROBS=write_probs, KEEP_TOP=keep_top, OPERAND=TL_DTYPES[(probs if write_probs else z).dtype],
-            BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
         return rescale, top_p, top_col
 
     def gradient_chunk(self, z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None):
         rows, cols = z.shape
         has_target = target_col is not None
         has_top = top_col is not None and t is not None
-        self.launch(gradient_chunk_kernel)[(triton.cdiv(rows, TILE_R), triton.cdiv(cols, TILE_C))](
+        tile_r, tile_c = gradient_tile(z.dtype)
+        self.launch(gradient_chunk_kernel)[(triton.cdiv(rows, tile_r), triton.cdiv(cols, tile_c))](
             z, _bias_arg(bias, z), z if t is None else t, lse.contiguous(), row_const.contiguous(),
             g_ce.contiguous() if has_target else lse, target_col.contiguous() if has_target else lse,
             top_col.contiguous() if has_top else lse, t_top.contiguous() if has_top else lse, out, rows, cols,
             HAS_BIAS=bias is not None, HAS_T=t is not None, HAS_TARGET=has_target, HAS_TOP=has_top,
-            WRITE_S=out.shape[0] > rows, OPERAND=TL_DTYPES[out.dtype], BLOCK_R=TILE_R, BLOCK_C=TILE_C,
+            WRITE_S=out.shape[0] > rows, OPERAND=TL_DTYPES[out.dtype], BLOCK_R=tile_r, BLOCK_C=tile_c,
             num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def rdrop_softmax_chunk(self, z1, z2, bias, running_max, running_sum, weighted_d):
         rows, cols = z1.shape
-        self.launch(rdrop_softmax_chunk_kernel)[(triton.cdiv(rows, ROW_BLOCK),)](
+        block_r, block_c = row_tile(z1.dtype)
+        self.launch(rdrop_softmax_chunk_kernel)[(triton.cdiv(rows, block_r),)](
             z1, z2, _bias_arg(bias, z1), running_max, running_sum, weighted_d, rows, cols, HAS_BIAS=bias is not None,
-            BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def rdrop_gradient_chunk(self, z1, z2, bias, lse, expected_d, g_ce1, g_ce2, half_kl, target_col, out):
         rows, cols = z1.shape
-        self.launch(rdrop_gradient_chunk_kernel)[(triton.cdiv(rows, TILE_R), triton.cdiv(cols, TILE_C))](
+        tile_r, tile_c = gradient_tile(z1.dtype)
+        self.launch(rdrop_gradient_chunk_kernel)[(triton.cdiv(rows, tile_r), triton.cdiv(cols, tile_c))](
             z1, z2, _bias_arg(bias, z1), lse.contiguous(), expected_d.contiguous(), g_ce1.contiguous(),
             g_ce2.contiguous(), half_kl.contiguous(), target_col.contiguous(), out, rows, cols,
-            HAS_BIAS=bias is not None, OPERAND=TL_DTYPES[out.dtype], BLOCK_R=TILE_R, BLOCK_C=TILE_C,
+            HAS_BIAS=bias is not None, OPERAND=TL_DTYPES[out.dtype], BLOCK_R=tile_r, BLOCK_C=tile_c,
             num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
 
