@@ -63,21 +63,29 @@ class TinyLSTM(nn.Module):
         return self.sites[1](out)
 
 
-def _step(model, ids, target, backend, sampled, signs, **kwargs):
-    """Our terms and every parameter's gradient of (explicit + 2 * implicit)."""
+def _step(model, ids, target, backend, sampled, signs, fused=False, **kwargs):
+    """Our terms and every parameter's gradient of (explicit + 2 * implicit): from site_regularizers, or with
+    ``fused`` from the one call linear_cross_entropy(..., p=0, sites=...)."""
     model.zero_grad()
     hidden = model(ids)
     sites, ps = dropreg.DropoutSite.collect(model)
-    reg = site_regularizers(hidden, model.head.weight, target, sites, linear_bias=model.head.bias, p=ps,
-                            sampled_targets=sampled, signs=signs, backend=backend, **kwargs)
+    if fused:
+        reg = dropreg.linear_cross_entropy(hidden, model.head.weight, target, linear_bias=model.head.bias, p=0.0,
+                                           sites=sites, site_p=ps, sampled_targets=sampled, site_signs=signs,
+                                           backend=backend, **kwargs)
+    else:
+        reg = site_regularizers(hidden, model.head.weight, target, sites, linear_bias=model.head.bias, p=ps,
+                                sampled_targets=sampled, signs=signs, backend=backend, **kwargs)
     (reg.explicit + 2 * reg.implicit).backward()
     return reg, {name: p.grad.clone() for name, p in model.named_parameters()}, ps
 
 
 def _authors_step(model, ids, target, sampled, signs, ps, reduction="mean", explicit_scale=1.0):
+    """The authors' terms and gradients; ``ps`` None: the sites' own p."""
     model.zero_grad()
     hidden = model(ids)
-    sites, _ = dropreg.DropoutSite.collect(model)
+    sites, site_ps = dropreg.DropoutSite.collect(model)
+    ps = site_ps if ps is None else ps
     coefs = [dropreg.default_coefficients(p) for p in ps]
     explicit, implicit = authors_terms(hidden, model.head.weight, model.head.bias, target, sites, sampled, signs,
                                        [explicit_scale * c[0] for c in coefs], [c[1] for c in coefs],
@@ -96,13 +104,18 @@ def test_matches_the_authors_formulation(backend, model_class, reduction):
     target[0, 1] = target[1, 3] = -100
     sampled = torch.randint(0, vocab, (3, 2, 4))
     signs = [torch.randint(0, 2, (2, 4, dim)).double() * 2 - 1 for _ in range(2)]
-    ours, our_grads, ps = _step(model, ids, target, backend, sampled, signs, reduction=reduction)
-    theirs, their_grads = _authors_step(model, ids, target, sampled, signs, ps, reduction)
+    theirs, their_grads = _authors_step(model, ids, target, sampled, signs, None, reduction)
     assert abs(theirs[0].item()) > 1e-6 and abs(theirs[1].item()) > 1e-6  # both terms are exercised
-    torch.testing.assert_close(ours.explicit, theirs[0], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(ours.implicit, theirs[1], rtol=1e-10, atol=1e-12)
-    for name in their_grads:
-        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    for fused in (False, True):  # site_regularizers, and the one call linear_cross_entropy(sites=...)
+        ours, our_grads, _ = _step(model, ids, target, backend, sampled, signs, fused=fused, reduction=reduction)
+        torch.testing.assert_close(ours.explicit, theirs[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ours.implicit, theirs[1], rtol=1e-10, atol=1e-12)
+        for name in their_grads:
+            torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    logits = model.head(model(ids)).reshape(-1, vocab)
+    dropreg.DropoutSite.collect(model)
+    torch.testing.assert_close(ours.ce, F.cross_entropy(logits, target.reshape(-1), reduction=reduction),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_head_input_as_a_site_with_custom_coefficients(backend):
