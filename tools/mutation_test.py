@@ -269,8 +269,8 @@ MUTANTS = [
            "best_class[k * n + i] = v0 + j;", "best_class[k * n + i] = j + (v0 > 0 ? v0 - 1 : 0);",
            "sampled targets: the class index of a draw from any vocabulary tile after the first is off by one"),
     Mutant("cpu-gumbel", "cpu", "csrc/sampling.cpp",
-           "static_cast<double>(words[v % 4])", "static_cast<double>(words[(v + 1) % 4])",
-           "sampled targets: class v takes word (v + 1) % 4 of its Philox call"),
+           "words[4 * (i + l) + w] = out[w][l];", "words[4 * (i + l) + w] = out[(w + 1) % 4][l];",
+           "sampled targets: class v takes word (v + 1) % 4 of its Philox call (the AVX2 rounds)"),
 
     # CE only with gradients in the forward (csrc/ce_with_grads.cpp, streamed.ce_with_grads) and the loss
     # options (dropreg/loss_options.py), which act on every backend's per-row terms.
