@@ -11,6 +11,8 @@ with ``explicit=False, implicit=False`` its ``.loss`` is ``model(input_ids, labe
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 
 from typing import Optional
 
@@ -18,9 +20,18 @@ import torch
 from torch import Tensor, nn
 
 from ._api import LinearCrossEntropyOutput, linear_cross_entropy
+from ._checks import check_coefficient, check_probability, default_coefficients
 from ._autocast import results_in
 
 IGNORE_INDEX = -100  # HF's causal-LM loss ignores this label
+
+# Keyword arguments transformers documents for a decoder's forward beyond its named parameters (HF forwards take
+# **kwargs, so a signature alone cannot tell a model input from a typo): the attention backends' packed-sequence
+# arguments and the generation-time ones.
+HF_MODEL_KWARGS = ("attention_mask", "position_ids", "inputs_embeds", "past_key_values", "use_cache", "cache_position",
+                   "token_type_ids", "head_mask", "output_attentions", "output_hidden_states", "return_dict",
+                   "encoder_hidden_states", "encoder_attention_mask", "cu_seq_lens_q", "cu_seq_lens_k",
+                   "max_length_q", "max_length_k", "shift_labels", "logits_to_keep")
 _BASE_NAMES = ("model", "transformer", "gpt_neox", "decoder", "language_model")
 
 
@@ -218,7 +229,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
                    explicit_coef: Optional[float] = None, implicit_coef: Optional[float] = None,
                    seed: Optional[int] = None, decoder: Optional[nn.Module] = None,
                    label_smoothing: float = 0.0, weight: Optional[Tensor] = None, z_loss: float = 0.0,
-                   sites: Optional[str] = None, samples: Optional[int] = None,
+                   sites: Optional[str] = None, samples: Optional[int] = None, softcap: Optional[float] = None,
                    backend: str = "auto", **model_inputs) -> LinearCrossEntropyOutput:
     """HF's causal-LM loss of ``model`` plus dropout's regularizers at the head, without the logits.
 
@@ -229,6 +240,14 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
     ``decoder``: the module returning the last hidden state, when it cannot be found. ``label_smoothing``,
     ``weight`` (class weights) and ``z_loss`` are :func:`dropreg.linear_cross_entropy`'s; with class weights and
     ``num_items_in_batch``, the latter is what the sum is divided by.
+
+    ``softcap``: caps the logits (:func:`dropreg.linear_cross_entropy`'s); a model whose config has
+    ``final_logit_softcapping`` (Gemma 2) is capped by it without asking. Keyword arguments that are neither this
+    function's, the decoder's named parameters nor transformers' documented model inputs (``HF_MODEL_KWARGS``) are
+    refused with a TypeError naming them (a misspelled option would otherwise vanish into the decoder's ``**kwargs``).
+
+    The model's ``training`` flag switches the explicit and implicit terms, as it switches dropout: in eval mode the
+    loss is the cross entropy with z-loss and label smoothing, without the dropout terms.
 
     ``sites="dropout"``: the paper's method at every dropout site (docs/math.md 11.5). Every ``nn.Dropout`` of the
     model that would act (training, ``p > 0``) runs as the identity for this call and its input becomes a site with
@@ -249,16 +268,23 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
                                   explicit=explicit, implicit=implicit, explicit_coef=explicit_coef,
                                   implicit_coef=implicit_coef, seed=seed, decoder=decoder,
                                   label_smoothing=label_smoothing, weight=weight, z_loss=z_loss, sites=sites,
-                                  samples=samples, backend=backend, **model_inputs)
+                                  samples=samples, softcap=softcap, backend=backend, **model_inputs)
         return _call_through(wrapper, inner, fused_loss)
     shift_labels = model_inputs.pop("shift_labels", None)
     if labels is None and shift_labels is None:
         raise ValueError("causal_lm_loss: pass labels (shifted here) or shift_labels (already shifted)")
     model_inputs.pop("logits_to_keep", None)  # every position is needed for the loss
     scale = _logit_scale(model)
-    softcap = _config_value(model, "final_logit_softcapping")  # Gemma 2: cap * tanh(logits / cap), after the scale
+    configured = _config_value(model, "final_logit_softcapping")  # Gemma 2: cap * tanh(logits / cap), after the scale
+    if softcap is not None and configured is not None and float(softcap) != float(configured):
+        raise ValueError(f"softcap: the model's config caps the logits at final_logit_softcapping={configured}; got "
+                         f"softcap={softcap}")
+    softcap = configured if softcap is None else softcap
     head_weight, bias = _head_parameters(model)
     decoder = find_decoder(model) if decoder is None else decoder
+    _check_model_inputs(decoder, model_inputs)
+    if not model.training:  # dropout is off, and with it dropout's terms
+        explicit = implicit = False
     if sites not in (None, "dropout"):
         raise ValueError(f"sites: expected 'dropout' (every nn.Dropout of the model is a site) or None, got {sites!r}")
     if sites is None and samples is not None:
@@ -297,6 +323,27 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
     return LinearCrossEntropyOutput(*(term / num_items_in_batch for term in out))
 
 
+_OWN_KEYWORDS = tuple(name for name in inspect.signature(causal_lm_loss).parameters
+                      if name not in ("model", "model_inputs"))
+
+
+def _check_model_inputs(decoder, model_inputs: dict) -> None:
+    try:  # a module's forward, or any callable passed as decoder=
+        parameters = inspect.signature(getattr(decoder, "forward", decoder)).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    named = {name for name, parameter in parameters.items()
+             if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)}
+    known = named | set(HF_MODEL_KWARGS)
+    for key in model_inputs:
+        if key not in known:
+            hint = difflib.get_close_matches(key, _OWN_KEYWORDS + tuple(sorted(known)), n=1)
+            raise TypeError(f"causal_lm_loss: unexpected keyword argument {key!r}"
+                            f"{f' (did you mean {hint[0]!r}?)' if hint else ''}: neither dropreg's option nor an "
+                            f"input of the decoder ({type(decoder).__name__}) nor a documented transformers model "
+                            f"input")
+
+
 def _step_seed(base: int, step: int, micro: int) -> int:
     # a different sign stream for every optimizer step and every accumulated micro-batch
     return (int(base) * 1_000_003 + int(step) * 1_009 + int(micro)) % (2 ** 62)
@@ -319,9 +366,9 @@ def _make_trainer_class():
 
         Keyword arguments ``p, explicit, implicit, explicit_coef, implicit_coef`` set the regularizers, ``sites``
         and ``samples`` the every-site terms (``sites="dropout"``: see :func:`causal_lm_loss`) and ``z_loss`` the
-        z-loss; in eval mode only the cross entropy is computed. ``args.label_smoothing_factor`` is
-        honoured. Signs change every step (seeded from
-        ``args.seed``, the global step and the micro-batch index).
+        z-loss, checked at construction; in eval mode the dropout terms are off (z-loss and label smoothing stay).
+        ``args.label_smoothing_factor`` is honoured. Signs change every step (seeded from ``args.seed``, the global
+        step and the micro-batch index).
         """
 
         def __init__(self, *args, p: float = 0.1, explicit: bool = True, implicit: bool = True,
@@ -330,6 +377,13 @@ def _make_trainer_class():
                      **kwargs):
             if sites not in (None, "dropout"):
                 raise ValueError(f"sites: expected 'dropout' or None, got {sites!r}")
+            default_explicit, default_implicit = default_coefficients(check_probability(p))
+            check_coefficient("explicit_coef", explicit_coef, default_explicit)
+            check_coefficient("implicit_coef", implicit_coef, default_implicit)
+            check_coefficient("z_loss", z_loss, 0.0)
+            for name, value in (("explicit", explicit), ("implicit", implicit)):
+                if not isinstance(value, bool):
+                    raise TypeError(f"{name}: expected a bool, got {value!r}")
             super().__init__(*args, **kwargs)
             if self.compute_loss_func is not None:
                 raise NotImplementedError("DropregTrainer: compute_loss_func is not supported (the loss is "
@@ -361,8 +415,8 @@ def _make_trainer_class():
             options = dict(self.dropreg_options)
             if inner.training:
                 seed = self._dropreg_seed()
-            else:
-                options.update(explicit=False, implicit=False, z_loss=0.0, sites=None, samples=None)
+            else:  # causal_lm_loss drops the dropout terms in eval mode itself; z-loss and smoothing still apply
+                options.update(sites=None, samples=None)
                 seed = None
             with self.accelerator.autocast():
                 out = causal_lm_loss(model, input_ids, labels, num_items_in_batch=num_items_in_batch,

@@ -486,3 +486,49 @@ def test_sites_dropout_in_eval_mode_and_the_refusals():
         hf.causal_lm_loss(gpt2_with_dropout(attn_pdrop=0.1).train(), ids, labels, p=0.0, sites="dropout", seed=1)
     assert all(type(m).forward is m.forward.__func__ for m in model.modules()
                if isinstance(m, torch.nn.Dropout))  # the call restored every module's own forward
+
+
+@pytest.mark.parametrize("typo,hint", [("explict", "explicit"), ("label_smothing", "label_smoothing"),
+                                       ("atention_mask", "attention_mask")])
+def test_a_misspelled_keyword_is_refused_with_a_hint(typo, hint):
+    model = llama()
+    ids, mask, labels = batch()
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{typo}' \\(did you mean '{hint}'\\?\\)"):
+        hf.causal_lm_loss(model, ids, labels, **{typo: 0.1})
+
+
+def test_softcap_works_on_any_model_and_never_reaches_the_decoder():
+    model = llama()
+    ids, mask, labels = batch()
+    out = hf.causal_lm_loss(model, ids, labels, attention_mask=mask, softcap=0.2, **OFF)
+    logits = 0.2 * torch.tanh(model(ids, attention_mask=mask).logits / 0.2)
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits.reshape(-1, V), shifted.reshape(-1)), rtol=1e-10,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="final_logit_softcapping=0.2; got softcap=0.5"):
+        hf.causal_lm_loss(gemma2(), ids, labels, softcap=0.5)
+
+
+def test_the_model_training_flag_switches_the_dropout_terms_only():
+    model = llama()
+    ids, mask, labels = batch()
+    options = dict(attention_mask=mask, p=0.3, z_loss=1e-2, label_smoothing=0.1, seed=3)
+    training = hf.causal_lm_loss(model, ids, labels, **options)
+    model.eval()
+    evaluating = hf.causal_lm_loss(model, ids, labels, **options)
+    assert training.explicit != 0 and training.implicit != 0
+    assert evaluating.explicit == 0 and evaluating.implicit == 0
+    # label smoothing and z-loss stay (the CE-only path in eval, the per-row path in training: the same to rounding)
+    torch.testing.assert_close(evaluating.ce, training.ce, rtol=1e-12, atol=0)
+    torch.testing.assert_close(evaluating.z_loss, training.z_loss, rtol=1e-12, atol=0)
+    assert evaluating.z_loss > 0
+
+
+@pytest.mark.parametrize("options,error,message", [(dict(p=1.2), ValueError, "p"),
+                                                   (dict(z_loss=-1.0), ValueError, "z_loss"),
+                                                   (dict(explicit_coef=float("nan")), ValueError, "explicit_coef"),
+                                                   (dict(implicit="yes"), TypeError, "implicit: expected a bool")])
+def test_trainer_checks_its_options_at_construction(tmp_path, options, error, message):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[])
+    with pytest.raises(error, match=message):
+        hf.DropregTrainer(model=llama(torch.float32), args=args, **options)
