@@ -366,7 +366,8 @@ def _make_trainer_class():
 
         Keyword arguments ``p, explicit, implicit, explicit_coef, implicit_coef`` set the regularizers, ``sites``
         and ``samples`` the every-site terms (``sites="dropout"``: see :func:`causal_lm_loss`) and ``z_loss`` the
-        z-loss, checked at construction; in eval mode the dropout terms are off (z-loss and label smoothing stay).
+        z-loss, checked at construction; in eval mode its loss is the cross entropy (label smoothing included, no
+        z-loss), which Trainer reports as ``eval_loss``.
         ``args.label_smoothing_factor`` is honoured. Signs change every step (seeded from ``args.seed``, the global
         step and the micro-batch index).
         """
@@ -415,8 +416,8 @@ def _make_trainer_class():
             options = dict(self.dropreg_options)
             if inner.training:
                 seed = self._dropreg_seed()
-            else:  # causal_lm_loss drops the dropout terms in eval mode itself; z-loss and smoothing still apply
-                options.update(sites=None, samples=None)
+            else:  # causal_lm_loss drops the dropout terms in eval mode itself; eval_loss stays the cross entropy
+                options.update(z_loss=0.0, sites=None, samples=None)
                 seed = None
             with self.accelerator.autocast():
                 out = causal_lm_loss(model, input_ids, labels, num_items_in_batch=num_items_in_batch,
