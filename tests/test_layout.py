@@ -131,3 +131,18 @@ def test_no_test_patches_a_dropreg_module(name):
                          text)
     patched += re.findall(r"^\s*dropreg\.\w+\.\w+\s*=", text, flags=re.MULTILINE)
     assert not patched, patched
+
+
+def test_import_dropreg_is_cheap_and_does_not_load_the_compiler():
+    """``import dropreg`` loads neither torch._dynamo nor Inductor (about a second), and costs little over ``import
+    torch``: the median of three fresh processes, against a 0.3 s budget."""
+    import statistics
+    import subprocess
+    import sys
+    probe = ("import sys, time; t = time.perf_counter(); import torch; a = time.perf_counter(); import dropreg; "
+             "b = time.perf_counter(); print(b - a, int('torch._dynamo' in sys.modules), "
+             "int('torch._inductor' in sys.modules))")
+    runs = [subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           timeout=120).stdout.split() for _ in range(3)]
+    assert all(run[1:] == ["0", "0"] for run in runs), runs
+    assert statistics.median(float(run[0]) for run in runs) < 0.3, runs
