@@ -92,12 +92,21 @@ def streamed_backend(request):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    # Fresh random inputs each run; the seed is printed on failure so a case can be replayed.
+def _fresh_seed(request):
+    # Fresh random inputs each run; a failure's report names the seed (pytest_runtest_makereport) to replay it.
     seed = int.from_bytes(os.urandom(4), "little") if "DROPREG_TEST_SEED" not in os.environ \
         else int(os.environ["DROPREG_TEST_SEED"])
+    request.node.dropreg_seed = seed
     torch.manual_seed(seed)
     yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    seed = getattr(item, "dropreg_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("replay", f"DROPREG_TEST_SEED={seed} python -m pytest '{item.nodeid}'"))
 
 
 def pytest_collection_modifyitems(config, items):
