@@ -34,7 +34,7 @@ part_cap() {
 
 part_command() {  # runs in a child bash under timeout: it sees exported variables and functions only
   # --timeout-s: one slow case is recorded as a time-out instead of eating the call.
-  local SHAPE=(--device cuda --dtype bfloat16 --rows 8192 --dim 4096 --repeats 5 --modes forward_backward --timeout-s 120)
+  local SHAPE=(--device cuda --dtype bfloat16 --rows 8192 --dim 4096 --repeats 5 --modes forward_backward --timeout-s 120 --gemm-size 8192)
   local GPU_TESTS=(tests/test_chunked.py tests/test_triton_gpu.py tests/test_against_oracle.py tests/test_low_precision.py
                    tests/test_rdrop.py tests/test_sites.py)
   case "$1" in

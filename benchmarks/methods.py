@@ -2,7 +2,8 @@
 
 All regularized methods compute CE + explicit + implicit with p=0.1 (docs/math.md's default coefficients)
 and reduction "mean"; ``F.linear_cross_entropy`` is CE only (what a regularizer-free run costs), and
-``gemm`` is one (N x d) @ (d x V) matmul, from which the 10-NVd floor is derived.
+``square-gemm`` is one large matmul (run at N = d = V = the benchmark's ``--gemm-size``): its rate times a method's
+multiply-add count is that method's floor, the compute-bound limit (:func:`floor_seconds`).
 """
 from __future__ import annotations
 
@@ -201,8 +202,8 @@ def build_rdrop_naive(hidden, weight, target, signs):
     return _closures(lambda: rdrop_naive_loss(hidden, hidden2, weight, target), hidden, weight)
 
 
-# Per family: its methods, and the multiply-adds (in units of N*V*d) of a fused forward and
-# forward+backward, which define the GEMM floor (docs/math.md: 3 and 10 for dropreg, 2 and 8 for R-Drop).
+# Per family: the multiply-adds (in units of N*V*d) of a fused forward and forward+backward (docs/math.md: 3 and
+# 10 for dropreg, 2 and 8 for R-Drop); at a large matmul's rate they give the compute-bound limit, the floor.
 FLOOR_MULTIPLE = {
     "dropreg": {"forward": 3, "forward_backward": 10},
     "rdrop": {"forward": 2, "forward_backward": 8},
@@ -249,12 +250,27 @@ METHODS = {
     "naive-compiled": build_naive_compiled,
     "paper": build_paper,
     "F.linear_cross_entropy": build_linear_cross_entropy,
-    "gemm": build_gemm,
+    "square-gemm": build_gemm,  # the floor's rate: run with rows = dim = vocab
 }
 
 
 METHODS.update(RDROP_METHODS)
 METHODS.update(CE_METHODS)
+
+
+def method_family(method: str, family: str) -> str:
+    """The family whose multiply-add count bounds ``method``: a cross-entropy-only method is held to cross
+    entropy's 3 NVd even in the dropreg family's runs (it does less work than the regularized loss)."""
+    if method in CE_METHODS or method.startswith("F.linear_cross_entropy"):
+        return "ce"
+    if method in RDROP_METHODS:
+        return "rdrop"
+    return family
+
+
+def floor_seconds(method: str, family: str, mode: str, rows: int, dim: int, vocab: int, flop_rate: float) -> float:
+    """The compute-bound limit: ``method``'s multiply-adds at ``flop_rate`` (FLOP/s, a large matmul's)."""
+    return FLOOR_MULTIPLE[method_family(method, family)][mode] * 2.0 * rows * dim * vocab / flop_rate
 
 
 def _backend_runs_here(backend: str, device: str) -> bool:
@@ -268,13 +284,13 @@ def _backend_runs_here(backend: str, device: str) -> bool:
 
 
 def available_methods(device: str, family: str = "dropreg"):
-    """The family's methods that can run on ``device``, dropreg's own first, the GEMM floor last."""
+    """The family's methods that can run on ``device``, dropreg's own first."""
     prefix = {"dropreg": "dropreg-", "rdrop": "rdrop-dropreg-", "ce": "ce-dropreg-"}[family]
     ours = [f"{prefix}{b}" for b in ("cpu", "torch", "chunked", "triton") if _backend_runs_here(b, device)]
     if family == "rdrop":
-        return ours + ["rdrop-naive", "gemm"]
+        return ours + ["rdrop-naive"]
     if family == "ce":
         cce = ["cce-torch_compile"] + (["cce-cce"] if device == "cuda" else []) if cce_installed() else []
         liger = ["liger"] if device == "cuda" and _installed("liger_kernel") else []
-        return ours + ["F.linear_cross_entropy-chunked", "F.linear_cross_entropy", *cce, *liger, "ce-naive", "gemm"]
-    return ours + ["naive", "naive-compiled", "paper", "F.linear_cross_entropy", "gemm"]
+        return ours + ["F.linear_cross_entropy-chunked", "F.linear_cross_entropy", *cce, *liger, "ce-naive"]
+    return ours + ["naive", "naive-compiled", "paper", "F.linear_cross_entropy"]

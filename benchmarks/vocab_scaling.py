@@ -1,15 +1,19 @@
 """Vocabulary-scaling benchmark: time and peak memory of every method over a grid of vocabulary sizes.
 
-    python benchmarks/vocab_scaling.py                 # default sweep (17 minutes on 2 CPU cores, measured
-                                                       # in a fresh clone with pip install included)
+    python benchmarks/vocab_scaling.py                 # first result: 4 vocabulary sizes, forward+backward
+                                                       # (under 5 minutes on 2 CPU cores)
+    python benchmarks/vocab_scaling.py --full          # the whole sweep: 7 sizes, forward and forward+backward,
+                                                       # torch.compile'd naive method too
     python benchmarks/vocab_scaling.py --quick         # tiny sizes, under a minute (CI runs this)
     python benchmarks/vocab_scaling.py --profile       # torch.profiler trace of one dropreg configuration
 
 Each (method, V, mode) runs in its own subprocess (benchmarks/run_case.py) so its peak memory is clean;
-out-of-memory, errors and time-outs are recorded as such. Every time is also given as a ratio to the GEMM
-floor measured in the same run: 10 x one (N x d) @ (d x V) matmul for forward+backward and 3 x for the
-forward (docs/math.md's multiply-add counts). Results land in --out (default benchmarks/results/): results.csv,
-results.md, time_vs_vocab.png and memory_vs_vocab.png.
+out-of-memory, errors and time-outs are recorded as such. Every time is also given as a ratio to its floor, the
+compute-bound limit: the method's multiply-adds (docs/math.md: 10 N·V·d for the regularized forward+backward, 3 for
+cross entropy alone, 8 for R-Drop; 3, 1 and 2 for a forward) at the rate of one large square matmul
+(``--gemm-size``, the benchmark's dtype and threads) measured in the same run, before and after the cases (the
+faster of the two counts). Results land in --out (default benchmarks/results/): results.csv, results.md,
+time_vs_vocab.png and memory_vs_vocab.png.
 """
 from __future__ import annotations
 
@@ -25,39 +29,59 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-DEFAULT_VOCABS = [1024, 4096, 16384, 32768, 65536, 131072, 262144]
-QUICK = dict(rows=64, dim=32, vocabs=[512, 4096], repeats=1)
+# The default run is the first result a user sees: it must finish within 5 minutes on the 2-core machine.
+PRESETS = {
+    "default": dict(vocabs=[1024, 4096, 16384, 65536], modes=["forward_backward"], repeats=3, compiled=False),
+    "full": dict(vocabs=[1024, 4096, 16384, 32768, 65536, 131072, 262144], modes=["forward", "forward_backward"],
+                 repeats=3, compiled=True),
+    "quick": dict(rows=64, dim=32, vocabs=[512, 4096], modes=["forward", "forward_backward"], repeats=1,
+                  compiled=False, gemm_size=256),
+}
+SQUARE_GEMM = "square-gemm"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1024, help="tokens N (default 1024)")
     parser.add_argument("--dim", type=int, default=256, help="hidden size d (default 256)")
-    parser.add_argument("--vocabs", type=lambda s: [int(v) for v in s.split(",")], default=DEFAULT_VOCABS,
-                        help="comma-separated vocabulary sizes")
+    parser.add_argument("--vocabs", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                        help="comma-separated vocabulary sizes (default: 1024,4096,16384,65536; with --full "
+                             "1024 to 262144)")
     parser.add_argument("--family", default="dropreg", choices=["dropreg", "rdrop", "ce"],
                         help="dropreg: CE + explicit + implicit; rdrop: R-Drop's CE pair + symmetric KL; ce: cross "
-                             "entropy alone (3-GEMM floor; Cut Cross-Entropy joins when installed)")
+                             "entropy alone (Cut Cross-Entropy joins when installed)")
     parser.add_argument("--methods", type=lambda s: s.split(","), default=None,
-                        help="comma-separated subset of methods (default: all available)")
+                        help="comma-separated subset of methods (default: all available; naive-compiled only "
+                             "with --full)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case, median (default 3)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--timeout-s", type=float, default=600, help="per case; a slower case is recorded")
     parser.add_argument("--mem-limit-mib", type=int, default=16384, help="per case, above its inputs")
-    parser.add_argument("--modes", type=lambda s: s.split(","), default=["forward", "forward_backward"],
-                        help="comma-separated subset of forward,forward_backward")
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=None,
+                        help="comma-separated subset of forward,forward_backward (default: forward_backward; "
+                             "with --full both)")
+    parser.add_argument("--gemm-size", type=int, default=4096,
+                        help="the floor's rate is that of a gemm-size x gemm-size x gemm-size matmul (default 4096)")
     parser.add_argument("--workspace-mib", type=int, default=None,
                         help="dropreg's logits workspace on the benchmark's device (default: dropreg's default)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--full", action="store_true", help="the whole sweep (about 20 minutes on 2 CPU cores)")
+    preset.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
     parser.add_argument("--profile", action="store_true", help="profile one dropreg configuration instead")
     parser.add_argument("--profile-vocab", type=int, default=32768)
     args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
+    args.preset = "full" if args.full else "quick" if args.quick else "default"
+    preset_values = PRESETS[args.preset]
+    for key, value in preset_values.items():
+        # the tiny shapes of --quick replace the defaults; everything else fills only what was not given
+        if getattr(args, key, None) is None or (args.quick and key in ("rows", "dim", "gemm_size")):
             setattr(args, key, value)
+    unknown_modes = sorted(set(args.modes) - {"forward", "forward_backward"})
+    if unknown_modes:
+        parser.error(f"--modes: unknown {unknown_modes}; expected forward and/or forward_backward")
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,13 +91,13 @@ def parse_args(argv=None):
 def select_methods(args):
     from methods import available_methods
     names = available_methods(args.device, args.family)
-    if args.quick:
-        names = [n for n in names if n != "naive-compiled"]  # compiling alone takes longer than --quick allows
+    if not args.compiled and not args.methods:
+        names = [n for n in names if n != "naive-compiled"]  # compiling alone takes minutes per case
     if args.methods:
         unknown = sorted(set(args.methods) - set(names))
         if unknown:
             raise SystemExit(f"--methods: unknown or unavailable {unknown}; available: {names}")
-        names = [n for n in names if n in args.methods] + (["gemm"] if "gemm" not in args.methods else [])
+        names = [n for n in names if n in args.methods]
     return names
 
 
@@ -93,15 +117,16 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def run_case(args, method, vocab, mode):
+def run_case(args, method, vocab, mode, rows=None, dim=None):
+    rows, dim = rows or args.rows, dim or args.dim
     command = [sys.executable, os.path.join(HERE, "run_case.py"), "--method", method, "--mode", mode,
-               "--rows", str(args.rows), "--dim", str(args.dim), "--vocab", str(vocab), "--dtype", args.dtype,
+               "--rows", str(rows), "--dim", str(dim), "--vocab", str(vocab), "--dtype", args.dtype,
                "--device", args.device, "--repeats", str(args.repeats), "--mem-limit-mib", str(args.mem_limit_mib)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.workspace_mib:
         command += ["--workspace-mib", str(args.workspace_mib)]
-    base = dict(method=method, mode=mode, rows=args.rows, dim=args.dim, vocab=vocab, dtype=args.dtype,
+    base = dict(method=method, mode=mode, rows=rows, dim=dim, vocab=vocab, dtype=args.dtype,
                 device=args.device, workspace_mib=args.workspace_mib)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
@@ -115,27 +140,74 @@ def run_case(args, method, vocab, mode):
     return json.loads(lines[-1])
 
 
-def add_floor_ratios(results, family):
-    from methods import FLOOR_MULTIPLE
-    gemm = {r["vocab"]: r["seconds"] for r in results if r["method"] == "gemm" and r.get("status") == "ok"}
+def measure_gemm_rate(args):
+    """One ``--gemm-size`` cube matmul in its own subprocess: its row, with ``gflops`` when it ran."""
+    size = args.gemm_size
+    result = run_case(args, SQUARE_GEMM, size, "forward", rows=size, dim=size)
+    if result.get("status") == "ok":
+        result["gflops"] = 2.0 * size**3 / result["seconds"] / 1e9
+    return result
+
+
+def floor_rate(gemm_runs):
+    """FLOP/s of the floor: the fastest square matmul of the run (the rate the machine showed it can reach)."""
+    rates = [r["gflops"] for r in gemm_runs if r.get("status") == "ok"]
+    if not rates:
+        raise SystemExit(f"the square matmul that sets the floor did not run: {gemm_runs}")
+    return max(rates) * 1e9
+
+
+def add_floor_ratios(results, family, flop_rate):
+    from methods import floor_seconds
     for r in results:
-        if r.get("status") == "ok" and r["method"] != "gemm" and r["vocab"] in gemm:
-            r["floor_seconds"] = FLOOR_MULTIPLE[family][r["mode"]] * gemm[r["vocab"]]
+        if r.get("status") == "ok" and r["method"] != SQUARE_GEMM:
+            r["floor_gflops"] = flop_rate / 1e9
+            r["floor_seconds"] = floor_seconds(r["method"], family, r["mode"], r["rows"], r["dim"], r["vocab"],
+                                               flop_rate)
             r["floor_ratio"] = r["seconds"] / r["floor_seconds"]
 
 
+def _span(values, fmt):
+    values = list(values)
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return low if low == high else f"{low}-{high}"
+
+
+def wins_and_losses(results, mine, other):
+    """One plain sentence: at which V ``mine`` (forward+backward) is faster than ``other``, at which slower."""
+    index = {(r["method"], r["vocab"]): r for r in results if r["mode"] == "forward_backward"
+             and r.get("status") == "ok"}
+    speedups = {v: index[(other, v)]["seconds"] / index[(mine, v)]["seconds"]
+                for (method, v) in index if method == mine and (other, v) in index}
+    if not speedups:
+        return None
+    parts = []  # within 2% of each other is timing noise on the 2-core machine: "on par"
+    for label, keep in (("faster", lambda s: s >= 1.02), ("slower", lambda s: s <= 0.98),
+                        ("on par", lambda s: 0.98 < s < 1.02)):
+        vocabs = sorted(v for v, s in speedups.items() if keep(s))
+        if vocabs:
+            parts.append(f"{label} at V={', '.join(map(str, vocabs))} "
+                         f"({_span((speedups[v] for v in vocabs), '{:.2f}')}x {other}'s speed)")
+    return f"{mine} vs {other}: " + "; ".join(parts) + "."
+
+
 def summaries(results, methods, family):
+    """Where each dropreg method wins and loses against each baseline, then per V its speed-up, memory and floor
+    ratio."""
     from methods import BASELINES
-    lines = []
     ours = [m for m in methods if "dropreg-" in m]
+    baselines = [b for b in BASELINES[family] if b in methods]
+    lines = [line for mine in ours for other in baselines if (line := wins_and_losses(results, mine, other))]
     index = {(r["method"], r["vocab"], r["mode"]): r for r in results}
-    for vocab in sorted({r["vocab"] for r in results}):
+    if lines:
+        lines.append("")
+    for vocab in sorted({r["vocab"] for r in results if r["method"] != SQUARE_GEMM}):
         for mine in ours:
             mine_r = index.get((mine, vocab, "forward_backward"))
             if not mine_r or mine_r.get("status") != "ok":
                 continue
             parts = []
-            for other in BASELINES[family]:
+            for other in baselines:
                 r = index.get((other, vocab, "forward_backward"))
                 if r and r.get("status") == "ok":
                     parts.append(f"vs {other}: {r['seconds'] / mine_r['seconds']:.2f}x speed-up, "
@@ -168,17 +240,27 @@ def describe_run(args):
             f"{args.family}, N={args.rows}, d={args.dim}, {args.dtype}")
 
 
-def write_outputs(args, results, methods, header):
+def floor_description(args, gemm_runs, flop_rate):
+    from methods import FLOOR_MULTIPLE
+    multiple = FLOOR_MULTIPLE[args.family]
+    measured = ", ".join(f"{r['gflops']:.1f}" if r.get("status") == "ok" else r.get("status", "?")
+                         for r in gemm_runs)
+    return (f"Floor: the compute-bound limit, each method's multiply-adds ({multiple['forward_backward']}·N·V·d for "
+            f"the {args.family} family's forward+backward, {multiple['forward']} for its forward; 3 and 1 for a "
+            f"cross-entropy-only method) at {flop_rate / 1e9:.1f} GFLOP/s, the faster of two "
+            f"{args.gemm_size}x{args.gemm_size}x{args.gemm_size} {args.dtype} matmuls timed in this run, before "
+            f"and after the cases ({measured} GFLOP/s).")
+
+
+def write_outputs(args, results, methods, header, gemm_runs, flop_rate):
     os.makedirs(args.out, exist_ok=True)
     fields = ["method", "mode", "rows", "dim", "vocab", "dtype", "device", "status", "seconds", "floor_seconds",
-              "floor_ratio", "peak_mib", "repeats", "threads", "workspace_mib", "error"]
+              "floor_ratio", "floor_gflops", "gflops", "peak_mib", "repeats", "threads", "workspace_mib", "error"]
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(results)
+        writer.writerows(gemm_runs[:1] + results + gemm_runs[1:])
     index = {(r["method"], r["vocab"], r["mode"]): r for r in results}
-    from methods import FLOOR_MULTIPLE
-    floor = FLOOR_MULTIPLE[args.family]["forward_backward"]
 
     def cell(r, key, fmt):
         if r is None:
@@ -187,48 +269,45 @@ def write_outputs(args, results, methods, header):
             return r.get("status", "?")
         return fmt.format(r[key]) if key in r else "-"
 
-    lines = [f"Measured {header}.", "",
+    lines = [f"Measured {header}, {args.preset} run.", "", floor_description(args, gemm_runs, flop_rate), "",
              "| V | method | forward s | fwd+bwd s | fwd+bwd / floor | fwd+bwd peak MiB |",
              "|---:|---|---:|---:|---:|---:|"]
-    for vocab in sorted({r["vocab"] for r in results}):
+    for vocab in args.vocabs:
         for method in methods:
             fwd, both = index.get((method, vocab, "forward")), index.get((method, vocab, "forward_backward"))
-            if method == "gemm":
-                lines.append(f"| {vocab} | gemm: one N×d×V matmul (floor = {floor}×) | "
-                             f"{cell(fwd, 'seconds', '{:.4f}')} | | | |")
-                continue
             lines.append(f"| {vocab} | {method} | {cell(fwd, 'seconds', '{:.4f}')} | {cell(both, 'seconds', '{:.4f}')} "
                          f"| {cell(both, 'floor_ratio', '{:.2f}')} | {cell(both, 'peak_mib', '{:.1f}')} |")
     lines += ["", *summaries(results, methods, args.family)]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot(args, results, methods, header)
+    plot(args, results, methods, header, flop_rate)
     return lines
 
 
-def plot(args, results, methods, header):
-    from methods import FLOOR_MULTIPLE
+def plot(args, results, methods, header, flop_rate):
+    from methods import FLOOR_MULTIPLE, floor_seconds, method_family
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    vocabs = sorted(args.vocabs)
     for key, ylabel, name in (("seconds", "forward+backward time (s)", "time_vs_vocab.png"),
                               ("peak_mib", "forward+backward peak memory (MiB)", "memory_vs_vocab.png")):
         fig, ax = plt.subplots(figsize=(7.5, 5))
         for method in methods:
-            mode = "forward" if method == "gemm" else "forward_backward"
-            points = sorted((r["vocab"], r[key]) for r in results if r["method"] == method and r["mode"] == mode
-                            and r.get("status") == "ok" and key in r)
-            if method == "gemm":
-                if key != "seconds" or not points:
-                    continue
-                multiple = FLOOR_MULTIPLE[args.family]["forward_backward"]
-                label = f"GEMM floor ({multiple} × N·d·V matmul)"
-                points = [(v, multiple * s) for v, s in points]
-                ax.plot(*zip(*points), "k--", label=label)
-                continue
+            points = sorted((r["vocab"], r[key]) for r in results if r["method"] == method
+                            and r["mode"] == "forward_backward" and r.get("status") == "ok" and key in r)
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
+        if key == "seconds":
+            # one line per multiply-add count present (a cross-entropy-only baseline has its own, lower one)
+            families = sorted({method_family(m, args.family) for m in methods}, key=lambda f: f != args.family)
+            for family, style in zip(families, ("k--", "k:", "k-.")):
+                limit = [floor_seconds(family, family, "forward_backward", args.rows, args.dim, v, flop_rate)
+                         for v in vocabs]
+                ax.plot(vocabs, limit, style, label=f"compute-bound limit, {FLOOR_MULTIPLE[family]['forward_backward']}"
+                        f"·N·V·d at {flop_rate / 1e9:.0f} GFLOP/s" + ("" if family == args.family else
+                                                                     " (cross entropy alone)"))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("vocabulary size V")
@@ -267,17 +346,21 @@ def main(argv=None):
     if args.profile:
         return profile(args)
     methods = select_methods(args)
-    cases = [(m, v, mode) for v in args.vocabs for m in methods
-             for mode in (("forward",) if m == "gemm" else args.modes)]
-    progress = Progress(len(cases))
+    cases = [(m, v, mode) for v in args.vocabs for m in methods for mode in args.modes]
+    progress = Progress(len(cases) + 2)
+    progress.step(f"{SQUARE_GEMM} {args.gemm_size} (the floor's rate)")
+    gemm_runs = [measure_gemm_rate(args)]
     results = []
     for method, vocab, mode in cases:
         progress.step(f"V={vocab} {method} {mode}")
         results.append(run_case(args, method, vocab, mode))
+    progress.step(f"{SQUARE_GEMM} {args.gemm_size} again")
+    gemm_runs.append(measure_gemm_rate(args))
     progress.close()
-    add_floor_ratios(results, args.family)
+    flop_rate = floor_rate(gemm_runs)
+    add_floor_ratios(results, args.family, flop_rate)
     header = describe_run(args)
-    lines = write_outputs(args, results, methods, header)
+    lines = write_outputs(args, results, methods, header, gemm_runs, flop_rate)
     print("\n".join(lines))
     print(f"\nResults: {args.out}/results.csv, results.md, time_vs_vocab.png, memory_vs_vocab.png")
     failed = [r for r in results if "dropreg-" in r["method"] and r.get("status") != "ok"]
