@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16's GPU measurements (and issue 13's CUDA checks) in one device call (README, "The GPU backend"). Run from
+# The GPU measurements and CUDA checks in one device call (docs/gpu.md, "The GPU backend"). Run from
 # the project root on the lent GPU machine, carrying .whl (../shared/tools/gpu_wheels.sh fetches Liger-Kernel and
 # Cut Cross-Entropy):
 #   bash benchmarks/gpu_session.sh [PART ...]    PARTs, in this order by default:

@@ -269,14 +269,18 @@ def write_outputs(args, results, methods, header, gemm_runs, flop_rate):
             return r.get("status", "?")
         return fmt.format(r[key]) if key in r else "-"
 
+    columns = [("forward", "seconds", "forward s", "{:.4f}"), ("forward", "floor_ratio", "forward / floor", "{:.2f}"),
+               ("forward_backward", "seconds", "fwd+bwd s", "{:.4f}"),
+               ("forward_backward", "floor_ratio", "fwd+bwd / floor", "{:.2f}"),
+               ("forward_backward", "peak_mib", "fwd+bwd peak MiB", "{:.1f}")]
+    columns = [c for c in columns if c[0] in args.modes]
     lines = [f"Measured {header}, {args.preset} run.", "", floor_description(args, gemm_runs, flop_rate), "",
-             "| V | method | forward s | fwd+bwd s | fwd+bwd / floor | fwd+bwd peak MiB |",
-             "|---:|---|---:|---:|---:|---:|"]
+             "| V | method | " + " | ".join(c[2] for c in columns) + " |",
+             "|---:|---|" + "---:|" * len(columns)]
     for vocab in args.vocabs:
         for method in methods:
-            fwd, both = index.get((method, vocab, "forward")), index.get((method, vocab, "forward_backward"))
-            lines.append(f"| {vocab} | {method} | {cell(fwd, 'seconds', '{:.4f}')} | {cell(both, 'seconds', '{:.4f}')} "
-                         f"| {cell(both, 'floor_ratio', '{:.2f}')} | {cell(both, 'peak_mib', '{:.1f}')} |")
+            cells = [cell(index.get((method, vocab, mode)), key, fmt) for mode, key, _, fmt in columns]
+            lines.append(f"| {vocab} | {method} | " + " | ".join(cells) + " |")
     lines += ["", *summaries(results, methods, args.family)]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
