@@ -62,7 +62,7 @@ ext_modules, cmdclass = extension_modules()
 
 setup(
     name="dropreg",
-    version="0.1.0",
+    version="0.2.0",
     description="Dropout's explicit and implicit regularizers fused with the LM-head cross entropy",
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",

@@ -12,12 +12,18 @@ Public API::
     dropreg.DropoutSite(p=0.1)                                             # put where nn.Dropout was
     dropreg.set_workspace_bytes(size, device="cpu"), dropreg.workspace_bytes(device="cpu")  # logits workspace
     dropreg.get_backend("torch").with_plan(dropreg.BlockPlan(row_block=256))  # a backend with chosen blocks
+    dropreg.chosen_backend("cuda")                                         # what backend="auto" runs there
 
-The math is docs/math.md; README.md lists the backends.
+Submodules: ``dropreg.hf`` (Hugging Face: ``causal_lm_loss``, ``DropregTrainer``; ``import dropreg.hf``, needs the
+``hf`` extra) and ``dropreg.diagnostics`` (flatness and condensation of a trained network).
+
+``p`` is the dropout rate whose effects are added: ``explicit_coef = kappa / 2`` and ``implicit_coef = sqrt(kappa)``
+with ``kappa = p / (1 - p)`` (:func:`default_coefficients`). The math is docs/math.md; README.md and docs/usage.md
+explain every argument.
 """
 from ._api import (LinearCrossEntropyOutput, RDropOutput, default_coefficients, explicit_regularizer,
                    linear_cross_entropy, rdrop_linear_cross_entropy)
-from ._dispatch import available_backends, get_backend
+from ._dispatch import available_backends, chosen_backend, get_backend
 from ._policy import set_workspace_bytes, workspace_bytes
 from .nn import DropoutSite, LinearCrossEntropyLoss, RDropLoss
 from . import diagnostics
@@ -25,7 +31,7 @@ from .plan import BlockPlan
 from .signs import philox_signs
 from .sites import SiteRegularizers, sample_targets, site_regularizers, softmax_mean
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BlockPlan",
@@ -35,6 +41,7 @@ __all__ = [
     "RDropLoss",
     "RDropOutput",
     "available_backends",
+    "chosen_backend",
     "default_coefficients",
     "explicit_regularizer",
     "get_backend",

@@ -5,13 +5,13 @@ flags saying which terms to compute (see :mod:`dropreg._dispatch`).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from . import distributed
-from ._autocast import autocast_aware, result_dtype
+from ._autocast import autocast_aware, loss_dtype
 from ._checks import (check_coefficient, check_head, check_probability, check_reduction, check_same_shape_device_dtype,
                       check_signs_type, check_softcap, check_target, checked_seed, checking_values, default_coefficients,
                       flatten_signs)
@@ -111,8 +111,19 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          process_group=None, sites: Optional[Sequence[Tensor]] = None, site_p: PerSite = None,
                          site_explicit_coef: PerSite = None, site_implicit_coef: PerSite = None,
                          samples: Optional[int] = None, sampled_targets: Optional[Tensor] = None,
-                         site_signs: Optional[Sequence[Tensor]] = None):
+                         site_signs: Optional[Sequence[Tensor]] = None
+                         ) -> Union[LinearCrossEntropyOutput, tuple[LinearCrossEntropyOutput, Tensor]]:
     """Cross entropy of ``input @ linear_weight.T + linear_bias`` plus dropout's explicit and implicit terms.
+
+    ``input`` is the head's input *without* dropout, shape ``(..., d)``; ``linear_weight`` is ``(V, d)``; ``target``
+    holds class indices (any integer dtype), shape ``input.shape[:-1]``. ``p`` is the dropout rate whose two effects
+    are added: ``explicit_coef`` defaults to ``kappa / 2`` and ``implicit_coef`` to ``sqrt(kappa)`` with
+    ``kappa = p / (1 - p)`` (:func:`default_coefficients`); ``explicit=False``, ``implicit=False`` or a zero
+    coefficient skips that term's work and returns zeros for it. ``reduction``: ``"mean"`` (over the rows not
+    ignored), ``"sum"``, or ``"none"`` (per-row values of shape ``target.shape``). ``backend``: ``"auto"`` (the
+    fastest usable for the device; :func:`dropreg.chosen_backend` says which), ``"cpu"``, ``"torch"``,
+    ``"chunked"``, ``"triton"``, ``"reference"``, or a backend with a block plan from :func:`dropreg.get_backend`
+    (docs/backends.md).
 
     For each row ``h`` with target ``y`` (docs/math.md): ``ce = lse(z) - z_y``,
     ``explicit = explicit_coef * sum_j h_j^2 var_j`` and
@@ -124,8 +135,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     with zero gradients. ``signs=None`` takes signs from the Philox stream of :mod:`dropreg.signs`
     keyed by ``seed`` (``seed=None`` draws one from torch's default generator; inside a ``torch.compile`` graph it
     draws the signs themselves from torch's generator instead, so the graph does not break).
-    Non-finite inputs propagate to non-finite outputs. Results come back in ``input``'s dtype;
-    accumulation is fp32 (fp64 for fp64 inputs). Under ``torch.autocast``, ``input``, ``linear_weight`` and
+    Non-finite inputs propagate to non-finite outputs. The terms (and ``lse``) come back in fp32 for bf16/fp16
+    inputs, as Hugging Face's and Cut Cross-Entropy's losses do, else in ``input``'s dtype; gradients come back in
+    the dtypes of their tensors; accumulation is fp32 (fp64 for fp64 inputs). Under ``torch.autocast``, ``input``, ``linear_weight`` and
     ``linear_bias`` are cast to the autocast dtype as ``F.linear`` would cast them, and the results come back in
     fp32, as ``F.cross_entropy``'s do. DTensor arguments are refused with a TypeError (pass local tensors and
     ``process_group``).
@@ -227,7 +239,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                   None if smoothing_weights is None else row_weight)
         if options.smoothing:
             ce = ce + options.ce_only_extra(h, classes, row_weight)
-        out_dtype = result_dtype(input.dtype)
+        out_dtype = loss_dtype(input.dtype)
         zero = torch.zeros((), dtype=out_dtype, device=input.device)
         return LinearCrossEntropyOutput(ce=ce.to(out_dtype), explicit=zero, implicit=zero,
                                         z_loss=z_value.to(out_dtype) if options.z_loss else zero)
@@ -251,7 +263,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         signs_used = eager_implicit_signs(h, flat_signs, seed, need_implicit and options.needs_signs)
         ce, quadratic, sign_term, z_term, lse = options.adjust(ce, quadratic, sign_term, mu, h, classes, signs_used,
                                                                need_explicit, need_implicit, smoothing_sum)
-    reduce = rows.reducer(reduction, result_dtype(input.dtype))
+    reduce = rows.reducer(reduction, loss_dtype(input.dtype))
     zero = reduce(torch.zeros_like(ce))
     out = LinearCrossEntropyOutput(
         ce=reduce(ce),
@@ -265,7 +277,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         scale = rows.count if reduction == "mean" else 1.0
         out = out._replace(explicit=out.explicit + (site_explicit / scale).to(out.explicit.dtype),
                            implicit=out.implicit + (site_implicit / scale).to(out.implicit.dtype))
-    return (out, rows.reducer("none", result_dtype(input.dtype))(lse)) if return_lse else out
+    return (out, rows.reducer("none", loss_dtype(input.dtype))(lse)) if return_lse else out
 
 
 @autocast_aware("input", "linear_weight", "linear_bias")
@@ -288,7 +300,7 @@ def explicit_regularizer(input: Tensor, linear_weight: Tensor, *, linear_bias: O
     rows = IgnoredRows(torch.zeros(input.shape[:-1], dtype=torch.long, device=input.device), -1, input.dtype)
     _, quadratic, _, _ = implementation.linear_ce(input.reshape(-1, input.shape[-1]), linear_weight, linear_bias,
                                                   rows.safe_target, None, 0, True, False, **on_reducer(call.reducer))
-    return rows.reducer(reduction, result_dtype(input.dtype))(quadratic)
+    return rows.reducer(reduction, loss_dtype(input.dtype))(quadratic)
 
 
 @autocast_aware("input1", "input2", "linear_weight", "linear_bias")
@@ -335,7 +347,7 @@ def rdrop_linear_cross_entropy(input1: Tensor, input2: Tensor, linear_weight: Te
                       linear_bias, target=target, classes=[("target", target, target != ignore_index)],
                       options=(reduction, alpha, ignore_index, *options.agreement()))
     rows = IgnoredRows(target, ignore_index, input1.dtype)
-    out_dtype = result_dtype(input1.dtype)
+    out_dtype = loss_dtype(input1.dtype)
     reduce_kl = rows.reducer(reduction, out_dtype)  # before count_weighted: the KL's mean counts rows
     z_term = None
     h1, h2 = rows.zero_ignored(input1), rows.zero_ignored(input2)

@@ -68,4 +68,11 @@ def results_in(dtype: Optional[torch.dtype]):
 
 
 def result_dtype(operand_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a tensor result (``softmax_mean``'s mu): the operands', fp32 under autocast."""
     return getattr(_autocast_results, "dtype", None) or operand_dtype
+
+
+def loss_dtype(operand_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of losses and lse: at least fp32 (bf16/fp16 operands give fp32 losses, as Hugging Face's and Cut
+    Cross-Entropy's are; a z-loss or a sum of many losses built from them is not rounded to 8 bits)."""
+    return torch.promote_types(result_dtype(operand_dtype), torch.float32)

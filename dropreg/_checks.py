@@ -34,7 +34,7 @@ def check_not_dtensor(name: str, value) -> None:
     if is_dtensor(value):
         raise TypeError(f"{name}: DTensor inputs are not supported yet; pass this rank's local tensor "
                         f"({name}.to_local()) and, for a head sharded over the vocabulary, process_group= "
-                        f"(README, 'Vocabulary-parallel heads')")
+                        f"(docs/vocab_parallel.md)")
 
 
 def check_float_tensor(name: str, value, ndim: Optional[int] = None) -> None:
@@ -98,7 +98,8 @@ def check_target(target, input: Tensor, vocab: int, ignore_index: int, input_nam
         raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
     check_not_dtensor("target", target)
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target: expected an integer tensor of class indices (int64), got dtype {target.dtype}")
+        raise TypeError(f"target: expected a tensor of class indices of an integer dtype (int64, int32, uint8, ...), "
+                        f"got dtype {target.dtype}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"target: expected shape {tuple(input.shape[:-1])} ({input_name}.shape[:-1]), "
                          f"got {tuple(target.shape)}")

@@ -136,7 +136,7 @@ _BACKENDS: dict[str, Backend] = {
     # other devices, where it is tested). Sampling and the softcapped head run the streamed PyTorch passes.
     "chunked": chunked_backend(),
     # The first GPU kernels: one program per (row block, vocabulary block), gradients summed with atomics. Kept
-    # until a GPU run compares them with "chunked" (README, "The GPU backend"). Its capped head, cross entropy
+    # until a GPU run compares them with "chunked" (docs/gpu.md, "The GPU backend"). Its capped head, cross entropy
     # alone included, runs the streamed PyTorch passes.
     "triton": Backend("triton", triton_backend.FAMILY.linear_ce, triton_backend.FAMILY.rdrop, _TORCH.softmax_mean,
                       _TORCH.sample_targets, is_available=triton_backend.FAMILY.is_available,
@@ -156,7 +156,7 @@ def get_backend(name: str) -> Backend:
 
 
 # Fastest first, per device type; "auto" takes the first registered and available one. The one-pass "triton"
-# backend is opt-in only: the one GPU run measured it 8.3x slower than naive PyTorch (README, "The GPU backend").
+# backend is opt-in only: the one GPU run measured it 8.3x slower than naive PyTorch (docs/gpu.md, "The GPU backend").
 _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch"),
     "cuda": ("chunked", "torch"),
@@ -246,6 +246,22 @@ def resolve_backend(name, device: torch.device, *, softcap: bool = False,
             raise RuntimeError(message)
         warnings.warn(message, UserWarning, stacklevel=3)  # warn_only=True: as torch does for its own ops
     return name, backend
+
+
+def chosen_backend(device="cpu", *, op: str = "linear_cross_entropy", softcap: bool = False,
+                   sliced: bool = False) -> str:
+    """The name of the backend that ``backend="auto"`` runs for ``op`` (a public function's name, e.g.
+    ``"rdrop_linear_cross_entropy"``) on tensors of ``device``, here and now: it accounts for a failed C++ build,
+    ``torch.use_deterministic_algorithms`` and, with ``softcap=True``, backends without a capped head;
+    ``sliced=True``: for a vocabulary slice (``process_group=``). ``dropreg.chosen_backend("cuda")`` is
+    ``"chunked"``."""
+    if op not in SLICE_OPS:
+        raise ValueError(f"op: expected one of {list(SLICE_OPS)}, got {op!r}")
+    device = torch.device(device)
+    if sliced:
+        return resolve_slice_backend(op, "auto", device).name
+    return resolve_backend("auto", device, softcap=softcap,
+                           op="rdrop" if op == "rdrop_linear_cross_entropy" else "linear_ce")[0]
 
 
 def resolve_slice_backend(op: str, name, device: torch.device) -> Backend:

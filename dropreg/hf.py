@@ -16,12 +16,10 @@ import inspect
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from ._api import LinearCrossEntropyOutput, linear_cross_entropy
 from ._checks import check_coefficient, check_probability, default_coefficients
-from ._autocast import results_in
 
 IGNORE_INDEX = -100  # HF's causal-LM loss ignores this label
 
@@ -306,16 +304,13 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
         bias = None if bias is None else bias * scale
 
     reduction = "mean" if num_items_in_batch is None else "sum"
-    # a bf16/fp16 model's loss comes back in fp32, as HF's ForCausalLMLoss (logits.float()) returns it
-    low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
-    with results_in(torch.float32) if low_precision else contextlib.nullcontext():
-        site_options = {} if site_list is None else dict(sites=site_list, site_p=site_ps, samples=samples)
-        out = linear_cross_entropy(hidden, head_weight, target, linear_bias=bias, p=p, explicit=explicit,
-                                   implicit=implicit, explicit_coef=explicit_coef, implicit_coef=implicit_coef,
-                                   seed=seed, ignore_index=IGNORE_INDEX, reduction=reduction,
-                                   label_smoothing=label_smoothing, weight=weight, z_loss=z_loss,
-                                   softcap=None if softcap is None else float(softcap), backend=backend,
-                                   **site_options)
+    # a bf16/fp16 model's loss comes back in fp32 (linear_cross_entropy's losses), as HF's ForCausalLMLoss returns it
+    site_options = {} if site_list is None else dict(sites=site_list, site_p=site_ps, samples=samples)
+    out = linear_cross_entropy(hidden, head_weight, target, linear_bias=bias, p=p, explicit=explicit,
+                               implicit=implicit, explicit_coef=explicit_coef, implicit_coef=implicit_coef,
+                               seed=seed, ignore_index=IGNORE_INDEX, reduction=reduction,
+                               label_smoothing=label_smoothing, weight=weight, z_loss=z_loss,
+                               softcap=None if softcap is None else float(softcap), backend=backend, **site_options)
     if num_items_in_batch is None:
         return out
     if isinstance(num_items_in_batch, Tensor):

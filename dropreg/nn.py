@@ -42,8 +42,8 @@ class LinearCrossEntropyLoss(nn.Module):
         out = loss_fn(hidden_states, model.lm_head.weight, labels)
         out.loss.backward()
 
-    Like ``nn.Dropout``, the regularizers act in training mode only: in ``eval()`` mode the module
-    returns the plain cross entropy (explicit and implicit are zero) unless ``regularize_in_eval=True``.
+    Like ``nn.Dropout``, the regularizers act in training mode only: in ``eval()`` mode the explicit and implicit
+    terms are zero (unless ``regularize_in_eval=True``); z-loss and label smoothing apply in both modes.
 
     ``process_group``: ``linear_weight`` (and ``linear_bias``) is this rank's slice of a vocabulary-parallel head
     (see :func:`dropreg.linear_cross_entropy`; ``weight`` is then the slice's class weights). ``weight`` (class
@@ -154,19 +154,21 @@ class DropoutSite(nn.Module):
         model.drop = dropreg.DropoutSite(p=0.4)          # was nn.Dropout(0.4)
         hidden = model(ids)                               # the un-dropped forward
         sites, ps = dropreg.DropoutSite.collect(model)
-        ce = dropreg.linear_cross_entropy(hidden, head.weight, labels, explicit=False, implicit=False).ce
-        reg = dropreg.site_regularizers(hidden, head.weight, labels, sites, p=ps)
-        (ce + reg.explicit + reg.implicit).backward()
+        out = dropreg.linear_cross_entropy(hidden, head.weight, labels, p=0.0, sites=sites, site_p=ps)
+        out.loss.backward()                               # CE + every site's explicit and implicit terms
 
     Recorded tensors keep their autograd graph alive until collected: call :meth:`collect` every step.
     """
 
     def __init__(self, p: float = 0.1):
+        """``p``: the dropout rate this site stands for, in [0, 1) (the rate of the ``nn.Dropout`` it replaces)."""
         super().__init__()
         self.p = check_probability(p)
         self.recorded: list[Tensor] = []
 
     def forward(self, input: Tensor) -> Tensor:
+        """Returns ``input`` unchanged (no dropout); in training mode with autograd on, also records it for
+        :meth:`collect`."""
         if self.training and torch.is_grad_enabled() and input.requires_grad:
             self.recorded.append(input)
         return input

@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 
 from ._api import IgnoredRows, on_reducer
-from ._autocast import autocast_aware, result_dtype
+from ._autocast import autocast_aware, loss_dtype, result_dtype
 from ._checks import check_head, check_seed, check_target, checked_seed, checking_values, default_coefficients
 from . import distributed
 from ._dispatch import resolve_backend, resolve_slice_backend
+from ._policy import accumulation_dtype
 from .site_terms import (PerSite, SiteClasses, check_sampled_targets, check_samples, check_site_signs, check_sites,
                          class_rows, sampler, site_coefficients, site_sums)
 
@@ -55,6 +56,32 @@ def _check_finite(name: str, value: Optional[Tensor]) -> None:
         raise ValueError(f"{name}: expected finite values to sample from (found NaN or inf)")
 
 
+def _check_logits_in_range(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """Refuses rows whose logits could leave the accumulation dtype's range: Gumbel-max compares ``z + noise``, and
+    an overflowed ``z`` (inf) has no defined draw (each backend would break the tie its own way). The bound is
+    Cauchy-Schwarz, ``|z_v| <= |h| max_v |W_v| + max_v |b_v|``, so no row that fits is refused unless it comes
+    within that bound's slack of the limit. O((N + V) d)."""
+    if not checking_values() or not input.numel() or not weight.numel():
+        return
+    limit = torch.finfo(accumulation_dtype(input.dtype)).max
+
+    def row_norms(t: Tensor) -> Tensor:  # scaled by each row's largest entry, so the squares cannot overflow
+        t = t.detach().reshape(-1, t.shape[-1]).to(accumulation_dtype(t.dtype))
+        scale = t.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(t.dtype).tiny)
+        return (t / scale).norm(dim=1) * scale.squeeze(1)
+
+    largest_bias = 0.0
+    if bias is not None:
+        finite = bias.detach()[torch.isfinite(bias.detach())]  # -inf entries mask their class
+        largest_bias = float(finite.abs().max()) if finite.numel() else 0.0
+    bound = row_norms(input).double() * float(row_norms(weight).max()) + largest_bias
+    worst = int(bound.argmax())
+    if float(bound[worst]) > limit / 2:
+        raise ValueError(f"input: the logits of row {worst} can reach {float(bound[worst]):.3g} (|h| max_v |W_v| + "
+                         f"max_v |b_v|), beyond what {accumulation_dtype(input.dtype)} holds ({limit:.3g}): "
+                         f"sample_targets has no defined draw for an overflowed row; scale input or linear_weight down")
+
+
 @autocast_aware("input", "linear_weight", "linear_bias")
 def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None, samples: int = 1,
                    seed: Optional[int] = None, backend: str = "auto", process_group=None) -> Tensor:
@@ -64,7 +91,8 @@ def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optiona
     noise keyed by ``(seed, k, n, v)`` (:mod:`dropreg.signs`), so every backend and every tiling draws the
     same classes for a given seed. ``seed=None`` draws one from torch's default generator. No gradient.
     A bias entry of ``-inf`` masks its class; NaN or +inf inputs, or a bias that masks every class, are an error.
-    A row whose logits overflow fp32 (finite inputs of magnitude near 1e19 and above) has no defined draw.
+    A row whose logits could overflow the accumulation dtype (fp32 for bf16/fp16/fp32 inputs: finite inputs near
+    1e19 and above) is refused with a ValueError: it has no defined draw.
     ``process_group``: a
     vocabulary-parallel head, as in :func:`dropreg.linear_cross_entropy`; the draws are the single-process ones
     for the same seed (``seed=None`` takes rank 0's draw).
@@ -82,6 +110,7 @@ def sample_targets(input: Tensor, linear_weight: Tensor, *, linear_bias: Optiona
             # On a slice the other ranks may hold the unmasked classes.
             if not call.sharded and linear_bias.numel() and bool((linear_bias == float("-inf")).all()):
                 raise ValueError("linear_bias: every class is masked (-inf): there is no distribution to sample from")
+        _check_logits_in_range(input, linear_weight, linear_bias)
         implementation = _implementation("sample_targets", call, backend, input.device)
         call.describe(input, linear_weight, linear_bias, seed=seed, options=(samples, given_seed))
     if call.sharded:
@@ -165,7 +194,7 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
         seed = call.seed
     zero = head_input.new_zeros((), dtype=rows.count.dtype)
     if not (need_explicit or need_implicit):
-        return SiteRegularizers(zero.to(result_dtype(head_input.dtype)), zero.to(result_dtype(head_input.dtype)))
+        return SiteRegularizers(zero.to(loss_dtype(head_input.dtype)), zero.to(loss_dtype(head_input.dtype)))
     flat_input = rows.zero_ignored(head_input)
     mu = implementation.softmax_mean(flat_input, linear_weight, linear_bias, **on_reducer(call.reducer))
     if need_explicit and sampled_targets is None:
@@ -178,5 +207,5 @@ def site_regularizers(head_input: Tensor, linear_weight: Tensor, target: Tensor,
         explicit_coefs, implicit_coefs, signs, seed)
     if reduction == "mean":
         explicit_total, implicit_total = explicit_total / rows.count, implicit_total / rows.count
-    out_dtype = result_dtype(head_input.dtype)
+    out_dtype = loss_dtype(head_input.dtype)
     return SiteRegularizers(explicit_total.to(out_dtype), implicit_total.to(out_dtype))

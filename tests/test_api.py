@@ -123,7 +123,7 @@ def test_output_shapes_and_dtypes(reduction, dtype):
     out = dropreg.linear_cross_entropy(h, w, y, linear_bias=b, reduction=reduction, seed=1)
     expected = (2, 5) if reduction == "none" else ()
     for term in (*out, out.loss):
-        assert term.shape == expected and term.dtype == dtype
+        assert term.shape == expected and term.dtype == torch.float32  # bf16 inputs: fp32 losses, as HF's
 
 
 def test_empty_batch_gives_zero():
@@ -239,3 +239,30 @@ def test_gradcheck(backend, reduction):
         return out.ce, out.explicit, out.implicit
 
     assert torch.autograd.gradcheck(fn, (h, w, b))
+
+
+def test_chosen_backend_names_what_auto_runs():
+    from dropreg import cpu
+    expected_cpu = "cpu" if cpu.is_available() else "torch"
+    assert dropreg.chosen_backend() == dropreg.chosen_backend("cpu") == expected_cpu
+    assert dropreg.chosen_backend(torch.device("cuda")) == "chunked"  # a device need not be present to ask
+    assert dropreg.chosen_backend("cuda", op="rdrop_linear_cross_entropy") == "chunked"
+    assert dropreg.chosen_backend("cpu", sliced=True) == "torch"
+    assert dropreg.chosen_backend("meta") == "torch"
+    with pytest.raises(ValueError, match="^op: expected one of"):
+        dropreg.chosen_backend(op="linear_ce")
+    # what it names is what backend="auto" runs: the same bits
+    h, w, y = torch.randn(6, 5), torch.randn(9, 5), torch.randint(0, 9, (6,))
+    auto = dropreg.linear_cross_entropy(h, w, y, seed=3)
+    named = dropreg.linear_cross_entropy(h, w, y, seed=3, backend=dropreg.chosen_backend(h.device))
+    assert all(torch.equal(a, b) for a, b in zip(auto, named))
+
+
+def test_help_tells_a_user_where_to_start():
+    doc = dropreg.__doc__
+    for needle in ("dropreg.hf", "dropreg.diagnostics", "kappa = p / (1 - p)", "chosen_backend"):
+        assert needle in doc, needle
+    lce = dropreg.linear_cross_entropy.__doc__
+    for needle in ("``p`` is the dropout rate", "``reduction``", "``backend``", "chosen_backend"):
+        assert needle in lce, needle
+    assert "LinearCrossEntropyOutput" in str(dropreg.linear_cross_entropy.__annotations__["return"])

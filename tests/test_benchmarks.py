@@ -201,7 +201,7 @@ def _gpu_session(tmp_path, budget_s, *parts):
 
 
 def test_gpu_session_logs_each_part_and_skips_what_the_budget_cannot_hold(tmp_path):
-    """The one-call GPU script (README, "To measure it"): a failing part is logged with its exit status and the next
+    """The one-call GPU script (docs/gpu.md, "To measure it"): a failing part is logged with its exit status and the next
     runs; parts that would start with under 30 s of the budget left are skipped; the tarball holds the logs."""
     lines, listing = _gpu_session(tmp_path / "runs", 600, "no-such-part", "another-one")
     assert [line.split(",")[0] for line in lines] == ["PART no-such-part: exit 2", "PART another-one: exit 2"]

@@ -181,7 +181,7 @@ def test_benchmark_bytes_equal_the_formula(tmp_path):
     benchmark.main(["--worlds", "2", "--rows", "6", "--dim", "4", "--vocab", "40", "--repeats", "1",
                     "--out", str(tmp_path)])
     report = (tmp_path / "results.md").read_text()
-    plan = benchmark.projection()  # the README's figures
+    plan = benchmark.projection()  # docs/vocab_parallel.md's figures
     assert round(plan["payload_bytes"] / 1e6) == 537 + 268 and round(plan["wire_bytes"] / 1e9, 2) == 1.41
     assert round(plan["communication_ms"], 1) == 3.5 and round(plan["compute_ms"]) == 72
     assert round(plan["logits_allgather_bytes"] / 1e9, 1) == 7.3
@@ -196,7 +196,7 @@ def _free_port():
 
 @pytest.mark.cpu_only
 def test_readme_torchrun_example_runs(tmp_path):
-    """The README's torchrun example, launched the way the README says, on two ranks."""
+    """The torchrun example of docs/vocab_parallel.md, launched the way the page says, on two ranks."""
     script = os.path.join(ROOT, "examples", "vocab_parallel.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

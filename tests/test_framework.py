@@ -45,7 +45,7 @@ def test_autocast_casts_operands_like_f_linear(call, backend):
     ours.backward()
     low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (h, w, b)]
     same = CALLS[call](*low, y, backend=backend)
-    assert same.dtype == torch.bfloat16
+    assert same.dtype == (torch.bfloat16 if call == "softmax_mean" else torch.float32)  # losses are fp32, mu not
     same.backward()
     ours, same = float(ours.detach()), float(same.detach())
     assert abs(ours - same) <= 3 * 2**-8 * (abs(ours) + 1)  # the same value; bf16 rounds each term and their sum
@@ -78,6 +78,37 @@ def test_autocast_keeps_dropregs_accumulation_in_fp32():
     exact = dropreg.linear_cross_entropy(rounded[0], rounded[1], y, linear_bias=rounded[2], backend="reference",
                                          seed=1).loss
     assert abs(float(ours) - float(exact)) <= 1e-5 * abs(float(exact))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "chunked"])
+def test_fp16_mixed_precision_step_with_grad_scaler(backend):
+    """The fp16 recipe: fp32 parameters, autocast to fp16, torch.amp.GradScaler. The scaled loss (2^16 times the
+    loss) back-propagates through the fused op without overflow, and the unscaled gradients are the fp32 step's to
+    fp16 accuracy."""
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 500)
+    x, y = torch.randn(32, 16), torch.randint(0, 500, (32,))
+    params = [*body.parameters(), *head.parameters()]
+
+    def loss(dtype):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=dtype == torch.float16):
+            return dropreg.linear_cross_entropy(torch.tanh(body(x)), head.weight, y, linear_bias=head.bias, p=0.3,
+                                                seed=5, backend=backend).loss
+
+    reference = torch.autograd.grad(loss(torch.float32), params)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    value = loss(torch.float16)
+    assert value.dtype == torch.float32
+    scaler.scale(value).backward()
+    scaler.unscale_(optimizer)
+    for ours, expected in zip((p.grad for p in params), reference):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, expected, rtol=2e-2, atol=2e-3 * float(expected.abs().max()))
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**16  # no inf/NaN found: the step was taken and the scale kept
+    assert float(loss(torch.float32).detach()) < float(value.detach())
 
 
 def test_autocast_off_is_a_plain_call():

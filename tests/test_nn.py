@@ -46,14 +46,19 @@ def test_module_matches_functional_and_trains():
 
 
 def test_eval_mode_turns_regularizers_off_like_dropout():
-    loss_fn = dropreg.LinearCrossEntropyLoss(p=0.3)
+    # the one train/eval rule: the flag switches the explicit and implicit terms only
+    loss_fn = dropreg.LinearCrossEntropyLoss(p=0.3, z_loss=1e-2, label_smoothing=0.1)
     h, w, y = torch.randn(6, 5), torch.randn(9, 5), torch.randint(0, 9, (6,))
     train = loss_fn(h, w, y, seed=1)
     assert train.explicit > 0
     loss_fn.eval()
     evaluated = loss_fn(h, w, y, seed=1)
     assert evaluated.explicit == 0 and evaluated.implicit == 0
-    torch.testing.assert_close(evaluated.ce, train.ce)
+    torch.testing.assert_close(evaluated.ce, train.ce)  # label smoothing in both modes
+    torch.testing.assert_close(evaluated.z_loss, train.z_loss)
+    assert evaluated.z_loss > 0
+    smoothed = dropreg.linear_cross_entropy(h, w, y, explicit=False, implicit=False, label_smoothing=0.1).ce
+    torch.testing.assert_close(evaluated.ce, smoothed)
     loss_fn.regularize_in_eval = True
     torch.testing.assert_close(loss_fn(h, w, y, seed=1).explicit, train.explicit)
 

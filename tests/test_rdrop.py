@@ -148,7 +148,7 @@ def test_low_precision_beats_same_dtype(backend, dtype, logit_scale):
 
     def fused(leaves):
         out = dropreg.rdrop_linear_cross_entropy(*leaves[:3], y, linear_bias=leaves[3], backend=backend)
-        assert all(t.dtype == dtype for t in out)
+        assert all(t.dtype == torch.float32 for t in out)  # fp32 losses from bf16/fp16 inputs
         return tuple(out)[:3]
 
     def run(run_dtype, terms_of):
@@ -253,7 +253,7 @@ def test_bad_input(override, error, argument):
                                            **kwargs)
 
 
-def test_training_step_from_the_readme():
+def test_training_step_from_the_usage_page():
     torch.manual_seed(0)
     embed = torch.nn.Embedding(50, 16)
     body = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3))

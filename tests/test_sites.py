@@ -329,6 +329,18 @@ def test_sample_targets_bad_input():
         softmax_mean(torch.randn(3, 4), w)
 
 
+def test_sample_targets_refuses_rows_whose_logits_can_overflow(backend):
+    """A row whose logits can leave fp32's range has no defined Gumbel-max draw: refused, naming the row; the same
+    row scaled to logits near 1e37 (in range) is drawn, and identically on every backend."""
+    h, w = torch.randn(4, 8), torch.randn(50, 8) * 1e18
+    h[2] *= 1e20
+    with pytest.raises(ValueError, match="^input: the logits of row 2 can reach"):
+        sample_targets(h, w, seed=0, backend=backend)
+    h[2] /= 1e4
+    drawn = sample_targets(h, w, seed=0, backend=backend)
+    assert torch.equal(drawn, sample_targets(h, w, seed=0, backend="torch"))
+
+
 def test_all_ignored_rows_give_zero_and_zero_gradients(backend):
     x, hidden, w, y = _site_problem()
     reg = site_regularizers(hidden, w, torch.full_like(y, -100), [x], seed=1, backend=backend)
@@ -372,14 +384,13 @@ def test_training_step_with_sites_reduces_the_regularized_loss():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_readme_every_site_example(capsys):
+def test_every_site_page_example(capsys):
     import os
     import re
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
-        readme = f.read()
-    section = readme[readme.index("### Every dropout site"):]
-    code = re.search(r"```python\n(.+?)```", section, flags=re.S).group(1)
-    exec(compile(code, "README.md (every dropout site)", "exec"), {})
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "sites.md")) as f:
+        page = f.read()
+    code = re.search(r"```python\n(.+?)```", page, flags=re.S).group(1)
+    exec(compile(code, "docs/sites.md (every dropout site)", "exec"), {})
     printed = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in printed] == ["step 0", "step 1", "step 2"]
     first, last = (float(line.split()[3]) for line in (printed[0], printed[-1]))

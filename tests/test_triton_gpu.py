@@ -3,7 +3,7 @@
 The interpreter suite proves the kernel source correct; these tests check what only hardware shows: the
 compiled kernels with the launcher's GPU tile configs, tensor descriptors (TMA on sm_90), atomics,
 tensor-core operand rounding, opcheck of the registered ops and torch.compile through them.
-Run on a GPU machine as part of the whole suite: ``DROPREG_TEST_DEVICE=cuda python -m pytest -q`` (README).
+Run on a GPU machine as part of the whole suite: ``DROPREG_TEST_DEVICE=cuda python -m pytest -q`` (README.md, docs/verification.md).
 """
 import os
 

@@ -4,7 +4,7 @@
 
 Error = max |ours - oracle| / max |oracle| over each value and each gradient, worst over random problems of
 the oracle suite's kind (W ~ N(0, 1/d), h ~ N(0, 1), p = 0.3, bias, shapes that span several tiles of the
-interpreter's Triton config). Quoted in closing notes and the README; the tests assert tolerances.
+interpreter's Triton config). Quoted in docs/verification.md; the tests assert tolerances.
 """
 import argparse
 import os
