@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import sys
+import threading
 
 from typing import Optional
 
@@ -68,14 +70,25 @@ def find_decoder(model: nn.Module) -> nn.Module:
         f"attributes {', '.join(names)}); pass decoder=<the module that returns the last hidden state>")
 
 
+def _is_fsdp2(model: nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # a model can only be sharded once the module is imported
+    return fsdp is not None and isinstance(model, getattr(fsdp, "FSDPModule", ()))
+
+
 def _data_parallel_parts(model: nn.Module):
-    """``(DistributedDataParallel wrapper, inner model)``, or ``(None, model)`` for a model that is not wrapped."""
+    """``(wrapper, inner model)`` for a model whose own call does the data-parallel work (DistributedDataParallel's
+    wrapper; an FSDP2 model is its own wrapper: its root call gathers the parameters), or ``(None, model)``."""
     if isinstance(model, nn.DataParallel):
         raise NotImplementedError("causal_lm_loss: torch.nn.DataParallel runs replicas of the model, which the fused "
                                   "loss cannot reach; use DistributedDataParallel (torchrun) instead")
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model, model.module
+    if _is_fsdp2(model) and not getattr(_inside_root_call, "active", False):
+        return model, model
     return None, model
+
+
+_inside_root_call = threading.local()  # set while the fused loss runs as an FSDP2 root's forward
 
 
 def _call_through(wrapper: nn.Module, inner: nn.Module, compute):
@@ -254,19 +267,24 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
     dropout applied inside the attention function (eager or SDPA) is not a module call: a model in training with
     attention dropout > 0 is refused.
 
-    ``model`` may be wrapped in ``DistributedDataParallel``: the loss is then computed inside the wrapper's forward
-    (the inner model's ``forward`` is swapped for the fused loss during the call), so that DDP synchronizes the
-    gradients as it does for ``model(...)``; calling the inner model's decoder directly would leave every rank
-    with its own gradients. ``DataParallel`` is refused (it runs replicas of the module).
+    ``model`` may be wrapped in ``DistributedDataParallel`` or sharded with FSDP2 (``fully_shard``): the loss is then
+    computed inside the wrapper's (or the FSDP2 root's) call, with the inner model's ``forward`` swapped for the
+    fused loss during the call, so that DDP synchronizes the gradients, and FSDP2 gathers the root's parameters
+    (the head's among them) and reduce-scatters the gradients, as they do for ``model(...)``. ``DataParallel`` is
+    refused (it runs replicas of the module).
     """
     wrapper, inner = _data_parallel_parts(model)
     if wrapper is not None:
         def fused_loss(*_args, **_kwargs):
-            return causal_lm_loss(inner, input_ids, labels, num_items_in_batch=num_items_in_batch, p=p,
-                                  explicit=explicit, implicit=implicit, explicit_coef=explicit_coef,
-                                  implicit_coef=implicit_coef, seed=seed, decoder=decoder,
-                                  label_smoothing=label_smoothing, weight=weight, z_loss=z_loss, sites=sites,
-                                  samples=samples, softcap=softcap, backend=backend, **model_inputs)
+            _inside_root_call.active = True
+            try:
+                return causal_lm_loss(inner, input_ids, labels, num_items_in_batch=num_items_in_batch, p=p,
+                                      explicit=explicit, implicit=implicit, explicit_coef=explicit_coef,
+                                      implicit_coef=implicit_coef, seed=seed, decoder=decoder,
+                                      label_smoothing=label_smoothing, weight=weight, z_loss=z_loss, sites=sites,
+                                      samples=samples, softcap=softcap, backend=backend, **model_inputs)
+            finally:
+                _inside_root_call.active = False
         return _call_through(wrapper, inner, fused_loss)
     shift_labels = model_inputs.pop("shift_labels", None)
     if labels is None and shift_labels is None:

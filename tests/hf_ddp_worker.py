@@ -36,6 +36,32 @@ def causal_lm_loss_worker(rank, world, port, out_dir):
     _exit_without_teardown()
 
 
+def fsdp2_worker(rank, world, port, out_dir):
+    """Each rank: its own batch through causal_lm_loss on a model sharded with FSDP2 (fully_shard on every decoder
+    layer and on the root), both dropout terms on; saves the full gradients and the loss."""
+    from torch.distributed.fsdp import fully_shard
+
+    import test_hf
+    from dropreg import hf
+    _init(rank, world, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = test_hf.llama()
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        ids, labels = rank_batch(rank)
+        out = hf.causal_lm_loss(model, ids, labels, p=0.2, seed=7 + rank)
+        out.loss.backward()
+        torch.save(dict(loss=out.loss.detach(),
+                        grads={name: param.grad.full_tensor() for name, param in model.named_parameters()}),
+                   os.path.join(out_dir, f"fsdp{rank}.pt"))
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _exit_without_teardown()
+
+
 def trainer_worker(rank, world, port, out_dir):
     """DropregTrainer under DDP (accelerate starts gloo from the environment): a few steps, then saves the weights."""
     import transformers
