@@ -43,7 +43,7 @@ def main():
         assert torch.allclose(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
         assert torch.allclose(hidden.grad, full_hidden.grad, rtol=1e-4, atol=1e-6)
         assert torch.allclose(head_slice.grad, torch.tensor_split(full_head.grad, world)[0], rtol=1e-4, atol=1e-6)
-        print(f"world {world}: loss {float(out.loss):.6f} (ce {float(out.ce):.6f}) matches one process")
+        print(f"world {world}: loss {out.loss.item():.6f} (ce {out.ce.item():.6f}) matches one process")
     dist.destroy_process_group()
 
 

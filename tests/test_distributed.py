@@ -195,10 +195,11 @@ def _free_port():
 
 
 @pytest.mark.cpu_only
-def test_readme_torchrun_example_runs(tmp_path):
-    """The torchrun example of docs/vocab_parallel.md, launched the way the page says, on two ranks."""
+def test_torchrun_example_runs_without_warnings(tmp_path):
+    """The torchrun example of docs/vocab_parallel.md, launched the way the page says, on two ranks; a Python
+    warning in a rank is an error."""
     script = os.path.join(ROOT, "examples", "vocab_parallel.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="error")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", str(_free_port()), script], env=env, capture_output=True, text=True,
                           timeout=120)
