@@ -72,10 +72,11 @@ def test_committed_results_never_beat_their_floor():
 
 @pytest.mark.slow
 def test_vocab_scaling_quick(tmp_path):
-    # forward_backward only: the forward-only mode is the same script code, run by test_vocab_scaling_quick_ce
+    # one vocabulary size, forward_backward only (each case is a subprocess): test_vocab_scaling_quick_ce runs the
+    # forward mode
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vocab_scaling.py"), "--quick",
-                           "--modes", "forward_backward", "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=600)
+                           "--vocabs", "4096", "--modes", "forward_backward", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for name in ("results.csv", "results.md", "time_vs_vocab.png", "memory_vs_vocab.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -97,7 +98,7 @@ def test_vocab_scaling_quick(tmp_path):
 def test_vocab_scaling_quick_rdrop(tmp_path):
     # forward_backward only: the forward-only mode runs the same script code, covered by test_vocab_scaling_quick_ce
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vocab_scaling.py"), "--quick",
-                           "--family", "rdrop", "--modes", "forward_backward", "--out", str(tmp_path)],
+                           "--family", "rdrop", "--vocabs", "512", "--modes", "forward_backward", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(tmp_path / "results.csv") as f:
@@ -112,7 +113,7 @@ def test_vocab_scaling_quick_rdrop(tmp_path):
 def test_vocab_scaling_quick_ce(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vocab_scaling.py"), "--quick",
                            "--family", "ce", "--methods", "ce-dropreg-cpu,ce-dropreg-torch,F.linear_cross_entropy",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                           "--vocabs", "512", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
