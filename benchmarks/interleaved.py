@@ -25,10 +25,10 @@ import time
 
 import torch
 
-from methods import FLOOR_MULTIPLE, METHODS, available_methods, floor_seconds, make_inputs
+from methods import (FLOOR_MULTIPLE, METHODS, SQUARE_GEMM, available_methods, floor_seconds, make_inputs,
+                     square_gemm_rate)
 from vocab_scaling import describe_run
 
-SQUARE_GEMM = "square-gemm"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -100,7 +100,7 @@ def measure(args):
 
 def flop_rate(args, times) -> float:
     """FLOP/s of the fastest square matmul of the rounds: the rate the machine showed it can reach."""
-    return 2.0 * args.gemm_size**3 / min(times[SQUARE_GEMM])
+    return square_gemm_rate(args.gemm_size, min(times[SQUARE_GEMM]))
 
 
 def summary_rows(args, times):
@@ -139,7 +139,7 @@ def write_outputs(args, times, rows):
         "in an order rotated per round. Floor: the compute-bound limit, the method's multiply-adds "
         f"({multiple}·N·V·d for the {args.family} family, 3 for cross entropy alone) at {rate / 1e9:.1f} GFLOP/s, "
         f"the fastest of the rounds' {args.gemm_size}-cube {args.dtype} matmuls (median "
-        f"{2.0 * args.gemm_size**3 / statistics.median(times[SQUARE_GEMM]) / 1e9:.1f} GFLOP/s); `/ floor` is the "
+        f"{square_gemm_rate(args.gemm_size, statistics.median(times[SQUARE_GEMM])) / 1e9:.1f} GFLOP/s); `/ floor` is the "
         f"median time over it. `/ {args.reference}`: median over rounds of the "
         f"method's time divided by {args.reference}'s in that round; `{args.reference} faster`: rounds in which "
         f"{args.reference} took less time.",

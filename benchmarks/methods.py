@@ -202,6 +202,8 @@ def build_rdrop_naive(hidden, weight, target, signs):
     return _closures(lambda: rdrop_naive_loss(hidden, hidden2, weight, target), hidden, weight)
 
 
+SQUARE_GEMM = "square-gemm"  # the method whose rate sets the floor
+
 # Per family: the multiply-adds (in units of N*V*d) of a fused forward and forward+backward (docs/math.md: 3 and
 # 10 for dropreg, 2 and 8 for R-Drop); at a large matmul's rate they give the compute-bound limit, the floor.
 FLOOR_MULTIPLE = {
@@ -250,12 +252,17 @@ METHODS = {
     "naive-compiled": build_naive_compiled,
     "paper": build_paper,
     "F.linear_cross_entropy": build_linear_cross_entropy,
-    "square-gemm": build_gemm,  # the floor's rate: run with rows = dim = vocab
+    SQUARE_GEMM: build_gemm,  # the floor's rate: run with rows = dim = vocab
 }
 
 
 METHODS.update(RDROP_METHODS)
 METHODS.update(CE_METHODS)
+
+
+def square_gemm_rate(size: int, seconds: float) -> float:
+    """FLOP/s of one ``size``-cube matmul that took ``seconds``."""
+    return 2.0 * size**3 / seconds
 
 
 def method_family(method: str, family: str) -> str:

@@ -37,7 +37,6 @@ PRESETS = {
     "quick": dict(rows=64, dim=32, vocabs=[512, 4096], modes=["forward", "forward_backward"], repeats=1,
                   compiled=False, gemm_size=256),
 }
-SQUARE_GEMM = "square-gemm"
 
 
 def parse_args(argv=None):
@@ -142,10 +141,11 @@ def run_case(args, method, vocab, mode, rows=None, dim=None):
 
 def measure_gemm_rate(args):
     """One ``--gemm-size`` cube matmul in its own subprocess: its row, with ``gflops`` when it ran."""
+    from methods import SQUARE_GEMM, square_gemm_rate
     size = args.gemm_size
     result = run_case(args, SQUARE_GEMM, size, "forward", rows=size, dim=size)
     if result.get("status") == "ok":
-        result["gflops"] = 2.0 * size**3 / result["seconds"] / 1e9
+        result["gflops"] = square_gemm_rate(size, result["seconds"]) / 1e9
     return result
 
 
@@ -160,7 +160,7 @@ def floor_rate(gemm_runs):
 def add_floor_ratios(results, family, flop_rate):
     from methods import floor_seconds
     for r in results:
-        if r.get("status") == "ok" and r["method"] != SQUARE_GEMM:
+        if r.get("status") == "ok":
             r["floor_gflops"] = flop_rate / 1e9
             r["floor_seconds"] = floor_seconds(r["method"], family, r["mode"], r["rows"], r["dim"], r["vocab"],
                                                flop_rate)
@@ -201,7 +201,7 @@ def summaries(results, methods, family):
     index = {(r["method"], r["vocab"], r["mode"]): r for r in results}
     if lines:
         lines.append("")
-    for vocab in sorted({r["vocab"] for r in results if r["method"] != SQUARE_GEMM}):
+    for vocab in sorted({r["vocab"] for r in results}):
         for mine in ours:
             mine_r = index.get((mine, vocab, "forward_backward"))
             if not mine_r or mine_r.get("status") != "ok":
@@ -352,13 +352,13 @@ def main(argv=None):
     methods = select_methods(args)
     cases = [(m, v, mode) for v in args.vocabs for m in methods for mode in args.modes]
     progress = Progress(len(cases) + 2)
-    progress.step(f"{SQUARE_GEMM} {args.gemm_size} (the floor's rate)")
+    progress.step(f"square matmul {args.gemm_size}^3 (the floor's rate)")
     gemm_runs = [measure_gemm_rate(args)]
     results = []
     for method, vocab, mode in cases:
         progress.step(f"V={vocab} {method} {mode}")
         results.append(run_case(args, method, vocab, mode))
-    progress.step(f"{SQUARE_GEMM} {args.gemm_size} again")
+    progress.step(f"square matmul {args.gemm_size}^3 again")
     gemm_runs.append(measure_gemm_rate(args))
     progress.close()
     flop_rate = floor_rate(gemm_runs)

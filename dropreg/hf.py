@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import inspect
 import sys
-import threading
 
 from typing import Optional
 
@@ -83,12 +83,9 @@ def _data_parallel_parts(model: nn.Module):
                                   "loss cannot reach; use DistributedDataParallel (torchrun) instead")
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model, model.module
-    if _is_fsdp2(model) and not getattr(_inside_root_call, "active", False):
+    if _is_fsdp2(model):
         return model, model
     return None, model
-
-
-_inside_root_call = threading.local()  # set while the fused loss runs as an FSDP2 root's forward
 
 
 def _call_through(wrapper: nn.Module, inner: nn.Module, compute):
@@ -274,18 +271,20 @@ def causal_lm_loss(model: nn.Module, input_ids: Optional[Tensor] = None, labels:
     refused (it runs replicas of the module).
     """
     wrapper, inner = _data_parallel_parts(model)
-    if wrapper is not None:
-        def fused_loss(*_args, **_kwargs):
-            _inside_root_call.active = True
-            try:
-                return causal_lm_loss(inner, input_ids, labels, num_items_in_batch=num_items_in_batch, p=p,
-                                      explicit=explicit, implicit=implicit, explicit_coef=explicit_coef,
-                                      implicit_coef=implicit_coef, seed=seed, decoder=decoder,
-                                      label_smoothing=label_smoothing, weight=weight, z_loss=z_loss, sites=sites,
-                                      samples=samples, softcap=softcap, backend=backend, **model_inputs)
-            finally:
-                _inside_root_call.active = False
-        return _call_through(wrapper, inner, fused_loss)
+    compute = functools.partial(
+        _unwrapped_loss, inner, input_ids, labels, num_items_in_batch=num_items_in_batch, p=p, explicit=explicit,
+        implicit=implicit, explicit_coef=explicit_coef, implicit_coef=implicit_coef, seed=seed, decoder=decoder,
+        label_smoothing=label_smoothing, weight=weight, z_loss=z_loss, sites=sites, samples=samples, softcap=softcap,
+        backend=backend, **model_inputs)
+    if wrapper is None:
+        return compute()
+    return _call_through(wrapper, inner, lambda *_args, **_kwargs: compute())
+
+
+def _unwrapped_loss(model: nn.Module, input_ids, labels, *, num_items_in_batch, p, explicit, implicit,
+                    explicit_coef, implicit_coef, seed, decoder, label_smoothing, weight, z_loss, sites, samples,
+                    softcap, backend, **model_inputs) -> LinearCrossEntropyOutput:
+    """:func:`causal_lm_loss` of a model that is not wrapped (or, inside the wrapper's call, of the inner model)."""
     shift_labels = model_inputs.pop("shift_labels", None)
     if labels is None and shift_labels is None:
         raise ValueError("causal_lm_loss: pass labels (shifted here) or shift_labels (already shifted)")
