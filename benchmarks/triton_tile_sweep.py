@@ -8,7 +8,7 @@ dtype and device (dropreg/triton/utils.py's ``launch_plan``; the plan is passed 
 then forward+backward of the fused op with both terms (dropreg/triton/ops.py's ``linear_ce_step``, the
 launchers the registered ops call) is timed with CUDA events (median of --repeats after a warm-up that also
 compiles; benchmarks/run_case.py's timer). The first row is the current plan. A winner still has to pass
-``python -m dropreg.triton.compile_report`` (no spills on sm_80 and sm_90) before it goes into GPU_CONFIGS.
+``python tools/compile_report.py`` (no spills on sm_80 and sm_90) before it goes into GPU_CONFIGS.
 """
 import argparse
 

@@ -179,8 +179,9 @@ class DotTypes:
     "Narrow" dots are the cross-entropy GEMMs (z = h W^T, G W, G^T h): operands in the input dtype.
     "Wide" dots are the regularizer GEMMs (moments s W, s W*W; t = T W^T + gR'q (W*W)^T; S^T T, S^T gR'q):
     docs/math.md's GEMM-friendly form subtracts nearly equal sums there (var = m2 - mu^2, r_v = ... - 2 W.q mu
-    + ...), which bf16 operands (8 bits) ruin on peaked softmaxes. They run on fp32 operands: tf32 tensor
-    cores (11 bits) for bf16 inputs, tf32x3 for fp16 inputs (fp16 already has 11 bits); for fp32 inputs
+    + ...), which bf16 operands (8 bits) ruin on peaked softmaxes. They run on fp32 operands: tf32x3 for bf16
+    and fp16 inputs (single tf32, 11 bits, still loses to the cancellation: W*W of a bf16 W has 16 bits, and
+    T = gI' u - 2 gR' q mu cancels against gR' q W*W at the dominant class); for fp32 inputs
     whatever torch.get_float32_matmul_precision() allows; fp64 stays fp64. tf32 operands are rounded to nearest in ``dot_operand`` (the PTX has no
     cvt.rna.tf32 of its own: the tensor cores would truncate)."""
     acc: object  # accumulation dtype: fp32, or fp64 for fp64 inputs
@@ -198,39 +199,36 @@ class DotTypes:
         return dict(WIDE=self.wide, WIDE_PRECISION=self.wide_precision, WIDE_ROUND_TF32=self.wide_precision == "tf32")
 
 
-# Per kernel and dot class: "tensor" (bf16 operands; tf32 regularizer dots), "fp16" (fp16 operands; tf32x3
-# regularizer dots, which need more registers), "tf32" (fp32 operands on tf32 tensor cores) and "ieee"
-# (exact fp32 or fp64 dots: FMA units, no tensor cores, so smaller tiles). Every entry compiles without
-# spills and within sm_80's shared memory (tools/compile_report.py). Only the bf16 moments
-# and logit-gradient tiles were timed (one H100 session, docs/gpu/h100/tile_sweep.md); the rest are
-# chosen to compile cleanly. Under the interpreter a single small config is used so that tiny test shapes
-# still span several tiles in every dimension.
+# Per kernel and dot class: "half" (bf16 or fp16 operands; tf32x3 regularizer dots, which need more
+# registers), "tf32" (fp32 operands on tf32 tensor cores) and "ieee" (exact fp32 or fp64 dots: FMA units, no
+# tensor cores, so smaller tiles). Every entry compiles without spills and within sm_80's shared memory
+# (tools/compile_report.py). None is timed for these kernels: the one H100 session's tile sweep
+# (docs/gpu/h100/tile_sweep.md) timed bf16 tiles when the regularizer dots were single tf32, and those tiles
+# spill with tf32x3. Under the interpreter a single small config is used so that tiny test shapes still span
+# several tiles in every dimension.
 GPU_CONFIGS: dict[str, dict[str, TileConfig]] = {
     #                 (block_m, block_v, block_k, warps, stages)
-    "lse_partials": dict(tensor=TileConfig(128, 128, 64, 8, 3), fp16=TileConfig(128, 128, 64, 8, 3),
-                         tf32=TileConfig(64, 128, 32, 8, 3), ieee=TileConfig(32, 64, 16, 4, 2)),
-    "moments": dict(tensor=TileConfig(128, 128, 16, 8, 2), fp16=TileConfig(64, 64, 16, 8, 2),
-                    tf32=TileConfig(64, 64, 32, 4, 2), ieee=TileConfig(32, 64, 16, 4, 2)),
-    "logit_gradient": dict(tensor=TileConfig(64, 128, 32, 8, 2), fp16=TileConfig(64, 128, 16, 8, 2),
-                           tf32=TileConfig(64, 64, 32, 8, 2), ieee=TileConfig(32, 64, 16, 4, 2)),
-    "rdrop_partials": dict(tensor=TileConfig(128, 64, 64, 8, 3), fp16=TileConfig(128, 64, 64, 8, 3),
-                           tf32=TileConfig(64, 64, 32, 4, 3), ieee=TileConfig(32, 64, 16, 8, 2)),
-    "rdrop_gradient": dict(tensor=TileConfig(64, 128, 32, 8, 2), fp16=TileConfig(64, 128, 32, 8, 2),
-                           tf32=TileConfig(64, 128, 16, 8, 2), ieee=TileConfig(32, 64, 16, 4, 2)),
-    "row_terms": dict(tensor=TileConfig(16, 1, 64, 4, 1), fp16=TileConfig(16, 1, 64, 4, 1),
-                      tf32=TileConfig(16, 1, 64, 4, 1), ieee=TileConfig(16, 1, 64, 4, 1)),
+    "lse_partials": dict(half=TileConfig(128, 128, 64, 8, 3), tf32=TileConfig(64, 128, 32, 8, 3),
+                         ieee=TileConfig(32, 64, 16, 4, 2)),
+    "moments": dict(half=TileConfig(64, 64, 16, 8, 2), tf32=TileConfig(64, 64, 32, 4, 2),
+                    ieee=TileConfig(32, 64, 16, 4, 2)),
+    "logit_gradient": dict(half=TileConfig(64, 128, 16, 8, 2), tf32=TileConfig(64, 64, 32, 8, 2),
+                           ieee=TileConfig(32, 64, 16, 4, 2)),
+    "rdrop_partials": dict(half=TileConfig(128, 64, 64, 8, 3), tf32=TileConfig(64, 64, 32, 4, 3),
+                           ieee=TileConfig(32, 64, 16, 8, 2)),
+    "rdrop_gradient": dict(half=TileConfig(64, 128, 32, 8, 2), tf32=TileConfig(64, 128, 16, 8, 2),
+                           ieee=TileConfig(32, 64, 16, 4, 2)),
+    "row_terms": dict(half=TileConfig(16, 1, 64, 4, 1), tf32=TileConfig(16, 1, 64, 4, 1),
+                      ieee=TileConfig(16, 1, 64, 4, 1)),
 }
 INTERPRETER_CONFIG = TileConfig(16, 32, 16, 1, 1, group_m=2)
 INTERPRETER_ROW_CONFIG = TileConfig(8, 1, 16, 1, 1)
 INTERPRETER_VOCAB_SPLITS = 2  # split even tiny vocabularies so the exact merge is always exercised
 
 
-# sm_90 (H100) overrides, measured there (benchmarks/triton_tile_sweep.py, N=8192 d=4096 V=128256 bf16):
-# 128x128 logit-gradient tiles cut fwd+bwd from 1080 to 777 ms (fewer atomic rounds into grad_W), but
-# spill on sm_80, which keeps the table above.
-SM90_CONFIGS: dict[str, dict[str, TileConfig]] = {
-    "logit_gradient": dict(tensor=TileConfig(128, 128, 32, 8, 2)),
-}
+# Per compute capability (>= 90) overrides of GPU_CONFIGS, for tiles that are faster on an H100 but spill on
+# sm_80. Empty: the one measured override (128x128 logit-gradient tiles) was for single-tf32 regularizer dots.
+SM90_CONFIGS: dict[str, dict[str, TileConfig]] = {}
 # What a plan for a non-CUDA device (the compile report's meta tensors) assumes: an H100 (sm_90, 132 SMs).
 REPORT_CAPABILITY = 90
 REPORT_SM_COUNT = 132
@@ -275,10 +273,8 @@ def launch_plan(dtype: torch.dtype, device: Optional[torch.device] = None, *,
         tiles = {kernel: INTERPRETER_ROW_CONFIG if kernel == "row_terms" else INTERPRETER_CONFIG
                  for kernel in GPU_CONFIGS}
         return LaunchPlan(types, tiles, REPORT_SM_COUNT, fixed_vocab_splits=INTERPRETER_VOCAB_SPLITS)
-    if dtype == torch.bfloat16:
-        dot_class = "tensor"
-    elif dtype == torch.float16:  # its tf32x3 regularizer dots need more registers
-        dot_class = "fp16"
+    if dtype in (torch.bfloat16, torch.float16):
+        dot_class = "half"
     elif dtype == torch.float32 and types.precision == "tf32":
         dot_class = "tf32"
     else:
@@ -301,7 +297,7 @@ def _capability(device: torch.device) -> int:
 
 
 def dot_types(dtype: torch.dtype, interpreted: bool = INTERPRETED) -> DotTypes:
-    """bf16/fp16 inputs: narrow dots on tensor cores in that dtype, wide dots in tf32/tf32x3. fp32 inputs: tf32
+    """bf16/fp16 inputs: narrow dots on tensor cores in that dtype, wide dots in tf32x3. fp32 inputs: tf32
     when ``torch.get_float32_matmul_precision()`` allows it ("high"/"medium"), else exact ieee fp32.
     Accumulation follows dropreg/_policy.py: fp32, fp64 for fp64 inputs."""
     operand = TL_DTYPES[dtype]
@@ -310,9 +306,10 @@ def dot_types(dtype: torch.dtype, interpreted: bool = INTERPRETED) -> DotTypes:
     compute = tl.float32 if interpreted and low_precision else operand
     fp32_precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     precision = fp32_precision if dtype == torch.float32 else None
-    # tf32 keeps 11 significant bits: more than bf16's 8, but only as many as fp16's 11, so fp16 inputs
-    # get tf32x3 (three tf32 products, about fp32 accuracy) for the cancelling regularizer GEMMs.
-    wide_precision = {torch.float64: None, torch.float32: fp32_precision, torch.bfloat16: "tf32",
+    # The cancelling regularizer GEMMs need more than tf32's 11 significant bits for 16-bit inputs (W*W of a
+    # bf16 W has 16; on peaked bf16 rows single tf32 erred up to 4.7x plain bf16 PyTorch's bound, seed
+    # 2305268529 of tests/test_low_precision.py): tf32x3, three tf32 products, about fp32 accuracy.
+    wide_precision = {torch.float64: None, torch.float32: fp32_precision, torch.bfloat16: "tf32x3",
                       torch.float16: "tf32x3"}[dtype]
     return DotTypes(acc, operand, compute, precision, acc, wide_precision)
 
