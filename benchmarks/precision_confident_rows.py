@@ -5,8 +5,8 @@ float64 on the same bf16 values: the median relative error and the maximum error
 ``sum_j h_j^2 m2_j`` of the per-row quadratic form ``sum_j h_j^2 var_j``, for
 
 * naive bf16 PyTorch (materialized logits, softmax and moments in bf16);
-* the chunked driver with the probabilities rounded to bf16 (the kept-out top switched off);
-* the chunked driver as shipped (each chunk's top probability kept out of the bf16 operand).
+* the chunked driver with the probabilities rounded to bf16 (the exact dominant entry switched off);
+* the chunked driver as shipped (each row's dominant entry made exact in fp32 after the last chunk).
 
 The driver runs on CPU tensors, where its products see exactly the GPU's operand rounding (dropreg/gemm.py).
 
@@ -56,7 +56,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"N={args.rows}, d={args.dim}, V={args.vocab}, chunks of {args.chunk}, bf16 inputs, seed {args.seed}; "
           f"truth: float64 on the same bf16 values (`python benchmarks/precision_confident_rows.py`).\n")
-    print("| rows | top probability (median) | statistic | naive bf16 | P in bf16 | top kept out (shipped) |")
+    print("| rows | top probability (median) | statistic | naive bf16 | P in bf16 | dominant entry exact (shipped) |")
     print("|---|---:|---|---:|---:|---:|")
     for kind in ("flat", "confident", "saturated"):
         h, w = problem(kind, args.rows, args.dim, args.vocab, args.seed)

@@ -1,6 +1,6 @@
-"""The chunked driver's workspace and operands: flat buffers viewed as R x C chunks, the stacked ``[W_c | W_c*W_c]``
-operand (with fp16's square scaling, docs/math.md 7.3), grad_W's buffer and per-chunk store, and where the forward
-records each row's dominant class."""
+"""The chunked driver's workspace and operands: flat buffers viewed as R x C chunks, the ``W_c*W_c`` operand (with
+fp16's square scaling, docs/math.md 7.3), grad_W's buffer and per-chunk update, and where the forward records each
+row's dominant class."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .gemm import as_operand, operand_types
+from .gemm import as_operand, mm, operand_types
 
 
 @dataclass
@@ -30,16 +30,15 @@ class ChunkBuffers:
         return flat[:rows * cols].view(rows, cols)
 
 
-def stacked_weights(w, with_squares, dtype, square_scale=None):
-    """``[W_c | W_c*W_c]`` (or ``W_c``) as an operand: the square is rounded once to ``dtype``, as a tensor core
+def squares_operand(w, w_op, dtype, square_scale=None):
+    """``W_c*W_c`` as an operand: the square of the operand ``w_op`` rounded once to ``dtype``, as a tensor core
     would see it (a bf16 product of bf16 values is the exact square rounded); with ``square_scale`` (see
-    :func:`squares_scale`) the exact square times that power of two, rounded once."""
-    w_op = as_operand(w, dtype)
-    if not with_squares:
-        return w_op
+    :func:`squares_scale`) the exact square of ``w`` times that power of two, rounded once. The GEMMs take it
+    beside ``W_c`` (two products into the halves of one output) instead of a concatenated ``[W_c | W_c*W_c]``,
+    which would copy W_c once more per chunk."""
     if square_scale is None:
-        return torch.cat([w_op, w_op * w_op], dim=1)
-    return torch.cat([w_op, as_operand(w.to(square_scale.dtype).square() * square_scale, dtype)], dim=1)
+        return w_op * w_op
+    return as_operand(w.to(square_scale.dtype).square() * square_scale, dtype)
 
 
 def squares_scale(weight, types, need_m2):
@@ -53,12 +52,24 @@ def squares_scale(weight, types, need_m2):
     return torch.exp2(14 - exponent)
 
 
-def store_chunk(grad_w, v0, v1, g_w, overwrite):
-    """A chunk's grad_W rows: written (one row block: each chunk once) or added to the fp32 buffer."""
-    if overwrite:
-        grad_w[v0:v1].copy_(g_w)
-    else:
-        grad_w[v0:v1] += g_w
+def add_weight_gradient(grad_w, v0, v1, a, b, acc, overwrite, weight=None, s_g_r_q=None):
+    """grad_W's rows ``[v0, v1)`` get ``a @ b`` (``+ 2 weight * s_g_r_q``, the explicit term's part, when given):
+    written (``overwrite``: one row block, each chunk once, grad_W in the weight's dtype, rounded once) or added
+    to the fp32 buffer by the GEMM itself (no product written apart and added)."""
+    rows = grad_w[v0:v1]
+    if not overwrite:
+        mm(a, b, acc, out=rows, accumulate=True)
+        if s_g_r_q is not None:
+            rows.addcmul_(weight, s_g_r_q, value=2.0)
+        return
+    if rows.dtype == acc and s_g_r_q is None:
+        mm(a, b, acc, out=rows)
+        return
+    product = mm(a, b, acc)
+    if s_g_r_q is None:
+        rows.copy_(product)
+    else:  # one elementwise pass: the fp32 sum is rounded once into grad_W's dtype
+        torch.addcmul(product, weight, s_g_r_q, value=2.0, out=rows)
 
 
 def grad_weight_buffer(weight, acc, n_row_blocks):

@@ -7,10 +7,11 @@ R x Vc chunk is one fused epilogue: Triton kernels on CUDA (``dropreg/triton/epi
 functions of :class:`TorchEpilogues` elsewhere (they define what the kernels compute and run the CPU tests).
 
 Per chunk c, forward (3 NVd with both terms):
-    Z = H W_c^T;  epilogue: online softmax of Z + b_c, P_c in the operand dtype with each row's top entry kept out
-    (docs/math.md 8.4);  A = rescale * A + p_top [W_k | W_k*W_k] (exact);  A += P_c [W_c | W_c*W_c].
+    Z = H W_c^T;  epilogue: online softmax of Z + b_c, P_c in the operand dtype
+    (docs/math.md 8.4);  A = rescale * A;  A += P_c [W_c | W_c*W_c] (two GEMMs into A's halves); after the
+    last chunk, each row's dominant entry made exact (:class:`DominantEntry`).
 backward (7 NVd):
-    Z = H W_c^T;  t = [T | gR' q] [W_c | W_c*W_c]^T  (one GEMM, K = 2d);  epilogue: G and S in the operand dtype;
+    Z = H W_c^T;  t = T W_c^T + gR' q (W_c*W_c)^T  (two GEMMs into t);  epilogue: G and S in the operand dtype;
     grad_input += G W_c;  grad_W_c = [G; S]^T [H; T] + 2 W_c * (S^T gR' q)  (K = 2R), written once per chunk: each
     chunk owns its rows of grad_W, so there are no atomics and the result is deterministic.
 R-Drop and softmax_mean run on the same loops; cross entropy alone under "mean"/"sum" takes
@@ -23,7 +24,7 @@ import math
 import torch
 from torch.profiler import record_function
 
-from .chunk_buffers import (ChunkBuffers, grad_weight_buffer, squares_scale, stacked_weights, store_chunk,
+from .chunk_buffers import (ChunkBuffers, add_weight_gradient, grad_weight_buffer, squares_operand, squares_scale,
                             top_class_buffer)
 from .gemm import as_operand, mm, operand_types
 from .plan import DEFAULT_PLAN, BlockPlan, ce_chunks, default_chunks
@@ -48,6 +49,45 @@ from .torch_epilogues import TorchEpilogues, epilogues_for
 # Forward statistics and the logit-gradient sweep
 # ---------------------------------------------------------------------------------------------------------
 
+class DominantEntry:
+    """Per row, the largest probability of the chunks seen so far (on the running scale, like the moments), as the
+    moment GEMMs saw it (rounded to the operand dtype) and exact, and its class.
+
+    On a confident row ``var = m2 - mu^2`` cancels down to ``(1 - s_top)`` of its parts, so the dominant entry's
+    rounding (of ``s_top`` and of ``W_top*W_top``) would dominate the result (docs/math.md 8.4). Every entry goes
+    through the GEMMs rounded; once the last chunk is seen, :meth:`make_exact` swaps the dominant entry's rounded
+    contribution for the exact one: one O(R d) correction per row block instead of one per chunk."""
+
+    def __init__(self, rows, acc, device):
+        self.exact = torch.zeros(rows, dtype=acc, device=device)
+        self.seen = torch.zeros(rows, dtype=acc, device=device)
+        self.col = torch.zeros(rows, dtype=torch.int64, device=device)
+
+    def update(self, rescale, top_p, top_col, operand):
+        """A chunk's largest probability ``top_p`` (on the new scale) and its class ``top_col``."""
+        self.exact.mul_(rescale)
+        self.seen.mul_(rescale)
+        better = top_p > self.exact  # strict: the first class reaching the maximum, as torch.max
+        self.exact = torch.where(better, top_p, self.exact)
+        self.seen = torch.where(better, top_p.to(operand).to(top_p.dtype), self.seen)
+        self.col = torch.where(better, top_col, self.col)
+
+    def make_exact(self, moments, mass, weight, need_m2, operand, square_scale):
+        """``moments`` (``[A1 | A2]``) and ``mass`` with the dominant entry's exact products instead of the GEMMs'."""
+        dim = weight.shape[1]
+        w_top = weight[self.col]
+        w_seen = as_operand(w_top, operand)
+        w_exact = w_top.to(moments.dtype)
+        moments[:, :dim].addcmul_(self.exact[:, None], w_exact).addcmul_(self.seen[:, None], w_seen.to(moments.dtype),
+                                                                          value=-1.0)
+        if need_m2:
+            square = w_exact * w_exact if square_scale is None else w_exact * w_exact * square_scale
+            square_seen = squares_operand(w_top, w_seen, operand, square_scale).to(moments.dtype)
+            moments[:, dim:].addcmul_(self.exact[:, None], square).addcmul_(self.seen[:, None], square_seen,
+                                                                             value=-1.0)
+        mass.add_(self.exact - self.seen)
+
+
 def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk, epilogues=None,
                        top_class=None, keep_top=True, scale_squares=True):
     """Per-row online state over ``weight``'s rows, as :func:`dropreg.streamed.partial_statistics` returns it:
@@ -55,8 +95,8 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     :func:`dropreg.streamed.finish_statistics` divides them by ``L``, and states of vocabulary slices merge by the
     same rescaling). 1 + (1 + need_m2) NVd.
 
-    With narrow operands the moments are those of the probabilities as the GEMM saw them (rounded, plus the exact
-    kept-out top), normalized by their own sum (the ``mass``) and then put on the scale of ``L``: ``var = m2 - mu^2``
+    With narrow operands the moments are those of the probabilities as the GEMMs saw them (rounded, the dominant
+    entry made exact: :class:`DominantEntry`), normalized by their own sum (the ``mass``) and then put on the scale of ``L``: ``var = m2 - mu^2``
     stays the variance of one distribution (docs/math.md 8.4), of a mixture of them once slices merge.
     ``top_class`` (N int64, optional, needs ``need_mu``) receives each row's largest logit's row of ``weight``:
     the backward keeps that class's modulation exact. ``keep_top``, ``scale_squares``: docs/math.md 8.4's and 7.3's
@@ -80,36 +120,31 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
         running_sum = torch.zeros(rows, dtype=acc, device=h.device)
         mass = torch.zeros(rows, dtype=acc, device=h.device)
         block_moments = torch.zeros_like(moments[r0:r1])
-        best = None
-        if top_class is not None:
-            top_class[r0:r1] = 0
-            best = torch.full((rows,), float("-inf"), dtype=acc, device=h.device)
+        top = DominantEntry(rows, acc, h.device) if need_mu and (keep_top or top_class is not None) else None
         for v0, v1 in spans(vocab, vocab_chunk):
             cols = v1 - v0
             w = weight[v0:v1]
+            w_op = as_operand(w, types.forward)
             with record_function("dropreg::chunk_logits"):
-                z = mm(h_op, as_operand(w, types.forward).T, acc, out=ChunkBuffers.view(buffers.logits, rows, cols))
+                z = mm(h_op, w_op.T, acc, out=ChunkBuffers.view(buffers.logits, rows, cols))
             probs = ChunkBuffers.view(buffers.outputs, rows, cols) if need_mu else None
             with record_function("dropreg::softmax_epilogue"):
                 rescale, top_p, top_col = epilogues.softmax_chunk(
-                    z, None if bias is None else bias[v0:v1], running_max, running_sum, mass, probs, keep_top)
+                    z, None if bias is None else bias[v0:v1], running_max, running_sum, mass, probs)
             if not need_mu:
                 continue
-            if best is not None:  # the chunk's top logit, log(p_top) above the new shift
-                chunk_max = top_p.log() + logit_shift(running_max)
-                better = chunk_max > best
-                best = torch.where(better, chunk_max, best)
-                top_class[r0:r1] = torch.where(better, top_col + v0, top_class[r0:r1])
+            if top is not None:
+                top.update(rescale, top_p, top_col + v0, types.forward)
             with record_function("dropreg::moments"):
                 block_moments.mul_(rescale[:, None])
-                if keep_top:  # the top entry in the accumulation dtype: exact products of W's values
-                    w_top = w[top_col].to(acc)
-                    block_moments[:, :dim].addcmul_(top_p[:, None], w_top)
-                    if need_m2:
-                        top_square = w_top * w_top if square_scale is None else w_top * w_top * square_scale
-                        block_moments[:, dim:].addcmul_(top_p[:, None], top_square)
-                mm(probs, stacked_weights(w, need_m2, types.forward, square_scale), acc, out=block_moments,
-                   accumulate=True)
+                mm(probs, w_op, acc, out=block_moments[:, :dim], accumulate=True)
+                if need_m2:
+                    mm(probs, squares_operand(w, w_op, types.forward, square_scale), acc, out=block_moments[:, dim:],
+                       accumulate=True)
+        if top is not None and top_class is not None:
+            top_class[r0:r1] = top.col
+        if top is not None and keep_top:
+            top.make_exact(block_moments, mass, weight, need_m2, types.forward, square_scale)
         row_max[r0:r1] = running_max
         exp_sum[r0:r1] = running_sum
         if need_mu:
@@ -145,9 +180,9 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
         w_top = weight[top_class].to(acc)
         t_top = (rows.T_stack * (torch.cat([w_top, w_top * w_top], dim=1) if with_squares else w_top)).sum(1)
     h_op = as_operand(h_block, types.backward)
-    t_op = as_operand(rows.T_stack, types.backward) if modulated else None
+    T_op = as_operand(rows.T_vec, types.backward) if modulated else None
     # [H; T]: grad_W's G^T H and S^T T as one product with K = 2R
-    stacked_rows = torch.cat([h_op, as_operand(rows.T_vec, types.backward)]) if modulated else h_op
+    stacked_rows = torch.cat([h_op, T_op]) if modulated else h_op
     g_r_q_op = as_operand(rows.g_r_q, types.backward) if with_squares else None
     grad_h_block = torch.zeros(n_rows, dim, dtype=acc, device=h_block.device) if want_h else None
     for v0, v1 in spans(weight.shape[0], vocab_chunk):
@@ -156,9 +191,10 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
         with record_function("dropreg::chunk_logits"):
             z = mm(h_op, w_op.T, acc, out=ChunkBuffers.view(buffers.logits, n_rows, cols))
             t = None
-            if modulated:
-                t = mm(t_op, stacked_weights(weight[v0:v1], with_squares, types.backward).T, acc,
-                       out=ChunkBuffers.view(buffers.second, n_rows, cols))
+            if modulated:  # t = T W_c^T + gR' q (W_c*W_c)^T
+                t = mm(T_op, w_op.T, acc, out=ChunkBuffers.view(buffers.second, n_rows, cols))
+                if with_squares:
+                    mm(g_r_q_op, squares_operand(weight[v0:v1], w_op, types.backward).T, acc, out=t, accumulate=True)
         out = ChunkBuffers.view(buffers.outputs, (2 if modulated else 1) * n_rows, cols)
         with record_function("dropreg::gradient_epilogue"):
             epilogues.gradient_chunk(z, None if bias is None else bias[v0:v1], t, lse, rows.row_const, g_ce,
@@ -170,10 +206,8 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
                 mm(g, w_op, acc, out=grad_h_block, accumulate=True)
         if grad_w is not None:
             with record_function("dropreg::grad_weight"):
-                g_w = mm(out.T, stacked_rows, acc)
-                if with_squares:
-                    g_w.addcmul_(weight[v0:v1].to(acc), mm(out[n_rows:].T, g_r_q_op, acc), value=2.0)
-                store_chunk(grad_w, v0, v1, g_w, overwrite_w)
+                add_weight_gradient(grad_w, v0, v1, out.T, stacked_rows, acc, overwrite_w, weight[v0:v1],
+                                    mm(out[n_rows:].T, g_r_q_op, acc) if with_squares else None)
         if grad_b is not None:
             grad_b[v0:v1] += g.sum(dim=0, dtype=acc)
     return grad_h_block
@@ -319,8 +353,7 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
             if want_h2:
                 mm(out[rows:], w_op, acc, out=grad_h[1, r0:r1], accumulate=True)
             if want_w:
-                g_w = mm(out.T, stacked_rows, acc)
-                store_chunk(grad_w, v0, v1, g_w, overwrite_w)
+                add_weight_gradient(grad_w, v0, v1, out.T, stacked_rows, acc, overwrite_w)
             if want_b:
                 grad_b[v0:v1] += out.sum(dim=0, dtype=acc)
     return grad_h, grad_w, grad_b
@@ -366,7 +399,7 @@ def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_c
                 z = logits[rows * v0:rows * v1].view(rows, v1 - v0)
                 mm(h_forward, as_operand(weight[v0:v1], types.forward).T, acc, out=z)
                 epilogues.softmax_chunk(z, None if bias is None else bias[v0:v1], running_max, running_sum, None,
-                                        None, False, keep_logits=True)
+                                        None, keep_logits=True)
         lse = logit_shift(running_max) + running_sum.log()
         ce = lse - target_logit(h[r0:r1].to(acc), weight, bias, y, acc)
         softmax_scale = add_ce_loss(loss, lse, ce, w_row, None if z_weight is None else z_weight[r0:r1].to(acc))
@@ -383,8 +416,7 @@ def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_c
             if want_h:
                 mm(g, as_operand(weight[v0:v1], types.backward), acc, out=grad_h_block, accumulate=True)
             if want_w:
-                g_w = mm(g.T, h_backward, acc)
-                store_chunk(grad_w, v0, v1, g_w, overwrite_w)
+                add_weight_gradient(grad_w, v0, v1, g.T, h_backward, acc, overwrite_w)
             if want_b:
                 grad_b[v0:v1] += g.sum(dim=0, dtype=acc)
         if want_h:

@@ -64,7 +64,7 @@ def _cuda_accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tor
 def mm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, *, out: Optional[torch.Tensor] = None,
        accumulate: bool = False) -> torch.Tensor:
     """``a @ b`` (a, b of one dtype) in ``acc``; into ``out`` when given (``out += a @ b`` when ``accumulate``)."""
-    if a.dtype != acc and a.device.type == "cuda":
+    if a.dtype != acc and a.device.type in ("cuda", "meta"):  # meta tensors stand for CUDA ones (tools/traffic.py)
         if out is None:
             return torch.mm(a, b, out_dtype=acc)
         if accumulate:

@@ -15,14 +15,13 @@ class TorchEpilogues:
     name = "torch"
 
     @staticmethod
-    def softmax_chunk(z, bias, running_max, running_sum, mass, probs, keep_top, *, keep_logits=False):
+    def softmax_chunk(z, bias, running_max, running_sum, mass, probs, *, keep_logits=False):
         """Absorbs the logit chunk ``z + bias`` (R x C, accumulation dtype) into the online softmax, in place.
 
         Updates ``running_max``, ``running_sum`` (exact ``sum exp(z - max)``) and, when ``probs`` (R x C, operand
         dtype) is given, writes ``probs = exp(z + b - new_max)`` rounded to its dtype and adds the sum of what was
-        written to ``mass``. With ``keep_top`` each row's largest entry is written as 0 and counted in ``mass``
-        exactly instead. Returns ``(rescale, top_p, top_col)`` per row: the factor for what earlier chunks
-        accumulated, the kept-out probability ``exp(chunk max - new max)`` and its column. ``z`` is overwritten
+        written to ``mass``. Returns ``(rescale, top_p, top_col)`` per row: the factor for what earlier chunks
+        accumulated, the chunk's largest probability ``exp(chunk max - new max)`` and its column. ``z`` is overwritten
         unless ``keep_logits``."""
         if keep_logits:
             z = z.clone()
@@ -36,12 +35,8 @@ class TorchEpilogues:
         running_sum.mul_(rescale).add_(e.sum(dim=1))
         top_p = torch.exp(chunk_max - shift)
         if probs is not None:
-            if keep_top:
-                e.scatter_(1, top_col[:, None], 0.0)
             probs.copy_(e)
             mass.mul_(rescale).add_(probs.sum(dim=1, dtype=mass.dtype))
-            if keep_top:
-                mass.add_(top_p)
         running_max.copy_(new_max)
         return rescale, top_p, top_col
 

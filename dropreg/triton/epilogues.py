@@ -4,7 +4,7 @@ next GEMM's operand in the operand dtype; none uses atomics. :class:`dropreg.chu
 each computes (same signatures) and the tests compare the two under ``TRITON_INTERPRET=1``.
 
 * ``softmax_chunk_kernel``: one program per BLOCK_R rows; pass 1 finds each row's chunk maximum and its column,
-  pass 2 writes ``P = exp(z + b - new_max)`` (top entry zeroed when KEEP_TOP) and sums it twice (exact, and as
+  pass 2 writes ``P = exp(z + b - new_max)`` and sums it twice (exact, and as
   rounded). Reads z twice, writes P once.
 * ``gradient_chunk_kernel``: one program per BLOCK_R x BLOCK_C tile; ``G = s (row_const + t) - g_ce [v = y]`` and
   ``S`` from z, t. Reads z (and t) once, writes G (and S) once.
@@ -98,7 +98,7 @@ def _rdrop_tile(z1_ptr, z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS: tl.constexpr)
 
 @triton.jit
 def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, rescale_out, top_p_out, top_col_out,
-                         R, C, HAS_BIAS: tl.constexpr, WRITE_PROBS: tl.constexpr, KEEP_TOP: tl.constexpr,
+                         R, C, HAS_BIAS: tl.constexpr, WRITE_PROBS: tl.constexpr,
                          OPERAND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
@@ -123,8 +123,6 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
         e = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - shift[:, None])
         exp_sum += tl.sum(e, axis=1)
         if WRITE_PROBS:
-            if KEEP_TOP:
-                e = tl.where(cols[None, :] == top_col[:, None], 0.0, e)
             p = to_operand(e, OPERAND)
             inside = row_ok[:, None] & (cols[None, :] < C)
             tl.store(probs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], p, mask=inside)
@@ -134,8 +132,6 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
     tl.store(sum_ptr + rows, tl.load(sum_ptr + rows, mask=row_ok, other=0.0) * rescale + exp_sum, mask=row_ok)
     if WRITE_PROBS:
         mass = tl.load(mass_ptr + rows, mask=row_ok, other=0.0) * rescale + rounded_sum
-        if KEEP_TOP:
-            mass += top_p
         tl.store(mass_ptr + rows, mass, mask=row_ok)
     tl.store(max_ptr + rows, new_max, mask=row_ok)
     tl.store(rescale_out + rows, rescale, mask=row_ok)
@@ -249,7 +245,7 @@ class TritonEpilogues:
     def __init__(self, launch=_launch_directly):
         self.launch = launch
 
-    def softmax_chunk(self, z, bias, running_max, running_sum, mass, probs, keep_top, *, keep_logits=False):
+    def softmax_chunk(self, z, bias, running_max, running_sum, mass, probs, *, keep_logits=False):
         # the kernel never writes z: keep_logits holds whatever it says
         rows, cols = z.shape
         rescale = torch.empty_like(running_max)
@@ -260,7 +256,7 @@ class TritonEpilogues:
         self.launch(softmax_chunk_kernel)[(triton.cdiv(rows, block_r),)](
             z, _bias_arg(bias, z), probs if write_probs else z, running_max, running_sum,
             mass if write_probs else running_sum, rescale, top_p, top_col, rows, cols, HAS_BIAS=bias is not None,
-            WRITE_PROBS=write_probs, KEEP_TOP=keep_top, OPERAND=TL_DTYPES[(probs if write_probs else z).dtype],
+            WRITE_PROBS=write_probs, OPERAND=TL_DTYPES[(probs if write_probs else z).dtype],
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
         return rescale, top_p, top_col
 

@@ -1,0 +1,85 @@
+"""tools/traffic.py: the chunked driver's memory traffic outside its GEMMs, counted on meta tensors
+(docs/gpu/traffic.md is its output at the LM shape)."""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("traffic", os.path.join(ROOT, "tools", "traffic.py"))
+traffic = importlib.util.module_from_spec(_spec)
+sys.modules["traffic"] = traffic  # its dataclasses look their module up
+_spec.loader.exec_module(traffic)
+
+
+def test_aten_calls_are_counted_by_what_they_move():
+    count = traffic.Count()
+    x = torch.empty(3, 4, device="meta")  # 48 bytes, free
+    w = torch.empty(10, 4, dtype=torch.bfloat16, device="meta")
+    with traffic.AtenTraffic(count):
+        y = x * 2  # reads x, writes y
+        x.add_(y)  # reads both, writes x
+        x[:, :2].copy_(y[:, :2])  # copy_: reads the source only
+        picked = w[torch.zeros(3, dtype=torch.int64, device="meta")]  # a gather reads what it returns (+ index)
+        torch.mm(x, y.T)  # a GEMM: multiply-adds, no bytes
+        x.mul_(torch.empty(3, 1, device="meta").expand(3, 4))  # an expanded operand counts its 3 elements
+    entries = {what: e for (_, what), e in count.entries.items()}
+    assert (entries["mul"].read, entries["mul"].written) == (48, 48)
+    assert (entries["add_"].read, entries["add_"].written) == (96, 48)
+    assert (entries["copy_"].read, entries["copy_"].written) == (24, 24)
+    assert (entries["index"].read, entries["index"].written) == (picked.numel() * 2 + 3 * 8, picked.numel() * 2)
+    assert entries["mm"].macs == 3 * 4 * 3 and entries["mm"].read == entries["mm"].written == 0
+    assert (entries["mul_"].read, entries["mul_"].written) == (48 + 12, 48)
+    assert entries["zeros"].written == 3 * 8  # the index, made inside the mode
+    assert count.bytes() == 96 + 144 + 48 + (48 + 24) + 24 + 108
+
+
+def test_epilogue_launches_follow_the_kernels_loops():
+    from dropreg.triton.epilogues import TritonEpilogues
+
+    count = traffic.Count()
+    rows, cols = 8, 64
+    z = torch.empty(rows, cols, device="meta")
+    probs = torch.empty(rows, cols, dtype=torch.bfloat16, device="meta")
+    state = [torch.empty(rows, device="meta") for _ in range(3)]
+    TritonEpilogues(traffic.EpilogueTraffic(count)).softmax_chunk(z, None, *state, probs)
+    (entry,) = count.entries.values()
+    # z twice (the max, then the exponentials), no bias; probs written; three states read and written, three outputs
+    assert entry.read == 2 * rows * cols * 4 + 3 * rows * 4
+    assert entry.written == rows * cols * 2 + 3 * rows * 4 + 2 * rows * 4 + rows * 8
+
+
+@pytest.mark.parametrize("op, gemm_nvd", [("terms", 10), ("ce", 3), ("rdrop", 8)])
+def test_every_gemm_of_the_step_is_seen(op, gemm_nvd):
+    """The floor's multiply-adds (docs/math.md): had a product gone to the elementwise side, they would be short."""
+    rows, dim, vocab = 64, 32, 1000
+    count = traffic.Count()
+    traffic.run_step(torch.bfloat16, rows, dim, vocab, op, count)
+    assert count.macs() == gemm_nvd * rows * vocab * dim
+
+
+def test_committed_table_is_the_tools_output(tmp_path):
+    out = tmp_path / "traffic.md"
+    assert traffic.main(["--markdown", str(out)]) == 0
+    with open(os.path.join(ROOT, "docs", "gpu", "traffic.md")) as f:
+        committed = f.read()
+    marker = "<!-- tools/traffic.py output -->\n"
+    assert marker in committed
+    assert committed.split(marker, 1)[1] == out.read_text(), \
+        "docs/gpu/traffic.md is stale: python tools/traffic.py, then paste its output under the marker"
+
+
+def test_gpu_page_quotes_the_table():
+    """docs/gpu.md's totals are docs/gpu/traffic.md's, in its order: the step with both terms, CE alone, R-Drop."""
+    import re
+
+    with open(os.path.join(ROOT, "docs", "gpu", "traffic.md")) as f:
+        totals = re.findall(r"Outside the GEMMs: \*\*([\d.]+) GB\*\*; the design's irreducible ([\d.]+) GB", f.read())
+    with open(os.path.join(ROOT, "docs", "gpu.md")) as f:
+        page = " ".join(f.read().split())
+    (terms, terms_floor), (ce, ce_floor), (rdrop, rdrop_floor) = totals
+    assert f"read and write {terms} GB" in page and f"against {terms_floor} GB the design cannot avoid" in page
+    assert f"cross entropy alone {ce} GB (irreducible {ce_floor})" in page
+    assert f"R-Drop {rdrop} GB ({rdrop_floor})" in page
