@@ -3,12 +3,14 @@
 # the project root on the lent GPU machine, carrying .whl (../shared/tools/gpu_wheels.sh fetches Liger-Kernel and
 # Cut Cross-Entropy):
 #   bash benchmarks/gpu_session.sh [PART ...]    PARTs, in this order by default:
-#     env tests dropreg ce rdrop nccl sweep profile scale distributed
+#     env smoke dropreg profile ce rdrop tests compile triton vocabs sweep scale nccl
+#   (distributed, the whole distributed suite on the GPU, only by name)
 # A session is lent 15 minutes of device time, the machine's start included: one call of under 10 minutes. So the
 # whole script keeps to GPU_SESSION_BUDGET_S seconds (default 540): each PART runs under `timeout` with what is
-# left (at most its own cap), and a PART that would start with under 30 s left is skipped and logged. The default
-# order puts issue 16's targets 1-3 at the headline vocabulary first; VOCABS=32768,128256,256000 gives the full
-# table in a session with more time.
+# left (at most its own cap), and a PART that would start with under 30 s left is skipped and logged. Everything at
+# V=128256 comes first: a 30-second smoke test, the headline benchmark (chunked, naive and the floor's matmul), its
+# profile, cross entropy alone against the peers installed, R-Drop, the chunked path's GPU tests, a torch.compile
+# step; then the one-pass Triton backend and torch.compile(naive), the other vocabulary sizes, the sweeps.
 # Everything goes under $OUT/gpu/ and is packed into $OUT/gpu_session.tar.gz after every PART (the device tool
 # returns 8 files at most, and what is under $OUT still comes back when the call runs past its limit).
 set -uo pipefail
@@ -25,7 +27,9 @@ fi
 part_cap() {
   case "$1" in
     env) echo 60 ;;
-    tests) echo 200 ;;
+    smoke) echo 60 ;;
+    compile) echo 90 ;;
+    tests) echo 150 ;;
     nccl) echo 150 ;;
     distributed) echo 500 ;;
     *) echo 600 ;;
@@ -35,16 +39,24 @@ part_cap() {
 part_command() {  # runs in a child bash under timeout: it sees exported variables and functions only
   # --timeout-s: one slow case is recorded as a time-out instead of eating the call.
   local SHAPE=(--device cuda --dtype bfloat16 --rows 8192 --dim 4096 --repeats 5 --modes forward_backward --timeout-s 120 --gemm-size 8192)
-  local GPU_TESTS=(tests/test_chunked.py tests/test_triton_gpu.py tests/test_against_oracle.py tests/test_low_precision.py
-                   tests/test_rdrop.py tests/test_sites.py)
+  # the chunked path's cases (its fp64 oracle cases compile the epilogues in fp64) and the GPU-only checks of auto
+  local GPU_TESTS=(tests/test_chunked.py tests/test_against_oracle.py tests/test_low_precision.py tests/test_rdrop.py
+                   tests/test_sites.py "tests/test_triton_gpu.py::test_auto_runs_the_chunked_path_on_cuda_tensors"
+                   "tests/test_triton_gpu.py::test_every_site_ops_on_the_gpu_path")
   case "$1" in
     env) nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; git log --oneline -1 ;;
     # pytest-xdist is in the device image: 4 workers compile the Triton kernels in parallel (tested on CPU).
     tests) DROPREG_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider $(python3 -c "import xdist" 2>/dev/null \
              && echo "-n 4") "${GPU_TESTS[@]}" -k "chunked or gpu" ;;
+    smoke) python3 benchmarks/gpu_smoke.py ;;
+    compile) python3 benchmarks/gpu_smoke.py --compile ;;
     dropreg) python3 benchmarks/vocab_scaling.py "${SHAPE[@]}" --vocabs "$VOCABS" --family dropreg \
-               --methods dropreg-chunked,dropreg-triton,naive,naive-compiled --out "$LOGS/dropreg" ;;
-    ce) python3 benchmarks/vocab_scaling.py "${SHAPE[@]}" --vocabs "$VOCABS" --family ce \
+               --methods dropreg-chunked,naive --out "$LOGS/dropreg" ;;
+    triton) python3 benchmarks/vocab_scaling.py "${SHAPE[@]}" --vocabs "$VOCABS" --family dropreg \
+              --methods dropreg-triton,naive-compiled --out "$LOGS/triton" ;;
+    vocabs) python3 benchmarks/vocab_scaling.py "${SHAPE[@]}" --vocabs 32768,256000 --family dropreg \
+              --methods dropreg-chunked,naive --out "$LOGS/vocabs" ;;
+    ce) python3 benchmarks/vocab_scaling.py "${SHAPE[@]}" --vocabs "$VOCABS" --family ce --skip-unavailable \
           --methods ce-dropreg-chunked,liger,cce-cce,F.linear_cross_entropy,F.linear_cross_entropy-chunked,ce-naive \
           --out "$LOGS/ce" ;;
     rdrop) python3 benchmarks/vocab_scaling.py "${SHAPE[@]}" --vocabs "$VOCABS" --family rdrop \
@@ -89,7 +101,7 @@ run_part() {
   pack
 }
 
-for part in "${@:-env tests dropreg ce rdrop nccl sweep profile scale distributed}"; do
+for part in "${@:-env smoke dropreg profile ce rdrop tests compile triton vocabs sweep scale nccl}"; do
   for p in $part; do run_part "$p"; done
 done
 pack

@@ -299,5 +299,8 @@ def available_methods(device: str, family: str = "dropreg"):
     if family == "ce":
         cce = ["cce-torch_compile"] + (["cce-cce"] if device == "cuda" else []) if cce_installed() else []
         liger = ["liger"] if device == "cuda" and _installed("liger_kernel") else []
-        return ours + ["F.linear_cross_entropy-chunked", "F.linear_cross_entropy", *cce, *liger, "ce-naive"]
-    return ours + ["naive", "naive-compiled", "paper", "F.linear_cross_entropy"]
+        torch_ce = (["F.linear_cross_entropy-chunked", "F.linear_cross_entropy"]
+                    if hasattr(torch.nn.functional, "linear_cross_entropy") else [])  # older torch has none
+        return ours + [*torch_ce, *cce, *liger, "ce-naive"]
+    torch_ce = ["F.linear_cross_entropy"] if hasattr(torch.nn.functional, "linear_cross_entropy") else []
+    return ours + ["naive", "naive-compiled", "paper", *torch_ce]

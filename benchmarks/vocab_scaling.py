@@ -53,6 +53,8 @@ def parse_args(argv=None):
                         help="comma-separated subset of methods (default: all available; naive-compiled only "
                              "with --full)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--skip-unavailable", action="store_true",
+                        help="run the --methods available here and name the others instead of stopping")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per case, median (default 3)")
     parser.add_argument("--threads", type=int, default=None)
@@ -94,8 +96,10 @@ def select_methods(args):
         names = [n for n in names if n != "naive-compiled"]  # compiling alone takes minutes per case
     if args.methods:
         unknown = sorted(set(args.methods) - set(names))
-        if unknown:
+        if unknown and not args.skip_unavailable:
             raise SystemExit(f"--methods: unknown or unavailable {unknown}; available: {names}")
+        if unknown:  # a peer missing from this machine is recorded, not fatal
+            print(f"skipped, unknown or unavailable here: {', '.join(unknown)}", flush=True)
         names = [n for n in names if n in args.methods]
     return names
 

@@ -1,6 +1,6 @@
-"""The chunked driver's workspace and operands: flat buffers viewed as R x C chunks, the ``W_c*W_c`` operand (with
-fp16's square scaling, docs/math.md 7.3), grad_W's buffer and per-chunk update, and where the forward records each
-row's dominant class."""
+"""The chunked driver's workspace and per-row records: flat buffers viewed as R x C chunks, the ``W_c*W_c`` operand
+(with fp16's square scaling, docs/math.md 7.3), grad_W's buffer and per-chunk update (with the rows scattered into it
+by class), and each row's dominant entry: the forward's exact correction and the class the backward keeps exact."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,20 +52,54 @@ def squares_scale(weight, types, need_m2):
     return torch.exp2(14 - exponent)
 
 
-def add_weight_gradient(grad_w, v0, v1, a, b, acc, overwrite, weight=None, s_g_r_q=None):
-    """grad_W's rows ``[v0, v1)`` get ``a @ b`` (``+ 2 weight * s_g_r_q``, the explicit term's part, when given):
-    written (``overwrite``: one row block, each chunk once, grad_W in the weight's dtype, rounded once) or added
-    to the fp32 buffer by the GEMM itself (no product written apart and added)."""
+class RowScatter:
+    """Per-row vectors summed into grad_W's rows by class: the implicit term's target rows and the dominant classes'
+    exact parts (:func:`dropreg.chunked.gradient_sweep`). The rows are sorted by class and each class's rows summed in
+    that order (``segment_reduce``: no atomics, so the result is the same on every run), and each chunk's sums are
+    added to its fp32 grad_W before that is rounded once (:func:`add_weight_gradient`).
+
+    Finding where the classes and chunks begin reads them on the host (one synchronization per sweep). Meta tensors
+    have no values: there (tools/traffic.py) every row counts as its own class and the rows spread evenly over the
+    chunks."""
+
+    def __init__(self, classes, values, chunk_starts):
+        order = torch.argsort(classes, stable=True)
+        classes, values = classes[order], values[order]
+        if classes.device.type == "meta":
+            self.classes, self.sums = classes, values
+            per_chunk = -(-len(classes) // max(1, len(chunk_starts)))
+            self.bounds = [min(i * per_chunk, len(classes)) for i in range(len(chunk_starts) + 1)]
+            return
+        self.classes, counts = torch.unique_consecutive(classes, return_counts=True)
+        self.sums = torch.segment_reduce(values, "sum", lengths=counts, axis=0)
+        starts = torch.tensor(chunk_starts, dtype=self.classes.dtype, device=self.classes.device)
+        self.bounds = torch.searchsorted(self.classes, starts).tolist() + [len(self.classes)]
+
+    def chunk(self, index, v0):
+        """The ``index``-th chunk's classes (from its first row ``v0``) and sums."""
+        lo, hi = self.bounds[index], self.bounds[index + 1]
+        return self.classes[lo:hi] - v0, self.sums[lo:hi]
+
+
+def add_weight_gradient(grad_w, v0, v1, a, b, acc, overwrite, weight=None, s_g_r_q=None, scattered=None):
+    """grad_W's rows ``[v0, v1)`` get ``a @ b`` (``+ 2 weight * s_g_r_q``, the explicit term's part, when given; plus
+    ``scattered = (rows, sums)`` from a :class:`RowScatter`): written (``overwrite``: one row block, each chunk once,
+    grad_W in the weight's dtype, rounded once) or added to the fp32 buffer by the GEMM itself (no product written
+    apart and added)."""
     rows = grad_w[v0:v1]
     if not overwrite:
         mm(a, b, acc, out=rows, accumulate=True)
         if s_g_r_q is not None:
             rows.addcmul_(weight, s_g_r_q, value=2.0)
+        if scattered is not None:
+            rows.index_add_(0, *scattered)  # each class once: no two adds meet
         return
-    if rows.dtype == acc and s_g_r_q is None:
+    if rows.dtype == acc and s_g_r_q is None and scattered is None:
         mm(a, b, acc, out=rows)
         return
     product = mm(a, b, acc)
+    if scattered is not None:
+        product.index_add_(0, *scattered)
     if s_g_r_q is None:
         rows.copy_(product)
     else:  # one elementwise pass: the fp32 sum is rounded once into grad_W's dtype
@@ -78,6 +112,45 @@ def grad_weight_buffer(weight, acc, n_row_blocks):
     if n_row_blocks == 1:
         return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device), True
     return torch.zeros(weight.shape, dtype=acc, device=weight.device), False
+
+
+class DominantEntry:
+    """Per row, the largest probability of the chunks seen so far (on the running scale, like the moments), as the
+    moment GEMMs saw it (rounded to the operand dtype) and exact, and its class.
+
+    On a confident row ``var = m2 - mu^2`` cancels down to ``(1 - s_top)`` of its parts, so the dominant entry's
+    rounding (of ``s_top`` and of ``W_top*W_top``) would dominate the result (docs/math.md 8.4). Every entry goes
+    through the GEMMs rounded; once the last chunk is seen, :meth:`make_exact` swaps the dominant entry's rounded
+    contribution for the exact one: one O(R d) correction per row block instead of one per chunk."""
+
+    def __init__(self, rows, acc, device):
+        self.exact = torch.zeros(rows, dtype=acc, device=device)
+        self.seen = torch.zeros(rows, dtype=acc, device=device)
+        self.col = torch.zeros(rows, dtype=torch.int64, device=device)
+
+    def update(self, rescale, top_p, top_col, operand):
+        """A chunk's largest probability ``top_p`` (on the new scale) and its class ``top_col``."""
+        self.exact.mul_(rescale)
+        self.seen.mul_(rescale)
+        better = top_p > self.exact  # strict: the first class reaching the maximum, as torch.max
+        self.exact = torch.where(better, top_p, self.exact)
+        self.seen = torch.where(better, top_p.to(operand).to(top_p.dtype), self.seen)
+        self.col = torch.where(better, top_col, self.col)
+
+    def make_exact(self, moments, mass, weight, need_m2, operand, square_scale):
+        """``moments`` (``[A1 | A2]``) and ``mass`` with the dominant entry's exact products instead of the GEMMs'."""
+        dim = weight.shape[1]
+        w_top = weight[self.col]
+        w_seen = as_operand(w_top, operand)
+        w_exact = w_top.to(moments.dtype)
+        moments[:, :dim].addcmul_(self.exact[:, None], w_exact).addcmul_(self.seen[:, None], w_seen.to(moments.dtype),
+                                                                          value=-1.0)
+        if need_m2:
+            square = w_exact * w_exact if square_scale is None else w_exact * w_exact * square_scale
+            square_seen = squares_operand(w_top, w_seen, operand, square_scale).to(moments.dtype)
+            moments[:, dim:].addcmul_(self.exact[:, None], square).addcmul_(self.seen[:, None], square_seen,
+                                                                             value=-1.0)
+        mass.add_(self.exact - self.seen)
 
 
 def top_class_buffer(h, modulated):

@@ -24,8 +24,8 @@ import math
 import torch
 from torch.profiler import record_function
 
-from .chunk_buffers import (ChunkBuffers, add_weight_gradient, grad_weight_buffer, squares_operand, squares_scale,
-                            top_class_buffer)
+from .chunk_buffers import (ChunkBuffers, DominantEntry, RowScatter, add_weight_gradient, grad_weight_buffer,
+                            squares_operand, squares_scale, top_class_buffer)
 from .gemm import as_operand, mm, operand_types
 from .plan import DEFAULT_PLAN, BlockPlan, ce_chunks, default_chunks
 from .rows import (RowModulation, SliceStatistics, input_row_gradient, logit_shift, row_modulation,
@@ -49,45 +49,6 @@ from .torch_epilogues import TorchEpilogues, epilogues_for
 # Forward statistics and the logit-gradient sweep
 # ---------------------------------------------------------------------------------------------------------
 
-class DominantEntry:
-    """Per row, the largest probability of the chunks seen so far (on the running scale, like the moments), as the
-    moment GEMMs saw it (rounded to the operand dtype) and exact, and its class.
-
-    On a confident row ``var = m2 - mu^2`` cancels down to ``(1 - s_top)`` of its parts, so the dominant entry's
-    rounding (of ``s_top`` and of ``W_top*W_top``) would dominate the result (docs/math.md 8.4). Every entry goes
-    through the GEMMs rounded; once the last chunk is seen, :meth:`make_exact` swaps the dominant entry's rounded
-    contribution for the exact one: one O(R d) correction per row block instead of one per chunk."""
-
-    def __init__(self, rows, acc, device):
-        self.exact = torch.zeros(rows, dtype=acc, device=device)
-        self.seen = torch.zeros(rows, dtype=acc, device=device)
-        self.col = torch.zeros(rows, dtype=torch.int64, device=device)
-
-    def update(self, rescale, top_p, top_col, operand):
-        """A chunk's largest probability ``top_p`` (on the new scale) and its class ``top_col``."""
-        self.exact.mul_(rescale)
-        self.seen.mul_(rescale)
-        better = top_p > self.exact  # strict: the first class reaching the maximum, as torch.max
-        self.exact = torch.where(better, top_p, self.exact)
-        self.seen = torch.where(better, top_p.to(operand).to(top_p.dtype), self.seen)
-        self.col = torch.where(better, top_col, self.col)
-
-    def make_exact(self, moments, mass, weight, need_m2, operand, square_scale):
-        """``moments`` (``[A1 | A2]``) and ``mass`` with the dominant entry's exact products instead of the GEMMs'."""
-        dim = weight.shape[1]
-        w_top = weight[self.col]
-        w_seen = as_operand(w_top, operand)
-        w_exact = w_top.to(moments.dtype)
-        moments[:, :dim].addcmul_(self.exact[:, None], w_exact).addcmul_(self.seen[:, None], w_seen.to(moments.dtype),
-                                                                          value=-1.0)
-        if need_m2:
-            square = w_exact * w_exact if square_scale is None else w_exact * w_exact * square_scale
-            square_seen = squares_operand(w_top, w_seen, operand, square_scale).to(moments.dtype)
-            moments[:, dim:].addcmul_(self.exact[:, None], square).addcmul_(self.seen[:, None], square_seen,
-                                                                             value=-1.0)
-        mass.add_(self.exact - self.seen)
-
-
 def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk, epilogues=None,
                        top_class=None, keep_top=True, scale_squares=True):
     """Per-row online state over ``weight``'s rows, as :func:`dropreg.streamed.partial_statistics` returns it:
@@ -96,8 +57,9 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     same rescaling). 1 + (1 + need_m2) NVd.
 
     With narrow operands the moments are those of the probabilities as the GEMMs saw them (rounded, the dominant
-    entry made exact: :class:`DominantEntry`), normalized by their own sum (the ``mass``) and then put on the scale of ``L``: ``var = m2 - mu^2``
-    stays the variance of one distribution (docs/math.md 8.4), of a mixture of them once slices merge.
+    entry made exact: :class:`DominantEntry`), normalized by their own sum (the ``mass``) and then put on the scale
+    of ``L``: ``var = m2 - mu^2`` stays the variance of one distribution (docs/math.md 8.4), of a mixture of them once
+    slices merge.
     ``top_class`` (N int64, optional, needs ``need_mu``) receives each row's largest logit's row of ``weight``:
     the backward keeps that class's modulation exact. ``keep_top``, ``scale_squares``: docs/math.md 8.4's and 7.3's
     precision measures (switched off only to measure them)."""
@@ -164,28 +126,41 @@ def chunked_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
 
 
 def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation, with_squares, types, epilogues,
-                   buffers, vocab_chunk, *, grad_w=None, grad_b=None, want_h=True, overwrite_w=False, top_class=None):
+                   buffers, vocab_chunk, *, grad_w=None, grad_b=None, want_h=True, overwrite_w=False, top_class=None,
+                   scatter_rows=None):
     """One row block's backward over every chunk; returns its ``W^T G`` (None unless ``want_h``).
 
     ``rows.T_stack`` None: plain cross entropy (``G = s g_ce - g_ce [v = y]``, grad_W = G^T H). ``target`` None:
     no target correction. ``grad_w``'s chunk rows are overwritten (``overwrite_w``: one row block, so each chunk
-    is visited once) or accumulated. ``top_class`` (per row, a row of ``weight``): with narrow operands that class's
-    ``t`` is formed exactly in the accumulation dtype, since ``row_const + t`` cancels there on confident rows and the
-    rounding of ``[T | gR' q]`` would not (docs/math.md 7.3)."""
+    is visited once) or accumulated. ``top_class`` (per row, a row of ``weight``): with narrow operands that class is
+    handled in the accumulation dtype (docs/math.md 7.3): its ``t``, since ``row_const + t`` cancels there on
+    confident rows and the rounding of ``[T | gR' q]`` would not, and its grad_W part ``s_k (T + 2 gR' q W_k)``,
+    whose halves cancel to ``2 s_k gR' q (W_k - mu)`` there (the epilogue leaves it out of S). ``scatter_rows``:
+    ``(classes, values)``, one vector per row added to grad_W's row of its class (the implicit term's target part).
+    Both reach grad_W through a :class:`RowScatter`: summed per class without atomics, rounded once with the chunk."""
     acc = types.acc
     n_rows, dim = h_block.shape
     modulated = rows.T_stack is not None
+    chunks = list(spans(weight.shape[0], vocab_chunk))
     t_top = None
+    scattered = [scatter_rows] if scatter_rows is not None else []
     if modulated and top_class is not None and types.backward != acc:
         w_top = weight[top_class].to(acc)
         t_top = (rows.T_stack * (torch.cat([w_top, w_top * w_top], dim=1) if with_squares else w_top)).sum(1)
+        z_top = (h_block * w_top).sum(1) + (0.0 if bias is None else bias[top_class].to(acc))
+        part = rows.T_vec + 2.0 * rows.g_r_q * w_top if with_squares else rows.T_vec
+        scattered.append((top_class, torch.exp(z_top - lse)[:, None] * part))
+    scatter = None
+    if grad_w is not None and scattered:
+        scatter = RowScatter(torch.cat([c for c, _ in scattered]), torch.cat([v for _, v in scattered]),
+                             [v0 for v0, _ in chunks])
     h_op = as_operand(h_block, types.backward)
     T_op = as_operand(rows.T_vec, types.backward) if modulated else None
     # [H; T]: grad_W's G^T H and S^T T as one product with K = 2R
     stacked_rows = torch.cat([h_op, T_op]) if modulated else h_op
     g_r_q_op = as_operand(rows.g_r_q, types.backward) if with_squares else None
     grad_h_block = torch.zeros(n_rows, dim, dtype=acc, device=h_block.device) if want_h else None
-    for v0, v1 in spans(weight.shape[0], vocab_chunk):
+    for index, (v0, v1) in enumerate(chunks):
         cols = v1 - v0
         w_op = as_operand(weight[v0:v1], types.backward)
         with record_function("dropreg::chunk_logits"):
@@ -207,7 +182,8 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
         if grad_w is not None:
             with record_function("dropreg::grad_weight"):
                 add_weight_gradient(grad_w, v0, v1, out.T, stacked_rows, acc, overwrite_w, weight[v0:v1],
-                                    mm(out[n_rows:].T, g_r_q_op, acc) if with_squares else None)
+                                    mm(out[n_rows:].T, g_r_q_op, acc) if with_squares else None,
+                                    None if scatter is None else scatter.chunk(index, v0))
         if grad_b is not None:
             grad_b[v0:v1] += g.sum(dim=0, dtype=acc)
     return grad_h_block
@@ -243,13 +219,15 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
         g_ce = grad_ce[r0:r1].to(acc)
         rows = row_modulation(h_block, g_ce, mu, var, signs, grad_quadratic, grad_sign_term, grad_mu, r0, r1,
                               need_explicit, need_implicit)
-        grad_h_block = gradient_sweep(h_block, weight, bias, lse[r0:r1], sweep_target[r0:r1], g_ce, rows,
-                                      need_explicit, types, epilogues, buffers, vocab_chunk, grad_w=grad_w,
-                                      grad_b=grad_b, want_h=want_h, overwrite_w=overwrite_w,
-                                      top_class=None if top_class is None else top_class[r0:r1])
         g_i_owned = None
         if need_implicit:
             g_i_owned = rows.g_i if owns_target is None else rows.g_i * owns_target[r0:r1, None]
+        grad_h_block = gradient_sweep(h_block, weight, bias, lse[r0:r1], sweep_target[r0:r1], g_ce, rows,
+                                      need_explicit, types, epilogues, buffers, vocab_chunk, grad_w=grad_w,
+                                      grad_b=grad_b, want_h=want_h, overwrite_w=overwrite_w,
+                                      top_class=None if top_class is None else top_class[r0:r1],
+                                      # the implicit term's target part of grad_W
+                                      scatter_rows=(y, -g_i_owned * rows.u) if want_w and need_implicit else None)
         if want_h:  # the row-wise parts of grad_input (docs/math.md 4.3)
             grad_h_rows[r0:r1] = input_row_gradient(h_block, signs[r0:r1] if need_implicit else None,
                                                     mu[r0:r1] if need_implicit else None,
@@ -259,8 +237,6 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
             if need_implicit:
                 grad_h_block -= g_i_owned * signs[r0:r1] * weight[y].to(acc)
             grad_h[r0:r1] = grad_h_block
-        if want_w and need_implicit:  # the implicit term's target scatter
-            grad_w.index_add_(0, y, (-g_i_owned * rows.u).to(grad_w.dtype))
     return grad_h, grad_h_rows, grad_w, grad_b
 
 

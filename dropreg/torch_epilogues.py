@@ -46,8 +46,9 @@ class TorchEpilogues:
         ``G = s (row_const + t) - g_ce [col = target_col]`` with ``s = exp(z + b - lse)``, rows ``[R, 2R)`` get ``S``
         when ``out`` has them (the modulated backward needs S for grad_W). ``t`` None: ``G = s row_const - ...``;
         ``target_col`` None: no target (softmax_mean). ``top_col``/``t_top``: per row, a column whose ``t`` is
-        replaced by the exact ``t_top`` (the row's dominant class, docs/math.md 7.3); columns outside the chunk
-        change nothing. ``z`` and ``t`` are overwritten."""
+        replaced by the exact ``t_top`` and whose ``S`` is written as 0 (the row's dominant class, docs/math.md 7.3:
+        the driver adds its grad_W part exactly); columns outside the chunk change nothing. ``z`` and ``t`` are
+        overwritten."""
         rows = z.shape[0]
         if top_col is not None:
             _replace_at(t, top_col, t_top)
@@ -56,6 +57,8 @@ class TorchEpilogues:
         probs = z.sub_(lse[:, None]).exp_()
         if out.shape[0] > rows:
             out[rows:].copy_(probs)
+            if top_col is not None:  # S without the dominant class: the driver adds that class's grad_W part exactly
+                _replace_at(out[rows:], top_col, torch.zeros(rows, dtype=out.dtype, device=out.device))
         g = probs.mul_(row_const[:, None]) if t is None else t.add_(row_const[:, None]).mul_(probs)
         if target_col is not None:
             in_chunk = (target_col >= 0) & (target_col < z.shape[1])

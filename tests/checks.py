@@ -162,31 +162,103 @@ def labelled(values_and_grads, names=TERMS, leaves=("input", "weight", "bias")):
     return out
 
 
+# A randn cotangent per row (reduction "none") stays below this in the suite's sizes (|N(0,1)| > 4: 6e-5 per row).
+COTANGENT_BOUND = 4.0
+
+
+def summand_floors(problem: Problem) -> dict[str, float]:
+    """Per label (``"ce"``, ``"dexplicit/dweight"``, ..., ``"loss"``), the size of the summands its sums add, in the
+    quantity's own units: rounding errs relative to them even where the sum cancels to 0 (V=1: every term and
+    gradient is 0). With ``H = max|h|``, ``W = max|W|``, ``Q = max_n sum_k h_nk^2``, ``A = max_n sum_k |h_nk|``:
+
+    =========  ===========  ======================  =========================  ===========
+    term       value        d/dinput                d/dweight                  d/dbias
+    =========  ===========  ======================  =========================  ===========
+    ce         1            W                       H                          1
+    explicit   c Q W^2      c (H W^2 + Q W^3)       c (Q W + Q W^2 H)          c Q W^2
+    implicit   c A W        c (W + A W^2)           c (A + A W H)              c A W
+    z_loss     c Z^2        c Z W                   c Z H                      c Z
+    =========  ===========  ======================  =========================  ===========
+
+    (c the term's coefficient; ce's and z-loss's in logit units, ``Z = 1 + max|z|``; the second parts are the
+    terms' dependence through the softmax, ``ds/dz = O(1)`` times ``dz/dh = W`` or ``dz/dW = h``). Each is scaled by
+    what reaches one summand from upstream: a row's weight under the reduction (``1/n`` for "mean", 1 for "sum",
+    the cotangent bound for "none", times the largest class weight), and for the weight and bias gradients, which
+    sum over rows, by the row count. ``"loss"`` and its gradients take the sum over the terms."""
+    kwargs = problem.kwargs
+    d = problem.input.shape[-1]
+    h, w = problem.input.reshape(-1, d), problem.weight
+    logits = h @ w.T + (problem.bias if problem.bias is not None else 0)
+    big_h = float(h.abs().max()) if h.numel() else 0.0
+    big_w = float(w.abs().max()) if w.numel() else 0.0
+    q = float((h * h).sum(-1).max()) if h.numel() else 0.0
+    a = float(h.abs().sum(-1).max()) if h.numel() else 0.0
+    z = 1.0 + float(logits.abs().max()) if logits.numel() else 1.0
+    coef_r, coef_i = dropreg.default_coefficients(kwargs.get("p", 0.1))
+    coef_r = kwargs.get("explicit_coef") if kwargs.get("explicit_coef") is not None else coef_r
+    coef_i = kwargs.get("implicit_coef") if kwargs.get("implicit_coef") is not None else coef_i
+    coef_z = kwargs.get("z_loss", 0.0) or 0.0
+    units = {
+        "ce": (1.0, big_w, big_h, 1.0),
+        "explicit": tuple(coef_r * u for u in (q * big_w ** 2, big_h * big_w ** 2 + q * big_w ** 3,
+                                                 q * big_w + q * big_w ** 2 * big_h, q * big_w ** 2)),
+        "implicit": tuple(coef_i * u for u in (a * big_w, big_w + a * big_w ** 2, a + a * big_w * big_h, a * big_w)),
+        "z_loss": tuple(coef_z * u for u in (z * z, z * big_w, z * big_h, z)),
+    }
+    target = problem.target.reshape(-1)
+    kept = target != kwargs.get("ignore_index", -100)
+    rows = max(int(kept.sum()), 1)
+    class_weight = kwargs.get("weight")
+    largest = float(class_weight.abs().max()) if class_weight is not None else 1.0
+    reduction = kwargs.get("reduction", "mean")
+    if reduction == "mean":  # "mean" divides by the count (or the kept rows' class weights)
+        total = float(class_weight[target[kept]].sum()) if class_weight is not None and kept.any() else rows
+        per_row = largest / max(total, 1e-300)
+    else:
+        per_row = largest * (COTANGENT_BOUND if reduction == "none" else 1.0)
+    value_scale = per_row * rows if reduction != "none" else per_row
+    floors = {}
+    for name, (value, d_input, d_weight, d_bias) in units.items():
+        floors[name] = value * value_scale
+        floors[f"d{name}/dinput"] = d_input * per_row
+        floors[f"d{name}/dweight"] = d_weight * per_row * rows
+        floors[f"d{name}/dbias"] = d_bias * per_row * rows
+    for suffix in ("", "/dinput", "/dweight", "/dbias"):
+        floors[f"{'d' if suffix else ''}loss{suffix}"] = sum(floors[f"{'d' if suffix else ''}{name}{suffix}"]
+                                                           for name in units)
+    return floors
+
+
 def assert_close_to_oracle(ours, oracle, dtype, problem: Problem, factor=8.0):
     """``|ours - oracle| <= factor * eps * (1 + max|z|) * scale`` per term and per gradient.
 
     Rounding in a softmax-weighted sum is relative to the summands, not to the result: ``scale`` is the
     largest oracle magnitude of that quantity plus, for the explicit term, docs/math.md's cancellation size
     ``coef * max_n sum_j q_j m2_j`` (``var = m2 - mu^2`` loses that much when the softmax is peaked),
-    plus 1 so that quantities that are exactly zero (V=1) still allow rounding-level noise.
+    plus the size of the quantity's summands (:func:`summand_floors`), so that quantities that are exactly zero
+    (V=1) still allow rounding-level noise, in their own units.
     Errors in ``z - lse`` grow with the logit magnitude, hence ``1 + max|z|``; with a softcap ``z`` is the raw
     (uncapped) logit: it carries an absolute error of eps |z|, and tanh's derivative ``1 - t^2`` an absolute error
     of eps that multiplies ``|W|``, both in ours and in the oracle's autograd. ``factor`` covers the
     accumulation length of the small problems used here; a wrong formula misses by O(1) relative.
     """
     z_scale, explicit_extra = oracle_scales(problem)
+    floors = summand_floors(problem)
     oracle_labelled = labelled(oracle)
     for label, value in labelled(ours).items():
         extra = explicit_extra if label.split("/")[0] in ("explicit", "dexplicit") else 0.0
-        assert_within_rounding(label, value, oracle_labelled[label], dtype, z_scale, extra, factor)
+        assert_within_rounding(label, value, oracle_labelled[label], dtype, z_scale, extra, factor,
+                               floor=floors[label])
 
 
-def assert_within_rounding(label, ours, oracle, dtype, z_scale, extra=0.0, factor=8.0):
-    """``max|ours - oracle| <= factor * eps * z_scale * (max|oracle| + extra + 1)``."""
+def assert_within_rounding(label, ours, oracle, dtype, z_scale, extra=0.0, factor=8.0, *, floor):
+    """``max|ours - oracle| <= factor * eps * z_scale * (max|oracle| + extra + floor)``; ``floor``: the size of the
+    quantity's summands (:func:`summand_floors`)."""
     scale = (float(oracle.abs().max()) if oracle.numel() else 0.0) + extra
-    tol = factor * EPS[dtype] * z_scale * (scale + 1.0)
+    tol = factor * EPS[dtype] * z_scale * (scale + floor)
     err = float((ours - oracle).abs().max()) if ours.numel() else 0.0
-    assert err <= tol, f"{label}: max error {err:.3e} exceeds tolerance {tol:.3e} (scale {scale:.3e})"
+    assert err <= tol, (f"{label}: max error {err:.3e} exceeds tolerance {tol:.3e} (scale {scale:.3e}, "
+                        f"floor {floor:.3e})")
 
 
 def strided(t: torch.Tensor, layout: str) -> torch.Tensor:

@@ -36,9 +36,22 @@ def causal_lm_loss_worker(rank, world, port, out_dir):
     _exit_without_teardown()
 
 
+def trainer_loss(model, ids, labels, out_dir):
+    """DropregTrainer's training loss of one batch (its compute_loss, both dropout terms on), as Trainer calls it."""
+    import transformers
+
+    from dropreg import hf
+    args = transformers.TrainingArguments(output_dir=os.path.join(out_dir, "trainer"), use_cpu=True, report_to=[],
+                                          save_strategy="no", disable_tqdm=True, seed=3)
+    trainer = hf.DropregTrainer(model=model, args=args, p=0.2)
+    model.train()
+    return trainer.compute_loss(model, {"input_ids": ids, "labels": labels})
+
+
 def fsdp2_worker(rank, world, port, out_dir):
     """Each rank: its own batch through causal_lm_loss on a model sharded with FSDP2 (fully_shard on every decoder
-    layer and on the root), both dropout terms on; saves the full gradients and the loss."""
+    layer and on the root), both dropout terms on, then through DropregTrainer's compute_loss; saves both losses and
+    full gradients."""
     from torch.distributed.fsdp import fully_shard
 
     import test_hf
@@ -51,11 +64,15 @@ def fsdp2_worker(rank, world, port, out_dir):
             fully_shard(layer)
         fully_shard(model)
         ids, labels = rank_batch(rank)
-        out = hf.causal_lm_loss(model, ids, labels, p=0.2, seed=7 + rank)
-        out.loss.backward()
-        torch.save(dict(loss=out.loss.detach(),
-                        grads={name: param.grad.full_tensor() for name, param in model.named_parameters()}),
-                   os.path.join(out_dir, f"fsdp{rank}.pt"))
+        saved = {}
+        for name, step in (("causal_lm_loss", lambda: hf.causal_lm_loss(model, ids, labels, p=0.2, seed=7 + rank).loss),
+                           ("trainer", lambda: trainer_loss(model, ids, labels, out_dir))):
+            model.zero_grad()
+            loss = step()
+            loss.backward()
+            saved[name] = dict(loss=loss.detach(),
+                               grads={n: param.grad.full_tensor() for n, param in model.named_parameters()})
+        torch.save(saved, os.path.join(out_dir, f"fsdp{rank}.pt"))
     except BaseException:
         dist.destroy_process_group()
         raise

@@ -1,10 +1,12 @@
 """Every backend against the float64 autograd oracle: values and gradients of each term."""
+import dataclasses
+
 import pytest
 import torch
 
 import dropreg
 from checks import (_leaves, _terms_and_grads, assert_close_to_oracle, assert_within_rounding, labelled,
-                    make_problem, oracle_scales, run_dropreg, run_oracle, strided)
+                    make_problem, oracle_scales, run_dropreg, run_oracle, strided, summand_floors)
 from oracle import oracle_rows
 
 SHAPES = [
@@ -87,9 +89,11 @@ def test_loss_is_the_oracle_total(backend, reduction):
     oracle_values, oracle_grads = run_oracle(problem, cotangent)
     total = (sum(oracle_values.values()), [sum(g) for g in zip(*oracle_grads.values())])
     z_scale, explicit_extra = oracle_scales(problem)
+    floors = summand_floors(problem)
     oracle = labelled(({"loss": total[0]}, {"loss": total[1]}), ("loss",))
     for label, value in labelled(ours, ("loss",)).items():
-        assert_within_rounding(label, value, oracle[label], torch.float64, z_scale, explicit_extra)
+        assert_within_rounding(label, value, oracle[label], torch.float64, z_scale, explicit_extra,
+                               floor=floors[label])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -113,10 +117,12 @@ def test_explicit_regularizer_matches_oracle(backend, reduction, bias):
     assert ours.shape == oracle.shape and ours.dtype == torch.float64
     cotangent = torch.randn(oracle.shape, dtype=torch.float64)
     z_scale, explicit_extra = oracle_scales(problem)
+    floors = summand_floors(dataclasses.replace(problem, kwargs=dict(problem.kwargs, reduction=reduction)))
     ours_labelled = labelled(_terms_and_grads([ours], leaves, cotangent, ("explicit",)), ("explicit",))
     oracle_labelled = labelled(_terms_and_grads([oracle], leaves, cotangent, ("explicit",)), ("explicit",))
     for label, value in ours_labelled.items():
-        assert_within_rounding(label, value, oracle_labelled[label], torch.float64, z_scale, explicit_extra)
+        assert_within_rounding(label, value, oracle_labelled[label], torch.float64, z_scale, explicit_extra,
+                               floor=floors[label])
 
 
 def _linear_ce_values_and_grads(backend, h, w, b, target, signs, **kwargs):
@@ -142,3 +148,18 @@ def test_non_contiguous_inputs_equal_contiguous(backend, layout):
                                              signs.expand(3, 4, 5).contiguous(), **kwargs)
     for a, c in zip(ours, contiguous):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12 * float(c.abs().max()))
+
+
+def test_rounding_floor_is_in_each_quantitys_units():
+    """The tolerance's floor is the size of the quantity's summands (checks.summand_floors), not 1: on flat rows
+    (W ~ 1e-3 / sqrt(d)) the explicit term is about 1e-7, and a floor of 1 made its float32 tolerance 8.5 times the
+    term itself; now a 1% error in it fails, while the exact values pass."""
+    torch.manual_seed(0)
+    problem = make_problem(lead=(5,), d=4, vocab=11, logit_scale=1e-3, p=0.3)
+    values, grads = run_oracle(problem, torch.ones(()))
+    assert 0 < float(values["explicit"]) < 1e-6
+    assert_close_to_oracle((values, grads), (values, grads), torch.float32, problem)
+    for label in ("explicit", "implicit"):
+        wrong = dict(values, **{label: values[label] * 1.01})
+        with pytest.raises(AssertionError, match=label):
+            assert_close_to_oracle((wrong, grads), (values, grads), torch.float32, problem)

@@ -119,12 +119,17 @@ def test_triton_gradient_epilogue_matches_torch(operand, modulated):
     lse = torch.logsumexp(z + bias, dim=1) + torch.rand(rows)
     row_const, g_ce = torch.randn(rows), torch.randn(rows)
     target_col = torch.tensor([0, 28, 29, -1, 5, 5, 100, 3, 1, 2, 7])  # some outside the chunk
+    # modulated: each row's dominant class (some outside the chunk) gets the exact t_top and no S entry
+    top = (torch.tensor([4, 0, 28, 31, -3, 7, 7, 12, 1, 2, 40]), torch.randn(rows)) if modulated else ()
     outs = []
     for epilogues in (TorchEpilogues, TRITON_EPILOGUES):
         out = torch.full(((2 if modulated else 1) * rows, cols), 7.0, dtype=operand)
         epilogues.gradient_chunk(z.clone(), bias, None if t is None else t.clone(), lse, row_const, g_ce, target_col,
-                                 out)
+                                 out, *top)
         outs.append(out.float())
+    if modulated:
+        inside = (top[0] >= 0) & (top[0] < cols)
+        assert (outs[0][rows:][inside, top[0][inside]] == 0).all()
     # Both form each entry in fp32 in a different order, so the rounding to bf16 may land on the neighbouring value:
     # one bf16 ulp is at most 2^-7 of the value (measured: 2 of 200 seeds differed by one ulp at 2^-8 tolerance).
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-6 if operand == torch.float32 else 2**-7, atol=1e-7)
@@ -288,3 +293,57 @@ def test_fp16_squares_beyond_fp16_range_stay_finite_and_accurate():
     for ours, exact in zip(leaves, leaves64):
         assert (ours.grad.double() - exact.grad).abs().max() < 1e-2 * exact.grad.abs().max()
     assert not explicit_terms(scale_squares=False).isfinite().all()
+
+
+def test_explicit_weight_gradient_of_the_dominant_classes_on_confident_rows():
+    """grad_W of the explicit term at a confident row's dominant class k is ``2 s_k gR' q (W_k - mu)``; formed from
+    the bf16 operands T and gR' q its two halves (``-2 s_k gR' q mu`` and ``2 s_k gR' q W_k``) cancel, leaving a
+    relative error near 2^-8 / (1 - s_top). The driver forms that class's part in fp32 instead (docs/math.md 7.3):
+    within 1e-2 of float64 (median over the dominant classes' rows, bf16's own output rounding included), and
+    without it (``top_class=False``) the same check fails."""
+    h, w, own = _confident_problem()
+    plan = BlockPlan(row_block=len(h), vocab_chunk=1024)
+
+    def grad_weight(hidden, weight, backend):
+        weight = weight.clone().requires_grad_()
+        dropreg.explicit_regularizer(hidden, weight, reduction="sum", backend=backend).backward()
+        return weight.grad.double()
+
+    classes = own.unique()
+    truth = grad_weight(h.double(), w.double(), "reference")[classes]
+
+    def error(plan):
+        ours = grad_weight(h, w, dropreg.get_backend("chunked").with_plan(plan))[classes]
+        return ((ours - truth).norm(dim=1) / truth.norm(dim=1)).median().item()
+
+    exact = error(plan)
+    assert exact < 1e-2, exact
+    rounded = error(dataclasses.replace(plan, top_class=False))
+    assert rounded > 5e-2 and rounded > 10 * exact, (rounded, exact)
+
+
+def test_row_scatter_sums_each_class_once_and_grad_weight_rounds_once():
+    """The implicit term's target rows and the dominant classes' exact parts reach grad_W through a RowScatter: rows
+    sorted by class and summed per class in order (no atomics), each chunk's sums added to its fp32 product before
+    the one rounding to grad_W's dtype (no bf16 addend added to an already rounded bf16 grad_W)."""
+    from dropreg.chunk_buffers import RowScatter, add_weight_gradient
+
+    gen = torch.Generator().manual_seed(5)
+    vocab, dim, rows = 40, 6, 50
+    classes = torch.randint(0, vocab, (rows,), generator=gen)
+    classes[:10] = 17  # one class many times
+    values = torch.randn(rows, dim, generator=gen)
+    chunks = [(0, 16), (16, 32), (32, 40)]
+    scatter = RowScatter(classes, values, [v0 for v0, _ in chunks])
+    per_class = torch.zeros(vocab, dim, dtype=torch.float64).index_add_(0, classes, values.double())
+    assert torch.equal(scatter.classes, classes.unique())
+    torch.testing.assert_close(scatter.sums.double(), per_class[scatter.classes], rtol=1e-6, atol=1e-6)
+    a = torch.randn(vocab, 8, generator=gen).bfloat16()
+    b = torch.randn(8, dim, generator=gen).bfloat16()
+    grad_w = torch.empty(vocab, dim, dtype=torch.bfloat16)
+    for index, (v0, v1) in enumerate(chunks):
+        add_weight_gradient(grad_w, v0, v1, a[v0:v1], b, torch.float32, True, scattered=scatter.chunk(index, v0))
+    dense = torch.zeros(vocab, dim).index_put_((scatter.classes,), scatter.sums)
+    assert torch.equal(grad_w, (a.float() @ b.float() + dense).bfloat16())  # fp32 sum, rounded once
+    again = RowScatter(classes, values, [v0 for v0, _ in chunks])
+    assert torch.equal(again.sums, scatter.sums) and again.bounds == scatter.bounds

@@ -314,25 +314,30 @@ def test_ddp_wrapped_model_all_reduces_the_gradients(tmp_path):
 
 
 def test_fsdp2_sharded_model_gives_the_one_process_loss_and_mean_gradients(tmp_path):
-    """causal_lm_loss on a model wrapped with FSDP2's fully_shard (2 gloo ranks, different batches): the loss runs
-    inside the root module's call, so its parameters are gathered for the head and the gradients reduce-scattered:
-    every rank's loss is the one-process loss of its batch and its gradients the mean over ranks."""
+    """causal_lm_loss and DropregTrainer's compute_loss on a model wrapped with FSDP2's fully_shard (2 gloo ranks,
+    different batches): the loss runs inside the root module's call, so its parameters are gathered for the head and
+    the gradients reduce-scattered: every rank's loss is the one-process loss of its batch and its gradients the mean
+    over ranks."""
     import torch.multiprocessing as mp
 
     import hf_ddp_worker
     mp.spawn(hf_ddp_worker.fsdp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
-    expected, losses = [], []
-    for rank in range(2):
-        model = llama()
-        ids, labels = hf_ddp_worker.rank_batch(rank)
-        out = hf.causal_lm_loss(model, ids, labels, p=0.2, seed=7 + rank)
-        losses.append(out.loss.detach())
-        expected.append(grads(model, out.loss))
-    mean = {name: (expected[0][name] + expected[1][name]) / 2 for name in expected[0]}
-    for rank in range(2):
-        saved = torch.load(tmp_path / f"fsdp{rank}.pt")
-        torch.testing.assert_close(saved["loss"], losses[rank], rtol=1e-12, atol=0)
-        assert_grads_close(saved["grads"], mean, rtol=1e-10, atol=1e-13)
+    steps = {"causal_lm_loss": lambda model, ids, labels, rank: hf.causal_lm_loss(model, ids, labels, p=0.2,
+                                                                                  seed=7 + rank).loss,
+             "trainer": lambda model, ids, labels, rank: hf_ddp_worker.trainer_loss(model, ids, labels,
+                                                                                   str(tmp_path / "one"))}
+    saved = [torch.load(tmp_path / f"fsdp{rank}.pt") for rank in range(2)]
+    for name, step in steps.items():
+        expected, losses = [], []
+        for rank in range(2):
+            model = llama()
+            loss = step(model, *hf_ddp_worker.rank_batch(rank), rank)
+            losses.append(loss.detach())
+            expected.append(grads(model, loss))
+        mean = {param: (expected[0][param] + expected[1][param]) / 2 for param in expected[0]}
+        for rank in range(2):
+            torch.testing.assert_close(saved[rank][name]["loss"], losses[rank], rtol=1e-12, atol=0, msg=name)
+            assert_grads_close(saved[rank][name]["grads"], mean, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.slow

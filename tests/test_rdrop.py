@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import dropreg
-from checks import (_terms_and_grads, assert_beats_same_dtype, assert_ignore_index_acts_as_minus_100,
+from checks import (COTANGENT_BOUND, _terms_and_grads, assert_beats_same_dtype, assert_ignore_index_acts_as_minus_100,
                     assert_within_rounding, labelled, strided)
 
 NAMES = ("ce1", "ce2", "kl")
@@ -61,6 +61,21 @@ def _max_abs(t):
     return float(t.abs().max()) if t.numel() else 0.0
 
 
+def rdrop_floors(h1, h2, w, y, reduction):
+    """checks.summand_floors for R-Drop's labels: its terms are in logit units (1), and a logit gradient's rounding
+    (eps * z_scale, relative to a probability's size 1) reaches the input gradients through W and the weight
+    gradients through h, even where the oracle gradient is exactly 0: with huge logits every row can be one-hot with
+    one argmax in both passes, and the backward's recomputed logits round differently from the forward's. Scaled by
+    what reaches one row from upstream (1/n for "mean", the cotangent bound for "none") and, for the weight and bias,
+    by the row count."""
+    rows = max(int((y != -100).sum()), 1)
+    per_row = {"mean": 1.0 / rows, "sum": 1.0, "none": COTANGENT_BOUND}[reduction]
+    through = {"input1": _max_abs(w) * per_row, "input2": _max_abs(w) * per_row,
+               "weight": max(_max_abs(h1), _max_abs(h2)) * per_row * rows, "bias": per_row * rows}
+    value = {"mean": 1.0, "sum": float(rows), "none": 1.0}[reduction]
+    return lambda label: through[label.split("/d")[1]] if "/" in label else value
+
+
 def compare(backend, dtype, inputs, reduction="mean", factor=8.0, alpha=1.0, softcap=None):
     """dropreg's ce1, ce2, kl and ``loss`` (with ``alpha``), values and gradients, against the authors' float64
     terms; the oracle loss is ``ce1 + ce2 + alpha * kl`` of those independently computed terms."""
@@ -77,16 +92,10 @@ def compare(backend, dtype, inputs, reduction="mean", factor=8.0, alpha=1.0, sof
                                              reduction=reduction, alpha=alpha, softcap=softcap, backend=backend)
     ours = _terms_and_grads(tuple(out), leaves, cotangent, NAMES_AND_LOSS)
     z_scale = 1.0 + float(logits.abs().max()) if logits.numel() else 1.0
-    # A logit gradient's rounding error (eps * z_scale, relative to a probability's size 1) reaches the input
-    # gradients through W and the weight gradients through h. It must be allowed for even where the oracle
-    # gradient is exactly 0: with huge logits every row can be one-hot with one argmax in both passes, and the
-    # backward's recomputed logits round differently from the forward's (other GEMM blocking).
-    through = {"input1": _max_abs(w), "input2": _max_abs(w), "weight": max(_max_abs(h1), _max_abs(h2)),
-               "bias": 1.0}
+    floor = rdrop_floors(h1, h2, w, y, reduction)
     oracle_labelled = labelled(oracle, NAMES_AND_LOSS, LEAVES)
     for label, value in labelled(ours, NAMES_AND_LOSS, LEAVES).items():
-        extra = through[label.split("/d")[1]] if "/" in label else 0.0
-        assert_within_rounding(label, value, oracle_labelled[label], dtype, z_scale, extra, factor)
+        assert_within_rounding(label, value, oracle_labelled[label], dtype, z_scale, 0.0, factor, floor=floor(label))
     return out
 
 
@@ -327,9 +336,10 @@ def test_loss_options_against_oracle(backend, option, reduction):
                                              reduction=reduction, backend=backend, **options)
     ours = _terms_and_grads(tuple(out), leaves, cotangent, names)
     z_scale = 1.0 + float(logits.abs().max())
+    floor = rdrop_floors(h1, h2, w, y, reduction)
     oracle_labelled = labelled(oracle, names, LEAVES)
     for label, value in labelled(ours, names, LEAVES).items():
-        assert_within_rounding(label, value, oracle_labelled[label], torch.float64, z_scale)
+        assert_within_rounding(label, value, oracle_labelled[label], torch.float64, z_scale, floor=floor(label))
 
 
 def test_bad_softcap_is_a_clear_error():

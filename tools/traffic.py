@@ -19,6 +19,7 @@ beside the count (:func:`irreducible_bytes`). Nothing here needs a GPU or Triton
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections import defaultdict
@@ -92,11 +93,14 @@ class Count:
 
 
 def caller() -> str:
-    """``module.function`` of the innermost dropreg frame below this tool."""
+    """``module.function`` of the innermost frame in the dropreg package (not merely under a folder of that name)."""
+    import dropreg
+
+    package = os.path.dirname(os.path.abspath(dropreg.__file__)) + os.sep
     for frame in reversed(traceback.extract_stack()[:-2]):
-        path = frame.filename.replace("\\", "/")
-        if "/dropreg/" in path and "/tools/" not in path:
-            module = path.rsplit("/dropreg/", 1)[1][:-3].replace("/", ".")
+        path = os.path.abspath(frame.filename)
+        if path.startswith(package):
+            module = path[len(package):-3].replace(os.sep, ".")
             return f"{module}.{frame.name}"
     return "(outside dropreg)"
 

@@ -162,6 +162,9 @@ def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr,
         g -= tl.where(cols[None, :] == target[:, None], g_ce[:, None], 0.0)
     tl.store(out_ptr + at, to_operand(g, OPERAND), mask=inside)
     if WRITE_S:
+        if HAS_TOP:  # S without the dominant class: the driver adds that class's grad_W part exactly
+            top_col_s = tl.load(top_col_ptr + rows, mask=row_ok, other=-1)
+            probs = tl.where(cols[None, :] == top_col_s[:, None], 0.0, probs)
         tl.store(out_ptr + second_block(at, R, C), to_operand(probs, OPERAND), mask=inside)
 
 
