@@ -71,8 +71,8 @@ def test_committed_table_is_the_tools_output(tmp_path):
         "docs/gpu/traffic.md is stale: python tools/traffic.py, then paste its output under the marker"
 
 
-def test_gpu_page_quotes_the_table():
-    """docs/gpu.md's totals are docs/gpu/traffic.md's, in its order: the step with both terms, CE alone, R-Drop."""
+def test_gpu_page_and_readme_quote_the_table():
+    """docs/gpu.md's and the README's totals are docs/gpu/traffic.md's, in its order: the step with both terms, CE alone, R-Drop."""
     import re
 
     with open(os.path.join(ROOT, "docs", "gpu", "traffic.md")) as f:
@@ -83,3 +83,6 @@ def test_gpu_page_quotes_the_table():
     assert f"read and write {terms} GB" in page and f"against {terms_floor} GB the design cannot avoid" in page
     assert f"cross entropy alone {ce} GB (irreducible {ce_floor})" in page
     assert f"R-Drop {rdrop} GB ({rdrop_floor})" in page
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = " ".join(f.read().split())
+    assert f"counted at {terms} GB of memory traffic outside its GEMMs, against {terms_floor} GB" in readme
