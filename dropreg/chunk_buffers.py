@@ -83,9 +83,9 @@ class RowScatter:
 
 def add_weight_gradient(grad_w, v0, v1, a, b, acc, overwrite, weight=None, s_g_r_q=None, scattered=None):
     """grad_W's rows ``[v0, v1)`` get ``a @ b`` (``+ 2 weight * s_g_r_q``, the explicit term's part, when given; plus
-    ``scattered = (rows, sums)`` from a :class:`RowScatter`): written (``overwrite``: one row block, each chunk once,
-    grad_W in the weight's dtype, rounded once) or added to the fp32 buffer by the GEMM itself (no product written
-    apart and added)."""
+    ``scattered = (rows, sums)`` from a :class:`RowScatter`): written (``overwrite``: the first row block; with one
+    block grad_W is in the weight's dtype and rounded once) or added to the fp32 buffer by the GEMM itself (no
+    product written apart and added)."""
     rows = grad_w[v0:v1]
     if not overwrite:
         mm(a, b, acc, out=rows, accumulate=True)
@@ -107,11 +107,9 @@ def add_weight_gradient(grad_w, v0, v1, a, b, acc, overwrite, weight=None, s_g_r
 
 
 def grad_weight_buffer(weight, acc, n_row_blocks):
-    """grad_W in the weight's dtype when one row block writes each chunk once (no V x d fp32 copy), else in the
-    accumulation dtype."""
-    if n_row_blocks == 1:
-        return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device), True
-    return torch.zeros(weight.shape, dtype=acc, device=weight.device), False
+    """grad_W, uninitialized (the first row block writes every chunk's rows): in the weight's dtype when one row block
+    writes each chunk once (no V x d fp32 copy), else in the accumulation dtype, summed over the row blocks."""
+    return torch.empty(weight.shape, dtype=weight.dtype if n_row_blocks == 1 else acc, device=weight.device)
 
 
 class DominantEntry:

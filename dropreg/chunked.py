@@ -49,10 +49,17 @@ from .torch_epilogues import TorchEpilogues, epilogues_for
 # Forward statistics and the logit-gradient sweep
 # ---------------------------------------------------------------------------------------------------------
 
+def rescale_needed(rescale) -> bool:
+    """Whether a row's reference moved in this chunk, so that the moments accumulated on its old scale must be
+    rescaled: rare once the first chunk has set it (:func:`dropreg.rows.reference_headroom`). Asking reads one flag
+    on the host. Meta tensors (tools/traffic.py) have no values: taken as no."""
+    return rescale.device.type != "meta" and bool((rescale != 1).any())
+
+
 def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk, epilogues=None,
                        top_class=None, keep_top=True, scale_squares=True):
     """Per-row online state over ``weight``'s rows, as :func:`dropreg.streamed.partial_statistics` returns it:
-    running max ``m``, ``L = sum exp(z - m)`` and moments ``[A1 | A2]`` on the scale of ``L`` (so that
+    running reference ``m`` (the max, up to the epilogues' headroom), ``L = sum exp(z - m)`` and moments ``[A1 | A2]`` on the scale of ``L`` (so that
     :func:`dropreg.streamed.finish_statistics` divides them by ``L``, and states of vocabulary slices merge by the
     same rescaling). 1 + (1 + need_m2) NVd.
 
@@ -98,7 +105,8 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
             if top is not None:
                 top.update(rescale, top_p, top_col + v0, types.forward)
             with record_function("dropreg::moments"):
-                block_moments.mul_(rescale[:, None])
+                if v0 > 0 and rescale_needed(rescale):  # before the first chunk the moments are 0
+                    block_moments.mul_(rescale[:, None])
                 mm(probs, w_op, acc, out=block_moments[:, :dim], accumulate=True)
                 if need_m2:
                     mm(probs, squares_operand(w, w_op, types.forward, square_scale), acc, out=block_moments[:, dim:],
@@ -131,8 +139,8 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
     """One row block's backward over every chunk; returns its ``W^T G`` (None unless ``want_h``).
 
     ``rows.T_stack`` None: plain cross entropy (``G = s g_ce - g_ce [v = y]``, grad_W = G^T H). ``target`` None:
-    no target correction. ``grad_w``'s chunk rows are overwritten (``overwrite_w``: one row block, so each chunk
-    is visited once) or accumulated. ``top_class`` (per row, a row of ``weight``): with narrow operands that class is
+    no target correction. ``grad_w``'s chunk rows are overwritten (``overwrite_w``: the first row block) or
+    accumulated. ``top_class`` (per row, a row of ``weight``): with narrow operands that class is
     handled in the accumulation dtype (docs/math.md 7.3): its ``t``, since ``row_const + t`` cancels there on
     confident rows and the rounding of ``[T | gR' q]`` would not, and its grad_W part ``s_k (T + 2 gR' q W_k)``,
     whose halves cancel to ``2 s_k gR' q (W_k - mu)`` there (the epilogue leaves it out of S). ``scatter_rows``:
@@ -174,7 +182,8 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
         with record_function("dropreg::gradient_epilogue"):
             epilogues.gradient_chunk(z, None if bias is None else bias[v0:v1], t, lse, rows.row_const, g_ce,
                                      None if target is None else target - v0, out,
-                                     *((top_class - v0, t_top) if t_top is not None else ()))
+                                     *((top_class - v0, t_top) if t_top is not None else ()),
+                                     grad_b=None if grad_b is None else grad_b[v0:v1])
         g = out[:n_rows]
         if want_h:
             with record_function("dropreg::grad_input"):
@@ -184,8 +193,6 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
                 add_weight_gradient(grad_w, v0, v1, out.T, stacked_rows, acc, overwrite_w, weight[v0:v1],
                                     mm(out[n_rows:].T, g_r_q_op, acc) if with_squares else None,
                                     None if scatter is None else scatter.chunk(index, v0))
-        if grad_b is not None:
-            grad_b[v0:v1] += g.sum(dim=0, dtype=acc)
     return grad_h_block
 
 
@@ -204,8 +211,7 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
     modulated = need_explicit or need_implicit
     grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
     grad_h_rows = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-    grad_w, overwrite_w = (grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
-                           else (None, False))
+    grad_w = grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
     if owns_target is not None:
         sweep_target = torch.where(owns_target, target, torch.full_like(target, -1))  # -1: in no chunk
@@ -224,7 +230,7 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
             g_i_owned = rows.g_i if owns_target is None else rows.g_i * owns_target[r0:r1, None]
         grad_h_block = gradient_sweep(h_block, weight, bias, lse[r0:r1], sweep_target[r0:r1], g_ce, rows,
                                       need_explicit, types, epilogues, buffers, vocab_chunk, grad_w=grad_w,
-                                      grad_b=grad_b, want_h=want_h, overwrite_w=overwrite_w,
+                                      grad_b=grad_b, want_h=want_h, overwrite_w=r0 == 0,
                                       top_class=None if top_class is None else top_class[r0:r1],
                                       # the implicit term's target part of grad_W
                                       scatter_rows=(y, -g_i_owned * rows.u) if want_w and need_implicit else None)
@@ -250,8 +256,7 @@ def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_ch
     acc = types.acc
     n_rows, dim = h.shape
     grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-    grad_w, overwrite_w = (grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
-                           else (None, False))
+    grad_w = grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
                                     types.backward, h.device, second=True, outputs=2)
@@ -260,7 +265,7 @@ def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_ch
         rows = softmax_mean_modulation(g_mu, mu[r0:r1])
         grad_h_block = gradient_sweep(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, rows, False, types,
                                       epilogues, buffers, vocab_chunk, grad_w=grad_w, grad_b=grad_b, want_h=want_h,
-                                      overwrite_w=overwrite_w,
+                                      overwrite_w=r0 == 0,
                                       top_class=None if top_class is None else top_class[r0:r1])
         if want_h:
             grad_h[r0:r1] = grad_h_block
@@ -306,8 +311,7 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
     n_rows, dim = h1.shape
     grad_ce1, grad_ce2, grad_kl = (g.to(acc) for g in (grad_ce1, grad_ce2, grad_kl))
     grad_h = torch.zeros(2, n_rows, dim, dtype=acc, device=h1.device)
-    grad_w, overwrite_w = (grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w
-                           else (None, False))
+    grad_w = grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h1.device) if want_b else None
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc, types.backward,
                                     h1.device, second=True, outputs=2)
@@ -323,15 +327,14 @@ def rdrop_backward(h1, h2, weight, bias, target, lse, expected_d, grad_ce1, grad
             out = ChunkBuffers.view(buffers.outputs, 2 * rows, cols)
             epilogues.rdrop_gradient_chunk(z1, z2, None if bias is None else bias[v0:v1], lse[:, r0:r1],
                                            expected_d[:, r0:r1], grad_ce1[r0:r1], grad_ce2[r0:r1],
-                                           0.5 * grad_kl[r0:r1], target[r0:r1] - v0, out)
+                                           0.5 * grad_kl[r0:r1], target[r0:r1] - v0, out,
+                                           grad_b=grad_b[v0:v1] if want_b else None)
             if want_h1:
                 mm(out[:rows], w_op, acc, out=grad_h[0, r0:r1], accumulate=True)
             if want_h2:
                 mm(out[rows:], w_op, acc, out=grad_h[1, r0:r1], accumulate=True)
             if want_w:
-                add_weight_gradient(grad_w, v0, v1, out.T, stacked_rows, acc, overwrite_w)
-            if want_b:
-                grad_b[v0:v1] += out.sum(dim=0, dtype=acc)
+                add_weight_gradient(grad_w, v0, v1, out.T, stacked_rows, acc, r0 == 0)
     return grad_h, grad_w, grad_b
 
 
@@ -357,8 +360,7 @@ def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_c
     device = h.device
     loss = torch.zeros(2, dtype=acc, device=device)
     grad_h = torch.empty(n_rows, dim, dtype=acc, device=device) if want_h else None
-    grad_w, overwrite_w = (grad_weight_buffer(weight, acc, math.ceil(n_rows / block_rows)) if want_w
-                           else (None, False))
+    grad_w = grad_weight_buffer(weight, acc, math.ceil(n_rows / block_rows)) if want_w else None
     grad_b = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
     chunks = list(spans(vocab, vocab_chunk))
     block = min(block_rows, n_rows)
@@ -388,13 +390,11 @@ def ce_gradients(h, weight, bias, target, row_weight, wants, block_rows, vocab_c
             g = ChunkBuffers.view(gradient, rows, v1 - v0)
             with record_function("dropreg::ce_gradients"):
                 epilogues.gradient_chunk(z, None if bias is None else bias[v0:v1], None, lse, softmax_scale, w_row,
-                                         y - v0, g)
+                                         y - v0, g, grad_b=grad_b[v0:v1] if want_b else None)
             if want_h:
                 mm(g, as_operand(weight[v0:v1], types.backward), acc, out=grad_h_block, accumulate=True)
             if want_w:
-                add_weight_gradient(grad_w, v0, v1, g.T, h_backward, acc, overwrite_w)
-            if want_b:
-                grad_b[v0:v1] += g.sum(dim=0, dtype=acc)
+                add_weight_gradient(grad_w, v0, v1, g.T, h_backward, acc, r0 == 0)
         if want_h:
             grad_h[r0:r1] = grad_h_block
     return loss, grad_h, grad_w, grad_b

@@ -23,6 +23,20 @@ def logit_shift(running_max):
     return torch.where(running_max == float("-inf"), torch.zeros_like(running_max), running_max)
 
 
+def reference_headroom(dtype: torch.dtype) -> float:
+    """How far a chunk's largest logit may rise above a row's running reference before the chunked driver's
+    reference moves (docs/math.md 7.3): probabilities are written as ``exp(z - reference)``, at most
+    ``exp(headroom)``: e^8 (about 3e3) in fp16, whose largest value is 65504, e^16 (about 9e6) otherwise. A
+    reference that stays put leaves what earlier chunks accumulated on its scale: no rescaling."""
+    return 8.0 if dtype == torch.float16 else 16.0
+
+
+def moved_reference(reference, chunk_max, headroom: float):
+    """The running reference after a chunk whose largest logit is ``chunk_max``: unchanged unless that exceeds it by
+    more than ``headroom`` (the first chunk's -inf reference always moves)."""
+    return torch.where(chunk_max > reference + headroom, chunk_max, reference)
+
+
 class SliceStatistics(NamedTuple):
     """What a statistics pass hands back over its slice of the vocabulary, per row, normalized by that slice's own
     softmax: ``lse``, ``mu = E[W]`` (None unless asked) and the second moment as ``m2 = E[W*W]`` or as ``var``

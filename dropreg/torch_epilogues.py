@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .gemm import operand_types
-from .rows import logit_shift
+from .rows import logit_shift, moved_reference, reference_headroom
 
 
 class TorchEpilogues:
@@ -18,17 +18,21 @@ class TorchEpilogues:
     def softmax_chunk(z, bias, running_max, running_sum, mass, probs, *, keep_logits=False):
         """Absorbs the logit chunk ``z + bias`` (R x C, accumulation dtype) into the online softmax, in place.
 
-        Updates ``running_max``, ``running_sum`` (exact ``sum exp(z - max)``) and, when ``probs`` (R x C, operand
-        dtype) is given, writes ``probs = exp(z + b - new_max)`` rounded to its dtype and adds the sum of what was
-        written to ``mass``. Returns ``(rescale, top_p, top_col)`` per row: the factor for what earlier chunks
-        accumulated, the chunk's largest probability ``exp(chunk max - new max)`` and its column. ``z`` is overwritten
+        Updates ``running_max``, the row's reference (the largest logit seen, or up to
+        :func:`dropreg.rows.reference_headroom` below it: it moves only when a chunk rises further,
+        :func:`dropreg.rows.moved_reference`), ``running_sum`` (exact ``sum exp(z - reference)``) and, when ``probs``
+        (R x C, operand dtype) is given, writes ``probs = exp(z + b - reference)`` rounded to its dtype and adds the
+        sum of what was written to ``mass``. Returns ``(rescale, top_p, top_col)`` per row: the factor for what
+        earlier chunks accumulated (exactly 1 where the reference stayed), the chunk's largest value
+        ``exp(chunk max - reference)`` and its column. ``z`` is overwritten
         unless ``keep_logits``."""
         if keep_logits:
             z = z.clone()
         if bias is not None:
             z += bias.to(z.dtype)
         chunk_max, top_col = z.max(dim=1)
-        new_max = torch.maximum(running_max, chunk_max)
+        new_max = moved_reference(running_max, chunk_max,
+                                  reference_headroom(z.dtype if probs is None else probs.dtype))
         shift = logit_shift(new_max)
         rescale = torch.exp(running_max - shift)
         e = z.sub_(shift[:, None]).exp_()
@@ -41,13 +45,14 @@ class TorchEpilogues:
         return rescale, top_p, top_col
 
     @staticmethod
-    def gradient_chunk(z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None):
+    def gradient_chunk(z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None, *, grad_b=None):
         """The logit gradient of one chunk into ``out`` (operand dtype): rows ``[0, R)`` get
         ``G = s (row_const + t) - g_ce [col = target_col]`` with ``s = exp(z + b - lse)``, rows ``[R, 2R)`` get ``S``
         when ``out`` has them (the modulated backward needs S for grad_W). ``t`` None: ``G = s row_const - ...``;
         ``target_col`` None: no target (softmax_mean). ``top_col``/``t_top``: per row, a column whose ``t`` is
         replaced by the exact ``t_top`` and whose ``S`` is written as 0 (the row's dominant class, docs/math.md 7.3:
-        the driver adds its grad_W part exactly); columns outside the chunk change nothing. ``z`` and ``t`` are
+        the driver adds its grad_W part exactly); columns outside the chunk change nothing. ``grad_b`` (C, the
+        accumulation dtype): G's column sums, before its rounding, are added to it. ``z`` and ``t`` are
         overwritten."""
         rows = z.shape[0]
         if top_col is not None:
@@ -65,6 +70,8 @@ class TorchEpilogues:
             g.scatter_add_(1, target_col.clamp(0, z.shape[1] - 1)[:, None],
                            torch.where(in_chunk, -g_ce, torch.zeros_like(g_ce))[:, None])
         out[:rows].copy_(g)
+        if grad_b is not None:
+            grad_b += g.sum(dim=0)
 
     @staticmethod
     def rdrop_softmax_chunk(z1, z2, bias, running_max, running_sum, weighted_d):
@@ -83,9 +90,10 @@ class TorchEpilogues:
             running_max[i] = new_max
 
     @staticmethod
-    def rdrop_gradient_chunk(z1, z2, bias, lse, expected_d, g_ce1, g_ce2, half_kl, target_col, out):
+    def rdrop_gradient_chunk(z1, z2, bias, lse, expected_d, g_ce1, g_ce2, half_kl, target_col, out, *, grad_b=None):
         """R-Drop's logit gradients of one chunk (docs/math.md 9.3) into ``out`` (2R x C, operand dtype): G1 in rows
-        ``[0, R)``, G2 in ``[R, 2R)``. ``z1``, ``z2`` are overwritten."""
+        ``[0, R)``, G2 in ``[R, 2R)``; ``grad_b`` (C), when given, gets ``G1 + G2``'s column sums before their
+        rounding. ``z1``, ``z2`` are overwritten."""
         rows = z1.shape[0]
         diff = z1 - z2
         if bias is not None:
@@ -102,6 +110,8 @@ class TorchEpilogues:
             g.scatter_add_(1, col, torch.where(in_chunk, -g_ce, torch.zeros_like(g_ce))[:, None])
         out[:rows].copy_(g1)
         out[rows:].copy_(g2)
+        if grad_b is not None:  # G1 + G2's column sums, before their rounding
+            grad_b += g1.sum(dim=0) + g2.sum(dim=0)
 
 
 def _replace_at(values, cols, replacement):

@@ -86,9 +86,11 @@ def _chunk(rows, cols, dtype, *, masked_cols=()):
     return z, bias
 
 
-@pytest.mark.parametrize("operand", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("operand", [torch.float32, torch.bfloat16, None], ids=["fp32", "bf16", "lse-only"])
 @pytest.mark.parametrize("first", [True, False], ids=["first-chunk", "later-chunk"])
 def test_triton_softmax_epilogue_matches_torch(operand, first):
+    """Both epilogues alike, with the probabilities written (two passes over the chunk) or only the sums (one
+    online pass); references that stay within the headroom and references that move."""
     from dropreg.triton.epilogues import TRITON_EPILOGUES
 
     rows, cols = 9, 37
@@ -99,13 +101,24 @@ def test_triton_softmax_epilogue_matches_torch(operand, first):
         start = [torch.full((rows,), float("-inf")), torch.zeros(rows), torch.zeros(rows)]
     else:
         start = [torch.randn(rows) * 3, torch.rand(rows) + 0.5, torch.rand(rows) + 0.5]
+        top = (z + bias).amax(dim=1)
+        start[0][0] = top[0] - 5.0  # the chunk rises within the headroom: the reference stays, values above 1
+        start[0][1] = top[1] - 40.0  # beyond it: the reference moves to the chunk's max
     for epilogues in (TorchEpilogues, TRITON_EPILOGUES):
         state = [s.clone() for s in start]
-        probs = torch.full((rows, cols), 7.0, dtype=operand)
+        probs = None if operand is None else torch.full((rows, cols), 7.0, dtype=operand)
+        if probs is None:
+            state[2] = None  # no mass without probabilities
         out = epilogues.softmax_chunk(z.clone(), bias, *state, probs)
-        results.append([*out, *state, probs.float()])
+        results.append([*out, *state, torch.zeros(()) if probs is None else probs.float()])
+    if operand is None:
+        results = [r[:5] for r in results]  # rescale, top_p, top_col, max, sum
     for name, ours, theirs in zip(["rescale", "top_p", "top_col", "max", "sum", "mass", "probs"], *results):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0, equal_nan=True, msg=name)
+    if not first:
+        rescale, top_p, _, reference = results[0][:4]
+        assert rescale[0] == 1 and reference[0] == start[0][0] and top_p[0] > 100  # e^5 on the old scale
+        assert rescale[1] < 1e-10 and reference[1] == (z + bias)[1].amax() and top_p[1] == 1
 
 
 @pytest.mark.parametrize("operand", [torch.float32, torch.bfloat16])
@@ -121,12 +134,18 @@ def test_triton_gradient_epilogue_matches_torch(operand, modulated):
     target_col = torch.tensor([0, 28, 29, -1, 5, 5, 100, 3, 1, 2, 7])  # some outside the chunk
     # modulated: each row's dominant class (some outside the chunk) gets the exact t_top and no S entry
     top = (torch.tensor([4, 0, 28, 31, -3, 7, 7, 12, 1, 2, 40]), torch.randn(rows)) if modulated else ()
-    outs = []
+    outs, col_sums = [], []
     for epilogues in (TorchEpilogues, TRITON_EPILOGUES):
         out = torch.full(((2 if modulated else 1) * rows, cols), 7.0, dtype=operand)
+        grad_b = torch.full((cols,), 0.5)  # G's column sums (fp32, before rounding) are added to it
         epilogues.gradient_chunk(z.clone(), bias, None if t is None else t.clone(), lse, row_const, g_ce, target_col,
-                                 out, *top)
+                                 out, *top, grad_b=grad_b)
         outs.append(out.float())
+        col_sums.append(grad_b)
+    torch.testing.assert_close(col_sums[1], col_sums[0], rtol=1e-5, atol=1e-6)
+    rounded = outs[0][:rows]  # G as written: each entry within half an operand unit of the fp32 G summed
+    half_unit = (2**-24 if operand == torch.float32 else 2**-8) * rounded.abs().sum(0)
+    assert ((col_sums[0] - 0.5 - rounded.sum(0)).abs() <= half_unit + 1e-6).all()
     if modulated:
         inside = (top[0] >= 0) & (top[0] < cols)
         assert (outs[0][rows:][inside, top[0][inside]] == 0).all()
@@ -141,7 +160,7 @@ def test_triton_rdrop_epilogues_match_torch():
     rows, cols = 6, 23
     z1, bias = _chunk(rows, cols, torch.float32, masked_cols=(4,))
     z2 = z1 + 0.3 * torch.randn(rows, cols)
-    states, grads = [], []
+    states, grads, col_sums = [], [], []
     start = [torch.randn(2, rows), torch.rand(2, rows) + 0.5, torch.randn(2, rows)]
     for epilogues in (TorchEpilogues, TRITON_EPILOGUES):
         state = [s.clone() for s in start]
@@ -149,13 +168,17 @@ def test_triton_rdrop_epilogues_match_torch():
         states.append(state)
         lse = torch.stack([torch.logsumexp(z + bias, 1) for z in (z1, z2)])
         out = torch.empty(2 * rows, cols)
+        grad_b = torch.zeros(cols)
         epilogues.rdrop_gradient_chunk(z1.clone(), z2.clone(), bias, lse, torch.randn(2, rows).mul(0) + 0.1,
                                        torch.ones(rows), torch.full((rows,), 0.5), torch.full((rows,), 0.25),
-                                       torch.tensor([0, 4, 22, 23, -1, 7]), out)
+                                       torch.tensor([0, 4, 22, 23, -1, 7]), out, grad_b=grad_b)
         grads.append(out)
+        col_sums.append(grad_b)
     for ours, theirs in zip(states[1], states[0]):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(col_sums[1], col_sums[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(col_sums[0], grads[0].sum(0), rtol=1e-5, atol=1e-6)  # fp32 out: G1 + G2 exactly
 
 
 def _confident_problem(n_rows=256, dim=128, vocab=4096, margin=14.0, seed=0):

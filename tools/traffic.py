@@ -13,7 +13,11 @@ results. Every ATen call and every epilogue launch is counted:
 - An epilogue launch reads and writes its tensor arguments as :data:`EPILOGUE_TRAFFIC` says, which follows the kernels'
   loops in dropreg/triton/epilogues.py.
 
-Each call is attributed to the innermost dropreg function that made it. The design's irreducible traffic is printed
+Meta tensors have no values, so work that depends on them is counted as the data a language model gives makes
+likely: the moments' rescale after the first chunk (needed only where a row's largest logit rises above its
+reference by more than the headroom, dropreg/rows.py ``reference_headroom``) is counted as never happening, and the
+rows scattered into grad_W as all of distinct classes. Each call is attributed to the innermost dropreg function
+that made it. The design's irreducible traffic is printed
 beside the count (:func:`irreducible_bytes`). Nothing here needs a GPU or Triton's compiler.
 """
 from __future__ import annotations
@@ -36,24 +40,27 @@ GATHERS = {"index", "index_select", "gather", "embedding"}  # read what they ret
 SCATTERS = {"index_add", "index_add_", "index_put", "index_put_", "scatter", "scatter_", "scatter_add",
             "scatter_add_", "index_copy", "index_copy_"}  # touch as much of ``self`` as they scatter
 
-# (argument, reads, writes) per epilogue kernel: how often each tensor argument crosses DRAM. The softmax epilogues
-# loop over the chunk twice (the row max, then the exponentials), so they read the logits twice. Arguments
-# not listed (placeholders for absent options) move nothing.
+# (argument, reads, writes) per epilogue kernel: how often each tensor argument crosses DRAM. Arguments not listed
+# (placeholders for absent options) move nothing.
 EPILOGUE_TRAFFIC = {
-    "softmax_chunk_kernel": dict(z_ptr=(2, 0), b_ptr=(2, 0), probs_ptr=(0, 1), max_ptr=(1, 1), sum_ptr=(1, 1),
+    "softmax_chunk_kernel": dict(z_ptr=(1, 0), b_ptr=(1, 0), probs_ptr=(0, 1), max_ptr=(1, 1), sum_ptr=(1, 1),
                                  mass_ptr=(1, 1), rescale_out=(0, 1), top_p_out=(0, 1), top_col_out=(0, 1)),
     "gradient_chunk_kernel": dict(z_ptr=(1, 0), b_ptr=(1, 0), t_ptr=(1, 0), lse_ptr=(1, 0), row_const_ptr=(1, 0),
                                   g_ce_ptr=(1, 0), target_ptr=(1, 0), top_col_ptr=(1, 0), t_top_ptr=(1, 0),
-                                  out_ptr=(0, 1)),
-    "rdrop_softmax_chunk_kernel": dict(z1_ptr=(2, 0), z2_ptr=(2, 0), b_ptr=(2, 0), max_ptr=(1, 1), sum_ptr=(1, 1),
+                                  out_ptr=(0, 1), col_sums_out=(0, 1)),
+    "rdrop_softmax_chunk_kernel": dict(z1_ptr=(1, 0), z2_ptr=(1, 0), b_ptr=(1, 0), max_ptr=(1, 1), sum_ptr=(1, 1),
                                        weighted_d_ptr=(1, 1)),
     "rdrop_gradient_chunk_kernel": dict(z1_ptr=(1, 0), z2_ptr=(1, 0), b_ptr=(1, 0), lse_ptr=(1, 0),
                                         expected_d_ptr=(1, 0), g_ce1_ptr=(1, 0), g_ce2_ptr=(1, 0),
-                                        half_kl_ptr=(1, 0), target_ptr=(1, 0), out_ptr=(0, 1)),
+                                        half_kl_ptr=(1, 0), target_ptr=(1, 0), out_ptr=(0, 1), col_sums_out=(0, 1)),
 }
+# A second pass over the chunk, when a constexpr asks for it: the softmax epilogue writes the probabilities only once
+# the chunk's maximum is known, so it reads the logits again.
+EPILOGUE_SECOND_PASS = {"softmax_chunk_kernel": ("WRITE_PROBS", ("z_ptr", "b_ptr"))}
 # which argument a constexpr switches off (False: never read or written)
 EPILOGUE_SWITCHES = {"HAS_BIAS": ("b_ptr",), "HAS_T": ("t_ptr",), "HAS_TARGET": ("g_ce_ptr", "target_ptr"),
-                     "HAS_TOP": ("top_col_ptr", "t_top_ptr"), "WRITE_PROBS": ("probs_ptr", "mass_ptr")}
+                     "HAS_TOP": ("top_col_ptr", "t_top_ptr"), "WRITE_PROBS": ("probs_ptr", "mass_ptr"),
+                     "COL_SUMS": ("col_sums_out",)}
 
 
 def distinct_bytes(t: torch.Tensor) -> int:
@@ -178,10 +185,12 @@ class EpilogueTraffic:
                     off = {arg for switch, args_off in EPILOGUE_SWITCHES.items() if kwargs.get(switch) is False
                            for arg in args_off}
                     read = written = 0
+                    switch, again = EPILOGUE_SECOND_PASS.get(name, (None, ()))
                     for arg_name, value in zip(kernel.arg_names, args):
                         if arg_name in off or arg_name not in traffic or not isinstance(value, torch.Tensor):
                             continue
                         reads, writes = traffic[arg_name]
+                        reads += arg_name in again and kwargs.get(switch) is True
                         read += reads * distinct_bytes(value)
                         written += writes * distinct_bytes(value)
                     count.add(caller(), name, read, written)

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rows import reference_headroom
 from .utils import FP_FUSION, INTERPRETED, TL_DTYPES
 
 # Rows per program of the row-wise kernels and the column tile; the interpreter gets small tiles so that the
@@ -69,6 +70,21 @@ def _tile(R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _shift(maximum):
+    """An online softmax's shift: its maximum, or 0 for rows whose logits so far are all -inf
+    (dropreg.rows.logit_shift)."""
+    return tl.where(maximum == float("-inf"), 0.0, maximum)
+
+
+@triton.jit
+def _store_col_sums(col_sums_out, g, inside, cols, C):
+    """This row tile's column sums of ``g`` (fp32, before its rounding), for grad_b: row ``program_id(0)`` of a
+    (row tiles) x C buffer that the launcher sums over the tiles in order (no atomics)."""
+    at = tl.program_id(0).to(tl.int64) * C + cols
+    tl.store(col_sums_out + at, tl.sum(tl.where(inside, g, 0.0), axis=0), mask=cols < C)
+
+
+@triton.jit
 def _chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS: tl.constexpr):
     """``z + b`` for a (rows x cols) tile of a contiguous R x C chunk; entries outside it read as -inf."""
     inside = (rows[:, None] < R) & (cols[None, :] < C)
@@ -98,13 +114,14 @@ def _rdrop_tile(z1_ptr, z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS: tl.constexpr)
 
 @triton.jit
 def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, rescale_out, top_p_out, top_col_out,
-                         R, C, HAS_BIAS: tl.constexpr, WRITE_PROBS: tl.constexpr,
+                         R, C, HAS_BIAS: tl.constexpr, WRITE_PROBS: tl.constexpr, HEADROOM: tl.constexpr,
                          OPERAND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     acc: tl.constexpr = max_ptr.dtype.element_ty  # the states' dtype: fp32, or fp64 for fp64 problems
     chunk_max = tl.full((BLOCK_R,), float("-inf"), dtype=acc)
     top_col = tl.zeros((BLOCK_R,), dtype=tl.int32)
+    online_sum = tl.zeros((BLOCK_R,), dtype=acc)  # without probabilities: sum exp(z - chunk max so far), one pass
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         z = _chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
@@ -112,17 +129,21 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
         tile_col = c0 + tl.argmax(z, axis=1)
         better = tile_max > chunk_max  # strict: the first column reaching the maximum, as torch.max
         top_col = tl.where(better, tile_col, top_col)
+        if not WRITE_PROBS:
+            running = _shift(tl.maximum(chunk_max, tile_max))
+            online_sum = online_sum * tl.exp(chunk_max - running) + tl.sum(tl.exp(z - running[:, None]), axis=1)
         chunk_max = tl.where(better, tile_max, chunk_max)
     old_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
-    new_max = tl.maximum(old_max, chunk_max)
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows whose logits so far are all -inf
-    exp_sum = tl.zeros((BLOCK_R,), dtype=acc)
+    new_max = tl.where(chunk_max > old_max + HEADROOM, chunk_max, old_max)  # dropreg.rows.moved_reference
+    shift = _shift(new_max)
+    exp_sum = online_sum * tl.exp(_shift(chunk_max) - shift)  # at most e^HEADROOM: the chunk is within it
     rounded_sum = tl.zeros((BLOCK_R,), dtype=acc)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        e = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - shift[:, None])
-        exp_sum += tl.sum(e, axis=1)
-        if WRITE_PROBS:
+    if WRITE_PROBS:  # the probabilities need the reference first: a second pass over the chunk
+        exp_sum = tl.zeros((BLOCK_R,), dtype=acc)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            e = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - shift[:, None])
+            exp_sum += tl.sum(e, axis=1)
             p = to_operand(e, OPERAND)
             inside = row_ok[:, None] & (cols[None, :] < C)
             tl.store(probs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], p, mask=inside)
@@ -141,9 +162,10 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
 
 @triton.jit
 def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr, target_ptr, top_col_ptr, t_top_ptr,
-                          out_ptr, R, C, HAS_BIAS: tl.constexpr, HAS_T: tl.constexpr, HAS_TARGET: tl.constexpr,
-                          HAS_TOP: tl.constexpr, WRITE_S: tl.constexpr, OPERAND: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                          out_ptr, col_sums_out, R, C, HAS_BIAS: tl.constexpr, HAS_T: tl.constexpr,
+                          HAS_TARGET: tl.constexpr, HAS_TOP: tl.constexpr, WRITE_S: tl.constexpr,
+                          COL_SUMS: tl.constexpr, OPERAND: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
     rows, cols, row_ok, inside, at = _tile(R, C, BLOCK_R, BLOCK_C)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))  # rows past R: probability 0
     probs = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - lse[:, None])
@@ -161,6 +183,8 @@ def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr,
         g_ce = tl.load(g_ce_ptr + rows, mask=row_ok, other=0.0)
         g -= tl.where(cols[None, :] == target[:, None], g_ce[:, None], 0.0)
     tl.store(out_ptr + at, to_operand(g, OPERAND), mask=inside)
+    if COL_SUMS:
+        _store_col_sums(col_sums_out, g, inside, cols, C)
     if WRITE_S:
         if HAS_TOP:  # S without the dominant class: the driver adds that class's grad_W part exactly
             top_col_s = tl.load(top_col_ptr + rows, mask=row_ok, other=-1)
@@ -175,17 +199,9 @@ def rdrop_softmax_chunk_kernel(z1_ptr, z2_ptr, b_ptr, max_ptr, sum_ptr, weighted
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     acc: tl.constexpr = max_ptr.dtype.element_ty  # the states' dtype: fp32, or fp64 for fp64 problems
+    # one pass: sums on the scale of each pass's running maximum over the chunk, rescaled as it grows
     max1 = tl.full((BLOCK_R,), float("-inf"), dtype=acc)
     max2 = tl.full((BLOCK_R,), float("-inf"), dtype=acc)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        max1 = tl.maximum(max1, tl.max(_chunk_logits(z1_ptr, b_ptr, rows, cols, R, C, HAS_BIAS), axis=1))
-        max2 = tl.maximum(max2, tl.max(_chunk_logits(z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS), axis=1))
-    old1 = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
-    old2 = tl.load(max_ptr + R + rows, mask=row_ok, other=0.0)
-    new1, new2 = tl.maximum(old1, max1), tl.maximum(old2, max2)
-    shift1 = tl.where(new1 == float("-inf"), 0.0, new1)
-    shift2 = tl.where(new2 == float("-inf"), 0.0, new2)
     sum1 = tl.zeros((BLOCK_R,), dtype=acc)
     sum2 = tl.zeros((BLOCK_R,), dtype=acc)
     d1 = tl.zeros((BLOCK_R,), dtype=acc)
@@ -193,12 +209,23 @@ def rdrop_softmax_chunk_kernel(z1_ptr, z2_ptr, b_ptr, max_ptr, sum_ptr, weighted
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         z1, z2, diff = _rdrop_tile(z1_ptr, z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
-        e1 = tl.exp(z1 - shift1[:, None])
-        e2 = tl.exp(z2 - shift2[:, None])
-        sum1 += tl.sum(e1, axis=1)
-        sum2 += tl.sum(e2, axis=1)
-        d1 += tl.sum(e1 * diff, axis=1)
-        d2 += tl.sum(e2 * diff, axis=1)
+        new1 = tl.maximum(max1, tl.max(z1, axis=1))  # the true maxima (-inf while a row has seen no logit)
+        new2 = tl.maximum(max2, tl.max(z2, axis=1))
+        run1, run2 = _shift(new1), _shift(new2)
+        e1 = tl.exp(z1 - run1[:, None])
+        e2 = tl.exp(z2 - run2[:, None])
+        scale1, scale2 = tl.exp(max1 - run1), tl.exp(max2 - run2)
+        sum1 = sum1 * scale1 + tl.sum(e1, axis=1)
+        sum2 = sum2 * scale2 + tl.sum(e2, axis=1)
+        d1 = d1 * scale1 + tl.sum(e1 * diff, axis=1)
+        d2 = d2 * scale2 + tl.sum(e2 * diff, axis=1)
+        max1, max2 = new1, new2
+    old1 = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
+    old2 = tl.load(max_ptr + R + rows, mask=row_ok, other=0.0)
+    new1, new2 = tl.maximum(old1, max1), tl.maximum(old2, max2)
+    shift1, shift2 = _shift(new1), _shift(new2)
+    to_new1, to_new2 = tl.exp(_shift(max1) - shift1), tl.exp(_shift(max2) - shift2)
+    sum1, sum2, d1, d2 = sum1 * to_new1, sum2 * to_new2, d1 * to_new1, d2 * to_new2
     rescale1, rescale2 = tl.exp(old1 - shift1), tl.exp(old2 - shift2)
     tl.store(sum_ptr + rows, tl.load(sum_ptr + rows, mask=row_ok, other=0.0) * rescale1 + sum1, mask=row_ok)
     tl.store(sum_ptr + R + rows, tl.load(sum_ptr + R + rows, mask=row_ok, other=0.0) * rescale2 + sum2, mask=row_ok)
@@ -212,8 +239,9 @@ def rdrop_softmax_chunk_kernel(z1_ptr, z2_ptr, b_ptr, max_ptr, sum_ptr, weighted
 
 @triton.jit
 def rdrop_gradient_chunk_kernel(z1_ptr, z2_ptr, b_ptr, lse_ptr, expected_d_ptr, g_ce1_ptr, g_ce2_ptr, half_kl_ptr,
-                                target_ptr, out_ptr, R, C, HAS_BIAS: tl.constexpr, OPERAND: tl.constexpr,
-                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                                target_ptr, out_ptr, col_sums_out, R, C, HAS_BIAS: tl.constexpr,
+                                COL_SUMS: tl.constexpr, OPERAND: tl.constexpr, BLOCK_R: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
     rows, cols, row_ok, inside, at = _tile(R, C, BLOCK_R, BLOCK_C)
     z1, z2, diff = _rdrop_tile(z1_ptr, z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
     p1 = tl.exp(z1 - tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))[:, None])
@@ -228,10 +256,22 @@ def rdrop_gradient_chunk_kernel(z1_ptr, z2_ptr, b_ptr, lse_ptr, expected_d_ptr, 
     g2 = p2 * (g_ce2 - k * (diff - ed2 - 1.0)) - k * p1 - tl.where(at_target, g_ce2, 0.0)
     tl.store(out_ptr + at, to_operand(g1, OPERAND), mask=inside)
     tl.store(out_ptr + second_block(at, R, C), to_operand(g2, OPERAND), mask=inside)
+    if COL_SUMS:  # grad_b takes G1 + G2
+        _store_col_sums(col_sums_out, g1 + g2, inside, cols, C)
 
 
 def _bias_arg(bias, like):
     return like if bias is None else bias.contiguous()  # never read when HAS_BIAS is False
+
+
+def _col_sums_buffer(grad_b, row_tiles, cols, like):
+    """Where a gradient epilogue writes its row tiles' column sums for ``grad_b`` (a placeholder without one)."""
+    return like if grad_b is None else torch.empty(row_tiles, cols, dtype=like.dtype, device=like.device)
+
+
+def _add_col_sums(grad_b, col_sums):
+    if grad_b is not None:
+        grad_b += col_sums.sum(dim=0)
 
 
 def _launch_directly(kernel):
@@ -259,22 +299,27 @@ class TritonEpilogues:
         self.launch(softmax_chunk_kernel)[(triton.cdiv(rows, block_r),)](
             z, _bias_arg(bias, z), probs if write_probs else z, running_max, running_sum,
             mass if write_probs else running_sum, rescale, top_p, top_col, rows, cols, HAS_BIAS=bias is not None,
-            WRITE_PROBS=write_probs, OPERAND=TL_DTYPES[(probs if write_probs else z).dtype],
+            WRITE_PROBS=write_probs, HEADROOM=reference_headroom((probs if write_probs else z).dtype),
+            OPERAND=TL_DTYPES[(probs if write_probs else z).dtype],
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
         return rescale, top_p, top_col
 
-    def gradient_chunk(self, z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None):
+    def gradient_chunk(self, z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None, *,
+                       grad_b=None):
         rows, cols = z.shape
         has_target = target_col is not None
         has_top = top_col is not None and t is not None
         tile_r, tile_c = gradient_tile(z.dtype)
-        self.launch(gradient_chunk_kernel)[(triton.cdiv(rows, tile_r), triton.cdiv(cols, tile_c))](
+        row_tiles = triton.cdiv(rows, tile_r)
+        col_sums = _col_sums_buffer(grad_b, row_tiles, cols, z)
+        self.launch(gradient_chunk_kernel)[(row_tiles, triton.cdiv(cols, tile_c))](
             z, _bias_arg(bias, z), z if t is None else t, lse.contiguous(), row_const.contiguous(),
             g_ce.contiguous() if has_target else lse, target_col.contiguous() if has_target else lse,
-            top_col.contiguous() if has_top else lse, t_top.contiguous() if has_top else lse, out, rows, cols,
-            HAS_BIAS=bias is not None, HAS_T=t is not None, HAS_TARGET=has_target, HAS_TOP=has_top,
-            WRITE_S=out.shape[0] > rows, OPERAND=TL_DTYPES[out.dtype], BLOCK_R=tile_r, BLOCK_C=tile_c,
-            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            top_col.contiguous() if has_top else lse, t_top.contiguous() if has_top else lse, out, col_sums, rows,
+            cols, HAS_BIAS=bias is not None, HAS_T=t is not None, HAS_TARGET=has_target, HAS_TOP=has_top,
+            WRITE_S=out.shape[0] > rows, COL_SUMS=grad_b is not None, OPERAND=TL_DTYPES[out.dtype], BLOCK_R=tile_r,
+            BLOCK_C=tile_c, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+        _add_col_sums(grad_b, col_sums)
 
     def rdrop_softmax_chunk(self, z1, z2, bias, running_max, running_sum, weighted_d):
         rows, cols = z1.shape
@@ -283,14 +328,18 @@ class TritonEpilogues:
             z1, z2, _bias_arg(bias, z1), running_max, running_sum, weighted_d, rows, cols, HAS_BIAS=bias is not None,
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
-    def rdrop_gradient_chunk(self, z1, z2, bias, lse, expected_d, g_ce1, g_ce2, half_kl, target_col, out):
+    def rdrop_gradient_chunk(self, z1, z2, bias, lse, expected_d, g_ce1, g_ce2, half_kl, target_col, out, *,
+                             grad_b=None):
         rows, cols = z1.shape
         tile_r, tile_c = gradient_tile(z1.dtype)
-        self.launch(rdrop_gradient_chunk_kernel)[(triton.cdiv(rows, tile_r), triton.cdiv(cols, tile_c))](
+        row_tiles = triton.cdiv(rows, tile_r)
+        col_sums = _col_sums_buffer(grad_b, row_tiles, cols, z1)
+        self.launch(rdrop_gradient_chunk_kernel)[(row_tiles, triton.cdiv(cols, tile_c))](
             z1, z2, _bias_arg(bias, z1), lse.contiguous(), expected_d.contiguous(), g_ce1.contiguous(),
-            g_ce2.contiguous(), half_kl.contiguous(), target_col.contiguous(), out, rows, cols,
-            HAS_BIAS=bias is not None, OPERAND=TL_DTYPES[out.dtype], BLOCK_R=tile_r, BLOCK_C=tile_c,
-            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            g_ce2.contiguous(), half_kl.contiguous(), target_col.contiguous(), out, col_sums, rows, cols,
+            HAS_BIAS=bias is not None, COL_SUMS=grad_b is not None, OPERAND=TL_DTYPES[out.dtype], BLOCK_R=tile_r,
+            BLOCK_C=tile_c, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+        _add_col_sums(grad_b, col_sums)
 
 
 
