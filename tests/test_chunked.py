@@ -263,28 +263,34 @@ def test_driver_allocates_nothing_vocabulary_by_rows_at_lm_shape(dtype):
         assert torch.Size(size).numel() <= vocab * shape["dim"], (op, size)
 
 
+def _explicit_gradient_errors(leaf):
+    """Median relative error, over confident rows, of the explicit term's gradient w.r.t. ``leaf`` ("input"; "weight":
+    its rows of the rows' own classes) against float64: with the dominant class handled exactly (the shipped plan) and
+    without (``top_class=False``)."""
+    h, w, own = _confident_problem()
+    plan = BlockPlan(row_block=len(h), vocab_chunk=1024)
+
+    def gradient(hidden, weight, backend):
+        leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+        dropreg.explicit_regularizer(*leaves, reduction="sum", backend=backend).backward()
+        return leaves[0].grad.double() if leaf == "input" else leaves[1].grad.double()[own.unique()]
+
+    truth = gradient(h.double(), w.double(), "reference")
+
+    def error(plan):
+        ours = gradient(h, w, dropreg.get_backend("chunked").with_plan(plan))
+        return ((ours - truth).norm(dim=1) / truth.norm(dim=1)).median().item()
+
+    return error(plan), error(dataclasses.replace(plan, top_class=False))
+
+
 def test_explicit_gradient_on_confident_rows_keeps_the_dominant_class_exact():
     """The backward's bf16 ``[T | gR' q]`` would perturb the dominant class's t by 2^-9 |T . W_k| where
     ``row_const + t_k`` cancels (docs/math.md 7.3): with that class's t formed in fp32, grad_input of the explicit
     term on confident rows is within 1e-2 (median over rows, relative) of float64, bf16's own output rounding
     included; without it the same check fails (about 0.1)."""
-    h, w, _ = _confident_problem()
-    plan = BlockPlan(row_block=len(h), vocab_chunk=1024)
-
-    def grad_input(hidden, weight, backend):
-        hidden = hidden.clone().requires_grad_()
-        dropreg.explicit_regularizer(hidden, weight, reduction="sum", backend=backend).backward()
-        return hidden.grad.double()
-
-    truth = grad_input(h.double(), w.double(), "reference")
-
-    def error(plan):
-        ours = grad_input(h, w, dropreg.get_backend("chunked").with_plan(plan))
-        return ((ours - truth).norm(dim=1) / truth.norm(dim=1)).median().item()
-
-    exact = error(plan)
+    exact, rounded = _explicit_gradient_errors("input")
     assert exact < 1e-2, exact
-    rounded = error(dataclasses.replace(plan, top_class=False))
     assert rounded > 1e-2 and rounded > 10 * exact, (rounded, exact)
 
 
@@ -324,24 +330,8 @@ def test_explicit_weight_gradient_of_the_dominant_classes_on_confident_rows():
     relative error near 2^-8 / (1 - s_top). The driver forms that class's part in fp32 instead (docs/math.md 7.3):
     within 1e-2 of float64 (median over the dominant classes' rows, bf16's own output rounding included), and
     without it (``top_class=False``) the same check fails."""
-    h, w, own = _confident_problem()
-    plan = BlockPlan(row_block=len(h), vocab_chunk=1024)
-
-    def grad_weight(hidden, weight, backend):
-        weight = weight.clone().requires_grad_()
-        dropreg.explicit_regularizer(hidden, weight, reduction="sum", backend=backend).backward()
-        return weight.grad.double()
-
-    classes = own.unique()
-    truth = grad_weight(h.double(), w.double(), "reference")[classes]
-
-    def error(plan):
-        ours = grad_weight(h, w, dropreg.get_backend("chunked").with_plan(plan))[classes]
-        return ((ours - truth).norm(dim=1) / truth.norm(dim=1)).median().item()
-
-    exact = error(plan)
+    exact, rounded = _explicit_gradient_errors("weight")
     assert exact < 1e-2, exact
-    rounded = error(dataclasses.replace(plan, top_class=False))
     assert rounded > 5e-2 and rounded > 10 * exact, (rounded, exact)
 
 
