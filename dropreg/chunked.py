@@ -7,9 +7,9 @@ R x Vc chunk is one fused epilogue: Triton kernels on CUDA (``dropreg/triton/epi
 functions of :class:`TorchEpilogues` elsewhere (they define what the kernels compute and run the CPU tests).
 
 Per chunk c, forward (3 NVd with both terms):
-    Z = H W_c^T;  epilogue: online softmax of Z + b_c, P_c in the operand dtype
-    (docs/math.md 8.4);  A = rescale * A;  A += P_c [W_c | W_c*W_c] (two GEMMs into A's halves); after the
-    last chunk, each row's dominant entry made exact (:class:`DominantEntry`).
+    Z = H W_c^T;  epilogue: online softmax of Z + b_c against a per-row reference, P_c in the operand dtype;
+    A = rescale * A where a reference moved;  A += P_c [W_c | W_c*W_c] (two GEMMs into A's halves); after the last
+    chunk, each row's dominant entry made exact (:class:`DominantEntry`, docs/math.md 8.4).
 backward (7 NVd):
     Z = H W_c^T;  t = T W_c^T + gR' q (W_c*W_c)^T  (two GEMMs into t);  epilogue: G and S in the operand dtype;
     grad_input += G W_c;  grad_W_c = [G; S]^T [H; T] + 2 W_c * (S^T gR' q)  (K = 2R), written once per chunk: each
@@ -59,9 +59,9 @@ def rescale_needed(rescale) -> bool:
 def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk, epilogues=None,
                        top_class=None, keep_top=True, scale_squares=True):
     """Per-row online state over ``weight``'s rows, as :func:`dropreg.streamed.partial_statistics` returns it:
-    running reference ``m`` (the max, up to the epilogues' headroom), ``L = sum exp(z - m)`` and moments ``[A1 | A2]`` on the scale of ``L`` (so that
-    :func:`dropreg.streamed.finish_statistics` divides them by ``L``, and states of vocabulary slices merge by the
-    same rescaling). 1 + (1 + need_m2) NVd.
+    running reference ``m`` (the max, up to the epilogues' headroom), ``L = sum exp(z - m)`` and moments
+    ``[A1 | A2]`` on the scale of ``L`` (so that :func:`dropreg.streamed.finish_statistics` divides them by ``L``,
+    and states of vocabulary slices merge by the same rescaling). 1 + (1 + need_m2) NVd.
 
     With narrow operands the moments are those of the probabilities as the GEMMs saw them (rounded, the dominant
     entry made exact: :class:`DominantEntry`), normalized by their own sum (the ``mass``) and then put on the scale

@@ -79,7 +79,8 @@ def test_committed_table_is_the_tools_output(tmp_path):
 
 
 def test_gpu_page_and_readme_quote_the_table():
-    """docs/gpu.md's and the README's totals are docs/gpu/traffic.md's, in its order: the step with both terms, CE alone, R-Drop."""
+    """docs/gpu.md's and the README's totals are docs/gpu/traffic.md's, in its order: the step with both terms, CE
+    alone, R-Drop."""
     import re
 
     with open(os.path.join(ROOT, "docs", "gpu", "traffic.md")) as f:
