@@ -1,6 +1,7 @@
 """Shared helpers: make problems, run dropreg and the oracle, compare with justified tolerances."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -180,7 +181,7 @@ def summand_floors(problem: Problem) -> dict[str, float]:
     z_loss     c Z^2        c Z W                   c Z H                      c Z
     =========  ===========  ======================  =========================  ===========
 
-    (c the term's coefficient; ce's and z-loss's in logit units, ``Z = 1 + max|z|``; the second parts are the
+    (c the term's coefficient; ce's and z-loss's in logit units, ``Z = 1 + max|z| + log V`` bounding ``|lse|``; the second parts are the
     terms' dependence through the softmax, ``ds/dz = O(1)`` times ``dz/dh = W`` or ``dz/dW = h``). Each is scaled by
     what reaches one summand from upstream: a row's weight under the reduction (``1/n`` for "mean", 1 for "sum",
     the cotangent bound for "none", times the largest class weight), and for the weight and bias gradients, which
@@ -193,7 +194,8 @@ def summand_floors(problem: Problem) -> dict[str, float]:
     big_w = float(w.abs().max()) if w.numel() else 0.0
     q = float((h * h).sum(-1).max()) if h.numel() else 0.0
     a = float(h.abs().sum(-1).max()) if h.numel() else 0.0
-    z = 1.0 + float(logits.abs().max()) if logits.numel() else 1.0
+    # z-loss sums lse^2: |lse| <= max|z| + log V, log V being its size on flat rows (where max|z| is 0)
+    z = 1.0 + (float(logits.abs().max()) if logits.numel() else 0.0) + math.log(max(w.shape[0], 1))
     coef_r, coef_i = dropreg.default_coefficients(kwargs.get("p", 0.1))
     coef_r = kwargs.get("explicit_coef") if kwargs.get("explicit_coef") is not None else coef_r
     coef_i = kwargs.get("implicit_coef") if kwargs.get("implicit_coef") is not None else coef_i
