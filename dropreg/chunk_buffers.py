@@ -54,31 +54,90 @@ def squares_scale(weight, types, need_m2):
 
 class RowScatter:
     """Per-row vectors summed into grad_W's rows by class: the implicit term's target rows and the dominant classes'
-    exact parts (:func:`dropreg.chunked.gradient_sweep`). The rows are sorted by class and each class's rows summed in
-    that order (``segment_reduce``: no atomics, so the result is the same on every run), and each chunk's sums are
-    added to its fp32 grad_W before that is rounded once (:func:`add_weight_gradient`).
+    exact parts (:func:`dropreg.chunked.gradient_sweep`), ``values[k] * scales[k]`` (``scales`` None: 1) into the row
+    of ``classes[k]``. The rows are sorted by class (stable) and each class's rows summed in that order (no atomics, so
+    the result is the same on every run), and each chunk's sums are added to its fp32 grad_W before that is rounded
+    once: by :func:`add_weight_gradient` (``chunk``: the sums, ``segment_reduce``; finding where the chunks begin
+    reads the classes on the host) or by a kernel walking :attr:`order` (``class_starts``: no host synchronization).
+    Meta tensors have no values: there (tools/traffic.py) every row counts as its own class."""
 
-    Finding where the classes and chunks begin reads them on the host (one synchronization per sweep). Meta tensors
-    have no values: there (tools/traffic.py) every row counts as its own class and the rows spread evenly over the
-    chunks."""
+    def __init__(self, classes, values, scales, chunk_starts):
+        self.values, self.scales, self.chunk_starts = values, scales, chunk_starts
+        self.order = torch.argsort(classes, stable=True)
+        self.sorted_classes = classes[self.order]
+        self._sums = None
 
-    def __init__(self, classes, values, chunk_starts):
-        order = torch.argsort(classes, stable=True)
-        classes, values = classes[order], values[order]
-        if classes.device.type == "meta":
-            self.classes, self.sums = classes, values
-            per_chunk = -(-len(classes) // max(1, len(chunk_starts)))
-            self.bounds = [min(i * per_chunk, len(classes)) for i in range(len(chunk_starts) + 1)]
-            return
-        self.classes, counts = torch.unique_consecutive(classes, return_counts=True)
-        self.sums = torch.segment_reduce(values, "sum", lengths=counts, axis=0)
-        starts = torch.tensor(chunk_starts, dtype=self.classes.dtype, device=self.classes.device)
-        self.bounds = torch.searchsorted(self.classes, starts).tolist() + [len(self.classes)]
+    def class_starts(self, v0, v1):
+        """Where each class of ``[v0, v1]`` begins in :attr:`order` (``v1 - v0 + 1`` entries)."""
+        wanted = torch.arange(v0, v1 + 1, dtype=self.sorted_classes.dtype, device=self.sorted_classes.device)
+        return torch.searchsorted(self.sorted_classes, wanted)
 
     def chunk(self, index, v0):
         """The ``index``-th chunk's classes (from its first row ``v0``) and sums."""
-        lo, hi = self.bounds[index], self.bounds[index + 1]
-        return self.classes[lo:hi] - v0, self.sums[lo:hi]
+        if self._sums is None:
+            values = self.values if self.scales is None else self.values * self.scales[:, None]
+            values = values[self.order]
+            if values.device.type == "meta":
+                classes, sums = self.sorted_classes, values
+                per_chunk = -(-len(classes) // max(1, len(self.chunk_starts)))
+                bounds = [min(i * per_chunk, len(classes)) for i in range(len(self.chunk_starts) + 1)]
+            else:
+                classes, counts = torch.unique_consecutive(self.sorted_classes, return_counts=True)
+                sums = torch.segment_reduce(values, "sum", lengths=counts, axis=0)
+                starts = torch.tensor(self.chunk_starts, dtype=classes.dtype, device=classes.device)
+                bounds = torch.searchsorted(classes, starts).tolist() + [len(classes)]
+            self._sums = classes, sums, bounds
+        classes, sums, bounds = self._sums
+        lo, hi = bounds[index], bounds[index + 1]
+        return classes[lo:hi] - v0, sums[lo:hi]
+
+
+@dataclass
+class SweepRows:
+    """What one row block's gradient sweep takes per row, formed before it (the epilogues' ``sweep_rows``, or
+    :func:`sweep_rows_from` for softmax_mean and plain cross entropy):
+
+    ``row_const`` (R); ``stacked``: ``[H; T]`` (2R x d, operand dtype; ``H`` alone, R x d, unmodulated): the left
+    operand of the logits and of ``t``, and grad_W's right operand (``G^T H + S^T T`` as one product, K = 2R);
+    ``g_r_q``: ``gR' q`` in the operand dtype (explicit term), else None; ``t_top``: each row's dominant class's exact
+    ``t`` (narrow operands), else None; ``grad_h``: grad_input's initial value, to which the GEMMs add ``W^T G``
+    (None unless wanted); ``scatter``: ``(classes, values, scales)`` for a :class:`RowScatter`, or None."""
+    row_const: torch.Tensor
+    stacked: torch.Tensor
+    g_r_q: Optional[torch.Tensor]
+    t_top: Optional[torch.Tensor]
+    grad_h: Optional[torch.Tensor]
+    scatter: Optional[tuple]
+
+    @property
+    def modulated(self) -> bool:
+        return self.stacked.shape[0] > self.row_const.shape[0]
+
+
+def sweep_rows_from(hc, weight, bias, lse, rows, top_class, with_squares, operand, want_h, want_w, extra=None):
+    """:class:`SweepRows` from a :class:`dropreg.rows.RowModulation` (``rows``; None: plain cross entropy, with
+    ``row_const = g_ce`` given as ``extra``), in PyTorch. ``top_class`` (narrow operands): each row's dominant class,
+    whose ``t`` and grad_W part ``s_k (T + 2 gR' q W_k)`` are formed in the accumulation dtype (docs/math.md 7.3).
+    ``extra``: with ``rows``, further ``(classes, values)`` to scatter (the implicit term's target rows)."""
+    acc = hc.dtype
+    h_op = as_operand(hc, operand)
+    grad_h = torch.zeros_like(hc) if want_h else None
+    if rows is None:
+        return SweepRows(extra, h_op, None, None, grad_h, None)
+    parts = [] if extra is None else [extra]
+    t_top = None
+    if top_class is not None:
+        w_top = weight[top_class].to(acc)
+        t_top = (rows.T_stack * (torch.cat([w_top, w_top * w_top], dim=1) if with_squares else w_top)).sum(1)
+        if want_w:
+            z_top = (hc * w_top).sum(1) + (0.0 if bias is None else bias[top_class].to(acc))
+            part = rows.T_vec + 2.0 * rows.g_r_q * w_top if with_squares else rows.T_vec
+            parts.append((top_class, torch.exp(z_top - lse)[:, None] * part))
+    scatter = None
+    if want_w and parts:
+        scatter = (torch.cat([c for c, _ in parts]), torch.cat([v for _, v in parts]), None)
+    return SweepRows(rows.row_const, torch.cat([h_op, as_operand(rows.T_vec, operand)]),
+                     as_operand(rows.g_r_q, operand) if with_squares else None, t_top, grad_h, scatter)
 
 
 def add_weight_gradient(grad_w, v0, v1, a, b, acc, overwrite, weight=None, s_g_r_q=None, scattered=None):

@@ -24,13 +24,12 @@ import math
 import torch
 from torch.profiler import record_function
 
-from .chunk_buffers import (ChunkBuffers, DominantEntry, RowScatter, add_weight_gradient, grad_weight_buffer,
-                            squares_operand, squares_scale, top_class_buffer)
+from .chunk_buffers import (ChunkBuffers, DominantEntry, RowScatter, SweepRows, add_weight_gradient,
+                            grad_weight_buffer, squares_operand, squares_scale, sweep_rows_from, top_class_buffer)
 from .gemm import as_operand, mm, operand_types
 from .plan import DEFAULT_PLAN, BlockPlan, ce_chunks, default_chunks
-from .rows import (RowModulation, SliceStatistics, input_row_gradient, logit_shift, row_modulation,
-                   softmax_mean_modulation, target_logit)
-from .streamed import StreamedPasses, add_ce_loss, finish_statistics, online_state
+from .rows import (SliceStatistics, input_row_gradient, logit_shift, softmax_mean_modulation, target_logit)
+from .streamed import StreamedPasses, add_ce_loss
 from .tiles import spans
 from .torch_epilogues import TorchEpilogues, epilogues_for
 
@@ -56,17 +55,16 @@ def rescale_needed(rescale) -> bool:
     return rescale.device.type != "meta" and bool((rescale != 1).any())
 
 
-def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk, epilogues=None,
+def chunked_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk, epilogues=None,
                        top_class=None, keep_top=True, scale_squares=True):
-    """Per-row online state over ``weight``'s rows, as :func:`dropreg.streamed.partial_statistics` returns it:
-    running reference ``m`` (the max, up to the epilogues' headroom), ``L = sum exp(z - m)`` and moments
-    ``[A1 | A2]`` on the scale of ``L`` (so that :func:`dropreg.streamed.finish_statistics` divides them by ``L``,
-    and states of vocabulary slices merge by the same rescaling). 1 + (1 + need_m2) NVd.
+    """Per-row ``(lse, mu, var)`` over ``weight``'s rows in one streamed pass (mu None unless ``need_mu``, var None
+    unless ``need_m2``); 1 + (1 + need_m2) NVd. Each row block's moments ``[A1 | A2]`` are accumulated by the GEMMs
+    on the scale of the row's running reference and finished in place into ``[mu | var]`` by the epilogues'
+    ``finish_moments``.
 
     With narrow operands the moments are those of the probabilities as the GEMMs saw them (rounded, the dominant
-    entry made exact: :class:`DominantEntry`), normalized by their own sum (the ``mass``) and then put on the scale
-    of ``L``: ``var = m2 - mu^2`` stays the variance of one distribution (docs/math.md 8.4), of a mixture of them once
-    slices merge.
+    entry made exact: :class:`DominantEntry`), normalized by their own sum (the ``mass``): ``var = m2 - mu^2`` stays
+    the variance of one distribution (docs/math.md 8.4).
     ``top_class`` (N int64, optional, needs ``need_mu``) receives each row's largest logit's row of ``weight``:
     the backward keeps that class's modulation exact. ``keep_top``, ``scale_squares``: docs/math.md 8.4's and 7.3's
     precision measures (switched off only to measure them)."""
@@ -75,7 +73,9 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     acc = types.acc
     n_rows, dim = h.shape
     vocab = weight.shape[0]
-    row_max, exp_sum, moments = online_state(h, need_mu, need_m2)
+    lse = torch.empty(n_rows, dtype=acc, device=h.device)
+    # [A1 | A2] per row, written by each row block's first chunk (no zeroing), finished into [mu | var]
+    moments = torch.empty(n_rows, ((1 + int(need_m2)) if need_mu else 0) * dim, dtype=acc, device=h.device)
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, vocab), acc, types.forward, h.device,
                                     second=False, outputs=1 if need_mu else 0)
     narrow = types.forward != acc  # probabilities rounded for the moment GEMMs: normalize by what was rounded
@@ -88,7 +88,7 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
         running_max = torch.full((rows,), float("-inf"), dtype=acc, device=h.device)
         running_sum = torch.zeros(rows, dtype=acc, device=h.device)
         mass = torch.zeros(rows, dtype=acc, device=h.device)
-        block_moments = torch.zeros_like(moments[r0:r1])
+        block_moments = moments[r0:r1]
         top = DominantEntry(rows, acc, h.device) if need_mu and (keep_top or top_class is not None) else None
         for v0, v1 in spans(vocab, vocab_chunk):
             cols = v1 - v0
@@ -105,69 +105,44 @@ def partial_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
             if top is not None:
                 top.update(rescale, top_p, top_col + v0, types.forward)
             with record_function("dropreg::moments"):
-                if v0 > 0 and rescale_needed(rescale):  # before the first chunk the moments are 0
+                if v0 > 0 and rescale_needed(rescale):
                     block_moments.mul_(rescale[:, None])
-                mm(probs, w_op, acc, out=block_moments[:, :dim], accumulate=True)
+                mm(probs, w_op, acc, out=block_moments[:, :dim], accumulate=v0 > 0)
                 if need_m2:
                     mm(probs, squares_operand(w, w_op, types.forward, square_scale), acc, out=block_moments[:, dim:],
-                       accumulate=True)
+                       accumulate=v0 > 0)
         if top is not None and top_class is not None:
             top_class[r0:r1] = top.col
-        if top is not None and keep_top:
-            top.make_exact(block_moments, mass, weight, need_m2, types.forward, square_scale)
-        row_max[r0:r1] = running_max
-        exp_sum[r0:r1] = running_sum
+        lse[r0:r1] = logit_shift(running_max) + running_sum.log()
         if need_mu:
-            if square_scale is not None:
-                block_moments[:, dim:].div_(square_scale)
-            moments[r0:r1] = block_moments * (running_sum / mass)[:, None] if narrow else block_moments
-    return row_max, exp_sum, moments
+            with record_function("dropreg::finish_moments"):
+                epilogues.finish_moments(block_moments, mass if narrow else running_sum, weight,
+                                         top if keep_top else None, types.forward, square_scale)
+    return lse, moments[:, :dim] if need_mu else None, moments[:, dim:] if need_m2 else None
 
 
-def chunked_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk, epilogues=None,
-                       top_class=None, keep_top=True, scale_squares=True):
-    """Per-row ``(lse, mu, m2)`` (mu, m2 None unless needed) in one streamed pass."""
-    state = partial_statistics(h, weight, bias, need_mu=need_mu, need_m2=need_m2, row_block=row_block,
-                               vocab_chunk=vocab_chunk, epilogues=epilogues, top_class=top_class, keep_top=keep_top,
-                               scale_squares=scale_squares)
-    return finish_statistics(*state, h.shape[1], need_mu=need_mu, need_m2=need_m2)
+def gradient_sweep(weight, bias, lse, target, g_ce, sweep: SweepRows, with_squares, types, epilogues, buffers,
+                   vocab_chunk, *, grad_w=None, grad_b=None, overwrite_w=False, top_class=None):
+    """One row block's backward over every chunk, from its :class:`SweepRows`; returns ``sweep.grad_h`` with the
+    block's ``W^T G`` added (None unless wanted).
 
-
-def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation, with_squares, types, epilogues,
-                   buffers, vocab_chunk, *, grad_w=None, grad_b=None, want_h=True, overwrite_w=False, top_class=None,
-                   scatter_rows=None):
-    """One row block's backward over every chunk; returns its ``W^T G`` (None unless ``want_h``).
-
-    ``rows.T_stack`` None: plain cross entropy (``G = s g_ce - g_ce [v = y]``, grad_W = G^T H). ``target`` None:
+    Unmodulated sweeps are plain cross entropy (``G = s g_ce - g_ce [v = y]``, grad_W = G^T H). ``target`` None:
     no target correction. ``grad_w``'s chunk rows are overwritten (``overwrite_w``: the first row block) or
-    accumulated. ``top_class`` (per row, a row of ``weight``): with narrow operands that class is
-    handled in the accumulation dtype (docs/math.md 7.3): its ``t``, since ``row_const + t`` cancels there on
-    confident rows and the rounding of ``[T | gR' q]`` would not, and its grad_W part ``s_k (T + 2 gR' q W_k)``,
-    whose halves cancel to ``2 s_k gR' q (W_k - mu)`` there (the epilogue leaves it out of S). ``scatter_rows``:
-    ``(classes, values)``, one vector per row added to grad_W's row of its class (the implicit term's target part).
-    Both reach grad_W through a :class:`RowScatter`: summed per class without atomics, rounded once with the chunk."""
+    accumulated. ``top_class`` (per row, a row of ``weight``, with ``sweep.t_top``): with narrow operands that class
+    is handled in the accumulation dtype (docs/math.md 7.3): its ``t``, since ``row_const + t`` cancels there on
+    confident rows and the rounding of ``[T | gR' q]`` would not, and its grad_W part, which the epilogue leaves out of
+    S and ``sweep.scatter`` carries. The scattered rows reach grad_W through a :class:`RowScatter`: summed per class
+    without atomics, rounded once with the chunk."""
     acc = types.acc
-    n_rows, dim = h_block.shape
-    modulated = rows.T_stack is not None
+    n_rows = sweep.row_const.shape[0]
+    modulated = sweep.modulated
     chunks = list(spans(weight.shape[0], vocab_chunk))
-    t_top = None
-    scattered = [scatter_rows] if scatter_rows is not None else []
-    if modulated and top_class is not None and types.backward != acc:
-        w_top = weight[top_class].to(acc)
-        t_top = (rows.T_stack * (torch.cat([w_top, w_top * w_top], dim=1) if with_squares else w_top)).sum(1)
-        z_top = (h_block * w_top).sum(1) + (0.0 if bias is None else bias[top_class].to(acc))
-        part = rows.T_vec + 2.0 * rows.g_r_q * w_top if with_squares else rows.T_vec
-        scattered.append((top_class, torch.exp(z_top - lse)[:, None] * part))
     scatter = None
-    if grad_w is not None and scattered:
-        scatter = RowScatter(torch.cat([c for c, _ in scattered]), torch.cat([v for _, v in scattered]),
-                             [v0 for v0, _ in chunks])
-    h_op = as_operand(h_block, types.backward)
-    T_op = as_operand(rows.T_vec, types.backward) if modulated else None
-    # [H; T]: grad_W's G^T H and S^T T as one product with K = 2R
-    stacked_rows = torch.cat([h_op, T_op]) if modulated else h_op
-    g_r_q_op = as_operand(rows.g_r_q, types.backward) if with_squares else None
-    grad_h_block = torch.zeros(n_rows, dim, dtype=acc, device=h_block.device) if want_h else None
+    if grad_w is not None and sweep.scatter is not None:
+        scatter = RowScatter(*sweep.scatter, [v0 for v0, _ in chunks])
+    h_op = sweep.stacked[:n_rows]
+    T_op = sweep.stacked[n_rows:] if modulated else None
+    grad_h_block = sweep.grad_h
     for index, (v0, v1) in enumerate(chunks):
         cols = v1 - v0
         w_op = as_operand(weight[v0:v1], types.backward)
@@ -177,22 +152,23 @@ def gradient_sweep(h_block, weight, bias, lse, target, g_ce, rows: RowModulation
             if modulated:  # t = T W_c^T + gR' q (W_c*W_c)^T
                 t = mm(T_op, w_op.T, acc, out=ChunkBuffers.view(buffers.second, n_rows, cols))
                 if with_squares:
-                    mm(g_r_q_op, squares_operand(weight[v0:v1], w_op, types.backward).T, acc, out=t, accumulate=True)
+                    mm(sweep.g_r_q, squares_operand(weight[v0:v1], w_op, types.backward).T, acc, out=t,
+                       accumulate=True)
         out = ChunkBuffers.view(buffers.outputs, (2 if modulated else 1) * n_rows, cols)
         with record_function("dropreg::gradient_epilogue"):
-            epilogues.gradient_chunk(z, None if bias is None else bias[v0:v1], t, lse, rows.row_const, g_ce,
+            epilogues.gradient_chunk(z, None if bias is None else bias[v0:v1], t, lse, sweep.row_const, g_ce,
                                      None if target is None else target - v0, out,
-                                     *((top_class - v0, t_top) if t_top is not None else ()),
+                                     *((top_class - v0, sweep.t_top) if sweep.t_top is not None else ()),
                                      grad_b=None if grad_b is None else grad_b[v0:v1])
         g = out[:n_rows]
-        if want_h:
+        if grad_h_block is not None:
             with record_function("dropreg::grad_input"):
                 mm(g, w_op, acc, out=grad_h_block, accumulate=True)
         if grad_w is not None:
             with record_function("dropreg::grad_weight"):
-                add_weight_gradient(grad_w, v0, v1, out.T, stacked_rows, acc, overwrite_w, weight[v0:v1],
-                                    mm(out[n_rows:].T, g_r_q_op, acc) if with_squares else None,
-                                    None if scatter is None else scatter.chunk(index, v0))
+                epilogues.add_weight_gradient(grad_w, v0, v1, out.T, sweep.stacked, acc, overwrite_w, weight[v0:v1],
+                                              mm(out[n_rows:].T, sweep.g_r_q, acc) if with_squares else None,
+                                              scatter, index)
     return grad_h_block
 
 
@@ -201,48 +177,59 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
                    epilogues=None, top_class=None):
     """:func:`dropreg.streamed.terms_backward` on this driver: ``(grad_h_vocab, grad_h_rows, grad_w, grad_b)`` over
     ``weight``'s rows given the per-row globals; ``owns_target`` marks the rows whose target lies in ``weight`` (a
-    vocabulary slice), ``target`` indexing ``weight`` there. ``grad_w`` comes in the weight's dtype when one row
-    block writes each chunk once, else in the accumulation dtype. ``top_class``: from :func:`partial_statistics`."""
+    vocabulary slice), ``target`` indexing ``weight`` there. A head held whole (``owns_target`` None) gets grad_input
+    whole in ``grad_h_vocab`` (its row-wise parts start the sum) and ``grad_h_rows`` None; a slice keeps them apart,
+    to be added once after the slices' sum. ``grad_w`` comes in the weight's dtype when one row block writes each
+    chunk once, else in the accumulation dtype. ``top_class``: from :func:`chunked_statistics`."""
     want_h, want_w, want_b = wants
     types = operand_types(h.dtype)
     epilogues = epilogues or epilogues_for(h.device, h.dtype)
     acc = types.acc
     n_rows, dim = h.shape
     modulated = need_explicit or need_implicit
-    grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
-    grad_h_rows = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h else None
+    whole = owns_target is None
+    one_block = row_block >= n_rows
+    grad_h = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h and not one_block else None
+    grad_h_rows = torch.empty(n_rows, dim, dtype=acc, device=h.device) if want_h and not whole else None
     grad_w = grad_weight_buffer(weight, acc, math.ceil(n_rows / row_block)) if want_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
-    if owns_target is not None:
+    if not whole:
         sweep_target = torch.where(owns_target, target, torch.full_like(target, -1))  # -1: in no chunk
         target = torch.where(owns_target, target, torch.zeros_like(target))
     else:
         sweep_target = target
+    narrow = types.backward != acc
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
                                     types.backward, h.device, second=modulated, outputs=2 if modulated else 1)
     for r0, r1 in spans(n_rows, row_block):
-        h_block, y = h[r0:r1].to(acc), target[r0:r1]
+        y = target[r0:r1]
         g_ce = grad_ce[r0:r1].to(acc)
-        rows = row_modulation(h_block, g_ce, mu, var, signs, grad_quadratic, grad_sign_term, grad_mu, r0, r1,
-                              need_explicit, need_implicit)
-        g_i_owned = None
-        if need_implicit:
-            g_i_owned = rows.g_i if owns_target is None else rows.g_i * owns_target[r0:r1, None]
-        grad_h_block = gradient_sweep(h_block, weight, bias, lse[r0:r1], sweep_target[r0:r1], g_ce, rows,
-                                      need_explicit, types, epilogues, buffers, vocab_chunk, grad_w=grad_w,
-                                      grad_b=grad_b, want_h=want_h, overwrite_w=r0 == 0,
-                                      top_class=None if top_class is None else top_class[r0:r1],
-                                      # the implicit term's target part of grad_W
-                                      scatter_rows=(y, -g_i_owned * rows.u) if want_w and need_implicit else None)
-        if want_h:  # the row-wise parts of grad_input (docs/math.md 4.3)
-            grad_h_rows[r0:r1] = input_row_gradient(h_block, signs[r0:r1] if need_implicit else None,
-                                                    mu[r0:r1] if need_implicit else None,
-                                                    var[r0:r1] if need_explicit else None,
-                                                    grad_quadratic[r0:r1].to(acc), grad_sign_term[r0:r1].to(acc),
-                                                    need_explicit, need_implicit)
-            if need_implicit:
-                grad_h_block -= g_i_owned * signs[r0:r1] * weight[y].to(acc)
-            grad_h[r0:r1] = grad_h_block
+        top = top_class[r0:r1] if modulated and narrow and top_class is not None else None
+        if modulated:
+            g_i = grad_sign_term[r0:r1].to(acc)
+            with record_function("dropreg::sweep_rows"):
+                sweep = epilogues.sweep_rows(
+                    h[r0:r1], weight, bias, y, top, signs[r0:r1] if need_implicit else None, mu[r0:r1],
+                    var[r0:r1] if need_explicit else None, lse[r0:r1], g_ce, grad_quadratic[r0:r1].to(acc), g_i,
+                    g_i if whole else g_i * owns_target[r0:r1], None if grad_mu is None else grad_mu[r0:r1],
+                    need_explicit, need_implicit, types.backward, whole, want_h, want_w)
+        else:
+            sweep = sweep_rows_from(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, False, types.backward,
+                                    want_h, want_w, extra=g_ce)
+        grad_h_block = gradient_sweep(weight, bias, lse[r0:r1], sweep_target[r0:r1], g_ce, sweep, need_explicit,
+                                      types, epilogues, buffers, vocab_chunk, grad_w=grad_w, grad_b=grad_b,
+                                      overwrite_w=r0 == 0, top_class=top)
+        if want_h:
+            if one_block:  # the sweep's own buffer: no copy
+                grad_h = grad_h_block
+            else:
+                grad_h[r0:r1] = grad_h_block
+            if grad_h_rows is not None:  # the row-wise parts of grad_input (docs/math.md 4.3), added after the sum
+                grad_h_rows[r0:r1] = input_row_gradient(h[r0:r1].to(acc), signs[r0:r1] if need_implicit else None,
+                                                        mu[r0:r1] if need_implicit else None,
+                                                        var[r0:r1] if need_explicit else None,
+                                                        grad_quadratic[r0:r1].to(acc),
+                                                        grad_sign_term[r0:r1].to(acc), need_explicit, need_implicit)
     return grad_h, grad_h_rows, grad_w, grad_b
 
 
@@ -260,13 +247,14 @@ def softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, row_block, vocab_ch
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if want_b else None
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, weight.shape[0]), acc,
                                     types.backward, h.device, second=True, outputs=2)
+    narrow = types.backward != acc
     for r0, r1 in spans(n_rows, row_block):
-        g_mu = grad_mu[r0:r1].to(acc)
-        rows = softmax_mean_modulation(g_mu, mu[r0:r1])
-        grad_h_block = gradient_sweep(h[r0:r1].to(acc), weight, bias, lse[r0:r1], None, None, rows, False, types,
-                                      epilogues, buffers, vocab_chunk, grad_w=grad_w, grad_b=grad_b, want_h=want_h,
-                                      overwrite_w=r0 == 0,
-                                      top_class=None if top_class is None else top_class[r0:r1])
+        top = top_class[r0:r1] if narrow and top_class is not None else None
+        sweep = sweep_rows_from(h[r0:r1].to(acc), weight, bias, lse[r0:r1],
+                                softmax_mean_modulation(grad_mu[r0:r1].to(acc), mu[r0:r1]), top, False,
+                                types.backward, want_h, want_w)
+        grad_h_block = gradient_sweep(weight, bias, lse[r0:r1], None, None, sweep, False, types, epilogues, buffers,
+                                      vocab_chunk, grad_w=grad_w, grad_b=grad_b, overwrite_w=r0 == 0, top_class=top)
         if want_h:
             grad_h[r0:r1] = grad_h_block
     return grad_h, grad_w, grad_b
@@ -428,10 +416,14 @@ class ChunkedPasses(StreamedPasses):
 
     def statistics(self, h, weight, bias, *, need_mu, need_m2) -> SliceStatistics:
         top_class = top_class_buffer(h, need_mu) if self.plan.top_class else None
-        lse, mu, m2 = chunked_statistics(h, weight, bias, need_mu=need_mu, need_m2=need_m2, top_class=top_class,
-                                         keep_top=self.plan.keep_top, scale_squares=self.plan.scale_squares,
-                                         **self._chunks(h, weight))
-        return SliceStatistics(lse, mu, m2=m2, extra=top_class)
+        lse, mu, var = chunked_statistics(h, weight, bias, need_mu=need_mu, need_m2=need_m2, top_class=top_class,
+                                          keep_top=self.plan.keep_top, scale_squares=self.plan.scale_squares,
+                                          **self._chunks(h, weight))
+        return SliceStatistics(lse, mu, var=var, extra=top_class)
+
+    def row_terms(self, h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit):
+        return self._chunks(h, weight)["epilogues"].row_terms(h, weight, bias, target, signs, lse, mu, var,
+                                                               need_explicit, need_implicit)
 
     def terms_sweep(self, h, weight, bias, target, owned, signs, lse, mu, var, grad_ce, grad_quadratic,
                     grad_sign_term, grad_mu, need_explicit, need_implicit, wants, extra):

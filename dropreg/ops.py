@@ -37,6 +37,7 @@ class Terms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, target, signs, omega, softcap, need_explicit, need_implicit, passes, reducer):
         ctx.options = (softcap, need_explicit, need_implicit, passes, reducer)
+        ctx.set_materialize_grads(False)  # an output without a gradient (mu, S, often) arrives as None, not zeros
         if softcap is None:
             outputs, saved = uncapped_forward(h, weight, bias, target, signs, need_explicit, need_implicit, passes,
                                               reducer)
@@ -66,14 +67,18 @@ def uncapped_forward(h, weight, bias, target, signs, need_explicit, need_implici
     with record_function("dropreg::forward_stats"):
         stats = passes.statistics(h, weight, bias, need_mu=need_explicit or need_implicit, need_m2=need_explicit)
     safe, owned = reducer.localize(target)
+    if owned is None:  # the head held whole: the passes finish each row in one go
+        lse, mu, var, _ = reducer.merge_moments(stats, [])
+        ce, quadratic, sign_term = passes.row_terms(h, weight, bias, safe, signs, lse, mu, var, need_explicit,
+                                                    need_implicit)
+        return (ce, quadratic, sign_term, mu), (safe, owned, lse, mu, var, stats.extra)
     hc = h.to(acc)
     target_rows = weight[safe].to(acc)
     picked = [rows.target_logit(hc, weight, bias, safe, acc)]
-    if need_implicit and owned is not None:  # u . W_y from the owning slice
+    if need_implicit:  # u . W_y from the owning slice
         picked.append((signs * hc * target_rows).sum(1))
     lse, mu, var, picked = reducer.merge_moments(stats, rows.owned_only(owned, picked))
-    target_part = target_rows if owned is None else picked[-1]
-    ce, quadratic, sign_term = rows.terms(hc, signs, lse, mu, var, picked[0], target_part, need_explicit,
+    ce, quadratic, sign_term = rows.terms(hc, signs, lse, mu, var, picked[0], picked[-1], need_explicit,
                                           need_implicit)
     return (ce, quadratic, sign_term, mu), (safe, owned, lse, mu, var, stats.extra)
 

@@ -93,6 +93,15 @@ def terms(hc, signs, lse, mu, var, z_target, target_part, need_explicit, need_im
     return ce, quadratic, sign_term
 
 
+def whole_head_terms(h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit):
+    """:func:`terms` of a head held whole, from the inputs as given: ``(ce, quadratic, sign_term)`` per row. The
+    chunked driver's epilogues fuse exactly this (one pass over each row's d-vectors)."""
+    acc = lse.dtype
+    hc = h.to(acc)
+    z_target = target_logit(hc, weight, bias, target, acc)
+    return terms(hc, signs, lse, mu, var, z_target, weight[target].to(acc), need_explicit, need_implicit)
+
+
 @dataclass
 class RowModulation:
     """The per-row vectors of one row block's logit gradient (docs/math.md 4.4):

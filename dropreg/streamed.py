@@ -17,7 +17,7 @@ from torch.profiler import record_function
 
 from ._policy import accumulation_dtype, eager_under_compile
 from .plan import DEFAULT_PLAN, BlockPlan, ce_only_blocks, default_blocks
-from .rows import (SliceStatistics, capped_logits, capped_slope, input_row_gradient, logit_shift,
+from .rows import (SliceStatistics, capped_logits, capped_slope, input_row_gradient, logit_shift, whole_head_terms,
                    row_modulation, softmax_mean_modulation)
 from .signs import gumbel_noise
 from .softcap import capped_statistics, capped_sweep
@@ -412,6 +412,10 @@ class StreamedPasses:
         lse, mu, m2 = forward_statistics(h, weight, bias, need_mu=need_mu, need_m2=need_m2,
                                          **self._blocks_of(h, weight))
         return SliceStatistics(lse, mu, m2=m2)
+
+    def row_terms(self, h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit):
+        """Per-row ``(ce, quadratic, sign_term)`` of a head held whole from its statistics."""
+        return whole_head_terms(h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit)
 
     def terms_sweep(self, h, weight, bias, target, owned, signs, lse, mu, var, grad_ce, grad_quadratic,
                     grad_sign_term, grad_mu, need_explicit, need_implicit, wants, extra):

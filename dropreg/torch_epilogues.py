@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from .chunk_buffers import add_weight_gradient, sweep_rows_from
 from .gemm import operand_types
-from .rows import logit_shift, moved_reference, reference_headroom
+from .rows import (input_row_gradient, logit_shift, moved_reference, reference_headroom, row_modulation,
+                   whole_head_terms)
 
 
 class TorchEpilogues:
@@ -43,6 +45,57 @@ class TorchEpilogues:
             mass.mul_(rescale).add_(probs.sum(dim=1, dtype=mass.dtype))
         running_max.copy_(new_max)
         return rescale, top_p, top_col
+
+    @staticmethod
+    def finish_moments(moments, normalizer, weight, top, operand, square_scale):
+        """A row block's moments ``[A1 | A2]`` (R x d or R x 2d, accumulation dtype, on the scale of ``normalizer``)
+        finished in place into ``[mu | var]``: the dominant entry made exact when ``top`` (a
+        :class:`dropreg.chunk_buffers.DominantEntry`) is given (``normalizer``, the mass, gets it too), ``A2``
+        divided by ``square_scale`` (None: 1), both divided by ``normalizer``, then ``var = m2 - mu^2``."""
+        dim = weight.shape[1]
+        with_m2 = moments.shape[1] > dim
+        if top is not None:
+            top.make_exact(moments, normalizer, weight, with_m2, operand, square_scale)
+        if with_m2 and square_scale is not None:
+            moments[:, dim:].div_(square_scale)
+        moments.div_(normalizer[:, None])
+        if with_m2:
+            mu = moments[:, :dim]
+            moments[:, dim:].addcmul_(mu, mu, value=-1.0)
+
+    @staticmethod
+    def row_terms(h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit):
+        """Per-row ``(ce, quadratic, sign_term)`` of a head held whole (:func:`dropreg.rows.whole_head_terms`)."""
+        return whole_head_terms(h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit)
+
+    @staticmethod
+    def sweep_rows(h, weight, bias, target, top_class, signs, mu, var, lse, g_ce, g_r, g_i, g_i_target, grad_mu,
+                   need_explicit, need_implicit, operand, fold_rows, want_h, want_w):
+        """A row block's :class:`dropreg.chunk_buffers.SweepRows` with the explicit and/or implicit term
+        (docs/math.md 4.3, 4.4): the modulation of :func:`dropreg.rows.row_modulation`; the implicit term's target
+        rows ``-g_i_target u`` scattered to ``target``'s rows of grad_W (``g_i_target``: ``g_i`` where this slice
+        owns the target, else 0) and ``-g_i_target sigma W_y`` in grad_input's initial value, which ``fold_rows``
+        (a head held whole) starts with the row-wise parts too (:func:`dropreg.rows.input_row_gradient`).
+        ``top_class``: each row's dominant class (narrow operands), or None."""
+        hc = h.to(lse.dtype)
+        rows = row_modulation(hc, g_ce, mu, var, signs, g_r, g_i, grad_mu, 0, hc.shape[0], need_explicit,
+                              need_implicit)
+        extra = (target, -g_i_target[:, None] * rows.u) if need_implicit and want_w else None
+        sweep = sweep_rows_from(hc, weight, bias, lse, rows, top_class, need_explicit, operand, want_h, want_w,
+                                extra)
+        if want_h:
+            if fold_rows:
+                sweep.grad_h += input_row_gradient(hc, signs, mu, var, g_r, g_i, need_explicit, need_implicit)
+            if need_implicit:
+                sweep.grad_h -= g_i_target[:, None] * signs * weight[target].to(hc.dtype)
+        return sweep
+
+    @staticmethod
+    def add_weight_gradient(grad_w, v0, v1, a, b, acc, overwrite, weight=None, s_g_r_q=None, scatter=None, index=0):
+        """:func:`dropreg.chunk_buffers.add_weight_gradient` with chunk ``index``'s rows of a
+        :class:`dropreg.chunk_buffers.RowScatter` (or None)."""
+        add_weight_gradient(grad_w, v0, v1, a, b, acc, overwrite, weight, s_g_r_q,
+                            None if scatter is None else scatter.chunk(index, v0))
 
     @staticmethod
     def gradient_chunk(z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None, *, grad_b=None):

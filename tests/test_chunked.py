@@ -79,6 +79,12 @@ def test_gemm_count_is_the_floor(terms, gemms):
     assert counter.total == gemms * n * v * d
 
 
+def _triton_epilogues():
+    from dropreg.triton.epilogues import TRITON_EPILOGUES
+
+    return TRITON_EPILOGUES
+
+
 def _chunk(rows, cols, dtype, *, masked_cols=()):
     z = torch.randn(rows, cols, dtype=dtype) * 4
     bias = torch.randn(cols, dtype=dtype)
@@ -89,8 +95,8 @@ def _chunk(rows, cols, dtype, *, masked_cols=()):
 @pytest.mark.parametrize("operand", [torch.float32, torch.bfloat16, None], ids=["fp32", "bf16", "lse-only"])
 @pytest.mark.parametrize("first", [True, False], ids=["first-chunk", "later-chunk"])
 def test_triton_softmax_epilogue_matches_torch(operand, first):
-    """Both epilogues alike, with the probabilities written (two passes over the chunk) or only the sums (one
-    online pass); references that stay within the headroom and references that move."""
+    """Both epilogues alike, with the probabilities written (against the old reference, again where one moved) or
+    only the sums (one online pass); references that stay within the headroom and references that move."""
     from dropreg.triton.epilogues import TRITON_EPILOGUES
 
     rows, cols = 9, 37
@@ -104,6 +110,7 @@ def test_triton_softmax_epilogue_matches_torch(operand, first):
         top = (z + bias).amax(dim=1)
         start[0][0] = top[0] - 5.0  # the chunk rises within the headroom: the reference stays, values above 1
         start[0][1] = top[1] - 40.0  # beyond it: the reference moves to the chunk's max
+        start[0][4:] = top[4:] - 2.0  # whole programs whose references stay: the probabilities are written once
     for epilogues in (TorchEpilogues, TRITON_EPILOGUES):
         state = [s.clone() for s in start]
         probs = None if operand is None else torch.full((rows, cols), 7.0, dtype=operand)
@@ -335,28 +342,36 @@ def test_explicit_weight_gradient_of_the_dominant_classes_on_confident_rows():
     assert rounded > 5e-2 and rounded > 10 * exact, (rounded, exact)
 
 
-def test_row_scatter_sums_each_class_once_and_grad_weight_rounds_once():
+@pytest.mark.parametrize("which", ["torch", "triton"])
+def test_row_scatter_sums_each_class_once_and_grad_weight_rounds_once(which):
     """The implicit term's target rows and the dominant classes' exact parts reach grad_W through a RowScatter: rows
-    sorted by class and summed per class in order (no atomics), each chunk's sums added to its fp32 product before
-    the one rounding to grad_W's dtype (no bf16 addend added to an already rounded bf16 grad_W)."""
-    from dropreg.chunk_buffers import RowScatter, add_weight_gradient
+    sorted by class and summed per class in order (no atomics), each chunk's sums added to its fp32 product (with the
+    explicit term's ``2 W * sq``) before the one rounding to grad_W's dtype: every entry within half a bf16 unit of
+    the float64 sum, the same bits on every run. Both epilogues (Triton's under the interpreter)."""
+    from dropreg.chunk_buffers import RowScatter
 
+    epilogues = TorchEpilogues if which == "torch" else _triton_epilogues()
     gen = torch.Generator().manual_seed(5)
     vocab, dim, rows = 40, 6, 50
     classes = torch.randint(0, vocab, (rows,), generator=gen)
     classes[:10] = 17  # one class many times
     values = torch.randn(rows, dim, generator=gen)
+    scales = torch.rand(rows, generator=gen) + 0.5
     chunks = [(0, 16), (16, 32), (32, 40)]
-    scatter = RowScatter(classes, values, [v0 for v0, _ in chunks])
-    per_class = torch.zeros(vocab, dim, dtype=torch.float64).index_add_(0, classes, values.double())
-    assert torch.equal(scatter.classes, classes.unique())
-    torch.testing.assert_close(scatter.sums.double(), per_class[scatter.classes], rtol=1e-6, atol=1e-6)
     a = torch.randn(vocab, 8, generator=gen).bfloat16()
     b = torch.randn(8, dim, generator=gen).bfloat16()
-    grad_w = torch.empty(vocab, dim, dtype=torch.bfloat16)
-    for index, (v0, v1) in enumerate(chunks):
-        add_weight_gradient(grad_w, v0, v1, a[v0:v1], b, torch.float32, True, scattered=scatter.chunk(index, v0))
-    dense = torch.zeros(vocab, dim).index_put_((scatter.classes,), scatter.sums)
-    assert torch.equal(grad_w, (a.float() @ b.float() + dense).bfloat16())  # fp32 sum, rounded once
-    again = RowScatter(classes, values, [v0 for v0, _ in chunks])
-    assert torch.equal(again.sums, scatter.sums) and again.bounds == scatter.bounds
+    weight = torch.randn(vocab, dim, generator=gen).bfloat16()
+    sq = torch.randn(vocab, dim, generator=gen)
+    results = []
+    for _ in range(2):
+        scatter = RowScatter(classes, values, scales, [v0 for v0, _ in chunks])
+        grad_w = torch.empty(vocab, dim, dtype=torch.bfloat16)
+        for index, (v0, v1) in enumerate(chunks):
+            epilogues.add_weight_gradient(grad_w, v0, v1, a[v0:v1], b, torch.float32, True, weight[v0:v1],
+                                          sq[v0:v1], scatter, index)
+        results.append(grad_w)
+    exact = (a.double() @ b.double() + 2 * weight.double() * sq.double()).index_add_(
+        0, classes, values.double() * scales.double()[:, None])
+    half_unit = 2.0 ** (torch.floor(torch.log2(exact.abs())) - 8)  # of bf16, at each entry's binade
+    assert ((results[0].double() - exact).abs() <= half_unit * (1 + 1e-4) + 1e-6).all()
+    assert torch.equal(results[0], results[1])

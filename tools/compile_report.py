@@ -34,7 +34,8 @@ SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 TENSOR_CORE_INSTRUCTION = {80: "mma.sync", 90: "wgmma.mma_async"}
 ROW_KERNELS = ("row_terms_kernel", "row_prep_kernel")  # O(N d) epilogues without a GEMM
 EPILOGUE_KERNELS = ("softmax_chunk_kernel", "gradient_chunk_kernel", "rdrop_softmax_chunk_kernel",
-                    "rdrop_gradient_chunk_kernel")  # the chunked driver's: elementwise, between cuBLAS GEMMs
+                    "rdrop_gradient_chunk_kernel", "finish_moments_kernel", "head_terms_kernel",
+                    "sweep_rows_kernel", "weight_gradient_kernel")  # the chunked driver's: elementwise, between cuBLAS GEMMs
 REPORT_SHAPE = dict(rows=8192, dim=4096, vocab=128256)
 CONFIGS = {
     "bf16": (torch.bfloat16, "highest"),
@@ -200,7 +201,8 @@ def _describe(launch: Launch) -> tuple[str, str]:
     if name.startswith(EPILOGUE_KERNELS):  # which integer arguments the JIT specialized (to 1, or as multiples of 16)
         ints = [spec for spec in jit_specialization(launch)[2] if spec in ("1", "16k", "int")]
         name += f" [{','.join(ints)}]"
-    blocks = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK_R", "BLOCK_C") if k in kw)
+    blocks = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K", "BLOCK_R", "BLOCK_C", "BLOCK_D")
+                      if k in kw)
     stages = f" s{kw['num_stages']}" if "num_stages" in kw else ""
     return name, f"{blocks} w{kw.get('num_warps')}{stages}"
 

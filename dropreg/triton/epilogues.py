@@ -16,12 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ..chunk_buffers import SweepRows
+from ..gemm import mm
 from ..rows import reference_headroom
+from ..torch_epilogues import TorchEpilogues
 from .utils import FP_FUSION, INTERPRETED, TL_DTYPES
 
 # Rows per program of the row-wise kernels and the column tile; the interpreter gets small tiles so that the
 # tests' tiny chunks still span several tiles.
 NUM_WARPS = 1 if INTERPRETED else 8
+# Row tiles per program of the gradient epilogues: each program writes one row of column sums for grad_b.
+ROW_TILES = 2 if INTERPRETED else 8
 
 
 def row_tile(dtype: torch.dtype) -> tuple[int, int]:
@@ -39,6 +44,19 @@ def gradient_tile(dtype: torch.dtype) -> tuple[int, int]:
     if INTERPRETED:
         return 4, 8
     return (4, 128) if dtype == torch.float64 else (16, 128)
+
+
+def row_block_d(dtype: torch.dtype) -> tuple[int, int]:
+    """(rows per program, d tile) of the row kernels, which loop over each row's d-vectors: 4 x 256, 4 x 128 in
+    fp64."""
+    if INTERPRETED:
+        return 4, 8
+    return (4, 128) if dtype == torch.float64 else (4, 256)
+
+
+def weight_gradient_tile() -> tuple[int, int]:
+    """(classes, d) of the grad_W finishing kernel's tile: 16 x 128."""
+    return (4, 8) if INTERPRETED else (16, 128)
 
 
 @triton.jit
@@ -60,9 +78,10 @@ def second_block(at, R, C):
 
 
 @triton.jit
-def _tile(R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's (BLOCK_R x BLOCK_C) tile of a contiguous R x C chunk: rows, columns, masks, offsets."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _tile(row_tile, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row tile ``row_tile`` of this program's column tile of a contiguous R x C chunk: rows, columns, masks,
+    offsets."""
+    rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < R
     inside = row_ok[:, None] & (cols[None, :] < C)
@@ -77,11 +96,10 @@ def _shift(maximum):
 
 
 @triton.jit
-def _store_col_sums(col_sums_out, g, inside, cols, C):
-    """This row tile's column sums of ``g`` (fp32, before its rounding), for grad_b: row ``program_id(0)`` of a
-    (row tiles) x C buffer that the launcher sums over the tiles in order (no atomics)."""
-    at = tl.program_id(0).to(tl.int64) * C + cols
-    tl.store(col_sums_out + at, tl.sum(tl.where(inside, g, 0.0), axis=0), mask=cols < C)
+def _store_col_sums(col_sums_out, sums, cols, C):
+    """This program's column sums (fp32, before rounding), for grad_b: row ``program_id(0)`` of a (row programs) x C
+    buffer that the launcher sums over the programs in order (no atomics)."""
+    tl.store(col_sums_out + tl.program_id(0).to(tl.int64) * C + cols, sums, mask=cols < C)
 
 
 @triton.jit
@@ -122,6 +140,12 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
     chunk_max = tl.full((BLOCK_R,), float("-inf"), dtype=acc)
     top_col = tl.zeros((BLOCK_R,), dtype=tl.int32)
     online_sum = tl.zeros((BLOCK_R,), dtype=acc)  # without probabilities: sum exp(z - chunk max so far), one pass
+    old_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
+    old_shift = _shift(old_max)
+    written_sum = tl.zeros((BLOCK_R,), dtype=acc)  # with probabilities: sum exp(z - old reference), as written
+    written_rounded = tl.zeros((BLOCK_R,), dtype=acc)
+    # a row whose reference is unset (the first chunk) will move it: then only the second pass writes
+    write_now = tl.zeros((BLOCK_R,), dtype=tl.int32) + tl.min((old_max > float("-inf")).to(tl.int32), axis=0) > 0
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         z = _chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
@@ -129,25 +153,37 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
         tile_col = c0 + tl.argmax(z, axis=1)
         better = tile_max > chunk_max  # strict: the first column reaching the maximum, as torch.max
         top_col = tl.where(better, tile_col, top_col)
-        if not WRITE_PROBS:
+        if WRITE_PROBS:
+            e = tl.exp(z - old_shift[:, None])
+            written_sum += tl.sum(e, axis=1)
+            p = to_operand(e, OPERAND)
+            inside = (row_ok & write_now)[:, None] & (cols[None, :] < C)
+            tl.store(probs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], p, mask=inside)
+            written_rounded += tl.sum(p.to(acc), axis=1)
+        else:
             running = _shift(tl.maximum(chunk_max, tile_max))
             online_sum = online_sum * tl.exp(chunk_max - running) + tl.sum(tl.exp(z - running[:, None]), axis=1)
         chunk_max = tl.where(better, tile_max, chunk_max)
-    old_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
     new_max = tl.where(chunk_max > old_max + HEADROOM, chunk_max, old_max)  # dropreg.rows.moved_reference
     shift = _shift(new_max)
     exp_sum = online_sum * tl.exp(_shift(chunk_max) - shift)  # at most e^HEADROOM: the chunk is within it
     rounded_sum = tl.zeros((BLOCK_R,), dtype=acc)
-    if WRITE_PROBS:  # the probabilities need the reference first: a second pass over the chunk
+    if WRITE_PROBS:  # the probabilities need the reference: the old one if it stays, else a second pass
         exp_sum = tl.zeros((BLOCK_R,), dtype=acc)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            e = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - shift[:, None])
-            exp_sum += tl.sum(e, axis=1)
-            p = to_operand(e, OPERAND)
-            inside = row_ok[:, None] & (cols[None, :] < C)
-            tl.store(probs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], p, mask=inside)
-            rounded_sum += tl.sum(p.to(acc), axis=1)
+        # written against the old reference in the first pass; rewritten only where a row's reference moved
+        # (every row in the first chunk, rarely later: dropreg.rows.reference_headroom)
+        if tl.max((new_max != old_max).to(tl.int32), axis=0) > 0:
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                e = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - shift[:, None])
+                exp_sum += tl.sum(e, axis=1)
+                p = to_operand(e, OPERAND)
+                inside = row_ok[:, None] & (cols[None, :] < C)
+                tl.store(probs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], p, mask=inside)
+                rounded_sum += tl.sum(p.to(acc), axis=1)
+        else:
+            exp_sum = written_sum
+            rounded_sum = written_rounded
     rescale = tl.exp(old_max - shift)
     top_p = tl.exp(chunk_max - shift)
     tl.store(sum_ptr + rows, tl.load(sum_ptr + rows, mask=row_ok, other=0.0) * rescale + exp_sum, mask=row_ok)
@@ -165,31 +201,35 @@ def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr,
                           out_ptr, col_sums_out, R, C, HAS_BIAS: tl.constexpr, HAS_T: tl.constexpr,
                           HAS_TARGET: tl.constexpr, HAS_TOP: tl.constexpr, WRITE_S: tl.constexpr,
                           COL_SUMS: tl.constexpr, OPERAND: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-    rows, cols, row_ok, inside, at = _tile(R, C, BLOCK_R, BLOCK_C)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))  # rows past R: probability 0
-    probs = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - lse[:, None])
-    modulation = tl.load(row_const_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    if HAS_T:
-        t = tl.load(t_ptr + at, mask=inside, other=0.0)
-        if HAS_TOP:  # the row's dominant class: its exact t (dropreg.chunked.gradient_sweep)
-            top_col = tl.load(top_col_ptr + rows, mask=row_ok, other=-1)
-            t_top = tl.load(t_top_ptr + rows, mask=row_ok, other=0.0)
-            t = tl.where(cols[None, :] == top_col[:, None], t_top[:, None], t)
-        modulation += t
-    g = probs * modulation
-    if HAS_TARGET:
-        target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
-        g_ce = tl.load(g_ce_ptr + rows, mask=row_ok, other=0.0)
-        g -= tl.where(cols[None, :] == target[:, None], g_ce[:, None], 0.0)
-    tl.store(out_ptr + at, to_operand(g, OPERAND), mask=inside)
+                          BLOCK_C: tl.constexpr, ROW_TILES: tl.constexpr):
+    col_sums = tl.zeros((BLOCK_C,), dtype=lse_ptr.dtype.element_ty)
+    for tile in range(ROW_TILES):  # several row tiles per program: fewer column sums written
+        rows, cols, row_ok, inside, at = _tile(tl.program_id(0) * ROW_TILES + tile, R, C, BLOCK_R, BLOCK_C)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))  # rows past R: probability 0
+        probs = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - lse[:, None])
+        modulation = tl.load(row_const_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        if HAS_T:
+            t = tl.load(t_ptr + at, mask=inside, other=0.0)
+            if HAS_TOP:  # the row's dominant class: its exact t (dropreg.chunked.gradient_sweep)
+                top_col = tl.load(top_col_ptr + rows, mask=row_ok, other=-1)
+                t_top = tl.load(t_top_ptr + rows, mask=row_ok, other=0.0)
+                t = tl.where(cols[None, :] == top_col[:, None], t_top[:, None], t)
+            modulation += t
+        g = probs * modulation
+        if HAS_TARGET:
+            target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
+            g_ce = tl.load(g_ce_ptr + rows, mask=row_ok, other=0.0)
+            g -= tl.where(cols[None, :] == target[:, None], g_ce[:, None], 0.0)
+        tl.store(out_ptr + at, to_operand(g, OPERAND), mask=inside)
+        if COL_SUMS:
+            col_sums += tl.sum(tl.where(inside, g, 0.0), axis=0)
+        if WRITE_S:
+            if HAS_TOP:  # S without the dominant class: the driver adds that class's grad_W part exactly
+                top_col_s = tl.load(top_col_ptr + rows, mask=row_ok, other=-1)
+                probs = tl.where(cols[None, :] == top_col_s[:, None], 0.0, probs)
+            tl.store(out_ptr + second_block(at, R, C), to_operand(probs, OPERAND), mask=inside)
     if COL_SUMS:
-        _store_col_sums(col_sums_out, g, inside, cols, C)
-    if WRITE_S:
-        if HAS_TOP:  # S without the dominant class: the driver adds that class's grad_W part exactly
-            top_col_s = tl.load(top_col_ptr + rows, mask=row_ok, other=-1)
-            probs = tl.where(cols[None, :] == top_col_s[:, None], 0.0, probs)
-        tl.store(out_ptr + second_block(at, R, C), to_operand(probs, OPERAND), mask=inside)
+        _store_col_sums(col_sums_out, col_sums, tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), C)
 
 
 @triton.jit
@@ -241,32 +281,236 @@ def rdrop_softmax_chunk_kernel(z1_ptr, z2_ptr, b_ptr, max_ptr, sum_ptr, weighted
 def rdrop_gradient_chunk_kernel(z1_ptr, z2_ptr, b_ptr, lse_ptr, expected_d_ptr, g_ce1_ptr, g_ce2_ptr, half_kl_ptr,
                                 target_ptr, out_ptr, col_sums_out, R, C, HAS_BIAS: tl.constexpr,
                                 COL_SUMS: tl.constexpr, OPERAND: tl.constexpr, BLOCK_R: tl.constexpr,
-                                BLOCK_C: tl.constexpr):
-    rows, cols, row_ok, inside, at = _tile(R, C, BLOCK_R, BLOCK_C)
-    z1, z2, diff = _rdrop_tile(z1_ptr, z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
-    p1 = tl.exp(z1 - tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))[:, None])
-    p2 = tl.exp(z2 - tl.load(lse_ptr + R + rows, mask=row_ok, other=float("inf"))[:, None])
-    ed1 = tl.load(expected_d_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    ed2 = tl.load(expected_d_ptr + R + rows, mask=row_ok, other=0.0)[:, None]
-    g_ce1 = tl.load(g_ce1_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    g_ce2 = tl.load(g_ce2_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    k = tl.load(half_kl_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    at_target = cols[None, :] == tl.load(target_ptr + rows, mask=row_ok, other=-1)[:, None]
-    g1 = p1 * (g_ce1 + k * (diff - ed1 + 1.0)) - k * p2 - tl.where(at_target, g_ce1, 0.0)
-    g2 = p2 * (g_ce2 - k * (diff - ed2 - 1.0)) - k * p1 - tl.where(at_target, g_ce2, 0.0)
-    tl.store(out_ptr + at, to_operand(g1, OPERAND), mask=inside)
-    tl.store(out_ptr + second_block(at, R, C), to_operand(g2, OPERAND), mask=inside)
-    if COL_SUMS:  # grad_b takes G1 + G2
-        _store_col_sums(col_sums_out, g1 + g2, inside, cols, C)
+                                BLOCK_C: tl.constexpr, ROW_TILES: tl.constexpr):
+    col_sums = tl.zeros((BLOCK_C,), dtype=lse_ptr.dtype.element_ty)
+    for tile in range(ROW_TILES):  # several row tiles per program: fewer column sums written
+        rows, cols, row_ok, inside, at = _tile(tl.program_id(0) * ROW_TILES + tile, R, C, BLOCK_R, BLOCK_C)
+        z1, z2, diff = _rdrop_tile(z1_ptr, z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
+        p1 = tl.exp(z1 - tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))[:, None])
+        p2 = tl.exp(z2 - tl.load(lse_ptr + R + rows, mask=row_ok, other=float("inf"))[:, None])
+        ed1 = tl.load(expected_d_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        ed2 = tl.load(expected_d_ptr + R + rows, mask=row_ok, other=0.0)[:, None]
+        g_ce1 = tl.load(g_ce1_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        g_ce2 = tl.load(g_ce2_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        k = tl.load(half_kl_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        at_target = cols[None, :] == tl.load(target_ptr + rows, mask=row_ok, other=-1)[:, None]
+        g1 = p1 * (g_ce1 + k * (diff - ed1 + 1.0)) - k * p2 - tl.where(at_target, g_ce1, 0.0)
+        g2 = p2 * (g_ce2 - k * (diff - ed2 - 1.0)) - k * p1 - tl.where(at_target, g_ce2, 0.0)
+        tl.store(out_ptr + at, to_operand(g1, OPERAND), mask=inside)
+        tl.store(out_ptr + second_block(at, R, C), to_operand(g2, OPERAND), mask=inside)
+        if COL_SUMS:  # grad_b takes G1 + G2
+            col_sums += tl.sum(tl.where(inside, g1 + g2, 0.0), axis=0)
+    if COL_SUMS:
+        _store_col_sums(col_sums_out, col_sums, tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), C)
+
+
+@triton.jit
+def finish_moments_kernel(moments_ptr, normalizer_ptr, w_ptr, exact_ptr, seen_ptr, top_col_ptr, scale_ptr, R, D,
+                          stride_w, stride_w_col, HAS_M2: tl.constexpr, HAS_TOP: tl.constexpr, SCALED: tl.constexpr,
+                          OPERAND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[A1 | A2]`` -> ``[mu | var]`` in place, one program per BLOCK_R rows; the normalizer (the mass) gets the
+    dominant entry's exact value too."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    width = D * (2 if HAS_M2 else 1)
+    norm = tl.load(normalizer_ptr + rows, mask=row_ok, other=1.0)
+    if HAS_TOP:
+        exact_1d = tl.load(exact_ptr + rows, mask=row_ok, other=0.0)
+        seen_1d = tl.load(seen_ptr + rows, mask=row_ok, other=0.0)
+        exact, seen = exact_1d[:, None], seen_1d[:, None]
+        top_row = tl.load(top_col_ptr + rows, mask=row_ok, other=0)
+        norm = norm + (exact_1d - seen_1d)
+        tl.store(normalizer_ptr + rows, norm, mask=row_ok)
+    if SCALED:
+        scale = tl.load(scale_ptr)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (dims[None, :] < D)
+        at = rows.to(tl.int64)[:, None] * width + dims[None, :]
+        a1 = tl.load(moments_ptr + at, mask=ok, other=0.0)
+        if HAS_TOP:
+            w = tl.load(w_ptr + top_row[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok, other=0.0)
+            w_exact = w.to(a1.dtype)
+            w_seen = to_operand(w_exact, OPERAND).to(a1.dtype)
+            a1 = a1 + exact * w_exact - seen * w_seen
+        mu = a1 / norm[:, None]
+        tl.store(moments_ptr + at, mu, mask=ok)
+        if HAS_M2:
+            a2 = tl.load(moments_ptr + at + D, mask=ok, other=0.0)
+            if HAS_TOP:  # dropreg.chunk_buffers.squares_operand, as the GEMMs saw it
+                if SCALED:
+                    square = w_exact * w_exact * scale
+                    square_seen = to_operand(square, OPERAND).to(a1.dtype)
+                else:
+                    square = w_exact * w_exact
+                    square_seen = to_operand(w_seen * w_seen, OPERAND).to(a1.dtype)
+                a2 = a2 + exact * square - seen * square_seen
+            if SCALED:
+                a2 = a2 / scale
+            tl.store(moments_ptr + at + D, a2 / norm[:, None] - mu * mu, mask=ok)
+
+
+@triton.jit
+def head_terms_kernel(h_ptr, w_ptr, b_ptr, target_ptr, signs_ptr, lse_ptr, mu_ptr, var_ptr, ce_out, quadratic_out,
+                     sign_term_out, R, D, stride_h, stride_h_col, stride_w, stride_w_col, stride_stats,
+                     HAS_BIAS: tl.constexpr,
+                     NEED_EXPLICIT: tl.constexpr, NEED_IMPLICIT: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """Per row, ``ce = lse - h . W_y - b_y``, ``quadratic = (h*h) . var``, ``sign_term = (sigma*h) . (mu - W_y)``
+    (dropreg.rows.whole_head_terms), one program per BLOCK_R rows."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    acc: tl.constexpr = lse_ptr.dtype.element_ty
+    target = tl.load(target_ptr + rows, mask=row_ok, other=0)
+    z_target = tl.zeros((BLOCK_R,), dtype=acc)
+    quadratic = tl.zeros((BLOCK_R,), dtype=acc)
+    sign_term = tl.zeros((BLOCK_R,), dtype=acc)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (dims[None, :] < D)
+        h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + dims[None, :] * stride_h_col, mask=ok,
+                    other=0.0).to(acc)
+        w_target = tl.load(w_ptr + target[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok,
+                           other=0.0).to(acc)
+        z_target += tl.sum(h * w_target, axis=1)
+        at = rows.to(tl.int64)[:, None] * stride_stats + dims[None, :]
+        if NEED_EXPLICIT:
+            quadratic += tl.sum(h * h * tl.load(var_ptr + at, mask=ok, other=0.0), axis=1)
+        if NEED_IMPLICIT:
+            u = tl.load(signs_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], mask=ok, other=0.0).to(acc) * h
+            sign_term += tl.sum(u * (tl.load(mu_ptr + at, mask=ok, other=0.0) - w_target), axis=1)
+    if HAS_BIAS:
+        z_target += tl.load(b_ptr + target, mask=row_ok, other=0.0).to(acc)
+    tl.store(ce_out + rows, tl.load(lse_ptr + rows, mask=row_ok, other=0.0) - z_target, mask=row_ok)
+    tl.store(quadratic_out + rows, quadratic, mask=row_ok)
+    tl.store(sign_term_out + rows, sign_term, mask=row_ok)
+
+
+@triton.jit
+def sweep_rows_kernel(h_ptr, w_ptr, b_ptr, target_ptr, top_ptr, signs_ptr, mu_ptr, var_ptr, lse_ptr, g_ce_ptr,
+                      g_r_ptr, g_i_ptr, g_i_target_ptr, g_mu_ptr, row_const_out, stacked_out, g_r_q_out, t_top_out,
+                      grad_h_out, values_out, scales_out, R, D, target_values_at, stride_h, stride_h_col, stride_w,
+                      stride_w_col, stride_stats, HAS_BIAS: tl.constexpr, NEED_EXPLICIT: tl.constexpr,
+                      NEED_IMPLICIT: tl.constexpr, HAS_GRAD_MU: tl.constexpr, HAS_TOP: tl.constexpr,
+                      FOLD_ROWS: tl.constexpr, WANT_H: tl.constexpr, WANT_W: tl.constexpr, OPERAND: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A row block's SweepRows (TorchEpilogues.sweep_rows), one program per BLOCK_R rows walking their d-vectors
+    once: ``[H; T]`` and ``gR' q`` in the operand dtype, ``row_const``, the dominant class's exact ``t`` and its
+    grad_W part (unscaled, with its scale ``s_k``), the target rows' ``-g_i u``, grad_input's initial value."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    acc: tl.constexpr = lse_ptr.dtype.element_ty
+    row_const = tl.load(g_ce_ptr + rows, mask=row_ok, other=0.0)
+    g_r = tl.load(g_r_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    g_i = tl.load(g_i_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    g_i_target = tl.load(g_i_target_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    target = tl.load(target_ptr + rows, mask=row_ok, other=0)
+    top = target
+    if HAS_TOP:
+        top = tl.load(top_ptr + rows, mask=row_ok, other=0)
+    t_top = tl.zeros((BLOCK_R,), dtype=acc)
+    z_top = tl.zeros((BLOCK_R,), dtype=acc)
+    row_at = rows.to(tl.int64)[:, None] * D
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (dims[None, :] < D)
+        at = row_at + dims[None, :]
+        stats_at = rows.to(tl.int64)[:, None] * stride_stats + dims[None, :]
+        h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + dims[None, :] * stride_h_col, mask=ok,
+                    other=0.0).to(acc)
+        mu = tl.load(mu_ptr + stats_at, mask=ok, other=0.0)
+        T = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc)
+        grad_h = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc)
+        g_r_q = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc)
+        if NEED_EXPLICIT:
+            var = tl.load(var_ptr + stats_at, mask=ok, other=0.0)
+            g_r_q = g_r * h * h
+            tl.store(g_r_q_out + at, to_operand(g_r_q, OPERAND), mask=ok)
+            T -= 2.0 * g_r_q * mu
+            row_const += tl.sum(g_r_q * (mu * mu - var), axis=1)
+            if FOLD_ROWS:
+                grad_h += 2.0 * g_r * h * var
+        if NEED_IMPLICIT:
+            signs = tl.load(signs_ptr + at, mask=ok, other=0.0).to(acc)
+            u = signs * h
+            T += g_i * u
+            row_const -= tl.sum(g_i * mu * u, axis=1)
+            if FOLD_ROWS:
+                grad_h += g_i * signs * mu
+            if WANT_H:
+                w_target = tl.load(w_ptr + target[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok,
+                                   other=0.0).to(acc)
+                grad_h -= g_i_target * signs * w_target
+            if WANT_W:
+                tl.store(values_out + (target_values_at + rows.to(tl.int64))[:, None] * D + dims[None, :],
+                         -g_i_target * u, mask=ok)
+        if HAS_GRAD_MU:  # mu's own upstream gradient gbar: T += gbar, row_const -= mu . gbar
+            g_mu = tl.load(g_mu_ptr + at, mask=ok, other=0.0).to(acc)
+            T += g_mu
+            row_const -= tl.sum(g_mu * mu, axis=1)
+        tl.store(stacked_out + at, to_operand(h, OPERAND), mask=ok)
+        tl.store(stacked_out + second_block(at, R, D), to_operand(T, OPERAND), mask=ok)
+        if WANT_H:
+            tl.store(grad_h_out + at, grad_h, mask=ok)
+        if HAS_TOP:
+            w_top = tl.load(w_ptr + top[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok,
+                            other=0.0).to(acc)
+            t_top += tl.sum(T * w_top, axis=1)
+            z_top += tl.sum(h * w_top, axis=1)
+            part = T
+            if NEED_EXPLICIT:
+                t_top += tl.sum(g_r_q * (w_top * w_top), axis=1)
+                part += 2.0 * g_r_q * w_top
+            if WANT_W:
+                tl.store(values_out + at, part, mask=ok)
+    tl.store(row_const_out + rows, row_const, mask=row_ok)
+    if HAS_TOP:
+        tl.store(t_top_out + rows, t_top, mask=row_ok)
+        if WANT_W:
+            if HAS_BIAS:
+                z_top += tl.load(b_ptr + top, mask=row_ok, other=0.0).to(acc)
+            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+            tl.store(scales_out + rows, tl.exp(z_top - lse), mask=row_ok)
+
+
+@triton.jit
+def weight_gradient_kernel(out_ptr, product_ptr, w_ptr, sq_ptr, order_ptr, class_starts_ptr, values_ptr, scales_ptr,
+                           C, D, stride_w, stride_w_col, HAS_SQ: tl.constexpr, HAS_SCATTER: tl.constexpr,
+                           OUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A chunk's rows of grad_W written once: ``product + (its scattered rows' sums) + 2 W * sq``, rounded once to
+    grad_W's dtype (dropreg.chunk_buffers.add_weight_gradient). Each class's scattered rows are walked in their
+    sorted order (dropreg.chunk_buffers.RowScatter): no atomics."""
+    classes = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    class_ok = classes < C
+    ok = class_ok[:, None] & (dims[None, :] < D)
+    at = classes.to(tl.int64)[:, None] * D + dims[None, :]
+    total = tl.load(product_ptr + at, mask=ok, other=0.0)
+    if HAS_SCATTER:
+        first = tl.load(class_starts_ptr + classes, mask=class_ok, other=0)
+        count = tl.load(class_starts_ptr + classes + 1, mask=class_ok, other=0) - first
+        scattered = tl.zeros((BLOCK_C, BLOCK_D), dtype=total.dtype)
+        for k in range(0, tl.max(count, axis=0)):
+            present = class_ok & (k < count)
+            entry = tl.load(order_ptr + first + k, mask=present, other=0)
+            scale = tl.load(scales_ptr + entry, mask=present, other=0.0)
+            values = tl.load(values_ptr + entry[:, None] * D + dims[None, :], mask=present[:, None] & ok, other=0.0)
+            scattered += values * scale[:, None]
+        total += scattered
+    if HAS_SQ:
+        w = tl.load(w_ptr + classes.to(tl.int64)[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok,
+                    other=0.0).to(total.dtype)
+        total += 2.0 * w * tl.load(sq_ptr + at, mask=ok, other=0.0)
+    tl.store(out_ptr + at, to_operand(total, OUT), mask=ok)
 
 
 def _bias_arg(bias, like):
     return like if bias is None else bias.contiguous()  # never read when HAS_BIAS is False
 
 
-def _col_sums_buffer(grad_b, row_tiles, cols, like):
-    """Where a gradient epilogue writes its row tiles' column sums for ``grad_b`` (a placeholder without one)."""
-    return like if grad_b is None else torch.empty(row_tiles, cols, dtype=like.dtype, device=like.device)
+def _col_sums_buffer(grad_b, row_programs, cols, like):
+    """Where a gradient epilogue's programs write their column sums for ``grad_b`` (a placeholder without one)."""
+    return like if grad_b is None else torch.empty(row_programs, cols, dtype=like.dtype, device=like.device)
 
 
 def _add_col_sums(grad_b, col_sums):
@@ -304,21 +548,94 @@ class TritonEpilogues:
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
         return rescale, top_p, top_col
 
+    def finish_moments(self, moments, normalizer, weight, top, operand, square_scale):
+        rows, width = moments.shape
+        dim = weight.shape[1]
+        block_r, block_d = row_block_d(moments.dtype)
+        has_top = top is not None
+        self.launch(finish_moments_kernel)[(triton.cdiv(rows, block_r),)](
+            moments, normalizer, weight, top.exact if has_top else normalizer, top.seen if has_top else normalizer,
+            top.col if has_top else normalizer, normalizer if square_scale is None else square_scale, rows, dim,
+            *weight.stride(), HAS_M2=width > dim, HAS_TOP=has_top, SCALED=square_scale is not None,
+            OPERAND=TL_DTYPES[operand], BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
+            enable_fp_fusion=FP_FUSION)
+
+    def row_terms(self, h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit):
+        rows, dim = h.shape
+        outputs = [torch.empty_like(lse) for _ in range(3)]
+        stats = mu if mu is not None else lse
+        block_r, block_d = row_block_d(lse.dtype)
+        self.launch(head_terms_kernel)[(triton.cdiv(rows, block_r),)](
+            h, weight, _bias_arg(bias, lse), target.contiguous(), signs.contiguous() if need_implicit else lse, lse,
+            stats, var if need_explicit else stats, *outputs, rows, dim, *h.stride(), *weight.stride(),
+            stats.stride(0) if mu is not None else 0, HAS_BIAS=bias is not None, NEED_EXPLICIT=need_explicit,
+            NEED_IMPLICIT=need_implicit, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
+            enable_fp_fusion=FP_FUSION)
+        return tuple(outputs)
+
+    def sweep_rows(self, h, weight, bias, target, top_class, signs, mu, var, lse, g_ce, g_r, g_i, g_i_target,
+                   grad_mu, need_explicit, need_implicit, operand, fold_rows, want_h, want_w):
+        rows, dim = h.shape
+        acc = lse.dtype
+        has_top = top_class is not None
+        parts = int(has_top) + int(need_implicit)  # the scattered rows: dominant classes', then targets'
+        scatter = None
+        values = scales = lse
+        if want_w and parts:
+            values = torch.empty(parts * rows, dim, dtype=acc, device=h.device)
+            scales = torch.ones(parts * rows, dtype=acc, device=h.device)
+            classes = [c for c, on in ((top_class, has_top), (target, need_implicit)) if on]
+            scatter = (torch.cat(classes) if len(classes) > 1 else classes[0], values, scales)
+        sweep = SweepRows(torch.empty_like(lse), torch.empty(2 * rows, dim, dtype=operand, device=h.device),
+                          torch.empty(rows, dim, dtype=operand, device=h.device) if need_explicit else None,
+                          torch.empty_like(lse) if has_top else None,
+                          torch.empty(rows, dim, dtype=acc, device=h.device) if want_h else None, scatter)
+        block_r, block_d = row_block_d(acc)
+        self.launch(sweep_rows_kernel)[(triton.cdiv(rows, block_r),)](
+            h, weight, _bias_arg(bias, lse), target.contiguous(), top_class.contiguous() if has_top else target,
+            signs.contiguous() if need_implicit else lse, mu, var if need_explicit else mu, lse.contiguous(),
+            g_ce.contiguous(), g_r.contiguous(), g_i.contiguous(), g_i_target.contiguous(),
+            grad_mu.contiguous() if grad_mu is not None else lse, sweep.row_const, sweep.stacked,
+            sweep.g_r_q if need_explicit else sweep.stacked, sweep.t_top if has_top else lse,
+            sweep.grad_h if want_h else lse, values, scales, rows, dim, rows * int(has_top), *h.stride(),
+            *weight.stride(), mu.stride(0), HAS_BIAS=bias is not None, NEED_EXPLICIT=need_explicit,
+            NEED_IMPLICIT=need_implicit, HAS_GRAD_MU=grad_mu is not None, HAS_TOP=has_top, FOLD_ROWS=fold_rows,
+            WANT_H=want_h, WANT_W=want_w, OPERAND=TL_DTYPES[operand], BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+        return sweep
+
+    def add_weight_gradient(self, grad_w, v0, v1, a, b, acc, overwrite, weight=None, s_g_r_q=None, scatter=None,
+                            index=0):
+        if not overwrite or (s_g_r_q is None and scatter is None):  # the GEMM adds into grad_W, or writes it
+            TorchEpilogues.add_weight_gradient(grad_w, v0, v1, a, b, acc, overwrite, weight, s_g_r_q, scatter, index)
+            return
+        product = mm(a, b, acc)
+        cols, dim = product.shape
+        has_scatter = scatter is not None
+        block_c, block_d = weight_gradient_tile()
+        self.launch(weight_gradient_kernel)[(triton.cdiv(cols, block_c), triton.cdiv(dim, block_d))](
+            grad_w[v0:v1], product, weight if weight is not None else product, s_g_r_q if s_g_r_q is not None else product,
+            scatter.order if has_scatter else product, scatter.class_starts(v0, v1) if has_scatter else product,
+            scatter.values if has_scatter else product, scatter.scales if has_scatter else product, cols, dim,
+            *(weight.stride() if weight is not None else (0, 0)), HAS_SQ=s_g_r_q is not None,
+            HAS_SCATTER=has_scatter, OUT=TL_DTYPES[grad_w.dtype], BLOCK_C=block_c, BLOCK_D=block_d,
+            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+
     def gradient_chunk(self, z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None, *,
                        grad_b=None):
         rows, cols = z.shape
         has_target = target_col is not None
         has_top = top_col is not None and t is not None
         tile_r, tile_c = gradient_tile(z.dtype)
-        row_tiles = triton.cdiv(rows, tile_r)
-        col_sums = _col_sums_buffer(grad_b, row_tiles, cols, z)
-        self.launch(gradient_chunk_kernel)[(row_tiles, triton.cdiv(cols, tile_c))](
+        row_programs = triton.cdiv(rows, tile_r * ROW_TILES)
+        col_sums = _col_sums_buffer(grad_b, row_programs, cols, z)
+        self.launch(gradient_chunk_kernel)[(row_programs, triton.cdiv(cols, tile_c))](
             z, _bias_arg(bias, z), z if t is None else t, lse.contiguous(), row_const.contiguous(),
             g_ce.contiguous() if has_target else lse, target_col.contiguous() if has_target else lse,
             top_col.contiguous() if has_top else lse, t_top.contiguous() if has_top else lse, out, col_sums, rows,
             cols, HAS_BIAS=bias is not None, HAS_T=t is not None, HAS_TARGET=has_target, HAS_TOP=has_top,
             WRITE_S=out.shape[0] > rows, COL_SUMS=grad_b is not None, OPERAND=TL_DTYPES[out.dtype], BLOCK_R=tile_r,
-            BLOCK_C=tile_c, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            BLOCK_C=tile_c, ROW_TILES=ROW_TILES, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
         _add_col_sums(grad_b, col_sums)
 
     def rdrop_softmax_chunk(self, z1, z2, bias, running_max, running_sum, weighted_d):
@@ -332,13 +649,13 @@ class TritonEpilogues:
                              grad_b=None):
         rows, cols = z1.shape
         tile_r, tile_c = gradient_tile(z1.dtype)
-        row_tiles = triton.cdiv(rows, tile_r)
-        col_sums = _col_sums_buffer(grad_b, row_tiles, cols, z1)
-        self.launch(rdrop_gradient_chunk_kernel)[(row_tiles, triton.cdiv(cols, tile_c))](
+        row_programs = triton.cdiv(rows, tile_r * ROW_TILES)
+        col_sums = _col_sums_buffer(grad_b, row_programs, cols, z1)
+        self.launch(rdrop_gradient_chunk_kernel)[(row_programs, triton.cdiv(cols, tile_c))](
             z1, z2, _bias_arg(bias, z1), lse.contiguous(), expected_d.contiguous(), g_ce1.contiguous(),
             g_ce2.contiguous(), half_kl.contiguous(), target_col.contiguous(), out, col_sums, rows, cols,
             HAS_BIAS=bias is not None, COL_SUMS=grad_b is not None, OPERAND=TL_DTYPES[out.dtype], BLOCK_R=tile_r,
-            BLOCK_C=tile_c, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            BLOCK_C=tile_c, ROW_TILES=ROW_TILES, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
         _add_col_sums(grad_b, col_sums)
 
 
