@@ -93,6 +93,30 @@ class RowScatter:
 
 
 @dataclass
+class HeadTerms:
+    """A head held whole: what finishing its statistics also needs (``h``, ``bias``, the rows' ``target`` and
+    ``signs``, ``lse``) and the per-row terms it writes (``ce``, ``quadratic``, ``sign_term``), for some rows."""
+    h: torch.Tensor
+    bias: Optional[torch.Tensor]
+    target: torch.Tensor
+    signs: Optional[torch.Tensor]
+    lse: torch.Tensor
+    need_explicit: bool
+    need_implicit: bool
+    ce: torch.Tensor
+    quadratic: torch.Tensor
+    sign_term: torch.Tensor
+
+    def rows(self, r0, r1) -> "HeadTerms":
+        def part(t):
+            return None if t is None else t[r0:r1]
+
+        return HeadTerms(self.h[r0:r1], self.bias, self.target[r0:r1], part(self.signs), self.lse[r0:r1],
+                         self.need_explicit, self.need_implicit, self.ce[r0:r1], self.quadratic[r0:r1],
+                         self.sign_term[r0:r1])
+
+
+@dataclass
 class SweepRows:
     """What one row block's gradient sweep takes per row, formed before it (the epilogues' ``sweep_rows``, or
     :func:`sweep_rows_from` for softmax_mean and plain cross entropy):

@@ -24,10 +24,10 @@ import math
 import torch
 from torch.profiler import record_function
 
-from .chunk_buffers import (ChunkBuffers, DominantEntry, RowScatter, SweepRows, add_weight_gradient,
+from .chunk_buffers import (ChunkBuffers, DominantEntry, HeadTerms, RowScatter, SweepRows, add_weight_gradient,
                             grad_weight_buffer, squares_operand, squares_scale, sweep_rows_from, top_class_buffer)
 from .gemm import as_operand, mm, operand_types
-from .plan import DEFAULT_PLAN, BlockPlan, ce_chunks, default_chunks
+from .plan import DEFAULT_PLAN, BlockPlan, ce_chunks, default_chunks, keeps_squares
 from .rows import (SliceStatistics, input_row_gradient, logit_shift, softmax_mean_modulation, target_logit)
 from .streamed import StreamedPasses, add_ce_loss
 from .tiles import spans
@@ -48,15 +48,19 @@ from .torch_epilogues import TorchEpilogues, epilogues_for
 # Forward statistics and the logit-gradient sweep
 # ---------------------------------------------------------------------------------------------------------
 
-def rescale_needed(rescale) -> bool:
-    """Whether a row's reference moved in this chunk, so that the moments accumulated on its old scale must be
-    rescaled: rare once the first chunk has set it (:func:`dropreg.rows.reference_headroom`). Asking reads one flag
-    on the host. Meta tensors (tools/traffic.py) have no values: taken as no."""
-    return rescale.device.type != "meta" and bool((rescale != 1).any())
+def rescale_moved_rows(moments, rescale):
+    """The moments of the rows whose reference moved in this chunk (``rescale != 1``), put on their new scale: rare
+    once the first chunk has set the references (:func:`dropreg.rows.reference_headroom`), and touching only those
+    rows. Finding them reads the flags on the host. Meta tensors (tools/traffic.py) have no values: taken as none."""
+    if rescale.device.type == "meta":
+        return
+    moved = (rescale != 1).nonzero().squeeze(1)
+    if len(moved):
+        moments[moved] = moments[moved] * rescale[moved, None]
 
 
 def chunked_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_chunk, epilogues=None,
-                       top_class=None, keep_top=True, scale_squares=True):
+                       top_class=None, keep_top=True, scale_squares=True, squares=None, head=None):
     """Per-row ``(lse, mu, var)`` over ``weight``'s rows in one streamed pass (mu None unless ``need_mu``, var None
     unless ``need_m2``); 1 + (1 + need_m2) NVd. Each row block's moments ``[A1 | A2]`` are accumulated by the GEMMs
     on the scale of the row's running reference and finished in place into ``[mu | var]`` by the epilogues'
@@ -66,14 +70,17 @@ def chunked_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
     entry made exact: :class:`DominantEntry`), normalized by their own sum (the ``mass``): ``var = m2 - mu^2`` stays
     the variance of one distribution (docs/math.md 8.4).
     ``top_class`` (N int64, optional, needs ``need_mu``) receives each row's largest logit's row of ``weight``:
-    the backward keeps that class's modulation exact. ``keep_top``, ``scale_squares``: docs/math.md 8.4's and 7.3's
-    precision measures (switched off only to measure them)."""
+    the backward keeps that class's modulation exact. ``squares`` (V x d, the operand dtype, optional, needs
+    ``need_m2`` and an unscaled square): receives the ``W*W`` operand as each chunk forms it, for the backward.
+    ``head`` (a :class:`HeadTerms` over all rows, its ``lse`` filled here): a head held whole, whose terms are
+    written as each row block is finished. ``keep_top``, ``scale_squares``: docs/math.md 8.4's and 7.3's precision
+    measures (switched off only to measure them)."""
     types = operand_types(h.dtype)
     epilogues = epilogues or epilogues_for(h.device, h.dtype)
     acc = types.acc
     n_rows, dim = h.shape
     vocab = weight.shape[0]
-    lse = torch.empty(n_rows, dtype=acc, device=h.device)
+    lse = torch.empty(n_rows, dtype=acc, device=h.device) if head is None else head.lse
     # [A1 | A2] per row, written by each row block's first chunk (no zeroing), finished into [mu | var]
     moments = torch.empty(n_rows, ((1 + int(need_m2)) if need_mu else 0) * dim, dtype=acc, device=h.device)
     buffers = ChunkBuffers.allocate(min(row_block, n_rows), min(vocab_chunk, vocab), acc, types.forward, h.device,
@@ -105,24 +112,32 @@ def chunked_statistics(h, weight, bias, *, need_mu, need_m2, row_block, vocab_ch
             if top is not None:
                 top.update(rescale, top_p, top_col + v0, types.forward)
             with record_function("dropreg::moments"):
-                if v0 > 0 and rescale_needed(rescale):
-                    block_moments.mul_(rescale[:, None])
+                if v0 > 0:  # before the first chunk there is nothing to rescale
+                    rescale_moved_rows(block_moments, rescale)
                 mm(probs, w_op, acc, out=block_moments[:, :dim], accumulate=v0 > 0)
                 if need_m2:
-                    mm(probs, squares_operand(w, w_op, types.forward, square_scale), acc, out=block_moments[:, dim:],
-                       accumulate=v0 > 0)
+                    if squares is None:
+                        w_squares = squares_operand(w, w_op, types.forward, square_scale)
+                    elif r0 == 0:  # formed once, kept
+                        w_squares = torch.mul(w_op, w_op, out=squares[v0:v1])
+                    else:
+                        w_squares = squares[v0:v1]
+                    mm(probs, w_squares, acc, out=block_moments[:, dim:], accumulate=v0 > 0)
         if top is not None and top_class is not None:
             top_class[r0:r1] = top.col
         lse[r0:r1] = logit_shift(running_max) + running_sum.log()
         if need_mu:
             with record_function("dropreg::finish_moments"):
                 epilogues.finish_moments(block_moments, mass if narrow else running_sum, weight,
-                                         top if keep_top else None, types.forward, square_scale)
+                                         top if keep_top else None, types.forward, square_scale,
+                                         None if head is None else head.rows(r0, r1))
+        elif head is not None:  # cross entropy alone
+            head.ce[r0:r1] = lse[r0:r1] - target_logit(h[r0:r1].to(acc), weight, bias, head.target[r0:r1], acc)
     return lse, moments[:, :dim] if need_mu else None, moments[:, dim:] if need_m2 else None
 
 
 def gradient_sweep(weight, bias, lse, target, g_ce, sweep: SweepRows, with_squares, types, epilogues, buffers,
-                   vocab_chunk, *, grad_w=None, grad_b=None, overwrite_w=False, top_class=None):
+                   vocab_chunk, *, grad_w=None, grad_b=None, overwrite_w=False, top_class=None, squares=None):
     """One row block's backward over every chunk, from its :class:`SweepRows`; returns ``sweep.grad_h`` with the
     block's ``W^T G`` added (None unless wanted).
 
@@ -132,7 +147,7 @@ def gradient_sweep(weight, bias, lse, target, g_ce, sweep: SweepRows, with_squar
     is handled in the accumulation dtype (docs/math.md 7.3): its ``t``, since ``row_const + t`` cancels there on
     confident rows and the rounding of ``[T | gR' q]`` would not, and its grad_W part, which the epilogue leaves out of
     S and ``sweep.scatter`` carries. The scattered rows reach grad_W through a :class:`RowScatter`: summed per class
-    without atomics, rounded once with the chunk."""
+    without atomics, rounded once with the chunk. ``squares``: the forward's ``W*W`` operand, if it kept it."""
     acc = types.acc
     n_rows = sweep.row_const.shape[0]
     modulated = sweep.modulated
@@ -152,8 +167,9 @@ def gradient_sweep(weight, bias, lse, target, g_ce, sweep: SweepRows, with_squar
             if modulated:  # t = T W_c^T + gR' q (W_c*W_c)^T
                 t = mm(T_op, w_op.T, acc, out=ChunkBuffers.view(buffers.second, n_rows, cols))
                 if with_squares:
-                    mm(sweep.g_r_q, squares_operand(weight[v0:v1], w_op, types.backward).T, acc, out=t,
-                       accumulate=True)
+                    w_squares = (squares_operand(weight[v0:v1], w_op, types.backward) if squares is None
+                                 else squares[v0:v1])
+                    mm(sweep.g_r_q, w_squares.T, acc, out=t, accumulate=True)
         out = ChunkBuffers.view(buffers.outputs, (2 if modulated else 1) * n_rows, cols)
         with record_function("dropreg::gradient_epilogue"):
             epilogues.gradient_chunk(z, None if bias is None else bias[v0:v1], t, lse, sweep.row_const, g_ce,
@@ -174,13 +190,13 @@ def gradient_sweep(weight, bias, lse, target, g_ce, sweep: SweepRows, with_squar
 
 def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
                    need_explicit, need_implicit, row_block, vocab_chunk, wants, owns_target=None, grad_mu=None,
-                   epilogues=None, top_class=None):
+                   epilogues=None, top_class=None, squares=None):
     """:func:`dropreg.streamed.terms_backward` on this driver: ``(grad_h_vocab, grad_h_rows, grad_w, grad_b)`` over
     ``weight``'s rows given the per-row globals; ``owns_target`` marks the rows whose target lies in ``weight`` (a
     vocabulary slice), ``target`` indexing ``weight`` there. A head held whole (``owns_target`` None) gets grad_input
     whole in ``grad_h_vocab`` (its row-wise parts start the sum) and ``grad_h_rows`` None; a slice keeps them apart,
     to be added once after the slices' sum. ``grad_w`` comes in the weight's dtype when one row block writes each
-    chunk once, else in the accumulation dtype. ``top_class``: from :func:`chunked_statistics`."""
+    chunk once, else in the accumulation dtype. ``top_class``, ``squares``: from :func:`chunked_statistics`."""
     want_h, want_w, want_b = wants
     types = operand_types(h.dtype)
     epilogues = epilogues or epilogues_for(h.device, h.dtype)
@@ -218,7 +234,7 @@ def terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_q
                                     want_h, want_w, extra=g_ce)
         grad_h_block = gradient_sweep(weight, bias, lse[r0:r1], sweep_target[r0:r1], g_ce, sweep, need_explicit,
                                       types, epilogues, buffers, vocab_chunk, grad_w=grad_w, grad_b=grad_b,
-                                      overwrite_w=r0 == 0, top_class=top)
+                                      overwrite_w=r0 == 0, top_class=top, squares=squares)
         if want_h:
             if one_block:  # the sweep's own buffer: no copy
                 grad_h = grad_h_block
@@ -414,25 +430,34 @@ class ChunkedPasses(StreamedPasses):
         return {"row_block": row_block, "vocab_chunk": vocab_chunk,
                 "epilogues": self.epilogues or epilogues_for(h.device, h.dtype, self.plan.epilogues)}
 
-    def statistics(self, h, weight, bias, *, need_mu, need_m2) -> SliceStatistics:
+    def statistics(self, h, weight, bias, *, need_mu, need_m2, head=None) -> SliceStatistics:
         top_class = top_class_buffer(h, need_mu) if self.plan.top_class else None
+        squares = None
+        if need_m2 and keeps_squares(self.plan, weight, operand_types(h.dtype)):
+            squares = torch.empty(weight.shape, dtype=operand_types(h.dtype).forward, device=weight.device)
         lse, mu, var = chunked_statistics(h, weight, bias, need_mu=need_mu, need_m2=need_m2, top_class=top_class,
                                           keep_top=self.plan.keep_top, scale_squares=self.plan.scale_squares,
-                                          **self._chunks(h, weight))
-        return SliceStatistics(lse, mu, var=var, extra=top_class)
+                                          squares=squares, head=head, **self._chunks(h, weight))
+        return SliceStatistics(lse, mu, var=var, extra=(top_class, squares))
 
-    def row_terms(self, h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit):
-        return self._chunks(h, weight)["epilogues"].row_terms(h, weight, bias, target, signs, lse, mu, var,
-                                                               need_explicit, need_implicit)
+    def whole_head(self, h, weight, bias, target, signs, need_explicit, need_implicit):
+        acc = operand_types(h.dtype).acc
+        per_row = [torch.zeros(h.shape[0], dtype=acc, device=h.device) for _ in range(4)]
+        head = HeadTerms(h, bias, target, signs, *per_row[:1], need_explicit, need_implicit, *per_row[1:])
+        stats = self.statistics(h, weight, bias, need_mu=need_explicit or need_implicit, need_m2=need_explicit,
+                                head=head)
+        return (head.ce, head.quadratic, head.sign_term), stats
 
     def terms_sweep(self, h, weight, bias, target, owned, signs, lse, mu, var, grad_ce, grad_quadratic,
                     grad_sign_term, grad_mu, need_explicit, need_implicit, wants, extra):
         return terms_backward(h, weight, bias, target, signs, lse, mu, var, grad_ce, grad_quadratic, grad_sign_term,
                               need_explicit, need_implicit, wants=wants, owns_target=owned, grad_mu=grad_mu,
-                              top_class=extra, **self._chunks(h, weight))
+                              top_class=extra[0] if extra else None, squares=extra[1] if extra else None,
+                              **self._chunks(h, weight))
 
     def softmax_mean_sweep(self, h, weight, bias, lse, mu, grad_mu, wants, extra):
-        return softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, wants=wants, top_class=extra,
+        return softmax_mean_backward(h, weight, bias, lse, mu, grad_mu, wants=wants,
+                                     top_class=extra[0] if extra else None,
                                      **self._chunks(h, weight))
 
     def rdrop_statistics(self, h1, h2, weight, bias, softcap):

@@ -53,7 +53,7 @@ def _empty_unless(wanted, tensor, like):
 def _linear_ce_forward(input, weight, bias, target, signs, seed, need_explicit, need_implicit):
     load()
     signs = rows.implicit_signs(input, signs, uint64_seed(seed), need_implicit)
-    (ce, quadratic, sign_term, mu), (_, _, lse, _, var, _) = ops.uncapped_forward(
+    (ce, quadratic, sign_term, mu), (_, _, lse, _, var, *_) = ops.uncapped_forward(
         input, weight, bias, target, signs, need_explicit, need_implicit, _PASSES, LOCAL)
     none = input.new_empty((0, input.shape[1]), dtype=lse.dtype)
     return ce, quadratic, sign_term, lse, none.clone() if mu is None else mu, none if var is None else var
@@ -77,7 +77,7 @@ def _linear_ce_backward(grad_ce, grad_quadratic, grad_sign_term, grad_mu, input,
     modulated = need_explicit or need_implicit
     if grad_mu is not None and (grad_mu.numel() == 0 or not modulated):
         grad_mu = None
-    saved = (target, None, lse, mu if modulated else None, var if need_explicit else None, None)
+    saved = (target, None, lse, mu if modulated else None, var if need_explicit else None)
     wants = (output_mask[0], output_mask[1], output_mask[2] and bias is not None)
     grad_h, grad_w, grad_b = ops.uncapped_backward(input, weight, bias, signs, saved,
                                                    (grad_ce, grad_quadratic, grad_sign_term), grad_mu, need_explicit,
@@ -149,7 +149,7 @@ def _rdrop_backward_fake(grad_ce1, grad_ce2, grad_kl, input1, input2, weight, bi
 
 def _softmax_mean_forward(input, weight, bias):
     load()
-    mu, (lse, _, _) = ops.softmax_mean_forward(input, weight, bias, _PASSES, LOCAL)
+    mu, (lse, *_) = ops.softmax_mean_forward(input, weight, bias, _PASSES, LOCAL)
     return mu, lse
 
 
@@ -163,7 +163,7 @@ def _softmax_mean_forward_fake(input, weight, bias):
 def _softmax_mean_backward(grad_mu, input, weight, bias, lse, mu, output_mask):
     load()
     wants = (output_mask[0], output_mask[1], output_mask[2] and bias is not None)
-    grads = ops.softmax_mean_backward(input, weight, bias, (lse, mu, None), grad_mu, wants, _PASSES, LOCAL)
+    grads = ops.softmax_mean_backward(input, weight, bias, (lse, mu), grad_mu, wants, _PASSES, LOCAL)
     return tuple(_empty_unless(wanted, g, like) for g, wanted, like in zip(grads, wants, (input, weight, input)))
 
 

@@ -61,17 +61,17 @@ class Terms(torch.autograd.Function):
 
 def uncapped_forward(h, weight, bias, target, signs, need_explicit, need_implicit, passes, reducer):
     """The uncapped head's forward (docs/math.md 6.1): ``((ce, quadratic, sign_term, mu), saved)``, ``saved`` what
-    :func:`uncapped_backward` takes: ``(safe, owned, lse, mu, var, extra)``. Also the body of the ``"cpu"``
+    :func:`uncapped_backward` takes: ``(safe, owned, lse, mu, var, *extra)``. Also the body of the ``"cpu"``
     backend's registered op (dropreg/cpu_ops.py)."""
     acc = accumulation_dtype(h.dtype)
+    safe, owned = reducer.localize(target)
+    if owned is None:  # the head held whole: the passes finish each row's terms with its statistics
+        with record_function("dropreg::forward_stats"):
+            (ce, quadratic, sign_term), stats = passes.whole_head(h, weight, bias, safe, signs, need_explicit,
+                                                                  need_implicit)
+        return (ce, quadratic, sign_term, stats.mu), (safe, owned, stats.lse, stats.mu, stats.var, *stats.extra)
     with record_function("dropreg::forward_stats"):
         stats = passes.statistics(h, weight, bias, need_mu=need_explicit or need_implicit, need_m2=need_explicit)
-    safe, owned = reducer.localize(target)
-    if owned is None:  # the head held whole: the passes finish each row in one go
-        lse, mu, var, _ = reducer.merge_moments(stats, [])
-        ce, quadratic, sign_term = passes.row_terms(h, weight, bias, safe, signs, lse, mu, var, need_explicit,
-                                                    need_implicit)
-        return (ce, quadratic, sign_term, mu), (safe, owned, lse, mu, var, stats.extra)
     hc = h.to(acc)
     target_rows = weight[safe].to(acc)
     picked = [rows.target_logit(hc, weight, bias, safe, acc)]
@@ -80,19 +80,19 @@ def uncapped_forward(h, weight, bias, target, signs, need_explicit, need_implici
     lse, mu, var, picked = reducer.merge_moments(stats, rows.owned_only(owned, picked))
     ce, quadratic, sign_term = rows.terms(hc, signs, lse, mu, var, picked[0], picked[-1], need_explicit,
                                           need_implicit)
-    return (ce, quadratic, sign_term, mu), (safe, owned, lse, mu, var, stats.extra)
+    return (ce, quadratic, sign_term, mu), (safe, owned, lse, mu, var, *stats.extra)
 
 
 def uncapped_backward(h, weight, bias, signs, saved, upstream, grad_mu, need_explicit, need_implicit, wants, passes,
                       reducer):
     """``(grad_h, grad_w, grad_b)`` (None where not in ``wants``) of the uncapped head's per-row terms given their
     upstream gradients ``(grad_ce, grad_quadratic, grad_sign_term)`` (None: zero) and mu's (``grad_mu``)."""
-    safe, owned, lse, mu, var, extra = saved
+    safe, owned, lse, mu, var, *extra = saved
     zero = torch.zeros_like(lse)
     upstream = [zero if g is None else g for g in upstream]
     grad_h_vocab, grad_h_rows, grad_w, grad_b = passes.terms_sweep(
         h, weight, bias, safe, owned, signs, lse, mu, var, *upstream, grad_mu, need_explicit, need_implicit, wants,
-        extra)
+        tuple(extra))
     grad_h = None
     if grad_h_vocab is not None:
         grad_h = reducer.sum_partial(grad_h_vocab)
@@ -221,18 +221,18 @@ class SoftmaxMean(torch.autograd.Function):
 
 
 def softmax_mean_forward(h, weight, bias, passes, reducer):
-    """``(mu, saved)``, ``saved = (lse, mu, extra)`` for :func:`softmax_mean_backward`."""
+    """``(mu, saved)``, ``saved = (lse, mu, *extra)`` for :func:`softmax_mean_backward`."""
     with record_function("dropreg::softmax_mean_forward"):
         stats = passes.statistics(h, weight, bias, need_mu=True, need_m2=False)
     lse, mu, _, _ = reducer.merge_moments(stats, [])
     mu = mu.contiguous()
-    return mu, (lse, mu, stats.extra)
+    return mu, (lse, mu, *stats.extra)
 
 
 def softmax_mean_backward(h, weight, bias, saved, grad_mu, wants, passes, reducer):
     """``(grad_h, grad_w, grad_b)`` (None where not in ``wants``) given mu's upstream gradient."""
-    lse, mu, extra = saved
-    grad_h, grad_w, grad_b = passes.softmax_mean_sweep(h, weight, bias, lse, mu, grad_mu, wants, extra)
+    lse, mu, *extra = saved
+    grad_h, grad_w, grad_b = passes.softmax_mean_sweep(h, weight, bias, lse, mu, grad_mu, wants, tuple(extra))
     if grad_h is not None:
         grad_h = reducer.sum_partial(grad_h).to(h.dtype)
     return grad_h, _in_dtype(grad_w, weight), _in_dtype(grad_b, bias)

@@ -23,15 +23,18 @@ EPILOGUES = ("torch", "triton")
 class BlockPlan:
     """``row_block``/``vocab_chunk``: the statistics pass's and the gradient sweep's blocks; ``ce_row_block``/
     ``ce_vocab_chunk``: the cross-entropy-only driver's. ``epilogues``: the chunked driver's elementwise kernels,
-    "torch" or "triton" (None: Triton's for CUDA tensors accumulated in fp32, PyTorch's elsewhere). ``keep_top``,
-    ``top_class``, ``scale_squares``: the chunked driver's precision measures for narrow operands (docs/math.md 8.4,
-    7.3); switched off only to measure what each buys."""
+    "torch" or "triton" (None: Triton's for CUDA tensors accumulated in fp32, PyTorch's elsewhere).
+    ``keep_squares``: whether the chunked driver keeps the ``W*W`` operand its forward forms for the backward (a V x d
+    tensor in the operand dtype held between them) instead of forming it again; None: when that takes at most the
+    workspace (:func:`keeps_squares`). ``keep_top``, ``top_class``, ``scale_squares``: the chunked driver's precision
+    measures for narrow operands (docs/math.md 8.4, 7.3); switched off only to measure what each buys."""
 
     row_block: Optional[int] = None
     vocab_chunk: Optional[int] = None
     ce_row_block: Optional[int] = None
     ce_vocab_chunk: Optional[int] = None
     epilogues: Optional[str] = None
+    keep_squares: Optional[bool] = None
     keep_top: bool = True
     top_class: bool = True
     scale_squares: bool = True
@@ -47,6 +50,8 @@ class BlockPlan:
         for field in ("keep_top", "top_class", "scale_squares"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"BlockPlan.{field}: expected a bool, got {getattr(self, field)!r}")
+        if self.keep_squares is not None and not isinstance(self.keep_squares, bool):
+            raise TypeError(f"BlockPlan.keep_squares: expected a bool or None, got {self.keep_squares!r}")
 
     def blocks(self, default: tuple[int, int]) -> tuple[int, int]:
         """``(row_block, vocab_chunk)``: the plan's, each falling back on ``default``'s."""
@@ -57,6 +62,18 @@ class BlockPlan:
 
 
 DEFAULT_PLAN = BlockPlan()
+
+
+def keeps_squares(plan: BlockPlan, weight: torch.Tensor, types: OperandTypes) -> bool:
+    """Whether the chunked driver keeps its forward's ``W*W`` for the backward: the plan's choice, else when one V x d
+    tensor in the operand dtype fits the workspace. Only when both passes take the same operand, unscaled (fp16's
+    forward scales its squares, docs/math.md 7.3)."""
+    if types.forward != types.backward or types.forward == torch.float16:
+        return False
+    if plan.keep_squares is not None:
+        return plan.keep_squares
+    device = "cuda" if weight.device.type == "meta" else weight.device  # meta stands for CUDA (tools/traffic.py)
+    return weight.numel() * types.forward.itemsize <= workspace_bytes(device)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,40 +26,43 @@ def logit_shift(running_max):
 def reference_headroom(dtype: torch.dtype) -> float:
     """How far a chunk's largest logit may rise above a row's running reference before the chunked driver's
     reference moves (docs/math.md 7.3): probabilities are written as ``exp(z - reference)``, at most
-    ``exp(headroom)``: e^8 (about 3e3) in fp16, whose largest value is 65504, e^16 (about 9e6) otherwise. A
-    reference that stays put leaves what earlier chunks accumulated on its scale: no rescaling."""
-    return 8.0 if dtype == torch.float16 else 16.0
+    ``exp(headroom)``: e^8 (about 3e3) in fp16, whose largest value is 65504; e^48 (about 7e20) otherwise, so that
+    their fp32 sums over a vocabulary of 2^31 entries, times |W|^2 up to 1e11, stay finite. A reference that stays
+    put leaves what earlier chunks accumulated on its scale: no rescaling, no second pass over the chunk."""
+    return 8.0 if dtype == torch.float16 else 48.0
 
 
-def moved_reference(reference, chunk_max, headroom: float):
-    """The running reference after a chunk whose largest logit is ``chunk_max``: unchanged unless that exceeds it by
-    more than ``headroom`` (the first chunk's -inf reference always moves)."""
-    return torch.where(chunk_max > reference + headroom, chunk_max, reference)
+def moved_reference(reference, chunk_first, chunk_max, headroom: float):
+    """The running reference after a chunk whose first logit is ``chunk_first`` and largest ``chunk_max``: an unset
+    (-inf) reference starts at the chunk's first logit, so that the chunk can be written as it is read; either moves
+    to ``chunk_max`` only if that exceeds it by more than ``headroom``."""
+    start = torch.where(reference == float("-inf"), chunk_first, reference)
+    return torch.where(chunk_max > start + headroom, chunk_max, start)
 
 
 class SliceStatistics(NamedTuple):
     """What a statistics pass hands back over its slice of the vocabulary, per row, normalized by that slice's own
     softmax: ``lse``, ``mu = E[W]`` (None unless asked) and the second moment as ``m2 = E[W*W]`` or as ``var``
-    (whichever the pass forms; None unless asked), and ``extra``: what the pass keeps for its own sweep (the chunked
-    driver's dominant class per row), or None."""
+    (whichever the pass forms; None unless asked), and ``extra``: the tensors (or Nones) the pass keeps for its own
+    sweep, saved with the rest (the chunked driver's dominant class per row and W*W)."""
     lse: torch.Tensor
     mu: Optional[torch.Tensor] = None
     m2: Optional[torch.Tensor] = None
     var: Optional[torch.Tensor] = None
-    extra: Optional[torch.Tensor] = None
+    extra: tuple = ()
 
 
 # ------------------------------------------------------------------------------------------- signs and targets
 
 def implicit_signs(input, signs, seed, need_implicit):
-    """The implicit term's signs in the accumulation dtype: the given ones or the Philox stream of ``seed``.
-    They are indexed by (row, hidden index), never by class, so a vocabulary slice draws the same ones."""
+    """The implicit term's signs in the input's dtype (+-1 is exact in every float dtype; a bf16 or fp16 input's
+    signs take half the memory and traffic of fp32 ones): the given ones or the Philox stream of ``seed``. They are
+    indexed by (row, hidden index), never by class, so a vocabulary slice draws the same ones."""
     if not need_implicit:
         return None
-    acc = accumulation_dtype(input.dtype)
     if signs is None:
-        signs = philox_signs(seed, input.shape[0], input.shape[1], device=input.device, dtype=acc)
-    return signs.to(acc)
+        signs = philox_signs(seed, input.shape[0], input.shape[1], device=input.device, dtype=input.dtype)
+    return signs.to(input.dtype)
 
 
 def target_logit(hc, weight, bias, target, acc):

@@ -413,9 +413,14 @@ class StreamedPasses:
                                          **self._blocks_of(h, weight))
         return SliceStatistics(lse, mu, m2=m2)
 
-    def row_terms(self, h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit):
-        """Per-row ``(ce, quadratic, sign_term)`` of a head held whole from its statistics."""
-        return whole_head_terms(h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit)
+    def whole_head(self, h, weight, bias, target, signs, need_explicit, need_implicit):
+        """A head held whole: per-row ``(ce, quadratic, sign_term)`` and its :class:`SliceStatistics` with ``var``
+        (what the backward takes)."""
+        stats = self.statistics(h, weight, bias, need_mu=need_explicit or need_implicit, need_m2=need_explicit)
+        var = stats.var if stats.var is not None or stats.m2 is None else stats.m2 - stats.mu * stats.mu
+        stats = stats._replace(m2=None, var=var)
+        return whole_head_terms(h, weight, bias, target, signs, stats.lse, stats.mu, var, need_explicit,
+                                need_implicit), stats
 
     def terms_sweep(self, h, weight, bias, target, owned, signs, lse, mu, var, grad_ce, grad_quadratic,
                     grad_sign_term, grad_mu, need_explicit, need_implicit, wants, extra):

@@ -20,9 +20,9 @@ class TorchEpilogues:
     def softmax_chunk(z, bias, running_max, running_sum, mass, probs, *, keep_logits=False):
         """Absorbs the logit chunk ``z + bias`` (R x C, accumulation dtype) into the online softmax, in place.
 
-        Updates ``running_max``, the row's reference (the largest logit seen, or up to
-        :func:`dropreg.rows.reference_headroom` below it: it moves only when a chunk rises further,
-        :func:`dropreg.rows.moved_reference`), ``running_sum`` (exact ``sum exp(z - reference)``) and, when ``probs``
+        Updates ``running_max``, the row's reference (a logit seen, at most :func:`dropreg.rows.reference_headroom`
+        below the largest: it moves only when a chunk rises further, :func:`dropreg.rows.moved_reference`),
+        ``running_sum`` (exact ``sum exp(z - reference)``) and, when ``probs``
         (R x C, operand dtype) is given, writes ``probs = exp(z + b - reference)`` rounded to its dtype and adds the
         sum of what was written to ``mass``. Returns ``(rescale, top_p, top_col)`` per row: the factor for what
         earlier chunks accumulated (exactly 1 where the reference stayed), the chunk's largest value
@@ -33,7 +33,7 @@ class TorchEpilogues:
         if bias is not None:
             z += bias.to(z.dtype)
         chunk_max, top_col = z.max(dim=1)
-        new_max = moved_reference(running_max, chunk_max,
+        new_max = moved_reference(running_max, z[:, 0], chunk_max,
                                   reference_headroom(z.dtype if probs is None else probs.dtype))
         shift = logit_shift(new_max)
         rescale = torch.exp(running_max - shift)
@@ -47,11 +47,13 @@ class TorchEpilogues:
         return rescale, top_p, top_col
 
     @staticmethod
-    def finish_moments(moments, normalizer, weight, top, operand, square_scale):
+    def finish_moments(moments, normalizer, weight, top, operand, square_scale, head=None):
         """A row block's moments ``[A1 | A2]`` (R x d or R x 2d, accumulation dtype, on the scale of ``normalizer``)
         finished in place into ``[mu | var]``: the dominant entry made exact when ``top`` (a
         :class:`dropreg.chunk_buffers.DominantEntry`) is given (``normalizer``, the mass, gets it too), ``A2``
-        divided by ``square_scale`` (None: 1), both divided by ``normalizer``, then ``var = m2 - mu^2``."""
+        divided by ``square_scale`` (None: 1), both divided by ``normalizer``, then ``var = m2 - mu^2``. ``head`` (a
+        :class:`dropreg.chunk_buffers.HeadTerms` of these rows): its terms are written from them
+        (:func:`dropreg.rows.whole_head_terms`)."""
         dim = weight.shape[1]
         with_m2 = moments.shape[1] > dim
         if top is not None:
@@ -62,11 +64,11 @@ class TorchEpilogues:
         if with_m2:
             mu = moments[:, :dim]
             moments[:, dim:].addcmul_(mu, mu, value=-1.0)
-
-    @staticmethod
-    def row_terms(h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit):
-        """Per-row ``(ce, quadratic, sign_term)`` of a head held whole (:func:`dropreg.rows.whole_head_terms`)."""
-        return whole_head_terms(h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit)
+        if head is not None:
+            terms = whole_head_terms(head.h, weight, head.bias, head.target, head.signs, head.lse, moments[:, :dim],
+                                     moments[:, dim:] if with_m2 else None, head.need_explicit, head.need_implicit)
+            for out, value in zip((head.ce, head.quadratic, head.sign_term), terms):
+                out.copy_(value)
 
     @staticmethod
     def sweep_rows(h, weight, bias, target, top_class, signs, mu, var, lse, g_ce, g_r, g_i, g_i_target, grad_mu,

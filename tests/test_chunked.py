@@ -100,16 +100,18 @@ def test_triton_softmax_epilogue_matches_torch(operand, first):
     from dropreg.triton.epilogues import TRITON_EPILOGUES
 
     rows, cols = 9, 37
-    z, bias = _chunk(rows, cols, torch.float32, masked_cols=(0, 5))
+    z, bias = _chunk(rows, cols, torch.float32, masked_cols=(3, 5))
     z[2] = float("-inf")  # a row whose chunk is masked entirely
+    headroom = dropreg.rows.reference_headroom(torch.float32)
     results = []
-    if first:
+    if first:  # unset references start at each row's first logit
         start = [torch.full((rows,), float("-inf")), torch.zeros(rows), torch.zeros(rows)]
+        z[6, 0] = (z + bias)[6].max() - bias[0] - headroom - 10  # far below the row's largest: it moves there
     else:
         start = [torch.randn(rows) * 3, torch.rand(rows) + 0.5, torch.rand(rows) + 0.5]
         top = (z + bias).amax(dim=1)
         start[0][0] = top[0] - 5.0  # the chunk rises within the headroom: the reference stays, values above 1
-        start[0][1] = top[1] - 40.0  # beyond it: the reference moves to the chunk's max
+        start[0][1] = top[1] - headroom - 10  # beyond it: the reference moves to the chunk's max
         start[0][4:] = top[4:] - 2.0  # whole programs whose references stay: the probabilities are written once
     for epilogues in (TorchEpilogues, TRITON_EPILOGUES):
         state = [s.clone() for s in start]
@@ -122,7 +124,11 @@ def test_triton_softmax_epilogue_matches_torch(operand, first):
         results = [r[:5] for r in results]  # rescale, top_p, top_col, max, sum
     for name, ours, theirs in zip(["rescale", "top_p", "top_col", "max", "sum", "mass", "probs"], *results):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0, equal_nan=True, msg=name)
-    if not first:
+    if first:
+        reference = results[0][3]
+        assert reference[0] == (z + bias)[0, 0] and reference[6] == (z + bias)[6].max()
+        assert reference[2] == float("-inf")
+    else:
         rescale, top_p, _, reference = results[0][:4]
         assert rescale[0] == 1 and reference[0] == start[0][0] and top_p[0] > 100  # e^5 on the old scale
         assert rescale[1] < 1e-10 and reference[1] == (z + bias)[1].amax() and top_p[1] == 1

@@ -34,7 +34,7 @@ SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 TENSOR_CORE_INSTRUCTION = {80: "mma.sync", 90: "wgmma.mma_async"}
 ROW_KERNELS = ("row_terms_kernel", "row_prep_kernel")  # O(N d) epilogues without a GEMM
 EPILOGUE_KERNELS = ("softmax_chunk_kernel", "gradient_chunk_kernel", "rdrop_softmax_chunk_kernel",
-                    "rdrop_gradient_chunk_kernel", "finish_moments_kernel", "head_terms_kernel",
+                    "rdrop_gradient_chunk_kernel", "finish_moments_kernel",
                     "sweep_rows_kernel", "weight_gradient_kernel")  # the chunked driver's: elementwise, between cuBLAS GEMMs
 REPORT_SHAPE = dict(rows=8192, dim=4096, vocab=128256)
 CONFIGS = {

@@ -55,10 +55,9 @@ EPILOGUE_TRAFFIC = {
                                         expected_d_ptr=(1, 0), g_ce1_ptr=(1, 0), g_ce2_ptr=(1, 0),
                                         half_kl_ptr=(1, 0), target_ptr=(1, 0), out_ptr=(0, 1), col_sums_out=(0, 1)),
     "finish_moments_kernel": dict(moments_ptr=(1, 1), normalizer_ptr=(1, 1), w_ptr=(1, 0), exact_ptr=(1, 0),
-                                  seen_ptr=(1, 0), top_col_ptr=(1, 0), scale_ptr=(1, 0)),
-    "head_terms_kernel": dict(h_ptr=(1, 0), w_ptr=(1, 0), b_ptr=(1, 0), target_ptr=(1, 0), signs_ptr=(1, 0),
-                              lse_ptr=(1, 0), mu_ptr=(1, 0), var_ptr=(1, 0), ce_out=(0, 1), quadratic_out=(0, 1),
-                              sign_term_out=(0, 1)),
+                                  seen_ptr=(1, 0), top_col_ptr=(1, 0), scale_ptr=(1, 0), h_ptr=(1, 0), b_ptr=(1, 0),
+                                  target_ptr=(1, 0), signs_ptr=(1, 0), lse_ptr=(1, 0), ce_out=(0, 1),
+                                  quadratic_out=(0, 1), sign_term_out=(0, 1)),
     "sweep_rows_kernel": dict(h_ptr=(1, 0), w_ptr=(1, 0), b_ptr=(1, 0), target_ptr=(1, 0), top_ptr=(1, 0),
                               signs_ptr=(1, 0), mu_ptr=(1, 0), var_ptr=(1, 0), lse_ptr=(1, 0), g_ce_ptr=(1, 0),
                               g_r_ptr=(1, 0), g_i_ptr=(1, 0), g_i_target_ptr=(1, 0), g_mu_ptr=(1, 0),
@@ -70,27 +69,24 @@ EPILOGUE_TRAFFIC = {
 # Arguments read only at the rows index arguments name (gathers): (kernel, argument) -> ((index argument, the
 # switches that must be on), ...); one row per index entry.
 EPILOGUE_GATHERS = {
-    ("finish_moments_kernel", "w_ptr"): (("top_col_ptr", ()),),
-    ("head_terms_kernel", "w_ptr"): (("target_ptr", ()),),
-    ("head_terms_kernel", "b_ptr"): (("target_ptr", ()),),
+    ("finish_moments_kernel", "w_ptr"): (("top_col_ptr", ("HAS_TOP",)), ("target_ptr", ("HAS_TERMS",))),
+    ("finish_moments_kernel", "b_ptr"): (("target_ptr", ("HAS_TERMS",)),),
     ("sweep_rows_kernel", "w_ptr"): (("target_ptr", ("NEED_IMPLICIT", "WANT_H")), ("top_ptr", ("HAS_TOP",))),
     ("sweep_rows_kernel", "b_ptr"): (("top_ptr", ("HAS_TOP", "WANT_W")),),
 }
 # Arguments that every chunk's launch is handed whole but reads only its own part of: each scattered row is read by
 # the launch of the chunk holding its class, so the sweep reads them once (counted at the first launch).
 EPILOGUE_SPLIT_OVER_CHUNKS = {("weight_gradient_kernel", arg) for arg in ("order_ptr", "values_ptr", "scales_ptr")}
-# A second pass over the chunk: the softmax epilogue writes the probabilities against the row's reference as it
-# reads the logits, and again (reading them twice) where a reference moved. Counted where that is certain: the first
-# launch on a row block's states (``max_ptr``), whose references are unset; later moves are counted as not happening.
-EPILOGUE_SECOND_PASS = {"softmax_chunk_kernel": ("WRITE_PROBS", ("z_ptr", "b_ptr"), "max_ptr")}
 # which argument a constexpr switches off (False: never read or written)
 _COMMON_SWITCHES = {"HAS_BIAS": ("b_ptr",), "HAS_T": ("t_ptr",), "HAS_TARGET": ("g_ce_ptr", "target_ptr"),
                     "HAS_TOP": ("top_col_ptr", "t_top_ptr", "exact_ptr", "seen_ptr", "w_ptr"),
                     "WRITE_PROBS": ("probs_ptr", "mass_ptr"), "COL_SUMS": ("col_sums_out",), "SCALED": ("scale_ptr",)}
 # per kernel, which argument a constexpr switches off (False: never read or written)
 EPILOGUE_SWITCHES = {name: _COMMON_SWITCHES for name in EPILOGUE_TRAFFIC}
-EPILOGUE_SWITCHES["head_terms_kernel"] = dict(_COMMON_SWITCHES, NEED_EXPLICIT=("var_ptr",),
-                                              NEED_IMPLICIT=("signs_ptr", "mu_ptr"))
+EPILOGUE_SWITCHES["finish_moments_kernel"] = dict(
+    HAS_TOP=("top_col_ptr", "exact_ptr", "seen_ptr"), SCALED=("scale_ptr",), HAS_BIAS=("b_ptr",),
+    HAS_TERMS=("h_ptr", "target_ptr", "lse_ptr", "ce_out", "quadratic_out", "sign_term_out"),
+    NEED_IMPLICIT=("signs_ptr",))
 EPILOGUE_SWITCHES["sweep_rows_kernel"] = dict(
     HAS_BIAS=("b_ptr",), NEED_EXPLICIT=("var_ptr", "g_r_q_out"), NEED_IMPLICIT=("signs_ptr",),
     HAS_GRAD_MU=("g_mu_ptr",), HAS_TOP=("top_ptr", "t_top_out", "scales_out"), WANT_H=("grad_h_out",),
@@ -210,11 +206,11 @@ class EpilogueTraffic:
 
     def __init__(self, count: Count):
         self.count = count
-        self.states_seen = weakref.WeakValueDictionary()  # id -> the states of earlier launches: references set
+        self.seen = weakref.WeakValueDictionary()  # id -> the tensors earlier launches were handed
 
     def __call__(self, kernel):
         count = self.count
-        states_seen = self.states_seen
+        seen = self.seen
         name = kernel.__name__
 
         class Launcher:
@@ -224,24 +220,19 @@ class EpilogueTraffic:
                     off = {arg for switch, args_off in EPILOGUE_SWITCHES[name].items()
                            if kwargs.get(switch) is False for arg in args_off}
                     read = written = 0
-                    switch, again, states = EPILOGUE_SECOND_PASS.get(name, (None, (), None))
                     bound = dict(zip(kernel.arg_names, args))
-                    second_pass = kwargs.get(switch) is True and states_seen.get(id(bound.get(states))) is None
-                    if states is not None:
-                        states_seen[id(bound[states])] = bound[states]
                     for arg_name, value in bound.items():
                         if arg_name in off or arg_name not in traffic or not isinstance(value, torch.Tensor):
                             continue
                         reads, writes = traffic[arg_name]
-                        reads += arg_name in again and second_pass
                         size = distinct_bytes(value)
                         if (name, arg_name) in EPILOGUE_GATHERS:  # the rows its indices name, one per entry
                             size = sum(bound[index].numel() * distinct_bytes(value[0])
                                        for index, needs in EPILOGUE_GATHERS[name, arg_name]
                                        if all(kwargs.get(switch) is True for switch in needs))
                         if (name, arg_name) in EPILOGUE_SPLIT_OVER_CHUNKS:
-                            size = 0 if states_seen.get(id(value)) is value else size
-                            states_seen[id(value)] = value
+                            size = 0 if seen.get(id(value)) is value else size
+                            seen[id(value)] = value
                         read += reads * size
                         written += writes * size
                     count.add(caller(), name, read, written)

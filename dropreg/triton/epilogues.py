@@ -141,11 +141,12 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
     top_col = tl.zeros((BLOCK_R,), dtype=tl.int32)
     online_sum = tl.zeros((BLOCK_R,), dtype=acc)  # without probabilities: sum exp(z - chunk max so far), one pass
     old_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
-    old_shift = _shift(old_max)
-    written_sum = tl.zeros((BLOCK_R,), dtype=acc)  # with probabilities: sum exp(z - old reference), as written
+    # an unset reference starts at the chunk's first logit (dropreg.rows.moved_reference): written as it is read
+    first = _chunk_logits(z_ptr, b_ptr, rows, tl.arange(0, 1), R, C, HAS_BIAS)
+    start = tl.where(old_max == float("-inf"), tl.max(first, axis=1), old_max)
+    start_shift = _shift(start)
+    written_sum = tl.zeros((BLOCK_R,), dtype=acc)  # with probabilities: sum exp(z - start), as written
     written_rounded = tl.zeros((BLOCK_R,), dtype=acc)
-    # a row whose reference is unset (the first chunk) will move it: then only the second pass writes
-    write_now = tl.zeros((BLOCK_R,), dtype=tl.int32) + tl.min((old_max > float("-inf")).to(tl.int32), axis=0) > 0
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         z = _chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
@@ -154,25 +155,23 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
         better = tile_max > chunk_max  # strict: the first column reaching the maximum, as torch.max
         top_col = tl.where(better, tile_col, top_col)
         if WRITE_PROBS:
-            e = tl.exp(z - old_shift[:, None])
+            e = tl.exp(z - start_shift[:, None])
             written_sum += tl.sum(e, axis=1)
             p = to_operand(e, OPERAND)
-            inside = (row_ok & write_now)[:, None] & (cols[None, :] < C)
+            inside = row_ok[:, None] & (cols[None, :] < C)
             tl.store(probs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], p, mask=inside)
             written_rounded += tl.sum(p.to(acc), axis=1)
         else:
             running = _shift(tl.maximum(chunk_max, tile_max))
             online_sum = online_sum * tl.exp(chunk_max - running) + tl.sum(tl.exp(z - running[:, None]), axis=1)
         chunk_max = tl.where(better, tile_max, chunk_max)
-    new_max = tl.where(chunk_max > old_max + HEADROOM, chunk_max, old_max)  # dropreg.rows.moved_reference
+    new_max = tl.where(chunk_max > start + HEADROOM, chunk_max, start)  # dropreg.rows.moved_reference
     shift = _shift(new_max)
     exp_sum = online_sum * tl.exp(_shift(chunk_max) - shift)  # at most e^HEADROOM: the chunk is within it
     rounded_sum = tl.zeros((BLOCK_R,), dtype=acc)
-    if WRITE_PROBS:  # the probabilities need the reference: the old one if it stays, else a second pass
+    if WRITE_PROBS:  # written against the start in the pass above; again only where a row's reference moved
         exp_sum = tl.zeros((BLOCK_R,), dtype=acc)
-        # written against the old reference in the first pass; rewritten only where a row's reference moved
-        # (every row in the first chunk, rarely later: dropreg.rows.reference_headroom)
-        if tl.max((new_max != old_max).to(tl.int32), axis=0) > 0:
+        if tl.max((new_max != start).to(tl.int32), axis=0) > 0:
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 e = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - shift[:, None])
@@ -305,15 +304,21 @@ def rdrop_gradient_chunk_kernel(z1_ptr, z2_ptr, b_ptr, lse_ptr, expected_d_ptr, 
 
 
 @triton.jit
-def finish_moments_kernel(moments_ptr, normalizer_ptr, w_ptr, exact_ptr, seen_ptr, top_col_ptr, scale_ptr, R, D,
-                          stride_w, stride_w_col, HAS_M2: tl.constexpr, HAS_TOP: tl.constexpr, SCALED: tl.constexpr,
-                          OPERAND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``[A1 | A2]`` -> ``[mu | var]`` in place, one program per BLOCK_R rows; the normalizer (the mass) gets the
-    dominant entry's exact value too."""
+def finish_moments_kernel(moments_ptr, normalizer_ptr, w_ptr, exact_ptr, seen_ptr, top_col_ptr, scale_ptr, h_ptr, b_ptr,
+                          target_ptr, signs_ptr, lse_ptr, ce_out, quadratic_out, sign_term_out, R, D, stride_w,
+                          stride_w_col, stride_h, stride_h_col, HAS_M2: tl.constexpr, HAS_TOP: tl.constexpr,
+                          SCALED: tl.constexpr, HAS_TERMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          NEED_EXPLICIT: tl.constexpr, NEED_IMPLICIT: tl.constexpr, OPERAND: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[A1 | A2]`` -> ``[mu | var]`` in place, one program per BLOCK_R rows walking their d-vectors once; the
+    normalizer (the mass) gets the dominant entry's exact value too. ``HAS_TERMS`` (a head held whole): also
+    ``ce = lse - h . W_y - b_y``, ``quadratic = (h*h) . var``, ``sign_term = (sigma*h) . (mu - W_y)``
+    (dropreg.rows.whole_head_terms)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     width = D * (2 if HAS_M2 else 1)
     norm = tl.load(normalizer_ptr + rows, mask=row_ok, other=1.0)
+    acc: tl.constexpr = normalizer_ptr.dtype.element_ty
     if HAS_TOP:
         exact_1d = tl.load(exact_ptr + rows, mask=row_ok, other=0.0)
         seen_1d = tl.load(seen_ptr + rows, mask=row_ok, other=0.0)
@@ -323,6 +328,11 @@ def finish_moments_kernel(moments_ptr, normalizer_ptr, w_ptr, exact_ptr, seen_pt
         tl.store(normalizer_ptr + rows, norm, mask=row_ok)
     if SCALED:
         scale = tl.load(scale_ptr)
+    if HAS_TERMS:
+        target = tl.load(target_ptr + rows, mask=row_ok, other=0)
+    z_target = tl.zeros((BLOCK_R,), dtype=acc)
+    quadratic = tl.zeros((BLOCK_R,), dtype=acc)
+    sign_term = tl.zeros((BLOCK_R,), dtype=acc)
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         ok = row_ok[:, None] & (dims[None, :] < D)
@@ -330,60 +340,44 @@ def finish_moments_kernel(moments_ptr, normalizer_ptr, w_ptr, exact_ptr, seen_pt
         a1 = tl.load(moments_ptr + at, mask=ok, other=0.0)
         if HAS_TOP:
             w = tl.load(w_ptr + top_row[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok, other=0.0)
-            w_exact = w.to(a1.dtype)
-            w_seen = to_operand(w_exact, OPERAND).to(a1.dtype)
+            w_exact = w.to(acc)
+            w_seen = to_operand(w_exact, OPERAND).to(acc)
             a1 = a1 + exact * w_exact - seen * w_seen
         mu = a1 / norm[:, None]
         tl.store(moments_ptr + at, mu, mask=ok)
+        var = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc)
         if HAS_M2:
             a2 = tl.load(moments_ptr + at + D, mask=ok, other=0.0)
             if HAS_TOP:  # dropreg.chunk_buffers.squares_operand, as the GEMMs saw it
                 if SCALED:
                     square = w_exact * w_exact * scale
-                    square_seen = to_operand(square, OPERAND).to(a1.dtype)
+                    square_seen = to_operand(square, OPERAND).to(acc)
                 else:
                     square = w_exact * w_exact
-                    square_seen = to_operand(w_seen * w_seen, OPERAND).to(a1.dtype)
+                    square_seen = to_operand(w_seen * w_seen, OPERAND).to(acc)
                 a2 = a2 + exact * square - seen * square_seen
             if SCALED:
                 a2 = a2 / scale
-            tl.store(moments_ptr + at + D, a2 / norm[:, None] - mu * mu, mask=ok)
-
-
-@triton.jit
-def head_terms_kernel(h_ptr, w_ptr, b_ptr, target_ptr, signs_ptr, lse_ptr, mu_ptr, var_ptr, ce_out, quadratic_out,
-                     sign_term_out, R, D, stride_h, stride_h_col, stride_w, stride_w_col, stride_stats,
-                     HAS_BIAS: tl.constexpr,
-                     NEED_EXPLICIT: tl.constexpr, NEED_IMPLICIT: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
-    """Per row, ``ce = lse - h . W_y - b_y``, ``quadratic = (h*h) . var``, ``sign_term = (sigma*h) . (mu - W_y)``
-    (dropreg.rows.whole_head_terms), one program per BLOCK_R rows."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    acc: tl.constexpr = lse_ptr.dtype.element_ty
-    target = tl.load(target_ptr + rows, mask=row_ok, other=0)
-    z_target = tl.zeros((BLOCK_R,), dtype=acc)
-    quadratic = tl.zeros((BLOCK_R,), dtype=acc)
-    sign_term = tl.zeros((BLOCK_R,), dtype=acc)
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        ok = row_ok[:, None] & (dims[None, :] < D)
-        h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + dims[None, :] * stride_h_col, mask=ok,
-                    other=0.0).to(acc)
-        w_target = tl.load(w_ptr + target[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok,
-                           other=0.0).to(acc)
-        z_target += tl.sum(h * w_target, axis=1)
-        at = rows.to(tl.int64)[:, None] * stride_stats + dims[None, :]
-        if NEED_EXPLICIT:
-            quadratic += tl.sum(h * h * tl.load(var_ptr + at, mask=ok, other=0.0), axis=1)
-        if NEED_IMPLICIT:
-            u = tl.load(signs_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], mask=ok, other=0.0).to(acc) * h
-            sign_term += tl.sum(u * (tl.load(mu_ptr + at, mask=ok, other=0.0) - w_target), axis=1)
-    if HAS_BIAS:
-        z_target += tl.load(b_ptr + target, mask=row_ok, other=0.0).to(acc)
-    tl.store(ce_out + rows, tl.load(lse_ptr + rows, mask=row_ok, other=0.0) - z_target, mask=row_ok)
-    tl.store(quadratic_out + rows, quadratic, mask=row_ok)
-    tl.store(sign_term_out + rows, sign_term, mask=row_ok)
+            var = a2 / norm[:, None] - mu * mu
+            tl.store(moments_ptr + at + D, var, mask=ok)
+        if HAS_TERMS:
+            h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + dims[None, :] * stride_h_col, mask=ok,
+                        other=0.0).to(acc)
+            w_target = tl.load(w_ptr + target[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok,
+                               other=0.0).to(acc)
+            z_target += tl.sum(h * w_target, axis=1)
+            if NEED_EXPLICIT:
+                quadratic += tl.sum(h * h * var, axis=1)
+            if NEED_IMPLICIT:
+                u = tl.load(signs_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], mask=ok,
+                            other=0.0).to(acc) * h
+                sign_term += tl.sum(u * (mu - w_target), axis=1)
+    if HAS_TERMS:
+        if HAS_BIAS:
+            z_target += tl.load(b_ptr + target, mask=row_ok, other=0.0).to(acc)
+        tl.store(ce_out + rows, tl.load(lse_ptr + rows, mask=row_ok, other=0.0) - z_target, mask=row_ok)
+        tl.store(quadratic_out + rows, quadratic, mask=row_ok)
+        tl.store(sign_term_out + rows, sign_term, mask=row_ok)
 
 
 @triton.jit
@@ -548,30 +542,26 @@ class TritonEpilogues:
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
         return rescale, top_p, top_col
 
-    def finish_moments(self, moments, normalizer, weight, top, operand, square_scale):
+    def finish_moments(self, moments, normalizer, weight, top, operand, square_scale, head=None):
         rows, width = moments.shape
         dim = weight.shape[1]
         block_r, block_d = row_block_d(moments.dtype)
         has_top = top is not None
+        has_terms = head is not None
+        h = head.h if has_terms else moments
+        need_implicit = has_terms and head.need_implicit
+        placeholder = normalizer  # for arguments a switched-off option never reads
         self.launch(finish_moments_kernel)[(triton.cdiv(rows, block_r),)](
-            moments, normalizer, weight, top.exact if has_top else normalizer, top.seen if has_top else normalizer,
-            top.col if has_top else normalizer, normalizer if square_scale is None else square_scale, rows, dim,
-            *weight.stride(), HAS_M2=width > dim, HAS_TOP=has_top, SCALED=square_scale is not None,
-            OPERAND=TL_DTYPES[operand], BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
-            enable_fp_fusion=FP_FUSION)
-
-    def row_terms(self, h, weight, bias, target, signs, lse, mu, var, need_explicit, need_implicit):
-        rows, dim = h.shape
-        outputs = [torch.empty_like(lse) for _ in range(3)]
-        stats = mu if mu is not None else lse
-        block_r, block_d = row_block_d(lse.dtype)
-        self.launch(head_terms_kernel)[(triton.cdiv(rows, block_r),)](
-            h, weight, _bias_arg(bias, lse), target.contiguous(), signs.contiguous() if need_implicit else lse, lse,
-            stats, var if need_explicit else stats, *outputs, rows, dim, *h.stride(), *weight.stride(),
-            stats.stride(0) if mu is not None else 0, HAS_BIAS=bias is not None, NEED_EXPLICIT=need_explicit,
-            NEED_IMPLICIT=need_implicit, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
-            enable_fp_fusion=FP_FUSION)
-        return tuple(outputs)
+            moments, normalizer, weight, top.exact if has_top else placeholder, top.seen if has_top else placeholder,
+            top.col if has_top else placeholder, placeholder if square_scale is None else square_scale, h,
+            _bias_arg(head.bias if has_terms else None, placeholder),
+            head.target.contiguous() if has_terms else placeholder,
+            head.signs.contiguous() if need_implicit else placeholder, head.lse if has_terms else placeholder,
+            *((head.ce, head.quadratic, head.sign_term) if has_terms else (placeholder,) * 3), rows, dim,
+            *weight.stride(), *h.stride(), HAS_M2=width > dim, HAS_TOP=has_top, SCALED=square_scale is not None,
+            HAS_TERMS=has_terms, HAS_BIAS=has_terms and head.bias is not None,
+            NEED_EXPLICIT=has_terms and head.need_explicit, NEED_IMPLICIT=need_implicit, OPERAND=TL_DTYPES[operand],
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def sweep_rows(self, h, weight, bias, target, top_class, signs, mu, var, lse, g_ce, g_r, g_i, g_i_target,
                    grad_mu, need_explicit, need_implicit, operand, fold_rows, want_h, want_w):
