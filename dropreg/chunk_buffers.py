@@ -55,14 +55,15 @@ def squares_scale(weight, types, need_m2):
 class RowScatter:
     """Per-row vectors summed into grad_W's rows by class: the implicit term's target rows and the dominant classes'
     exact parts (:func:`dropreg.chunked.gradient_sweep`), ``values[k] * scales[k]`` (``scales`` None: 1) into the row
-    of ``classes[k]``. The rows are sorted by class (stable) and each class's rows summed in that order (no atomics, so
-    the result is the same on every run), and each chunk's sums are added to its fp32 grad_W before that is rounded
-    once: by :func:`add_weight_gradient` (``chunk``: the sums, ``segment_reduce``; finding where the chunks begin
+    of ``classes[k]``. With ``u_rows = (h, signs)``, the entries past ``values`` are ``u = signs * h`` of row
+    ``k - len(values)`` (the target rows' vector, formed where it is summed rather than stored). The rows are sorted
+    by class (stable) and each class's rows summed in that order (no atomics, so the result is the same on every
+    run), and each chunk's sums are added to its fp32 grad_W before that is rounded once: by :func:`add_weight_gradient` (``chunk``: the sums, ``segment_reduce``; finding where the chunks begin
     reads the classes on the host) or by a kernel walking :attr:`order` (``class_starts``: no host synchronization).
     Meta tensors have no values: there (tools/traffic.py) every row counts as its own class."""
 
-    def __init__(self, classes, values, scales, chunk_starts):
-        self.values, self.scales, self.chunk_starts = values, scales, chunk_starts
+    def __init__(self, classes, values, scales, chunk_starts, u_rows=None):
+        self.values, self.scales, self.chunk_starts, self.u_rows = values, scales, chunk_starts, u_rows
         self.order = torch.argsort(classes, stable=True)
         self.sorted_classes = classes[self.order]
         self._sums = None
@@ -75,7 +76,11 @@ class RowScatter:
     def chunk(self, index, v0):
         """The ``index``-th chunk's classes (from its first row ``v0``) and sums."""
         if self._sums is None:
-            values = self.values if self.scales is None else self.values * self.scales[:, None]
+            values = self.values
+            if self.u_rows is not None:
+                h, signs = self.u_rows
+                values = torch.cat([values, signs.to(values.dtype) * h.to(values.dtype)])
+            values = values if self.scales is None else values * self.scales[:, None]
             values = values[self.order]
             if values.device.type == "meta":
                 classes, sums = self.sorted_classes, values
@@ -125,7 +130,7 @@ class SweepRows:
     operand of the logits and of ``t``, and grad_W's right operand (``G^T H + S^T T`` as one product, K = 2R);
     ``g_r_q``: ``gR' q`` in the operand dtype (explicit term), else None; ``t_top``: each row's dominant class's exact
     ``t`` (narrow operands), else None; ``grad_h``: grad_input's initial value, to which the GEMMs add ``W^T G``
-    (None unless wanted); ``scatter``: ``(classes, values, scales)`` for a :class:`RowScatter`, or None."""
+    (None unless wanted); ``scatter``: ``(classes, values, scales, u_rows)`` for a :class:`RowScatter`, or None."""
     row_const: torch.Tensor
     stacked: torch.Tensor
     g_r_q: Optional[torch.Tensor]
@@ -159,7 +164,7 @@ def sweep_rows_from(hc, weight, bias, lse, rows, top_class, with_squares, operan
             parts.append((top_class, torch.exp(z_top - lse)[:, None] * part))
     scatter = None
     if want_w and parts:
-        scatter = (torch.cat([c for c, _ in parts]), torch.cat([v for _, v in parts]), None)
+        scatter = (torch.cat([c for c, _ in parts]), torch.cat([v for _, v in parts]), None, None)
     return SweepRows(rows.row_const, torch.cat([h_op, as_operand(rows.T_vec, operand)]),
                      as_operand(rows.g_r_q, operand) if with_squares else None, t_top, grad_h, scatter)
 

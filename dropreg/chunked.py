@@ -8,12 +8,14 @@ functions of :class:`TorchEpilogues` elsewhere (they define what the kernels com
 
 Per chunk c, forward (3 NVd with both terms):
     Z = H W_c^T;  epilogue: online softmax of Z + b_c against a per-row reference, P_c in the operand dtype;
-    A = rescale * A where a reference moved;  A += P_c [W_c | W_c*W_c] (two GEMMs into A's halves); after the last
-    chunk, each row's dominant entry made exact (:class:`DominantEntry`, docs/math.md 8.4).
-backward (7 NVd):
+    the moved rows of A rescaled;  A += P_c [W_c | W_c*W_c] (two GEMMs into A's halves; W_c*W_c kept for the
+    backward when it fits the workspace); after the last chunk, one row pass (``finish_moments``): each row's
+    dominant entry made exact (:class:`DominantEntry`, docs/math.md 8.4), mu and var, and a whole head's terms.
+backward (7 NVd), after one row pass (``sweep_rows``: [H; T], gR' q, row_const, grad_input's initial value):
     Z = H W_c^T;  t = T W_c^T + gR' q (W_c*W_c)^T  (two GEMMs into t);  epilogue: G and S in the operand dtype;
-    grad_input += G W_c;  grad_W_c = [G; S]^T [H; T] + 2 W_c * (S^T gR' q)  (K = 2R), written once per chunk: each
-    chunk owns its rows of grad_W, so there are no atomics and the result is deterministic.
+    grad_input += G W_c;  grad_W_c = [G; S]^T [H; T] + 2 W_c * (S^T gR' q) + scattered rows (K = 2R), finished in
+    one pass (``add_weight_gradient``) and written once per chunk: each chunk owns its rows of grad_W, so there are
+    no atomics and the result is deterministic.
 R-Drop and softmax_mean run on the same loops; cross entropy alone under "mean"/"sum" takes
 :func:`dropreg.streamed.ce_with_grads` with this backend's operand types (3 NVd).
 """
@@ -154,7 +156,8 @@ def gradient_sweep(weight, bias, lse, target, g_ce, sweep: SweepRows, with_squar
     chunks = list(spans(weight.shape[0], vocab_chunk))
     scatter = None
     if grad_w is not None and sweep.scatter is not None:
-        scatter = RowScatter(*sweep.scatter, [v0 for v0, _ in chunks])
+        classes, values, scales, u_rows = sweep.scatter
+        scatter = RowScatter(classes, values, scales, [v0 for v0, _ in chunks], u_rows)
     h_op = sweep.stacked[:n_rows]
     T_op = sweep.stacked[n_rows:] if modulated else None
     grad_h_block = sweep.grad_h

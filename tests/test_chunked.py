@@ -194,6 +194,96 @@ def test_triton_rdrop_epilogues_match_torch():
     torch.testing.assert_close(col_sums[0], grads[0].sum(0), rtol=1e-5, atol=1e-6)  # fp32 out: G1 + G2 exactly
 
 
+@pytest.mark.parametrize("operand", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("with_top", [True, False], ids=["top", "no-top"])
+@pytest.mark.parametrize("terms", ["both", "explicit", "implicit", "none", "mu-only"])
+def test_triton_finish_moments_matches_torch(operand, with_top, terms):
+    """The forward's row finish: ``[A1 | A2]`` into ``[mu | var]`` in place (the dominant entry made exact, fp16's
+    square scale undone, divided by the mass) and, for a head held whole, its terms from the same pass; strided
+    input and weight views (the kernel reads W_top and W_y by row)."""
+    from dropreg.chunk_buffers import DominantEntry, HeadTerms
+
+    gen = torch.Generator().manual_seed(3)
+    rows, dim, vocab = 7, 19, 11
+    with_m2 = terms in ("both", "explicit")
+    need_explicit, need_implicit = terms in ("both", "explicit"), terms in ("both", "implicit")
+    weight = torch.randn(dim, vocab, generator=gen).T  # a transposed view: column stride != 1
+    h = torch.randn(dim, rows, generator=gen).T
+    moments = torch.rand(rows, (2 if with_m2 else 1) * dim, generator=gen) + 0.1
+    normalizer = torch.rand(rows, generator=gen) + 0.5
+    top = DominantEntry(rows, torch.float32, "cpu")
+    top.exact, top.seen = torch.rand(rows, generator=gen), torch.rand(rows, generator=gen)
+    top.col = torch.randint(0, vocab, (rows,), generator=gen)
+    scale = torch.tensor(4.0) if operand == torch.float16 and with_m2 else None
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    signs = torch.randint(0, 2, (rows, dim), generator=gen).float() * 2 - 1
+    lse = torch.randn(rows, generator=gen)
+    bias = torch.randn(vocab, generator=gen)
+    results = []
+    for epilogues in (TorchEpilogues, _triton_epilogues()):
+        out_moments, out_norm = moments.clone(), normalizer.clone()
+        head = None
+        if terms != "mu-only":
+            head = HeadTerms(h, bias, target, signs if need_implicit else None, lse, need_explicit, need_implicit,
+                             torch.full((rows,), 9.0), torch.zeros(rows), torch.zeros(rows))
+        epilogues.finish_moments(out_moments, out_norm, weight, top if with_top else None, operand, scale, head)
+        results.append([out_moments, out_norm] + ([] if head is None else [head.ce, head.quadratic, head.sign_term]))
+    for ours, theirs in zip(*results[::-1]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    if with_top:
+        assert torch.equal(results[0][1], normalizer + (top.exact - top.seen))
+
+
+@pytest.mark.parametrize("terms", ["both", "explicit", "implicit"])
+@pytest.mark.parametrize("case", ["whole", "slice", "grad-mu", "fp32-operands", "no-weight-grad", "no-input-grad"])
+def test_triton_sweep_rows_matches_torch(terms, case):
+    """The backward's row prep: ``[H; T]`` and ``gR' q`` as operands, ``row_const``, the dominant class's exact
+    ``t`` and grad_W part, grad_input's initial value (with the row-wise parts for a head held whole, without for a
+    slice) and the scattered rows, summed per class, alike in both epilogues."""
+    from dropreg.chunk_buffers import RowScatter
+
+    gen = torch.Generator().manual_seed(4)
+    rows, dim, vocab = 9, 13, 10
+    need_explicit, need_implicit = terms in ("both", "explicit"), terms in ("both", "implicit")
+    operand = torch.float32 if case == "fp32-operands" else torch.bfloat16
+    h = torch.randn(rows, dim, generator=gen).to(operand)
+    weight = (torch.randn(dim, vocab, generator=gen) / 2).T.to(operand)  # strided
+    bias = torch.randn(vocab, generator=gen)
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    top = None if case == "fp32-operands" else torch.randint(0, vocab, (rows,), generator=gen)
+    signs = (torch.randint(0, 2, (rows, dim), generator=gen) * 2 - 1).to(operand) if need_implicit else None
+    mu = torch.randn(rows, 2 * dim, generator=gen)[:, :dim]  # a view of [mu | var], as the forward leaves them
+    var = torch.rand(rows, dim, generator=gen) if need_explicit else None
+    lse = torch.randn(rows, generator=gen) + 3
+    g_ce, g_r, g_i = (torch.randn(rows, generator=gen) for _ in range(3))
+    owned = torch.rand(rows, generator=gen) > 0.4 if case == "slice" else None
+    g_i_target = g_i if owned is None else g_i * owned
+    grad_mu = torch.randn(rows, dim, generator=gen) if case == "grad-mu" else None
+    want_h, want_w = case != "no-input-grad", case != "no-weight-grad"
+    sweeps = [epilogues.sweep_rows(h, weight, bias, target, top, signs, mu, var, lse, g_ce, g_r, g_i, g_i_target,
+                                   grad_mu, need_explicit, need_implicit, operand, owned is None, want_h, want_w)
+              for epilogues in (TorchEpilogues, _triton_epilogues())]
+    ours, theirs = sweeps[1], sweeps[0]
+    torch.testing.assert_close(ours.row_const, theirs.row_const, rtol=1e-5, atol=1e-5)
+    # operands: each rounded once from fp32 values formed in a different order (one bf16 unit at most)
+    torch.testing.assert_close(ours.stacked.float(), theirs.stacked.float(), rtol=2**-7, atol=1e-6)
+    for name in ("g_r_q", "t_top", "grad_h"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a.float(), b.float(), rtol=2**-7 if name == "g_r_q" else 1e-5, atol=1e-5,
+                                       msg=name)
+    assert (ours.scatter is None) == (theirs.scatter is None)
+    if ours.scatter is not None:
+        sums = []
+        for sweep in (ours, theirs):
+            classes, values, scales, u_rows = sweep.scatter
+            scatter = RowScatter(classes, values, scales, [0], u_rows)
+            per_class, total = scatter.chunk(0, 0)
+            sums.append(torch.zeros(vocab, dim).index_add_(0, per_class, total))
+        torch.testing.assert_close(sums[0], sums[1], rtol=1e-5, atol=1e-5)
+
+
 def _confident_problem(n_rows=256, dim=128, vocab=4096, margin=14.0, seed=0):
     """Rows whose own class dominates (top probability about 0.99), bf16 inputs."""
     gen = torch.Generator(device=torch.get_default_device()).manual_seed(seed)

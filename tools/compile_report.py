@@ -33,9 +33,10 @@ import torch
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 TENSOR_CORE_INSTRUCTION = {80: "mma.sync", 90: "wgmma.mma_async"}
 ROW_KERNELS = ("row_terms_kernel", "row_prep_kernel")  # O(N d) epilogues without a GEMM
+# the chunked driver's: elementwise, between cuBLAS GEMMs
 EPILOGUE_KERNELS = ("softmax_chunk_kernel", "gradient_chunk_kernel", "rdrop_softmax_chunk_kernel",
-                    "rdrop_gradient_chunk_kernel", "finish_moments_kernel",
-                    "sweep_rows_kernel", "weight_gradient_kernel")  # the chunked driver's: elementwise, between cuBLAS GEMMs
+                    "rdrop_gradient_chunk_kernel", "finish_moments_kernel", "sweep_rows_kernel",
+                    "weight_gradient_kernel")
 REPORT_SHAPE = dict(rows=8192, dim=4096, vocab=128256)
 CONFIGS = {
     "bf16": (torch.bfloat16, "highest"),
@@ -142,9 +143,9 @@ EDGE_SHAPES = ((1, 64, 1000, None, None), (33, 8, 40, 16, 16), (5, 1, 1, None, N
 
 def record_chunked_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int, row_block: Optional[int] = None,
                             vocab_chunk: Optional[int] = None) -> list[Launch]:
-    """The epilogue launches of the chunked driver (dropreg/chunked.py) for a training step with both terms, cross
-    entropy per row, R-Drop, on meta tensors with the CUDA block plan (or the blocks given); one launch per
-    :func:`jit_specialization`."""
+    """The Triton launches of the chunked driver (dropreg/chunked.py) for a training step with both terms, each alone
+    (with mu's own gradient), cross entropy per row, softmax_mean, a vocabulary slice's passes and R-Drop, on meta
+    tensors with the CUDA block plan (or the blocks given); one launch per :func:`jit_specialization`."""
     from dropreg import chunked, ops
     from dropreg.plan import BlockPlan
     from dropreg.reducers import LOCAL
@@ -160,10 +161,18 @@ def record_chunked_launches(dtype: torch.dtype, rows: int, dim: int, vocab: int,
         return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad and dtype.is_floating_point)
 
     h, h2, w, b, y = meta(rows, dim), meta(rows, dim), meta(vocab, dim), meta(vocab), meta(rows, dtype=torch.int64)
-    signs = meta(rows, dim, dtype=chunked.operand_types(dtype).acc, grad=False)
-    for need in ((True, True), (False, False)):
+    signs = meta(rows, dim, grad=False)  # in the input's dtype, as dropreg.rows.implicit_signs gives them
+    for need in ((True, True), (False, False), (True, False), (False, True)):
         out = ops.Terms.apply(h, w, b, y, signs, None, None, *need, passes, LOCAL)
-        torch.autograd.grad([o.sum() for o in out[:3]], (h, w, b))
+        outputs = out[:4] if any(need) else out[:3]  # mu's own gradient, where mu is formed
+        torch.autograd.grad([o.sum() for o in outputs], (h, w, b))
+    torch.autograd.grad(ops.SoftmaxMean.apply(h, w, b, passes, LOCAL).sum(), (h, w, b))
+    with torch.no_grad():  # a vocabulary slice: its statistics alone, its sweep with the row-wise parts kept apart
+        stats = passes.statistics(h, w, b, need_mu=True, need_m2=True)
+        per_row = torch.empty(rows, dtype=stats.lse.dtype, device="meta")
+        owned = torch.empty(rows, dtype=torch.bool, device="meta")
+        passes.terms_sweep(h, w, b, y, owned, signs, stats.lse, stats.mu, stats.var, per_row, per_row, per_row,
+                           None, True, True, (True, True, True), stats.extra)
     out = ops.RDrop.apply(h, h2, w, b, y, None, passes, LOCAL)
     torch.autograd.grad([o.sum() for o in out], (h, h2, w, b))
     return distinct(recorder.launches)

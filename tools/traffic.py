@@ -14,9 +14,10 @@ results. Every ATen call and every epilogue launch is counted:
   loops in dropreg/triton/epilogues.py.
 
 Meta tensors have no values, so work that depends on them is counted as the data a language model gives makes
-likely: the moments' rescale after the first chunk (needed only where a row's largest logit rises above its
-reference by more than the headroom, dropreg/rows.py ``reference_headroom``) is counted as never happening, and the
-rows scattered into grad_W as all of distinct classes. Each call is attributed to the innermost dropreg function
+likely: a row's reference moving (only where its logits in a chunk rise more than the headroom, 48, above the first
+logit or the reference it has, dropreg/rows.py ``reference_headroom``; then its program of 4 rows reads the chunk
+again and its moments are rescaled) is counted as never happening, and the rows scattered into grad_W (the
+dominant classes' and the targets') as all of distinct classes, the most they can cost. Each call is attributed to the innermost dropreg function
 that made it. The design's irreducible traffic is printed
 beside the count (:func:`irreducible_bytes`). Nothing here needs a GPU or Triton's compiler.
 """
@@ -64,7 +65,8 @@ EPILOGUE_TRAFFIC = {
                               row_const_out=(0, 1), stacked_out=(0, 1), g_r_q_out=(0, 1), t_top_out=(0, 1),
                               grad_h_out=(0, 1), values_out=(0, 1), scales_out=(0, 1)),
     "weight_gradient_kernel": dict(out_ptr=(0, 1), product_ptr=(1, 0), w_ptr=(1, 0), sq_ptr=(1, 0), order_ptr=(1, 0),
-                                   class_starts_ptr=(1, 0), values_ptr=(1, 0), scales_ptr=(1, 0)),
+                                   class_starts_ptr=(1, 0), values_ptr=(1, 0), scales_ptr=(1, 0), h_ptr=(1, 0),
+                                   signs_ptr=(1, 0)),
 }
 # Arguments read only at the rows index arguments name (gathers): (kernel, argument) -> ((index argument, the
 # switches that must be on), ...); one row per index entry.
@@ -76,7 +78,8 @@ EPILOGUE_GATHERS = {
 }
 # Arguments that every chunk's launch is handed whole but reads only its own part of: each scattered row is read by
 # the launch of the chunk holding its class, so the sweep reads them once (counted at the first launch).
-EPILOGUE_SPLIT_OVER_CHUNKS = {("weight_gradient_kernel", arg) for arg in ("order_ptr", "values_ptr", "scales_ptr")}
+EPILOGUE_SPLIT_OVER_CHUNKS = {("weight_gradient_kernel", arg)
+                              for arg in ("order_ptr", "values_ptr", "scales_ptr", "h_ptr", "signs_ptr")}
 # which argument a constexpr switches off (False: never read or written)
 _COMMON_SWITCHES = {"HAS_BIAS": ("b_ptr",), "HAS_T": ("t_ptr",), "HAS_TARGET": ("g_ce_ptr", "target_ptr"),
                     "HAS_TOP": ("top_col_ptr", "t_top_ptr", "exact_ptr", "seen_ptr", "w_ptr"),
@@ -89,11 +92,12 @@ EPILOGUE_SWITCHES["finish_moments_kernel"] = dict(
     NEED_IMPLICIT=("signs_ptr",))
 EPILOGUE_SWITCHES["sweep_rows_kernel"] = dict(
     HAS_BIAS=("b_ptr",), NEED_EXPLICIT=("var_ptr", "g_r_q_out"), NEED_IMPLICIT=("signs_ptr",),
-    HAS_GRAD_MU=("g_mu_ptr",), HAS_TOP=("top_ptr", "t_top_out", "scales_out"), WANT_H=("grad_h_out",),
+    HAS_GRAD_MU=("g_mu_ptr",), HAS_TOP=("top_ptr", "t_top_out", "scales_out", "values_out"), WANT_H=("grad_h_out",),
     WANT_W=("values_out", "scales_out"))
 EPILOGUE_SWITCHES["weight_gradient_kernel"] = dict(HAS_SQ=("w_ptr", "sq_ptr"),
                                                    HAS_SCATTER=("order_ptr", "class_starts_ptr", "values_ptr",
-                                                                "scales_ptr"))
+                                                                "scales_ptr"),
+                                                   HAS_U=("h_ptr", "signs_ptr"))
 
 
 def distinct_bytes(t: torch.Tensor) -> int:
@@ -259,8 +263,9 @@ def run_step(dtype: torch.dtype, rows: int, dim: int, vocab: int, op: str, count
         return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad and dtype.is_floating_point)
 
     h, w, b, y = meta(rows, dim), meta(vocab, dim), meta(vocab), meta(rows, dtype=torch.int64)
-    # the implicit term's signs as the public API hands them over (drawing them writes N x d: not counted)
-    signs = meta(rows, dim, dtype=chunked.operand_types(dtype).acc, grad=False)
+    # the implicit term's signs as the public API hands them over, in the input's dtype (dropreg.rows.implicit_signs;
+    # drawing them writes N x d: not counted)
+    signs = meta(rows, dim, grad=False)
     with AtenTraffic(count):
         if op == "terms":
             out = ops.Terms.apply(h, w, b, y, signs, None, None, True, True, passes, LOCAL)

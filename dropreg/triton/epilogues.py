@@ -1,13 +1,14 @@
 """Triton epilogues of the chunked driver (dropreg/chunked.py, docs/math.md 7.3): the elementwise work on one
-R x C chunk of fp32 products, between the cuBLAS GEMMs. Each kernel reads its chunk once or twice and writes the
-next GEMM's operand in the operand dtype; none uses atomics. :class:`dropreg.chunked.TorchEpilogues` defines what
-each computes (same signatures) and the tests compare the two under ``TRITON_INTERPRET=1``.
+R x C chunk of fp32 products, between the cuBLAS GEMMs, and (:class:`TritonEpilogues`) the launches of the row kernels
+of dropreg/triton/row_kernels.py. Each chunk kernel reads its chunk once and writes the next GEMM's operand in the
+operand dtype; none uses atomics. :class:`dropreg.torch_epilogues.TorchEpilogues` defines what each computes (same
+signatures) and the tests compare the two under ``TRITON_INTERPRET=1``.
 
-* ``softmax_chunk_kernel``: one program per BLOCK_R rows; pass 1 finds each row's chunk maximum and its column,
-  pass 2 writes ``P = exp(z + b - new_max)`` and sums it twice (exact, and as
-  rounded). Reads z twice, writes P once.
-* ``gradient_chunk_kernel``: one program per BLOCK_R x BLOCK_C tile; ``G = s (row_const + t) - g_ce [v = y]`` and
-  ``S`` from z, t. Reads z (and t) once, writes G (and S) once.
+* ``softmax_chunk_kernel``: one program per BLOCK_R rows; one pass finds each row's chunk maximum and its column and
+  writes ``P = exp(z + b - reference)``, summed exactly and as rounded; a program one of whose rows' references
+  moved (dropreg.rows.moved_reference: rare) reads its rows again to write them on the new reference.
+* ``gradient_chunk_kernel``: one program per ROW_TILES x BLOCK_R x BLOCK_C tiles; ``G = s (row_const + t) -
+  g_ce [v = y]`` and ``S`` from z, t, and G's column sums for grad_b. Reads z (and t) once, writes G (and S) once.
 * ``rdrop_softmax_chunk_kernel`` / ``rdrop_gradient_chunk_kernel``: the same for R-Drop's two passes.
 """
 from __future__ import annotations
@@ -16,17 +17,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ..chunk_buffers import SweepRows
+from ..chunk_buffers import SweepRows, add_weight_gradient
 from ..gemm import mm
 from ..rows import reference_headroom
-from ..torch_epilogues import TorchEpilogues
+from .epilogue_helpers import second_block, to_operand
+from .row_kernels import (finish_moments_kernel, row_block_d, sweep_rows_kernel, weight_gradient_kernel,
+                          weight_gradient_tile)
 from .utils import FP_FUSION, INTERPRETED, TL_DTYPES
 
 # Rows per program of the row-wise kernels and the column tile; the interpreter gets small tiles so that the
 # tests' tiny chunks still span several tiles.
 NUM_WARPS = 1 if INTERPRETED else 8
-# Row tiles per program of the gradient epilogues: each program writes one row of column sums for grad_b.
-ROW_TILES = 2 if INTERPRETED else 8
+# Row tiles per program of the gradient epilogues: each program writes one row of column sums for grad_b, so the
+# sums written for grad_b are 1/128 of G (at 8-row tiles) rather than 1/8.
+ROW_TILES = 2 if INTERPRETED else 16
 
 
 def row_tile(dtype: torch.dtype) -> tuple[int, int]:
@@ -38,43 +42,12 @@ def row_tile(dtype: torch.dtype) -> tuple[int, int]:
 
 
 def gradient_tile(dtype: torch.dtype) -> tuple[int, int]:
-    """(rows, columns) of a gradient epilogue's tile: 16 x 128, 4 x 128 for fp64 logits (two registers per value).
-    Larger tiles spilled registers in specializations the JIT makes for edge sizes (a size of 1 or not a multiple of
-    16; tools/compile_report.py compiles them all)."""
+    """(rows, columns) of a gradient epilogue's tile, ROW_TILES of which one program walks: 8 x 128, 4 x 128 for fp64
+    logits (two registers per value). Larger tiles spilled registers in specializations the JIT makes for edge sizes
+    (a size of 1 or not a multiple of 16; tools/compile_report.py compiles them all)."""
     if INTERPRETED:
         return 4, 8
-    return (4, 128) if dtype == torch.float64 else (16, 128)
-
-
-def row_block_d(dtype: torch.dtype) -> tuple[int, int]:
-    """(rows per program, d tile) of the row kernels, which loop over each row's d-vectors: 4 x 256, 4 x 128 in
-    fp64."""
-    if INTERPRETED:
-        return 4, 8
-    return (4, 128) if dtype == torch.float64 else (4, 256)
-
-
-def weight_gradient_tile() -> tuple[int, int]:
-    """(classes, d) of the grad_W finishing kernel's tile: 16 x 128."""
-    return (4, 8) if INTERPRETED else (16, 128)
-
-
-@triton.jit
-def to_operand(x, OPERAND: tl.constexpr):
-    """``x`` (fp32) rounded to nearest-even in the GEMM operand dtype, as torch rounds it. bf16 is rounded on the
-    bits first (the interpreter's own bf16 conversion truncates); the cast is then exact."""
-    if OPERAND == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
-    return x.to(OPERAND)
-
-
-@triton.jit
-def second_block(at, R, C):
-    """Offsets ``at`` of an (R, C) block moved to the second block of a (2R, C) buffer, in int64. R or C may arrive as
-    the Python int 1 (Triton's JIT specializes an integer argument equal to 1 to a constant), which has no ``.to``."""
-    return at + tl.full((), R, tl.int64) * C
+    return (4, 128) if dtype == torch.float64 else (8, 128)
 
 
 @triton.jit
@@ -303,201 +276,6 @@ def rdrop_gradient_chunk_kernel(z1_ptr, z2_ptr, b_ptr, lse_ptr, expected_d_ptr, 
         _store_col_sums(col_sums_out, col_sums, tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), C)
 
 
-@triton.jit
-def finish_moments_kernel(moments_ptr, normalizer_ptr, w_ptr, exact_ptr, seen_ptr, top_col_ptr, scale_ptr, h_ptr, b_ptr,
-                          target_ptr, signs_ptr, lse_ptr, ce_out, quadratic_out, sign_term_out, R, D, stride_w,
-                          stride_w_col, stride_h, stride_h_col, HAS_M2: tl.constexpr, HAS_TOP: tl.constexpr,
-                          SCALED: tl.constexpr, HAS_TERMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          NEED_EXPLICIT: tl.constexpr, NEED_IMPLICIT: tl.constexpr, OPERAND: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``[A1 | A2]`` -> ``[mu | var]`` in place, one program per BLOCK_R rows walking their d-vectors once; the
-    normalizer (the mass) gets the dominant entry's exact value too. ``HAS_TERMS`` (a head held whole): also
-    ``ce = lse - h . W_y - b_y``, ``quadratic = (h*h) . var``, ``sign_term = (sigma*h) . (mu - W_y)``
-    (dropreg.rows.whole_head_terms)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    width = D * (2 if HAS_M2 else 1)
-    norm = tl.load(normalizer_ptr + rows, mask=row_ok, other=1.0)
-    acc: tl.constexpr = normalizer_ptr.dtype.element_ty
-    if HAS_TOP:
-        exact_1d = tl.load(exact_ptr + rows, mask=row_ok, other=0.0)
-        seen_1d = tl.load(seen_ptr + rows, mask=row_ok, other=0.0)
-        exact, seen = exact_1d[:, None], seen_1d[:, None]
-        top_row = tl.load(top_col_ptr + rows, mask=row_ok, other=0)
-        norm = norm + (exact_1d - seen_1d)
-        tl.store(normalizer_ptr + rows, norm, mask=row_ok)
-    if SCALED:
-        scale = tl.load(scale_ptr)
-    if HAS_TERMS:
-        target = tl.load(target_ptr + rows, mask=row_ok, other=0)
-    z_target = tl.zeros((BLOCK_R,), dtype=acc)
-    quadratic = tl.zeros((BLOCK_R,), dtype=acc)
-    sign_term = tl.zeros((BLOCK_R,), dtype=acc)
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        ok = row_ok[:, None] & (dims[None, :] < D)
-        at = rows.to(tl.int64)[:, None] * width + dims[None, :]
-        a1 = tl.load(moments_ptr + at, mask=ok, other=0.0)
-        if HAS_TOP:
-            w = tl.load(w_ptr + top_row[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok, other=0.0)
-            w_exact = w.to(acc)
-            w_seen = to_operand(w_exact, OPERAND).to(acc)
-            a1 = a1 + exact * w_exact - seen * w_seen
-        mu = a1 / norm[:, None]
-        tl.store(moments_ptr + at, mu, mask=ok)
-        var = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc)
-        if HAS_M2:
-            a2 = tl.load(moments_ptr + at + D, mask=ok, other=0.0)
-            if HAS_TOP:  # dropreg.chunk_buffers.squares_operand, as the GEMMs saw it
-                if SCALED:
-                    square = w_exact * w_exact * scale
-                    square_seen = to_operand(square, OPERAND).to(acc)
-                else:
-                    square = w_exact * w_exact
-                    square_seen = to_operand(w_seen * w_seen, OPERAND).to(acc)
-                a2 = a2 + exact * square - seen * square_seen
-            if SCALED:
-                a2 = a2 / scale
-            var = a2 / norm[:, None] - mu * mu
-            tl.store(moments_ptr + at + D, var, mask=ok)
-        if HAS_TERMS:
-            h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + dims[None, :] * stride_h_col, mask=ok,
-                        other=0.0).to(acc)
-            w_target = tl.load(w_ptr + target[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok,
-                               other=0.0).to(acc)
-            z_target += tl.sum(h * w_target, axis=1)
-            if NEED_EXPLICIT:
-                quadratic += tl.sum(h * h * var, axis=1)
-            if NEED_IMPLICIT:
-                u = tl.load(signs_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], mask=ok,
-                            other=0.0).to(acc) * h
-                sign_term += tl.sum(u * (mu - w_target), axis=1)
-    if HAS_TERMS:
-        if HAS_BIAS:
-            z_target += tl.load(b_ptr + target, mask=row_ok, other=0.0).to(acc)
-        tl.store(ce_out + rows, tl.load(lse_ptr + rows, mask=row_ok, other=0.0) - z_target, mask=row_ok)
-        tl.store(quadratic_out + rows, quadratic, mask=row_ok)
-        tl.store(sign_term_out + rows, sign_term, mask=row_ok)
-
-
-@triton.jit
-def sweep_rows_kernel(h_ptr, w_ptr, b_ptr, target_ptr, top_ptr, signs_ptr, mu_ptr, var_ptr, lse_ptr, g_ce_ptr,
-                      g_r_ptr, g_i_ptr, g_i_target_ptr, g_mu_ptr, row_const_out, stacked_out, g_r_q_out, t_top_out,
-                      grad_h_out, values_out, scales_out, R, D, target_values_at, stride_h, stride_h_col, stride_w,
-                      stride_w_col, stride_stats, HAS_BIAS: tl.constexpr, NEED_EXPLICIT: tl.constexpr,
-                      NEED_IMPLICIT: tl.constexpr, HAS_GRAD_MU: tl.constexpr, HAS_TOP: tl.constexpr,
-                      FOLD_ROWS: tl.constexpr, WANT_H: tl.constexpr, WANT_W: tl.constexpr, OPERAND: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A row block's SweepRows (TorchEpilogues.sweep_rows), one program per BLOCK_R rows walking their d-vectors
-    once: ``[H; T]`` and ``gR' q`` in the operand dtype, ``row_const``, the dominant class's exact ``t`` and its
-    grad_W part (unscaled, with its scale ``s_k``), the target rows' ``-g_i u``, grad_input's initial value."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    acc: tl.constexpr = lse_ptr.dtype.element_ty
-    row_const = tl.load(g_ce_ptr + rows, mask=row_ok, other=0.0)
-    g_r = tl.load(g_r_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    g_i = tl.load(g_i_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    g_i_target = tl.load(g_i_target_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    target = tl.load(target_ptr + rows, mask=row_ok, other=0)
-    top = target
-    if HAS_TOP:
-        top = tl.load(top_ptr + rows, mask=row_ok, other=0)
-    t_top = tl.zeros((BLOCK_R,), dtype=acc)
-    z_top = tl.zeros((BLOCK_R,), dtype=acc)
-    row_at = rows.to(tl.int64)[:, None] * D
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        ok = row_ok[:, None] & (dims[None, :] < D)
-        at = row_at + dims[None, :]
-        stats_at = rows.to(tl.int64)[:, None] * stride_stats + dims[None, :]
-        h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + dims[None, :] * stride_h_col, mask=ok,
-                    other=0.0).to(acc)
-        mu = tl.load(mu_ptr + stats_at, mask=ok, other=0.0)
-        T = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc)
-        grad_h = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc)
-        g_r_q = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc)
-        if NEED_EXPLICIT:
-            var = tl.load(var_ptr + stats_at, mask=ok, other=0.0)
-            g_r_q = g_r * h * h
-            tl.store(g_r_q_out + at, to_operand(g_r_q, OPERAND), mask=ok)
-            T -= 2.0 * g_r_q * mu
-            row_const += tl.sum(g_r_q * (mu * mu - var), axis=1)
-            if FOLD_ROWS:
-                grad_h += 2.0 * g_r * h * var
-        if NEED_IMPLICIT:
-            signs = tl.load(signs_ptr + at, mask=ok, other=0.0).to(acc)
-            u = signs * h
-            T += g_i * u
-            row_const -= tl.sum(g_i * mu * u, axis=1)
-            if FOLD_ROWS:
-                grad_h += g_i * signs * mu
-            if WANT_H:
-                w_target = tl.load(w_ptr + target[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok,
-                                   other=0.0).to(acc)
-                grad_h -= g_i_target * signs * w_target
-            if WANT_W:
-                tl.store(values_out + (target_values_at + rows.to(tl.int64))[:, None] * D + dims[None, :],
-                         -g_i_target * u, mask=ok)
-        if HAS_GRAD_MU:  # mu's own upstream gradient gbar: T += gbar, row_const -= mu . gbar
-            g_mu = tl.load(g_mu_ptr + at, mask=ok, other=0.0).to(acc)
-            T += g_mu
-            row_const -= tl.sum(g_mu * mu, axis=1)
-        tl.store(stacked_out + at, to_operand(h, OPERAND), mask=ok)
-        tl.store(stacked_out + second_block(at, R, D), to_operand(T, OPERAND), mask=ok)
-        if WANT_H:
-            tl.store(grad_h_out + at, grad_h, mask=ok)
-        if HAS_TOP:
-            w_top = tl.load(w_ptr + top[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok,
-                            other=0.0).to(acc)
-            t_top += tl.sum(T * w_top, axis=1)
-            z_top += tl.sum(h * w_top, axis=1)
-            part = T
-            if NEED_EXPLICIT:
-                t_top += tl.sum(g_r_q * (w_top * w_top), axis=1)
-                part += 2.0 * g_r_q * w_top
-            if WANT_W:
-                tl.store(values_out + at, part, mask=ok)
-    tl.store(row_const_out + rows, row_const, mask=row_ok)
-    if HAS_TOP:
-        tl.store(t_top_out + rows, t_top, mask=row_ok)
-        if WANT_W:
-            if HAS_BIAS:
-                z_top += tl.load(b_ptr + top, mask=row_ok, other=0.0).to(acc)
-            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-            tl.store(scales_out + rows, tl.exp(z_top - lse), mask=row_ok)
-
-
-@triton.jit
-def weight_gradient_kernel(out_ptr, product_ptr, w_ptr, sq_ptr, order_ptr, class_starts_ptr, values_ptr, scales_ptr,
-                           C, D, stride_w, stride_w_col, HAS_SQ: tl.constexpr, HAS_SCATTER: tl.constexpr,
-                           OUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A chunk's rows of grad_W written once: ``product + (its scattered rows' sums) + 2 W * sq``, rounded once to
-    grad_W's dtype (dropreg.chunk_buffers.add_weight_gradient). Each class's scattered rows are walked in their
-    sorted order (dropreg.chunk_buffers.RowScatter): no atomics."""
-    classes = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    class_ok = classes < C
-    ok = class_ok[:, None] & (dims[None, :] < D)
-    at = classes.to(tl.int64)[:, None] * D + dims[None, :]
-    total = tl.load(product_ptr + at, mask=ok, other=0.0)
-    if HAS_SCATTER:
-        first = tl.load(class_starts_ptr + classes, mask=class_ok, other=0)
-        count = tl.load(class_starts_ptr + classes + 1, mask=class_ok, other=0) - first
-        scattered = tl.zeros((BLOCK_C, BLOCK_D), dtype=total.dtype)
-        for k in range(0, tl.max(count, axis=0)):
-            present = class_ok & (k < count)
-            entry = tl.load(order_ptr + first + k, mask=present, other=0)
-            scale = tl.load(scales_ptr + entry, mask=present, other=0.0)
-            values = tl.load(values_ptr + entry[:, None] * D + dims[None, :], mask=present[:, None] & ok, other=0.0)
-            scattered += values * scale[:, None]
-        total += scattered
-    if HAS_SQ:
-        w = tl.load(w_ptr + classes.to(tl.int64)[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok,
-                    other=0.0).to(total.dtype)
-        total += 2.0 * w * tl.load(sq_ptr + at, mask=ok, other=0.0)
-    tl.store(out_ptr + at, to_operand(total, OUT), mask=ok)
-
-
 def _bias_arg(bias, like):
     return like if bias is None else bias.contiguous()  # never read when HAS_BIAS is False
 
@@ -568,14 +346,16 @@ class TritonEpilogues:
         rows, dim = h.shape
         acc = lse.dtype
         has_top = top_class is not None
-        parts = int(has_top) + int(need_implicit)  # the scattered rows: dominant classes', then targets'
         scatter = None
         values = scales = lse
-        if want_w and parts:
-            values = torch.empty(parts * rows, dim, dtype=acc, device=h.device)
-            scales = torch.ones(parts * rows, dtype=acc, device=h.device)
+        if want_w and (has_top or need_implicit):  # the dominant classes' stored parts, then the target rows' u
+            values = torch.empty(rows if has_top else 0, dim, dtype=acc, device=h.device)
+            scales = torch.empty((int(has_top) + int(need_implicit)) * rows, dtype=acc, device=h.device)
+            if need_implicit:
+                torch.neg(g_i_target, out=scales[len(values):])
             classes = [c for c, on in ((top_class, has_top), (target, need_implicit)) if on]
-            scatter = (torch.cat(classes) if len(classes) > 1 else classes[0], values, scales)
+            scatter = (torch.cat(classes) if len(classes) > 1 else classes[0], values, scales,
+                       (h, signs.contiguous()) if need_implicit else None)
         sweep = SweepRows(torch.empty_like(lse), torch.empty(2 * rows, dim, dtype=operand, device=h.device),
                           torch.empty(rows, dim, dtype=operand, device=h.device) if need_explicit else None,
                           torch.empty_like(lse) if has_top else None,
@@ -587,8 +367,8 @@ class TritonEpilogues:
             g_ce.contiguous(), g_r.contiguous(), g_i.contiguous(), g_i_target.contiguous(),
             grad_mu.contiguous() if grad_mu is not None else lse, sweep.row_const, sweep.stacked,
             sweep.g_r_q if need_explicit else sweep.stacked, sweep.t_top if has_top else lse,
-            sweep.grad_h if want_h else lse, values, scales, rows, dim, rows * int(has_top), *h.stride(),
-            *weight.stride(), mu.stride(0), HAS_BIAS=bias is not None, NEED_EXPLICIT=need_explicit,
+            sweep.grad_h if want_h else lse, values, scales, rows, dim, *h.stride(), *weight.stride(), mu.stride(0),
+            var.stride(0) if need_explicit else 0, HAS_BIAS=bias is not None, NEED_EXPLICIT=need_explicit,
             NEED_IMPLICIT=need_implicit, HAS_GRAD_MU=grad_mu is not None, HAS_TOP=has_top, FOLD_ROWS=fold_rows,
             WANT_H=want_h, WANT_W=want_w, OPERAND=TL_DTYPES[operand], BLOCK_R=block_r, BLOCK_D=block_d,
             num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
@@ -597,18 +377,23 @@ class TritonEpilogues:
     def add_weight_gradient(self, grad_w, v0, v1, a, b, acc, overwrite, weight=None, s_g_r_q=None, scatter=None,
                             index=0):
         if not overwrite or (s_g_r_q is None and scatter is None):  # the GEMM adds into grad_W, or writes it
-            TorchEpilogues.add_weight_gradient(grad_w, v0, v1, a, b, acc, overwrite, weight, s_g_r_q, scatter, index)
+            add_weight_gradient(grad_w, v0, v1, a, b, acc, overwrite, weight, s_g_r_q,
+                                None if scatter is None else scatter.chunk(index, v0))
             return
         product = mm(a, b, acc)
         cols, dim = product.shape
         has_scatter = scatter is not None
+        h, signs = scatter.u_rows if has_scatter and scatter.u_rows is not None else (product, product)
+        stored = has_scatter and len(scatter.values) > 0
         block_c, block_d = weight_gradient_tile()
         self.launch(weight_gradient_kernel)[(triton.cdiv(cols, block_c), triton.cdiv(dim, block_d))](
-            grad_w[v0:v1], product, weight if weight is not None else product, s_g_r_q if s_g_r_q is not None else product,
+            grad_w[v0:v1], product, product if weight is None else weight, product if s_g_r_q is None else s_g_r_q,
             scatter.order if has_scatter else product, scatter.class_starts(v0, v1) if has_scatter else product,
-            scatter.values if has_scatter else product, scatter.scales if has_scatter else product, cols, dim,
-            *(weight.stride() if weight is not None else (0, 0)), HAS_SQ=s_g_r_q is not None,
-            HAS_SCATTER=has_scatter, OUT=TL_DTYPES[grad_w.dtype], BLOCK_C=block_c, BLOCK_D=block_d,
+            scatter.values if stored else product, scatter.scales if has_scatter else product, h, signs, cols, dim,
+            len(scatter.values) if has_scatter else 0, *(weight.stride() if weight is not None else (0, 0)),
+            *h.stride(), HAS_SQ=s_g_r_q is not None, HAS_SCATTER=has_scatter,
+            HAS_U=has_scatter and scatter.u_rows is not None, OUT=TL_DTYPES[grad_w.dtype], BLOCK_C=block_c,
+            BLOCK_D=block_d,
             num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def gradient_chunk(self, z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None, *,
