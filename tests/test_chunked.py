@@ -471,3 +471,23 @@ def test_row_scatter_sums_each_class_once_and_grad_weight_rounds_once(which):
     half_unit = 2.0 ** (torch.floor(torch.log2(exact.abs())) - 8)  # of bf16, at each entry's binade
     assert ((results[0].double() - exact).abs() <= half_unit * (1 + 1e-4) + 1e-6).all()
     assert torch.equal(results[0], results[1])
+
+def test_narrow_softmax_mean_backward_alike_in_both_epilogues():
+    """softmax_mean's bf16 backward keeps each row's dominant class exact through rows scattered into grad_W already
+    scaled (no scales of their own): the Triton launch gives them unit scales. Same gradients from both epilogue
+    families (Triton's under the interpreter) and close to float64."""
+    from conftest import VARIANTS
+
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(6, 8, generator=gen).bfloat16().requires_grad_()
+    w = (2 * torch.randn(19, 8, generator=gen)).bfloat16().requires_grad_()  # peaked rows: the top class matters
+    upstream = torch.randn(6, 8, generator=gen)
+    grads = []
+    for name in ("chunked", "chunked-triton"):
+        mu = dropreg.softmax_mean(h, w, backend=VARIANTS[name]())
+        grads.append(torch.autograd.grad((mu.float() * upstream).sum(), (h, w)))
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    truth = torch.autograd.grad(((torch.softmax(h64 @ w64.T, -1) @ w64) * upstream.double()).sum(), (h64, w64))
+    for ours, theirs, exact in zip(*grads, truth):
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=2**-7, atol=1e-3)
+        assert (ours.double() - exact).abs().max() <= 0.05 * exact.abs().max()

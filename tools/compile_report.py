@@ -126,12 +126,15 @@ def jit_specialization(launch: Launch) -> tuple:
     """What Triton's JIT keys a compiled kernel on, as it derives it from the arguments: the constexprs, each
     integer argument's value when it is 1 (then a constant) or whether it is divisible by 16, each tensor's dtype
     (meta tensors are 16-byte aligned, as fresh CUDA allocations are)."""
-    def argument(value):
+    def argument(value, param):
         if isinstance(value, bool) or not isinstance(value, int):
             return str(value.dtype) if isinstance(value, torch.Tensor) else repr(value)
+        if getattr(param, "do_not_specialize", False):  # @triton.jit(do_not_specialize=...): one code for all
+            return "-"
         return "1" if value == 1 else ("16k" if value % 16 == 0 else "int")
     constexprs = tuple(sorted((k, v) for k, v in launch.kwargs.items() if k.isupper() or k.startswith("num_")))
-    return launch.kernel.__name__, constexprs, tuple(argument(a) for a in launch.args)
+    params = getattr(launch.kernel, "params", [None] * len(launch.args))
+    return launch.kernel.__name__, constexprs, tuple(argument(a, p) for a, p in zip(launch.args, params))
 
 
 # Shapes besides the report's LM shape whose chunks reach the JIT's other specializations: a batch of one row, a last

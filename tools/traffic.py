@@ -71,10 +71,10 @@ EPILOGUE_TRAFFIC = {
 # Arguments read only at the rows index arguments name (gathers): (kernel, argument) -> ((index argument, the
 # switches that must be on), ...); one row per index entry.
 EPILOGUE_GATHERS = {
-    ("finish_moments_kernel", "w_ptr"): (("top_col_ptr", ("HAS_TOP",)), ("target_ptr", ("HAS_TERMS",))),
-    ("finish_moments_kernel", "b_ptr"): (("target_ptr", ("HAS_TERMS",)),),
-    ("sweep_rows_kernel", "w_ptr"): (("target_ptr", ("NEED_IMPLICIT", "WANT_H")), ("top_ptr", ("HAS_TOP",))),
-    ("sweep_rows_kernel", "b_ptr"): (("top_ptr", ("HAS_TOP", "WANT_W")),),
+    ("finish_moments_kernel", "w_ptr"): (("top_col_ptr", ("HAS_TOP",)), ("target_ptr", ("has_terms",))),
+    ("finish_moments_kernel", "b_ptr"): (("target_ptr", ("has_terms",)),),
+    ("sweep_rows_kernel", "w_ptr"): (("target_ptr", ("NEED_IMPLICIT", "want_h")), ("top_ptr", ("HAS_TOP",))),
+    ("sweep_rows_kernel", "b_ptr"): (("top_ptr", ("HAS_TOP", "want_w")),),
 }
 # Arguments that every chunk's launch is handed whole but reads only its own part of: each scattered row is read by
 # the launch of the chunk holding its class, so the sweep reads them once (counted at the first launch).
@@ -84,20 +84,21 @@ EPILOGUE_SPLIT_OVER_CHUNKS = {("weight_gradient_kernel", arg)
 _COMMON_SWITCHES = {"HAS_BIAS": ("b_ptr",), "HAS_T": ("t_ptr",), "HAS_TARGET": ("g_ce_ptr", "target_ptr"),
                     "HAS_TOP": ("top_col_ptr", "t_top_ptr", "exact_ptr", "seen_ptr", "w_ptr"),
                     "WRITE_PROBS": ("probs_ptr", "mass_ptr"), "COL_SUMS": ("col_sums_out",), "SCALED": ("scale_ptr",)}
-# per kernel, which argument a constexpr switches off (False: never read or written)
+# per kernel, which argument a switch (a constexpr, or a runtime flag argument) turns off (False or 0: never read or
+# written)
 EPILOGUE_SWITCHES = {name: _COMMON_SWITCHES for name in EPILOGUE_TRAFFIC}
 EPILOGUE_SWITCHES["finish_moments_kernel"] = dict(
-    HAS_TOP=("top_col_ptr", "exact_ptr", "seen_ptr"), SCALED=("scale_ptr",), HAS_BIAS=("b_ptr",),
-    HAS_TERMS=("h_ptr", "target_ptr", "lse_ptr", "ce_out", "quadratic_out", "sign_term_out"),
-    NEED_IMPLICIT=("signs_ptr",))
+    HAS_TOP=("top_col_ptr", "exact_ptr", "seen_ptr"), scaled=("scale_ptr",), has_bias=("b_ptr",),
+    has_terms=("h_ptr", "target_ptr", "lse_ptr", "ce_out", "quadratic_out", "sign_term_out"),
+    need_implicit=("signs_ptr",))
 EPILOGUE_SWITCHES["sweep_rows_kernel"] = dict(
-    HAS_BIAS=("b_ptr",), NEED_EXPLICIT=("var_ptr", "g_r_q_out"), NEED_IMPLICIT=("signs_ptr",),
-    HAS_GRAD_MU=("g_mu_ptr",), HAS_TOP=("top_ptr", "t_top_out", "scales_out", "values_out"), WANT_H=("grad_h_out",),
-    WANT_W=("values_out", "scales_out"))
+    has_bias=("b_ptr",), NEED_EXPLICIT=("var_ptr", "g_r_q_out"), NEED_IMPLICIT=("signs_ptr",),
+    has_grad_mu=("g_mu_ptr",), HAS_TOP=("top_ptr", "t_top_out", "scales_out", "values_out"), want_h=("grad_h_out",),
+    want_w=("values_out", "scales_out"))
 EPILOGUE_SWITCHES["weight_gradient_kernel"] = dict(HAS_SQ=("w_ptr", "sq_ptr"),
-                                                   HAS_SCATTER=("order_ptr", "class_starts_ptr", "values_ptr",
+                                                   has_scatter=("order_ptr", "class_starts_ptr", "values_ptr",
                                                                 "scales_ptr"),
-                                                   HAS_U=("h_ptr", "signs_ptr"))
+                                                   has_u=("h_ptr", "signs_ptr"))
 
 
 def distinct_bytes(t: torch.Tensor) -> int:
@@ -221,10 +222,15 @@ class EpilogueTraffic:
             def __getitem__(self, grid):
                 def launch(*args, **kwargs):
                     traffic = EPILOGUE_TRAFFIC[name]
-                    off = {arg for switch, args_off in EPILOGUE_SWITCHES[name].items()
-                           if kwargs.get(switch) is False for arg in args_off}
-                    read = written = 0
                     bound = dict(zip(kernel.arg_names, args))
+
+                    def on(switch):  # a constexpr (keyword) or a runtime flag (an int argument)
+                        value = kwargs.get(switch, bound.get(switch))
+                        return value is None or bool(value)
+
+                    off = {arg for switch, args_off in EPILOGUE_SWITCHES[name].items() if not on(switch)
+                           for arg in args_off}
+                    read = written = 0
                     for arg_name, value in bound.items():
                         if arg_name in off or arg_name not in traffic or not isinstance(value, torch.Tensor):
                             continue
@@ -233,7 +239,7 @@ class EpilogueTraffic:
                         if (name, arg_name) in EPILOGUE_GATHERS:  # the rows its indices name, one per entry
                             size = sum(bound[index].numel() * distinct_bytes(value[0])
                                        for index, needs in EPILOGUE_GATHERS[name, arg_name]
-                                       if all(kwargs.get(switch) is True for switch in needs))
+                                       if all(on(switch) for switch in needs))
                         if (name, arg_name) in EPILOGUE_SPLIT_OVER_CHUNKS:
                             size = 0 if seen.get(id(value)) is value else size
                             seen[id(value)] = value

@@ -25,8 +25,9 @@ from .row_kernels import (finish_moments_kernel, row_block_d, sweep_rows_kernel,
                           weight_gradient_tile)
 from .utils import FP_FUSION, INTERPRETED, TL_DTYPES
 
-# Rows per program of the row-wise kernels and the column tile; the interpreter gets small tiles so that the
-# tests' tiny chunks still span several tiles.
+# The chunk kernels' row count is not specialized (to 1, or as a multiple of 16): nothing in them gains from it, and
+# each specialization is one more compilation. The interpreter gets small tiles so that the tests' tiny chunks still
+# span several tiles.
 NUM_WARPS = 1 if INTERPRETED else 8
 # Row tiles per program of the gradient epilogues: each program writes one row of column sums for grad_b, so the
 # sums written for grad_b are 1/128 of G (at 8-row tiles) rather than 1/8.
@@ -103,7 +104,7 @@ def _rdrop_tile(z1_ptr, z2_ptr, b_ptr, rows, cols, R, C, HAS_BIAS: tl.constexpr)
             diff)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, rescale_out, top_p_out, top_col_out,
                          R, C, HAS_BIAS: tl.constexpr, WRITE_PROBS: tl.constexpr, HEADROOM: tl.constexpr,
                          OPERAND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -168,7 +169,7 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
     tl.store(top_col_out + rows, top_col.to(tl.int64), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr, target_ptr, top_col_ptr, t_top_ptr,
                           out_ptr, col_sums_out, R, C, HAS_BIAS: tl.constexpr, HAS_T: tl.constexpr,
                           HAS_TARGET: tl.constexpr, HAS_TOP: tl.constexpr, WRITE_S: tl.constexpr,
@@ -204,7 +205,7 @@ def gradient_chunk_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, row_const_ptr, g_ce_ptr,
         _store_col_sums(col_sums_out, col_sums, tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), C)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def rdrop_softmax_chunk_kernel(z1_ptr, z2_ptr, b_ptr, max_ptr, sum_ptr, weighted_d_ptr, R, C,
                                HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """The (2, R) states are updated in place: row r of pass i at ``i * R + r``."""
@@ -249,7 +250,7 @@ def rdrop_softmax_chunk_kernel(z1_ptr, z2_ptr, b_ptr, max_ptr, sum_ptr, weighted
     tl.store(max_ptr + R + rows, new2, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def rdrop_gradient_chunk_kernel(z1_ptr, z2_ptr, b_ptr, lse_ptr, expected_d_ptr, g_ce1_ptr, g_ce2_ptr, half_kl_ptr,
                                 target_ptr, out_ptr, col_sums_out, R, C, HAS_BIAS: tl.constexpr,
                                 COL_SUMS: tl.constexpr, OPERAND: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -274,6 +275,11 @@ def rdrop_gradient_chunk_kernel(z1_ptr, z2_ptr, b_ptr, lse_ptr, expected_d_ptr, 
             col_sums += tl.sum(tl.where(inside, g1 + g2, 0.0), axis=0)
     if COL_SUMS:
         _store_col_sums(col_sums_out, col_sums, tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), C)
+
+
+def _placeholder(dtype, device):
+    """A one-element tensor passed for an argument a kernel will not read (its option is off)."""
+    return torch.empty(1, dtype=dtype, device=device)
 
 
 def _bias_arg(bias, like):
@@ -326,20 +332,21 @@ class TritonEpilogues:
         block_r, block_d = row_block_d(moments.dtype)
         has_top = top is not None
         has_terms = head is not None
-        h = head.h if has_terms else moments
         need_implicit = has_terms and head.need_implicit
-        placeholder = normalizer  # for arguments a switched-off option never reads
+        # arguments a switched-off option never reads: of the dtype it would have, so that one compilation serves all
+        acc, narrow, index = (_placeholder(dtype, moments.device) for dtype in (moments.dtype, weight.dtype,
+                                                                                torch.int64))
+        h = head.h if has_terms else narrow
         self.launch(finish_moments_kernel)[(triton.cdiv(rows, block_r),)](
-            moments, normalizer, weight, top.exact if has_top else placeholder, top.seen if has_top else placeholder,
-            top.col if has_top else placeholder, placeholder if square_scale is None else square_scale, h,
-            _bias_arg(head.bias if has_terms else None, placeholder),
-            head.target.contiguous() if has_terms else placeholder,
-            head.signs.contiguous() if need_implicit else placeholder, head.lse if has_terms else placeholder,
-            *((head.ce, head.quadratic, head.sign_term) if has_terms else (placeholder,) * 3), rows, dim,
-            *weight.stride(), *h.stride(), HAS_M2=width > dim, HAS_TOP=has_top, SCALED=square_scale is not None,
-            HAS_TERMS=has_terms, HAS_BIAS=has_terms and head.bias is not None,
-            NEED_EXPLICIT=has_terms and head.need_explicit, NEED_IMPLICIT=need_implicit, OPERAND=TL_DTYPES[operand],
-            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            moments, normalizer, weight, top.exact if has_top else acc, top.seen if has_top else acc,
+            top.col if has_top else index, acc if square_scale is None else square_scale, h,
+            _bias_arg(head.bias if has_terms else None, narrow), head.target.contiguous() if has_terms else index,
+            head.signs.contiguous() if need_implicit else narrow, head.lse if has_terms else acc,
+            *((head.ce, head.quadratic, head.sign_term) if has_terms else (acc,) * 3), rows, dim,
+            *weight.stride(), *(h.stride() if has_terms else (dim, 1)), int(square_scale is not None), int(has_terms),
+            int(has_terms and head.bias is not None), int(has_terms and head.need_explicit), int(need_implicit),
+            HAS_M2=width > dim, HAS_TOP=has_top, OPERAND=TL_DTYPES[operand], BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def sweep_rows(self, h, weight, bias, target, top_class, signs, mu, var, lse, g_ce, g_r, g_i, g_i_target,
                    grad_mu, need_explicit, need_implicit, operand, fold_rows, want_h, want_w):
@@ -362,16 +369,16 @@ class TritonEpilogues:
                           torch.empty(rows, dim, dtype=acc, device=h.device) if want_h else None, scatter)
         block_r, block_d = row_block_d(acc)
         self.launch(sweep_rows_kernel)[(triton.cdiv(rows, block_r),)](
-            h, weight, _bias_arg(bias, lse), target.contiguous(), top_class.contiguous() if has_top else target,
+            h, weight, _bias_arg(bias, weight), target.contiguous(), top_class.contiguous() if has_top else target,
             signs.contiguous() if need_implicit else lse, mu, var if need_explicit else mu, lse.contiguous(),
             g_ce.contiguous(), g_r.contiguous(), g_i.contiguous(), g_i_target.contiguous(),
             grad_mu.contiguous() if grad_mu is not None else lse, sweep.row_const, sweep.stacked,
             sweep.g_r_q if need_explicit else sweep.stacked, sweep.t_top if has_top else lse,
             sweep.grad_h if want_h else lse, values, scales, rows, dim, *h.stride(), *weight.stride(), mu.stride(0),
-            var.stride(0) if need_explicit else 0, HAS_BIAS=bias is not None, NEED_EXPLICIT=need_explicit,
-            NEED_IMPLICIT=need_implicit, HAS_GRAD_MU=grad_mu is not None, HAS_TOP=has_top, FOLD_ROWS=fold_rows,
-            WANT_H=want_h, WANT_W=want_w, OPERAND=TL_DTYPES[operand], BLOCK_R=block_r, BLOCK_D=block_d,
-            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            var.stride(0) if need_explicit else 0, int(bias is not None), int(grad_mu is not None), int(fold_rows),
+            int(want_h), int(want_w), NEED_EXPLICIT=need_explicit, NEED_IMPLICIT=need_implicit, HAS_TOP=has_top,
+            OPERAND=TL_DTYPES[operand], BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS,
+            enable_fp_fusion=FP_FUSION)
         return sweep
 
     def add_weight_gradient(self, grad_w, v0, v1, a, b, acc, overwrite, weight=None, s_g_r_q=None, scatter=None,
@@ -383,17 +390,24 @@ class TritonEpilogues:
         product = mm(a, b, acc)
         cols, dim = product.shape
         has_scatter = scatter is not None
-        h, signs = scatter.u_rows if has_scatter and scatter.u_rows is not None else (product, product)
+        # placeholders of the dtypes they would have: one compilation serves both values of a runtime flag
+        narrow = _placeholder(a.dtype if weight is None else weight.dtype, a.device)
+        index = _placeholder(torch.int64, a.device)
+        has_u = has_scatter and scatter.u_rows is not None
+        scales = product
+        if has_scatter:  # rows built already scaled (RowScatter's scales None) count once
+            scales = scatter.scales if scatter.scales is not None else torch.ones(
+                len(scatter.sorted_classes), dtype=product.dtype, device=product.device)
+        h, signs = scatter.u_rows if has_u else (narrow, narrow)
         stored = has_scatter and len(scatter.values) > 0
-        block_c, block_d = weight_gradient_tile()
+        block_c, block_d = weight_gradient_tile(product.dtype)
         self.launch(weight_gradient_kernel)[(triton.cdiv(cols, block_c), triton.cdiv(dim, block_d))](
             grad_w[v0:v1], product, product if weight is None else weight, product if s_g_r_q is None else s_g_r_q,
-            scatter.order if has_scatter else product, scatter.class_starts(v0, v1) if has_scatter else product,
-            scatter.values if stored else product, scatter.scales if has_scatter else product, h, signs, cols, dim,
+            scatter.order if has_scatter else index, scatter.class_starts(v0, v1) if has_scatter else index,
+            scatter.values if stored else product, scales, h, signs, cols, dim,
             len(scatter.values) if has_scatter else 0, *(weight.stride() if weight is not None else (0, 0)),
-            *h.stride(), HAS_SQ=s_g_r_q is not None, HAS_SCATTER=has_scatter,
-            HAS_U=has_scatter and scatter.u_rows is not None, OUT=TL_DTYPES[grad_w.dtype], BLOCK_C=block_c,
-            BLOCK_D=block_d,
+            *(h.stride() if has_u else (dim, 1)), int(has_scatter), int(has_u), HAS_SQ=s_g_r_q is not None,
+            OUT=TL_DTYPES[grad_w.dtype], BLOCK_C=block_c, BLOCK_D=block_d,
             num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def gradient_chunk(self, z, bias, t, lse, row_const, g_ce, target_col, out, top_col=None, t_top=None, *,
