@@ -206,7 +206,7 @@ class DominantEntry:
 
     On a confident row ``var = m2 - mu^2`` cancels down to ``(1 - s_top)`` of its parts, so the dominant entry's
     rounding (of ``s_top`` and of ``W_top*W_top``) would dominate the result (docs/math.md 8.4). Every entry goes
-    through the GEMMs rounded; once the last chunk is seen, :meth:`make_exact` swaps the dominant entry's rounded
+    through the GEMMs rounded; once the last chunk is seen, :meth:`normalize` swaps the dominant entry's rounded
     contribution for the exact one: one O(R d) correction per row block instead of one per chunk."""
 
     def __init__(self, rows, acc, device):
@@ -223,20 +223,25 @@ class DominantEntry:
         self.seen = torch.where(better, top_p.to(operand).to(top_p.dtype), self.seen)
         self.col = torch.where(better, top_col, self.col)
 
-    def make_exact(self, moments, mass, weight, need_m2, operand, square_scale):
-        """``moments`` (``[A1 | A2]``) and ``mass`` with the dominant entry's exact products instead of the GEMMs'."""
+    def normalize(self, moments, mass, weight, need_m2, operand, square_scale):
+        """``moments`` (``[A1 | A2]``, ``A2`` holding the squares times ``square_scale``, None: 1) normalized in place
+        into ``[mu | m2]`` with the dominant entry's exact products instead of the GEMMs': the other entries' part
+        ``(A - seen W_top) / mass`` plus the dominant entry's share ``exact / mass`` of ``W_top`` (and ``W_top^2``),
+        ``mass`` getting ``exact - seen``. On a saturated row the first part is exactly 0 and the share exactly 1, so
+        mu is exactly ``W_top`` and var exactly 0."""
         dim = weight.shape[1]
         w_top = weight[self.col]
-        w_seen = as_operand(w_top, operand)
-        w_exact = w_top.to(moments.dtype)
-        moments[:, :dim].addcmul_(self.exact[:, None], w_exact).addcmul_(self.seen[:, None], w_seen.to(moments.dtype),
-                                                                          value=-1.0)
-        if need_m2:
-            square = w_exact * w_exact if square_scale is None else w_exact * w_exact * square_scale
-            square_seen = squares_operand(w_top, w_seen, operand, square_scale).to(moments.dtype)
-            moments[:, dim:].addcmul_(self.exact[:, None], square).addcmul_(self.seen[:, None], square_seen,
-                                                                             value=-1.0)
+        w_operand = as_operand(w_top, operand)
+        w_seen, w_exact = w_operand.to(moments.dtype), w_top.to(moments.dtype)
         mass.add_(self.exact - self.seen)
+        share = (self.exact / mass)[:, None]
+        moments[:, :dim].addcmul_(self.seen[:, None], w_seen, value=-1.0).div_(mass[:, None]).addcmul_(share, w_exact)
+        if need_m2:
+            square_seen = squares_operand(w_top, w_operand, operand, square_scale).to(moments.dtype)
+            second = moments[:, dim:].addcmul_(self.seen[:, None], square_seen, value=-1.0)
+            if square_scale is not None:
+                second.div_(square_scale)
+            second.div_(mass[:, None]).addcmul_(share, w_exact * w_exact)
 
 
 def top_class_buffer(h, modulated):

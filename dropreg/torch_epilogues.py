@@ -49,18 +49,20 @@ class TorchEpilogues:
     @staticmethod
     def finish_moments(moments, normalizer, weight, top, operand, square_scale, head=None):
         """A row block's moments ``[A1 | A2]`` (R x d or R x 2d, accumulation dtype, on the scale of ``normalizer``)
-        finished in place into ``[mu | var]``: the dominant entry made exact when ``top`` (a
-        :class:`dropreg.chunk_buffers.DominantEntry`) is given (``normalizer``, the mass, gets it too), ``A2``
-        divided by ``square_scale`` (None: 1), both divided by ``normalizer``, then ``var = m2 - mu^2``. ``head`` (a
+        finished in place into ``[mu | var]``: ``A2`` divided by ``square_scale`` (None: 1), both divided by
+        ``normalizer``, the dominant entry made exact when ``top`` (a :class:`dropreg.chunk_buffers.DominantEntry`)
+        is given (:meth:`~dropreg.chunk_buffers.DominantEntry.normalize`; ``normalizer``, the mass, gets it too), then
+        ``var = m2 - mu^2``. ``head`` (a
         :class:`dropreg.chunk_buffers.HeadTerms` of these rows): its terms are written from them
         (:func:`dropreg.rows.whole_head_terms`)."""
         dim = weight.shape[1]
         with_m2 = moments.shape[1] > dim
         if top is not None:
-            top.make_exact(moments, normalizer, weight, with_m2, operand, square_scale)
-        if with_m2 and square_scale is not None:
-            moments[:, dim:].div_(square_scale)
-        moments.div_(normalizer[:, None])
+            top.normalize(moments, normalizer, weight, with_m2, operand, square_scale)
+        else:
+            if with_m2 and square_scale is not None:
+                moments[:, dim:].div_(square_scale)
+            moments.div_(normalizer[:, None])
         if with_m2:
             mu = moments[:, :dim]
             moments[:, dim:].addcmul_(mu, mu, value=-1.0)

@@ -59,6 +59,7 @@ def finish_moments_kernel(moments_ptr, normalizer_ptr, w_ptr, exact_ptr, seen_pt
         top_row = tl.load(top_col_ptr + rows, mask=row_ok, other=0)
         norm = norm + (exact_1d - seen_1d)
         tl.store(normalizer_ptr + rows, norm, mask=row_ok)
+        share = (exact_1d / norm)[:, None]  # the dominant entry's, exactly 1 on a saturated row
     scale = tl.full((), 1.0, acc)  # fp16's square scale, else 1 (exact)
     if scaled:
         scale = tl.load(scale_ptr).to(acc)
@@ -73,23 +74,25 @@ def finish_moments_kernel(moments_ptr, normalizer_ptr, w_ptr, exact_ptr, seen_pt
         ok = row_ok[:, None] & (dims[None, :] < D)
         at = rows.to(tl.int64)[:, None] * width + dims[None, :]
         a1 = tl.load(moments_ptr + at, mask=ok, other=0.0)
-        if HAS_TOP:
+        if HAS_TOP:  # dropreg.chunk_buffers.DominantEntry.normalize: the others' part, then the exact share
             w = tl.load(w_ptr + top_row[:, None] * stride_w + dims[None, :] * stride_w_col, mask=ok, other=0.0)
             w_exact = w.to(acc)
             w_seen = to_operand(w_exact, OPERAND).to(acc)
-            a1 = a1 + exact * w_exact - seen * w_seen
-        mu = a1 / norm[:, None]
+            mu = (a1 - seen * w_seen) / norm[:, None] + share * w_exact
+        else:
+            mu = a1 / norm[:, None]
         tl.store(moments_ptr + at, mu, mask=ok)
         var = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc)
         if HAS_M2:
             a2 = tl.load(moments_ptr + at + D, mask=ok, other=0.0)
             if HAS_TOP:  # dropreg.chunk_buffers.squares_operand, as the GEMMs saw it
-                square = w_exact * w_exact * scale
                 square_seen = to_operand(w_seen * w_seen, OPERAND).to(acc)
                 if scaled:
-                    square_seen = to_operand(square, OPERAND).to(acc)
-                a2 = a2 + exact * square - seen * square_seen
-            var = a2 / scale / norm[:, None] - mu * mu
+                    square_seen = to_operand(w_exact * w_exact * scale, OPERAND).to(acc)
+                m2 = (a2 - seen * square_seen) / scale / norm[:, None] + share * (w_exact * w_exact)
+            else:
+                m2 = a2 / scale / norm[:, None]
+            var = m2 - mu * mu
             tl.store(moments_ptr + at + D, var, mask=ok)
         if has_terms:
             h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + dims[None, :] * stride_h_col, mask=ok,
