@@ -85,6 +85,15 @@ def _chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _write_probs(z, shift, probs_ptr, rows, cols, row_ok, C, OPERAND: tl.constexpr):
+    """``P = exp(z - shift)`` of a tile written in the operand dtype; returns its row sums, exact and as written."""
+    e = tl.exp(z - shift[:, None])
+    p = to_operand(e, OPERAND)
+    tl.store(probs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], p, mask=row_ok[:, None] & (cols[None, :] < C))
+    return tl.sum(e, axis=1), tl.sum(p.to(e.dtype), axis=1)
+
+
+@triton.jit
 def _add_bias(z, b_ptr, cols, C, inside, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(z.dtype)[None, :]
@@ -129,12 +138,9 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
         better = tile_max > chunk_max  # strict: the first column reaching the maximum, as torch.max
         top_col = tl.where(better, tile_col, top_col)
         if WRITE_PROBS:
-            e = tl.exp(z - start_shift[:, None])
-            written_sum += tl.sum(e, axis=1)
-            p = to_operand(e, OPERAND)
-            inside = row_ok[:, None] & (cols[None, :] < C)
-            tl.store(probs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], p, mask=inside)
-            written_rounded += tl.sum(p.to(acc), axis=1)
+            tile_sum, tile_rounded = _write_probs(z, start_shift, probs_ptr, rows, cols, row_ok, C, OPERAND)
+            written_sum += tile_sum
+            written_rounded += tile_rounded
         else:
             running = _shift(tl.maximum(chunk_max, tile_max))
             online_sum = online_sum * tl.exp(chunk_max - running) + tl.sum(tl.exp(z - running[:, None]), axis=1)
@@ -148,12 +154,10 @@ def softmax_chunk_kernel(z_ptr, b_ptr, probs_ptr, max_ptr, sum_ptr, mass_ptr, re
         if tl.max((new_max != start).to(tl.int32), axis=0) > 0:
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
-                e = tl.exp(_chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS) - shift[:, None])
-                exp_sum += tl.sum(e, axis=1)
-                p = to_operand(e, OPERAND)
-                inside = row_ok[:, None] & (cols[None, :] < C)
-                tl.store(probs_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], p, mask=inside)
-                rounded_sum += tl.sum(p.to(acc), axis=1)
+                z = _chunk_logits(z_ptr, b_ptr, rows, cols, R, C, HAS_BIAS)
+                tile_sum, tile_rounded = _write_probs(z, shift, probs_ptr, rows, cols, row_ok, C, OPERAND)
+                exp_sum += tile_sum
+                rounded_sum += tile_rounded
         else:
             exp_sum = written_sum
             rounded_sum = written_rounded

@@ -19,11 +19,11 @@ from .utils import INTERPRETED
 
 
 def row_block_d(dtype: torch.dtype) -> tuple[int, int]:
-    """(rows per program, d tile) of the row kernels, which loop over each row's d-vectors: 4 x 256, 4 x 64 in fp64
-    (4 x 128 spilled registers in the backward's row pass, tools/compile_report.py)."""
+    """(rows per program, d tile) of the row kernels, which loop over each row's d-vectors: 2 x 128, 4 x 64 in fp64
+    (larger tiles spilled registers in edge specializations, tools/compile_report.py)."""
     if INTERPRETED:
         return 4, 8
-    return (4, 64) if dtype == torch.float64 else (4, 256)
+    return (4, 64) if dtype == torch.float64 else (2, 128)
 
 
 def weight_gradient_tile(dtype: torch.dtype) -> tuple[int, int]:
