@@ -11,7 +11,6 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._policy import accumulation_dtype
 from .signs import philox_signs
 
 

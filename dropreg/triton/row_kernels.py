@@ -55,7 +55,7 @@ def finish_moments_kernel(moments_ptr, normalizer_ptr, w_ptr, exact_ptr, seen_pt
     if HAS_TOP:
         exact_1d = tl.load(exact_ptr + rows, mask=row_ok, other=0.0)
         seen_1d = tl.load(seen_ptr + rows, mask=row_ok, other=0.0)
-        exact, seen = exact_1d[:, None], seen_1d[:, None]
+        seen = seen_1d[:, None]
         top_row = tl.load(top_col_ptr + rows, mask=row_ok, other=0)
         norm = norm + (exact_1d - seen_1d)
         tl.store(normalizer_ptr + rows, norm, mask=row_ok)
