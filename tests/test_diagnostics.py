@@ -55,14 +55,16 @@ def test_hessian_vector_product_matches_the_exact_hessian(method, tolerance):
 
 
 def test_finite_difference_error_is_as_stated():
-    """The module docstring states the finite-difference error: 1e-10..1e-9 relative in float64, ~1e-4 in float32."""
+    """The module docstring states the finite-difference error: below 1e-7 relative in float64, 1e-2 in float32."""
     params, loss_fn, loss_of = _mlp_problem()
     hessian = _exact_hessian(loss_of, params)
     vector = [torch.randn_like(p) for p in params]
     exact = hessian @ _flat(vector)
-    error64 = float((_flat(diagnostics.hessian_vector_product(loss_fn, params, vector)) - exact).norm() / exact.norm())
+    error64 = float((_flat(diagnostics.hessian_vector_product(loss_fn, params, vector, method="finite-difference"))
+                     - exact).norm() / exact.norm())
     params32, loss32, _ = _mlp_problem(torch.float32)
-    product32 = _flat(diagnostics.hessian_vector_product(loss32, params32, [v.float() for v in vector]))
+    product32 = _flat(diagnostics.hessian_vector_product(loss32, params32, [v.float() for v in vector],
+                                                         method="finite-difference"))
     error32 = float((product32.double() - exact).norm() / exact.norm())
     print(f"finite-difference HVP relative error: float64 {error64:.1e}, float32 {error32:.1e}")
     assert error64 < 1e-7 and error32 < 1e-2, (error64, error32)
@@ -84,31 +86,92 @@ def test_finite_differences_through_the_fused_ops():
     for backend in ("torch", "cpu") if torch.get_default_device().type == "cpu" else ("torch",):
         with pytest.raises(RuntimeError, match="double backward"):
             diagnostics.hessian_vector_product(loss_for(backend), [w], vector, method="autograd")
-        approx = diagnostics.hessian_vector_product(loss_for(backend), [w], vector)[0]
+        approx = diagnostics.hessian_vector_product(loss_for(backend), [w], vector, method="finite-difference")[0]
         assert float((approx - exact).norm() / exact.norm()) < 1e-7, backend
 
 
-def test_top_eigenvalue_matches_the_exact_spectrum():
-    params, loss_fn, loss_of = _mlp_problem(seed=1)
-    eigenvalues = torch.linalg.eigvalsh(_exact_hessian(loss_of, params))
-    largest = float(eigenvalues[eigenvalues.abs().argmax()])
-    result = diagnostics.top_hessian_eigenvalue(loss_fn, params, iterations=500, tolerance=1e-10,
-                                                method="autograd", generator=seeded_generator(0))
-    assert result.converged
-    assert abs(result.value - largest) <= 1e-6 * abs(largest)
-    fd = diagnostics.top_hessian_eigenvalue(loss_fn, params, iterations=500, tolerance=1e-10,
-                                            generator=seeded_generator(0))
-    assert abs(fd.value - largest) <= 1e-5 * abs(largest)
+def _lstm_problem(dtype=torch.float64, seed=0, vocab=7, dim=3, embed_scale=1.0):
+    """A tiny tied-embedding LSTM language model (the reproduction's architecture, one layer) on a fixed batch."""
+    generator = seeded_generator(seed)
+    lstm = torch.nn.LSTM(dim, dim, batch_first=True)
+    names = ["embed", "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0", "head_bias"]
+    shapes = [(vocab, dim), (4 * dim, dim), (4 * dim, dim), (4 * dim,), (4 * dim,), (vocab,)]
+    params = [torch.randn(*shape, dtype=torch.float64, generator=generator).mul(0.7 * (embed_scale if i == 0 else 1))
+              .to(dtype).requires_grad_() for i, shape in enumerate(shapes)]
+    ids = torch.randint(0, vocab, (2, 6), generator=generator)
+
+    def loss_of(embed, *rest):
+        weights = dict(zip(names[1:5], rest[:4]))
+        hidden, _ = torch.func.functional_call(lstm, weights, (F.embedding(ids[:, :-1], embed),))
+        logits = hidden @ embed.T + rest[4]  # tied: the head is the embedding
+        return F.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
+
+    return params, (lambda: loss_of(*params)), loss_of
 
 
-def test_hutchinson_trace_is_unbiased():
-    """400 Rademacher probes (seeded). A fresh seed would exceed the 5-standard-error bound with probability
-    about 6e-7 (normal approximation)."""
-    params, loss_fn, loss_of = _mlp_problem(seed=2)
+PROBLEMS = {"mlp": _mlp_problem, "lstm": _lstm_problem}
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+@pytest.mark.parametrize("method", ["autograd", "finite-difference"])
+def test_top_eigenvalue_is_the_top_of_the_exact_spectrum(problem, method):
+    """Within 2% of the largest eigenvalue of the exact float64 Hessian, converged, and the residual it reports
+    is the Ritz pair's true residual."""
+    params, loss_fn, loss_of = PROBLEMS[problem](seed=1)
+    hessian = _exact_hessian(loss_of, params)
+    largest = float(torch.linalg.eigvalsh(hessian)[-1])
+    result = diagnostics.top_hessian_eigenvalue(loss_fn, params, tolerance=1e-6, method=method,
+                                                generator=seeded_generator(0))
+    assert result.converged and result.iterations <= 60
+    # 2% is the issue's bar; with exact products Lanczos gets far closer
+    assert abs(result.value - largest) <= (1e-6 if method == "autograd" else 0.02) * abs(largest), (result.value, largest)
+    ritz = _flat(result.vector)
+    true_residual = float((hessian @ ritz - result.value * ritz).norm())
+    assert true_residual <= max(2 * result.residual, 1e-6 * abs(largest)), (true_residual, result.residual)
+
+
+def test_top_eigenvalue_is_algebraic_not_largest_magnitude():
+    """A saddle whose most negative eigenvalue is larger in magnitude than the top one (as the issue's trained
+    LSTM had: +1.81 and -3.07): Lanczos returns +1.81; power iteration would return -3.07."""
+    generator = seeded_generator(5)
+    spectrum = torch.tensor([1.81, -3.07, 0.5, -0.2, 1.0, 0.0, -1.5, 0.3], dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64, generator=generator))
+    matrix = basis @ torch.diag(spectrum) @ basis.T
+    theta = torch.randn(8, dtype=torch.float64, generator=generator).requires_grad_()
+    result = diagnostics.top_hessian_eigenvalue(lambda: 0.5 * theta @ matrix @ theta, [theta],
+                                                generator=seeded_generator(1))
+    assert result.converged and result.value == pytest.approx(1.81, rel=1e-9)
+
+
+def test_finite_differences_on_the_lstm_in_float32():
+    """The per-block step: on a tied LSTM whose embedding dominates the parameter norm (|embedding| ~ 110, the
+    other blocks ~ 5) the float32 finite-difference product is within 1e-2 (relative) of the exact float64 one;
+    one step for all blocks, scaled by the whole norm (the earlier rule), misses by more than that."""
+    problem = dict(seed=2, vocab=100, embed_scale=10.0)
+    params, loss_fn, loss_of = _lstm_problem(**problem)
+    exact = _exact_hessian(loss_of, params)
+    params32, loss32, _ = _lstm_problem(torch.float32, **problem)
+    vector = [torch.randn(p.shape, dtype=torch.float64, generator=seeded_generator(3)) for p in params]
+    reference = exact @ _flat(vector)
+
+    def error(eps=None):
+        product = _flat(diagnostics.hessian_vector_product(loss32, params32, [v.float() for v in vector],
+                                                           method="finite-difference", eps=eps))
+        return float((product.double() - reference).norm() / reference.norm())
+
+    whole_norm = float(_flat([p.detach() for p in params32]).double().norm())
+    one_step = torch.finfo(torch.float32).eps ** (1 / 3) * (1 + whole_norm) / float(_flat(vector).norm())
+    assert error() < 1e-2 < error(one_step), (error(), error(one_step))
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+def test_hutchinson_trace_is_unbiased(problem):
+    """400 Rademacher probes (seeded) land within 3 standard errors of the exact trace (a fresh seed would miss
+    with probability about 0.3%, normal approximation)."""
+    params, loss_fn, loss_of = PROBLEMS[problem](seed=2)
     exact = float(torch.trace(_exact_hessian(loss_of, params)))
-    estimate = diagnostics.hessian_trace(loss_fn, params, samples=400, method="autograd",
-                                         generator=seeded_generator(4))
-    assert abs(estimate.value - exact) < 5 * estimate.standard_error + 1e-12, (estimate, exact)
+    estimate = diagnostics.hessian_trace(loss_fn, params, samples=400, generator=seeded_generator(4))
+    assert abs(estimate.value - exact) < 3 * estimate.standard_error + 1e-12, (estimate, exact)
     assert estimate.standard_error > 0
 
 
@@ -130,6 +193,9 @@ def test_bad_arguments():
     params, loss_fn, _ = _mlp_problem()
     with pytest.raises(ValueError, match="^method"):
         diagnostics.hessian_vector_product(loss_fn, params, [torch.zeros_like(p) for p in params], method="exact")
+    with pytest.raises(ValueError, match="^eps"):
+        diagnostics.hessian_vector_product(loss_fn, params, [torch.ones_like(p) for p in params],
+                                           method="finite-difference", eps=0.0)
     with pytest.raises(ValueError, match="^vector"):
         diagnostics.hessian_vector_product(loss_fn, params, [torch.zeros(2)])
     with pytest.raises(ValueError, match="^params"):

@@ -118,6 +118,42 @@ def test_matches_the_authors_formulation(backend, model_class, reduction):
                                rtol=1e-10, atol=1e-12)
 
 
+def test_a_weight_as_a_site_matches_the_authors_formulation(backend):
+    """AWD-LSTM's weight drop as a site: the LSTM's hidden-to-hidden weight itself (docs/math.md 11.1, 11.4), beside
+    the two recorded activations, in the one call; terms and every parameter's gradient as the authors' form."""
+    vocab, dim = 13, 5
+    model = TinyLSTM(vocab, dim).double()
+    generator = seeded_generator(21)
+    ids, target = torch.randint(0, vocab, (2, 4), generator=generator), torch.randint(0, vocab, (2, 4), generator=generator)
+    sampled = torch.randint(0, vocab, (2, 2, 4), generator=generator)
+    weight = model.lstm.weight_hh_l0
+    signs = [torch.randint(0, 2, (2, 4, dim), generator=generator).double() * 2 - 1 for _ in range(2)]
+    signs.append(torch.randint(0, 2, tuple(weight.shape), generator=generator).double() * 2 - 1)
+    ps = [0.4, 0.25, 0.3]
+    coefs = [dropreg.default_coefficients(p) for p in ps]
+    results = []
+    for ours in (False, True):
+        model.zero_grad()
+        hidden = model(ids)
+        sites = list(dropreg.DropoutSite.collect(model)[0]) + [weight]
+        if ours:
+            out = dropreg.linear_cross_entropy(hidden, model.head.weight, target, linear_bias=model.head.bias, p=0.0,
+                                               sites=sites, site_p=ps, sampled_targets=sampled, site_signs=signs,
+                                               backend=backend)
+            terms = out.explicit, out.implicit
+        else:
+            terms = authors_terms(hidden, model.head.weight, model.head.bias, target, sites, sampled, signs,
+                                  [c[0] for c in coefs], [c[1] for c in coefs])
+        (terms[0] + 2 * terms[1]).backward()
+        results.append((terms, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (theirs, their_grads), (ours, our_grads) = results
+    assert abs(theirs[0].item()) > 1e-6 and abs(theirs[1].item()) > 1e-6
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-10, atol=1e-12)
+    for name in their_grads:
+        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_head_input_as_a_site_with_custom_coefficients(backend):
     vocab, dim = 9, 4
     model = TinyMLP(vocab, dim).double()
