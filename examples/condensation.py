@@ -27,7 +27,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from paper_reproduction import ALPHA, holm, paired_test, t_quantile, write_text  # noqa: E402
+from paper_reproduction import ALPHA, holm, paired_test, seed_list, t_quantile, write_text  # noqa: E402
 
 from dropreg import diagnostics  # noqa: E402
 
@@ -51,20 +51,13 @@ def parse_args(argv=None):
     if args.quick:
         parser.set_defaults(seeds="0,1", steps=300, width=20)
         args = parser.parse_args(argv)
-    try:
-        args.seed_list = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    args.seed_list = seed_list(args.seeds, parser)
     try:
         args.gamma_list = [float(g) for g in args.gammas.split(",")]
     except ValueError:
         parser.error(f"--gammas: expected comma-separated numbers, got {args.gammas!r}")
-    if len(set(args.seed_list)) != len(args.seed_list):
-        parser.error(f"--seeds: expected distinct seeds, got {args.seeds!r}")
     if not args.lr > 0:
         parser.error(f"--lr: expected a positive number, got {args.lr}")
-    if len(args.seed_list) < 2:
-        parser.error("--seeds: at least two seeds (a paired test needs them)")
     if not 0 < args.p < 1:
         parser.error(f"--p: expected a probability in (0, 1), got {args.p}")
     for name in ("width", "dim", "points", "steps"):

@@ -84,6 +84,17 @@ def _floats(text, name, parser):
     return values
 
 
+def seed_list(text, parser):
+    """--seeds: at least two distinct integers (a paired test needs two)."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {text!r}")
+    if len(set(seeds)) != len(seeds) or len(seeds) < 2:
+        parser.error(f"--seeds: expected at least two distinct seeds (a paired test needs them), got {text!r}")
+    return seeds
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
@@ -126,12 +137,7 @@ def parse_args(argv=None):
         args = parser.parse_args(argv)
         args.data = None
     args.run_names = args.runs.split(",")
-    try:
-        args.seed_list = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    if len(set(args.seed_list)) != len(args.seed_list):
-        parser.error(f"--seeds: expected distinct seeds, got {args.seeds!r}")
+    args.seed_list = seed_list(args.seeds, parser)
     if args.grid_seed in args.seed_list:
         parser.error(f"--grid-seed: {args.grid_seed} is one of --seeds; the lr grid must not see a main seed")
     args.grid_lr_list = _floats(args.grid_lrs, "--grid-lrs", parser)
@@ -141,8 +147,6 @@ def parse_args(argv=None):
     unknown = set(args.run_names) - set(RUNS)
     if unknown:
         parser.error(f"--runs: unknown {sorted(unknown)}; choose from {list(RUNS)}")
-    if len(args.seed_list) < 2:
-        parser.error("--seeds: at least two seeds (a paired test needs them)")
     for name in ("workers", "threads", "max_epochs", "patience", "diagnostic_batches", "lanczos_iterations", "emb",
                  "hidden", "layers", "batch", "bptt", "train_tokens"):
         if getattr(args, name) < 1:
@@ -617,12 +621,16 @@ def _mean_sd(values):
 def _per_seed(rows, key):
     """{method: [value per seed, in seed order]} over the seeds every method has."""
     methods = [run for run in RUNS if any(r["run"] == run for r in rows)]
+    if not methods:
+        return {}, []
     seeds = sorted(set.intersection(*[{int(r["seed"]) for r in rows if r["run"] == m} for m in methods]))
     return {m: [float(next(r[key] for r in rows if r["run"] == m and int(r["seed"]) == s)) for s in seeds]
             for m in methods}, seeds
 
 
 def comparison_lines(values, unit, what):
+    if not values or len(next(iter(values.values()))) < 2:
+        return [], [f"({what}: fewer than two seeds with a value for every method, no test)"]
     rows = compare(values, COMPARISONS)
     m = len(rows)
     lines = [f"| comparison ({what}) | mean paired difference | {100 * (1 - ALPHA):.0f}% interval, Bonferroni "
@@ -652,7 +660,8 @@ def summarize(results, curvature, header):
                      f"{converged} of {len(rows)} | {final_valid[0]:.2f} | {final_test[0]:.2f} |")
     values, seeds = _per_seed(results, "test_ppl_at_best")
     rows, table = comparison_lines(values, "", "test ppl at the best-validation checkpoint")
-    lines += ["", f"Pre-registered comparisons, paired over seeds {seeds} (negative: the first method is better):",
+    lines += ["", f"Pre-registered comparisons, paired over seeds {seeds} (negative: the first method is better; "
+                  f"Holm-adjusted p decides, the Bonferroni interval is the more conservative of the two):",
               ""] + table + ["", "Verdicts (Holm-adjusted p < 0.05 decides; generated from the table above):", ""]
     for r in rows:
         lines.append(f"- {r['first']} − {r['second']}: {r['difference']:+.2f} ppl, interval [{r['low']:+.2f}, "
@@ -663,19 +672,25 @@ def summarize(results, curvature, header):
         if not rows_at:
             continue
         lines += ["", f"Curvature of the plain training loss {title} (mean ± sd over seeds; Lanczos converged "
-                      f"in how many runs):", "",
-                  "| method | clean training loss | top Hessian eigenvalue | converged | Hessian trace |",
-                  "|---|---:|---:|---:|---:|"]
+                      f"in how many runs; the largest distance of a run's clean training loss from its seed's "
+                      f"target):" if checkpoint == "matched" else f"Curvature of the plain training loss {title} "
+                      f"(mean ± sd over seeds; Lanczos converged in how many runs):", "",
+                  "| method | clean training loss | largest \\|loss − target\\| | top Hessian eigenvalue | "
+                  "converged | Hessian trace |", "|---|---:|---:|---:|---:|---:|"]
         for run in RUNS:
             sel = [r for r in rows_at if r["run"] == run]
             if not sel:
                 continue
             loss, top, trace = (_mean_sd([r[k] for r in sel]) for k in ("clean_train_loss", "top_eigenvalue", "trace"))
             converged = sum(r["lanczos_converged"] == "True" for r in sel)
-            lines.append(f"| {run} | {loss[0]:.3f} ± {loss[1]:.3f} | {top[0]:.4g} ± {top[1]:.2g} | "
-                         f"{converged} of {len(sel)} | {trace[0]:.4g} ± {trace[1]:.2g} |")
-        for key, name in (("top_eigenvalue", "top eigenvalue"), ("trace", "trace")):
-            values, _ = _per_seed(rows_at, key)
+            gap = max(abs(float(r["clean_train_loss"]) - float(r["target_loss"])) for r in sel) \
+                if checkpoint == "matched" else None
+            lines.append(f"| {run} | {loss[0]:.3f} ± {loss[1]:.3f} | {'–' if gap is None else f'{gap:.3f}'} | "
+                         f"{top[0]:.4g} ± {top[1]:.2g} | {converged} of {len(sel)} | {trace[0]:.4g} ± {trace[1]:.2g} |")
+        # an unconverged Lanczos value does not enter the eigenvalue tests (its seed drops out of them)
+        converged_rows = [r for r in rows_at if r["lanczos_converged"] == "True"]
+        for key, name, rows_for in (("top_eigenvalue", "top eigenvalue", converged_rows), ("trace", "trace", rows_at)):
+            values, _ = _per_seed(rows_for, key)
             _, table = comparison_lines(values, "", f"{name}, {checkpoint}")
             lines += [""] + table
     return lines
