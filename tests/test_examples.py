@@ -27,7 +27,7 @@ def test_paper_reproduction_smoke(tmp_path):
     the main stage trains every (method, seed), measures the curvature at the best and the matched checkpoints,
     and writes the verdicts that summarize() regenerates from the CSVs."""
     done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "paper_reproduction.py"), "--quick",
-                           "--max-epochs", "2", "--lanczos-iterations", "8", "--out", str(tmp_path)],
+                           "--max-epochs", "2", "--lanczos-iterations", "6", "--trace-samples", "2", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     methods = ("none", "dropout", "explicit", "explicit+implicit")
